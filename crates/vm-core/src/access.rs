@@ -1,0 +1,124 @@
+//! User accesses to a space's memory: read and write bytes as a user
+//! thread would, through the pmap's translation, faulting where the
+//! hardware would (the seed's `vm_fault_quick` generalised to ranges).
+//!
+//! A read-only mapping really cannot be written here: the access asks the
+//! pmap ([`Pmap::translate`]) whether the hardware would allow it, and on
+//! refusal takes the fault, which reports the protection failure.
+
+use crate::addr::{PAGE_SIZE, Pfn, page_trunc};
+use crate::error::FaultError;
+use crate::fault::FaultFlags;
+use crate::pmap::{Pmap, PmapError};
+use crate::prot::Prot;
+use crate::space::VmSpace;
+
+/// How many faults one page access may take before the pmap is deemed not
+/// to keep the mappings the fault handler enters.
+const MAX_FAULTS_PER_PAGE: u32 = 64;
+
+impl<P: Pmap> VmSpace<P> {
+    /// Reads `buf.len()` bytes at `va`, faulting pages in as needed.
+    ///
+    /// # Errors
+    ///
+    /// The [`FaultError`] of the first page that cannot be read; bytes
+    /// before it have been read into `buf`.
+    pub fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), FaultError> {
+        let mut done = 0;
+        self.each_page(va, buf.len(), Prot::READ, |pfn, off, len| {
+            self.vm.phys().read(pfn, off, &mut buf[done..done + len]);
+            done += len;
+        })
+    }
+
+    /// Writes `data` at `va`, faulting pages in (and copying on write) as
+    /// needed.
+    ///
+    /// # Errors
+    ///
+    /// The [`FaultError`] of the first page that cannot be written; bytes
+    /// before it have been written.
+    pub fn write(&self, va: u64, data: &[u8]) -> Result<(), FaultError> {
+        let mut done = 0;
+        self.each_page(va, data.len(), Prot::WRITE, |pfn, off, len| {
+            self.vm.phys().write(pfn, off, &data[done..done + len]);
+            done += len;
+        })
+    }
+
+    /// Reads one byte (`fubyte`).
+    ///
+    /// # Errors
+    ///
+    /// As [`read`](Self::read).
+    pub fn read_u8(&self, va: u64) -> Result<u8, FaultError> {
+        let mut b = [0];
+        self.read(va, &mut b)?;
+        Ok(b[0])
+    }
+
+    /// Writes one byte (`subyte`).
+    ///
+    /// # Errors
+    ///
+    /// As [`write`](Self::write).
+    pub fn write_u8(&self, va: u64, v: u8) -> Result<(), FaultError> {
+        self.write(va, &[v])
+    }
+
+    /// Calls `f(frame, offset, len)` for each page piece of `va..va+len`,
+    /// with the frame held and mapped for `access` while `f` runs.
+    fn each_page(&self, va: u64, len: usize, access: Prot, mut f: impl FnMut(Pfn, usize, usize)) -> Result<(), FaultError> {
+        let end = va
+            .checked_add(len as u64)
+            .ok_or(FaultError::InvalidAddress { addr: va })?;
+        let mut at = va;
+        while at < end {
+            let page = page_trunc(at);
+            let off = (at - page) as usize;
+            let n = ((PAGE_SIZE - off as u64).min(end - at)) as usize;
+            self.with_frame(page, access, |pfn| f(pfn, off, n))?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Translates `page` for `access` as the hardware would, faulting until
+    /// it succeeds, and runs `f` on the frame while the map is read-locked
+    /// (so it cannot be unmapped) and the page is held (so it cannot be
+    /// paged out).
+    fn with_frame(&self, page: u64, access: Prot, f: impl FnOnce(Pfn)) -> Result<(), FaultError> {
+        let flags = if access.contains(Prot::WRITE) { FaultFlags::DIRTY } else { FaultFlags::NORMAL };
+        let pages = &self.vm.machine.pages;
+        let mut f = Some(f);
+        for _ in 0..MAX_FAULTS_PER_PAGE {
+            {
+                let _map = self.map.read();
+                if let Some(pfn) = self.vm.pmap.translate(&self.pmap, page, access) {
+                    let Some(id) = pages.id_of(pfn) else {
+                        return Err(FaultError::Pmap { addr: page, error: PmapError::BadFrame(pfn) });
+                    };
+                    let p = pages.get(id);
+                    p.hold_inc();
+                    // Re-check after the hold: a page-out that removed the
+                    // mapping before our hold would now see it, or we see
+                    // the removal.
+                    let still = self.vm.pmap.extract(&self.pmap, page) == Some(pfn);
+                    if still {
+                        if let Some(f) = f.take() {
+                            f(pfn);
+                        }
+                    }
+                    p.hold_dec();
+                    if still {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            }
+            self.fault(page, access, flags)?;
+        }
+        Err(FaultError::Pmap { addr: page, error: PmapError::NotKept(page) })
+    }
+}

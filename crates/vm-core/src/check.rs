@@ -1,0 +1,122 @@
+//! The consistency check: every page in exactly one state, counts adding
+//! up, nothing left busy, held or paging. Tests call it after every
+//! scenario; it is cheap enough for small machines and takes no lock for
+//! long.
+
+use crate::page::{PageQueue, VM_PAGE_BITS_ALL};
+use crate::pmap::Pmap;
+use crate::vm::Vm;
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
+
+/// What the consistency check found wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("VM inconsistency: {0}")]
+pub struct ConsistencyError(pub String);
+
+/// Tallies of a consistent machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CheckReport {
+    /// Free pages.
+    pub free: u64,
+    /// Pages on the active queue.
+    pub active: u64,
+    /// Pages on the inactive queue.
+    pub inactive: u64,
+    /// Wired pages (including page-table pages).
+    pub wired: u64,
+    /// Pages owned by objects.
+    pub in_objects: u64,
+    /// Live objects.
+    pub objects: u64,
+}
+
+impl<P: Pmap> Vm<P> {
+    /// Checks the machine at rest (no fault or map operation running).
+    ///
+    /// # Errors
+    ///
+    /// [`ConsistencyError`] naming the first broken invariant.
+    pub fn check_consistency(&self) -> Result<CheckReport, ConsistencyError> {
+        let err = |s: String| Err(ConsistencyError(s));
+        let pages = &self.machine.pages;
+        let mut r = CheckReport::default();
+        // Owner of each page according to the objects.
+        let mut owned: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        for obj in self.machine.objects.all() {
+            r.objects += 1;
+            if obj.paging_in_progress() != 0 {
+                return err(format!("object {} has paging in progress {}", obj.id(), obj.paging_in_progress()));
+            }
+            let st = obj.lock();
+            for (&pindex, &id) in &st.pages {
+                if owned.insert(id.0, (obj.id().0, pindex)).is_some() {
+                    return err(format!("page {} is in two objects", id.0));
+                }
+                if pindex >= st.size && !st.flags.contains(crate::object::ObjectFlags::DEAD) {
+                    return err(format!("object {} has page {pindex} beyond its size {}", obj.id(), st.size));
+                }
+            }
+        }
+        for i in 0..pages.len() {
+            let id = crate::page::PageId(i);
+            let p = pages.get(id);
+            let pfn = pages.pfn(id);
+            if p.is_busy() {
+                return err(format!("page {i} left busy"));
+            }
+            if p.hold_count() != 0 {
+                return err(format!("page {i} left held ({})", p.hold_count()));
+            }
+            match (p.queue(), p.wire_count()) {
+                (PageQueue::Free, 0) => {
+                    r.free += 1;
+                    if owned.contains_key(&i) || p.object_raw() != 0 {
+                        return err(format!("free page {i} belongs to an object"));
+                    }
+                    if self.pmap.mapping_count(pfn) != 0 {
+                        return err(format!("free page {i} is still mapped"));
+                    }
+                    continue;
+                }
+                (PageQueue::Active, 0) => r.active += 1,
+                (PageQueue::Inactive, 0) => r.inactive += 1,
+                (PageQueue::None, w) if w > 0 => r.wired += 1,
+                (q, w) => return err(format!("page {i} is on queue {q:?} with wire count {w}")),
+            }
+            match owned.get(&i) {
+                Some(&(obj, pindex)) => {
+                    r.in_objects += 1;
+                    if p.object_raw() != obj || p.pindex() != pindex {
+                        return err(format!(
+                            "page {i} says object #{} page {} but object #{obj} has it at {pindex}",
+                            p.object_raw(),
+                            p.pindex()
+                        ));
+                    }
+                    if p.valid() != VM_PAGE_BITS_ALL && self.pmap.mapping_count(pfn) != 0 {
+                        return err(format!("page {i} is mapped but not wholly valid"));
+                    }
+                }
+                None if p.wire_count() > 0 => {} // a page-table page
+                None => return err(format!("page {i} is in use but in no object")),
+            }
+        }
+        let (a, ina, w) = self.queue_counts();
+        if (r.free, r.active, r.inactive, r.wired) != (self.free_pages(), a, ina, w) {
+            return err(format!(
+                "queue counters free/active/inactive/wired {}/{a}/{ina}/{w} but pages say {}/{}/{}/{}",
+                self.free_pages(),
+                r.free,
+                r.active,
+                r.inactive,
+                r.wired
+            ));
+        }
+        if r.free + r.active + r.inactive + r.wired != u64::from(pages.len()) {
+            return err(String::from("page states do not add up to the total"));
+        }
+        Ok(r)
+    }
+}

@@ -1,0 +1,84 @@
+//! Machine-wide event counters (FreeBSD `struct vmmeter`, `vmstat -s`).
+
+use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
+        /// Live counters of one [`Vm`](crate::Vm). Relaxed atomics: they are
+        /// statistics, not synchronisation.
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
+        }
+
+        /// A copy of the counters at one moment.
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        pub struct CounterSnapshot {
+            $($(#[doc = $doc])* pub $name: u64,)*
+        }
+
+        impl Counters {
+            /// Reads every counter.
+            #[must_use]
+            pub fn snapshot(&self) -> CounterSnapshot {
+                CounterSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+
+        impl CounterSnapshot {
+            /// Each counter as (name, description, value), in a fixed order.
+            #[must_use]
+            pub fn rows(&self) -> alloc::vec::Vec<(&'static str, &'static str, u64)> {
+                alloc::vec![$((stringify!($name), concat!($($doc),*).trim_ascii(), self.$name),)*]
+            }
+
+            /// Counter-wise difference `self - earlier` (saturating).
+            #[must_use]
+            pub fn since(&self, earlier: &CounterSnapshot) -> CounterSnapshot {
+                CounterSnapshot { $($name: self.$name.saturating_sub(earlier.$name),)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// page faults (every call of the fault handler)
+    v_vm_faults,
+    /// faults that slept on a busy page ("intransit blocking")
+    v_intrans,
+    /// zero-fill pages
+    v_zfod,
+    /// zero-fill pages that were already zero
+    v_ozfod,
+    /// copy-on-write faults
+    v_cow_faults,
+    /// copy-on-write faults resolved by moving the page
+    v_cow_optim,
+    /// faults that needed pager I/O (major faults)
+    v_io_faults,
+    /// pager get_pages calls
+    v_pager_calls,
+    /// pages read in by pagers
+    v_pager_pages,
+    /// pages a pager returned only partially valid (zero-filled)
+    v_pager_partial,
+    /// faults that waited for free memory
+    v_wait_memory,
+    /// stack growths
+    v_stack_growths,
+    /// shadow objects created
+    v_shadows,
+    /// stale mappings of a copied page removed from other pmaps
+    v_cow_unmapped,
+}
+
+impl fmt::Display for CounterSnapshot {
+    /// A `vmstat -s`-style table.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (name, desc, v) in self.rows() {
+            writeln!(f, "{v:>12} {desc} ({name})")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,107 @@
+//! Copying a wired entry into a forked child: seed `vm_fault_copy_entry`
+//! (L1088-1200).
+
+use crate::addr::PAGE_SIZE;
+use crate::error::MapError;
+use crate::map::{EntryFlags, MapEntry};
+use crate::object::VmObject;
+use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
+use crate::page_queues::AllocClass;
+use crate::pmap::{MemAttr, PageInfo, Pmap};
+use crate::prot::Prot;
+use crate::space::VmSpace;
+use alloc::sync::Arc;
+
+/// Gives the child a private copy of every page of the wired entry `src`
+/// of `parent`, entered in the child's pmap, and returns the child's entry.
+///
+/// The seed maps the copies with the entry's *maximum* protection; this
+/// maps them with its current protection, so a read-only wired region does
+/// not become writable in the child.
+///
+/// # Errors
+///
+/// [`MapError::MissingPage`] if a page of the wired entry is not resident
+/// (the seed panics), [`MapError::ResourceShortage`] if no memory can be
+/// had. The child's pmap is left without the entry's pages then.
+pub(crate) fn copy_entry<P: Pmap>(parent: &VmSpace<P>, child: &VmSpace<P>, src: &MapEntry) -> Result<MapEntry, MapError> {
+    let vm = &parent.vm;
+    let machine = &vm.machine;
+    let dst_object = VmObject::create(machine, src.pages(), None, None);
+    dst_object.add_ref();
+    let mut dst = MapEntry::new(src.start, src.end, src.protection, src.max_protection);
+    dst.eflags = src.eflags - (EntryFlags::COW | EntryFlags::NEEDS_COPY | EntryFlags::USER_WIRED | EntryFlags::IN_TRANSITION);
+    dst.inheritance = src.inheritance;
+    dst.behavior = src.behavior;
+    dst.object = Some(dst_object.clone());
+    let result = copy_pages(parent, child, src, &dst_object);
+    if result.is_err() {
+        vm.pmap.remove(&child.pmap, src.start, src.end, &mut |_| {});
+        dst_object.drop_ref();
+    }
+    result.map(|()| dst)
+}
+
+fn copy_pages<P: Pmap>(parent: &VmSpace<P>, child: &VmSpace<P>, src: &MapEntry, dst_object: &Arc<VmObject>) -> Result<(), MapError> {
+    let vm = &parent.vm;
+    let pages = &vm.machine.pages;
+    let mut va = src.start;
+    while va < src.end {
+        let src_id = source_page(src, va).ok_or(MapError::MissingPage { addr: va })?;
+        let dst_id = alloc_waiting(parent).ok_or(MapError::ResourceShortage)?;
+        vm.machine.phys.copy(pages.pfn(src_id), pages.pfn(dst_id));
+        let page = pages.get(dst_id);
+        page.clear_flags(PageFlags::ZERO);
+        page.set_valid(VM_PAGE_BITS_ALL);
+        page.dirty_all();
+        let pindex = (va - src.start) / PAGE_SIZE;
+        dst_object.insert_page(&mut dst_object.lock(), dst_id, page, pindex);
+        let info = PageInfo { pfn: pages.pfn(dst_id), managed: true, attr: MemAttr::WriteBack };
+        match vm.pmap.enter(&child.pmap, va, info, src.protection, Prot::NONE, false) {
+            Ok(d) => {
+                if let Some(d) = d {
+                    vm.note_displaced(d);
+                }
+            }
+            Err(e) => return Err(MapError::Pmap(e)),
+        }
+        pages.activate(dst_id);
+        va += PAGE_SIZE;
+    }
+    Ok(())
+}
+
+/// The resident, valid page that `va` shows in the wired entry `e`; a
+/// read-only entry may find it in a backing object (seed L1163-1177).
+fn source_page(e: &MapEntry, va: u64) -> Option<PageId> {
+    let mut object = e.object.clone()?;
+    let mut pindex = e.pindex(va);
+    loop {
+        let next = {
+            let st = object.lock();
+            if let Some(&id) = st.pages.get(&pindex) {
+                let valid = object.machine.pages.get(id).valid() == VM_PAGE_BITS_ALL;
+                return valid.then_some(id);
+            }
+            if e.protection.contains(Prot::WRITE) {
+                return None;
+            }
+            let b = st.backing.as_ref()?;
+            pindex += b.offset;
+            b.object.clone()
+        };
+        object = next;
+    }
+}
+
+/// Allocates a page, waiting for memory a bounded number of times.
+fn alloc_waiting<P: Pmap>(space: &VmSpace<P>) -> Option<PageId> {
+    let pages = &space.vm.machine.pages;
+    for _ in 0..=space.vm.config.memory_retries {
+        if let Some(id) = pages.alloc(0, AllocClass::Normal, false) {
+            return Some(id);
+        }
+        pages.wait_for_memory(space.vm.config.memory_wait_ms);
+    }
+    None
+}

@@ -1,0 +1,131 @@
+//! Owned guards for what a fault holds: busy pages and paging-in-progress
+//! references. Dropping one releases it, so every exit path of the fault —
+//! error, retry or success — releases exactly what it holds (the seed's
+//! `release_page` / `unlock_and_deallocate`, seed L133-177).
+
+use crate::object::VmObject;
+use crate::page::PageId;
+use crate::vm::Machine;
+use alloc::sync::Arc;
+
+/// A paging-in-progress reference: keeps the object alive and its pages
+/// from being collapsed or truncated away (`vm_object_pip_add` /
+/// `vm_object_pip_wakeup`).
+pub(crate) struct Pip(Arc<VmObject>);
+
+impl Pip {
+    pub(crate) fn new(object: Arc<VmObject>) -> Pip {
+        object.pip_add();
+        Pip(object)
+    }
+
+    pub(crate) fn object(&self) -> &Arc<VmObject> {
+        &self.0
+    }
+}
+
+impl Drop for Pip {
+    fn drop(&mut self) {
+        self.0.pip_wakeup();
+    }
+}
+
+/// What happens to a busy page if the fault lets go of it without
+/// finishing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Disposal {
+    /// A page this fault allocated: take it out of its object and free it
+    /// (`vm_page_free` in the seed's error paths).
+    Free,
+    /// A resident page this fault found: unbusy it and put it on the
+    /// inactive queue (`release_page`, seed L133-141).
+    Release,
+    /// Already handed back: nothing left to do.
+    Done,
+}
+
+/// A page this fault holds busy.
+pub(crate) struct BusyPage<'m> {
+    machine: &'m Machine,
+    object: Arc<VmObject>,
+    pub(crate) id: PageId,
+    disposal: Disposal,
+}
+
+impl<'m> BusyPage<'m> {
+    /// Takes over a page already busied by this thread.
+    pub(crate) fn new(machine: &'m Machine, object: Arc<VmObject>, id: PageId, disposal: Disposal) -> Self {
+        BusyPage {
+            machine,
+            object,
+            id,
+            disposal,
+        }
+    }
+
+    pub(crate) fn page(&self) -> &'m crate::page::VmPage {
+        self.machine.pages.get(self.id)
+    }
+
+    pub(crate) fn pfn(&self) -> crate::addr::Pfn {
+        self.machine.pages.pfn(self.id)
+    }
+
+    /// The page now belongs to `object` (after a rename).
+    pub(crate) fn set_object(&mut self, object: Arc<VmObject>) {
+        self.object = object;
+    }
+
+    /// The page stays where it is whatever happens: an error after this
+    /// point only releases it.
+    pub(crate) fn keep(&mut self) {
+        self.disposal = Disposal::Release;
+    }
+
+    /// Unbusies the page and wakes its waiters (`vm_page_wakeup`), leaving
+    /// queue placement to the caller.
+    pub(crate) fn unbusy(mut self) {
+        wake(self.machine, self.id);
+        self.disposal = Disposal::Done;
+    }
+}
+
+fn wake(machine: &Machine, id: PageId) {
+    if machine.pages.get(id).unbusy() {
+        machine.pages.waits().notify(u64::from(id.0));
+    }
+}
+
+impl Drop for BusyPage<'_> {
+    fn drop(&mut self) {
+        let pages = &self.machine.pages;
+        match self.disposal {
+            Disposal::Done => {}
+            Disposal::Release => {
+                wake(self.machine, self.id);
+                pages.deactivate(self.id);
+            }
+            Disposal::Free => {
+                let page = pages.get(self.id);
+                {
+                    let mut st = self.object.lock();
+                    let pindex = page.pindex();
+                    if st.pages.get(&pindex) == Some(&self.id) {
+                        st.pages.remove(&pindex);
+                    }
+                }
+                wake(self.machine, self.id);
+                pages.free(self.id);
+            }
+        }
+    }
+}
+
+/// Sleeps until page `id` is no longer busy or no longer the page at
+/// (`object`, `pindex`) (`vm_page_sleep_if_busy`, seed L389-394).
+pub(crate) fn wait_for_page(machine: &Machine, id: PageId, object: u64, pindex: u64) {
+    let page = machine.pages.get(id);
+    machine.pages.waits().wait_while(u64::from(id.0), || {
+        page.object_raw() == object && page.pindex() == pindex && page.want()
+    });
+}

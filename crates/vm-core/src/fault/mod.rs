@@ -1,0 +1,538 @@
+//! The fault handler: seed `vm_fault()` (L206-932) as a retry loop.
+//!
+//! [`VmSpace::fault`] resolves one fault. Each attempt builds a
+//! [`FaultState`] that owns everything the attempt holds — the map read
+//! lock, paging-in-progress references, busy pages — so that giving up,
+//! retrying and succeeding all release exactly what is held. The attempt
+//! returns a [`Step`] that tells the loop what to wait for before the next
+//! try, and the loop does the waiting with nothing held.
+//!
+//! Attempt, in the seed's order:
+//! 1. look the address up (growing a stack once on a miss, seed L231-270);
+//! 2. walk the shadow chain (L317-686): busy a resident page, or allocate
+//!    one and ask the pager, or go down; at the end zero-fill into the
+//!    first object;
+//! 3. copy-on-write into the first object (L701-787);
+//! 4. re-validate the map if its lock was dropped for I/O (L789-842);
+//! 5. dirty bookkeeping, pmap enter, queue placement, unbusy (L843-931).
+
+mod copy_entry;
+mod cow;
+pub(crate) mod guard;
+mod pagein;
+
+pub(crate) use copy_entry::copy_entry;
+
+use crate::addr::{Pfn, page_trunc};
+use crate::error::FaultError;
+use crate::map::{EntryFlags, LookupError, MapState};
+use crate::object::ObjectFlags;
+use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
+use crate::page_queues::AllocClass;
+use crate::pager::PagerError;
+use crate::pmap::{MemAttr, PageInfo, Pmap, PmapError};
+use crate::prot::Prot;
+use crate::space::VmSpace;
+use crate::sync::ReadGuard;
+use crate::vm::Machine;
+use core::sync::atomic::Ordering;
+use guard::{BusyPage, Disposal, Pip};
+
+bitflags::bitflags! {
+    /// How a fault is being asked for (FreeBSD `VM_FAULT_*`, same values).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct FaultFlags: u32 {
+        /// Wiring or unwiring the page (`VM_FAULT_CHANGE_WIRING`).
+        const CHANGE_WIRING = 1;
+        /// Wiring for the user, `mlock` (`VM_FAULT_USER_WIRE`).
+        const USER_WIRE = 2;
+        /// The access will dirty the page: mark it dirty now
+        /// (`VM_FAULT_DIRTY`). A trap handler passes it with write faults.
+        const DIRTY = 8;
+    }
+}
+
+impl FaultFlags {
+    /// An ordinary fault (`VM_FAULT_NORMAL`).
+    pub const NORMAL: FaultFlags = FaultFlags::empty();
+    /// Both wiring flags (`VM_FAULT_WIRE_MASK`).
+    pub const WIRE_MASK: FaultFlags = FaultFlags::CHANGE_WIRING.union(FaultFlags::USER_WIRE);
+
+    fn wiring(self) -> bool {
+        self.intersects(Self::WIRE_MASK)
+    }
+}
+
+/// How the page of a successful fault was obtained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FaultKind {
+    /// It was resident (in the first object or, for a read, in a backing
+    /// object).
+    Resident,
+    /// It was zero-filled.
+    ZeroFill,
+    /// A pager read it in.
+    PagedIn,
+    /// Copy-on-write: copied into the first object.
+    CowCopy,
+    /// Copy-on-write: moved up from a private backing object.
+    CowMoved,
+}
+
+/// What a successful fault did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FaultOutcome {
+    /// The frame now mapped at the (page-truncated) address.
+    pub pfn: Pfn,
+    /// The protection it was mapped with (may be less than the entry's:
+    /// a read of a copy-on-write page maps it read-only).
+    pub prot: Prot,
+    /// Whether the fault needed pager I/O (a major fault).
+    pub major: bool,
+    /// How the page was obtained (in the final attempt).
+    pub kind: FaultKind,
+}
+
+/// What an attempt asks of the retry loop.
+enum Step {
+    /// Start over now (the map changed, a race was lost).
+    Retry,
+    /// Sleep until the page is unbusied, then start over (`v_intrans`).
+    WaitPage { id: PageId, object: u64, pindex: u64 },
+    /// Sleep for free memory, then start over (`VM_WAITPFAULT`).
+    WaitMemory,
+    /// The pager asked to be called again later.
+    Again { object: crate::object::ObjectId, pindex: u64 },
+    /// Give up with this error.
+    Fail(FaultError),
+}
+
+/// State kept across attempts (the seed's locals outside `RetryFault`).
+struct Retries {
+    growstack: bool,
+    hard: bool,
+    memory_waits: u32,
+    again_waits: u32,
+    /// A user wiring must copy-on-write now (seed L247-270).
+    force_cow: bool,
+}
+
+impl<P: Pmap> VmSpace<P> {
+    /// Resolves a fault at `va` for `access` (seed `vm_fault`).
+    ///
+    /// `va` need not be page aligned. `flags` says whether the fault wires
+    /// the page and whether the access dirties it; a trap handler passes
+    /// [`FaultFlags::DIRTY`] with write faults.
+    ///
+    /// # Errors
+    ///
+    /// [`FaultError`] with the facts of why the fault cannot be resolved;
+    /// [`FaultError::signal`] names the signal a kernel would send. Nothing
+    /// stays busy, locked or allocated after an error.
+    pub fn fault(&self, va: u64, access: Prot, flags: FaultFlags) -> Result<FaultOutcome, FaultError> {
+        let machine = &*self.vm.machine;
+        machine.counters.v_vm_faults.fetch_add(1, Ordering::Relaxed);
+        if va < self.map.min_addr() || va >= self.map.max_addr() {
+            return Err(FaultError::InvalidAddress { addr: va });
+        }
+        let va = page_trunc(va);
+        let access = if access.is_empty() { Prot::READ } else { access };
+        let mut r = Retries {
+            growstack: true,
+            hard: false,
+            memory_waits: 0,
+            again_waits: 0,
+            force_cow: false,
+        };
+        loop {
+            match self.fault_attempt(va, access, flags, &mut r) {
+                Ok(mut out) => {
+                    out.major = r.hard;
+                    let count = if r.hard { &self.majflt } else { &self.minflt };
+                    count.fetch_add(1, Ordering::Relaxed);
+                    return Ok(out);
+                }
+                Err(Step::Retry) => {}
+                Err(Step::Fail(e)) => return Err(e),
+                Err(Step::WaitPage { id, object, pindex }) => {
+                    machine.counters.v_intrans.fetch_add(1, Ordering::Relaxed);
+                    guard::wait_for_page(machine, id, object, pindex);
+                }
+                Err(Step::WaitMemory) => {
+                    machine.counters.v_wait_memory.fetch_add(1, Ordering::Relaxed);
+                    if r.memory_waits >= self.vm.config.memory_retries {
+                        return Err(FaultError::ResourceShortage { addr: va });
+                    }
+                    r.memory_waits += 1;
+                    machine.pages.wait_for_memory(self.vm.config.memory_wait_ms);
+                }
+                Err(Step::Again { object, pindex }) => {
+                    if r.again_waits >= self.vm.config.memory_retries {
+                        return Err(FaultError::Pager { addr: va, object, pindex, error: PagerError::Again });
+                    }
+                    r.again_waits += 1;
+                    machine.pages.wait_for_memory(self.vm.config.memory_wait_ms);
+                }
+            }
+        }
+    }
+
+    /// One pass of the seed's `RetryFault` body.
+    fn fault_attempt(&self, va: u64, access: Prot, flags: FaultFlags, r: &mut Retries) -> Result<FaultOutcome, Step> {
+        let lookup_access = if r.force_cow { Prot::READ } else { access };
+        let (map, info, stamp) = match self.map.lookup(&self.vm.machine, va, lookup_access, false) {
+            Ok(found) => found,
+            Err(e) => return Err(self.lookup_failed(va, flags, e, r)),
+        };
+        let entry = map.find(va).expect("lookup found the entry");
+        if entry.eflags.contains(EntryFlags::NOFAULT) {
+            return Err(Step::Fail(FaultError::NoFaultEntry { addr: va }));
+        }
+        // Wired faults take the entry's protection (seed L307-308); a
+        // forced copy-on-write walks as a write but maps with `prot`.
+        let mut fault_type = if info.wired { info.prot } else { access };
+        if r.force_cow {
+            fault_type |= Prot::WRITE;
+        }
+        let mut fs = FaultState {
+            space: self,
+            machine: &self.vm.machine,
+            va,
+            m: None,
+            first_m: None,
+            object: None,
+            map: Some(map),
+            stamp,
+            entry_start: info.entry_start,
+            pindex: info.pindex,
+            first_pindex: info.pindex,
+            prot: info.prot,
+            wired: info.wired,
+            fault_type,
+            kind: FaultKind::Resident,
+            first: Pip::new(info.object),
+        };
+        fs.walk(flags, &mut r.hard)?;
+        if fs.object.is_some() {
+            if fs.fault_type.contains(Prot::WRITE) {
+                fs.cow();
+            } else {
+                fs.prot.remove(Prot::WRITE);
+            }
+        }
+        fs.revalidate()?;
+        fs.finish(flags, r.force_cow)
+    }
+
+    /// The seed's handling of a failed lookup (L233-270): grow a stack once,
+    /// or let a user wiring copy a read-only copy-on-write entry.
+    fn lookup_failed(&self, va: u64, flags: FaultFlags, e: FaultError, r: &mut Retries) -> Step {
+        match e {
+            FaultError::InvalidAddress { .. } if r.growstack => {
+                r.growstack = false;
+                match self.grow_stack(va) {
+                    Ok(true) => Step::Retry,
+                    Ok(false) => Step::Fail(e),
+                    Err(()) => Step::Fail(FaultError::StackGrowth { addr: va }),
+                }
+            }
+            FaultError::ProtectionFailure { .. }
+                if flags & FaultFlags::WIRE_MASK == FaultFlags::USER_WIRE && !r.force_cow =>
+            {
+                if self.prepare_user_wire(va) {
+                    r.force_cow = true;
+                    Step::Retry
+                } else {
+                    Step::Fail(e)
+                }
+            }
+            e => Step::Fail(e),
+        }
+    }
+
+    /// Seed L254-269: a user wiring of a copy-on-write entry copies now, and
+    /// an entry that is not writable loses write from its maximum so the
+    /// wired copy can never be written. Unlike the seed, the page is then
+    /// mapped with the entry's protection, not its maximum (the seed maps
+    /// the copy writable into a read-only entry). An entry without read
+    /// access is refused (modern FreeBSD skips such entries when wiring).
+    fn prepare_user_wire(&self, va: u64) -> bool {
+        let mut g = self.map.write();
+        let Some(e) = g.find_mut(va) else { return false };
+        if !e.max_protection.contains(Prot::RW) || !e.protection.contains(Prot::READ) {
+            return false;
+        }
+        if e.eflags.contains(EntryFlags::NEEDS_COPY) {
+            e.shadow(&self.vm.machine);
+        } else if e.object.is_none() {
+            e.allocate_object(&self.vm.machine);
+        }
+        if !e.protection.contains(Prot::WRITE) {
+            e.max_protection.remove(Prot::WRITE);
+        }
+        true
+    }
+}
+
+/// Everything one fault attempt holds (the seed's `struct faultstate`).
+/// Dropping it is `unlock_and_deallocate` plus `release_page`.
+pub(crate) struct FaultState<'a, P: Pmap> {
+    space: &'a VmSpace<P>,
+    machine: &'a Machine,
+    va: u64,
+    /// The page found or allocated in the current object.
+    m: Option<BusyPage<'a>>,
+    /// The busy placeholder in the first object, held while the walk is
+    /// below it.
+    first_m: Option<BusyPage<'a>>,
+    /// The current object when it is not the first.
+    object: Option<Pip>,
+    /// The map read lock; `None` once dropped for I/O
+    /// (`lookup_still_valid`).
+    map: Option<ReadGuard<'a, MapState>>,
+    stamp: u64,
+    entry_start: u64,
+    pindex: u64,
+    first_pindex: u64,
+    prot: Prot,
+    wired: bool,
+    fault_type: Prot,
+    kind: FaultKind,
+    /// The first object, referenced and paging-in-progress.
+    first: Pip,
+}
+
+impl<P: Pmap> Drop for FaultState<'_, P> {
+    fn drop(&mut self) {
+        // The seed's order: the current page, the placeholder, the current
+        // object, then the map; the first object goes last.
+        drop(self.m.take());
+        drop(self.first_m.take());
+        drop(self.object.take());
+        drop(self.map.take());
+    }
+}
+
+impl<'a, P: Pmap> FaultState<'a, P> {
+    fn current(&self) -> &alloc::sync::Arc<crate::object::VmObject> {
+        self.object.as_ref().unwrap_or(&self.first).object()
+    }
+
+    fn fail(&self, e: FaultError) -> Step {
+        Step::Fail(e)
+    }
+
+    /// Seed L317-686: find the page, leaving it busy in `self.m`.
+    fn walk(&mut self, flags: FaultFlags, hard: &mut bool) -> Result<(), Step> {
+        loop {
+            let obj = self.current().clone();
+            let trypager;
+            {
+                let mut st = obj.lock();
+                if st.flags.contains(ObjectFlags::DEAD) {
+                    return Err(self.fail(FaultError::DeadObject { addr: self.va, object: obj.id() }));
+                }
+                // TRYPAGER (seed L185): the object has a pager, and this is
+                // not an unwiring.
+                trypager = st.pager.is_some() && (!flags.wiring() || self.wired);
+                if let Some(&id) = st.pages.get(&self.pindex) {
+                    let page = self.machine.pages.get(id);
+                    if !page.try_busy() {
+                        return Err(Step::WaitPage { id, object: obj.id().0, pindex: self.pindex });
+                    }
+                    drop(st);
+                    self.machine.pages.dequeue(id);
+                    self.m = Some(BusyPage::new(self.machine, obj.clone(), id, Disposal::Release));
+                    if page.valid() == VM_PAGE_BITS_ALL {
+                        return Ok(());
+                    }
+                } else if trypager || self.object.is_none() {
+                    if self.pindex >= st.size {
+                        let (pindex, size) = (self.pindex, st.size);
+                        return Err(self.fail(FaultError::OutOfBounds { addr: self.va, object: obj.id(), pindex, size }));
+                    }
+                    if self.machine.pages.count_severe() {
+                        return Err(Step::WaitMemory);
+                    }
+                    // Prefer a pre-zeroed page when nothing will fill it
+                    // but zeros (seed L445-446).
+                    let zero = st.pager.is_none() && st.backing.is_none();
+                    let hint = obj.id().0 ^ self.pindex;
+                    let Some(id) = self.machine.pages.alloc(hint, AllocClass::Normal, zero) else {
+                        return Err(Step::WaitMemory);
+                    };
+                    let page = self.machine.pages.get(id);
+                    page.set_flags(PageFlags::BUSY);
+                    obj.insert_page(&mut st, id, page, self.pindex);
+                    self.m = Some(BusyPage::new(self.machine, obj.clone(), id, Disposal::Free));
+                }
+            }
+            if trypager && self.m.is_some() {
+                match self.page_in(&obj) {
+                    Ok(()) => {
+                        *hard = true;
+                        self.kind = FaultKind::PagedIn;
+                        return Ok(());
+                    }
+                    Err(PagerError::Fail) => {}
+                    Err(PagerError::Again) => {
+                        return Err(Step::Again { object: obj.id(), pindex: self.pindex });
+                    }
+                    Err(PagerError::Bad) => {
+                        let (pindex, size) = (self.pindex, obj.size());
+                        return Err(self.fail(FaultError::OutOfBounds { addr: self.va, object: obj.id(), pindex, size }));
+                    }
+                    Err(error) => {
+                        let pindex = self.pindex;
+                        return Err(self.fail(FaultError::Pager { addr: self.va, object: obj.id(), pindex, error }));
+                    }
+                }
+            }
+            // The pager does not have it (or there is none). In the first
+            // object the page stays as a busy placeholder (seed L640-641);
+            // below it, it goes (L624-633).
+            if self.object.is_none() {
+                self.first_m = self.m.take();
+            } else {
+                self.m = None;
+            }
+            let backing = obj.lock().backing.clone();
+            match backing {
+                None => return self.zero_fill(),
+                Some(b) => {
+                    self.pindex += b.offset;
+                    self.object = Some(Pip::new(b.object));
+                }
+            }
+        }
+    }
+
+    /// Seed L649-675: nothing below; zero the placeholder in the first
+    /// object.
+    fn zero_fill(&mut self) -> Result<(), Step> {
+        self.object = None;
+        self.pindex = self.first_pindex;
+        let Some(mut m) = self.first_m.take() else {
+            debug_assert!(false, "no placeholder page at the end of the chain");
+            return Err(Step::Retry);
+        };
+        let page = m.page();
+        let counters = &self.machine.counters;
+        if page.flags().contains(PageFlags::ZERO) {
+            counters.v_ozfod.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.machine.phys.zero(m.pfn());
+        }
+        counters.v_zfod.fetch_add(1, Ordering::Relaxed);
+        page.clear_flags(PageFlags::ZERO);
+        page.set_valid(VM_PAGE_BITS_ALL);
+        m.keep();
+        self.kind = FaultKind::ZeroFill;
+        self.m = Some(m);
+        Ok(())
+    }
+
+    /// Seed L789-842: if the map lock was dropped, take it again and check
+    /// that the entry still maps the same page; narrow `prot` to what the
+    /// entry allows now.
+    fn revalidate(&mut self) -> Result<(), Step> {
+        if self.map.is_some() {
+            return Ok(());
+        }
+        let map = &self.space.map;
+        let Some(g) = map.try_read() else {
+            return Err(Step::Retry);
+        };
+        if map.timestamp() != self.stamp {
+            match g.lookup(self.va, self.fault_type, false) {
+                Err(LookupError::NeedsWrite) => return Err(Step::Retry),
+                Err(LookupError::Fault(e)) => return Err(Step::Fail(e)),
+                Ok(info) => {
+                    if !alloc::sync::Arc::ptr_eq(&info.object, self.first.object()) || info.pindex != self.first_pindex {
+                        return Err(Step::Retry);
+                    }
+                    self.prot &= info.prot;
+                    self.entry_start = info.entry_start;
+                }
+            }
+        }
+        self.map = Some(g);
+        Ok(())
+    }
+
+    /// Seed L843-931: dirty bookkeeping, pmap enter, queue placement.
+    fn finish(mut self, flags: FaultFlags, force_cow: bool) -> Result<FaultOutcome, Step> {
+        let Some(entry) = self.map.as_ref().and_then(|g| g.entries.get(&self.entry_start)) else {
+            return Err(Step::Retry);
+        };
+        let nosync = entry.eflags.contains(EntryFlags::NOSYNC);
+        let m = self.m.as_ref().expect("page found");
+        let page = m.page();
+        if self.prot.contains(Prot::WRITE) || force_cow {
+            let mut st = self.first.object().lock();
+            st.flags |= ObjectFlags::WRITEABLE | ObjectFlags::MIGHTBEDIRTY;
+            let pager = st.pager.clone();
+            drop(st);
+            if nosync {
+                if page.dirty() == 0 {
+                    page.set_flags(PageFlags::NOSYNC);
+                }
+            } else {
+                page.clear_flags(PageFlags::NOSYNC);
+            }
+            if flags.contains(FaultFlags::DIRTY) || force_cow {
+                page.dirty_all();
+                if let Some(p) = pager {
+                    p.page_unswapped(self.first_pindex);
+                }
+            }
+        }
+        // A page must be wholly valid to be mapped (seed L882-885): zero
+        // what the pager left invalid.
+        let valid = page.valid();
+        if valid != VM_PAGE_BITS_ALL {
+            self.zero_invalid(m.pfn(), valid);
+            page.set_valid(VM_PAGE_BITS_ALL);
+            self.machine.counters.v_pager_partial.fetch_add(1, Ordering::Relaxed);
+        }
+        let pg = PageInfo {
+            pfn: m.pfn(),
+            managed: !page.flags().intersects(PageFlags::FICTITIOUS | PageFlags::UNMANAGED),
+            attr: MemAttr::WriteBack,
+        };
+        let vm = &self.space.vm;
+        match vm.pmap.enter(&self.space.pmap, self.va, pg, self.prot, self.fault_type & self.prot, self.wired) {
+            Ok(displaced) => {
+                if let Some(d) = displaced {
+                    vm.note_displaced(d);
+                }
+            }
+            Err(PmapError::NoMemory) => return Err(Step::WaitMemory),
+            Err(error) => return Err(Step::Fail(FaultError::Pmap { addr: self.va, error })),
+        }
+        page.set_flags(PageFlags::REFERENCED);
+        let pages = &self.machine.pages;
+        let id = m.id;
+        if flags.wiring() {
+            if self.wired {
+                pages.wire(id);
+            } else {
+                pages.unwire(id, true);
+            }
+        } else {
+            pages.activate(id);
+        }
+        let out = FaultOutcome { pfn: pg.pfn, prot: self.prot, major: false, kind: self.kind };
+        self.m.take().expect("page found").unbusy();
+        Ok(out)
+    }
+
+    fn zero_invalid(&self, pfn: Pfn, valid: u8) {
+        let block = crate::page::DEV_BSIZE;
+        for b in 0..8 {
+            if valid & (1 << b) == 0 {
+                self.machine.phys.zero_range(pfn, b * block, (b + 1) * block);
+            }
+        }
+    }
+}

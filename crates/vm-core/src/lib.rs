@@ -1,0 +1,77 @@
+//! # vm-core
+//!
+//! FreeBSD's page-fault subsystem (`sys/vm/vm_fault.c` and the model it
+//! works on) as a library: a machine [`Vm`] with physical memory and a page
+//! array, address spaces ([`VmSpace`]) made of a [`VmMap`] and a pmap,
+//! [`VmObject`]s with shadow chains, and the fault handler
+//! [`VmSpace::fault`], generic over two traits:
+//!
+//! * [`Pmap`] — the machine-dependent page tables (monomorphised: one pmap
+//!   type per machine, it sits on the hot path);
+//! * [`Pager`] — where page contents come from (object-safe, because one
+//!   shadow chain mixes object types).
+//!
+//! Every machine is an instance: two [`Vm`]s in one process never see each
+//! other, so tests run in parallel.
+//!
+//! "seed L*n*" in comments refers to line *n* of the FreeBSD `vm_fault.c`
+//! this crate follows (`shared/seed/vm_fault.c.txt` in the project).
+//!
+//! ```
+//! use vm_core::{Prot, FaultFlags, Vm, VmConfig};
+//! use vm_testkit::RefPmap;
+//!
+//! let vm = Vm::new(RefPmap::new(), VmConfig::with_memory(1 << 20)).unwrap();
+//! let space = vm.new_space().unwrap();
+//! space.map_anon(0x10000, 0x4000, Prot::READ | Prot::WRITE).unwrap();
+//! space.write(0x10010, b"hello").unwrap();
+//! let mut buf = [0u8; 5];
+//! space.read(0x10010, &mut buf).unwrap();
+//! assert_eq!(&buf, b"hello");
+//! assert_eq!(vm.counters().snapshot().v_zfod, 1);
+//! ```
+//!
+//! ## Features
+//!
+//! * `std` (default): physical memory backed by an anonymous mapping of the
+//!   host, blocking locks and sleeping waits. Without it the crate is
+//!   `#![no_std]` + `alloc`: the embedder hands in its own physical memory
+//!   ([`PhysMem::from_raw_parts`]) and waits spin.
+#![cfg_attr(not(feature = "std"), no_std)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+pub mod access;
+pub mod addr;
+pub mod check;
+pub mod counters;
+pub mod error;
+pub mod fault;
+pub mod map;
+pub mod object;
+pub mod page;
+pub mod page_queues;
+pub mod pager;
+pub mod phys;
+pub mod pmap;
+pub mod prot;
+pub mod space;
+pub mod sync;
+pub mod vm;
+
+pub use addr::{PAGE_SHIFT, PAGE_SIZE, Pfn, page_round_up, page_trunc};
+pub use check::ConsistencyError;
+pub use counters::{CounterSnapshot, Counters};
+pub use error::{BusCode, FaultError, KernReturn, MapError, SegvCode, Signal};
+pub use fault::{FaultFlags, FaultOutcome};
+pub use map::{Behavior, EntryFlags, Inheritance, MapEntryInfo, VmMap};
+pub use object::{ObjectId, ObjectType, VmObject};
+pub use page::{PageFlags, PageId, PageQueue, VM_PAGE_BITS_ALL, VmPage};
+pub use pager::{Contiguity, IoError, PageSlot, Pager, PagerError};
+pub use phys::PhysMem;
+pub use pmap::{Displaced, MemAttr, PageInfo, Pmap, PmapError};
+pub use prot::Prot;
+pub use space::VmSpace;
+pub use vm::{Vm, VmConfig};

@@ -1,0 +1,447 @@
+//! `VmMap`: the sorted entries of one address space, with the lock and
+//! timestamp protocol the fault handler relies on (FreeBSD `vm_map.c`).
+//!
+//! The map is read-locked by faults and write-locked by every change; each
+//! write lock bumps the timestamp, so a fault that dropped the lock for I/O
+//! can tell whether to look its entry up again (seed L789-842).
+
+use crate::addr::{PAGE_SHIFT, pages};
+use crate::error::FaultError;
+use crate::object::{Backing, ObjectFlags, VmObject};
+use crate::prot::Prot;
+use crate::sync::{ReadGuard, RwLock, WriteGuard};
+use crate::vm::Machine;
+use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+bitflags::bitflags! {
+    /// Map entry flags (FreeBSD `MAP_ENTRY_*`, same values).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+    pub struct EntryFlags: u32 {
+        /// Writes need not be synced to the backing file (`MAP_NOSYNC`).
+        const NOSYNC = 0x1;
+        /// Copy-on-write mapping.
+        const COW = 0x4;
+        /// A shadow object must be made before the next write.
+        const NEEDS_COPY = 0x8;
+        /// Faults are not allowed on this entry.
+        const NOFAULT = 0x10;
+        /// Wired by the user (`mlock`).
+        const USER_WIRED = 0x20;
+        /// Being changed by a wiring operation.
+        const IN_TRANSITION = 0x100;
+        /// A stack that grows down into the gap below it.
+        const GROWS_DOWN = 0x1000;
+    }
+}
+
+/// Expected access pattern (`madvise`; FreeBSD `MAP_ENTRY_BEHAV_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Behavior {
+    /// Cluster around the fault.
+    #[default]
+    Normal,
+    /// Read ahead only, drop pages behind.
+    Sequential,
+    /// No clustering.
+    Random,
+}
+
+/// What a fork does with an entry (`minherit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Inheritance {
+    /// The child gets a copy-on-write copy.
+    #[default]
+    Copy,
+    /// The child shares the memory.
+    Share,
+    /// The child gets nothing.
+    None,
+}
+
+/// One map entry (FreeBSD `struct vm_map_entry`).
+#[derive(Debug)]
+pub(crate) struct MapEntry {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    /// Byte offset into the object.
+    pub(crate) offset: u64,
+    pub(crate) object: Option<Arc<VmObject>>,
+    pub(crate) protection: Prot,
+    pub(crate) max_protection: Prot,
+    pub(crate) eflags: EntryFlags,
+    pub(crate) behavior: Behavior,
+    pub(crate) inheritance: Inheritance,
+    pub(crate) wired_count: u32,
+    /// Last read-ahead page index; written by faults under the read lock,
+    /// hence atomic (the seed notes the same at L555-558).
+    pub(crate) lastr: AtomicU64,
+    /// Room the stack may still grow below `start`, in bytes.
+    pub(crate) avail_ssize: u64,
+}
+
+impl MapEntry {
+    pub(crate) fn new(start: u64, end: u64, prot: Prot, max: Prot) -> MapEntry {
+        MapEntry {
+            start,
+            end,
+            offset: 0,
+            object: None,
+            protection: prot,
+            max_protection: max,
+            eflags: EntryFlags::empty(),
+            behavior: Behavior::Normal,
+            inheritance: Inheritance::Copy,
+            wired_count: 0,
+            lastr: AtomicU64::new(0),
+            avail_ssize: 0,
+        }
+    }
+
+    /// A copy sharing the object (and taking a reference on it).
+    pub(crate) fn duplicate(&self) -> MapEntry {
+        if let Some(o) = &self.object {
+            o.add_ref();
+        }
+        MapEntry {
+            start: self.start,
+            end: self.end,
+            offset: self.offset,
+            object: self.object.clone(),
+            protection: self.protection,
+            max_protection: self.max_protection,
+            eflags: self.eflags,
+            behavior: self.behavior,
+            inheritance: self.inheritance,
+            wired_count: self.wired_count,
+            lastr: AtomicU64::new(self.lastr.load(Ordering::Relaxed)),
+            avail_ssize: self.avail_ssize,
+        }
+    }
+
+    pub(crate) fn pages(&self) -> u64 {
+        pages(self.end - self.start)
+    }
+
+    /// The object page index `va` maps to.
+    pub(crate) fn pindex(&self, va: u64) -> u64 {
+        (va - self.start + self.offset) >> PAGE_SHIFT
+    }
+
+    /// Puts a shadow object in front of the entry's object
+    /// (`vm_object_shadow`); the entry's reference moves to the shadow.
+    pub(crate) fn shadow(&mut self, machine: &Arc<Machine>) {
+        let size = self.pages();
+        let backing = self.object.take().map(|o| {
+            let mut st = o.lock();
+            st.shadow_count += 1;
+            // A backing object is only read through its shadows from now
+            // on; it is no longer the single mapping's own.
+            st.flags.remove(ObjectFlags::ONEMAPPING);
+            drop(st);
+            Backing {
+                object: o,
+                offset: self.offset >> PAGE_SHIFT,
+            }
+        });
+        let shadow = VmObject::create(machine, size, None, backing);
+        shadow.add_ref();
+        machine.counters.v_shadows.fetch_add(1, Ordering::Relaxed);
+        self.object = Some(shadow);
+        self.offset = 0;
+        self.eflags.remove(EntryFlags::NEEDS_COPY);
+    }
+
+    /// Gives an entry without an object its own anonymous object.
+    pub(crate) fn allocate_object(&mut self, machine: &Arc<Machine>) {
+        let obj = VmObject::create(machine, self.pages(), None, None);
+        obj.add_ref();
+        self.object = Some(obj);
+        self.offset = 0;
+    }
+
+    /// Protection to give the pmap when changing protection: a
+    /// copy-on-write entry is never made writable ahead of a fault (FreeBSD
+    /// `vm_map_protect`'s `MASK`).
+    pub(crate) fn pmap_prot(&self) -> Prot {
+        if self.eflags.contains(EntryFlags::COW) {
+            self.protection - Prot::WRITE
+        } else {
+            self.protection
+        }
+    }
+}
+
+/// A read-only snapshot of an entry, for callers and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapEntryInfo {
+    /// First address.
+    pub start: u64,
+    /// One past the last address.
+    pub end: u64,
+    /// Byte offset into the object.
+    pub offset: u64,
+    /// The object's id, if the entry has one yet.
+    pub object: Option<crate::object::ObjectId>,
+    /// Current protection.
+    pub protection: Prot,
+    /// Maximum protection.
+    pub max_protection: Prot,
+    /// Flags.
+    pub eflags: EntryFlags,
+    /// Access pattern.
+    pub behavior: Behavior,
+    /// Fork behaviour.
+    pub inheritance: Inheritance,
+    /// Wirings.
+    pub wired_count: u32,
+    /// Last read-ahead index.
+    pub lastr: u64,
+}
+
+impl From<&MapEntry> for MapEntryInfo {
+    fn from(e: &MapEntry) -> Self {
+        MapEntryInfo {
+            start: e.start,
+            end: e.end,
+            offset: e.offset,
+            object: e.object.as_ref().map(|o| o.id()),
+            protection: e.protection,
+            max_protection: e.max_protection,
+            eflags: e.eflags,
+            behavior: e.behavior,
+            inheritance: e.inheritance,
+            wired_count: e.wired_count,
+            lastr: e.lastr.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Entries keyed by start address.
+#[derive(Debug, Default)]
+pub(crate) struct MapState {
+    pub(crate) entries: BTreeMap<u64, MapEntry>,
+}
+
+/// What a successful lookup yields (`vm_map_lookup`'s out-parameters).
+#[derive(Clone)]
+pub(crate) struct LookupInfo {
+    pub(crate) entry_start: u64,
+    pub(crate) object: Arc<VmObject>,
+    pub(crate) pindex: u64,
+    pub(crate) prot: Prot,
+    pub(crate) wired: bool,
+}
+
+/// Why a lookup did not succeed.
+pub(crate) enum LookupError {
+    /// A real failure to report.
+    Fault(FaultError),
+    /// The entry needs a shadow or an object first: retry with the map
+    /// write-locked.
+    NeedsWrite,
+}
+
+impl MapState {
+    /// The entry containing `va`.
+    pub(crate) fn find(&self, va: u64) -> Option<&MapEntry> {
+        self.entries
+            .range(..=va)
+            .next_back()
+            .map(|(_, e)| e)
+            .filter(|e| va < e.end)
+    }
+
+    pub(crate) fn find_mut(&mut self, va: u64) -> Option<&mut MapEntry> {
+        self.entries
+            .range_mut(..=va)
+            .next_back()
+            .map(|(_, e)| e)
+            .filter(|e| va < e.end)
+    }
+
+    /// The checks of `vm_map_lookup` on a locked map, without changing it.
+    pub(crate) fn lookup(&self, va: u64, access: Prot, override_write: bool) -> Result<LookupInfo, LookupError> {
+        let Some(e) = self.find(va) else {
+            return Err(LookupError::Fault(FaultError::InvalidAddress { addr: va }));
+        };
+        let mut prot = if override_write {
+            e.max_protection
+        } else {
+            e.protection
+        };
+        let denied = |allowed| {
+            LookupError::Fault(FaultError::ProtectionFailure {
+                addr: va,
+                access,
+                allowed,
+            })
+        };
+        if !prot.contains(access) {
+            return Err(denied(e.protection));
+        }
+        // A user-wired copy-on-write entry was copied when wired; a write
+        // without the override must not copy it again.
+        if e.eflags.contains(EntryFlags::USER_WIRED | EntryFlags::COW)
+            && access.contains(Prot::WRITE)
+            && !override_write
+        {
+            return Err(denied(e.protection));
+        }
+        let wired = e.wired_count != 0;
+        let fault_type = if wired { prot } else { access };
+        if e.eflags.contains(EntryFlags::NEEDS_COPY) {
+            if fault_type.contains(Prot::WRITE) {
+                return Err(LookupError::NeedsWrite);
+            }
+            prot.remove(Prot::WRITE);
+        }
+        let Some(object) = &e.object else {
+            return Err(LookupError::NeedsWrite);
+        };
+        Ok(LookupInfo {
+            entry_start: e.start,
+            object: object.clone(),
+            pindex: e.pindex(va),
+            prot,
+            wired,
+        })
+    }
+
+    /// Makes the change a lookup asked for: the shadow of a NEEDS_COPY
+    /// entry about to be written, or the object of an entry without one.
+    fn prepare_entry(&mut self, machine: &Arc<Machine>, va: u64, access: Prot) {
+        let Some(e) = self.find_mut(va) else { return };
+        let fault_type = if e.wired_count != 0 { e.protection } else { access };
+        if e.eflags.contains(EntryFlags::NEEDS_COPY) && fault_type.contains(Prot::WRITE) {
+            e.shadow(machine);
+        } else if e.object.is_none() {
+            e.allocate_object(machine);
+        }
+    }
+
+    /// Splits the entry containing `at` so that an entry starts at `at`
+    /// (`vm_map_clip_start`). No-op if `at` is a boundary or unmapped.
+    pub(crate) fn clip(&mut self, at: u64) {
+        let Some(e) = self.find_mut(at) else { return };
+        if e.start == at {
+            return;
+        }
+        let mut upper = e.duplicate();
+        e.end = at;
+        e.eflags.remove(EntryFlags::GROWS_DOWN);
+        upper.offset += at - upper.start;
+        upper.start = at;
+        upper.avail_ssize = 0;
+        self.entries.insert(at, upper);
+    }
+
+    /// Clips at both ends of `start..end` and returns the start addresses
+    /// of the entries inside, or `None` if the range has a hole.
+    pub(crate) fn clip_range(&mut self, start: u64, end: u64) -> Option<Vec<u64>> {
+        if !self.covers(start, end) {
+            return None;
+        }
+        self.clip(start);
+        self.clip(end);
+        Some(self.entries.range(start..end).map(|(&s, _)| s).collect())
+    }
+
+    /// Whether `start..end` is mapped without a hole.
+    pub(crate) fn covers(&self, start: u64, end: u64) -> bool {
+        let mut at = start;
+        while at < end {
+            match self.find(at) {
+                Some(e) => at = e.end,
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Whether any entry intersects `start..end`.
+    pub(crate) fn overlaps(&self, start: u64, end: u64) -> bool {
+        self.find(start).is_some() || self.entries.range(start..end).next().is_some()
+    }
+}
+
+/// An address space's map: entries, the lock, the timestamp, and the range
+/// of addresses it may hold.
+#[derive(Debug)]
+pub struct VmMap {
+    pub(crate) state: RwLock<MapState>,
+    timestamp: AtomicU64,
+    min: u64,
+    max: u64,
+}
+
+impl VmMap {
+    pub(crate) fn new(min: u64, max: u64) -> VmMap {
+        VmMap {
+            state: RwLock::new(MapState::default()),
+            timestamp: AtomicU64::new(0),
+            min,
+            max,
+        }
+    }
+
+    /// Lowest mappable address.
+    #[must_use]
+    pub fn min_addr(&self) -> u64 {
+        self.min
+    }
+
+    /// One past the highest mappable address.
+    #[must_use]
+    pub fn max_addr(&self) -> u64 {
+        self.max
+    }
+
+    /// The change counter: bumped by every write lock.
+    #[must_use]
+    pub fn timestamp(&self) -> u64 {
+        self.timestamp.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn read(&self) -> ReadGuard<'_, MapState> {
+        self.state.read()
+    }
+
+    pub(crate) fn try_read(&self) -> Option<ReadGuard<'_, MapState>> {
+        self.state.try_read()
+    }
+
+    /// Write-locks the map; the timestamp is bumped now, before any change
+    /// is visible (FreeBSD bumps it on every exclusive lock).
+    pub(crate) fn write(&self) -> WriteGuard<'_, MapState> {
+        let g = self.state.write();
+        self.timestamp.fetch_add(1, Ordering::AcqRel);
+        g
+    }
+
+    /// `vm_map_lookup`: finds and checks the entry for a fault, making the
+    /// shadow or object it needs under the write lock first. Returns the
+    /// read-locked map with the result.
+    pub(crate) fn lookup(
+        &self,
+        machine: &Arc<Machine>,
+        va: u64,
+        access: Prot,
+        override_write: bool,
+    ) -> Result<(ReadGuard<'_, MapState>, LookupInfo, u64), FaultError> {
+        loop {
+            let g = self.read();
+            let stamp = self.timestamp();
+            match g.lookup(va, access, override_write) {
+                Ok(info) => return Ok((g, info, stamp)),
+                Err(LookupError::Fault(e)) => return Err(e),
+                Err(LookupError::NeedsWrite) => {
+                    drop(g);
+                    self.write().prepare_entry(machine, va, access);
+                }
+            }
+        }
+    }
+}

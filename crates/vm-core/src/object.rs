@@ -1,0 +1,352 @@
+//! `VmObject`: a set of pages indexed by page number, with an optional
+//! pager and an optional backing object (FreeBSD `vm_object.c`).
+//!
+//! Shadow chains: a copy-on-write mapping gets a *shadow* object in front
+//! of the shared one; pages written privately live in the shadow, the rest
+//! are found further down the chain through `backing`.
+//!
+//! Lifetime is the `Arc`: an object lives while a map entry, a shadow, a
+//! fault in progress or a user handle holds it, and frees its pages when the
+//! last goes (its pages are mapped nowhere by then, since mappings exist
+//! only through entries). [`ref_count`](VmObject::ref_count) is FreeBSD's
+//! count of references from map entries and shadows, which the
+//! copy-on-write optimisation and collapse consult.
+//!
+//! Lock order: a shadow's lock before its backing object's.
+
+use crate::page::{PageId, VmPage};
+use crate::pager::Pager;
+use crate::sync::{Mutex, MutexGuard};
+use crate::vm::Machine;
+use alloc::sync::{Arc, Weak};
+use core::sync::atomic::{AtomicU32, Ordering};
+use hashbrown::HashMap;
+
+/// A machine-unique object number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectId(pub u64);
+
+impl core::fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Object types (FreeBSD `OBJT_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ObjectType {
+    /// Anonymous memory, zero-filled on first touch (`OBJT_DEFAULT`).
+    Default,
+    /// Anonymous memory with swap backing (`OBJT_SWAP`).
+    Swap,
+    /// A file (`OBJT_VNODE`).
+    Vnode,
+    /// Device memory (`OBJT_DEVICE`): unmanaged pages, no clustering.
+    Device,
+    /// Physical memory (`OBJT_PHYS`).
+    Phys,
+    /// A destroyed object (`OBJT_DEAD`).
+    Dead,
+}
+
+impl ObjectType {
+    /// Whether objects of this type can be found only through their
+    /// mappings (no named handle), which allows moving pages between them
+    /// (seed L729-734).
+    #[must_use]
+    pub fn is_anonymous(self) -> bool {
+        matches!(self, ObjectType::Default | ObjectType::Swap)
+    }
+}
+
+bitflags::bitflags! {
+    /// Object flags (FreeBSD `OBJ_*`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct ObjectFlags: u32 {
+        /// Mapped by a single entry of a single map (`OBJ_ONEMAPPING`).
+        const ONEMAPPING = 0x2000;
+        /// Being destroyed (`OBJ_DEAD`).
+        const DEAD = 0x8;
+        /// Has been mapped writable (`OBJ_WRITEABLE`).
+        const WRITEABLE = 0x80;
+        /// May have dirty pages (`OBJ_MIGHTBEDIRTY`).
+        const MIGHTBEDIRTY = 0x100;
+    }
+}
+
+/// The backing object of a shadow, with the page offset into it.
+#[derive(Clone)]
+pub(crate) struct Backing {
+    pub(crate) object: Arc<VmObject>,
+    /// `backing_object_offset` in pages.
+    pub(crate) offset: u64,
+}
+
+/// State behind the object's lock.
+pub(crate) struct ObjectState {
+    pub(crate) pages: HashMap<u64, PageId>,
+    pub(crate) size: u64,
+    pub(crate) backing: Option<Backing>,
+    pub(crate) shadow_count: u32,
+    pub(crate) flags: ObjectFlags,
+    pub(crate) otype: ObjectType,
+    pub(crate) pager: Option<Arc<dyn Pager>>,
+}
+
+/// A VM object. See the [module docs](self).
+pub struct VmObject {
+    id: ObjectId,
+    pub(crate) machine: Arc<Machine>,
+    ref_count: AtomicU32,
+    pip: AtomicU32,
+    state: Mutex<ObjectState>,
+}
+
+impl core::fmt::Debug for VmObject {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let st = self.lock();
+        f.debug_struct("VmObject")
+            .field("id", &self.id)
+            .field("type", &st.otype)
+            .field("size", &st.size)
+            .field("resident", &st.pages.len())
+            .field("ref_count", &self.ref_count())
+            .field("shadow_count", &st.shadow_count)
+            .field("backing", &st.backing.as_ref().map(|b| (b.object.id, b.offset)))
+            .finish()
+    }
+}
+
+/// The machine's table of live objects, so a page's owner id leads back to
+/// its object. Sharded; touched on object creation and destruction only.
+pub(crate) struct ObjectRegistry {
+    next: core::sync::atomic::AtomicU64,
+    shards: [Mutex<HashMap<u64, Weak<VmObject>>>; 8],
+}
+
+impl Default for ObjectRegistry {
+    fn default() -> Self {
+        ObjectRegistry {
+            next: core::sync::atomic::AtomicU64::new(1),
+            shards: core::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+impl ObjectRegistry {
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Weak<VmObject>>> {
+        &self.shards[(id % 8) as usize]
+    }
+
+    /// Every live object (for checks and scans).
+    pub(crate) fn all(&self) -> alloc::vec::Vec<Arc<VmObject>> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.lock().values().filter_map(Weak::upgrade).collect::<alloc::vec::Vec<_>>())
+            .collect()
+    }
+}
+
+impl VmObject {
+    /// Creates an object of `size` pages on `machine`.
+    pub(crate) fn create(
+        machine: &Arc<Machine>,
+        size: u64,
+        pager: Option<Arc<dyn Pager>>,
+        backing: Option<Backing>,
+    ) -> Arc<VmObject> {
+        let otype = pager.as_ref().map_or(ObjectType::Default, |p| p.object_type());
+        let id = machine.objects.next.fetch_add(1, Ordering::Relaxed);
+        let obj = Arc::new(VmObject {
+            id: ObjectId(id),
+            machine: machine.clone(),
+            ref_count: AtomicU32::new(0),
+            pip: AtomicU32::new(0),
+            state: Mutex::new(ObjectState {
+                pages: HashMap::new(),
+                size,
+                backing,
+                shadow_count: 0,
+                flags: ObjectFlags::ONEMAPPING,
+                otype,
+                pager,
+            }),
+        });
+        machine.objects.shard(id).lock().insert(id, Arc::downgrade(&obj));
+        obj
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, ObjectState> {
+        self.state.lock()
+    }
+
+    /// The object's id.
+    #[must_use]
+    pub fn id(&self) -> ObjectId {
+        self.id
+    }
+
+    /// The object's type.
+    #[must_use]
+    pub fn object_type(&self) -> ObjectType {
+        self.lock().otype
+    }
+
+    /// Size in pages.
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.lock().size
+    }
+
+    /// References from map entries and shadow objects (FreeBSD
+    /// `ref_count`).
+    #[must_use]
+    pub fn ref_count(&self) -> u32 {
+        self.ref_count.load(Ordering::Acquire)
+    }
+
+    /// Objects that shadow this one (FreeBSD `shadow_count`).
+    #[must_use]
+    pub fn shadow_count(&self) -> u32 {
+        self.lock().shadow_count
+    }
+
+    /// Number of resident pages.
+    #[must_use]
+    pub fn resident_count(&self) -> usize {
+        self.lock().pages.len()
+    }
+
+    /// The resident page at `pindex`, if any.
+    #[must_use]
+    pub fn resident_page(&self, pindex: u64) -> Option<PageId> {
+        self.lock().pages.get(&pindex).copied()
+    }
+
+    /// The backing object and the page offset into it.
+    #[must_use]
+    pub fn backing(&self) -> Option<(Arc<VmObject>, u64)> {
+        self.lock().backing.as_ref().map(|b| (b.object.clone(), b.offset))
+    }
+
+    /// Length of the shadow chain from this object down (1 = no backing).
+    #[must_use]
+    pub fn chain_depth(&self) -> usize {
+        let mut depth = 1;
+        let mut cur = self.backing();
+        while let Some((o, _)) = cur {
+            depth += 1;
+            cur = o.backing();
+        }
+        depth
+    }
+
+    /// Object flags.
+    #[must_use]
+    pub fn flags(&self) -> ObjectFlags {
+        self.lock().flags
+    }
+
+    /// Whether the object is dead.
+    #[must_use]
+    pub fn is_dead(&self) -> bool {
+        self.flags().contains(ObjectFlags::DEAD)
+    }
+
+    /// Pager operations in progress (FreeBSD `paging_in_progress`).
+    #[must_use]
+    pub fn paging_in_progress(&self) -> u32 {
+        self.pip.load(Ordering::Acquire)
+    }
+
+    /// Whether `other` is an object of the same machine.
+    pub(crate) fn same_machine(&self, machine: &Arc<Machine>) -> bool {
+        Arc::ptr_eq(&self.machine, machine)
+    }
+
+    pub(crate) fn add_ref(&self) {
+        self.ref_count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn drop_ref(&self) {
+        let old = self.ref_count.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(old > 0, "object {} reference count underflow", self.id);
+    }
+
+    pub(crate) fn pip_add(&self) {
+        self.pip.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn pip_wakeup(&self) {
+        if self.pip.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.machine.pages.waits().notify(self.wait_key());
+        }
+    }
+
+    /// Waits until no paging operation is in progress
+    /// (`vm_object_pip_wait`).
+    pub(crate) fn pip_wait(&self) {
+        self.machine
+            .pages
+            .waits()
+            .wait_while(self.wait_key(), || self.paging_in_progress() != 0);
+    }
+
+    fn wait_key(&self) -> u64 {
+        self.id.0 | (1 << 63)
+    }
+
+    /// Inserts page `id` at `pindex` (`vm_page_insert`). The caller holds
+    /// the lock (`st`) and the slot is empty.
+    pub(crate) fn insert_page(&self, st: &mut ObjectState, id: PageId, page: &VmPage, pindex: u64) {
+        let old = st.pages.insert(pindex, id);
+        debug_assert!(old.is_none(), "object {} page {pindex} already resident", self.id);
+        page.set_identity(self.id.0, pindex);
+    }
+
+    /// Frees every resident page. Mappings and paging in progress are the
+    /// caller's business.
+    pub(crate) fn free_all_pages(&self, st: &mut ObjectState) {
+        free_pages(&self.machine, self.id, st);
+    }
+}
+
+/// Frees every page of an object's state (see [`VmObject::free_all_pages`]).
+fn free_pages(machine: &Machine, object: ObjectId, st: &mut ObjectState) {
+    let pages = &machine.pages;
+    for (_, id) in st.pages.drain() {
+        let page = pages.get(id);
+        debug_assert!(!page.is_busy(), "freeing busy page of object {object}");
+        while page.wire_count() != 0 {
+            pages.unwire(id, false);
+        }
+        pages.free(id);
+    }
+}
+
+impl Drop for VmObject {
+    fn drop(&mut self) {
+        self.machine.objects.shard(self.id.0).lock().remove(&self.id.0);
+        // Free our pages and release the backing chain iteratively: a deep
+        // chain must not recurse.
+        let mut next = {
+            let st = self.state.get_mut();
+            free_pages(&self.machine, self.id, st);
+            if let Some(p) = st.pager.take() {
+                p.dealloc();
+            }
+            st.backing.take()
+        };
+        while let Some(b) = next {
+            {
+                let mut st = b.object.lock();
+                st.shadow_count = st.shadow_count.saturating_sub(1);
+            }
+            b.object.drop_ref();
+            next = match Arc::into_inner(b.object) {
+                Some(mut obj) => obj.state.get_mut().backing.take(),
+                None => None,
+            };
+        }
+    }
+}

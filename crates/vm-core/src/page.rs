@@ -1,0 +1,279 @@
+//! `VmPage`: the per-frame record (FreeBSD `struct vm_page`).
+//!
+//! One exists for every frame of physical memory, so it is kept to 32 bytes.
+//! Its state word packs the valid and dirty block masks, the flags and the
+//! queue; every field is atomic. The protocol that keeps them meaningful
+//! follows FreeBSD: the identity (object, pindex) changes only under the
+//! owning object's lock; contents, valid and dirty bits change only while
+//! the page is busy; the queue and wiring change with atomic operations.
+
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+/// All eight 512-byte blocks of a 4 KiB page (FreeBSD `VM_PAGE_BITS_ALL`).
+pub const VM_PAGE_BITS_ALL: u8 = 0xff;
+/// Bytes per valid/dirty block (FreeBSD `DEV_BSIZE`).
+pub const DEV_BSIZE: usize = 512;
+
+/// Index of a page in the machine's page array.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PageId(pub u32);
+
+bitflags::bitflags! {
+    /// Flags of a page (FreeBSD `PG_*` and `VPO_*`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct PageFlags: u32 {
+        /// Held exclusively by a fault, a pager or the pageout daemon
+        /// (`VPO_BUSY`).
+        const BUSY = 1 << 16;
+        /// Someone sleeps until the page is no longer busy (`VPO_WANTED`).
+        const WANTED = 1 << 17;
+        /// The frame is known to hold zeros (`PG_ZERO`).
+        const ZERO = 1 << 18;
+        /// Recently used (`PG_REFERENCED`).
+        const REFERENCED = 1 << 19;
+        /// Not a frame of RAM: a device page (`PG_FICTITIOUS`).
+        const FICTITIOUS = 1 << 20;
+        /// Mappings are not tracked (`PG_UNMANAGED`).
+        const UNMANAGED = 1 << 21;
+        /// Written through a `MAP_NOSYNC` mapping (`VPO_NOSYNC`).
+        const NOSYNC = 1 << 22;
+    }
+}
+
+/// The queue a page is on (FreeBSD `PQ_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum PageQueue {
+    /// On no queue: busy in a fault, wired, or not yet placed.
+    None = 0,
+    /// Free for allocation.
+    Free = 1,
+    /// In use, recently referenced.
+    Active = 2,
+    /// In use, candidate for page-out.
+    Inactive = 3,
+}
+
+const VALID_SHIFT: u32 = 0;
+const DIRTY_SHIFT: u32 = 8;
+const QUEUE_SHIFT: u32 = 28;
+const QUEUE_MASK: u32 = 0xf << QUEUE_SHIFT;
+const FLAG_MASK: u32 = 0x0fff_0000;
+
+/// Object id meaning "owned by no object".
+pub(crate) const NO_OBJECT: u64 = 0;
+
+/// The per-frame record.
+#[derive(Debug)]
+pub struct VmPage {
+    /// valid (bits 0-7) | dirty (8-15) | flags (16-27) | queue (28-31).
+    state: AtomicU32,
+    wire_count: AtomicU32,
+    hold_count: AtomicU32,
+    /// Soft-busy count: read-only I/O in progress (FreeBSD `m->busy`).
+    soft_busy: AtomicU32,
+    /// Owning object's id, [`NO_OBJECT`] when free.
+    object: AtomicU64,
+    /// Index in the owning object; while free, the next free page's id.
+    pindex: AtomicU64,
+}
+
+const _: () = assert!(core::mem::size_of::<VmPage>() == 32);
+
+impl Default for VmPage {
+    fn default() -> Self {
+        VmPage {
+            state: AtomicU32::new(0),
+            wire_count: AtomicU32::new(0),
+            hold_count: AtomicU32::new(0),
+            soft_busy: AtomicU32::new(0),
+            object: AtomicU64::new(NO_OBJECT),
+            pindex: AtomicU64::new(0),
+        }
+    }
+}
+
+impl VmPage {
+    /// Blocks holding valid data, one bit per 512 bytes.
+    #[must_use]
+    pub fn valid(&self) -> u8 {
+        (self.state.load(Ordering::Acquire) >> VALID_SHIFT) as u8
+    }
+
+    /// Blocks modified since last cleaned, one bit per 512 bytes.
+    #[must_use]
+    pub fn dirty(&self) -> u8 {
+        (self.state.load(Ordering::Acquire) >> DIRTY_SHIFT) as u8
+    }
+
+    /// The page's flags.
+    #[must_use]
+    pub fn flags(&self) -> PageFlags {
+        PageFlags::from_bits_truncate(self.state.load(Ordering::Acquire) & FLAG_MASK)
+    }
+
+    /// The queue the page is on.
+    #[must_use]
+    pub fn queue(&self) -> PageQueue {
+        match (self.state.load(Ordering::Acquire) & QUEUE_MASK) >> QUEUE_SHIFT {
+            1 => PageQueue::Free,
+            2 => PageQueue::Active,
+            3 => PageQueue::Inactive,
+            _ => PageQueue::None,
+        }
+    }
+
+    /// Wirings of the page (FreeBSD `wire_count`).
+    #[must_use]
+    pub fn wire_count(&self) -> u32 {
+        self.wire_count.load(Ordering::Acquire)
+    }
+
+    /// Holds (pins) of the page (FreeBSD `hold_count`).
+    #[must_use]
+    pub fn hold_count(&self) -> u32 {
+        self.hold_count.load(Ordering::Acquire)
+    }
+
+    /// Soft-busy count (read-only I/O in progress).
+    #[must_use]
+    pub fn soft_busy(&self) -> u32 {
+        self.soft_busy.load(Ordering::Acquire)
+    }
+
+    /// Raw id of the owning object, 0 for none.
+    #[must_use]
+    pub fn object_raw(&self) -> u64 {
+        self.object.load(Ordering::Acquire)
+    }
+
+    /// Index of the page in its object (meaningless while free).
+    #[must_use]
+    pub fn pindex(&self) -> u64 {
+        self.pindex.load(Ordering::Acquire)
+    }
+
+    fn update(&self, f: impl Fn(u32) -> u32) -> u32 {
+        let mut cur = self.state.load(Ordering::Relaxed);
+        loop {
+            match self.state.compare_exchange_weak(cur, f(cur), Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(old) => return old,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    pub(crate) fn set_flags(&self, f: PageFlags) {
+        self.state.fetch_or(f.bits(), Ordering::AcqRel);
+    }
+
+    pub(crate) fn clear_flags(&self, f: PageFlags) {
+        self.state.fetch_and(!f.bits(), Ordering::AcqRel);
+    }
+
+    /// Busies the page if it is neither busy nor soft-busy; true on success.
+    pub(crate) fn try_busy(&self) -> bool {
+        if self.soft_busy() != 0 {
+            return false;
+        }
+        self.state.fetch_or(PageFlags::BUSY.bits(), Ordering::AcqRel) & PageFlags::BUSY.bits() == 0
+    }
+
+    /// Whether the page is busy or soft-busy.
+    #[must_use]
+    pub fn is_busy(&self) -> bool {
+        self.flags().contains(PageFlags::BUSY) || self.soft_busy() != 0
+    }
+
+    /// Clears BUSY and WANTED; returns whether someone was waiting.
+    pub(crate) fn unbusy(&self) -> bool {
+        let old = self.state.fetch_and(
+            !(PageFlags::BUSY | PageFlags::WANTED).bits(),
+            Ordering::AcqRel,
+        );
+        debug_assert!(old & PageFlags::BUSY.bits() != 0, "unbusy of a page not busy");
+        old & PageFlags::WANTED.bits() != 0
+    }
+
+    /// Marks that a waiter sleeps on the page; false if it is no longer busy.
+    pub(crate) fn want(&self) -> bool {
+        let old = self.update(|s| {
+            if s & PageFlags::BUSY.bits() != 0 {
+                s | PageFlags::WANTED.bits()
+            } else {
+                s
+            }
+        });
+        old & PageFlags::BUSY.bits() != 0 || self.soft_busy() != 0
+    }
+
+    pub(crate) fn set_valid(&self, v: u8) {
+        self.update(|s| (s & !(0xff << VALID_SHIFT)) | (u32::from(v) << VALID_SHIFT));
+    }
+
+    /// Marks every block dirty (FreeBSD `vm_page_dirty`).
+    pub(crate) fn dirty_all(&self) {
+        self.state
+            .fetch_or(u32::from(VM_PAGE_BITS_ALL) << DIRTY_SHIFT, Ordering::AcqRel);
+    }
+
+    /// Sets the queue bits; returns the previous queue.
+    pub(crate) fn set_queue(&self, q: PageQueue) -> PageQueue {
+        let old = self.update(|s| (s & !QUEUE_MASK) | ((q as u32) << QUEUE_SHIFT));
+        match (old & QUEUE_MASK) >> QUEUE_SHIFT {
+            1 => PageQueue::Free,
+            2 => PageQueue::Active,
+            3 => PageQueue::Inactive,
+            _ => PageQueue::None,
+        }
+    }
+
+    pub(crate) fn wire_inc(&self) -> u32 {
+        self.wire_count.fetch_add(1, Ordering::AcqRel)
+    }
+
+    /// Drops one wiring; returns the count before, or `None` if it was zero.
+    pub(crate) fn wire_dec(&self) -> Option<u32> {
+        self.wire_count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1))
+            .ok()
+    }
+
+    pub(crate) fn hold_inc(&self) {
+        self.hold_count.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn hold_dec(&self) -> u32 {
+        self.hold_count.fetch_sub(1, Ordering::AcqRel)
+    }
+
+    pub(crate) fn set_identity(&self, object: u64, pindex: u64) {
+        self.object.store(object, Ordering::Release);
+        self.pindex.store(pindex, Ordering::Release);
+    }
+
+    pub(crate) fn free_link(&self) -> u32 {
+        self.pindex.load(Ordering::Relaxed) as u32
+    }
+
+    pub(crate) fn set_free_link(&self, next: u32) {
+        self.pindex.store(u64::from(next), Ordering::Relaxed);
+    }
+
+    /// Resets state to "free": flags cleared except `keep`.
+    pub(crate) fn reset_free(&self, keep: PageFlags) {
+        let s = (self.state.load(Ordering::Acquire) & keep.bits())
+            | ((PageQueue::Free as u32) << QUEUE_SHIFT);
+        self.state.store(s, Ordering::Release);
+        self.object.store(NO_OBJECT, Ordering::Release);
+    }
+}
+
+/// Mask of the 512-byte blocks that the byte range `start..end` of a page
+/// covers completely.
+#[must_use]
+pub fn blocks_covered(start: usize, end: usize) -> u8 {
+    let first = start.div_ceil(DEV_BSIZE);
+    let last = end / DEV_BSIZE;
+    (first..last.min(8)).fold(0u8, |m, b| m | (1 << b))
+}

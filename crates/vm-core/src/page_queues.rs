@@ -1,0 +1,301 @@
+//! The page array and its queues: free-page allocation, active/inactive
+//! accounting and the free-page thresholds (FreeBSD `vm_page.c`,
+//! `vm_pageq.c`).
+//!
+//! Free pages sit on intrusive lists (the link lives in the free page's
+//! `pindex`), split over shards with a lock each, so allocation needs no heap
+//! and no machine-wide lock. Each shard keeps known-zero pages apart so a
+//! zero-fill fault can skip the zeroing (`v_ozfod`). Active and inactive are
+//! queue bits on the page plus counters: the pageout scan walks the array
+//! like a clock hand instead of following linked lists.
+
+use crate::page::{PageFlags, PageId, PageQueue, VmPage};
+use crate::sync::{Mutex, WaitTable};
+use crate::addr::Pfn;
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+const NIL: u32 = u32::MAX;
+const SHARDS: usize = 16;
+/// Wait-table key of "free memory appeared".
+const MEMORY_KEY: u64 = u64::MAX;
+
+/// Who is allocating: ordinary allocations leave the reserve alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocClass {
+    /// Page faults and object pages (`VM_ALLOC_NORMAL`).
+    Normal,
+    /// Page-table pages and other system needs; may use the reserve
+    /// (`VM_ALLOC_SYSTEM`).
+    System,
+}
+
+/// Free-page thresholds, in pages (FreeBSD `v_free_reserved`,
+/// `v_free_severe`, `v_free_target`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Thresholds {
+    /// Only [`AllocClass::System`] allocations may go below this.
+    pub reserved: u64,
+    /// Below this a fault waits for the pageout daemon instead of
+    /// allocating (`vm_page_count_severe`).
+    pub severe: u64,
+    /// The pageout daemon works until this many pages are free.
+    pub target: u64,
+}
+
+impl Thresholds {
+    /// Defaults scaled to memory size, in the proportions FreeBSD uses.
+    #[must_use]
+    pub fn for_frames(frames: u64) -> Thresholds {
+        let reserved = frames / 1024;
+        let severe = reserved + frames / 512;
+        Thresholds {
+            reserved,
+            severe,
+            target: severe * 3,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct FreeShard {
+    zeroed: u32,
+    plain: u32,
+}
+
+/// The page array plus queues.
+pub(crate) struct Pages {
+    pages: Box<[VmPage]>,
+    base_pfn: u64,
+    shards: Box<[Mutex<FreeShard>]>,
+    free: AtomicU64,
+    free_zeroed: AtomicU64,
+    active: AtomicU64,
+    inactive: AtomicU64,
+    wired: AtomicU64,
+    mem_waiters: AtomicU32,
+    waits: WaitTable,
+    pub(crate) thresholds: Thresholds,
+}
+
+impl Pages {
+    pub(crate) fn new(base_pfn: u64, frames: u32, all_zero: bool, thresholds: Thresholds) -> Pages {
+        let pages: Box<[VmPage]> = (0..frames).map(|_| VmPage::default()).collect::<Vec<_>>().into();
+        let shards = (0..SHARDS)
+            .map(|_| Mutex::new(FreeShard { zeroed: NIL, plain: NIL }))
+            .collect::<Vec<_>>()
+            .into();
+        let this = Pages {
+            pages,
+            base_pfn,
+            shards,
+            free: AtomicU64::new(0),
+            free_zeroed: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+            inactive: AtomicU64::new(0),
+            wired: AtomicU64::new(0),
+            mem_waiters: AtomicU32::new(0),
+            waits: WaitTable::default(),
+            thresholds,
+        };
+        // Push in reverse so low frames are handed out first.
+        for i in (0..frames).rev() {
+            if all_zero {
+                this.pages[i as usize].set_flags(PageFlags::ZERO);
+            }
+            this.push_free(PageId(i));
+        }
+        this
+    }
+
+    pub(crate) fn len(&self) -> u32 {
+        self.pages.len() as u32
+    }
+
+    pub(crate) fn get(&self, id: PageId) -> &VmPage {
+        &self.pages[id.0 as usize]
+    }
+
+    pub(crate) fn pfn(&self, id: PageId) -> Pfn {
+        Pfn(self.base_pfn + u64::from(id.0))
+    }
+
+    pub(crate) fn id_of(&self, pfn: Pfn) -> Option<PageId> {
+        let i = pfn.0.checked_sub(self.base_pfn)?;
+        (i < self.pages.len() as u64).then_some(PageId(i as u32))
+    }
+
+    pub(crate) fn free_count(&self) -> u64 {
+        self.free.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn free_zeroed_count(&self) -> u64 {
+        self.free_zeroed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn queue_count(&self, q: PageQueue) -> u64 {
+        match q {
+            PageQueue::Free => self.free_count(),
+            PageQueue::Active => self.active.load(Ordering::Acquire),
+            PageQueue::Inactive => self.inactive.load(Ordering::Acquire),
+            PageQueue::None => 0,
+        }
+    }
+
+    pub(crate) fn wired_count(&self) -> u64 {
+        self.wired.load(Ordering::Acquire)
+    }
+
+    /// FreeBSD `vm_page_count_severe`.
+    pub(crate) fn count_severe(&self) -> bool {
+        self.free_count() < self.thresholds.severe.max(1)
+    }
+
+    fn push_free(&self, id: PageId) {
+        let page = self.get(id);
+        let zeroed = page.flags().contains(PageFlags::ZERO);
+        page.reset_free(PageFlags::ZERO);
+        let mut shard = self.shards[id.0 as usize % SHARDS].lock();
+        let head = if zeroed { &mut shard.zeroed } else { &mut shard.plain };
+        page.set_free_link(*head);
+        *head = id.0;
+        if zeroed {
+            self.free_zeroed.fetch_add(1, Ordering::AcqRel);
+        }
+        self.free.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Allocates a free page, preferring a known-zero one when `zero` (the
+    /// seed's `VM_ALLOC_ZERO`) and a plain one otherwise, to save zeroed
+    /// pages for those who can use them. `hint` spreads concurrent callers
+    /// over the shards. The page comes back off every queue, not busy, with
+    /// only `ZERO` possibly set.
+    pub(crate) fn alloc(&self, hint: u64, class: AllocClass, zero: bool) -> Option<PageId> {
+        let floor = match class {
+            AllocClass::Normal => self.thresholds.reserved,
+            AllocClass::System => 0,
+        };
+        if self.free_count() <= floor {
+            return None;
+        }
+        let start = (hint as usize) % SHARDS;
+        for k in 0..SHARDS {
+            let mut shard = self.shards[(start + k) % SHARDS].lock();
+            let (first, second) = if zero { (true, false) } else { (false, true) };
+            for want_zero in [first, second] {
+                let head = if want_zero { &mut shard.zeroed } else { &mut shard.plain };
+                if *head == NIL {
+                    continue;
+                }
+                let id = PageId(*head);
+                let page = self.get(id);
+                *head = page.free_link();
+                drop(shard);
+                self.free.fetch_sub(1, Ordering::AcqRel);
+                if want_zero {
+                    self.free_zeroed.fetch_sub(1, Ordering::AcqRel);
+                }
+                page.set_queue(PageQueue::None);
+                page.set_identity(crate::page::NO_OBJECT, 0);
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Returns a page to the free lists. The caller has removed it from its
+    /// object and from every pmap, and it is not wired or held.
+    pub(crate) fn free(&self, id: PageId) {
+        let page = self.get(id);
+        debug_assert_eq!(page.wire_count(), 0, "freeing a wired page");
+        self.dequeue(id);
+        self.push_free(id);
+        if self.mem_waiters.load(Ordering::Acquire) != 0 {
+            self.waits().notify(MEMORY_KEY);
+        }
+    }
+
+    /// The machine's wait table: sleepers on busy pages and on memory.
+    pub(crate) fn waits(&self) -> &WaitTable {
+        &self.waits
+    }
+
+    /// Sleeps until free memory is above the severe mark or `ms` elapse
+    /// (FreeBSD `VM_WAITPFAULT`). Returns whether memory is now available.
+    pub(crate) fn wait_for_memory(&self, ms: u64) -> bool {
+        self.mem_waiters.fetch_add(1, Ordering::AcqRel);
+        self.waits()
+            .wait_timeout(MEMORY_KEY, || self.count_severe(), ms);
+        self.mem_waiters.fetch_sub(1, Ordering::AcqRel);
+        !self.count_severe()
+    }
+
+    /// Takes a page off whatever queue it is on.
+    pub(crate) fn dequeue(&self, id: PageId) {
+        match self.get(id).set_queue(PageQueue::None) {
+            PageQueue::Active => self.active.fetch_sub(1, Ordering::AcqRel),
+            PageQueue::Inactive => self.inactive.fetch_sub(1, Ordering::AcqRel),
+            _ => 0,
+        };
+    }
+
+    fn enqueue(&self, id: PageId, q: PageQueue) {
+        let page = self.get(id);
+        if page.wire_count() != 0 {
+            self.dequeue(id);
+            return;
+        }
+        let old = page.set_queue(q);
+        if old == q {
+            return;
+        }
+        match old {
+            PageQueue::Active => self.active.fetch_sub(1, Ordering::AcqRel),
+            PageQueue::Inactive => self.inactive.fetch_sub(1, Ordering::AcqRel),
+            _ => 0,
+        };
+        match q {
+            PageQueue::Active => self.active.fetch_add(1, Ordering::AcqRel),
+            PageQueue::Inactive => self.inactive.fetch_add(1, Ordering::AcqRel),
+            _ => 0,
+        };
+    }
+
+    /// FreeBSD `vm_page_activate`: onto the active queue unless wired.
+    pub(crate) fn activate(&self, id: PageId) {
+        self.enqueue(id, PageQueue::Active);
+    }
+
+    /// FreeBSD `vm_page_deactivate`: onto the inactive queue unless wired.
+    pub(crate) fn deactivate(&self, id: PageId) {
+        self.enqueue(id, PageQueue::Inactive);
+    }
+
+    /// FreeBSD `vm_page_wire`: the first wiring takes the page off its queue.
+    pub(crate) fn wire(&self, id: PageId) {
+        if self.get(id).wire_inc() == 0 {
+            self.dequeue(id);
+            self.wired.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// FreeBSD `vm_page_unwire(m, activate)`: the last unwiring puts the
+    /// page on the active (or inactive) queue. Unwiring an unwired page is
+    /// ignored and reported as false.
+    pub(crate) fn unwire(&self, id: PageId, activate: bool) -> bool {
+        match self.get(id).wire_dec() {
+            None => false,
+            Some(1) => {
+                self.wired.fetch_sub(1, Ordering::AcqRel);
+                if activate {
+                    self.activate(id);
+                } else {
+                    self.deactivate(id);
+                }
+                true
+            }
+            Some(_) => true,
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Where page contents come from: the [`Pager`] trait (FreeBSD
+//! `vm_pager.h`).
+//!
+//! A pager serves one object. The core calls it with pages it has made busy
+//! and with no lock held; the pager sees page indexes and byte buffers,
+//! nothing about locks or frames. It is object-safe (`Arc<dyn Pager>`)
+//! because one shadow chain mixes object types.
+//!
+//! ```
+//! use vm_core::{Contiguity, PageSlot, Pager, PagerError, ObjectType};
+//!
+//! /// Every page holds its own index in its first byte.
+//! struct Numbered;
+//!
+//! impl Pager for Numbered {
+//!     fn object_type(&self) -> ObjectType { ObjectType::Swap }
+//!     fn has_page(&self, _pindex: u64) -> Option<Contiguity> {
+//!         Some(Contiguity::default())
+//!     }
+//!     fn get_pages(&self, pages: &mut [PageSlot<'_>], _req: usize) -> Result<(), PagerError> {
+//!         for p in pages {
+//!             p.data_mut().fill(0);
+//!             p.data_mut()[0] = p.pindex() as u8;
+//!             p.set_all_valid();
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//! ```
+
+use crate::object::ObjectType;
+use crate::page::VM_PAGE_BITS_ALL;
+use crate::addr::PAGE_SIZE;
+
+/// Pages next to a requested one that the pager can read in the same
+/// operation (the seed's `before`/`after` of `vm_pager_has_page`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Contiguity {
+    /// Contiguous pages available below the requested one.
+    pub behind: u32,
+    /// Contiguous pages available above the requested one.
+    pub ahead: u32,
+}
+
+/// An I/O failure, kept small and `no_std`: an errno-style code and what
+/// was being done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IoError {
+    /// The OS error number, when there is one (`EIO` = 5 otherwise).
+    pub code: i32,
+    /// What the pager was doing.
+    pub context: &'static str,
+}
+
+impl core::fmt::Display for IoError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{} (errno {})", self.context, self.code)
+    }
+}
+
+#[cfg(feature = "std")]
+impl IoError {
+    /// Wraps a host I/O error.
+    #[must_use]
+    pub fn from_io(e: &std::io::Error, context: &'static str) -> IoError {
+        IoError {
+            code: e.raw_os_error().unwrap_or(5),
+            context,
+        }
+    }
+}
+
+/// A pager's failure (FreeBSD `VM_PAGER_*` other than OK).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum PagerError {
+    /// The page is outside the object (`VM_PAGER_BAD`): an access past end
+    /// of file.
+    #[error("page outside the object (VM_PAGER_BAD)")]
+    Bad,
+    /// The page is in range but the pager does not have it
+    /// (`VM_PAGER_FAIL`): look further down the shadow chain.
+    #[error("pager does not have the page (VM_PAGER_FAIL)")]
+    Fail,
+    /// An I/O error (`VM_PAGER_ERROR`).
+    #[error("I/O error (VM_PAGER_ERROR): {0}")]
+    Error(IoError),
+    /// A transient shortage; try again later (`VM_PAGER_AGAIN`).
+    #[error("try again (VM_PAGER_AGAIN)")]
+    Again,
+}
+
+/// One busy page handed to [`Pager::get_pages`]: its index in the object,
+/// its bytes, and which 512-byte blocks the pager made valid.
+///
+/// A slot starts invalid. The pager marks what it filled with
+/// [`set_all_valid`](Self::set_all_valid) or [`set_valid`](Self::set_valid).
+/// After a successful read the core zero-fills the invalid blocks of the
+/// requested page (seed L882-885) and drops the other pages that were left
+/// wholly invalid, so a pager that forgets cannot leak stale memory.
+#[derive(Debug)]
+pub struct PageSlot<'a> {
+    pindex: u64,
+    data: &'a mut [u8; PAGE_SIZE as usize],
+    valid: u8,
+}
+
+impl<'a> PageSlot<'a> {
+    /// A slot over `data` (used by the core; public for pager tests).
+    pub fn new(pindex: u64, data: &'a mut [u8; PAGE_SIZE as usize]) -> Self {
+        PageSlot {
+            pindex,
+            data,
+            valid: 0,
+        }
+    }
+
+    /// The page's index in the object.
+    #[must_use]
+    pub fn pindex(&self) -> u64 {
+        self.pindex
+    }
+
+    /// The page's bytes, for the pager to fill.
+    pub fn data_mut(&mut self) -> &mut [u8; PAGE_SIZE as usize] {
+        self.data
+    }
+
+    /// The page's bytes.
+    #[must_use]
+    pub fn data(&self) -> &[u8; PAGE_SIZE as usize] {
+        self.data
+    }
+
+    /// Marks the whole page valid.
+    pub fn set_all_valid(&mut self) {
+        self.valid = VM_PAGE_BITS_ALL;
+    }
+
+    /// Sets the valid mask: bit *i* covers bytes `512*i .. 512*(i+1)`.
+    /// Used for the page that holds end of file.
+    pub fn set_valid(&mut self, mask: u8) {
+        self.valid = mask;
+    }
+
+    /// The valid mask set so far.
+    #[must_use]
+    pub fn valid(&self) -> u8 {
+        self.valid
+    }
+}
+
+/// Where an object's pages come from (FreeBSD `struct pagerops`).
+///
+/// Implementations must be thread-safe; the core never holds a lock while
+/// calling them, and never calls `get_pages` twice for the same page at
+/// once (the pages are busy).
+pub trait Pager: Send + Sync {
+    /// The object type this pager gives its objects (swap, vnode, device,
+    /// ...). Decides clustering and copy-on-write rules.
+    fn object_type(&self) -> ObjectType;
+
+    /// Whether the pager has page `pindex`, and how many neighbours it could
+    /// read with it (`vm_pager_has_page`). `None` means "not here": look
+    /// further down the chain or zero-fill.
+    fn has_page(&self, pindex: u64) -> Option<Contiguity>;
+
+    /// Reads `pages` (contiguous indexes, ascending) in one operation;
+    /// `reqpage` is the index in `pages` of the page the fault needs
+    /// (`vm_pager_get_pages`). On `Ok` the requested page must be filled;
+    /// the others are optional.
+    ///
+    /// # Errors
+    ///
+    /// [`PagerError`]: `Fail` to fall through to the backing object, `Bad`
+    /// for outside the object, `Error` for I/O failure, `Again` for a
+    /// transient shortage.
+    fn get_pages(&self, pages: &mut [PageSlot<'_>], reqpage: usize) -> Result<(), PagerError>;
+
+    /// Page `pindex` was dirtied in memory: any copy on backing store is
+    /// stale and may be freed (`vm_pager_page_unswapped`).
+    fn page_unswapped(&self, pindex: u64) {
+        let _ = pindex;
+    }
+
+    /// The object is being destroyed: release backing store
+    /// (`vm_pager_deallocate`).
+    fn dealloc(&self) {}
+}

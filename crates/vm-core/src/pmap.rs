@@ -1,0 +1,247 @@
+//! The machine-dependent layer: the [`Pmap`] trait (FreeBSD `pmap(9)`).
+//!
+//! One `Pmap` value serves a whole machine: it owns whatever is shared
+//! between address spaces (the pv lists that find every mapping of a
+//! physical page), and it makes one [`Pmap::Space`] per address space (a
+//! set of page tables). The trait is generic, not object-safe, on purpose:
+//! the fault path calls it for every page and must not pay a virtual call.
+//!
+//! Invalidation of translation caches is the implementation's business and
+//! must never be skipped: after a call that removes or downgrades a mapping
+//! returns, no CPU that the implementation serves may still use the old
+//! entry.
+
+use crate::addr::Pfn;
+use crate::page_queues::{AllocClass, Pages};
+use crate::phys::PhysMem;
+use crate::prot::Prot;
+use alloc::sync::Arc;
+
+/// Memory (cache) type of a mapping, as the x86 PAT names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum MemAttr {
+    /// Write-back: ordinary RAM.
+    #[default]
+    WriteBack,
+    /// Write-through.
+    WriteThrough,
+    /// Uncacheable, overridable by MTRRs (UC-).
+    UncachedMinus,
+    /// Uncacheable (UC).
+    Uncacheable,
+    /// Write-protected.
+    WriteProtected,
+    /// Write-combining: frame buffers.
+    WriteCombining,
+}
+
+/// What the pmap needs to know about a page it maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PageInfo {
+    /// The frame.
+    pub pfn: Pfn,
+    /// Whether mappings of the page are tracked (pv entries). Device
+    /// (fictitious) pages are unmanaged.
+    pub managed: bool,
+    /// The memory type to map it with.
+    pub attr: MemAttr,
+}
+
+/// A mapping that went away or lost write permission, with the hardware's
+/// referenced (A) and modified (D) bits it had, for the core to carry into
+/// the page (FreeBSD does this inside `pmap_remove` and friends).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Displaced {
+    /// The frame that was mapped.
+    pub pfn: Pfn,
+    /// The mapping had been used.
+    pub referenced: bool,
+    /// The mapping had been written through.
+    pub modified: bool,
+}
+
+/// Referenced/modified summary over every mapping of one page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct RefMod {
+    /// Some mapping had been used.
+    pub referenced: bool,
+    /// Some mapping had been written through.
+    pub modified: bool,
+}
+
+/// Errors of a pmap.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PmapError {
+    /// No frame for a page-table page.
+    #[error("no memory for page tables")]
+    NoMemory,
+    /// The virtual address cannot be mapped by this pmap (non-canonical, or
+    /// beyond the paging mode's reach).
+    #[error("address {0:#x} cannot be mapped")]
+    BadAddress(u64),
+    /// The frame is not one this pmap can map.
+    #[error("frame {0} cannot be mapped")]
+    BadFrame(Pfn),
+    /// A mapping the fault handler entered at this address was not there
+    /// when the access retried, again and again.
+    #[error("mapping at {0:#x} did not stay after repeated faults")]
+    NotKept(u64),
+}
+
+/// Frames of the machine's physical memory, handed to a pmap by
+/// [`Pmap::attach`] so it can keep page tables in them.
+#[derive(Clone)]
+pub struct PhysFrames {
+    pub(crate) mem: Arc<crate::vm::Machine>,
+}
+
+impl core::fmt::Debug for PhysFrames {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("PhysFrames").field("phys", &self.mem.phys).finish()
+    }
+}
+
+impl PhysFrames {
+    /// The physical memory itself.
+    #[must_use]
+    pub fn phys(&self) -> &PhysMem {
+        &self.mem.phys
+    }
+
+    fn pages(&self) -> &Pages {
+        &self.mem.pages
+    }
+
+    /// Allocates a zeroed frame for a page table; it may dig into the
+    /// free-page reserve (`VM_ALLOC_SYSTEM`). The frame is wired and owned
+    /// by no object until [`free`](Self::free).
+    #[must_use]
+    pub fn alloc_zeroed(&self) -> Option<Pfn> {
+        let id = self.pages().alloc(0, AllocClass::System, true)?;
+        let page = self.pages().get(id);
+        if !page.flags().contains(crate::page::PageFlags::ZERO) {
+            self.phys().zero(self.pages().pfn(id));
+        }
+        page.clear_flags(crate::page::PageFlags::ZERO);
+        self.pages().wire(id);
+        Some(self.pages().pfn(id))
+    }
+
+    /// Returns a frame from [`alloc_zeroed`](Self::alloc_zeroed).
+    ///
+    /// # Panics
+    ///
+    /// If `pfn` is not a frame of this machine: that is a bug of the pmap.
+    pub fn free(&self, pfn: Pfn) {
+        let id = self.pages().id_of(pfn).expect("freeing a frame outside memory");
+        self.pages().unwire(id, false);
+        self.pages().free(id);
+    }
+}
+
+/// The machine-dependent page tables (FreeBSD `pmap(9)`), generic over the
+/// machine. See the [module docs](self).
+///
+/// Addresses are page aligned; ranges are half-open `start..end`.
+pub trait Pmap: Send + Sync + 'static {
+    /// One address space's page tables.
+    type Space: Send + Sync;
+
+    /// Called once by [`Vm::new`](crate::Vm::new) before any other method,
+    /// with the machine's frames. Pmaps that keep tables in physical memory
+    /// store `frames`; others ignore it.
+    fn attach(&mut self, frames: PhysFrames) {
+        let _ = frames;
+    }
+
+    /// Makes the tables of a new, empty address space (`pmap_pinit`).
+    ///
+    /// # Errors
+    ///
+    /// [`PmapError::NoMemory`] if no frame is left for the root table.
+    fn create_space(&self) -> Result<Self::Space, PmapError>;
+
+    /// Releases an address space's tables (`pmap_release`). Every mapping
+    /// has been removed before.
+    fn destroy_space(&self, space: &Self::Space);
+
+    /// Maps `page` at `va` with `prot` (`pmap_enter`). `access` is the
+    /// access being satisfied (a write pre-sets the modified bit), `wired`
+    /// marks the mapping wired. An existing mapping of the same frame is
+    /// updated; one of another frame is replaced and returned.
+    ///
+    /// # Errors
+    ///
+    /// [`PmapError::NoMemory`] when a page-table page cannot be allocated;
+    /// nothing changed then.
+    fn enter(
+        &self,
+        space: &Self::Space,
+        va: u64,
+        page: PageInfo,
+        prot: Prot,
+        access: Prot,
+        wired: bool,
+    ) -> Result<Option<Displaced>, PmapError>;
+
+    /// Maps `page` at `va` read-only or with `prot` less write, only if
+    /// nothing is mapped there, never sleeping (`pmap_enter_quick`).
+    /// Returns whether a mapping was made.
+    fn enter_quick(&self, space: &Self::Space, va: u64, page: PageInfo, prot: Prot) -> bool;
+
+    /// Removes every mapping in `start..end` (`pmap_remove`), reporting each
+    /// removed mapping of a managed page to `sink`.
+    fn remove(&self, space: &Self::Space, start: u64, end: u64, sink: &mut dyn FnMut(Displaced));
+
+    /// Lowers the protection of every mapping in `start..end` to `prot`
+    /// (`pmap_protect`); [`Prot::NONE`] removes them. Mappings that lose
+    /// write permission report their bits to `sink`.
+    fn protect(
+        &self,
+        space: &Self::Space,
+        start: u64,
+        end: u64,
+        prot: Prot,
+        sink: &mut dyn FnMut(Displaced),
+    );
+
+    /// The frame mapped at `va`, if any (`pmap_extract`).
+    fn extract(&self, space: &Self::Space, va: u64) -> Option<Pfn>;
+
+    /// Whether a prefault could map `va` without allocating a table and
+    /// without replacing anything (`pmap_is_prefaultable`).
+    fn is_prefaultable(&self, space: &Self::Space, va: u64) -> bool;
+
+    /// Sets or clears the wired attribute of the mapping at `va`
+    /// (`pmap_change_wiring`). No effect if nothing is mapped.
+    fn change_wiring(&self, space: &Self::Space, va: u64, wired: bool);
+
+    /// A user-mode access of kind `access` at `va` as the hardware would
+    /// perform it: the frame if the mapping allows the access (setting its
+    /// referenced bit, and its modified bit for a write), `None` if the
+    /// access would fault.
+    fn translate(&self, space: &Self::Space, va: u64, access: Prot) -> Option<Pfn>;
+
+    /// Removes every mapping of `pfn` in every space (`pmap_remove_all`).
+    fn remove_all(&self, pfn: Pfn) -> RefMod;
+
+    /// Lowers every mapping of `pfn` to `prot` (`pmap_page_protect`);
+    /// without read it removes them.
+    fn page_protect(&self, pfn: Pfn, prot: Prot) -> RefMod;
+
+    /// Whether any mapping of `pfn` has been written (`pmap_is_modified`).
+    fn is_modified(&self, pfn: Pfn) -> bool;
+
+    /// Clears the modified bit of every mapping of `pfn`
+    /// (`pmap_clear_modify`).
+    fn clear_modify(&self, pfn: Pfn);
+
+    /// Counts and clears referenced bits of up to five mappings of `pfn`
+    /// (`pmap_ts_referenced`).
+    fn ts_referenced(&self, pfn: Pfn) -> u32;
+
+    /// How many mappings of `pfn` exist (for consistency checks; 0 for an
+    /// unmanaged page).
+    fn mapping_count(&self, pfn: Pfn) -> usize;
+}

@@ -1,0 +1,500 @@
+//! `VmSpace`: one address space — a [`VmMap`] and its pmap — and the
+//! operations that build it: map, unmap, protect, advise, fork (FreeBSD
+//! `vm_map.c` / `vm_mmap.c` / `vmspace_fork`).
+
+use crate::addr::{PAGE_SIZE, Pfn, is_page_aligned, pages};
+use crate::error::MapError;
+use crate::map::{Behavior, EntryFlags, Inheritance, MapEntry, MapEntryInfo, MapState, VmMap};
+use crate::object::{ObjectFlags, VmObject};
+use crate::pmap::{Displaced, Pmap};
+use crate::prot::Prot;
+use crate::vm::Vm;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// What to map: built with [`MapRequest::anon`] or [`MapRequest::object`]
+/// and refined with the builder methods.
+#[derive(Clone, Debug)]
+pub struct MapRequest {
+    start: u64,
+    len: u64,
+    prot: Prot,
+    max_prot: Prot,
+    object: Option<(Arc<VmObject>, u64)>,
+    private: bool,
+    flags: EntryFlags,
+    inheritance: Inheritance,
+    behavior: Behavior,
+}
+
+impl MapRequest {
+    /// Anonymous zero-fill memory at `start..start+len` (`MAP_ANON`).
+    #[must_use]
+    pub fn anon(start: u64, len: u64, prot: Prot) -> MapRequest {
+        MapRequest {
+            start,
+            len,
+            prot,
+            max_prot: Prot::ALL,
+            object: None,
+            private: false,
+            flags: EntryFlags::empty(),
+            inheritance: Inheritance::Copy,
+            behavior: Behavior::Normal,
+        }
+    }
+
+    /// `len` bytes of `object` from byte `offset`, shared (`MAP_SHARED`)
+    /// unless [`private`](Self::private) is called.
+    #[must_use]
+    pub fn object(start: u64, len: u64, object: Arc<VmObject>, offset: u64, prot: Prot) -> MapRequest {
+        MapRequest {
+            object: Some((object, offset)),
+            ..MapRequest::anon(start, len, prot)
+        }
+    }
+
+    /// Copy-on-write (`MAP_PRIVATE`): writes go to a private shadow.
+    #[must_use]
+    pub fn private(mut self) -> Self {
+        self.private = true;
+        self
+    }
+
+    /// Maximum protection (default: all).
+    #[must_use]
+    pub fn max_prot(mut self, max: Prot) -> Self {
+        self.max_prot = max;
+        self
+    }
+
+    /// Extra entry flags: only [`EntryFlags::NOSYNC`] and
+    /// [`EntryFlags::NOFAULT`] are accepted.
+    #[must_use]
+    pub fn flags(mut self, flags: EntryFlags) -> Self {
+        self.flags = flags & (EntryFlags::NOSYNC | EntryFlags::NOFAULT);
+        self
+    }
+
+    /// Fork behaviour (default: copy).
+    #[must_use]
+    pub fn inheritance(mut self, i: Inheritance) -> Self {
+        self.inheritance = i;
+        self
+    }
+
+    /// Access pattern (default: normal).
+    #[must_use]
+    pub fn behavior(mut self, b: Behavior) -> Self {
+        self.behavior = b;
+        self
+    }
+}
+
+/// One address space. Shareable between threads (`Arc<VmSpace<P>>`):
+/// faults and accesses from many threads run in parallel.
+pub struct VmSpace<P: Pmap> {
+    pub(crate) vm: Arc<Vm<P>>,
+    pub(crate) map: VmMap,
+    pub(crate) pmap: P::Space,
+    pub(crate) minflt: AtomicU64,
+    pub(crate) majflt: AtomicU64,
+}
+
+impl<P: Pmap> core::fmt::Debug for VmSpace<P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("VmSpace")
+            .field("entries", &self.entries())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Pmap> Vm<P> {
+    /// A new, empty address space.
+    ///
+    /// # Errors
+    ///
+    /// The pmap's error if it cannot make the root table.
+    pub fn new_space(self: &Arc<Self>) -> Result<VmSpace<P>, crate::pmap::PmapError> {
+        let pmap = self.pmap.create_space()?;
+        Ok(VmSpace {
+            vm: self.clone(),
+            map: VmMap::new(self.config.user_min, self.config.user_max),
+            pmap,
+            minflt: AtomicU64::new(0),
+            majflt: AtomicU64::new(0),
+        })
+    }
+
+    /// Carries the referenced/modified bits of a removed mapping into its
+    /// page (what FreeBSD's pmap does in `pmap_remove_pte`).
+    pub(crate) fn note_displaced(&self, d: Displaced) {
+        if let Some(id) = self.machine.pages.id_of(d.pfn) {
+            let page = self.machine.pages.get(id);
+            if d.referenced {
+                page.set_flags(crate::page::PageFlags::REFERENCED);
+            }
+            if d.modified {
+                page.dirty_all();
+            }
+        }
+    }
+}
+
+impl<P: Pmap> VmSpace<P> {
+    /// The machine.
+    pub fn vm(&self) -> &Arc<Vm<P>> {
+        &self.vm
+    }
+
+    /// The map.
+    pub fn vm_map(&self) -> &VmMap {
+        &self.map
+    }
+
+    /// The pmap's per-space state.
+    pub fn pmap_space(&self) -> &P::Space {
+        &self.pmap
+    }
+
+    /// Minor and major faults taken in this space (`ru_minflt`,
+    /// `ru_majflt`).
+    #[must_use]
+    pub fn rusage(&self) -> (u64, u64) {
+        (self.minflt.load(Ordering::Relaxed), self.majflt.load(Ordering::Relaxed))
+    }
+
+    /// The frame mapped at `va` in the pmap, if any.
+    #[must_use]
+    pub fn extract(&self, va: u64) -> Option<Pfn> {
+        self.vm.pmap.extract(&self.pmap, crate::addr::page_trunc(va))
+    }
+
+    /// A snapshot of the entries, in address order.
+    #[must_use]
+    pub fn entries(&self) -> Vec<MapEntryInfo> {
+        self.map.read().entries.values().map(MapEntryInfo::from).collect()
+    }
+
+    /// The object mapped at `va` and its page index there.
+    #[must_use]
+    pub fn object_at(&self, va: u64) -> Option<(Arc<VmObject>, u64)> {
+        let g = self.map.read();
+        let e = g.find(va)?;
+        Some((e.object.clone()?, e.pindex(va)))
+    }
+
+    /// Checks `start..start+len` and returns its end.
+    fn check_range(&self, start: u64, len: u64) -> Result<u64, MapError> {
+        if !is_page_aligned(start) {
+            return Err(MapError::Misaligned { what: "address", value: start });
+        }
+        if !is_page_aligned(len) {
+            return Err(MapError::Misaligned { what: "length", value: len });
+        }
+        match start.checked_add(len) {
+            Some(end) if len > 0 && start >= self.map.min_addr() && end <= self.map.max_addr() => Ok(end),
+            _ => Err(MapError::BadRange { start, len }),
+        }
+    }
+
+    /// Maps what `req` describes.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError`] for a misaligned, empty, overflowing or occupied range,
+    /// a protection above the maximum, an object range outside the object,
+    /// or an object of another machine. Nothing is mapped then.
+    pub fn map(&self, req: MapRequest) -> Result<(), MapError> {
+        let end = self.check_range(req.start, req.len)?;
+        if !req.max_prot.contains(req.prot) {
+            return Err(MapError::ProtectionExceedsMax { prot: req.prot, max: req.max_prot });
+        }
+        if let Some((obj, offset)) = &req.object {
+            if !obj.same_machine(&self.vm.machine) {
+                return Err(MapError::ForeignObject { object: obj.id() });
+            }
+            let size = obj.size();
+            let bad = MapError::ObjectRange { object: obj.id(), offset: *offset, len: req.len, size };
+            if !is_page_aligned(*offset) {
+                return Err(MapError::Misaligned { what: "offset", value: *offset });
+            }
+            match (offset / PAGE_SIZE).checked_add(pages(req.len)) {
+                Some(last) if last <= size => {}
+                _ => return Err(bad),
+            }
+        }
+        let mut g = self.map.write();
+        if g.overlaps(req.start, end) {
+            return Err(MapError::Overlap { start: req.start, end });
+        }
+        let mut e = MapEntry::new(req.start, end, req.prot, req.max_prot);
+        e.eflags = req.flags;
+        e.inheritance = req.inheritance;
+        e.behavior = req.behavior;
+        if let Some((obj, offset)) = req.object {
+            obj.add_ref();
+            if obj.ref_count() > 1 {
+                obj.lock().flags.remove(ObjectFlags::ONEMAPPING);
+            }
+            e.object = Some(obj);
+            e.offset = offset;
+            if req.private {
+                e.eflags |= EntryFlags::COW | EntryFlags::NEEDS_COPY;
+            }
+        }
+        g.entries.insert(req.start, e);
+        Ok(())
+    }
+
+    /// Maps anonymous read/write (or `prot`) memory at `start`.
+    ///
+    /// # Errors
+    ///
+    /// As [`map`](Self::map).
+    pub fn map_anon(&self, start: u64, len: u64, prot: Prot) -> Result<(), MapError> {
+        self.map(MapRequest::anon(start, len, prot))
+    }
+
+    /// Maps a stack: `initial` bytes below `top`, growing down on faults
+    /// below it up to `max` bytes in all.
+    ///
+    /// # Errors
+    ///
+    /// As [`map`](Self::map); [`MapError::BadRange`] if `initial > max` or
+    /// the growth room would leave the space.
+    pub fn map_stack(&self, top: u64, initial: u64, max: u64) -> Result<(), MapError> {
+        let start = top.wrapping_sub(initial);
+        if initial > max || top < max || top - max < self.map.min_addr() {
+            return Err(MapError::BadRange { start, len: max });
+        }
+        self.map(MapRequest::anon(start, initial, Prot::RW))?;
+        let mut g = self.map.write();
+        if let Some(e) = g.entries.get_mut(&start) {
+            e.eflags |= EntryFlags::GROWS_DOWN;
+            e.avail_ssize = max - initial;
+        }
+        Ok(())
+    }
+
+    /// Grows the stack entry above `va` down to cover it
+    /// (`vm_map_growstack`): `Ok(false)` if `va` is not below a stack,
+    /// `Err` if it is but the stack cannot reach it (past its limit, or the
+    /// gap to the mapping below is too small).
+    pub(crate) fn grow_stack(&self, va: u64) -> Result<bool, ()> {
+        let va = crate::addr::page_trunc(va);
+        let mut g = self.map.write();
+        let Some((&start, e)) = g.entries.range(va..).next() else {
+            return Ok(false);
+        };
+        if !e.eflags.contains(EntryFlags::GROWS_DOWN) {
+            return Ok(false);
+        }
+        let floor = g.entries.range(..start).next_back().map_or(self.map.min_addr(), |(_, p)| p.end);
+        let need = start - va;
+        if need > e.avail_ssize || va < floor {
+            return Err(());
+        }
+        // Grow by at least the configured step, within the room left and
+        // without reaching the entry below.
+        let grow = need.max(self.vm.config.stack_growth).min(e.avail_ssize).min(start - floor);
+        let new_start = start - grow;
+        let mut below = MapEntry::new(new_start, start, e.protection, e.max_protection);
+        below.eflags = EntryFlags::GROWS_DOWN | (e.eflags & EntryFlags::NOSYNC);
+        below.avail_ssize = e.avail_ssize - grow;
+        below.inheritance = e.inheritance;
+        let e = g.entries.get_mut(&start).expect("entry found above");
+        e.eflags.remove(EntryFlags::GROWS_DOWN);
+        e.avail_ssize = 0;
+        g.entries.insert(new_start, below);
+        self.vm.counters().v_stack_growths.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Removes every mapping in `start..start+len` (`munmap`). Holes in the
+    /// range are allowed.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError`] for a misaligned, empty or out-of-space range.
+    pub fn unmap(&self, start: u64, len: u64) -> Result<(), MapError> {
+        let end = self.check_range(start, len)?;
+        let removed = {
+            let mut g = self.map.write();
+            g.clip(start);
+            g.clip(end);
+            let keys: Vec<u64> = g.entries.range(start..end).map(|(&s, _)| s).collect();
+            let removed: Vec<MapEntry> = keys.iter().filter_map(|k| g.entries.remove(k)).collect();
+            for e in removed.iter().filter(|e| e.wired_count != 0) {
+                self.unwire_pages(e.start, e.end);
+            }
+            self.vm.pmap.remove(&self.pmap, start, end, &mut |d| self.vm.note_displaced(d));
+            removed
+        };
+        // Objects are released outside the map lock: freeing their pages
+        // must not hold up faults on the rest of the map.
+        release_entries(removed);
+        Ok(())
+    }
+
+    /// Changes the protection of `start..start+len` (`mprotect`).
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::NotMapped`] if part of the range is unmapped,
+    /// [`MapError::ProtectionExceedsMax`] if `prot` exceeds an entry's
+    /// maximum; nothing changes then.
+    pub fn protect(&self, start: u64, len: u64, prot: Prot) -> Result<(), MapError> {
+        let end = self.check_range(start, len)?;
+        let mut g = self.map.write();
+        if !g.covers(start, end) {
+            return Err(MapError::NotMapped { start, end });
+        }
+        let mut at = start;
+        while at < end {
+            let e = g.find(at).expect("covered");
+            if !e.max_protection.contains(prot) {
+                return Err(MapError::ProtectionExceedsMax { prot, max: e.max_protection });
+            }
+            at = e.end;
+        }
+        for s in g.clip_range(start, end).expect("covered") {
+            let e = g.entries.get_mut(&s).expect("clipped entry");
+            e.protection = prot;
+            let pprot = e.pmap_prot();
+            self.vm.pmap.protect(&self.pmap, e.start, e.end, pprot, &mut |d| self.vm.note_displaced(d));
+        }
+        Ok(())
+    }
+
+    fn update_entries(&self, start: u64, len: u64, f: impl Fn(&mut MapEntry)) -> Result<(), MapError> {
+        let end = self.check_range(start, len)?;
+        let mut g = self.map.write();
+        let keys = g.clip_range(start, end).ok_or(MapError::NotMapped { start, end })?;
+        for s in keys {
+            f(g.entries.get_mut(&s).expect("clipped entry"));
+        }
+        Ok(())
+    }
+
+    /// Sets the access pattern of a range (`madvise`).
+    ///
+    /// # Errors
+    ///
+    /// [`MapError`] for a bad range or one with holes.
+    pub fn set_behavior(&self, start: u64, len: u64, b: Behavior) -> Result<(), MapError> {
+        self.update_entries(start, len, |e| e.behavior = b)
+    }
+
+    /// Sets what a fork does with a range (`minherit`).
+    ///
+    /// # Errors
+    ///
+    /// [`MapError`] for a bad range or one with holes.
+    pub fn set_inheritance(&self, start: u64, len: u64, i: Inheritance) -> Result<(), MapError> {
+        self.update_entries(start, len, |e| e.inheritance = i)
+    }
+
+    /// Drops the wiring of every mapped page in `start..end`
+    /// (`vm_fault_unwire`, seed L1061-1086).
+    pub(crate) fn unwire_pages(&self, start: u64, end: u64) {
+        let pages = &self.vm.machine.pages;
+        let mut va = start;
+        while va < end {
+            if let Some(pfn) = self.vm.pmap.extract(&self.pmap, va) {
+                self.vm.pmap.change_wiring(&self.pmap, va, false);
+                if let Some(id) = pages.id_of(pfn) {
+                    if !pages.get(id).flags().contains(crate::page::PageFlags::FICTITIOUS) {
+                        pages.unwire(id, true);
+                    }
+                }
+            }
+            va += PAGE_SIZE;
+        }
+    }
+
+    /// Forks the space (`vmspace_fork`): each entry is copied copy-on-write,
+    /// shared, or left out, by its [`Inheritance`]. A wired copy entry is
+    /// copied page by page now (`vm_fault_copy_entry`).
+    ///
+    /// # Errors
+    ///
+    /// [`MapError::Pmap`] if the child's page tables cannot be made;
+    /// [`MapError::ResourceShortage`] if a wired entry cannot be copied.
+    pub fn fork(&self) -> Result<VmSpace<P>, MapError> {
+        let child = self.vm.new_space().map_err(MapError::Pmap)?;
+        let mut pg = self.map.write();
+        let mut cg = child.map.write();
+        let machine = &self.vm.machine;
+        for e in pg.entries.values_mut() {
+            match e.inheritance {
+                Inheritance::None => {}
+                Inheritance::Share => {
+                    if e.eflags.contains(EntryFlags::NEEDS_COPY) {
+                        e.shadow(machine);
+                    } else if e.object.is_none() {
+                        e.allocate_object(machine);
+                    }
+                    if let Some(o) = &e.object {
+                        o.lock().flags.remove(ObjectFlags::ONEMAPPING);
+                    }
+                    cg.entries.insert(e.start, child_entry(e));
+                }
+                Inheritance::Copy if e.wired_count != 0 => {
+                    let copy = crate::fault::copy_entry(self, &child, e)?;
+                    cg.entries.insert(e.start, copy);
+                }
+                Inheritance::Copy => {
+                    if let Some(o) = &e.object {
+                        if !e.eflags.contains(EntryFlags::NEEDS_COPY) {
+                            self.vm.pmap.protect(&self.pmap, e.start, e.end, e.protection - Prot::WRITE, &mut |d| {
+                                self.vm.note_displaced(d)
+                            });
+                        }
+                        o.lock().flags.remove(ObjectFlags::ONEMAPPING);
+                        e.eflags |= EntryFlags::COW | EntryFlags::NEEDS_COPY;
+                    }
+                    cg.entries.insert(e.start, child_entry(e));
+                }
+            }
+        }
+        drop(cg);
+        Ok(child)
+    }
+}
+
+/// The child's copy of a parent entry: same object (referenced), no
+/// wiring.
+fn child_entry(e: &MapEntry) -> MapEntry {
+    let mut c = e.duplicate();
+    c.wired_count = 0;
+    c.eflags.remove(EntryFlags::USER_WIRED | EntryFlags::IN_TRANSITION);
+    c
+}
+
+/// Drops removed entries' object references.
+fn release_entries(entries: Vec<MapEntry>) {
+    for e in entries {
+        if let Some(o) = &e.object {
+            o.drop_ref();
+        }
+    }
+}
+
+impl<P: Pmap> Drop for VmSpace<P> {
+    fn drop(&mut self) {
+        let removed: Vec<MapEntry> = {
+            let g: &mut MapState = &mut self.map.write();
+            core::mem::take(&mut g.entries).into_values().collect()
+        };
+        for e in removed.iter().filter(|e| e.wired_count != 0) {
+            self.unwire_pages(e.start, e.end);
+        }
+        self.vm.pmap.remove(&self.pmap, self.map.min_addr(), self.map.max_addr(), &mut |d| {
+            self.vm.note_displaced(d)
+        });
+        release_entries(removed);
+        self.vm.pmap.destroy_space(&self.pmap);
+    }
+}

@@ -1,0 +1,195 @@
+//! The locking primitives of the crate, in one place.
+//!
+//! With the `std` feature these are the standard library's blocking locks
+//! and condition variables; without it they spin (an embedder that has a
+//! scheduler replaces this module's bodies). Nothing else in the crate names
+//! a lock type directly.
+//!
+//! Lock poisoning is ignored: the data the locks guard is kept consistent by
+//! the code that holds them, and a panic elsewhere must not wedge the
+//! machine.
+
+#[cfg(feature = "std")]
+mod imp {
+    use std::sync::{self, PoisonError};
+
+    /// A mutual-exclusion lock.
+    #[derive(Debug, Default)]
+    pub struct Mutex<T>(sync::Mutex<T>);
+    /// Guard of a [`Mutex`].
+    pub type MutexGuard<'a, T> = sync::MutexGuard<'a, T>;
+
+    impl<T> Mutex<T> {
+        /// A new unlocked mutex.
+        pub const fn new(v: T) -> Self {
+            Mutex(sync::Mutex::new(v))
+        }
+        /// Locks, blocking.
+        pub fn lock(&self) -> MutexGuard<'_, T> {
+            self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+        /// The data, through exclusive access to the lock itself.
+        pub fn get_mut(&mut self) -> &mut T {
+            self.0.get_mut().unwrap_or_else(PoisonError::into_inner)
+        }
+    }
+
+    /// A reader/writer lock.
+    #[derive(Debug, Default)]
+    pub struct RwLock<T>(sync::RwLock<T>);
+    /// Shared guard of a [`RwLock`].
+    pub type ReadGuard<'a, T> = sync::RwLockReadGuard<'a, T>;
+    /// Exclusive guard of a [`RwLock`].
+    pub type WriteGuard<'a, T> = sync::RwLockWriteGuard<'a, T>;
+
+    impl<T> RwLock<T> {
+        /// A new unlocked lock.
+        pub const fn new(v: T) -> Self {
+            RwLock(sync::RwLock::new(v))
+        }
+        /// Locks shared, blocking.
+        pub fn read(&self) -> ReadGuard<'_, T> {
+            self.0.read().unwrap_or_else(PoisonError::into_inner)
+        }
+        /// Locks shared if that needs no waiting.
+        pub fn try_read(&self) -> Option<ReadGuard<'_, T>> {
+            match self.0.try_read() {
+                Ok(g) => Some(g),
+                Err(sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(sync::TryLockError::WouldBlock) => None,
+            }
+        }
+        /// Locks exclusive, blocking.
+        pub fn write(&self) -> WriteGuard<'_, T> {
+            self.0.write().unwrap_or_else(PoisonError::into_inner)
+        }
+    }
+
+    /// One bucket of the wait table: a mutex and a condition variable.
+    #[derive(Debug, Default)]
+    pub(super) struct Bucket {
+        lock: sync::Mutex<()>,
+        cv: sync::Condvar,
+    }
+
+    impl Bucket {
+        pub(super) fn wait_while(&self, mut blocked: impl FnMut() -> bool) {
+            let mut g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            while blocked() {
+                g = self.cv.wait(g).unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        pub(super) fn wait_timeout(&self, mut blocked: impl FnMut() -> bool, ms: u64) {
+            let g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = self
+                .cv
+                .wait_timeout_while(g, std::time::Duration::from_millis(ms), |_| blocked());
+        }
+        pub(super) fn notify(&self) {
+            // Taking the lock orders this wake-up after a waiter's check.
+            drop(self.lock.lock().unwrap_or_else(PoisonError::into_inner));
+            self.cv.notify_all();
+        }
+    }
+}
+
+#[cfg(not(feature = "std"))]
+mod imp {
+    /// A mutual-exclusion lock (spinning).
+    pub type Mutex<T> = spin::Mutex<T>;
+    /// Guard of a [`Mutex`].
+    pub type MutexGuard<'a, T> = spin::MutexGuard<'a, T>;
+
+    /// A reader/writer lock (spinning).
+    #[derive(Debug, Default)]
+    pub struct RwLock<T>(spin::RwLock<T>);
+    /// Shared guard of a [`RwLock`].
+    pub type ReadGuard<'a, T> = spin::RwLockReadGuard<'a, T>;
+    /// Exclusive guard of a [`RwLock`].
+    pub type WriteGuard<'a, T> = spin::RwLockWriteGuard<'a, T>;
+
+    impl<T> RwLock<T> {
+        /// A new unlocked lock.
+        pub const fn new(v: T) -> Self {
+            RwLock(spin::RwLock::new(v))
+        }
+        /// Locks shared, spinning.
+        pub fn read(&self) -> ReadGuard<'_, T> {
+            self.0.read()
+        }
+        /// Locks shared if that needs no waiting.
+        pub fn try_read(&self) -> Option<ReadGuard<'_, T>> {
+            self.0.try_read()
+        }
+        /// Locks exclusive, spinning.
+        pub fn write(&self) -> WriteGuard<'_, T> {
+            self.0.write()
+        }
+    }
+
+    #[derive(Debug, Default)]
+    pub(super) struct Bucket;
+
+    impl Bucket {
+        pub(super) fn wait_while(&self, mut blocked: impl FnMut() -> bool) {
+            while blocked() {
+                core::hint::spin_loop();
+            }
+        }
+        pub(super) fn wait_timeout(&self, mut blocked: impl FnMut() -> bool, ms: u64) {
+            // No clock without std: spin a bounded number of rounds instead.
+            let mut rounds = ms.saturating_mul(10_000);
+            while rounds > 0 && blocked() {
+                core::hint::spin_loop();
+                rounds -= 1;
+            }
+        }
+        pub(super) fn notify(&self) {}
+    }
+}
+
+pub use imp::{Mutex, MutexGuard, ReadGuard, RwLock, WriteGuard};
+
+const BUCKETS: usize = 64;
+
+/// A hashed table of wait queues, like the kernel's sleep queues: a thread
+/// waits on a key (a page, an object) until a condition clears, and whoever
+/// clears it notifies the key. Keys that hash together share a bucket and
+/// get spurious wake-ups, never lost ones.
+#[derive(Debug)]
+pub struct WaitTable {
+    buckets: [imp::Bucket; BUCKETS],
+}
+
+impl Default for WaitTable {
+    fn default() -> Self {
+        WaitTable {
+            buckets: core::array::from_fn(|_| imp::Bucket::default()),
+        }
+    }
+}
+
+impl WaitTable {
+    fn bucket(&self, key: u64) -> &imp::Bucket {
+        let h = key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58;
+        &self.buckets[h as usize % BUCKETS]
+    }
+
+    /// Blocks while `blocked()` returns true. `blocked` is evaluated under
+    /// the bucket's lock, so a [`notify`](Self::notify) that follows the
+    /// change cannot be missed.
+    pub fn wait_while(&self, key: u64, blocked: impl FnMut() -> bool) {
+        self.bucket(key).wait_while(blocked);
+    }
+
+    /// Like [`wait_while`](Self::wait_while) but gives up after about `ms`
+    /// milliseconds.
+    pub fn wait_timeout(&self, key: u64, blocked: impl FnMut() -> bool, ms: u64) {
+        self.bucket(key).wait_timeout(blocked, ms);
+    }
+
+    /// Wakes every waiter of `key` (and of keys sharing its bucket).
+    pub fn notify(&self, key: u64) {
+        self.bucket(key).notify();
+    }
+}

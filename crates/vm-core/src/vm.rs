@@ -1,0 +1,273 @@
+//! `Vm`: one machine — physical memory, the page array and its queues,
+//! objects, counters and the pmap.
+
+use crate::counters::Counters;
+use crate::object::{ObjectRegistry, VmObject};
+use crate::page::{PageId, VmPage};
+use crate::page_queues::{Pages, Thresholds};
+use crate::pager::Pager;
+use crate::phys::PhysMem;
+use crate::pmap::{PhysFrames, Pmap};
+use crate::addr::{PAGE_SIZE, Pfn};
+use alloc::sync::Arc;
+
+/// Tunables of a machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Bytes of physical memory to create (std builds; rounded down to
+    /// pages).
+    pub memory_bytes: u64,
+    /// Free-page thresholds; `None` scales FreeBSD's defaults to memory.
+    pub thresholds: Option<Thresholds>,
+    /// How long a fault sleeps for free memory before retrying, in
+    /// milliseconds.
+    pub memory_wait_ms: u64,
+    /// How many times a fault waits for memory before it gives up with
+    /// [`FaultError::ResourceShortage`](crate::FaultError::ResourceShortage).
+    pub memory_retries: u32,
+    /// How far a stack grows at once, in bytes (FreeBSD `sgrowsiz`).
+    pub stack_growth: u64,
+    /// Lowest user address.
+    pub user_min: u64,
+    /// One past the highest user address (x86_64: the lower canonical
+    /// half).
+    pub user_max: u64,
+}
+
+impl VmConfig {
+    /// Defaults with `bytes` of memory.
+    #[must_use]
+    pub fn with_memory(bytes: u64) -> VmConfig {
+        VmConfig {
+            memory_bytes: bytes,
+            ..VmConfig::default()
+        }
+    }
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            memory_bytes: 64 << 20,
+            thresholds: None,
+            memory_wait_ms: 20,
+            memory_retries: 3,
+            stack_growth: 128 << 10,
+            user_min: PAGE_SIZE,
+            user_max: 0x0000_8000_0000_0000,
+        }
+    }
+}
+
+/// Errors creating a machine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VmInitError {
+    /// The host refused the physical memory mapping.
+    #[cfg(feature = "std")]
+    #[error("cannot create physical memory: {0}")]
+    Memory(#[from] std::io::Error),
+    /// Physical memory is larger than the page array can index (2^32
+    /// frames).
+    #[error("{0} frames is more than a page array can index")]
+    TooLarge(u64),
+    /// The configuration is inconsistent.
+    #[error("bad configuration: {0}")]
+    Config(&'static str),
+}
+
+/// The parts of a machine that do not depend on the pmap type: shared with
+/// objects and with the pmap (through [`PhysFrames`]).
+pub(crate) struct Machine {
+    pub(crate) phys: PhysMem,
+    pub(crate) pages: Pages,
+    pub(crate) counters: Counters,
+    pub(crate) objects: ObjectRegistry,
+}
+
+/// One machine. See the [crate docs](crate).
+pub struct Vm<P: Pmap> {
+    pub(crate) pmap: P,
+    pub(crate) machine: Arc<Machine>,
+    pub(crate) config: VmConfig,
+}
+
+impl<P: Pmap> core::fmt::Debug for Vm<P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Vm")
+            .field("phys", &self.machine.phys)
+            .field("free", &self.free_pages())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P: Pmap> Vm<P> {
+    /// A machine with `config.memory_bytes` of fresh, zeroed host memory.
+    ///
+    /// # Errors
+    ///
+    /// [`VmInitError`] if the memory cannot be mapped or the configuration
+    /// is inconsistent.
+    #[cfg(feature = "std")]
+    pub fn new(pmap: P, config: VmConfig) -> Result<Arc<Vm<P>>, VmInitError> {
+        let phys = PhysMem::anonymous(config.memory_bytes)?;
+        Self::with_phys(pmap, phys, true, config)
+    }
+
+    /// A machine on memory the caller provides; `zeroed` says whether every
+    /// frame is known to hold zeros (they count as pre-zeroed pages).
+    ///
+    /// # Errors
+    ///
+    /// [`VmInitError`] if the memory is too large or the configuration is
+    /// inconsistent.
+    pub fn with_phys(mut pmap: P, phys: PhysMem, zeroed: bool, config: VmConfig) -> Result<Arc<Vm<P>>, VmInitError> {
+        let frames = u32::try_from(phys.frames()).map_err(|_| VmInitError::TooLarge(phys.frames()))?;
+        if config.user_min >= config.user_max || config.user_min % PAGE_SIZE != 0 || config.user_max % PAGE_SIZE != 0 {
+            return Err(VmInitError::Config("user_min..user_max must be a non-empty page-aligned range"));
+        }
+        let thresholds = config
+            .thresholds
+            .unwrap_or_else(|| Thresholds::for_frames(u64::from(frames)));
+        let pages = Pages::new(phys.base_pfn(), frames, zeroed, thresholds);
+        let machine = Arc::new(Machine {
+            phys,
+            pages,
+            counters: Counters::default(),
+            objects: ObjectRegistry::default(),
+        });
+        pmap.attach(PhysFrames { mem: machine.clone() });
+        Ok(Arc::new(Vm { pmap, machine, config }))
+    }
+
+    /// The pmap.
+    pub fn pmap(&self) -> &P {
+        &self.pmap
+    }
+
+    /// Physical memory.
+    pub fn phys(&self) -> &PhysMem {
+        &self.machine.phys
+    }
+
+    /// The event counters.
+    pub fn counters(&self) -> &Counters {
+        &self.machine.counters
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Frames in the page array.
+    #[must_use]
+    pub fn total_pages(&self) -> u64 {
+        u64::from(self.machine.pages.len())
+    }
+
+    /// Free pages now.
+    #[must_use]
+    pub fn free_pages(&self) -> u64 {
+        self.machine.pages.free_count()
+    }
+
+    /// Free pages known to hold zeros.
+    #[must_use]
+    pub fn free_zeroed_pages(&self) -> u64 {
+        self.machine.pages.free_zeroed_count()
+    }
+
+    /// Pages on the active, inactive queues and wired: `(active, inactive,
+    /// wired)`.
+    #[must_use]
+    pub fn queue_counts(&self) -> (u64, u64, u64) {
+        use crate::page::PageQueue;
+        let p = &self.machine.pages;
+        (p.queue_count(PageQueue::Active), p.queue_count(PageQueue::Inactive), p.wired_count())
+    }
+
+    /// The page record of `id`.
+    ///
+    /// # Panics
+    ///
+    /// If `id` is not a page of this machine.
+    #[must_use]
+    pub fn page(&self, id: PageId) -> &VmPage {
+        self.machine.pages.get(id)
+    }
+
+    /// The frame of page `id`.
+    #[must_use]
+    pub fn page_pfn(&self, id: PageId) -> Pfn {
+        self.machine.pages.pfn(id)
+    }
+
+    /// The page of frame `pfn`, if it is RAM of this machine.
+    #[must_use]
+    pub fn page_of(&self, pfn: Pfn) -> Option<PageId> {
+        self.machine.pages.id_of(pfn)
+    }
+
+    /// A new anonymous (zero-fill) object of `size` pages.
+    #[must_use]
+    pub fn new_anon_object(&self, size: u64) -> Arc<VmObject> {
+        VmObject::create(&self.machine, size, None, None)
+    }
+
+    /// A new object of `size` pages whose contents come from `pager`.
+    #[must_use]
+    pub fn new_object(&self, size: u64, pager: Arc<dyn Pager>) -> Arc<VmObject> {
+        VmObject::create(&self.machine, size, Some(pager), None)
+    }
+
+    /// Destroys `object` now (a revoked device, a reclaimed vnode): removes
+    /// every mapping of its pages from every pmap, frees them, and marks the
+    /// object dead so that later faults on it fail with
+    /// [`FaultError::DeadObject`](crate::FaultError::DeadObject). Waits for
+    /// paging in progress first.
+    pub fn terminate_object(&self, object: &VmObject) {
+        object.lock().flags.insert(crate::object::ObjectFlags::DEAD);
+        object.pip_wait();
+        let mut st = object.lock();
+        for &id in st.pages.values() {
+            let refmod = self.pmap.remove_all(self.machine.pages.pfn(id));
+            if refmod.modified {
+                self.machine.pages.get(id).dirty_all();
+            }
+        }
+        object.free_all_pages(&mut st);
+        st.otype = crate::object::ObjectType::Dead;
+        if let Some(p) = st.pager.take() {
+            p.dealloc();
+        }
+    }
+
+    /// Puts every free page that is not known to be zero through zeroing,
+    /// as FreeBSD's idle-time page zeroing did, up to `max` pages. Returns
+    /// how many were zeroed. Zero-fill faults that get such a page skip the
+    /// zeroing (`v_ozfod`).
+    pub fn zero_free_pages(&self, max: u64) -> u64 {
+        let pages = &self.machine.pages;
+        let mut done = 0;
+        let mut taken = alloc::vec::Vec::new();
+        while done < max {
+            let Some(id) = pages.alloc(done, crate::page_queues::AllocClass::System, false) else {
+                break;
+            };
+            let page = pages.get(id);
+            if page.flags().contains(crate::page::PageFlags::ZERO) {
+                taken.push(id);
+                break;
+            }
+            self.machine.phys.zero(pages.pfn(id));
+            page.set_flags(crate::page::PageFlags::ZERO);
+            taken.push(id);
+            done += 1;
+        }
+        for id in taken {
+            pages.free(id);
+        }
+        done
+    }
+}

@@ -1,0 +1,169 @@
+//! [`MemPager`]: a pager that serves pages from memory, logs its calls and
+//! fails on command — for tests, examples and fault injection.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use vm_core::{Contiguity, IoError, ObjectType, PAGE_SIZE, PageSlot, Pager, PagerError};
+
+/// What the next `get_pages` call should do instead of succeeding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Injected {
+    /// Fail with this error.
+    Fail(PagerError),
+    /// Succeed but mark only these 512-byte blocks of each page valid.
+    Partial(u8),
+    /// Succeed without filling or validating anything (a broken pager).
+    Nonsense,
+}
+
+/// One `get_pages` call as the pager saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GetCall {
+    /// The page indexes asked for, ascending.
+    pub pindexes: Vec<u64>,
+    /// Index of the required page in `pindexes`.
+    pub reqpage: usize,
+}
+
+/// A pager over an in-memory page store. See the [module docs](self).
+pub struct MemPager {
+    otype: ObjectType,
+    store: Mutex<HashMap<u64, Box<[u8]>>>,
+    script: Mutex<VecDeque<Injected>>,
+    calls: Mutex<Vec<GetCall>>,
+    unswapped: Mutex<Vec<u64>>,
+    delay: Mutex<Option<Duration>>,
+    contiguity: Mutex<Contiguity>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The byte [`MemPager::with_pattern`] puts at `offset` of page `pindex`.
+#[must_use]
+pub fn pattern_byte(pindex: u64, offset: usize) -> u8 {
+    (pindex as u8).wrapping_mul(31).wrapping_add(offset as u8) | 1
+}
+
+impl MemPager {
+    /// An empty pager whose objects have type `otype`.
+    #[must_use]
+    pub fn new(otype: ObjectType) -> MemPager {
+        MemPager {
+            otype,
+            store: Mutex::new(HashMap::new()),
+            script: Mutex::new(VecDeque::new()),
+            calls: Mutex::new(Vec::new()),
+            unswapped: Mutex::new(Vec::new()),
+            delay: Mutex::new(None),
+            contiguity: Mutex::new(Contiguity::default()),
+        }
+    }
+
+    /// A pager holding pages `0..pages`, each filled with
+    /// [`pattern_byte`].
+    #[must_use]
+    pub fn with_pattern(otype: ObjectType, pages: u64) -> MemPager {
+        let p = MemPager::new(otype);
+        for i in 0..pages {
+            let data: Vec<u8> = (0..PAGE_SIZE as usize).map(|o| pattern_byte(i, o)).collect();
+            p.put(i, &data);
+        }
+        p
+    }
+
+    /// Stores `data` (at most a page; the rest is zero) as page `pindex`.
+    pub fn put(&self, pindex: u64, data: &[u8]) {
+        let mut page = vec![0u8; PAGE_SIZE as usize].into_boxed_slice();
+        let n = data.len().min(page.len());
+        page[..n].copy_from_slice(&data[..n]);
+        lock(&self.store).insert(pindex, page);
+    }
+
+    /// Forgets page `pindex`: `has_page` says no from now on.
+    pub fn forget(&self, pindex: u64) {
+        lock(&self.store).remove(&pindex);
+    }
+
+    /// Queues a misbehaviour for the next `get_pages` call.
+    pub fn inject(&self, what: Injected) {
+        lock(&self.script).push_back(what);
+    }
+
+    /// Makes `get_pages` sleep this long (to overlap faults with I/O).
+    pub fn set_delay(&self, d: Option<Duration>) {
+        *lock(&self.delay) = d;
+    }
+
+    /// What `has_page` reports as readable around a page.
+    pub fn set_contiguity(&self, c: Contiguity) {
+        *lock(&self.contiguity) = c;
+    }
+
+    /// The `get_pages` calls so far.
+    #[must_use]
+    pub fn calls(&self) -> Vec<GetCall> {
+        lock(&self.calls).clone()
+    }
+
+    /// The pages reported dirtied through `page_unswapped`.
+    #[must_use]
+    pub fn unswapped(&self) -> Vec<u64> {
+        lock(&self.unswapped).clone()
+    }
+}
+
+impl Pager for MemPager {
+    fn object_type(&self) -> ObjectType {
+        self.otype
+    }
+
+    fn has_page(&self, pindex: u64) -> Option<Contiguity> {
+        lock(&self.store).contains_key(&pindex).then(|| *lock(&self.contiguity))
+    }
+
+    fn get_pages(&self, pages: &mut [PageSlot<'_>], reqpage: usize) -> Result<(), PagerError> {
+        lock(&self.calls).push(GetCall {
+            pindexes: pages.iter().map(PageSlot::pindex).collect(),
+            reqpage,
+        });
+        if let Some(d) = *lock(&self.delay) {
+            std::thread::sleep(d);
+        }
+        let injected = lock(&self.script).pop_front();
+        if let Some(Injected::Fail(e)) = injected {
+            return Err(e);
+        }
+        if injected == Some(Injected::Nonsense) {
+            return Ok(());
+        }
+        let store = lock(&self.store);
+        let wanted = pages.get(reqpage).map(PageSlot::pindex);
+        if wanted.is_none_or(|p| !store.contains_key(&p)) {
+            return Err(PagerError::Fail);
+        }
+        for slot in pages.iter_mut() {
+            let Some(src) = store.get(&slot.pindex()) else { continue };
+            slot.data_mut().copy_from_slice(src);
+            match injected {
+                Some(Injected::Partial(mask)) => slot.set_valid(mask),
+                _ => slot.set_all_valid(),
+            }
+        }
+        Ok(())
+    }
+
+    fn page_unswapped(&self, pindex: u64) {
+        lock(&self.unswapped).push(pindex);
+    }
+}
+
+impl MemPager {
+    /// An I/O error value for injections.
+    #[must_use]
+    pub fn io_error() -> PagerError {
+        PagerError::Error(IoError { code: 5, context: "injected read error" })
+    }
+}
