@@ -289,6 +289,14 @@ pub enum MapError {
     /// Wiring failed part-way; nothing stays wired.
     #[error("wiring failed: {0}")]
     Fault(FaultError),
+    /// Part of the range is not wired (in the way asked).
+    #[error("range {start:#x}..{end:#x} is not wired")]
+    NotWired {
+        /// Start address.
+        start: u64,
+        /// End address.
+        end: u64,
+    },
     /// A page of a wired entry is not resident (the seed panics in
     /// `vm_fault_copy_entry`).
     #[error("wired page at {addr:#x} is not resident")]

@@ -186,7 +186,7 @@ impl<P: Pmap> VmSpace<P> {
     }
 
     /// Checks `start..start+len` and returns its end.
-    fn check_range(&self, start: u64, len: u64) -> Result<u64, MapError> {
+    pub(crate) fn check_range(&self, start: u64, len: u64) -> Result<u64, MapError> {
         if !is_page_aligned(start) {
             return Err(MapError::Misaligned { what: "address", value: start });
         }
@@ -334,7 +334,7 @@ impl<P: Pmap> VmSpace<P> {
         };
         // Objects are released outside the map lock: freeing their pages
         // must not hold up faults on the rest of the map.
-        release_entries(removed);
+        self.release_entries(removed);
         Ok(())
     }
 
@@ -473,10 +473,21 @@ fn child_entry(e: &MapEntry) -> MapEntry {
     c
 }
 
-/// Drops removed entries' object references.
-fn release_entries(entries: Vec<MapEntry>) {
-    for e in entries {
-        if let Some(o) = &e.object {
+impl<P: Pmap> VmSpace<P> {
+    /// Drops removed entries' object references. Pages of an anonymous
+    /// object that only this entry mapped can never be seen again: they
+    /// are freed now, not when the object dies (FreeBSD `vm_map_delete`).
+    fn release_entries(&self, entries: Vec<MapEntry>) {
+        for e in entries {
+            let Some(o) = &e.object else { continue };
+            let private = {
+                let st = o.lock();
+                st.flags.contains(ObjectFlags::ONEMAPPING) && st.otype.is_anonymous() && st.shadow_count == 0
+            };
+            if private {
+                let first = e.offset / PAGE_SIZE;
+                self.vm.page_remove(o, first, first + e.pages());
+            }
             o.drop_ref();
         }
     }
@@ -494,7 +505,7 @@ impl<P: Pmap> Drop for VmSpace<P> {
         self.vm.pmap.remove(&self.pmap, self.map.min_addr(), self.map.max_addr(), &mut |d| {
             self.vm.note_displaced(d)
         });
-        release_entries(removed);
+        self.release_entries(removed);
         self.vm.pmap.destroy_space(&self.pmap);
     }
 }

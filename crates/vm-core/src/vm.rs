@@ -212,13 +212,20 @@ impl<P: Pmap> Vm<P> {
     /// A new anonymous (zero-fill) object of `size` pages.
     #[must_use]
     pub fn new_anon_object(&self, size: u64) -> Arc<VmObject> {
-        VmObject::create(&self.machine, size, None, None)
+        Self::named(VmObject::create(&self.machine, size, None, None))
     }
 
     /// A new object of `size` pages whose contents come from `pager`.
     #[must_use]
     pub fn new_object(&self, size: u64, pager: Arc<dyn Pager>) -> Arc<VmObject> {
-        VmObject::create(&self.machine, size, Some(pager), None)
+        Self::named(VmObject::create(&self.machine, size, Some(pager), None))
+    }
+
+    /// An object the caller holds a handle to can be mapped again later:
+    /// it is never "mapped by one entry only".
+    fn named(object: Arc<VmObject>) -> Arc<VmObject> {
+        object.lock().flags.remove(crate::object::ObjectFlags::ONEMAPPING);
+        object
     }
 
     /// Destroys `object` now (a revoked device, a reclaimed vnode): removes
@@ -240,6 +247,41 @@ impl<P: Pmap> Vm<P> {
         st.otype = crate::object::ObjectType::Dead;
         if let Some(p) = st.pager.take() {
             p.dealloc();
+        }
+    }
+
+    /// Changes the size of `object` to `pages` (a file truncated or
+    /// extended, FreeBSD `vnode_pager_setsize`). Pages at or past the new
+    /// end are unmapped from every pmap and freed, waiting for any that are
+    /// busy; later faults there are out of bounds.
+    pub fn resize_object(&self, object: &VmObject, pages: u64) {
+        self.page_remove(object, pages, u64::MAX);
+        object.lock().size = pages;
+    }
+
+    /// Removes the resident pages `start..end` of `object` from every pmap
+    /// and frees them, sleeping on busy ones (`vm_object_page_remove`).
+    pub(crate) fn page_remove(&self, object: &VmObject, start: u64, end: u64) {
+        let pages = &self.machine.pages;
+        loop {
+            let mut st = object.lock();
+            let doomed: alloc::vec::Vec<(u64, PageId)> =
+                st.pages.iter().filter(|&(&p, _)| (start..end).contains(&p)).map(|(&p, &id)| (p, id)).collect();
+            if let Some(&(pindex, id)) = doomed.iter().find(|&&(_, id)| pages.get(id).is_busy()) {
+                drop(st);
+                crate::fault::guard::wait_for_page(&self.machine, id, object.id().0, pindex);
+                continue;
+            }
+            for (pindex, id) in doomed {
+                st.pages.remove(&pindex);
+                let refmod = self.pmap.remove_all(pages.pfn(id));
+                if refmod.modified {
+                    pages.get(id).dirty_all();
+                }
+                while pages.unwire(id, false) {}
+                pages.free(id);
+            }
+            return;
         }
     }
 

@@ -24,7 +24,7 @@ mod mem_pager;
 mod mocks;
 mod ref_pmap;
 
-pub use mem_pager::{GetCall, Injected, MemPager, pattern_byte};
+pub use mem_pager::{GetCall, Injected, MemPager, Pause, pattern_byte};
 pub use mocks::{MockPager, MockPmap};
 pub use ref_pmap::{RefPmap, RefPmapCalls, RefPte, RefSpace};
 

@@ -2,13 +2,15 @@
 //! fails on command — for tests, examples and fault injection.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, mpsc};
 use std::time::Duration;
 use vm_core::{Contiguity, IoError, ObjectType, PAGE_SIZE, PageSlot, Pager, PagerError};
 
 /// What the next `get_pages` call should do instead of succeeding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Injected {
+    /// Behave normally (to fail a later call rather than the next).
+    Normal,
     /// Fail with this error.
     Fail(PagerError),
     /// Succeed but mark only these 512-byte blocks of each page valid.
@@ -35,6 +37,30 @@ pub struct MemPager {
     unswapped: Mutex<Vec<u64>>,
     delay: Mutex<Option<Duration>>,
     contiguity: Mutex<Contiguity>,
+    pause: Mutex<Option<(mpsc::Sender<u64>, mpsc::Receiver<()>)>>,
+}
+
+/// Control of a paused `get_pages` call: see [`MemPager::pause_next`].
+pub struct Pause {
+    started: mpsc::Receiver<u64>,
+    resume: mpsc::Sender<()>,
+}
+
+impl Pause {
+    /// Blocks until the paused call has started; returns the page it was
+    /// asked for.
+    ///
+    /// # Panics
+    ///
+    /// If no call starts within 30 seconds.
+    pub fn wait_started(&self) -> u64 {
+        self.started.recv_timeout(Duration::from_secs(30)).expect("pager call did not start")
+    }
+
+    /// Lets the paused call go on.
+    pub fn resume(&self) {
+        let _ = self.resume.send(());
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -59,6 +85,7 @@ impl MemPager {
             unswapped: Mutex::new(Vec::new()),
             delay: Mutex::new(None),
             contiguity: Mutex::new(Contiguity::default()),
+            pause: Mutex::new(None),
         }
     }
 
@@ -97,6 +124,17 @@ impl MemPager {
         *lock(&self.delay) = d;
     }
 
+    /// Makes the next `get_pages` call stop after it starts, until the
+    /// returned [`Pause`] resumes it (at most 30 seconds): a test can then
+    /// act while a fault is inside its I/O.
+    #[must_use]
+    pub fn pause_next(&self) -> Pause {
+        let (stx, srx) = mpsc::channel();
+        let (rtx, rrx) = mpsc::channel();
+        *lock(&self.pause) = Some((stx, rrx));
+        Pause { started: srx, resume: rtx }
+    }
+
     /// What `has_page` reports as readable around a page.
     pub fn set_contiguity(&self, c: Contiguity) {
         *lock(&self.contiguity) = c;
@@ -131,6 +169,11 @@ impl Pager for MemPager {
         });
         if let Some(d) = *lock(&self.delay) {
             std::thread::sleep(d);
+        }
+        let pause = lock(&self.pause).take();
+        if let Some((started, resume)) = pause {
+            let _ = started.send(pages.get(reqpage).map_or(u64::MAX, PageSlot::pindex));
+            let _ = resume.recv_timeout(Duration::from_secs(30));
         }
         let injected = lock(&self.script).pop_front();
         if let Some(Injected::Fail(e)) = injected {

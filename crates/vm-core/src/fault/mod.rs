@@ -513,13 +513,11 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         page.set_flags(PageFlags::REFERENCED);
         let pages = &self.machine.pages;
         let id = m.id;
-        if flags.wiring() {
-            if self.wired {
-                pages.wire(id);
-            } else {
-                pages.unwire(id, true);
-            }
-        } else {
+        if flags.wiring() && self.wired {
+            pages.wire(id);
+        } else if !(flags.wiring() && pages.unwire(id, true)) {
+            // An ordinary fault, or an unwiring of a page that was not
+            // wired: the page goes where the pageout daemon can find it.
             pages.activate(id);
         }
         let out = FaultOutcome { pfn: pg.pfn, prot: self.prot, major: false, kind: self.kind };
