@@ -69,7 +69,13 @@ impl<P: Pmap> VmSpace<P> {
 
     /// Calls `f(frame, offset, len)` for each page piece of `va..va+len`,
     /// with the frame held and mapped for `access` while `f` runs.
-    fn each_page(&self, va: u64, len: usize, access: Prot, mut f: impl FnMut(Pfn, usize, usize)) -> Result<(), FaultError> {
+    fn each_page(
+        &self,
+        va: u64,
+        len: usize,
+        access: Prot,
+        mut f: impl FnMut(Pfn, usize, usize),
+    ) -> Result<(), FaultError> {
         let end = va
             .checked_add(len as u64)
             .ok_or(FaultError::InvalidAddress { addr: va })?;
@@ -89,7 +95,11 @@ impl<P: Pmap> VmSpace<P> {
     /// (so it cannot be unmapped) and the page is held (so it cannot be
     /// paged out).
     fn with_frame(&self, page: u64, access: Prot, f: impl FnOnce(Pfn)) -> Result<(), FaultError> {
-        let flags = if access.contains(Prot::WRITE) { FaultFlags::DIRTY } else { FaultFlags::NORMAL };
+        let flags = if access.contains(Prot::WRITE) {
+            FaultFlags::DIRTY
+        } else {
+            FaultFlags::NORMAL
+        };
         let pages = &self.vm.machine.pages;
         let mut f = Some(f);
         for _ in 0..MAX_FAULTS_PER_PAGE {
@@ -97,7 +107,10 @@ impl<P: Pmap> VmSpace<P> {
                 let _map = self.map.read();
                 if let Some(pfn) = self.vm.pmap.translate(&self.pmap, page, access) {
                     let Some(id) = pages.id_of(pfn) else {
-                        return Err(FaultError::Pmap { addr: page, error: PmapError::BadFrame(pfn) });
+                        return Err(FaultError::Pmap {
+                            addr: page,
+                            error: PmapError::BadFrame(pfn),
+                        });
                     };
                     let p = pages.get(id);
                     p.hold_inc();
@@ -119,6 +132,9 @@ impl<P: Pmap> VmSpace<P> {
             }
             self.fault(page, access, flags)?;
         }
-        Err(FaultError::Pmap { addr: page, error: PmapError::NotKept(page) })
+        Err(FaultError::Pmap {
+            addr: page,
+            error: PmapError::NotKept(page),
+        })
     }
 }

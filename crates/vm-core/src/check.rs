@@ -47,7 +47,11 @@ impl<P: Pmap> Vm<P> {
         for obj in self.machine.objects.all() {
             r.objects += 1;
             if obj.paging_in_progress() != 0 {
-                return err(format!("object {} has paging in progress {}", obj.id(), obj.paging_in_progress()));
+                return err(format!(
+                    "object {} has paging in progress {}",
+                    obj.id(),
+                    obj.paging_in_progress()
+                ));
             }
             let st = obj.lock();
             for (&pindex, &id) in &st.pages {
@@ -55,7 +59,11 @@ impl<P: Pmap> Vm<P> {
                     return err(format!("page {} is in two objects", id.0));
                 }
                 if pindex >= st.size && !st.flags.contains(crate::object::ObjectFlags::DEAD) {
-                    return err(format!("object {} has page {pindex} beyond its size {}", obj.id(), st.size));
+                    return err(format!(
+                        "object {} has page {pindex} beyond its size {}",
+                        obj.id(),
+                        st.size
+                    ));
                 }
             }
         }

@@ -121,7 +121,9 @@ pub enum FaultError {
     },
     /// The address maps past the end of its object (seed L435-437, or the
     /// pager said BAD): the SIGBUS of an access beyond end of file.
-    #[error("{addr:#x} is past the end of object {object} (page {pindex}, object has {size} pages)")]
+    #[error(
+        "{addr:#x} is past the end of object {object} (page {pindex}, object has {size} pages)"
+    )]
     OutOfBounds {
         /// The faulting address.
         addr: u64,
@@ -174,7 +176,9 @@ impl FaultError {
             FaultError::ProtectionFailure { .. } | FaultError::DeadObject { .. } => {
                 Signal::Segv(SegvCode::AccErr)
             }
-            FaultError::OutOfBounds { .. } | FaultError::Pager { .. } => Signal::Bus(BusCode::ObjErr),
+            FaultError::OutOfBounds { .. } | FaultError::Pager { .. } => {
+                Signal::Bus(BusCode::ObjErr)
+            }
             FaultError::ResourceShortage { .. } | FaultError::Pmap { .. } => {
                 Signal::Bus(BusCode::OomErr)
             }

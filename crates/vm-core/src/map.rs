@@ -263,7 +263,12 @@ impl MapState {
     }
 
     /// The checks of `vm_map_lookup` on a locked map, without changing it.
-    pub(crate) fn lookup(&self, va: u64, access: Prot, override_write: bool) -> Result<LookupInfo, LookupError> {
+    pub(crate) fn lookup(
+        &self,
+        va: u64,
+        access: Prot,
+        override_write: bool,
+    ) -> Result<LookupInfo, LookupError> {
         let Some(e) = self.find(va) else {
             return Err(LookupError::Fault(FaultError::InvalidAddress { addr: va }));
         };
@@ -314,7 +319,11 @@ impl MapState {
     /// entry about to be written, or the object of an entry without one.
     fn prepare_entry(&mut self, machine: &Arc<Machine>, va: u64, access: Prot) {
         let Some(e) = self.find_mut(va) else { return };
-        let fault_type = if e.wired_count != 0 { e.protection } else { access };
+        let fault_type = if e.wired_count != 0 {
+            e.protection
+        } else {
+            access
+        };
         if e.eflags.contains(EntryFlags::NEEDS_COPY) && fault_type.contains(Prot::WRITE) {
             e.shadow(machine);
         } else if e.object.is_none() {

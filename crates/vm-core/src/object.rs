@@ -112,7 +112,10 @@ impl core::fmt::Debug for VmObject {
             .field("resident", &st.pages.len())
             .field("ref_count", &self.ref_count())
             .field("shadow_count", &st.shadow_count)
-            .field("backing", &st.backing.as_ref().map(|b| (b.object.id, b.offset)))
+            .field(
+                "backing",
+                &st.backing.as_ref().map(|b| (b.object.id, b.offset)),
+            )
             .finish()
     }
 }
@@ -142,7 +145,12 @@ impl ObjectRegistry {
     pub(crate) fn all(&self) -> alloc::vec::Vec<Arc<VmObject>> {
         self.shards
             .iter()
-            .flat_map(|s| s.lock().values().filter_map(Weak::upgrade).collect::<alloc::vec::Vec<_>>())
+            .flat_map(|s| {
+                s.lock()
+                    .values()
+                    .filter_map(Weak::upgrade)
+                    .collect::<alloc::vec::Vec<_>>()
+            })
             .collect()
     }
 }
@@ -155,7 +163,9 @@ impl VmObject {
         pager: Option<Arc<dyn Pager>>,
         backing: Option<Backing>,
     ) -> Arc<VmObject> {
-        let otype = pager.as_ref().map_or(ObjectType::Default, |p| p.object_type());
+        let otype = pager
+            .as_ref()
+            .map_or(ObjectType::Default, |p| p.object_type());
         let id = machine.objects.next.fetch_add(1, Ordering::Relaxed);
         let obj = Arc::new(VmObject {
             id: ObjectId(id),
@@ -172,7 +182,11 @@ impl VmObject {
                 pager,
             }),
         });
-        machine.objects.shard(id).lock().insert(id, Arc::downgrade(&obj));
+        machine
+            .objects
+            .shard(id)
+            .lock()
+            .insert(id, Arc::downgrade(&obj));
         obj
     }
 
@@ -226,7 +240,10 @@ impl VmObject {
     /// The backing object and the page offset into it.
     #[must_use]
     pub fn backing(&self) -> Option<(Arc<VmObject>, u64)> {
-        self.lock().backing.as_ref().map(|b| (b.object.clone(), b.offset))
+        self.lock()
+            .backing
+            .as_ref()
+            .map(|b| (b.object.clone(), b.offset))
     }
 
     /// Length of the shadow chain from this object down (1 = no backing).
@@ -300,7 +317,11 @@ impl VmObject {
     /// the lock (`st`) and the slot is empty.
     pub(crate) fn insert_page(&self, st: &mut ObjectState, id: PageId, page: &VmPage, pindex: u64) {
         let old = st.pages.insert(pindex, id);
-        debug_assert!(old.is_none(), "object {} page {pindex} already resident", self.id);
+        debug_assert!(
+            old.is_none(),
+            "object {} page {pindex} already resident",
+            self.id
+        );
         page.set_identity(self.id.0, pindex);
     }
 
@@ -326,7 +347,11 @@ fn free_pages(machine: &Machine, object: ObjectId, st: &mut ObjectState) {
 
 impl Drop for VmObject {
     fn drop(&mut self) {
-        self.machine.objects.shard(self.id.0).lock().remove(&self.id.0);
+        self.machine
+            .objects
+            .shard(self.id.0)
+            .lock()
+            .remove(&self.id.0);
         // Free our pages and release the backing chain iteratively: a deep
         // chain must not recurse.
         let mut next = {

@@ -156,7 +156,10 @@ impl VmPage {
     fn update(&self, f: impl Fn(u32) -> u32) -> u32 {
         let mut cur = self.state.load(Ordering::Relaxed);
         loop {
-            match self.state.compare_exchange_weak(cur, f(cur), Ordering::AcqRel, Ordering::Relaxed) {
+            match self
+                .state
+                .compare_exchange_weak(cur, f(cur), Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(old) => return old,
                 Err(now) => cur = now,
             }
@@ -176,7 +179,10 @@ impl VmPage {
         if self.soft_busy() != 0 {
             return false;
         }
-        self.state.fetch_or(PageFlags::BUSY.bits(), Ordering::AcqRel) & PageFlags::BUSY.bits() == 0
+        self.state
+            .fetch_or(PageFlags::BUSY.bits(), Ordering::AcqRel)
+            & PageFlags::BUSY.bits()
+            == 0
     }
 
     /// Whether the page is busy or soft-busy.
@@ -191,7 +197,10 @@ impl VmPage {
             !(PageFlags::BUSY | PageFlags::WANTED).bits(),
             Ordering::AcqRel,
         );
-        debug_assert!(old & PageFlags::BUSY.bits() != 0, "unbusy of a page not busy");
+        debug_assert!(
+            old & PageFlags::BUSY.bits() != 0,
+            "unbusy of a page not busy"
+        );
         old & PageFlags::WANTED.bits() != 0
     }
 

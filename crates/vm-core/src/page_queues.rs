@@ -9,9 +9,9 @@
 //! queue bits on the page plus counters: the pageout scan walks the array
 //! like a clock hand instead of following linked lists.
 
+use crate::addr::Pfn;
 use crate::page::{PageFlags, PageId, PageQueue, VmPage};
 use crate::sync::{Mutex, WaitTable};
-use crate::addr::Pfn;
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -81,9 +81,17 @@ pub(crate) struct Pages {
 
 impl Pages {
     pub(crate) fn new(base_pfn: u64, frames: u32, all_zero: bool, thresholds: Thresholds) -> Pages {
-        let pages: Box<[VmPage]> = (0..frames).map(|_| VmPage::default()).collect::<Vec<_>>().into();
+        let pages: Box<[VmPage]> = (0..frames)
+            .map(|_| VmPage::default())
+            .collect::<Vec<_>>()
+            .into();
         let shards = (0..SHARDS)
-            .map(|_| Mutex::new(FreeShard { zeroed: NIL, plain: NIL }))
+            .map(|_| {
+                Mutex::new(FreeShard {
+                    zeroed: NIL,
+                    plain: NIL,
+                })
+            })
             .collect::<Vec<_>>()
             .into();
         let this = Pages {
@@ -157,7 +165,11 @@ impl Pages {
         let zeroed = page.flags().contains(PageFlags::ZERO);
         page.reset_free(PageFlags::ZERO);
         let mut shard = self.shards[id.0 as usize % SHARDS].lock();
-        let head = if zeroed { &mut shard.zeroed } else { &mut shard.plain };
+        let head = if zeroed {
+            &mut shard.zeroed
+        } else {
+            &mut shard.plain
+        };
         page.set_free_link(*head);
         *head = id.0;
         if zeroed {
@@ -184,7 +196,11 @@ impl Pages {
             let mut shard = self.shards[(start + k) % SHARDS].lock();
             let (first, second) = if zero { (true, false) } else { (false, true) };
             for want_zero in [first, second] {
-                let head = if want_zero { &mut shard.zeroed } else { &mut shard.plain };
+                let head = if want_zero {
+                    &mut shard.zeroed
+                } else {
+                    &mut shard.plain
+                };
                 if *head == NIL {
                     continue;
                 }

@@ -28,9 +28,9 @@
 //! }
 //! ```
 
+use crate::addr::PAGE_SIZE;
 use crate::object::ObjectType;
 use crate::page::VM_PAGE_BITS_ALL;
-use crate::addr::PAGE_SIZE;
 
 /// Pages next to a requested one that the pager can read in the same
 /// operation (the seed's `before`/`after` of `vm_pager_has_page`).

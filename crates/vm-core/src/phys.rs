@@ -197,6 +197,7 @@ impl PhysMem {
     /// The caller owns the frame's contents (it holds the page busy and the
     /// page is not mapped writable anywhere) for the life of the slice, and
     /// makes no other reference to the same frame meanwhile.
+    #[allow(clippy::mut_from_ref)] // exclusivity is the caller's contract, as for a direct map
     pub(crate) unsafe fn frame_mut(&self, pfn: Pfn) -> &mut [u8; PAGE_SIZE as usize] {
         // SAFETY: inside the region, aligned to a page; exclusivity is the
         // caller's promise.

@@ -98,7 +98,9 @@ pub struct PhysFrames {
 
 impl core::fmt::Debug for PhysFrames {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("PhysFrames").field("phys", &self.mem.phys).finish()
+        f.debug_struct("PhysFrames")
+            .field("phys", &self.mem.phys)
+            .finish()
     }
 }
 
@@ -134,7 +136,10 @@ impl PhysFrames {
     ///
     /// If `pfn` is not a frame of this machine: that is a bug of the pmap.
     pub fn free(&self, pfn: Pfn) {
-        let id = self.pages().id_of(pfn).expect("freeing a frame outside memory");
+        let id = self
+            .pages()
+            .id_of(pfn)
+            .expect("freeing a frame outside memory");
         self.pages().unwire(id, false);
         self.pages().free(id);
     }

@@ -48,7 +48,13 @@ impl MapRequest {
     /// `len` bytes of `object` from byte `offset`, shared (`MAP_SHARED`)
     /// unless [`private`](Self::private) is called.
     #[must_use]
-    pub fn object(start: u64, len: u64, object: Arc<VmObject>, offset: u64, prot: Prot) -> MapRequest {
+    pub fn object(
+        start: u64,
+        len: u64,
+        object: Arc<VmObject>,
+        offset: u64,
+        prot: Prot,
+    ) -> MapRequest {
         MapRequest {
             object: Some((object, offset)),
             ..MapRequest::anon(start, len, prot)
@@ -162,19 +168,29 @@ impl<P: Pmap> VmSpace<P> {
     /// `ru_majflt`).
     #[must_use]
     pub fn rusage(&self) -> (u64, u64) {
-        (self.minflt.load(Ordering::Relaxed), self.majflt.load(Ordering::Relaxed))
+        (
+            self.minflt.load(Ordering::Relaxed),
+            self.majflt.load(Ordering::Relaxed),
+        )
     }
 
     /// The frame mapped at `va` in the pmap, if any.
     #[must_use]
     pub fn extract(&self, va: u64) -> Option<Pfn> {
-        self.vm.pmap.extract(&self.pmap, crate::addr::page_trunc(va))
+        self.vm
+            .pmap
+            .extract(&self.pmap, crate::addr::page_trunc(va))
     }
 
     /// A snapshot of the entries, in address order.
     #[must_use]
     pub fn entries(&self) -> Vec<MapEntryInfo> {
-        self.map.read().entries.values().map(MapEntryInfo::from).collect()
+        self.map
+            .read()
+            .entries
+            .values()
+            .map(MapEntryInfo::from)
+            .collect()
     }
 
     /// The object mapped at `va` and its page index there.
@@ -188,13 +204,21 @@ impl<P: Pmap> VmSpace<P> {
     /// Checks `start..start+len` and returns its end.
     pub(crate) fn check_range(&self, start: u64, len: u64) -> Result<u64, MapError> {
         if !is_page_aligned(start) {
-            return Err(MapError::Misaligned { what: "address", value: start });
+            return Err(MapError::Misaligned {
+                what: "address",
+                value: start,
+            });
         }
         if !is_page_aligned(len) {
-            return Err(MapError::Misaligned { what: "length", value: len });
+            return Err(MapError::Misaligned {
+                what: "length",
+                value: len,
+            });
         }
         match start.checked_add(len) {
-            Some(end) if len > 0 && start >= self.map.min_addr() && end <= self.map.max_addr() => Ok(end),
+            Some(end) if len > 0 && start >= self.map.min_addr() && end <= self.map.max_addr() => {
+                Ok(end)
+            }
             _ => Err(MapError::BadRange { start, len }),
         }
     }
@@ -209,16 +233,27 @@ impl<P: Pmap> VmSpace<P> {
     pub fn map(&self, req: MapRequest) -> Result<(), MapError> {
         let end = self.check_range(req.start, req.len)?;
         if !req.max_prot.contains(req.prot) {
-            return Err(MapError::ProtectionExceedsMax { prot: req.prot, max: req.max_prot });
+            return Err(MapError::ProtectionExceedsMax {
+                prot: req.prot,
+                max: req.max_prot,
+            });
         }
         if let Some((obj, offset)) = &req.object {
             if !obj.same_machine(&self.vm.machine) {
                 return Err(MapError::ForeignObject { object: obj.id() });
             }
             let size = obj.size();
-            let bad = MapError::ObjectRange { object: obj.id(), offset: *offset, len: req.len, size };
+            let bad = MapError::ObjectRange {
+                object: obj.id(),
+                offset: *offset,
+                len: req.len,
+                size,
+            };
             if !is_page_aligned(*offset) {
-                return Err(MapError::Misaligned { what: "offset", value: *offset });
+                return Err(MapError::Misaligned {
+                    what: "offset",
+                    value: *offset,
+                });
             }
             match (offset / PAGE_SIZE).checked_add(pages(req.len)) {
                 Some(last) if last <= size => {}
@@ -227,7 +262,10 @@ impl<P: Pmap> VmSpace<P> {
         }
         let mut g = self.map.write();
         if g.overlaps(req.start, end) {
-            return Err(MapError::Overlap { start: req.start, end });
+            return Err(MapError::Overlap {
+                start: req.start,
+                end,
+            });
         }
         let mut e = MapEntry::new(req.start, end, req.prot, req.max_prot);
         e.eflags = req.flags;
@@ -291,14 +329,21 @@ impl<P: Pmap> VmSpace<P> {
         if !e.eflags.contains(EntryFlags::GROWS_DOWN) {
             return Ok(false);
         }
-        let floor = g.entries.range(..start).next_back().map_or(self.map.min_addr(), |(_, p)| p.end);
+        let floor = g
+            .entries
+            .range(..start)
+            .next_back()
+            .map_or(self.map.min_addr(), |(_, p)| p.end);
         let need = start - va;
         if need > e.avail_ssize || va < floor {
             return Err(());
         }
         // Grow by at least the configured step, within the room left and
         // without reaching the entry below.
-        let grow = need.max(self.vm.config.stack_growth).min(e.avail_ssize).min(start - floor);
+        let grow = need
+            .max(self.vm.config.stack_growth)
+            .min(e.avail_ssize)
+            .min(start - floor);
         let new_start = start - grow;
         let mut below = MapEntry::new(new_start, start, e.protection, e.max_protection);
         below.eflags = EntryFlags::GROWS_DOWN | (e.eflags & EntryFlags::NOSYNC);
@@ -308,7 +353,10 @@ impl<P: Pmap> VmSpace<P> {
         e.eflags.remove(EntryFlags::GROWS_DOWN);
         e.avail_ssize = 0;
         g.entries.insert(new_start, below);
-        self.vm.counters().v_stack_growths.fetch_add(1, Ordering::Relaxed);
+        self.vm
+            .counters()
+            .v_stack_growths
+            .fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
 
@@ -329,7 +377,9 @@ impl<P: Pmap> VmSpace<P> {
             for e in removed.iter().filter(|e| e.wired_count != 0) {
                 self.unwire_pages(e.start, e.end);
             }
-            self.vm.pmap.remove(&self.pmap, start, end, &mut |d| self.vm.note_displaced(d));
+            self.vm
+                .pmap
+                .remove(&self.pmap, start, end, &mut |d| self.vm.note_displaced(d));
             removed
         };
         // Objects are released outside the map lock: freeing their pages
@@ -355,7 +405,10 @@ impl<P: Pmap> VmSpace<P> {
         while at < end {
             let e = g.find(at).expect("covered");
             if !e.max_protection.contains(prot) {
-                return Err(MapError::ProtectionExceedsMax { prot, max: e.max_protection });
+                return Err(MapError::ProtectionExceedsMax {
+                    prot,
+                    max: e.max_protection,
+                });
             }
             at = e.end;
         }
@@ -363,15 +416,26 @@ impl<P: Pmap> VmSpace<P> {
             let e = g.entries.get_mut(&s).expect("clipped entry");
             e.protection = prot;
             let pprot = e.pmap_prot();
-            self.vm.pmap.protect(&self.pmap, e.start, e.end, pprot, &mut |d| self.vm.note_displaced(d));
+            self.vm
+                .pmap
+                .protect(&self.pmap, e.start, e.end, pprot, &mut |d| {
+                    self.vm.note_displaced(d)
+                });
         }
         Ok(())
     }
 
-    fn update_entries(&self, start: u64, len: u64, f: impl Fn(&mut MapEntry)) -> Result<(), MapError> {
+    fn update_entries(
+        &self,
+        start: u64,
+        len: u64,
+        f: impl Fn(&mut MapEntry),
+    ) -> Result<(), MapError> {
         let end = self.check_range(start, len)?;
         let mut g = self.map.write();
-        let keys = g.clip_range(start, end).ok_or(MapError::NotMapped { start, end })?;
+        let keys = g
+            .clip_range(start, end)
+            .ok_or(MapError::NotMapped { start, end })?;
         for s in keys {
             f(g.entries.get_mut(&s).expect("clipped entry"));
         }
@@ -405,7 +469,11 @@ impl<P: Pmap> VmSpace<P> {
             if let Some(pfn) = self.vm.pmap.extract(&self.pmap, va) {
                 self.vm.pmap.change_wiring(&self.pmap, va, false);
                 if let Some(id) = pages.id_of(pfn) {
-                    if !pages.get(id).flags().contains(crate::page::PageFlags::FICTITIOUS) {
+                    if !pages
+                        .get(id)
+                        .flags()
+                        .contains(crate::page::PageFlags::FICTITIOUS)
+                    {
                         pages.unwire(id, true);
                     }
                 }
@@ -448,9 +516,13 @@ impl<P: Pmap> VmSpace<P> {
                 Inheritance::Copy => {
                     if let Some(o) = &e.object {
                         if !e.eflags.contains(EntryFlags::NEEDS_COPY) {
-                            self.vm.pmap.protect(&self.pmap, e.start, e.end, e.protection - Prot::WRITE, &mut |d| {
-                                self.vm.note_displaced(d)
-                            });
+                            self.vm.pmap.protect(
+                                &self.pmap,
+                                e.start,
+                                e.end,
+                                e.protection - Prot::WRITE,
+                                &mut |d| self.vm.note_displaced(d),
+                            );
                         }
                         o.lock().flags.remove(ObjectFlags::ONEMAPPING);
                         e.eflags |= EntryFlags::COW | EntryFlags::NEEDS_COPY;
@@ -469,7 +541,8 @@ impl<P: Pmap> VmSpace<P> {
 fn child_entry(e: &MapEntry) -> MapEntry {
     let mut c = e.duplicate();
     c.wired_count = 0;
-    c.eflags.remove(EntryFlags::USER_WIRED | EntryFlags::IN_TRANSITION);
+    c.eflags
+        .remove(EntryFlags::USER_WIRED | EntryFlags::IN_TRANSITION);
     c
 }
 
@@ -482,7 +555,9 @@ impl<P: Pmap> VmSpace<P> {
             let Some(o) = &e.object else { continue };
             let private = {
                 let st = o.lock();
-                st.flags.contains(ObjectFlags::ONEMAPPING) && st.otype.is_anonymous() && st.shadow_count == 0
+                st.flags.contains(ObjectFlags::ONEMAPPING)
+                    && st.otype.is_anonymous()
+                    && st.shadow_count == 0
             };
             if private {
                 let first = e.offset / PAGE_SIZE;
@@ -502,9 +577,12 @@ impl<P: Pmap> Drop for VmSpace<P> {
         for e in removed.iter().filter(|e| e.wired_count != 0) {
             self.unwire_pages(e.start, e.end);
         }
-        self.vm.pmap.remove(&self.pmap, self.map.min_addr(), self.map.max_addr(), &mut |d| {
-            self.vm.note_displaced(d)
-        });
+        self.vm.pmap.remove(
+            &self.pmap,
+            self.map.min_addr(),
+            self.map.max_addr(),
+            &mut |d| self.vm.note_displaced(d),
+        );
         self.release_entries(removed);
         self.vm.pmap.destroy_space(&self.pmap);
     }

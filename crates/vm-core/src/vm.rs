@@ -1,6 +1,7 @@
 //! `Vm`: one machine — physical memory, the page array and its queues,
 //! objects, counters and the pmap.
 
+use crate::addr::{PAGE_SIZE, Pfn};
 use crate::counters::Counters;
 use crate::object::{ObjectRegistry, VmObject};
 use crate::page::{PageId, VmPage};
@@ -8,7 +9,6 @@ use crate::page_queues::{Pages, Thresholds};
 use crate::pager::Pager;
 use crate::phys::PhysMem;
 use crate::pmap::{PhysFrames, Pmap};
-use crate::addr::{PAGE_SIZE, Pfn};
 use alloc::sync::Arc;
 
 /// Tunables of a machine.
@@ -121,10 +121,21 @@ impl<P: Pmap> Vm<P> {
     ///
     /// [`VmInitError`] if the memory is too large or the configuration is
     /// inconsistent.
-    pub fn with_phys(mut pmap: P, phys: PhysMem, zeroed: bool, config: VmConfig) -> Result<Arc<Vm<P>>, VmInitError> {
-        let frames = u32::try_from(phys.frames()).map_err(|_| VmInitError::TooLarge(phys.frames()))?;
-        if config.user_min >= config.user_max || config.user_min % PAGE_SIZE != 0 || config.user_max % PAGE_SIZE != 0 {
-            return Err(VmInitError::Config("user_min..user_max must be a non-empty page-aligned range"));
+    pub fn with_phys(
+        mut pmap: P,
+        phys: PhysMem,
+        zeroed: bool,
+        config: VmConfig,
+    ) -> Result<Arc<Vm<P>>, VmInitError> {
+        let frames =
+            u32::try_from(phys.frames()).map_err(|_| VmInitError::TooLarge(phys.frames()))?;
+        if config.user_min >= config.user_max
+            || config.user_min % PAGE_SIZE != 0
+            || config.user_max % PAGE_SIZE != 0
+        {
+            return Err(VmInitError::Config(
+                "user_min..user_max must be a non-empty page-aligned range",
+            ));
         }
         let thresholds = config
             .thresholds
@@ -136,8 +147,14 @@ impl<P: Pmap> Vm<P> {
             counters: Counters::default(),
             objects: ObjectRegistry::default(),
         });
-        pmap.attach(PhysFrames { mem: machine.clone() });
-        Ok(Arc::new(Vm { pmap, machine, config }))
+        pmap.attach(PhysFrames {
+            mem: machine.clone(),
+        });
+        Ok(Arc::new(Vm {
+            pmap,
+            machine,
+            config,
+        }))
     }
 
     /// The pmap.
@@ -184,7 +201,11 @@ impl<P: Pmap> Vm<P> {
     pub fn queue_counts(&self) -> (u64, u64, u64) {
         use crate::page::PageQueue;
         let p = &self.machine.pages;
-        (p.queue_count(PageQueue::Active), p.queue_count(PageQueue::Inactive), p.wired_count())
+        (
+            p.queue_count(PageQueue::Active),
+            p.queue_count(PageQueue::Inactive),
+            p.wired_count(),
+        )
     }
 
     /// The page record of `id`.
@@ -209,6 +230,12 @@ impl<P: Pmap> Vm<P> {
         self.machine.pages.id_of(pfn)
     }
 
+    /// Every live object of the machine (a snapshot, in no order).
+    #[must_use]
+    pub fn live_objects(&self) -> alloc::vec::Vec<Arc<VmObject>> {
+        self.machine.objects.all()
+    }
+
     /// A new anonymous (zero-fill) object of `size` pages.
     #[must_use]
     pub fn new_anon_object(&self, size: u64) -> Arc<VmObject> {
@@ -224,7 +251,10 @@ impl<P: Pmap> Vm<P> {
     /// An object the caller holds a handle to can be mapped again later:
     /// it is never "mapped by one entry only".
     fn named(object: Arc<VmObject>) -> Arc<VmObject> {
-        object.lock().flags.remove(crate::object::ObjectFlags::ONEMAPPING);
+        object
+            .lock()
+            .flags
+            .remove(crate::object::ObjectFlags::ONEMAPPING);
         object
     }
 
@@ -265,8 +295,12 @@ impl<P: Pmap> Vm<P> {
         let pages = &self.machine.pages;
         loop {
             let mut st = object.lock();
-            let doomed: alloc::vec::Vec<(u64, PageId)> =
-                st.pages.iter().filter(|&(&p, _)| (start..end).contains(&p)).map(|(&p, &id)| (p, id)).collect();
+            let doomed: alloc::vec::Vec<(u64, PageId)> = st
+                .pages
+                .iter()
+                .filter(|&(&p, _)| (start..end).contains(&p))
+                .map(|(&p, &id)| (p, id))
+                .collect();
             if let Some(&(pindex, id)) = doomed.iter().find(|&&(_, id)| pages.get(id).is_busy()) {
                 drop(st);
                 crate::fault::guard::wait_for_page(&self.machine, id, object.id().0, pindex);

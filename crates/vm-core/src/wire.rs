@@ -51,7 +51,9 @@ impl<P: Pmap> VmSpace<P> {
     pub fn unwire(&self, start: u64, len: u64, user: bool) -> Result<(), MapError> {
         let end = self.check_range(start, len)?;
         let mut g = self.map.write();
-        let keys = g.clip_range(start, end).ok_or(MapError::NotMapped { start, end })?;
+        let keys = g
+            .clip_range(start, end)
+            .ok_or(MapError::NotMapped { start, end })?;
         let not_wired = keys.iter().any(|k| {
             let e = &g.entries[k];
             e.wired_count == 0 || (user && !e.eflags.contains(EntryFlags::USER_WIRED))
@@ -77,7 +79,9 @@ impl<P: Pmap> VmSpace<P> {
     /// starts whose count this call raised.
     fn mark_wired(&self, start: u64, end: u64, user: bool) -> Result<Vec<u64>, MapError> {
         let mut g = self.map.write();
-        let keys = g.clip_range(start, end).ok_or(MapError::NotMapped { start, end })?;
+        let keys = g
+            .clip_range(start, end)
+            .ok_or(MapError::NotMapped { start, end })?;
         let mut changed = Vec::new();
         for k in keys {
             let e = g.entries.get_mut(&k).expect("clipped entry");

@@ -35,7 +35,10 @@ fn fork_write_protects_the_parent() {
     assert!(pte.prot.contains(Prot::WRITE));
     let _child = parent.fork().unwrap();
     let pte = vm.pmap().pte(parent.pmap_space(), BASE).unwrap();
-    assert!(!pte.prot.contains(Prot::WRITE), "parent must fault on its next write");
+    assert!(
+        !pte.prot.contains(Prot::WRITE),
+        "parent must fault on its next write"
+    );
     parent.write(BASE, b"y").unwrap();
     assert_eq!(_child.read_u8(BASE).unwrap(), b'x');
 }
@@ -49,7 +52,10 @@ fn read_of_a_shared_page_maps_it_read_only() {
     let out = child.fault(BASE, Prot::READ, FaultFlags::NORMAL).unwrap();
     assert_eq!(out.prot, Prot::READ);
     assert_eq!(Some(out.pfn), parent.extract(BASE));
-    assert_eq!(vm.pmap().pte(child.pmap_space(), BASE).unwrap().prot, Prot::READ);
+    assert_eq!(
+        vm.pmap().pte(child.pmap_space(), BASE).unwrap().prot,
+        Prot::READ
+    );
     consistent(&vm);
 }
 
@@ -121,8 +127,19 @@ fn private_file_mapping_writes_to_a_shadow_only() {
     assert_eq!(first.backing().unwrap().0.id(), obj.id());
     // The file's page in the object is untouched.
     let other = vm.new_space().unwrap();
-    other.map(vm_core::MapRequest::object(BASE, 4 * PAGE, obj, 0, Prot::READ)).unwrap();
-    assert_eq!(other.read_u8(BASE + PAGE).unwrap(), vm_testkit::pattern_byte(1, 0));
+    other
+        .map(vm_core::MapRequest::object(
+            BASE,
+            4 * PAGE,
+            obj,
+            0,
+            Prot::READ,
+        ))
+        .unwrap();
+    assert_eq!(
+        other.read_u8(BASE + PAGE).unwrap(),
+        vm_testkit::pattern_byte(1, 0)
+    );
     assert_eq!(space.read_u8(BASE + PAGE).unwrap(), b'm');
     assert_eq!(pager.calls().len(), 1);
     consistent(&vm);
@@ -133,8 +150,12 @@ fn shared_inheritance_shares_writes_and_none_leaves_nothing() {
     let (vm, parent) = machine(32);
     parent.map_anon(BASE, PAGE, Prot::RW).unwrap();
     parent.map_anon(BASE + 16 * PAGE, PAGE, Prot::RW).unwrap();
-    parent.set_inheritance(BASE, PAGE, Inheritance::Share).unwrap();
-    parent.set_inheritance(BASE + 16 * PAGE, PAGE, Inheritance::None).unwrap();
+    parent
+        .set_inheritance(BASE, PAGE, Inheritance::Share)
+        .unwrap();
+    parent
+        .set_inheritance(BASE + 16 * PAGE, PAGE, Inheritance::None)
+        .unwrap();
     let child = parent.fork().unwrap();
     child.write(BASE, b"c").unwrap();
     assert_eq!(parent.read_u8(BASE).unwrap(), b'c');

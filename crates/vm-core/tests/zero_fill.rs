@@ -66,20 +66,33 @@ fn out_of_memory_is_reported_after_bounded_waits_and_recovers() {
     for i in 0..4 {
         space.write_u8(BASE + i * PAGE, 1).unwrap();
     }
-    let e = space.fault(BASE + 4 * PAGE, Prot::WRITE, FaultFlags::DIRTY).unwrap_err();
-    assert_eq!(e, FaultError::ResourceShortage { addr: BASE + 4 * PAGE });
+    let e = space
+        .fault(BASE + 4 * PAGE, Prot::WRITE, FaultFlags::DIRTY)
+        .unwrap_err();
+    assert_eq!(
+        e,
+        FaultError::ResourceShortage {
+            addr: BASE + 4 * PAGE
+        }
+    );
     assert_eq!(e.signal(), vm_core::Signal::Bus(vm_core::BusCode::OomErr));
     assert!(vm.counters().snapshot().v_wait_memory >= 1);
     consistent(&vm);
     // Freeing memory lets the same fault succeed.
     space.unmap(BASE, PAGE).unwrap();
-    space.fault(BASE + 4 * PAGE, Prot::WRITE, FaultFlags::DIRTY).unwrap();
+    space
+        .fault(BASE + 4 * PAGE, Prot::WRITE, FaultFlags::DIRTY)
+        .unwrap();
     consistent(&vm);
 }
 
 #[test]
 fn a_fault_waiting_for_memory_proceeds_when_memory_is_freed() {
-    let config = vm_core::VmConfig { memory_wait_ms: 50, memory_retries: 200, ..vm_testkit::test_config(2) };
+    let config = vm_core::VmConfig {
+        memory_wait_ms: 50,
+        memory_retries: 200,
+        ..vm_testkit::test_config(2)
+    };
     let vm = vm_core::Vm::new(vm_testkit::RefPmap::new(), config).unwrap();
     let space = std::sync::Arc::new(vm.new_space().unwrap());
     space.map_anon(BASE, 4 * PAGE, Prot::RW).unwrap();

@@ -49,7 +49,11 @@ pub fn machine(pages: u64) -> (Arc<Vm<RefPmap>>, VmSpace<RefPmap>) {
 #[must_use]
 pub fn test_config(pages: u64) -> VmConfig {
     VmConfig {
-        thresholds: Some(vm_core::page_queues::Thresholds { reserved: 0, severe: 0, target: 0 }),
+        thresholds: Some(vm_core::page_queues::Thresholds {
+            reserved: 0,
+            severe: 0,
+            target: 0,
+        }),
         memory_wait_ms: 5,
         ..VmConfig::with_memory(pages * vm_core::PAGE_SIZE)
     }

@@ -54,7 +54,9 @@ impl Pause {
     ///
     /// If no call starts within 30 seconds.
     pub fn wait_started(&self) -> u64 {
-        self.started.recv_timeout(Duration::from_secs(30)).expect("pager call did not start")
+        self.started
+            .recv_timeout(Duration::from_secs(30))
+            .expect("pager call did not start")
     }
 
     /// Lets the paused call go on.
@@ -95,7 +97,9 @@ impl MemPager {
     pub fn with_pattern(otype: ObjectType, pages: u64) -> MemPager {
         let p = MemPager::new(otype);
         for i in 0..pages {
-            let data: Vec<u8> = (0..PAGE_SIZE as usize).map(|o| pattern_byte(i, o)).collect();
+            let data: Vec<u8> = (0..PAGE_SIZE as usize)
+                .map(|o| pattern_byte(i, o))
+                .collect();
             p.put(i, &data);
         }
         p
@@ -132,7 +136,10 @@ impl MemPager {
         let (stx, srx) = mpsc::channel();
         let (rtx, rrx) = mpsc::channel();
         *lock(&self.pause) = Some((stx, rrx));
-        Pause { started: srx, resume: rtx }
+        Pause {
+            started: srx,
+            resume: rtx,
+        }
     }
 
     /// What `has_page` reports as readable around a page.
@@ -159,7 +166,9 @@ impl Pager for MemPager {
     }
 
     fn has_page(&self, pindex: u64) -> Option<Contiguity> {
-        lock(&self.store).contains_key(&pindex).then(|| *lock(&self.contiguity))
+        lock(&self.store)
+            .contains_key(&pindex)
+            .then(|| *lock(&self.contiguity))
     }
 
     fn get_pages(&self, pages: &mut [PageSlot<'_>], reqpage: usize) -> Result<(), PagerError> {
@@ -188,7 +197,9 @@ impl Pager for MemPager {
             return Err(PagerError::Fail);
         }
         for slot in pages.iter_mut() {
-            let Some(src) = store.get(&slot.pindex()) else { continue };
+            let Some(src) = store.get(&slot.pindex()) else {
+                continue;
+            };
             slot.data_mut().copy_from_slice(src);
             match injected {
                 Some(Injected::Partial(mask)) => slot.set_valid(mask),
@@ -207,6 +218,9 @@ impl MemPager {
     /// An I/O error value for injections.
     #[must_use]
     pub fn io_error() -> PagerError {
-        PagerError::Error(IoError { code: 5, context: "injected read error" })
+        PagerError::Error(IoError {
+            code: 5,
+            context: "injected read error",
+        })
     }
 }

@@ -155,14 +155,26 @@ impl Pmap for RefPmap {
 
     fn destroy_space(&self, space: &RefSpace) {
         let mut st = self.lock();
-        let vas: Vec<u64> = st.spaces.get(&space.id).map(|t| t.keys().copied().collect()).unwrap_or_default();
+        let vas: Vec<u64> = st
+            .spaces
+            .get(&space.id)
+            .map(|t| t.keys().copied().collect())
+            .unwrap_or_default();
         for va in vas {
             st.take(space.id, va);
         }
         st.spaces.remove(&space.id);
     }
 
-    fn enter(&self, space: &RefSpace, va: u64, page: PageInfo, prot: Prot, access: Prot, wired: bool) -> Result<Option<Displaced>, PmapError> {
+    fn enter(
+        &self,
+        space: &RefSpace,
+        va: u64,
+        page: PageInfo,
+        prot: Prot,
+        access: Prot,
+        wired: bool,
+    ) -> Result<Option<Displaced>, PmapError> {
         let mut st = self.lock();
         st.calls.enter += 1;
         let old = st.spaces.get(&space.id).and_then(|t| t.get(&va)).copied();
@@ -191,24 +203,32 @@ impl Pmap for RefPmap {
         if page.managed && old.is_none_or(|o| o.pfn != page.pfn) {
             st.pv.entry(page.pfn).or_default().push((space.id, va));
         }
-        st.spaces.get_mut(&space.id).ok_or(PmapError::BadAddress(va))?.insert(va, pte);
+        st.spaces
+            .get_mut(&space.id)
+            .ok_or(PmapError::BadAddress(va))?
+            .insert(va, pte);
         Ok(out)
     }
 
     fn enter_quick(&self, space: &RefSpace, va: u64, page: PageInfo, prot: Prot) -> bool {
         let mut st = self.lock();
-        let Some(t) = st.spaces.get_mut(&space.id) else { return false };
+        let Some(t) = st.spaces.get_mut(&space.id) else {
+            return false;
+        };
         if t.contains_key(&va) {
             return false;
         }
-        t.insert(va, RefPte {
-            pfn: page.pfn,
-            prot: prot - Prot::WRITE,
-            wired: false,
-            referenced: false,
-            modified: false,
-            managed: page.managed,
-        });
+        t.insert(
+            va,
+            RefPte {
+                pfn: page.pfn,
+                prot: prot - Prot::WRITE,
+                wired: false,
+                referenced: false,
+                modified: false,
+                managed: page.managed,
+            },
+        );
         if page.managed {
             st.pv.entry(page.pfn).or_default().push((space.id, va));
         }
@@ -231,13 +251,22 @@ impl Pmap for RefPmap {
         }
     }
 
-    fn protect(&self, space: &RefSpace, start: u64, end: u64, prot: Prot, sink: &mut dyn FnMut(Displaced)) {
+    fn protect(
+        &self,
+        space: &RefSpace,
+        start: u64,
+        end: u64,
+        prot: Prot,
+        sink: &mut dyn FnMut(Displaced),
+    ) {
         if !prot.contains(Prot::READ) {
             return self.remove(space, start, end, sink);
         }
         let mut st = self.lock();
         st.calls.protect += 1;
-        let Some(t) = st.spaces.get_mut(&space.id) else { return };
+        let Some(t) = st.spaces.get_mut(&space.id) else {
+            return;
+        };
         for (_, p) in t.range_mut(start..end) {
             let lost_write = p.prot.contains(Prot::WRITE) && !prot.contains(Prot::WRITE);
             p.prot &= prot;
@@ -257,7 +286,12 @@ impl Pmap for RefPmap {
     }
 
     fn change_wiring(&self, space: &RefSpace, va: u64, wired: bool) {
-        if let Some(p) = self.lock().spaces.get_mut(&space.id).and_then(|t| t.get_mut(&va)) {
+        if let Some(p) = self
+            .lock()
+            .spaces
+            .get_mut(&space.id)
+            .and_then(|t| t.get_mut(&va))
+        {
             p.wired = wired;
         }
     }
@@ -306,7 +340,8 @@ impl Pmap for RefPmap {
 
     fn is_modified(&self, pfn: Pfn) -> bool {
         let mut any = false;
-        self.lock().for_each_mapping(pfn, |t, va| any |= t.get(&va).is_some_and(|p| p.modified));
+        self.lock()
+            .for_each_mapping(pfn, |t, va| any |= t.get(&va).is_some_and(|p| p.modified));
         any
     }
 

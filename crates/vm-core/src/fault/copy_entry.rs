@@ -24,13 +24,21 @@ use alloc::sync::Arc;
 /// [`MapError::MissingPage`] if a page of the wired entry is not resident
 /// (the seed panics), [`MapError::ResourceShortage`] if no memory can be
 /// had. The child's pmap is left without the entry's pages then.
-pub(crate) fn copy_entry<P: Pmap>(parent: &VmSpace<P>, child: &VmSpace<P>, src: &MapEntry) -> Result<MapEntry, MapError> {
+pub(crate) fn copy_entry<P: Pmap>(
+    parent: &VmSpace<P>,
+    child: &VmSpace<P>,
+    src: &MapEntry,
+) -> Result<MapEntry, MapError> {
     let vm = &parent.vm;
     let machine = &vm.machine;
     let dst_object = VmObject::create(machine, src.pages(), None, None);
     dst_object.add_ref();
     let mut dst = MapEntry::new(src.start, src.end, src.protection, src.max_protection);
-    dst.eflags = src.eflags - (EntryFlags::COW | EntryFlags::NEEDS_COPY | EntryFlags::USER_WIRED | EntryFlags::IN_TRANSITION);
+    dst.eflags = src.eflags
+        - (EntryFlags::COW
+            | EntryFlags::NEEDS_COPY
+            | EntryFlags::USER_WIRED
+            | EntryFlags::IN_TRANSITION);
     dst.inheritance = src.inheritance;
     dst.behavior = src.behavior;
     dst.object = Some(dst_object.clone());
@@ -42,7 +50,12 @@ pub(crate) fn copy_entry<P: Pmap>(parent: &VmSpace<P>, child: &VmSpace<P>, src: 
     result.map(|()| dst)
 }
 
-fn copy_pages<P: Pmap>(parent: &VmSpace<P>, child: &VmSpace<P>, src: &MapEntry, dst_object: &Arc<VmObject>) -> Result<(), MapError> {
+fn copy_pages<P: Pmap>(
+    parent: &VmSpace<P>,
+    child: &VmSpace<P>,
+    src: &MapEntry,
+    dst_object: &Arc<VmObject>,
+) -> Result<(), MapError> {
     let vm = &parent.vm;
     let pages = &vm.machine.pages;
     let mut va = src.start;
@@ -56,8 +69,15 @@ fn copy_pages<P: Pmap>(parent: &VmSpace<P>, child: &VmSpace<P>, src: &MapEntry, 
         page.dirty_all();
         let pindex = (va - src.start) / PAGE_SIZE;
         dst_object.insert_page(&mut dst_object.lock(), dst_id, page, pindex);
-        let info = PageInfo { pfn: pages.pfn(dst_id), managed: true, attr: MemAttr::WriteBack };
-        match vm.pmap.enter(&child.pmap, va, info, src.protection, Prot::NONE, false) {
+        let info = PageInfo {
+            pfn: pages.pfn(dst_id),
+            managed: true,
+            attr: MemAttr::WriteBack,
+        };
+        match vm
+            .pmap
+            .enter(&child.pmap, va, info, src.protection, Prot::NONE, false)
+        {
             Ok(d) => {
                 if let Some(d) = d {
                     vm.note_displaced(d);

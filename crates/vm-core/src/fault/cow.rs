@@ -16,7 +16,10 @@ impl<P: Pmap> FaultState<'_, P> {
         let first = self.first.object().clone();
         let backing = self.current().clone();
         let mut m = self.m.take().expect("page found");
-        let mut first_m = self.first_m.take().expect("placeholder in the first object");
+        let mut first_m = self
+            .first_m
+            .take()
+            .expect("placeholder in the first object");
         let counters = &self.machine.counters;
         if self.try_rename(&first, &backing, &m) {
             // The placeholder was displaced by the move; free it.
@@ -57,14 +60,22 @@ impl<P: Pmap> FaultState<'_, P> {
     /// one shadow and one reference, is anonymous, and is directly behind
     /// `first`. Unlike the seed, a held or wired page is never moved: its
     /// holder would be left looking at another object's page.
-    fn try_rename(&self, first: &Arc<VmObject>, backing: &Arc<VmObject>, m: &super::guard::BusyPage<'_>) -> bool {
+    fn try_rename(
+        &self,
+        first: &Arc<VmObject>,
+        backing: &Arc<VmObject>,
+        m: &super::guard::BusyPage<'_>,
+    ) -> bool {
         let page = m.page();
         if backing.ref_count() != 1 || page.hold_count() != 0 || page.wire_count() != 0 {
             return false;
         }
         // Lock order: shadow before backing.
         let mut fst = first.lock();
-        let direct = fst.backing.as_ref().is_some_and(|b| Arc::ptr_eq(&b.object, backing));
+        let direct = fst
+            .backing
+            .as_ref()
+            .is_some_and(|b| Arc::ptr_eq(&b.object, backing));
         if !direct {
             return false;
         }
@@ -89,4 +100,3 @@ impl<P: Pmap> FaultState<'_, P> {
         true
     }
 }
-

@@ -54,7 +54,12 @@ pub(crate) struct BusyPage<'m> {
 
 impl<'m> BusyPage<'m> {
     /// Takes over a page already busied by this thread.
-    pub(crate) fn new(machine: &'m Machine, object: Arc<VmObject>, id: PageId, disposal: Disposal) -> Self {
+    pub(crate) fn new(
+        machine: &'m Machine,
+        object: Arc<VmObject>,
+        id: PageId,
+        disposal: Disposal,
+    ) -> Self {
         BusyPage {
             machine,
             object,

@@ -98,11 +98,18 @@ enum Step {
     /// Start over now (the map changed, a race was lost).
     Retry,
     /// Sleep until the page is unbusied, then start over (`v_intrans`).
-    WaitPage { id: PageId, object: u64, pindex: u64 },
+    WaitPage {
+        id: PageId,
+        object: u64,
+        pindex: u64,
+    },
     /// Sleep for free memory, then start over (`VM_WAITPFAULT`).
     WaitMemory,
     /// The pager asked to be called again later.
-    Again { object: crate::object::ObjectId, pindex: u64 },
+    Again {
+        object: crate::object::ObjectId,
+        pindex: u64,
+    },
     /// Give up with this error.
     Fail(FaultError),
 }
@@ -129,14 +136,23 @@ impl<P: Pmap> VmSpace<P> {
     /// [`FaultError`] with the facts of why the fault cannot be resolved;
     /// [`FaultError::signal`] names the signal a kernel would send. Nothing
     /// stays busy, locked or allocated after an error.
-    pub fn fault(&self, va: u64, access: Prot, flags: FaultFlags) -> Result<FaultOutcome, FaultError> {
+    pub fn fault(
+        &self,
+        va: u64,
+        access: Prot,
+        flags: FaultFlags,
+    ) -> Result<FaultOutcome, FaultError> {
         let machine = &*self.vm.machine;
         machine.counters.v_vm_faults.fetch_add(1, Ordering::Relaxed);
         if va < self.map.min_addr() || va >= self.map.max_addr() {
             return Err(FaultError::InvalidAddress { addr: va });
         }
         let va = page_trunc(va);
-        let access = if access.is_empty() { Prot::READ } else { access };
+        let access = if access.is_empty() {
+            Prot::READ
+        } else {
+            access
+        };
         let mut r = Retries {
             growstack: true,
             hard: false,
@@ -159,7 +175,10 @@ impl<P: Pmap> VmSpace<P> {
                     guard::wait_for_page(machine, id, object, pindex);
                 }
                 Err(Step::WaitMemory) => {
-                    machine.counters.v_wait_memory.fetch_add(1, Ordering::Relaxed);
+                    machine
+                        .counters
+                        .v_wait_memory
+                        .fetch_add(1, Ordering::Relaxed);
                     if r.memory_waits >= self.vm.config.memory_retries {
                         return Err(FaultError::ResourceShortage { addr: va });
                     }
@@ -168,7 +187,12 @@ impl<P: Pmap> VmSpace<P> {
                 }
                 Err(Step::Again { object, pindex }) => {
                     if r.again_waits >= self.vm.config.memory_retries {
-                        return Err(FaultError::Pager { addr: va, object, pindex, error: PagerError::Again });
+                        return Err(FaultError::Pager {
+                            addr: va,
+                            object,
+                            pindex,
+                            error: PagerError::Again,
+                        });
                     }
                     r.again_waits += 1;
                     machine.pages.wait_for_memory(self.vm.config.memory_wait_ms);
@@ -178,7 +202,13 @@ impl<P: Pmap> VmSpace<P> {
     }
 
     /// One pass of the seed's `RetryFault` body.
-    fn fault_attempt(&self, va: u64, access: Prot, flags: FaultFlags, r: &mut Retries) -> Result<FaultOutcome, Step> {
+    fn fault_attempt(
+        &self,
+        va: u64,
+        access: Prot,
+        flags: FaultFlags,
+        r: &mut Retries,
+    ) -> Result<FaultOutcome, Step> {
         let lookup_access = if r.force_cow { Prot::READ } else { access };
         let (map, info, stamp) = match self.map.lookup(&self.vm.machine, va, lookup_access, false) {
             Ok(found) => found,
@@ -258,7 +288,9 @@ impl<P: Pmap> VmSpace<P> {
     /// access is refused (modern FreeBSD skips such entries when wiring).
     fn prepare_user_wire(&self, va: u64) -> bool {
         let mut g = self.map.write();
-        let Some(e) = g.find_mut(va) else { return false };
+        let Some(e) = g.find_mut(va) else {
+            return false;
+        };
         if !e.max_protection.contains(Prot::RW) || !e.protection.contains(Prot::READ) {
             return false;
         }
@@ -330,7 +362,10 @@ impl<'a, P: Pmap> FaultState<'a, P> {
             {
                 let mut st = obj.lock();
                 if st.flags.contains(ObjectFlags::DEAD) {
-                    return Err(self.fail(FaultError::DeadObject { addr: self.va, object: obj.id() }));
+                    return Err(self.fail(FaultError::DeadObject {
+                        addr: self.va,
+                        object: obj.id(),
+                    }));
                 }
                 // TRYPAGER (seed L185): the object has a pager, and this is
                 // not an unwiring.
@@ -338,18 +373,32 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                 if let Some(&id) = st.pages.get(&self.pindex) {
                     let page = self.machine.pages.get(id);
                     if !page.try_busy() {
-                        return Err(Step::WaitPage { id, object: obj.id().0, pindex: self.pindex });
+                        return Err(Step::WaitPage {
+                            id,
+                            object: obj.id().0,
+                            pindex: self.pindex,
+                        });
                     }
                     drop(st);
                     self.machine.pages.dequeue(id);
-                    self.m = Some(BusyPage::new(self.machine, obj.clone(), id, Disposal::Release));
+                    self.m = Some(BusyPage::new(
+                        self.machine,
+                        obj.clone(),
+                        id,
+                        Disposal::Release,
+                    ));
                     if page.valid() == VM_PAGE_BITS_ALL {
                         return Ok(());
                     }
                 } else if trypager || self.object.is_none() {
                     if self.pindex >= st.size {
                         let (pindex, size) = (self.pindex, st.size);
-                        return Err(self.fail(FaultError::OutOfBounds { addr: self.va, object: obj.id(), pindex, size }));
+                        return Err(self.fail(FaultError::OutOfBounds {
+                            addr: self.va,
+                            object: obj.id(),
+                            pindex,
+                            size,
+                        }));
                     }
                     if self.machine.pages.count_severe() {
                         return Err(Step::WaitMemory);
@@ -376,15 +425,28 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                     }
                     Err(PagerError::Fail) => {}
                     Err(PagerError::Again) => {
-                        return Err(Step::Again { object: obj.id(), pindex: self.pindex });
+                        return Err(Step::Again {
+                            object: obj.id(),
+                            pindex: self.pindex,
+                        });
                     }
                     Err(PagerError::Bad) => {
                         let (pindex, size) = (self.pindex, obj.size());
-                        return Err(self.fail(FaultError::OutOfBounds { addr: self.va, object: obj.id(), pindex, size }));
+                        return Err(self.fail(FaultError::OutOfBounds {
+                            addr: self.va,
+                            object: obj.id(),
+                            pindex,
+                            size,
+                        }));
                     }
                     Err(error) => {
                         let pindex = self.pindex;
-                        return Err(self.fail(FaultError::Pager { addr: self.va, object: obj.id(), pindex, error }));
+                        return Err(self.fail(FaultError::Pager {
+                            addr: self.va,
+                            object: obj.id(),
+                            pindex,
+                            error,
+                        }));
                     }
                 }
             }
@@ -448,7 +510,9 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                 Err(LookupError::NeedsWrite) => return Err(Step::Retry),
                 Err(LookupError::Fault(e)) => return Err(Step::Fail(e)),
                 Ok(info) => {
-                    if !alloc::sync::Arc::ptr_eq(&info.object, self.first.object()) || info.pindex != self.first_pindex {
+                    if !alloc::sync::Arc::ptr_eq(&info.object, self.first.object())
+                        || info.pindex != self.first_pindex
+                    {
                         return Err(Step::Retry);
                     }
                     self.prot &= info.prot;
@@ -462,7 +526,11 @@ impl<'a, P: Pmap> FaultState<'a, P> {
 
     /// Seed L843-931: dirty bookkeeping, pmap enter, queue placement.
     fn finish(mut self, flags: FaultFlags, force_cow: bool) -> Result<FaultOutcome, Step> {
-        let Some(entry) = self.map.as_ref().and_then(|g| g.entries.get(&self.entry_start)) else {
+        let Some(entry) = self
+            .map
+            .as_ref()
+            .and_then(|g| g.entries.get(&self.entry_start))
+        else {
             return Err(Step::Retry);
         };
         let nosync = entry.eflags.contains(EntryFlags::NOSYNC);
@@ -493,22 +561,39 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         if valid != VM_PAGE_BITS_ALL {
             self.zero_invalid(m.pfn(), valid);
             page.set_valid(VM_PAGE_BITS_ALL);
-            self.machine.counters.v_pager_partial.fetch_add(1, Ordering::Relaxed);
+            self.machine
+                .counters
+                .v_pager_partial
+                .fetch_add(1, Ordering::Relaxed);
         }
         let pg = PageInfo {
             pfn: m.pfn(),
-            managed: !page.flags().intersects(PageFlags::FICTITIOUS | PageFlags::UNMANAGED),
+            managed: !page
+                .flags()
+                .intersects(PageFlags::FICTITIOUS | PageFlags::UNMANAGED),
             attr: MemAttr::WriteBack,
         };
         let vm = &self.space.vm;
-        match vm.pmap.enter(&self.space.pmap, self.va, pg, self.prot, self.fault_type & self.prot, self.wired) {
+        match vm.pmap.enter(
+            &self.space.pmap,
+            self.va,
+            pg,
+            self.prot,
+            self.fault_type & self.prot,
+            self.wired,
+        ) {
             Ok(displaced) => {
                 if let Some(d) = displaced {
                     vm.note_displaced(d);
                 }
             }
             Err(PmapError::NoMemory) => return Err(Step::WaitMemory),
-            Err(error) => return Err(Step::Fail(FaultError::Pmap { addr: self.va, error })),
+            Err(error) => {
+                return Err(Step::Fail(FaultError::Pmap {
+                    addr: self.va,
+                    error,
+                }));
+            }
         }
         page.set_flags(PageFlags::REFERENCED);
         let pages = &self.machine.pages;
@@ -520,7 +605,12 @@ impl<'a, P: Pmap> FaultState<'a, P> {
             // wired: the page goes where the pageout daemon can find it.
             pages.activate(id);
         }
-        let out = FaultOutcome { pfn: pg.pfn, prot: self.prot, major: false, kind: self.kind };
+        let out = FaultOutcome {
+            pfn: pg.pfn,
+            prot: self.prot,
+            major: false,
+            kind: self.kind,
+        };
         self.m.take().expect("page found").unbusy();
         Ok(out)
     }
@@ -529,7 +619,9 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         let block = crate::page::DEV_BSIZE;
         for b in 0..8 {
             if valid & (1 << b) == 0 {
-                self.machine.phys.zero_range(pfn, b * block, (b + 1) * block);
+                self.machine
+                    .phys
+                    .zero_range(pfn, b * block, (b + 1) * block);
             }
         }
     }

@@ -20,7 +20,11 @@ impl<P: Pmap> FaultState<'_, P> {
         }
         // lastr, updated as the seed does with a cluster of one page
         // (L558); the entry may only be read-locked, hence the atomic.
-        if let Some(e) = self.map.as_ref().and_then(|g| g.entries.get(&self.entry_start)) {
+        if let Some(e) = self
+            .map
+            .as_ref()
+            .and_then(|g| g.entries.get(&self.entry_start))
+        {
             e.lastr.store(self.pindex + 1, Ordering::Relaxed);
         }
         // Unlock the map for the I/O (L565).

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use vm_core::{MapRequest, ObjectType, Prot, Vm, VmObject, VmSpace};
 use vm_testkit::{MemPager, RefPmap};
 
+/// Bytes in a page.
 pub const PAGE: u64 = vm_core::PAGE_SIZE;
+/// Where the tests map things.
 pub const BASE: u64 = 0x1000_0000;
 
 /// A machine of `pages` pages with one space.

@@ -1,0 +1,166 @@
+//! Wired faults and wiring: seed L247-270, L307-308, L906-913,
+//! L1026-1086, and fork of wired memory (L1088-1200).
+
+mod common;
+use common::*;
+use vm_core::{FaultError, FaultFlags, MapError, ObjectType, PageQueue, Prot};
+use vm_testkit::{Injected, MemPager};
+
+#[test]
+fn wiring_maps_and_wires_every_page_and_unwiring_undoes_it() {
+    let (vm, space) = machine(32);
+    space.map_anon(BASE, 4 * PAGE, Prot::RW).unwrap();
+    space.wire(BASE, 4 * PAGE, true).unwrap();
+    let (_, _, wired) = vm.queue_counts();
+    assert_eq!(wired, 4);
+    for i in 0..4 {
+        let va = BASE + i * PAGE;
+        let pte = vm
+            .pmap()
+            .pte(space.pmap_space(), va)
+            .expect("wired pages are mapped");
+        assert!(pte.wired);
+        let page = vm.page(vm.page_of(pte.pfn).unwrap());
+        assert_eq!((page.wire_count(), page.queue()), (1, PageQueue::None));
+    }
+    assert!(
+        space.entries()[0]
+            .eflags
+            .contains(vm_core::EntryFlags::USER_WIRED)
+    );
+    consistent(&vm);
+    space.unwire(BASE, 4 * PAGE, true).unwrap();
+    assert_eq!(vm.queue_counts().2, 0);
+    assert!(!vm.pmap().pte(space.pmap_space(), BASE).unwrap().wired);
+    assert_eq!(
+        space.unwire(BASE, PAGE, true),
+        Err(MapError::NotWired {
+            start: BASE,
+            end: BASE + PAGE
+        })
+    );
+    consistent(&vm);
+}
+
+#[test]
+fn wired_faults_use_the_entry_protection() {
+    // A user wiring faults for read only, but a wired fault takes the
+    // entry's protection as its type (seed L307-308): on a copy-on-write
+    // entry that means the private copy is made now and mapped writable,
+    // so writes to wired memory never fault.
+    let (vm, parent) = machine(32);
+    parent.map_anon(BASE, PAGE, Prot::RW).unwrap();
+    parent.write(BASE, b"w").unwrap();
+    let child = parent.fork().unwrap();
+    child.wire(BASE, PAGE, true).unwrap();
+    let pte = vm.pmap().pte(child.pmap_space(), BASE).unwrap();
+    assert_eq!(pte.prot, Prot::RW);
+    assert_ne!(Some(pte.pfn), parent.extract(BASE), "copied at wiring time");
+    assert_eq!(vm.counters().snapshot().v_cow_faults, 1);
+    child.write(BASE, b"x").unwrap();
+    assert_eq!(
+        vm.counters().snapshot().v_cow_faults,
+        1,
+        "no fault after wiring"
+    );
+    assert_eq!(parent.read_u8(BASE).unwrap(), b'w');
+    child.unwire(BASE, PAGE, true).unwrap();
+    consistent(&vm);
+}
+
+#[test]
+fn a_wiring_that_fails_half_way_leaves_nothing_wired() {
+    let (vm, space) = machine(32);
+    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    pager.inject(Injected::Normal);
+    pager.inject(Injected::Normal);
+    pager.inject(Injected::Fail(MemPager::io_error()));
+    let e = space.wire(BASE, 4 * PAGE, true).unwrap_err();
+    assert!(
+        matches!(e, MapError::Fault(FaultError::Pager { pindex: 2, .. })),
+        "{e}"
+    );
+    assert_eq!(vm.queue_counts().2, 0, "nothing stays wired");
+    assert_eq!(space.entries()[0].wired_count, 0);
+    assert!(
+        !space.entries()[0]
+            .eflags
+            .contains(vm_core::EntryFlags::USER_WIRED)
+    );
+    for i in 0..2 {
+        assert!(
+            !vm.pmap()
+                .pte(space.pmap_space(), BASE + i * PAGE)
+                .unwrap()
+                .wired
+        );
+    }
+    consistent(&vm);
+    // And the range can be wired afterwards.
+    space.wire(BASE, 4 * PAGE, true).unwrap();
+    consistent(&vm);
+}
+
+#[test]
+fn user_wire_write_to_read_only_cow_entry_copies_but_maps_read_only() {
+    let (vm, parent) = machine(32);
+    parent.map_anon(BASE, PAGE, Prot::RW).unwrap();
+    parent.write(BASE, b"text").unwrap();
+    let child = parent.fork().unwrap();
+    child.protect(BASE, PAGE, Prot::READ).unwrap();
+    let out = child
+        .fault(BASE, Prot::WRITE, FaultFlags::USER_WIRE)
+        .unwrap();
+    // The copy was made now (seed L247-270)...
+    assert_ne!(Some(out.pfn), parent.extract(BASE));
+    assert_eq!(vm.counters().snapshot().v_cow_faults, 1);
+    // ...but the entry is read-only, so the copy is mapped read-only, and
+    // it can never be made writable (max protection lost write).
+    assert_eq!(out.prot, Prot::READ);
+    assert!(!child.entries()[0].max_protection.contains(Prot::WRITE));
+    assert!(matches!(
+        child.protect(BASE, PAGE, Prot::RW),
+        Err(MapError::ProtectionExceedsMax { .. })
+    ));
+    assert_eq!(child.read_u8(BASE).unwrap(), b't');
+    parent.write(BASE, b"T").unwrap();
+    assert_eq!(child.read_u8(BASE).unwrap(), b't');
+    consistent(&vm);
+}
+
+#[test]
+fn fork_copies_wired_entries_page_by_page() {
+    let (vm, parent) = machine(32);
+    parent.map_anon(BASE, 3 * PAGE, Prot::RW).unwrap();
+    for i in 0..3u8 {
+        parent
+            .write(BASE + u64::from(i) * PAGE, &[i + 1; 100])
+            .unwrap();
+    }
+    parent.wire(BASE, 3 * PAGE, true).unwrap();
+    let child = parent.fork().unwrap();
+    for i in 0..3 {
+        let va = BASE + i * PAGE;
+        let (p, c) = (
+            parent.extract(va).unwrap(),
+            child.extract(va).expect("copied pages are entered"),
+        );
+        assert_ne!(p, c, "the child has its own frames");
+        assert_eq!(child.read_u8(va).unwrap(), i as u8 + 1);
+    }
+    child.write(BASE, b"z").unwrap();
+    assert_eq!(parent.read_u8(BASE).unwrap(), 1);
+    assert_eq!(child.entries()[0].wired_count, 0);
+    consistent(&vm);
+}
+
+#[test]
+fn unmapping_a_wired_range_unwires_it() {
+    let (vm, space) = machine(32);
+    space.map_anon(BASE, 2 * PAGE, Prot::RW).unwrap();
+    space.wire(BASE, 2 * PAGE, false).unwrap();
+    space.unmap(BASE, 2 * PAGE).unwrap();
+    assert_eq!(vm.queue_counts().2, 0);
+    assert_eq!(vm.free_pages(), vm.total_pages());
+    consistent(&vm);
+}
