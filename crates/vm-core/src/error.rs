@@ -98,13 +98,6 @@ pub enum FaultError {
         /// What the mapping allows.
         allowed: Prot,
     },
-    /// A fault below a grows-down stack could not grow it (past its limit or
-    /// into another mapping).
-    #[error("stack cannot grow to {addr:#x}")]
-    StackGrowth {
-        /// The faulting address.
-        addr: u64,
-    },
     /// The entry is marked no-fault (the seed panics here).
     #[error("fault at {addr:#x} on a no-fault entry")]
     NoFaultEntry {
@@ -170,9 +163,9 @@ impl FaultError {
     #[must_use]
     pub fn signal(&self) -> Signal {
         match self {
-            FaultError::InvalidAddress { .. }
-            | FaultError::StackGrowth { .. }
-            | FaultError::NoFaultEntry { .. } => Signal::Segv(SegvCode::MapErr),
+            FaultError::InvalidAddress { .. } | FaultError::NoFaultEntry { .. } => {
+                Signal::Segv(SegvCode::MapErr)
+            }
             FaultError::ProtectionFailure { .. } | FaultError::DeadObject { .. } => {
                 Signal::Segv(SegvCode::AccErr)
             }
@@ -193,7 +186,7 @@ impl FaultError {
             FaultError::ProtectionFailure { .. } | FaultError::DeadObject { .. } => {
                 KernReturn::ProtectionFailure
             }
-            FaultError::StackGrowth { .. } | FaultError::NoFaultEntry { .. } => KernReturn::Failure,
+            FaultError::NoFaultEntry { .. } => KernReturn::Failure,
             FaultError::Pager { error, .. } => match error {
                 PagerError::Bad => KernReturn::ProtectionFailure,
                 _ => KernReturn::Failure,
@@ -211,7 +204,6 @@ impl FaultError {
         match *self {
             FaultError::InvalidAddress { addr }
             | FaultError::ProtectionFailure { addr, .. }
-            | FaultError::StackGrowth { addr }
             | FaultError::NoFaultEntry { addr }
             | FaultError::DeadObject { addr, .. }
             | FaultError::OutOfBounds { addr, .. }

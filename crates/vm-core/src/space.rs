@@ -317,30 +317,26 @@ impl<P: Pmap> VmSpace<P> {
     }
 
     /// Grows the stack entry above `va` down to cover it
-    /// (`vm_map_growstack`): `Ok(false)` if `va` is not below a stack,
-    /// `Err` if it is but the stack cannot reach it (past its limit, or the
-    /// gap to the mapping below is too small).
-    pub(crate) fn grow_stack(&self, va: u64) -> Result<bool, ()> {
+    /// (`vm_map_growstack`); false if `va` is not within a stack's growth
+    /// room (then it is simply unmapped, as FreeBSD treats it).
+    pub(crate) fn grow_stack(&self, va: u64) -> bool {
         let va = crate::addr::page_trunc(va);
         let mut g = self.map.write();
         let Some((&start, e)) = g.entries.range(va..).next() else {
-            return Ok(false);
+            return false;
         };
-        if !e.eflags.contains(EntryFlags::GROWS_DOWN) {
-            return Ok(false);
+        if !e.eflags.contains(EntryFlags::GROWS_DOWN) || start - va > e.avail_ssize {
+            return false;
         }
+        // The entry above `va` is the stack, so the one below ends at or
+        // below `va`: growing down to `va` always fits. Grow by at least
+        // the configured step, within the room left and the gap.
         let floor = g
             .entries
             .range(..start)
             .next_back()
             .map_or(self.map.min_addr(), |(_, p)| p.end);
-        let need = start - va;
-        if need > e.avail_ssize || va < floor {
-            return Err(());
-        }
-        // Grow by at least the configured step, within the room left and
-        // without reaching the entry below.
-        let grow = need
+        let grow = (start - va)
             .max(self.vm.config.stack_growth)
             .min(e.avail_ssize)
             .min(start - floor);
@@ -357,7 +353,7 @@ impl<P: Pmap> VmSpace<P> {
             .counters()
             .v_stack_growths
             .fetch_add(1, Ordering::Relaxed);
-        Ok(true)
+        true
     }
 
     /// Removes every mapping in `start..start+len` (`munmap`). Holes in the

@@ -101,7 +101,7 @@ fn fault_below_a_stack_grows_it_once() {
 }
 
 #[test]
-fn stack_growth_past_its_limit_fails() {
+fn a_fault_past_the_stack_limit_is_an_unmapped_address() {
     let (vm, space) = machine(64);
     let top = 0x7fff_0000_0000;
     space.map_stack(top, 4 * PAGE, 16 * PAGE).unwrap();
@@ -110,13 +110,13 @@ fn stack_growth_past_its_limit_fails() {
         .unwrap_err();
     assert_eq!(
         e,
-        FaultError::StackGrowth {
+        FaultError::InvalidAddress {
             addr: top - 17 * PAGE
         }
     );
     assert_eq!(space.entries().len(), 1);
     assert_eq!(vm.counters().snapshot().v_stack_growths, 0);
-    // Within the limit it still works.
+    // At the limit it still works.
     space
         .fault(top - 16 * PAGE, Prot::WRITE, FaultFlags::DIRTY)
         .unwrap();

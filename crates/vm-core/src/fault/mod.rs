@@ -260,10 +260,10 @@ impl<P: Pmap> VmSpace<P> {
         match e {
             FaultError::InvalidAddress { .. } if r.growstack => {
                 r.growstack = false;
-                match self.grow_stack(va) {
-                    Ok(true) => Step::Retry,
-                    Ok(false) => Step::Fail(e),
-                    Err(()) => Step::Fail(FaultError::StackGrowth { addr: va }),
+                if self.grow_stack(va) {
+                    Step::Retry
+                } else {
+                    Step::Fail(e)
                 }
             }
             FaultError::ProtectionFailure { .. }

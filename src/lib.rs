@@ -1,0 +1,1 @@
+//! Examples and benches of the vm-fault workspace live in `examples/` and `benches/`.
