@@ -454,3 +454,74 @@ impl VmMap {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(entries: &[(u64, u64)]) -> MapState {
+        let mut s = MapState::default();
+        for &(a, b) in entries {
+            s.entries
+                .insert(a, MapEntry::new(a, b, Prot::RW, Prot::ALL));
+        }
+        s
+    }
+
+    #[test]
+    fn find_and_cover_respect_holes() {
+        let s = state(&[(0x1000, 0x3000), (0x4000, 0x5000)]);
+        assert_eq!(s.find(0x2fff).map(|e| e.start), Some(0x1000));
+        assert!(s.find(0x3000).is_none());
+        assert!(s.covers(0x1000, 0x3000));
+        assert!(!s.covers(0x1000, 0x5000));
+        assert!(s.overlaps(0x2000, 0x4001));
+        assert!(!s.overlaps(0x3000, 0x4000));
+    }
+
+    #[test]
+    fn clip_splits_with_offsets() {
+        let mut s = state(&[(0x1000, 0x5000)]);
+        s.entries.get_mut(&0x1000).unwrap().offset = 0x10000;
+        let keys = s.clip_range(0x2000, 0x3000).unwrap();
+        assert_eq!(keys, vec![0x2000]);
+        let got: Vec<(u64, u64, u64)> = s
+            .entries
+            .values()
+            .map(|e| (e.start, e.end, e.offset))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0x1000, 0x2000, 0x10000),
+                (0x2000, 0x3000, 0x11000),
+                (0x3000, 0x5000, 0x12000)
+            ]
+        );
+        assert!(s.clip_range(0x4000, 0x6000).is_none(), "a hole");
+    }
+
+    #[test]
+    fn lookup_checks_protection_and_asks_for_changes() {
+        let mut s = state(&[(0x1000, 0x2000)]);
+        assert!(
+            matches!(
+                s.lookup(0x1000, Prot::READ, false),
+                Err(LookupError::NeedsWrite)
+            ),
+            "no object yet"
+        );
+        let e = s.entries.get_mut(&0x1000).unwrap();
+        e.protection = Prot::READ;
+        assert!(matches!(
+            s.lookup(0x1000, Prot::WRITE, false),
+            Err(LookupError::Fault(FaultError::ProtectionFailure { .. }))
+        ));
+        assert!(matches!(
+            s.lookup(0x9000, Prot::READ, false),
+            Err(LookupError::Fault(FaultError::InvalidAddress {
+                addr: 0x9000
+            }))
+        ));
+    }
+}

@@ -286,3 +286,74 @@ pub fn blocks_covered(start: usize, end: usize) -> u8 {
     let last = end / DEV_BSIZE;
     (first..last.min(8)).fold(0u8, |m, b| m | (1 << b))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_record_stays_small() {
+        assert_eq!(core::mem::size_of::<VmPage>(), 32);
+    }
+
+    #[test]
+    fn busy_is_exclusive_and_unbusy_reports_waiters() {
+        let p = VmPage::default();
+        assert!(p.try_busy());
+        assert!(!p.try_busy());
+        assert!(p.want(), "still busy: the waiter must sleep");
+        assert!(p.flags().contains(PageFlags::WANTED));
+        assert!(p.unbusy(), "a waiter was recorded");
+        assert!(!p.flags().intersects(PageFlags::BUSY | PageFlags::WANTED));
+        assert!(!p.want(), "not busy: nothing to wait for");
+        assert!(p.try_busy());
+        assert!(!p.unbusy());
+    }
+
+    #[test]
+    fn soft_busy_blocks_exclusive_busy() {
+        let p = VmPage::default();
+        p.soft_busy.store(1, Ordering::Relaxed);
+        assert!(!p.try_busy());
+        assert!(p.is_busy());
+    }
+
+    #[test]
+    fn valid_dirty_flags_and_queue_share_one_word_without_interfering() {
+        let p = VmPage::default();
+        p.set_valid(0x0f);
+        p.dirty_all();
+        p.set_flags(PageFlags::ZERO | PageFlags::NOSYNC);
+        p.set_queue(PageQueue::Inactive);
+        assert_eq!((p.valid(), p.dirty()), (0x0f, 0xff));
+        assert_eq!(p.flags(), PageFlags::ZERO | PageFlags::NOSYNC);
+        assert_eq!(p.queue(), PageQueue::Inactive);
+        p.reset_free(PageFlags::ZERO);
+        assert_eq!(
+            (p.valid(), p.dirty(), p.flags(), p.queue()),
+            (0, 0, PageFlags::ZERO, PageQueue::Free)
+        );
+    }
+
+    #[test]
+    fn wire_count_never_underflows() {
+        let p = VmPage::default();
+        assert_eq!(p.wire_dec(), None);
+        p.wire_inc();
+        assert_eq!(p.wire_dec(), Some(1));
+        assert_eq!(p.wire_count(), 0);
+    }
+
+    #[test]
+    fn blocks_covered_counts_whole_512_byte_blocks() {
+        assert_eq!(blocks_covered(0, 4096), 0xff);
+        assert_eq!(blocks_covered(0, 512), 0x01);
+        assert_eq!(blocks_covered(0, 511), 0x00);
+        assert_eq!(blocks_covered(1, 1024), 0x02);
+        assert_eq!(
+            blocks_covered(0, 1000),
+            0x01,
+            "EOF inside a block: only whole blocks"
+        );
+    }
+}

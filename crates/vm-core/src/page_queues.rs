@@ -191,11 +191,49 @@ impl Pages {
         if self.free_count() <= floor {
             return None;
         }
+        // First the kind asked for, on any shard (skipped when the counts
+        // say there is none), then whatever is there.
+        let preferred_exists = if zero {
+            self.free_zeroed_count() > 0
+        } else {
+            self.free_count() > self.free_zeroed_count()
+        };
+        let passes: &[Option<bool>] = if preferred_exists {
+            &[Some(zero), None]
+        } else {
+            &[None]
+        };
+        for &kind in passes {
+            if let Some(id) = self.pop_any(hint, kind, zero) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Pops a free page of `kind` (zeroed or not; `None`: either, trying
+    /// `zero_first` first) from the first shard that has one, from `hint`.
+    fn pop_any(&self, hint: u64, kind: Option<bool>, zero_first: bool) -> Option<PageId> {
+        let order: &[bool] = match kind {
+            Some(k) => {
+                if k {
+                    &[true]
+                } else {
+                    &[false]
+                }
+            }
+            None => {
+                if zero_first {
+                    &[true, false]
+                } else {
+                    &[false, true]
+                }
+            }
+        };
         let start = (hint as usize) % SHARDS;
         for k in 0..SHARDS {
             let mut shard = self.shards[(start + k) % SHARDS].lock();
-            let (first, second) = if zero { (true, false) } else { (false, true) };
-            for want_zero in [first, second] {
+            for &want_zero in order {
                 let head = if want_zero {
                     &mut shard.zeroed
                 } else {
@@ -313,5 +351,89 @@ impl Pages {
             }
             Some(_) => true,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pages(n: u32, zero: bool, reserved: u64) -> Pages {
+        Pages::new(
+            0,
+            n,
+            zero,
+            Thresholds {
+                reserved,
+                severe: reserved + 1,
+                target: 0,
+            },
+        )
+    }
+
+    #[test]
+    fn allocation_prefers_what_is_asked_and_counts() {
+        let p = pages(4, false, 0);
+        let a = p.alloc(0, AllocClass::Normal, false).unwrap();
+        p.get(a).set_flags(PageFlags::ZERO);
+        p.free(a);
+        assert_eq!((p.free_count(), p.free_zeroed_count()), (4, 1));
+        // A zero-preferring allocation finds the zeroed page wherever it is.
+        let z = p.alloc(3, AllocClass::Normal, true).unwrap();
+        assert_eq!(z, a);
+        assert!(p.get(z).flags().contains(PageFlags::ZERO));
+        // A normal one leaves zeroed pages for those who want them.
+        p.free(z);
+        let n = p.alloc(a.0 as u64, AllocClass::Normal, false).unwrap();
+        assert_ne!(n, a);
+    }
+
+    #[test]
+    fn the_reserve_is_for_system_allocations() {
+        let p = pages(4, true, 2);
+        assert!(p.alloc(0, AllocClass::Normal, true).is_some());
+        assert!(p.alloc(0, AllocClass::Normal, true).is_some());
+        assert!(
+            p.alloc(0, AllocClass::Normal, true).is_none(),
+            "two left: reserved"
+        );
+        assert!(p.alloc(0, AllocClass::System, true).is_some());
+        assert!(p.alloc(0, AllocClass::System, true).is_some());
+        assert!(p.alloc(0, AllocClass::System, true).is_none());
+        assert!(p.count_severe());
+    }
+
+    #[test]
+    fn queues_count_and_wired_pages_leave_them() {
+        let p = pages(4, true, 0);
+        let id = p.alloc(0, AllocClass::Normal, true).unwrap();
+        p.activate(id);
+        assert_eq!(p.queue_count(PageQueue::Active), 1);
+        p.deactivate(id);
+        assert_eq!(
+            (
+                p.queue_count(PageQueue::Active),
+                p.queue_count(PageQueue::Inactive)
+            ),
+            (0, 1)
+        );
+        p.wire(id);
+        p.wire(id);
+        assert_eq!(
+            (p.queue_count(PageQueue::Inactive), p.wired_count()),
+            (0, 1)
+        );
+        p.activate(id);
+        assert_eq!(
+            p.queue_count(PageQueue::Active),
+            0,
+            "wired pages stay off the queues"
+        );
+        assert!(p.unwire(id, true));
+        assert!(p.unwire(id, true));
+        assert!(!p.unwire(id, true), "not wired any more");
+        assert_eq!((p.queue_count(PageQueue::Active), p.wired_count()), (1, 0));
+        p.free(id);
+        assert_eq!((p.free_count(), p.queue_count(PageQueue::Active)), (4, 0));
     }
 }
