@@ -8,7 +8,8 @@
 //!   checking call sequences;
 //! * [`MemPager`] — an in-memory pager that logs calls and fails on
 //!   command;
-//! * [`machine`] — a small machine on the reference pmap in one call.
+//! * [`machine`] — a small machine on the reference pmap in one call;
+//! * [`scenarios`] — end-to-end checks generic over the pmap.
 //!
 //! ```
 //! use vm_core::{Prot, FaultFlags};
@@ -23,6 +24,7 @@
 mod mem_pager;
 mod mocks;
 mod ref_pmap;
+pub mod scenarios;
 
 pub use mem_pager::{GetCall, Injected, MemPager, Pause, pattern_byte};
 pub use mocks::{MockPager, MockPmap};

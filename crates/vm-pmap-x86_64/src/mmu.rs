@@ -1,0 +1,176 @@
+//! A software MMU: walks the tables as an x86_64 CPU does, sets A and D
+//! bits, and reports the #PF error code the CPU would push.
+
+use crate::entry::{AVAIL_HIGH, PG_FRAME, PfErrorCode, PteFlags};
+use crate::paging::{PagingMode, SHIFTS, index};
+use crate::tables::entry_at;
+use core::sync::atomic::Ordering;
+use vm_core::PhysMem;
+
+/// Kind and privilege of an access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Access {
+    /// A write (else a read or fetch).
+    pub write: bool,
+    /// An instruction fetch.
+    pub exec: bool,
+    /// From user mode (CPL 3).
+    pub user: bool,
+}
+
+impl Access {
+    /// A user-mode read.
+    pub const USER_READ: Access = Access {
+        write: false,
+        exec: false,
+        user: true,
+    };
+    /// A user-mode write.
+    pub const USER_WRITE: Access = Access {
+        write: true,
+        exec: false,
+        user: true,
+    };
+    /// A user-mode instruction fetch.
+    pub const USER_EXEC: Access = Access {
+        write: false,
+        exec: true,
+        user: true,
+    };
+
+    fn code(self) -> PfErrorCode {
+        let mut c = PfErrorCode::empty();
+        c.set(PfErrorCode::W, self.write);
+        c.set(PfErrorCode::U, self.user);
+        c.set(PfErrorCode::I, self.exec);
+        c
+    }
+}
+
+/// CPU settings the walk depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CpuMode {
+    /// 4- or 5-level paging.
+    pub paging: PagingMode,
+    /// EFER.NXE: the NX bit is honoured (else it is reserved).
+    pub nxe: bool,
+    /// CR0.WP: supervisor writes respect read-only pages.
+    pub wp: bool,
+    /// Physical address width (CPUID 0x80000008 EAX[7:0]); entry bits from
+    /// here to bit 51 are reserved.
+    pub maxphyaddr: u32,
+}
+
+impl Default for CpuMode {
+    fn default() -> Self {
+        CpuMode {
+            paging: PagingMode::FourLevel,
+            nxe: true,
+            wp: true,
+            maxphyaddr: 46,
+        }
+    }
+}
+
+/// Why a translation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Fault {
+    /// #PF with this error code.
+    PageFault(PfErrorCode),
+    /// #GP: the address is not canonical.
+    NonCanonical,
+    /// An entry points outside physical memory (a machine check on real
+    /// hardware).
+    BadPhysical(u64),
+}
+
+/// A successful translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Translation {
+    /// The physical address.
+    pub pa: u64,
+    /// The leaf entry's value after the walk set its bits.
+    pub leaf: u64,
+    /// Level of the leaf (0 = 4 KiB PTE, 1 = 2 MiB PDE, 2 = 1 GiB PDPTE).
+    pub level: usize,
+}
+
+fn reserved_bits(mode: &CpuMode, level: usize, e: u64) -> u64 {
+    let phys_reserved = PG_FRAME & !((1u64 << mode.maxphyaddr) - 1);
+    let mut r = phys_reserved;
+    if !mode.nxe {
+        r |= PteFlags::NX.bits();
+    }
+    let ps = e & PteFlags::PS.bits() != 0;
+    match level {
+        3 | 4 => r |= PteFlags::PS.bits(),
+        // A large leaf's frame must be aligned to its size; bit 12 is PAT.
+        1 | 2 if ps => r |= ((1u64 << SHIFTS[level]) - 1) & !0x1fff,
+        _ => {}
+    }
+    r & !AVAIL_HIGH
+}
+
+/// Translates `va` for `access` in the tables at `root` (CR3), as the CPU
+/// would. On success sets A in every entry used and D in the leaf of a
+/// write.
+///
+/// # Errors
+///
+/// [`Fault`]: the #PF error code (P, W, U, RSVD, I), a non-canonical
+/// address, or an entry pointing outside `phys`.
+pub fn translate(
+    phys: &PhysMem,
+    mode: &CpuMode,
+    root: u64,
+    va: u64,
+    access: Access,
+) -> Result<Translation, Fault> {
+    if !mode.paging.is_canonical(va) {
+        return Err(Fault::NonCanonical);
+    }
+    let mut table = root & PG_FRAME;
+    let (mut writable, mut user, mut exec) = (true, true, true);
+    let mut used = [None; 5];
+    for level in (0..mode.paging.levels()).rev() {
+        let slot = entry_at(phys, table, index(va, level)).ok_or(Fault::BadPhysical(table))?;
+        let e = slot.load(Ordering::Acquire);
+        if e & PteFlags::V.bits() == 0 {
+            return Err(Fault::PageFault(access.code()));
+        }
+        if e & reserved_bits(mode, level, e) != 0 {
+            return Err(Fault::PageFault(
+                access.code() | PfErrorCode::P | PfErrorCode::RSVD,
+            ));
+        }
+        used[level] = Some(slot);
+        writable &= e & PteFlags::RW.bits() != 0;
+        user &= e & PteFlags::U.bits() != 0;
+        exec &= !(mode.nxe && e & PteFlags::NX.bits() != 0);
+        let leaf = level == 0 || (level <= 2 && e & PteFlags::PS.bits() != 0);
+        if !leaf {
+            table = e & PG_FRAME;
+            continue;
+        }
+        let denied = (access.user && !user)
+            || (access.write && !writable && (access.user || mode.wp))
+            || (access.exec && !exec);
+        if denied {
+            return Err(Fault::PageFault(access.code() | PfErrorCode::P));
+        }
+        for s in used.iter().flatten() {
+            s.fetch_or(PteFlags::A.bits(), Ordering::AcqRel);
+        }
+        if access.write {
+            slot.fetch_or(PteFlags::M.bits(), Ordering::AcqRel);
+        }
+        let offset_mask = (1u64 << SHIFTS[level]) - 1;
+        let frame = e & PG_FRAME & !offset_mask;
+        return Ok(Translation {
+            pa: frame | (va & offset_mask),
+            leaf: slot.load(Ordering::Acquire),
+            level,
+        });
+    }
+    unreachable!("level 0 is always a leaf")
+}

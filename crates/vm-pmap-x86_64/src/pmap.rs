@@ -1,0 +1,767 @@
+//! [`X86Pmap`]: vm-core's [`Pmap`] on real x86_64 page tables.
+//!
+//! Tables are frames of the machine's physical memory, laid out as the CPU
+//! reads them; a space's root is a physical address to load into CR3.
+//! Each space has a lock; pv lists are sharded; the lock order is space,
+//! then pv shard. Per-page operations (`remove_all` and friends) read the
+//! pv list, drop its lock, and take each space's lock in turn, checking
+//! that the mapping is still the one they saw.
+
+use crate::entry::{PG_FRAME, PteFlags};
+use crate::mmu::{self, Access, CpuMode};
+use crate::paging::{ENTRIES, PagingMode, index, span};
+use crate::pat::{CACHE_MASK, cache_bits};
+use crate::pv::PvTable;
+use crate::tables::entry_at;
+use crate::tlb::{NoTlb, PendingFlush, TlbHook, TlbStats};
+use alloc::sync::{Arc, Weak};
+use core::sync::atomic::{AtomicU64, Ordering};
+use hashbrown::HashMap;
+use vm_core::pmap::{Displaced, PageInfo, PhysFrames, Pmap, PmapError, RefMod};
+use vm_core::sync::{Mutex, MutexGuard};
+use vm_core::{Pfn, PhysMem, Prot};
+
+/// Bits that only the CPU changes on its own: a difference there alone
+/// needs no update (FreeBSD `pmap_enter`).
+const HW_BITS: u64 = PteFlags::A.bits() | PteFlags::M.bits();
+/// Flags of a table (non-leaf) entry for user space, as FreeBSD's
+/// `_pmap_allocpte` makes them.
+const TABLE_FLAGS: PteFlags = PteFlags::V
+    .union(PteFlags::RW)
+    .union(PteFlags::U)
+    .union(PteFlags::A)
+    .union(PteFlags::M);
+
+struct SpaceState {
+    /// Valid entries in each table page of the space (by table address).
+    counts: HashMap<u64, u32>,
+    resident: u64,
+    wired: u64,
+}
+
+struct SpaceInner {
+    id: u64,
+    root: u64,
+    state: Mutex<SpaceState>,
+}
+
+/// One address space's tables: its root (CR3) and counts.
+pub struct X86Space(Arc<SpaceInner>);
+
+impl core::fmt::Debug for X86Space {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("X86Space")
+            .field("id", &self.0.id)
+            .field("root", &self.0.root)
+            .finish()
+    }
+}
+
+impl X86Space {
+    /// Physical address of the root table: the value for CR3.
+    #[must_use]
+    pub fn root(&self) -> u64 {
+        self.0.root
+    }
+
+    /// The space's number in its pmap.
+    #[must_use]
+    pub fn id(&self) -> u64 {
+        self.0.id
+    }
+
+    /// Mapped pages (`pm_stats.resident_count`).
+    #[must_use]
+    pub fn resident_count(&self) -> u64 {
+        self.0.state.lock().resident
+    }
+
+    /// Wired mappings (`pm_stats.wired_count`).
+    #[must_use]
+    pub fn wired_count(&self) -> u64 {
+        self.0.state.lock().wired
+    }
+
+    /// Table pages in use, the root included.
+    #[must_use]
+    pub fn table_pages(&self) -> usize {
+        self.0.state.lock().counts.len()
+    }
+}
+
+/// The x86_64 pmap. `T` is the embedder's TLB invalidation; the default
+/// [`NoTlb`] suits the software MMU, which caches nothing.
+pub struct X86Pmap<T: TlbHook = NoTlb> {
+    frames: Option<PhysFrames>,
+    mode: CpuMode,
+    tlb: T,
+    stats: TlbStats,
+    pv: PvTable,
+    spaces: Mutex<HashMap<u64, Weak<SpaceInner>>>,
+    next_id: AtomicU64,
+}
+
+impl X86Pmap<NoTlb> {
+    /// A 4-level pmap with no hardware TLB to invalidate.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::with_hook(CpuMode::default(), NoTlb)
+    }
+
+    /// A 5-level (LA57) pmap with no hardware TLB to invalidate.
+    #[must_use]
+    pub fn new_la57() -> Self {
+        Self::with_hook(
+            CpuMode {
+                paging: PagingMode::FiveLevel,
+                ..CpuMode::default()
+            },
+            NoTlb,
+        )
+    }
+}
+
+impl Default for X86Pmap<NoTlb> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: TlbHook> X86Pmap<T> {
+    /// A pmap for CPUs in `mode` whose TLBs `tlb` invalidates.
+    pub fn with_hook(mode: CpuMode, tlb: T) -> Self {
+        X86Pmap {
+            frames: None,
+            mode,
+            tlb,
+            stats: TlbStats::default(),
+            pv: PvTable::default(),
+            spaces: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The CPU mode the tables are built for.
+    pub fn mode(&self) -> &CpuMode {
+        &self.mode
+    }
+
+    /// Invalidations issued so far.
+    pub fn tlb_stats(&self) -> &TlbStats {
+        &self.stats
+    }
+
+    /// The TLB hook.
+    pub fn tlb(&self) -> &T {
+        &self.tlb
+    }
+
+    fn phys(&self) -> Option<&PhysMem> {
+        self.frames.as_ref().map(PhysFrames::phys)
+    }
+
+    /// The raw value of the leaf entry mapping `va`, if the tables reach
+    /// it.
+    pub fn pte(&self, space: &X86Space, va: u64) -> Option<u64> {
+        let _g = space.0.state.lock();
+        self.leaf_slot(space.0.root, va)
+            .map(|s| s.load(Ordering::Acquire))
+    }
+
+    /// Translates a user access through the software MMU.
+    ///
+    /// # Errors
+    ///
+    /// The [`mmu::Fault`] the CPU would raise.
+    pub fn translate_access(
+        &self,
+        space: &X86Space,
+        va: u64,
+        access: Access,
+    ) -> Result<mmu::Translation, mmu::Fault> {
+        let phys = self.phys().ok_or(mmu::Fault::BadPhysical(space.0.root))?;
+        mmu::translate(phys, &self.mode, space.0.root, va, access)
+    }
+
+    /// The slot of the 4 KiB leaf for `va`, without creating tables.
+    fn leaf_slot(&self, root: u64, va: u64) -> Option<&AtomicU64> {
+        let phys = self.phys()?;
+        let mut table = root;
+        for level in (1..self.mode.paging.levels()).rev() {
+            let e = entry_at(phys, table, index(va, level))?.load(Ordering::Acquire);
+            if e & PteFlags::V.bits() == 0 || e & PteFlags::PS.bits() != 0 {
+                return None;
+            }
+            table = e & PG_FRAME;
+        }
+        entry_at(phys, table, index(va, 0))
+    }
+
+    /// The slot of the leaf for `va` and its table, making missing tables.
+    fn leaf_slot_create(
+        &self,
+        st: &mut SpaceState,
+        root: u64,
+        va: u64,
+    ) -> Result<(&AtomicU64, u64), PmapError> {
+        let frames = self.frames.as_ref().ok_or(PmapError::NoMemory)?;
+        let phys = frames.phys();
+        let mut table = root;
+        for level in (1..self.mode.paging.levels()).rev() {
+            let slot = entry_at(phys, table, index(va, level)).ok_or(PmapError::BadAddress(va))?;
+            let e = slot.load(Ordering::Acquire);
+            if e & PteFlags::V.bits() != 0 {
+                table = e & PG_FRAME;
+                continue;
+            }
+            let Some(pfn) = frames.alloc_zeroed() else {
+                self.prune(st, root, va);
+                return Err(PmapError::NoMemory);
+            };
+            let child = pfn.phys_addr();
+            st.counts.insert(child, 0);
+            slot.store(child | TABLE_FLAGS.bits(), Ordering::Release);
+            *st.counts.entry(table).or_insert(0) += 1;
+            table = child;
+        }
+        let slot = entry_at(phys, table, index(va, 0)).ok_or(PmapError::BadAddress(va))?;
+        Ok((slot, table))
+    }
+
+    /// Frees the tables on the path to `va` that hold nothing, bottom up.
+    fn prune(&self, st: &mut SpaceState, root: u64, va: u64) {
+        let Some(phys) = self.phys() else { return };
+        let mut path = [(0u64, 0usize); 5];
+        let mut table = root;
+        let levels = self.mode.paging.levels();
+        let mut depth = 0;
+        for level in (1..levels).rev() {
+            let Some(slot) = entry_at(phys, table, index(va, level)) else {
+                return;
+            };
+            let e = slot.load(Ordering::Acquire);
+            if e & PteFlags::V.bits() == 0 {
+                break;
+            }
+            path[depth] = (table, level);
+            depth += 1;
+            table = e & PG_FRAME;
+        }
+        // `table` is the deepest table reached; free upwards while empty.
+        let mut flush = PendingFlush::new(root);
+        while depth > 0 && st.counts.get(&table) == Some(&0) {
+            depth -= 1;
+            let (parent, level) = path[depth];
+            let slot = entry_at(phys, parent, index(va, level)).expect("walked");
+            let old = slot.swap(0, Ordering::AcqRel);
+            flush.note(va, old);
+            self.free_table(st, table);
+            *st.counts.get_mut(&parent).expect("counted") -= 1;
+            table = parent;
+        }
+        flush.finish(&self.tlb, &self.stats);
+    }
+
+    fn free_table(&self, st: &mut SpaceState, table: u64) {
+        st.counts.remove(&table);
+        if let Some(f) = &self.frames {
+            f.free(Pfn::containing(table));
+        }
+    }
+
+    /// Visits every present 4 KiB leaf in `start..end` under `table` of
+    /// `level`; `f` returns whether it cleared the entry. Tables left empty
+    /// are freed (their parent entries noted in `flush`).
+    #[allow(clippy::too_many_arguments)]
+    fn visit(
+        &self,
+        st: &mut SpaceState,
+        table: u64,
+        level: usize,
+        base: u64,
+        start: u64,
+        end: u64,
+        flush: &mut PendingFlush,
+        f: &mut dyn FnMut(&mut SpaceState, u64, &AtomicU64) -> bool,
+    ) {
+        let Some(phys) = self.phys() else { return };
+        let step = span(level);
+        let first = ((start.max(base) - base) / step) as usize;
+        let last = ((end - 1 - base) / step).min(ENTRIES as u64 - 1) as usize;
+        for idx in first..=last {
+            let va = base + idx as u64 * step;
+            let Some(slot) = entry_at(phys, table, idx) else {
+                return;
+            };
+            let e = slot.load(Ordering::Acquire);
+            if e & PteFlags::V.bits() == 0 {
+                continue;
+            }
+            if level == 0 {
+                if f(st, va, slot) {
+                    *st.counts.get_mut(&table).expect("counted table") -= 1;
+                }
+                continue;
+            }
+            let child = e & PG_FRAME;
+            self.visit(
+                st,
+                child,
+                level - 1,
+                va,
+                start.max(va),
+                end.min(va + step),
+                flush,
+                f,
+            );
+            if st.counts.get(&child) == Some(&0) {
+                let old = slot.swap(0, Ordering::AcqRel);
+                flush.note(va, old);
+                self.free_table(st, child);
+                *st.counts.get_mut(&table).expect("counted table") -= 1;
+            }
+        }
+    }
+
+    fn lock_space<'a>(&self, space: &'a X86Space) -> MutexGuard<'a, SpaceState> {
+        space.0.state.lock()
+    }
+
+    fn check_va(&self, va: u64) -> Result<(), PmapError> {
+        if va >= self.mode.paging.user_end() || va % vm_core::PAGE_SIZE != 0 {
+            return Err(PmapError::BadAddress(va));
+        }
+        Ok(())
+    }
+
+    /// The leaf entry for a new mapping (FreeBSD `pmap_enter`'s `newpte`).
+    fn new_pte(&self, page: PageInfo, prot: Prot, access: Prot, wired: bool) -> u64 {
+        let mut f = PteFlags::V | PteFlags::A | PteFlags::U | cache_bits(page.attr, false);
+        f.set(
+            PteFlags::M,
+            access.contains(Prot::WRITE) && prot.contains(Prot::WRITE),
+        );
+        f.set(PteFlags::RW, prot.contains(Prot::WRITE));
+        f.set(PteFlags::NX, self.mode.nxe && !prot.contains(Prot::EXECUTE));
+        f.set(PteFlags::W, wired);
+        f.set(PteFlags::MANAGED, page.managed);
+        page.pfn.phys_addr() | f.bits()
+    }
+
+    fn space_by_id(&self, id: u64) -> Option<Arc<SpaceInner>> {
+        self.spaces.lock().get(&id).and_then(Weak::upgrade)
+    }
+
+    /// Applies `f` to every mapping of `pfn` that still maps it; `f`
+    /// returns whether it cleared the entry. Returns the OR of the old
+    /// entries' bits.
+    fn for_each_mapping(&self, pfn: Pfn, mut f: impl FnMut(&AtomicU64) -> bool) -> u64 {
+        let mut seen = 0;
+        for (id, va) in self.pv.list(pfn) {
+            let Some(sp) = self.space_by_id(id) else {
+                continue;
+            };
+            let mut st = sp.state.lock();
+            let Some(slot) = self.leaf_slot(sp.root, va) else {
+                continue;
+            };
+            let old = slot.load(Ordering::Acquire);
+            if old & PteFlags::V.bits() == 0 || old & PG_FRAME != pfn.phys_addr() {
+                continue;
+            }
+            let mut flush = PendingFlush::new(sp.root);
+            if f(slot) {
+                let old = slot.swap(0, Ordering::AcqRel);
+                seen |= old;
+                self.pv.remove(pfn, id, va);
+                st.resident -= 1;
+                if old & PteFlags::W.bits() != 0 {
+                    st.wired -= 1;
+                }
+                flush.note(va, old);
+                let table = self.table_of(sp.root, va);
+                if let Some(t) = table {
+                    *st.counts.get_mut(&t).expect("counted table") -= 1;
+                }
+                self.prune(&mut st, sp.root, va);
+            } else {
+                let now = slot.load(Ordering::Acquire);
+                seen |= old;
+                if now != old {
+                    flush.note(va, old);
+                }
+            }
+            flush.finish(&self.tlb, &self.stats);
+        }
+        seen
+    }
+
+    /// The leaf table holding `va`'s entry.
+    fn table_of(&self, root: u64, va: u64) -> Option<u64> {
+        let phys = self.phys()?;
+        let mut table = root;
+        for level in (1..self.mode.paging.levels()).rev() {
+            let e = entry_at(phys, table, index(va, level))?.load(Ordering::Acquire);
+            if e & PteFlags::V.bits() == 0 {
+                return None;
+            }
+            table = e & PG_FRAME;
+        }
+        Some(table)
+    }
+}
+
+fn displaced(old: u64) -> Displaced {
+    Displaced {
+        pfn: Pfn::containing(old & PG_FRAME),
+        referenced: old & PteFlags::A.bits() != 0,
+        modified: old & PteFlags::M.bits() != 0 && old & PteFlags::RW.bits() != 0,
+    }
+}
+
+fn refmod(bits: u64) -> RefMod {
+    RefMod {
+        referenced: bits & PteFlags::A.bits() != 0,
+        modified: bits & PteFlags::M.bits() != 0,
+    }
+}
+
+impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
+    type Space = X86Space;
+
+    fn attach(&mut self, frames: PhysFrames) {
+        self.frames = Some(frames);
+    }
+
+    fn create_space(&self) -> Result<X86Space, PmapError> {
+        let frames = self.frames.as_ref().ok_or(PmapError::NoMemory)?;
+        let root = frames
+            .alloc_zeroed()
+            .ok_or(PmapError::NoMemory)?
+            .phys_addr();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut counts = HashMap::new();
+        counts.insert(root, 0);
+        let inner = Arc::new(SpaceInner {
+            id,
+            root,
+            state: Mutex::new(SpaceState {
+                counts,
+                resident: 0,
+                wired: 0,
+            }),
+        });
+        self.spaces.lock().insert(id, Arc::downgrade(&inner));
+        Ok(X86Space(inner))
+    }
+
+    fn destroy_space(&self, space: &X86Space) {
+        self.remove(space, 0, self.mode.paging.user_end(), &mut |_| {});
+        self.spaces.lock().remove(&space.0.id);
+        let mut st = self.lock_space(space);
+        debug_assert_eq!(st.counts.len(), 1, "only the root is left");
+        let tables: alloc::vec::Vec<u64> = st.counts.keys().copied().collect();
+        for t in tables {
+            self.free_table(&mut st, t);
+        }
+    }
+
+    fn enter(
+        &self,
+        space: &X86Space,
+        va: u64,
+        page: PageInfo,
+        prot: Prot,
+        access: Prot,
+        wired: bool,
+    ) -> Result<Option<Displaced>, PmapError> {
+        self.check_va(va)?;
+        let root = space.0.root;
+        let mut st = self.lock_space(space);
+        let (slot, table) = self.leaf_slot_create(&mut st, root, va)?;
+        let new = self.new_pte(page, prot, access, wired);
+        let old = slot.load(Ordering::Acquire);
+        let mut flush = PendingFlush::new(root);
+        let mut out = None;
+        if old & PteFlags::V.bits() != 0 && old & PG_FRAME == new & PG_FRAME {
+            // Same frame: protection or wiring change. Keep what the CPU
+            // set, unless write permission goes (then M goes to the page).
+            let keep = if new & PteFlags::RW.bits() != 0 {
+                old & HW_BITS
+            } else {
+                old & PteFlags::A.bits()
+            };
+            let updated = new | keep;
+            if (updated ^ old) & !HW_BITS != 0 {
+                let prev = slot.swap(updated, Ordering::AcqRel);
+                let lost_write =
+                    prev & PteFlags::RW.bits() != 0 && updated & PteFlags::RW.bits() == 0;
+                let gained_nx =
+                    prev & PteFlags::NX.bits() == 0 && updated & PteFlags::NX.bits() != 0;
+                if lost_write || gained_nx || (prev ^ updated) & CACHE_MASK.bits() != 0 {
+                    flush.note(va, prev);
+                }
+                if lost_write && prev & PteFlags::M.bits() != 0 {
+                    out = Some(displaced(prev));
+                }
+                match (prev & PteFlags::W.bits() != 0, wired) {
+                    (false, true) => st.wired += 1,
+                    (true, false) => st.wired -= 1,
+                    _ => {}
+                }
+            }
+        } else {
+            if old & PteFlags::V.bits() != 0 {
+                // Another frame: take it out, carrying its A/M to its page.
+                let prev = slot.swap(0, Ordering::AcqRel);
+                flush.note(va, prev);
+                if prev & PteFlags::MANAGED.bits() != 0 {
+                    self.pv
+                        .remove(Pfn::containing(prev & PG_FRAME), space.0.id, va);
+                    out = Some(displaced(prev));
+                }
+                if prev & PteFlags::W.bits() != 0 {
+                    st.wired -= 1;
+                }
+                st.resident -= 1;
+                *st.counts.get_mut(&table).expect("counted table") -= 1;
+            }
+            if page.managed {
+                self.pv.add(page.pfn, space.0.id, va);
+            }
+            slot.store(new, Ordering::Release);
+            *st.counts.get_mut(&table).expect("counted table") += 1;
+            st.resident += 1;
+            if wired {
+                st.wired += 1;
+            }
+        }
+        flush.finish(&self.tlb, &self.stats);
+        Ok(out)
+    }
+
+    fn enter_quick(&self, space: &X86Space, va: u64, page: PageInfo, prot: Prot) -> bool {
+        if self.check_va(va).is_err() {
+            return false;
+        }
+        let root = space.0.root;
+        let mut st = self.lock_space(space);
+        let Ok((slot, table)) = self.leaf_slot_create(&mut st, root, va) else {
+            return false;
+        };
+        if slot.load(Ordering::Acquire) & PteFlags::V.bits() != 0 {
+            return false;
+        }
+        // FreeBSD `pmap_enter_quick_locked`: V, cache bits, MANAGED, NX, U;
+        // never A, M or RW.
+        let mut f = PteFlags::V | PteFlags::U | cache_bits(page.attr, false);
+        f.set(PteFlags::NX, self.mode.nxe && !prot.contains(Prot::EXECUTE));
+        f.set(PteFlags::MANAGED, page.managed);
+        if page.managed {
+            self.pv.add(page.pfn, space.0.id, va);
+        }
+        slot.store(page.pfn.phys_addr() | f.bits(), Ordering::Release);
+        *st.counts.get_mut(&table).expect("counted table") += 1;
+        st.resident += 1;
+        true
+    }
+
+    fn remove(&self, space: &X86Space, start: u64, end: u64, sink: &mut dyn FnMut(Displaced)) {
+        let end = end.min(self.mode.paging.user_end());
+        if start >= end {
+            return;
+        }
+        let root = space.0.root;
+        let id = space.0.id;
+        let mut st = self.lock_space(space);
+        let mut flush = PendingFlush::new(root);
+        let top = self.mode.paging.levels() - 1;
+        let mut noted = alloc::vec::Vec::new();
+        self.visit(
+            &mut st,
+            root,
+            top,
+            0,
+            start,
+            end,
+            &mut flush,
+            &mut |st, va, slot| {
+                let old = slot.swap(0, Ordering::AcqRel);
+                st.resident -= 1;
+                if old & PteFlags::W.bits() != 0 {
+                    st.wired -= 1;
+                }
+                noted.push((va, old));
+                true
+            },
+        );
+        for (va, old) in noted {
+            flush.note(va, old);
+            if old & PteFlags::MANAGED.bits() != 0 {
+                self.pv.remove(Pfn::containing(old & PG_FRAME), id, va);
+                sink(displaced(old));
+            }
+        }
+        flush.finish(&self.tlb, &self.stats);
+    }
+
+    fn protect(
+        &self,
+        space: &X86Space,
+        start: u64,
+        end: u64,
+        prot: Prot,
+        sink: &mut dyn FnMut(Displaced),
+    ) {
+        if !prot.contains(Prot::READ) {
+            return self.remove(space, start, end, sink);
+        }
+        let end = end.min(self.mode.paging.user_end());
+        if start >= end {
+            return;
+        }
+        let root = space.0.root;
+        let mut st = self.lock_space(space);
+        let mut flush = PendingFlush::new(root);
+        let top = self.mode.paging.levels() - 1;
+        let mut changed = alloc::vec::Vec::new();
+        let nx = self.mode.nxe && !prot.contains(Prot::EXECUTE);
+        self.visit(
+            &mut st,
+            root,
+            top,
+            0,
+            start,
+            end,
+            &mut flush,
+            &mut |_, va, slot| {
+                let mut cur = slot.load(Ordering::Acquire);
+                loop {
+                    let mut new = cur;
+                    if !prot.contains(Prot::WRITE) {
+                        new &= !(PteFlags::RW.bits() | PteFlags::M.bits());
+                    }
+                    if nx {
+                        new |= PteFlags::NX.bits();
+                    }
+                    if new == cur {
+                        break;
+                    }
+                    match slot.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
+                        Ok(_) => {
+                            changed.push((va, cur));
+                            break;
+                        }
+                        Err(now) => cur = now,
+                    }
+                }
+                false
+            },
+        );
+        for (va, old) in changed {
+            flush.note(va, old);
+            let lost_write = old & PteFlags::RW.bits() != 0 && !prot.contains(Prot::WRITE);
+            if lost_write && old & PteFlags::MANAGED.bits() != 0 && old & PteFlags::M.bits() != 0 {
+                sink(displaced(old));
+            }
+        }
+        flush.finish(&self.tlb, &self.stats);
+    }
+
+    fn extract(&self, space: &X86Space, va: u64) -> Option<Pfn> {
+        let e = self.pte(space, va)?;
+        (e & PteFlags::V.bits() != 0).then(|| Pfn::containing(e & PG_FRAME))
+    }
+
+    fn is_prefaultable(&self, space: &X86Space, va: u64) -> bool {
+        // The page directory entry exists and is not a superpage, and the
+        // PTE is empty (FreeBSD `pmap_is_prefaultable`).
+        self.check_va(va).is_ok()
+            && self
+                .pte(space, va)
+                .is_some_and(|e| e & PteFlags::V.bits() == 0)
+    }
+
+    fn change_wiring(&self, space: &X86Space, va: u64, wired: bool) {
+        let mut st = self.lock_space(space);
+        let Some(slot) = self.leaf_slot(space.0.root, va) else {
+            return;
+        };
+        let old = slot.load(Ordering::Acquire);
+        if old & PteFlags::V.bits() == 0 || (old & PteFlags::W.bits() != 0) == wired {
+            return;
+        }
+        if wired {
+            slot.fetch_or(PteFlags::W.bits(), Ordering::AcqRel);
+            st.wired += 1;
+        } else {
+            slot.fetch_and(!PteFlags::W.bits(), Ordering::AcqRel);
+            st.wired -= 1;
+        }
+    }
+
+    fn translate(&self, space: &X86Space, va: u64, access: Prot) -> Option<Pfn> {
+        let a = Access {
+            write: access.contains(Prot::WRITE),
+            exec: access.contains(Prot::EXECUTE),
+            user: true,
+        };
+        self.translate_access(space, va, a)
+            .ok()
+            .map(|t| Pfn::containing(t.pa))
+    }
+
+    fn remove_all(&self, pfn: Pfn) -> RefMod {
+        refmod(self.for_each_mapping(pfn, |_| true))
+    }
+
+    fn page_protect(&self, pfn: Pfn, prot: Prot) -> RefMod {
+        if !prot.contains(Prot::READ) {
+            return self.remove_all(pfn);
+        }
+        if prot.contains(Prot::WRITE) {
+            return RefMod::default();
+        }
+        refmod(self.for_each_mapping(pfn, |slot| {
+            slot.fetch_and(
+                !(PteFlags::RW.bits() | PteFlags::M.bits()),
+                Ordering::AcqRel,
+            );
+            false
+        }))
+    }
+
+    fn is_modified(&self, pfn: Pfn) -> bool {
+        let mut any = false;
+        self.for_each_mapping(pfn, |slot| {
+            let e = slot.load(Ordering::Acquire);
+            any |= e & PteFlags::M.bits() != 0 && e & PteFlags::RW.bits() != 0;
+            false
+        });
+        any
+    }
+
+    fn clear_modify(&self, pfn: Pfn) {
+        self.for_each_mapping(pfn, |slot| {
+            slot.fetch_and(!PteFlags::M.bits(), Ordering::AcqRel);
+            false
+        });
+    }
+
+    fn ts_referenced(&self, pfn: Pfn) -> u32 {
+        let mut n = 0;
+        self.for_each_mapping(pfn, |slot| {
+            if n < 5
+                && slot.fetch_and(!PteFlags::A.bits(), Ordering::AcqRel) & PteFlags::A.bits() != 0
+            {
+                n += 1;
+            }
+            false
+        });
+        n
+    }
+
+    fn mapping_count(&self, pfn: Pfn) -> usize {
+        self.pv.count(pfn)
+    }
+}

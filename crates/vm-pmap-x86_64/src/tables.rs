@@ -1,0 +1,26 @@
+//! Raw access to page-table entries in physical memory.
+//!
+//! Entries are read and written as `AtomicU64`: the CPU (or the software
+//! MMU) sets A and D bits concurrently with the pmap's updates, exactly as
+//! on hardware, so every access is atomic.
+
+use core::sync::atomic::AtomicU64;
+use vm_core::{PAGE_SIZE, Pfn, PhysMem};
+
+/// The entry `idx` of the table at physical address `table`, or `None` if
+/// the table is not in `phys`.
+#[must_use]
+pub fn entry_at(phys: &PhysMem, table: u64, idx: usize) -> Option<&AtomicU64> {
+    debug_assert!(idx < 512);
+    let base = phys.frame_ptr(Pfn::containing(table))?;
+    let off = (table % PAGE_SIZE) as usize + idx * 8;
+    if off + 8 > PAGE_SIZE as usize {
+        return None;
+    }
+    // SAFETY: the frame is inside physical memory, which lives as long as
+    // `phys`; `off` keeps the 8 bytes inside the frame and 8-byte aligned
+    // (frames are page aligned, `table % PAGE_SIZE` is 0 for every table
+    // this crate makes and the walker masks it). Every access to table
+    // memory goes through atomics, so there is no data race.
+    Some(unsafe { &*(base.as_ptr().add(off) as *const AtomicU64) })
+}

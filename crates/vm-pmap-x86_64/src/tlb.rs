@@ -1,0 +1,109 @@
+//! TLB invalidation: when a flush is owed, to whom, and how many.
+//!
+//! A CPU may cache any entry it has used (its A bit is set). So a change
+//! that removes or lowers such an entry owes an invalidation; making a
+//! not-present entry present owes none (FreeBSD's rule in `pmap_enter`,
+//! `pmap_remove_pte`, `pmap_protect`). The pmap gathers what an operation
+//! owes in a [`PendingFlush`] and hands it to the embedder's [`TlbHook`]
+//! before the operation returns.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+use smallvec::SmallVec;
+
+/// The embedder's translation-cache invalidation (`invlpg`, a shootdown
+/// IPI, `KVM_REQ_TLB_FLUSH`…). Called before the pmap operation that owes
+/// it returns.
+pub trait TlbHook: Send + Sync {
+    /// Invalidates the translation of `va` in the space whose root is
+    /// `root`.
+    fn invalidate_page(&self, root: u64, va: u64);
+    /// Invalidates every translation of the space whose root is `root`.
+    fn invalidate_all(&self, root: u64);
+}
+
+/// The hook for machines without a hardware TLB (the software MMU reads
+/// the tables on every access): nothing to do, but the pmap still counts
+/// what it owed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoTlb;
+
+impl TlbHook for NoTlb {
+    fn invalidate_page(&self, _root: u64, _va: u64) {}
+    fn invalidate_all(&self, _root: u64) {}
+}
+
+/// Counts of invalidations the pmap issued.
+#[derive(Debug, Default)]
+pub struct TlbStats {
+    /// Single-page invalidations.
+    pub pages: AtomicU64,
+    /// Whole-space invalidations.
+    pub full: AtomicU64,
+}
+
+impl TlbStats {
+    /// `(pages, full)` so far.
+    #[must_use]
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.pages.load(Ordering::Relaxed),
+            self.full.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Past this many pages one operation flushes the whole space instead.
+const MAX_PAGES: usize = 32;
+
+/// Invalidations owed by one operation. Must be [`finish`](Self::finish)ed.
+#[must_use = "a pending flush must be finished, or stale translations survive"]
+pub struct PendingFlush {
+    root: u64,
+    pages: SmallVec<[u64; 8]>,
+    all: bool,
+}
+
+impl PendingFlush {
+    pub(crate) fn new(root: u64) -> PendingFlush {
+        PendingFlush {
+            root,
+            pages: SmallVec::new(),
+            all: false,
+        }
+    }
+
+    /// Notes that the entry for `va`, whose old value was `old`, changed in
+    /// a way a TLB could have cached.
+    pub(crate) fn note(&mut self, va: u64, old: u64) {
+        if old & crate::entry::PteFlags::A.bits() == 0 || self.all {
+            return;
+        }
+        if self.pages.len() == MAX_PAGES {
+            self.all = true;
+            self.pages.clear();
+        } else {
+            self.pages.push(va);
+        }
+    }
+
+    /// Whether anything is owed.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.pages.is_empty()
+    }
+
+    /// Issues the invalidations through `hook`, counting them in `stats`.
+    pub(crate) fn finish(self, hook: &dyn TlbHook, stats: &TlbStats) {
+        if self.all {
+            hook.invalidate_all(self.root);
+            stats.full.fetch_add(1, Ordering::Relaxed);
+        } else {
+            for &va in &self.pages {
+                hook.invalidate_page(self.root, va);
+            }
+            stats
+                .pages
+                .fetch_add(self.pages.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
