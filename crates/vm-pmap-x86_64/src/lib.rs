@@ -31,6 +31,8 @@ extern crate alloc;
 
 pub mod entry;
 pub mod mmu;
+#[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+pub mod oracle;
 pub mod paging;
 pub mod pat;
 mod pmap;

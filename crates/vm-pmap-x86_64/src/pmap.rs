@@ -168,6 +168,16 @@ impl<T: TlbHook> X86Pmap<T> {
             .map(|s| s.load(Ordering::Acquire))
     }
 
+    /// Restores a leaf entry to a value read earlier with [`pte`](Self::pte)
+    /// (the KVM oracle undoes its predictions this way).
+    #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
+    pub(crate) fn set_pte_for_oracle(&self, space: &X86Space, va: u64, value: u64) {
+        let _g = space.0.state.lock();
+        if let Some(slot) = self.leaf_slot(space.0.root, va) {
+            slot.store(value, Ordering::Release);
+        }
+    }
+
     /// Translates a user access through the software MMU.
     ///
     /// # Errors
