@@ -71,6 +71,8 @@ counters! {
     v_shadows,
     /// stale mappings of a copied page removed from other pmaps
     v_cow_unmapped,
+    /// neighbouring pages mapped by prefault
+    v_prefaults,
 }
 
 impl fmt::Display for CounterSnapshot {

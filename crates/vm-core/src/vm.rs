@@ -27,6 +27,10 @@ pub struct VmConfig {
     pub memory_retries: u32,
     /// How far a stack grows at once, in bytes (FreeBSD `sgrowsiz`).
     pub stack_growth: u64,
+    /// Resident neighbours mapped on each side of a fault (the seed's
+    /// `PFBAK`/`PFFOR`, 4); 8 resembles Linux's 16-page fault-around, 0
+    /// turns prefaulting off.
+    pub prefault_pages: u32,
     /// Lowest user address.
     pub user_min: u64,
     /// One past the highest user address (x86_64: the lower canonical
@@ -53,6 +57,7 @@ impl Default for VmConfig {
             memory_wait_ms: 20,
             memory_retries: 3,
             stack_growth: 128 << 10,
+            prefault_pages: 4,
             user_min: PAGE_SIZE,
             user_max: 0x0000_8000_0000_0000,
         }

@@ -20,6 +20,7 @@ mod copy_entry;
 mod cow;
 pub(crate) mod guard;
 mod pagein;
+mod prefault;
 
 pub(crate) use copy_entry::copy_entry;
 
@@ -594,6 +595,9 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                     error,
                 }));
             }
+        }
+        if !flags.wiring() && !self.wired {
+            self.prefault(entry);
         }
         page.set_flags(PageFlags::REFERENCED);
         let pages = &self.machine.pages;
