@@ -1,50 +1,266 @@
-//! Asking the pager: seed L465-634.
+//! Asking the pager, with read-ahead/behind clustering: seed L465-634 and
+//! `vm_fault_additional_pages` (L1203-1343).
 
 use super::FaultState;
-use crate::object::VmObject;
-use crate::page::PageFlags;
-use crate::pager::{PageSlot, PagerError};
+use super::guard::{BusyPage, Disposal};
+use crate::map::Behavior;
+use crate::object::{ObjectType, VmObject};
+use crate::page::{PageFlags, VM_PAGE_BITS_ALL};
+use crate::page_queues::AllocClass;
+use crate::pager::{Contiguity, PageSlot, Pager, PagerError};
 use crate::pmap::Pmap;
+use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
+use smallvec::SmallVec;
+
+/// Pages read ahead of a fault (`VM_FAULT_READ_AHEAD`).
+pub const READ_AHEAD: u64 = 8;
+/// Pages read behind a fault (`VM_FAULT_READ_BEHIND`).
+pub const READ_BEHIND: u64 = 7;
+/// Largest cluster (`VM_FAULT_READ`).
+pub const READ_MAX: u64 = READ_AHEAD + READ_BEHIND + 1;
+
+/// The pages of one pager call, in index order, with the requested one.
+struct Cluster<'m> {
+    behind: SmallVec<[BusyPage<'m>; READ_BEHIND as usize]>,
+    ahead: SmallVec<[BusyPage<'m>; READ_MAX as usize]>,
+}
 
 impl<P: Pmap> FaultState<'_, P> {
-    /// Reads the busy page `self.m` of `object` through its pager, with the
-    /// map lock dropped and the object kept alive by paging-in-progress.
-    /// On success the page is left busy and kept in the object.
-    pub(super) fn page_in(&mut self, object: &VmObject) -> Result<(), PagerError> {
+    /// Reads the busy page `self.m` of `object` — and the neighbours the
+    /// clustering rules allow — through its pager, with the map lock
+    /// dropped and the object kept alive by paging-in-progress. On success
+    /// the page is left busy and kept in the object; the neighbours are
+    /// left on the inactive queue.
+    pub(super) fn page_in(&mut self, object: &Arc<VmObject>) -> Result<(), PagerError> {
         let Some(pager) = object.lock().pager.clone() else {
             return Err(PagerError::Fail);
         };
-        if pager.has_page(self.pindex).is_none() {
+        let Some(contig) = pager.has_page(self.pindex) else {
             return Err(PagerError::Fail);
-        }
-        // lastr, updated as the seed does with a cluster of one page
-        // (L558); the entry may only be read-locked, hence the atomic.
+        };
+        let (behind, ahead) = self.cluster_window();
+        let cluster = self.additional_pages(object, contig, behind, ahead);
+        let count = cluster.behind.len() + 1 + cluster.ahead.len();
+        // lastr, "imperfectly" as the seed does (L551-558); written under
+        // the read lock, hence atomic.
         if let Some(e) = self
             .map
             .as_ref()
             .and_then(|g| g.entries.get(&self.entry_start))
         {
-            e.lastr.store(self.pindex + 1, Ordering::Relaxed);
+            e.lastr.store(
+                (self.pindex + count as u64).saturating_sub(behind),
+                Ordering::Relaxed,
+            );
         }
         // Unlock the map for the I/O (L565).
         self.map = None;
+        self.read_cluster(&*pager, cluster)
+    }
+
+    /// Seed L469-528: how far behind and ahead to read, switching to
+    /// ahead-only (and dropping the pages behind) on a sequential pattern.
+    fn cluster_window(&self) -> (u64, u64) {
+        let Some(entry) = self
+            .map
+            .as_ref()
+            .and_then(|g| g.entries.get(&self.entry_start))
+        else {
+            return (0, 0);
+        };
+        let behavior = entry.behavior;
+        if behavior == Behavior::Random {
+            return (0, 0);
+        }
+        let mut behind = ((self.va - entry.start) >> crate::PAGE_SHIFT).min(READ_BEHIND);
+        let mut ahead = (((entry.end - self.va) >> crate::PAGE_SHIFT) - 1).min(READ_AHEAD);
+        let lastr = entry.lastr.load(Ordering::Relaxed);
+        let sequential = behavior == Behavior::Sequential
+            || (self.pindex >= lastr && self.pindex < lastr + READ_MAX);
+        if sequential && self.first.object().object_type() != ObjectType::Device {
+            self.cache_behind();
+            ahead += behind;
+            behind = 0;
+        }
+        (behind, ahead)
+    }
+
+    /// Seed L493-525: on a sequential scan, the clean pages behind it in
+    /// the first object are dropped (they can be read again) and the dirty
+    /// ones deactivated, so a large scan does not push out everything else.
+    fn cache_behind(&self) {
+        let first = self.first.object();
+        let pages = &self.machine.pages;
+        let vm = &self.space.vm;
+        let lowest = self.first_pindex.saturating_sub(2 * READ_MAX);
+        let mut st = first.lock();
+        for p in (lowest..self.first_pindex).rev() {
+            let Some(&id) = st.pages.get(&p) else { break };
+            let page = pages.get(id);
+            if page.valid() != VM_PAGE_BITS_ALL {
+                break;
+            }
+            if page.is_busy()
+                || page
+                    .flags()
+                    .intersects(PageFlags::FICTITIOUS | PageFlags::UNMANAGED)
+                || page.hold_count() != 0
+                || page.wire_count() != 0
+            {
+                continue;
+            }
+            if vm.pmap.remove_all(pages.pfn(id)).modified {
+                page.dirty_all();
+            }
+            if page.dirty() != 0 {
+                pages.deactivate(id);
+            } else {
+                st.pages.remove(&p);
+                pages.free(id);
+            }
+            self.machine
+                .counters
+                .v_cache_behind
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Seed `vm_fault_additional_pages`: allocates busy neighbours of the
+    /// requested page that the pager can read in the same operation,
+    /// bounded by what it reports contiguous, by resident pages, by the
+    /// object's end and by free memory.
+    fn additional_pages<'m>(
+        &self,
+        object: &Arc<VmObject>,
+        contig: Contiguity,
+        behind: u64,
+        ahead: u64,
+    ) -> Cluster<'m>
+    where
+        Self: 'm,
+    {
+        let mut cluster = Cluster {
+            behind: SmallVec::new(),
+            ahead: SmallVec::new(),
+        };
+        let pages = &self.machine.pages;
+        let mut st = object.lock();
+        if st.otype == ObjectType::Device || (contig.behind == 0 && contig.ahead == 0) {
+            return cluster;
+        }
+        let rahead = ahead.min(u64::from(contig.ahead));
+        let rbehind = behind.min(u64::from(contig.behind)).min(self.pindex);
+        let spare = pages.free_count().saturating_sub(pages.thresholds.reserved);
+        if rahead + rbehind > spare {
+            // Short of memory: read one page (the seed wakes the pageout
+            // daemon here).
+            self.machine
+                .counters
+                .v_cluster_short
+                .fetch_add(1, Ordering::Relaxed);
+            return cluster;
+        }
+        // Behind: stop above the nearest resident page.
+        let mut start = self.pindex - rbehind;
+        if let Some(r) = (start..self.pindex)
+            .rev()
+            .find(|p| st.pages.contains_key(p))
+        {
+            start = r + 1;
+        }
+        for p in start..self.pindex {
+            match self.alloc_into(object, &mut st, p) {
+                Some(b) => cluster.behind.push(b),
+                None => {
+                    // All or nothing behind (seed L1296-1306).
+                    drop(st);
+                    cluster.behind.clear();
+                    return cluster;
+                }
+            }
+        }
+        // Ahead: stop below the nearest resident page and at the end.
+        let end = (self.pindex + 1 + rahead).min(st.size);
+        for p in self.pindex + 1..end {
+            if st.pages.contains_key(&p) {
+                break;
+            }
+            match self.alloc_into(object, &mut st, p) {
+                Some(b) => cluster.ahead.push(b),
+                None => break,
+            }
+        }
+        cluster
+    }
+
+    /// A new busy page inserted at `pindex` of `object` (locked as `st`).
+    fn alloc_into<'m>(
+        &self,
+        object: &Arc<VmObject>,
+        st: &mut crate::object::ObjectState,
+        pindex: u64,
+    ) -> Option<BusyPage<'m>>
+    where
+        Self: 'm,
+    {
+        let pages = &self.machine.pages;
+        let id = pages.alloc(object.id().0 ^ pindex, AllocClass::Normal, false)?;
+        let page = pages.get(id);
+        page.set_flags(PageFlags::BUSY);
+        object.insert_page(st, id, page, pindex);
+        Some(BusyPage::new(
+            self.machine,
+            object.clone(),
+            id,
+            Disposal::Free,
+        ))
+    }
+
+    /// Calls the pager on the whole cluster and settles each page.
+    fn read_cluster(&mut self, pager: &dyn Pager, cluster: Cluster<'_>) -> Result<(), PagerError> {
         let m = self.m.as_mut().expect("page to read");
-        let page = m.page();
-        page.clear_flags(PageFlags::ZERO);
-        // SAFETY: the page is busy (owned by this fault), and a page that
-        // is not wholly valid is never mapped, so nothing else reads or
-        // writes the frame until it is unbusied.
-        let data = unsafe { self.machine.phys.frame_mut(m.pfn()) };
-        let mut slots = [PageSlot::new(self.pindex, data)];
+        let reqpage = cluster.behind.len();
+        let phys = &self.machine.phys;
+        let mut slots: SmallVec<[PageSlot<'_>; READ_MAX as usize]> = SmallVec::new();
+        for b in cluster
+            .behind
+            .iter()
+            .chain(core::iter::once(&*m))
+            .chain(cluster.ahead.iter())
+        {
+            b.page().clear_flags(PageFlags::ZERO);
+            // SAFETY: every page of the cluster is busy (owned by this
+            // fault), distinct, and not wholly valid, so never mapped:
+            // nothing else reads or writes these frames until they are
+            // unbusied, and each frame gets one slice.
+            let data = unsafe { phys.frame_mut(b.pfn()) };
+            slots.push(PageSlot::new(b.page().pindex(), data));
+        }
         let counters = &self.machine.counters;
         counters.v_pager_calls.fetch_add(1, Ordering::Relaxed);
-        pager.get_pages(&mut slots, 0)?;
-        let valid = slots[0].valid();
-        counters.v_pager_pages.fetch_add(1, Ordering::Relaxed);
-        counters.v_io_faults.fetch_add(1, Ordering::Relaxed);
-        page.set_valid(valid);
+        pager.get_pages(&mut slots, reqpage)?;
+        let valid: SmallVec<[u8; READ_MAX as usize]> = slots.iter().map(PageSlot::valid).collect();
+        drop(slots);
+        m.page().set_valid(valid[reqpage]);
         m.keep();
+        let mut read = 1;
+        for (mut b, v) in cluster
+            .behind
+            .into_iter()
+            .chain(cluster.ahead)
+            .zip(valid[..reqpage].iter().chain(&valid[reqpage + 1..]))
+        {
+            // A neighbour the pager filled stays (inactive); one it left
+            // invalid is freed as the guard drops.
+            if *v != 0 {
+                b.page().set_valid(*v);
+                b.keep();
+                read += 1;
+            }
+        }
+        counters.v_pager_pages.fetch_add(read, Ordering::Relaxed);
+        counters.v_io_faults.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
