@@ -112,8 +112,7 @@ impl<P: Pmap> VmSpace<P> {
                             error: PmapError::BadFrame(pfn),
                         });
                     };
-                    let p = pages.get(id);
-                    p.hold_inc();
+                    pages.hold(id);
                     // Re-check after the hold: a page-out that removed the
                     // mapping before our hold would now see it, or we see
                     // the removal.
@@ -123,7 +122,7 @@ impl<P: Pmap> VmSpace<P> {
                             f(pfn);
                         }
                     }
-                    p.hold_dec();
+                    pages.unhold(id);
                     if still {
                         return Ok(());
                     }

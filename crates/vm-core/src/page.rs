@@ -37,6 +37,9 @@ bitflags::bitflags! {
         const UNMANAGED = 1 << 21;
         /// Written through a `MAP_NOSYNC` mapping (`VPO_NOSYNC`).
         const NOSYNC = 1 << 22;
+        /// Freed while held: the last release frees it (FreeBSD's
+        /// `PQ_HOLD`).
+        const FREE_PENDING = 1 << 23;
     }
 }
 
@@ -254,6 +257,15 @@ impl VmPage {
 
     pub(crate) fn hold_dec(&self) -> u32 {
         self.hold_count.fetch_sub(1, Ordering::AcqRel)
+    }
+
+    /// Takes the pending free if it is still pending: whoever clears the
+    /// flag frees the page.
+    pub(crate) fn claim_pending_free(&self) -> bool {
+        self.state
+            .fetch_and(!PageFlags::FREE_PENDING.bits(), Ordering::AcqRel)
+            & PageFlags::FREE_PENDING.bits()
+            != 0
     }
 
     pub(crate) fn set_identity(&self, object: u64, pindex: u64) {

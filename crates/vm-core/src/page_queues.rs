@@ -264,9 +264,33 @@ impl Pages {
         let page = self.get(id);
         debug_assert_eq!(page.wire_count(), 0, "freeing a wired page");
         self.dequeue(id);
+        // A held page is freed by its last release instead. The flag goes
+        // up before the hold count is read, and whoever clears it frees.
+        page.set_flags(PageFlags::FREE_PENDING);
+        if page.hold_count() != 0 || !page.claim_pending_free() {
+            return;
+        }
         self.push_free(id);
         if self.mem_waiters.load(Ordering::Acquire) != 0 {
             self.waits().notify(MEMORY_KEY);
+        }
+    }
+
+    /// Holds a page (FreeBSD `vm_page_hold`): it is not freed until
+    /// [`unhold`](Self::unhold).
+    pub(crate) fn hold(&self, id: PageId) {
+        self.get(id).hold_inc();
+    }
+
+    /// Releases a hold (`vm_page_unhold`), freeing the page if it was freed
+    /// while held.
+    pub(crate) fn unhold(&self, id: PageId) {
+        let page = self.get(id);
+        if page.hold_dec() == 1 && page.claim_pending_free() {
+            self.push_free(id);
+            if self.mem_waiters.load(Ordering::Acquire) != 0 {
+                self.waits().notify(MEMORY_KEY);
+            }
         }
     }
 

@@ -509,6 +509,10 @@ impl<P: Pmap> VmSpace<P> {
                     let copy = crate::fault::copy_entry(self, &child, e)?;
                     cg.entries.insert(e.start, copy);
                 }
+                Inheritance::Copy if crate::fault::has_held_pages(e) => {
+                    let copy = crate::fault::copy_object_for_child(self, e)?;
+                    cg.entries.insert(e.start, copy);
+                }
                 Inheritance::Copy => {
                     if let Some(o) = &e.object {
                         if !e.eflags.contains(EntryFlags::NEEDS_COPY) {

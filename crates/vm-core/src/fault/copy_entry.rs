@@ -125,3 +125,90 @@ fn alloc_waiting<P: Pmap>(space: &VmSpace<P>) -> Option<PageId> {
     }
     None
 }
+
+/// Fork of a copy-inherited entry with held pages: the child gets a new
+/// object over the parent object's backing, with copies of the parent
+/// object's pages, and the parent keeps its object private and writable,
+/// so a holder of the parent's pages goes on seeing what the parent
+/// writes (what Linux does for pinned pages at fork).
+///
+/// # Errors
+///
+/// [`MapError::ResourceShortage`] if no memory can be had for a copy.
+pub(crate) fn copy_object_for_child<P: Pmap>(
+    parent: &VmSpace<P>,
+    src: &MapEntry,
+) -> Result<MapEntry, MapError> {
+    let vm = &parent.vm;
+    let pages = &vm.machine.pages;
+    let Some(object) = src.object.as_ref() else {
+        return Err(MapError::MissingPage { addr: src.start });
+    };
+    let (backing, size) = {
+        let st = object.lock();
+        (st.backing.clone(), st.size)
+    };
+    if let Some(b) = &backing {
+        b.object.add_ref();
+        let mut bst = b.object.lock();
+        bst.shadow_count += 1;
+        bst.flags.remove(crate::object::ObjectFlags::ONEMAPPING);
+    }
+    let copy = VmObject::create(&vm.machine, size, None, backing);
+    copy.add_ref();
+    let mut dst = MapEntry::new(src.start, src.end, src.protection, src.max_protection);
+    dst.eflags =
+        src.eflags - (EntryFlags::NEEDS_COPY | EntryFlags::USER_WIRED | EntryFlags::IN_TRANSITION);
+    dst.inheritance = src.inheritance;
+    dst.behavior = src.behavior;
+    dst.offset = src.offset;
+    dst.object = Some(copy.clone());
+    let first = src.offset / PAGE_SIZE;
+    for pindex in first..first + src.pages() {
+        let Some(id) = stable_page(vm, object, pindex) else {
+            continue;
+        };
+        let Some(new) = alloc_waiting(parent) else {
+            copy.drop_ref();
+            return Err(MapError::ResourceShortage);
+        };
+        vm.machine.phys.copy(pages.pfn(id), pages.pfn(new));
+        let page = pages.get(new);
+        page.clear_flags(PageFlags::ZERO);
+        page.set_valid(VM_PAGE_BITS_ALL);
+        page.dirty_all();
+        copy.insert_page(&mut copy.lock(), new, page, pindex);
+        pages.activate(new);
+    }
+    Ok(dst)
+}
+
+/// The valid page at `pindex` of `object`, after waiting out any fault
+/// that holds it busy.
+fn stable_page<P: Pmap>(
+    vm: &crate::vm::Vm<P>,
+    object: &Arc<VmObject>,
+    pindex: u64,
+) -> Option<PageId> {
+    loop {
+        let id = *object.lock().pages.get(&pindex)?;
+        let page = vm.machine.pages.get(id);
+        if !page.is_busy() {
+            return (page.valid() == VM_PAGE_BITS_ALL).then_some(id);
+        }
+        crate::fault::guard::wait_for_page(&vm.machine, id, object.id().0, pindex);
+    }
+}
+
+/// Whether any page of `e`'s own object in its range is held.
+pub(crate) fn has_held_pages(e: &MapEntry) -> bool {
+    let Some(object) = &e.object else {
+        return false;
+    };
+    let st = object.lock();
+    let first = e.offset / PAGE_SIZE;
+    let range = first..first + e.pages();
+    st.pages
+        .iter()
+        .any(|(p, &id)| range.contains(p) && object.machine.pages.get(id).hold_count() != 0)
+}

@@ -22,7 +22,7 @@ pub(crate) mod guard;
 mod pagein;
 mod prefault;
 
-pub(crate) use copy_entry::copy_entry;
+pub(crate) use copy_entry::{copy_entry, copy_object_for_child, has_held_pages};
 
 use crate::addr::{Pfn, page_trunc};
 use crate::error::FaultError;
