@@ -77,6 +77,8 @@ counters! {
     v_cache_behind,
     /// clusters cut to one page for want of free memory
     v_cluster_short,
+    /// backing objects merged into their only shadow
+    v_collapses,
 }
 
 impl fmt::Display for CounterSnapshot {

@@ -46,6 +46,7 @@ extern crate alloc;
 pub mod access;
 pub mod addr;
 pub mod check;
+pub mod collapse;
 pub mod counters;
 pub mod error;
 pub mod fault;

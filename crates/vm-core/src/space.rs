@@ -492,6 +492,12 @@ impl<P: Pmap> VmSpace<P> {
         let mut cg = child.map.write();
         let machine = &self.vm.machine;
         for e in pg.entries.values_mut() {
+            if let Some(o) = &e.object {
+                // Chains grow by one shadow per fork; merge what the
+                // exited children left private (FreeBSD collapses on
+                // deallocation; here fork is where it pays off).
+                self.vm.collapse(o);
+            }
             match e.inheritance {
                 Inheritance::None => {}
                 Inheritance::Share => {
