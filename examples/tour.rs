@@ -81,20 +81,58 @@ fn run(vm: &Arc<Vm<RefPmap>>, t: &mut Tour) -> Result<(), Box<dyn std::error::Er
         String::from_utf8_lossy(&buf),
     );
 
-    // A file: pages come from its pager on first touch (a major fault).
-    let pager = Arc::new(MemPager::with_pattern(ObjectType::Vnode, 16));
-    let file = vm.new_object(16, pager.clone());
-    proc1.map(MapRequest::object(FILE, 16 * PAGE, file, 0, Prot::READ))?;
-    let out = proc1.fault(FILE + 3 * PAGE, Prot::READ, FaultFlags::NORMAL)?;
-    let b = proc1.read_u8(FILE + 3 * PAGE + 7)?;
+    // Prefault: the next fault maps resident neighbours too.
+    let before = vm.counters().snapshot().v_prefaults;
+    let proc0 = vm.new_space()?;
+    let shared = vm.new_anon_object(16);
+    proc0.map(MapRequest::object(
+        HEAP,
+        16 * PAGE,
+        shared.clone(),
+        0,
+        Prot::RW,
+    ))?;
+    for i in 0..16 {
+        proc0.write_u8(HEAP + i * PAGE, i as u8)?;
+    }
+    let peer = vm.new_space()?;
+    peer.map(MapRequest::object(HEAP, 16 * PAGE, shared, 0, Prot::READ))?;
+    peer.fault(HEAP + 8 * PAGE, Prot::READ, FaultFlags::NORMAL)?;
+    let pre = vm.counters().snapshot().v_prefaults - before;
     t.step(
-        "file page-in",
-        out.major && b == pattern_byte(3, 7),
+        "prefault around a fault",
+        pre == 8,
+        format!("{pre} neighbours mapped (seed: 4 each side)"),
+    );
+    drop((proc0, peer));
+
+    // A file: pages come from its pager on first touch (a major fault),
+    // with read-behind and read-ahead in the same call.
+    let pager = Arc::new(MemPager::with_pattern(ObjectType::Vnode, 64));
+    pager.set_contiguity(vm_core::Contiguity {
+        behind: 16,
+        ahead: 16,
+    });
+    let file = vm.new_object(64, pager.clone());
+    proc1.map(MapRequest::object(FILE, 64 * PAGE, file, 0, Prot::READ))?;
+    let out = proc1.fault(FILE + 20 * PAGE, Prot::READ, FaultFlags::NORMAL)?;
+    let b = proc1.read_u8(FILE + 20 * PAGE + 7)?;
+    let first = pager.calls()[0].clone();
+    t.step(
+        "file page-in with clustering",
+        out.major && b == pattern_byte(20, 7) && first.pindexes.len() == 16,
         format!(
-            "major={} byte={b:#x}, pager calls {}",
-            out.major,
-            pager.calls().len()
+            "major={}, one pager call for pages {:?}",
+            out.major, first.pindexes
         ),
+    );
+    for p in 21..60 {
+        proc1.read_u8(FILE + p * PAGE)?;
+    }
+    t.step(
+        "sequential scan reads ahead",
+        pager.calls().len() <= 5,
+        format!("40 pages scanned in {} pager calls", pager.calls().len()),
     );
 
     // A stack grows down on a fault below it.
