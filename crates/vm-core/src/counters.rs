@@ -79,6 +79,8 @@ counters! {
     v_cluster_short,
     /// backing objects merged into their only shadow
     v_collapses,
+    /// dirty pages written back by their pager
+    v_pages_cleaned,
 }
 
 impl fmt::Display for CounterSnapshot {

@@ -223,6 +223,14 @@ impl VmPage {
         self.update(|s| (s & !(0xff << VALID_SHIFT)) | (u32::from(v) << VALID_SHIFT));
     }
 
+    /// Marks every block clean (after write-back).
+    pub(crate) fn clear_dirty(&self) {
+        self.state.fetch_and(
+            !(u32::from(VM_PAGE_BITS_ALL) << DIRTY_SHIFT),
+            Ordering::AcqRel,
+        );
+    }
+
     /// Marks every block dirty (FreeBSD `vm_page_dirty`).
     pub(crate) fn dirty_all(&self) {
         self.state

@@ -58,6 +58,14 @@ impl core::fmt::Display for IoError {
     }
 }
 
+impl IoError {
+    /// The pager cannot do this at all (`EOPNOTSUPP`).
+    pub const UNSUPPORTED: IoError = IoError {
+        code: 95,
+        context: "operation not supported by this pager",
+    };
+}
+
 #[cfg(feature = "std")]
 impl IoError {
     /// Wraps a host I/O error.
@@ -183,7 +191,60 @@ pub trait Pager: Send + Sync {
         let _ = pindex;
     }
 
+    /// Writes `pages` (contiguous indexes, ascending) to backing store
+    /// (`vm_pager_put_pages`). The core calls it with the pages busy and
+    /// write-protected; on `Ok` they are clean.
+    ///
+    /// The default refuses: a pager that cannot write (a device) says so.
+    ///
+    /// # Errors
+    ///
+    /// [`PagerError::Error`] when the pages could not be written; they stay
+    /// dirty in memory, nothing is lost.
+    fn put_pages(&self, pages: &[PageOut<'_>]) -> Result<(), PagerError> {
+        let _ = pages;
+        Err(PagerError::Error(IoError::UNSUPPORTED))
+    }
+
     /// The object is being destroyed: release backing store
     /// (`vm_pager_deallocate`).
     fn dealloc(&self) {}
+}
+
+/// One dirty page handed to [`Pager::put_pages`].
+#[derive(Debug)]
+pub struct PageOut<'a> {
+    pindex: u64,
+    data: &'a [u8; PAGE_SIZE as usize],
+    dirty: u8,
+}
+
+impl<'a> PageOut<'a> {
+    /// A page to write (used by the core; public for pager tests).
+    #[must_use]
+    pub fn new(pindex: u64, data: &'a [u8; PAGE_SIZE as usize], dirty: u8) -> Self {
+        PageOut {
+            pindex,
+            data,
+            dirty,
+        }
+    }
+
+    /// The page's index in the object.
+    #[must_use]
+    pub fn pindex(&self) -> u64 {
+        self.pindex
+    }
+
+    /// The page's bytes.
+    #[must_use]
+    pub fn data(&self) -> &[u8; PAGE_SIZE as usize] {
+        self.data
+    }
+
+    /// Which 512-byte blocks are dirty.
+    #[must_use]
+    pub fn dirty(&self) -> u8 {
+        self.dirty
+    }
 }

@@ -190,6 +190,18 @@ impl PhysMem {
         unsafe { core::ptr::write_bytes(self.frame(pfn).add(start), 0, end - start) }
     }
 
+    /// A shared view of a frame for a pager writing a busy page out.
+    ///
+    /// # Safety
+    ///
+    /// The caller holds the page busy and has write-protected every mapping
+    /// of it, so nothing writes the frame for the life of the slice.
+    pub(crate) unsafe fn frame_ref(&self, pfn: Pfn) -> &[u8; PAGE_SIZE as usize] {
+        // SAFETY: inside the region, aligned to a page; the absence of
+        // writers is the caller's promise.
+        unsafe { &*(self.frame(pfn) as *const [u8; PAGE_SIZE as usize]) }
+    }
+
     /// A mutable view of a frame for a pager filling a busy page.
     ///
     /// # Safety

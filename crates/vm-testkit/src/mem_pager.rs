@@ -38,6 +38,7 @@ pub struct MemPager {
     delay: Mutex<Option<Duration>>,
     contiguity: Mutex<Contiguity>,
     pause: Mutex<Option<(mpsc::Sender<u64>, mpsc::Receiver<()>)>>,
+    puts: Mutex<Vec<Vec<u64>>>,
 }
 
 /// Control of a paused `get_pages` call: see [`MemPager::pause_next`].
@@ -88,6 +89,7 @@ impl MemPager {
             delay: Mutex::new(None),
             contiguity: Mutex::new(Contiguity::default()),
             pause: Mutex::new(None),
+            puts: Mutex::new(Vec::new()),
         }
     }
 
@@ -118,7 +120,8 @@ impl MemPager {
         lock(&self.store).remove(&pindex);
     }
 
-    /// Queues a misbehaviour for the next `get_pages` call.
+    /// Queues a misbehaviour for the next `get_pages` call (a `Fail` is
+    /// also taken by the next `put_pages`).
     pub fn inject(&self, what: Injected) {
         lock(&self.script).push_back(what);
     }
@@ -151,6 +154,18 @@ impl MemPager {
     #[must_use]
     pub fn calls(&self) -> Vec<GetCall> {
         lock(&self.calls).clone()
+    }
+
+    /// The `put_pages` calls so far: the page indexes of each.
+    #[must_use]
+    pub fn puts(&self) -> Vec<Vec<u64>> {
+        lock(&self.puts).clone()
+    }
+
+    /// The bytes stored for page `pindex`.
+    #[must_use]
+    pub fn stored(&self, pindex: u64) -> Option<Vec<u8>> {
+        lock(&self.store).get(&pindex).map(|p| p.to_vec())
     }
 
     /// The pages reported dirtied through `page_unswapped`.
@@ -211,6 +226,19 @@ impl Pager for MemPager {
 
     fn page_unswapped(&self, pindex: u64) {
         lock(&self.unswapped).push(pindex);
+    }
+
+    fn put_pages(&self, pages: &[vm_core::PageOut<'_>]) -> Result<(), PagerError> {
+        lock(&self.puts).push(pages.iter().map(vm_core::PageOut::pindex).collect());
+        let next = lock(&self.script).front().copied();
+        if let Some(Injected::Fail(e)) = next {
+            lock(&self.script).pop_front();
+            return Err(e);
+        }
+        for p in pages {
+            self.put(p.pindex(), p.data());
+        }
+        Ok(())
     }
 }
 

@@ -95,7 +95,8 @@ impl<'m> BusyPage<'m> {
     }
 }
 
-fn wake(machine: &Machine, id: PageId) {
+/// Unbusies page `id` and wakes whoever sleeps on it.
+pub(crate) fn wake(machine: &Machine, id: PageId) {
     if machine.pages.get(id).unbusy() {
         machine.pages.waits().notify(u64::from(id.0));
     }

@@ -1,0 +1,187 @@
+//! Writing dirty pages back through their pager (`msync`, FreeBSD
+//! `vm_object_page_clean`).
+
+use crate::addr::{PAGE_SIZE, page_trunc};
+use crate::error::MapError;
+use crate::fault::guard::{BusyPage, Disposal, wait_for_page};
+use crate::object::VmObject;
+use crate::page::PageId;
+use crate::pager::{PageOut, Pager, PagerError};
+use crate::pmap::Pmap;
+use crate::prot::Prot;
+use crate::space::VmSpace;
+use crate::vm::Vm;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+use smallvec::SmallVec;
+
+/// Pages written per pager call at most.
+const RUN: usize = 16;
+
+/// Why write-back failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CleanError {
+    /// The range is not valid.
+    #[error(transparent)]
+    Map(#[from] MapError),
+    /// The pager could not write; the pages stay dirty.
+    #[error("writing back page {pindex} of object {object}: {error}")]
+    Pager {
+        /// The object.
+        object: crate::object::ObjectId,
+        /// First page of the failed run.
+        pindex: u64,
+        /// The pager's error.
+        error: PagerError,
+    },
+}
+
+impl<P: Pmap> VmSpace<P> {
+    /// Writes the dirty pages that `start..start+len` maps from objects
+    /// with a pager back to it (`msync(MS_SYNC)`). Returns the number of
+    /// pages written.
+    ///
+    /// # Errors
+    ///
+    /// [`CleanError`]: a bad range, or the first pager failure (pages not
+    /// written stay dirty).
+    pub fn msync(&self, start: u64, len: u64) -> Result<u64, CleanError> {
+        let end = self.check_range(page_trunc(start), len)?;
+        let targets: Vec<(Arc<VmObject>, u64, u64)> = {
+            let g = self.map.read();
+            g.entries
+                .range(..end)
+                .map(|(_, e)| e)
+                .filter(|e| e.end > start)
+                .filter_map(|e| {
+                    let o = e.object.clone()?;
+                    let s = e.pindex(e.start.max(start));
+                    let t = e.pindex(e.end.min(end) - PAGE_SIZE) + 1;
+                    Some((o, s, t))
+                })
+                .collect()
+        };
+        let mut written = 0;
+        for (o, s, t) in targets {
+            written += self.vm.clean_object(&o, s, t)?;
+        }
+        Ok(written)
+    }
+}
+
+impl<P: Pmap> Vm<P> {
+    /// Writes the dirty resident pages `start..end` of `object` to its
+    /// pager, in runs of contiguous pages. Returns the pages written.
+    ///
+    /// # Errors
+    ///
+    /// [`CleanError::Pager`] on the first failed run; its pages stay dirty.
+    pub fn clean_object(
+        &self,
+        object: &Arc<VmObject>,
+        start: u64,
+        end: u64,
+    ) -> Result<u64, CleanError> {
+        let Some(pager) = object.lock().pager.clone() else {
+            return Ok(0);
+        };
+        let mut written = 0;
+        let mut next = start;
+        while next < end {
+            let run = self.busy_dirty_run(object, &mut next, end);
+            if run.is_empty() {
+                continue;
+            }
+            let first = run[0].page().pindex();
+            self.write_run(&*pager, &run)
+                .map_err(|error| CleanError::Pager {
+                    object: object.id(),
+                    pindex: first,
+                    error,
+                })?;
+            for b in run {
+                b.page().clear_dirty();
+                self.machine.pages.deactivate(b.id);
+                b.unbusy();
+                written += 1;
+            }
+        }
+        self.machine
+            .counters
+            .v_pages_cleaned
+            .fetch_add(written, Ordering::Relaxed);
+        Ok(written)
+    }
+
+    /// Busies and write-protects the next run of contiguous dirty pages at
+    /// or after `*next`; advances `*next` past what it looked at.
+    fn busy_dirty_run(
+        &self,
+        object: &Arc<VmObject>,
+        next: &mut u64,
+        end: u64,
+    ) -> SmallVec<[BusyPage<'_>; RUN]> {
+        let pages = &self.machine.pages;
+        let mut run: SmallVec<[BusyPage<'_>; RUN]> = SmallVec::new();
+        while *next < end && run.len() < RUN {
+            let p = *next;
+            let id: Option<PageId> = object.lock().pages.get(&p).copied();
+            let Some(id) = id else {
+                *next += 1;
+                if run.is_empty() {
+                    continue;
+                }
+                break;
+            };
+            let page = pages.get(id);
+            if !page.try_busy() {
+                if !run.is_empty() {
+                    break;
+                }
+                wait_for_page(&self.machine, id, object.id().0, p);
+                continue;
+            }
+            // Still this page of this object, now that it is busy?
+            if page.object_raw() != object.id().0 || page.pindex() != p {
+                crate::fault::guard::wake(&self.machine, id);
+                continue;
+            }
+            let busy = BusyPage::new(&self.machine, object.clone(), id, Disposal::Release);
+            // Write-protect first: a write after this point faults and
+            // dirties the page again.
+            if self
+                .pmap
+                .page_protect(pages.pfn(id), Prot::READ | Prot::EXECUTE)
+                .modified
+            {
+                page.dirty_all();
+            }
+            *next += 1;
+            if page.dirty() == 0 {
+                busy.unbusy();
+                if run.is_empty() {
+                    continue;
+                }
+                break;
+            }
+            run.push(busy);
+        }
+        run
+    }
+
+    fn write_run(&self, pager: &dyn Pager, run: &[BusyPage<'_>]) -> Result<(), PagerError> {
+        let outs: SmallVec<[PageOut<'_>; RUN]> = run
+            .iter()
+            .map(|b| {
+                // SAFETY: the page is busy and every mapping of it was
+                // made read-only above, so nothing writes the frame while
+                // the pager reads it.
+                let data = unsafe { self.machine.phys.frame_ref(b.pfn()) };
+                PageOut::new(b.page().pindex(), data, b.page().dirty())
+            })
+            .collect();
+        pager.put_pages(&outs)
+    }
+}
