@@ -294,6 +294,39 @@ impl<P: Pmap> Vm<P> {
         object.lock().size = pages;
     }
 
+    /// Sets the size of `object` to `bytes` (a file truncated or extended
+    /// to that length): pages wholly past the end are removed as by
+    /// [`resize_object`](Self::resize_object), and the bytes past the end in
+    /// the page that now holds it are zeroed (FreeBSD
+    /// `vnode_pager_setsize`), so they cannot reappear if the file grows.
+    pub fn set_object_size_bytes(&self, object: &VmObject, bytes: u64) {
+        let pages = bytes.div_ceil(PAGE_SIZE);
+        self.resize_object(object, pages);
+        let tail = (bytes % PAGE_SIZE) as usize;
+        if tail == 0 {
+            return;
+        }
+        let pindex = pages - 1;
+        loop {
+            let Some(id) = object.resident_page(pindex) else {
+                return;
+            };
+            let page = self.machine.pages.get(id);
+            if !page.try_busy() {
+                crate::fault::guard::wait_for_page(&self.machine, id, object.id().0, pindex);
+                continue;
+            }
+            if page.object_raw() == object.id().0 && page.pindex() == pindex {
+                // Mappings keep the frame; users see the zeros at once.
+                self.machine
+                    .phys
+                    .zero_range(self.machine.pages.pfn(id), tail, PAGE_SIZE as usize);
+            }
+            crate::fault::guard::wake(&self.machine, id);
+            return;
+        }
+    }
+
     /// Removes the resident pages `start..end` of `object` from every pmap
     /// and frees them, sleeping on busy ones (`vm_object_page_remove`).
     pub(crate) fn page_remove(&self, object: &VmObject, start: u64, end: u64) {

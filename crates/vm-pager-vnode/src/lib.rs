@@ -1,1 +1,347 @@
-//! vm-pager-vnode
+//! # vm-pager-vnode
+//!
+//! FreeBSD's vnode pager for `vm-core`: an object whose pages are a real
+//! file's. Reads come in clusters, one positioned vectored read
+//! (`preadv`) per contiguous run; the page that holds end of file is valid
+//! up to EOF (rounded up to a 512-byte block) and zero beyond; pages past
+//! EOF are out of bounds (SIGBUS); dirty pages go back with `pwritev`,
+//! never past EOF; truncation through the pager shrinks the object and
+//! unmaps what lies past the new end.
+//!
+//! ```
+//! use std::io::Write;
+//! use vm_core::{MapRequest, Prot, Vm, VmConfig};
+//! use vm_pager_vnode::VnodePager;
+//!
+//! let path = std::env::temp_dir().join(format!("vnode-doc-{}", std::process::id()));
+//! std::fs::File::create(&path).unwrap().write_all(b"hello, file").unwrap();
+//! let vm = Vm::new(vm_testkit::RefPmap::new(), VmConfig::with_memory(1 << 20)).unwrap();
+//! let pager = VnodePager::open(&path, true).unwrap();
+//! let space = vm.new_space().unwrap();
+//! space.map(MapRequest::object(0x10000, 0x1000, pager.object(&vm), 0, Prot::RW)).unwrap();
+//! space.write(0x10000, b"HELLO").unwrap();
+//! space.msync(0x10000, 0x1000).unwrap();
+//! assert_eq!(std::fs::read(&path).unwrap(), b"HELLO, file");
+//! # std::fs::remove_file(&path).unwrap();
+//! ```
+#![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use vm_core::page::DEV_BSIZE;
+use vm_core::{
+    Contiguity, IoError, ObjectType, PAGE_SIZE, PageOut, PageSlot, Pager, PagerError, Pmap, Vm,
+    VmObject,
+};
+
+/// Pages a cluster may reach on each side (FreeBSD's vnode pager reads at
+/// most `MAXBSIZE`-ish runs; 16 pages is the fault path's own limit).
+const MAX_CONTIG: u64 = 16;
+
+/// Counts of what the pager did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VnodeStats {
+    /// Read system calls.
+    pub read_calls: u64,
+    /// Pages read in (`v_vnodepgsin`).
+    pub pages_in: u64,
+    /// Write system calls.
+    pub write_calls: u64,
+    /// Pages written out (`v_vnodepgsout`).
+    pub pages_out: u64,
+}
+
+#[derive(Default)]
+struct Counts {
+    read_calls: AtomicU64,
+    pages_in: AtomicU64,
+    write_calls: AtomicU64,
+    pages_out: AtomicU64,
+}
+
+/// A pager over one file. See the [crate docs](crate).
+pub struct VnodePager {
+    file: File,
+    size: AtomicU64,
+    counts: Counts,
+}
+
+impl std::fmt::Debug for VnodePager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VnodePager")
+            .field("size", &self.size())
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err(e: &io::Error, context: &'static str) -> PagerError {
+    PagerError::Error(IoError::from_io(e, context))
+}
+
+impl VnodePager {
+    /// A pager over an open file; its size is the file's now.
+    ///
+    /// # Errors
+    ///
+    /// The error of reading the file's metadata.
+    pub fn new(file: File) -> io::Result<Arc<VnodePager>> {
+        let size = file.metadata()?.len();
+        Ok(Arc::new(VnodePager {
+            file,
+            size: AtomicU64::new(size),
+            counts: Counts::default(),
+        }))
+    }
+
+    /// Opens `path` read-only or read-write.
+    ///
+    /// # Errors
+    ///
+    /// The error of opening the file.
+    pub fn open(path: &Path, writable: bool) -> io::Result<Arc<VnodePager>> {
+        Self::new(OpenOptions::new().read(true).write(writable).open(path)?)
+    }
+
+    /// The file's size as the pager knows it, in bytes.
+    #[must_use]
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// The file's size in pages (the object's size).
+    #[must_use]
+    pub fn pages(&self) -> u64 {
+        self.size().div_ceil(PAGE_SIZE)
+    }
+
+    /// What the pager has done so far.
+    #[must_use]
+    pub fn stats(&self) -> VnodeStats {
+        let c = &self.counts;
+        VnodeStats {
+            read_calls: c.read_calls.load(Ordering::Relaxed),
+            pages_in: c.pages_in.load(Ordering::Relaxed),
+            write_calls: c.write_calls.load(Ordering::Relaxed),
+            pages_out: c.pages_out.load(Ordering::Relaxed),
+        }
+    }
+
+    /// A new object of `vm` backed by this file (its size the file's,
+    /// rounded up to pages).
+    pub fn object<P: Pmap>(self: &Arc<Self>, vm: &Vm<P>) -> Arc<VmObject> {
+        vm.new_object(self.pages(), self.clone())
+    }
+
+    /// Truncates or extends the file to `len` bytes and makes `object` (this
+    /// pager's) follow: pages past the new end are unmapped and freed, the
+    /// tail of the new last page is zeroed.
+    ///
+    /// # Errors
+    ///
+    /// The error of changing the file's length; nothing changes then.
+    pub fn set_len<P: Pmap>(&self, vm: &Vm<P>, object: &VmObject, len: u64) -> io::Result<()> {
+        self.file.set_len(len)?;
+        self.size.store(len, Ordering::Release);
+        vm.set_object_size_bytes(object, len);
+        Ok(())
+    }
+}
+
+/// Mask of the blocks holding `bytes` bytes from a page's start, rounded up
+/// to whole 512-byte blocks.
+fn valid_mask(bytes: usize) -> u8 {
+    let blocks = bytes.div_ceil(DEV_BSIZE).min(8);
+    ((1u16 << blocks) - 1) as u8
+}
+
+impl Pager for VnodePager {
+    fn object_type(&self) -> ObjectType {
+        ObjectType::Vnode
+    }
+
+    fn has_page(&self, pindex: u64) -> Option<Contiguity> {
+        let pages = self.pages();
+        (pindex < pages).then(|| Contiguity {
+            behind: pindex.min(MAX_CONTIG) as u32,
+            ahead: (pages - 1 - pindex).min(MAX_CONTIG) as u32,
+        })
+    }
+
+    fn get_pages(&self, pages: &mut [PageSlot<'_>], reqpage: usize) -> Result<(), PagerError> {
+        let size = self.size();
+        let page = PAGE_SIZE as usize;
+        let Some(first) = pages.first().map(PageSlot::pindex) else {
+            return Err(PagerError::Fail);
+        };
+        let req = pages.get(reqpage).ok_or(PagerError::Bad)?.pindex();
+        if req * PAGE_SIZE >= size {
+            return Err(PagerError::Bad);
+        }
+        // Read up to EOF and no further: one system call per run.
+        let mut left = (size - first * PAGE_SIZE) as usize;
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(pages.len());
+        for s in pages.iter_mut() {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(page);
+            iov.push(libc::iovec {
+                iov_base: s.data_mut().as_mut_ptr().cast(),
+                iov_len: n,
+            });
+            left -= n;
+        }
+        let got = read_fully(
+            &self.file,
+            &mut iov,
+            first * PAGE_SIZE,
+            &self.counts.read_calls,
+        )
+        .map_err(|e| io_err(&e, "reading file pages"))?;
+        for (i, s) in pages.iter_mut().enumerate() {
+            let have = got.saturating_sub(i * page).min(page);
+            s.data_mut()[have..].fill(0);
+            if have == page {
+                s.set_all_valid();
+            } else if have > 0 {
+                s.set_valid(valid_mask(have));
+            }
+        }
+        if got <= reqpage * page {
+            // The file shrank behind the pager's back: past EOF now.
+            return Err(PagerError::Bad);
+        }
+        self.counts
+            .pages_in
+            .fetch_add(got.div_ceil(page) as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn put_pages(&self, pages: &[PageOut<'_>]) -> Result<(), PagerError> {
+        let size = self.size();
+        let Some(first) = pages.first().map(PageOut::pindex) else {
+            return Ok(());
+        };
+        let start = first * PAGE_SIZE;
+        // Never write past EOF: the file's length is the file's business.
+        let mut left = size.saturating_sub(start) as usize;
+        let mut iov = Vec::with_capacity(pages.len());
+        for p in pages {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(PAGE_SIZE as usize);
+            iov.push(libc::iovec {
+                iov_base: p.data().as_ptr() as *mut _,
+                iov_len: n,
+            });
+            left -= n;
+        }
+        write_fully(&self.file, &iov, start, &self.counts.write_calls)
+            .map_err(|e| io_err(&e, "writing file pages"))?;
+        self.counts
+            .pages_out
+            .fetch_add(iov.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// `preadv` until `iov` is full or EOF; returns the bytes read.
+fn read_fully(
+    file: &File,
+    iov: &mut [libc::iovec],
+    mut off: u64,
+    calls: &AtomicU64,
+) -> io::Result<usize> {
+    let mut total = 0;
+    let mut iov = iov;
+    while !iov.is_empty() {
+        calls.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: each iovec points to a distinct page-sized buffer the
+        // caller owns mutably for this call; the count fits the slice.
+        let r = unsafe {
+            libc::preadv(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as i32,
+                off as libc::off_t,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            break;
+        }
+        let r = r as usize;
+        total += r;
+        off += r as u64;
+        iov = advance(iov, r);
+    }
+    Ok(total)
+}
+
+/// `pwritev` until all of `iov` is written.
+fn write_fully(
+    file: &File,
+    iov: &[libc::iovec],
+    mut off: u64,
+    calls: &AtomicU64,
+) -> io::Result<()> {
+    let mut owned = iov.to_vec();
+    let mut iov = owned.as_mut_slice();
+    while !iov.is_empty() {
+        calls.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: each iovec points into a page the caller keeps alive and
+        // unchanged (busy, write-protected) for this call.
+        let r = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as i32,
+                off as libc::off_t,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "pwritev wrote nothing",
+            ));
+        }
+        off += r as u64;
+        iov = advance(iov, r as usize);
+    }
+    Ok(())
+}
+
+/// Drops `n` consumed bytes from the front of `iov`.
+fn advance(iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
+    let mut i = 0;
+    while i < iov.len() && n >= iov[i].iov_len {
+        n -= iov[i].iov_len;
+        i += 1;
+    }
+    let rest = &mut iov[i..];
+    if let Some(v) = rest.first_mut() {
+        // SAFETY: n < iov_len, so the new base stays inside the buffer.
+        v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n).cast() };
+        v.iov_len -= n;
+    }
+    rest
+}
