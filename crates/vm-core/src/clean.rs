@@ -149,6 +149,15 @@ impl<P: Pmap> Vm<P> {
                 continue;
             }
             let busy = BusyPage::new(&self.machine, object.clone(), id, Disposal::Release);
+            if page.flags().contains(crate::page::PageFlags::FICTITIOUS) {
+                // Device memory is never written back.
+                *next += 1;
+                busy.unbusy();
+                if run.is_empty() {
+                    continue;
+                }
+                break;
+            }
             // Write-protect first: a write after this point faults and
             // dirties the page again.
             if self

@@ -285,6 +285,12 @@ pub enum MapError {
     /// Wiring failed part-way; nothing stays wired.
     #[error("wiring failed: {0}")]
     Fault(FaultError),
+    /// Device memory can only be mapped shared.
+    #[error("object {object} is device memory: it cannot be mapped private")]
+    PrivateDevice {
+        /// The device object.
+        object: ObjectId,
+    },
     /// Part of the range is not wired (in the way asked).
     #[error("range {start:#x}..{end:#x} is not wired")]
     NotWired {

@@ -61,6 +61,17 @@ pub enum Inheritance {
     None,
 }
 
+impl Inheritance {
+    /// What a device mapping inherits when `asked`: sharing, or nothing.
+    pub(crate) fn min_with(self, asked: Inheritance) -> Inheritance {
+        if asked == Inheritance::None {
+            Inheritance::None
+        } else {
+            self
+        }
+    }
+}
+
 /// One map entry (FreeBSD `struct vm_map_entry`).
 #[derive(Debug)]
 pub(crate) struct MapEntry {

@@ -11,6 +11,7 @@
 
 use crate::addr::Pfn;
 use crate::page::{PageFlags, PageId, PageQueue, VmPage};
+use crate::pmap::MemAttr;
 use crate::sync::{Mutex, WaitTable};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -77,10 +78,23 @@ pub(crate) struct Pages {
     mem_waiters: AtomicU32,
     waits: WaitTable,
     pub(crate) thresholds: Thresholds,
+    /// Records for device (fictitious) pages, ids after the RAM pages.
+    fict: Box<[VmPage]>,
+    /// Frame number | memory attribute << 56 of each fictitious page.
+    fict_frame: Box<[AtomicU64]>,
+    fict_free: Mutex<Vec<u32>>,
 }
 
+const ATTR_SHIFT: u32 = 56;
+
 impl Pages {
-    pub(crate) fn new(base_pfn: u64, frames: u32, all_zero: bool, thresholds: Thresholds) -> Pages {
+    pub(crate) fn new(
+        base_pfn: u64,
+        frames: u32,
+        all_zero: bool,
+        thresholds: Thresholds,
+        fictitious: u32,
+    ) -> Pages {
         let pages: Box<[VmPage]> = (0..frames)
             .map(|_| VmPage::default())
             .collect::<Vec<_>>()
@@ -106,6 +120,15 @@ impl Pages {
             mem_waiters: AtomicU32::new(0),
             waits: WaitTable::default(),
             thresholds,
+            fict: (0..fictitious)
+                .map(|_| VmPage::default())
+                .collect::<Vec<_>>()
+                .into(),
+            fict_frame: (0..fictitious)
+                .map(|_| AtomicU64::new(0))
+                .collect::<Vec<_>>()
+                .into(),
+            fict_free: Mutex::new((0..fictitious).rev().collect()),
         };
         // Push in reverse so low frames are handed out first.
         for i in (0..frames).rev() {
@@ -122,11 +145,49 @@ impl Pages {
     }
 
     pub(crate) fn get(&self, id: PageId) -> &VmPage {
-        &self.pages[id.0 as usize]
+        match self.fict_index(id) {
+            None => &self.pages[id.0 as usize],
+            Some(i) => &self.fict[i],
+        }
     }
 
     pub(crate) fn pfn(&self, id: PageId) -> Pfn {
-        Pfn(self.base_pfn + u64::from(id.0))
+        match self.fict_index(id) {
+            None => Pfn(self.base_pfn + u64::from(id.0)),
+            Some(i) => Pfn(self.fict_frame[i].load(Ordering::Acquire) & ((1 << ATTR_SHIFT) - 1)),
+        }
+    }
+
+    /// The memory attribute to map page `id` with.
+    pub(crate) fn attr(&self, id: PageId) -> MemAttr {
+        match self.fict_index(id) {
+            None => MemAttr::WriteBack,
+            Some(i) => MemAttr::from_index(
+                (self.fict_frame[i].load(Ordering::Acquire) >> ATTR_SHIFT) as u8,
+            ),
+        }
+    }
+
+    /// The slot of a fictitious page, `None` for RAM.
+    fn fict_index(&self, id: PageId) -> Option<usize> {
+        (id.0 as usize).checked_sub(self.pages.len())
+    }
+
+    /// A fictitious page for device frame `pfn` (FreeBSD
+    /// `vm_page_getfake`): unmanaged, wholly valid, on no queue, not
+    /// counted as RAM. `None` when every record is in use.
+    pub(crate) fn alloc_fictitious(&self, pfn: Pfn, attr: MemAttr) -> Option<PageId> {
+        let i = self.fict_free.lock().pop()?;
+        self.fict_frame[i as usize].store(
+            pfn.0 | (u64::from(attr.index()) << ATTR_SHIFT),
+            Ordering::Release,
+        );
+        let page = &self.fict[i as usize];
+        page.reset_free(PageFlags::empty());
+        page.set_queue(PageQueue::None);
+        page.set_flags(PageFlags::FICTITIOUS | PageFlags::UNMANAGED);
+        page.set_valid(crate::page::VM_PAGE_BITS_ALL);
+        Some(PageId(self.pages.len() as u32 + i))
     }
 
     pub(crate) fn id_of(&self, pfn: Pfn) -> Option<PageId> {
@@ -261,6 +322,12 @@ impl Pages {
     /// Returns a page to the free lists. The caller has removed it from its
     /// object and from every pmap, and it is not wired or held.
     pub(crate) fn free(&self, id: PageId) {
+        if let Some(i) = self.fict_index(id) {
+            self.fict[i].reset_free(PageFlags::empty());
+            self.fict[i].set_queue(PageQueue::None);
+            self.fict_free.lock().push(i as u32);
+            return;
+        }
         let page = self.get(id);
         debug_assert_eq!(page.wire_count(), 0, "freeing a wired page");
         self.dequeue(id);
@@ -311,6 +378,9 @@ impl Pages {
 
     /// Takes a page off whatever queue it is on.
     pub(crate) fn dequeue(&self, id: PageId) {
+        if self.fict_index(id).is_some() {
+            return;
+        }
         match self.get(id).set_queue(PageQueue::None) {
             PageQueue::Active => self.active.fetch_sub(1, Ordering::AcqRel),
             PageQueue::Inactive => self.inactive.fetch_sub(1, Ordering::AcqRel),
@@ -319,6 +389,11 @@ impl Pages {
     }
 
     fn enqueue(&self, id: PageId, q: PageQueue) {
+        // Device pages are on no queue (FreeBSD's queue calls ignore
+        // fictitious pages).
+        if self.fict_index(id).is_some() {
+            return;
+        }
         let page = self.get(id);
         if page.wire_count() != 0 {
             self.dequeue(id);
@@ -352,6 +427,9 @@ impl Pages {
 
     /// FreeBSD `vm_page_wire`: the first wiring takes the page off its queue.
     pub(crate) fn wire(&self, id: PageId) {
+        if self.fict_index(id).is_some() {
+            return;
+        }
         if self.get(id).wire_inc() == 0 {
             self.dequeue(id);
             self.wired.fetch_add(1, Ordering::AcqRel);
@@ -362,6 +440,9 @@ impl Pages {
     /// page on the active (or inactive) queue. Unwiring an unwired page is
     /// ignored and reported as false.
     pub(crate) fn unwire(&self, id: PageId, activate: bool) -> bool {
+        if self.fict_index(id).is_some() {
+            return false;
+        }
         match self.get(id).wire_dec() {
             None => false,
             Some(1) => {
@@ -392,7 +473,45 @@ mod tests {
                 severe: reserved + 1,
                 target: 0,
             },
+            4,
         )
+    }
+
+    #[test]
+    fn fictitious_pages_live_apart_from_ram() {
+        let p = pages(4, true, 0);
+        let f = p
+            .alloc_fictitious(Pfn(0xfd000), MemAttr::WriteCombining)
+            .unwrap();
+        assert!(f.0 >= 4);
+        assert_eq!(
+            (p.pfn(f), p.attr(f)),
+            (Pfn(0xfd000), MemAttr::WriteCombining)
+        );
+        assert!(
+            p.get(f)
+                .flags()
+                .contains(PageFlags::FICTITIOUS | PageFlags::UNMANAGED)
+        );
+        p.wire(f);
+        p.activate(f);
+        assert_eq!(
+            (
+                p.wired_count(),
+                p.queue_count(PageQueue::Active),
+                p.free_count()
+            ),
+            (0, 0, 4)
+        );
+        p.free(f);
+        let again: Vec<PageId> = (0..4)
+            .map(|_| p.alloc_fictitious(Pfn(1), MemAttr::Uncacheable).unwrap())
+            .collect();
+        assert!(again.contains(&f));
+        assert!(
+            p.alloc_fictitious(Pfn(1), MemAttr::Uncacheable).is_none(),
+            "all four records in use"
+        );
     }
 
     #[test]

@@ -111,6 +111,7 @@ pub struct PageSlot<'a> {
     pindex: u64,
     data: &'a mut [u8; PAGE_SIZE as usize],
     valid: u8,
+    device: Option<(u64, crate::pmap::MemAttr)>,
 }
 
 impl<'a> PageSlot<'a> {
@@ -120,6 +121,7 @@ impl<'a> PageSlot<'a> {
             pindex,
             data,
             valid: 0,
+            device: None,
         }
     }
 
@@ -149,6 +151,21 @@ impl<'a> PageSlot<'a> {
     /// Used for the page that holds end of file.
     pub fn set_valid(&mut self, mask: u8) {
         self.valid = mask;
+    }
+
+    /// Says the page is device memory at physical address `pa` (page
+    /// aligned), to be mapped with `attr`, instead of data in the buffer:
+    /// the core maps a fictitious, unmanaged page for it (what FreeBSD's
+    /// device pager does with `d_mmap`'s answer).
+    pub fn set_device(&mut self, pa: u64, attr: crate::pmap::MemAttr) {
+        self.device = Some((pa & !(PAGE_SIZE - 1), attr));
+        self.valid = VM_PAGE_BITS_ALL;
+    }
+
+    /// The device frame set by [`set_device`](Self::set_device).
+    #[must_use]
+    pub fn device(&self) -> Option<(u64, crate::pmap::MemAttr)> {
+        self.device
     }
 
     /// The valid mask set so far.

@@ -35,6 +35,36 @@ pub enum MemAttr {
     WriteCombining,
 }
 
+impl MemAttr {
+    /// A small number for the attribute (its PAT slot as FreeBSD programs
+    /// the PAT).
+    #[must_use]
+    pub fn index(self) -> u8 {
+        match self {
+            MemAttr::WriteBack => 0,
+            MemAttr::WriteThrough => 1,
+            MemAttr::UncachedMinus => 2,
+            MemAttr::Uncacheable => 3,
+            MemAttr::WriteProtected => 5,
+            MemAttr::WriteCombining => 6,
+        }
+    }
+
+    /// The attribute of [`index`](Self::index); unknown numbers are
+    /// uncacheable, the safe choice for device memory.
+    #[must_use]
+    pub fn from_index(i: u8) -> MemAttr {
+        match i {
+            0 => MemAttr::WriteBack,
+            1 => MemAttr::WriteThrough,
+            2 => MemAttr::UncachedMinus,
+            5 => MemAttr::WriteProtected,
+            6 => MemAttr::WriteCombining,
+            _ => MemAttr::Uncacheable,
+        }
+    }
+}
+
 /// What the pmap needs to know about a page it maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PageInfo {

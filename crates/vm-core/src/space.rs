@@ -272,6 +272,14 @@ impl<P: Pmap> VmSpace<P> {
         e.inheritance = req.inheritance;
         e.behavior = req.behavior;
         if let Some((obj, offset)) = req.object {
+            if obj.object_type() == crate::object::ObjectType::Device {
+                // Device memory is shared or nothing: it has no pages to
+                // copy, so neither a private mapping nor a copying fork.
+                if req.private {
+                    return Err(MapError::PrivateDevice { object: obj.id() });
+                }
+                e.inheritance = Inheritance::Share.min_with(req.inheritance);
+            }
             obj.add_ref();
             if obj.ref_count() > 1 {
                 obj.lock().flags.remove(ObjectFlags::ONEMAPPING);
@@ -447,13 +455,24 @@ impl<P: Pmap> VmSpace<P> {
         self.update_entries(start, len, |e| e.behavior = b)
     }
 
-    /// Sets what a fork does with a range (`minherit`).
+    /// Sets what a fork does with a range (`minherit`). Device mappings
+    /// stay shared (or none): a copy of device memory is not possible.
     ///
     /// # Errors
     ///
     /// [`MapError`] for a bad range or one with holes.
     pub fn set_inheritance(&self, start: u64, len: u64, i: Inheritance) -> Result<(), MapError> {
-        self.update_entries(start, len, |e| e.inheritance = i)
+        self.update_entries(start, len, |e| {
+            let device = e
+                .object
+                .as_ref()
+                .is_some_and(|o| o.object_type() == crate::object::ObjectType::Device);
+            e.inheritance = if device {
+                Inheritance::Share.min_with(i)
+            } else {
+                i
+            };
+        })
     }
 
     /// Drops the wiring of every mapped page in `start..end`

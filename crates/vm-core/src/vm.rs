@@ -36,6 +36,8 @@ pub struct VmConfig {
     /// One past the highest user address (x86_64: the lower canonical
     /// half).
     pub user_max: u64,
+    /// Records for device (fictitious) pages resident at once.
+    pub fictitious_pages: u32,
 }
 
 impl VmConfig {
@@ -60,6 +62,7 @@ impl Default for VmConfig {
             prefault_pages: 4,
             user_min: PAGE_SIZE,
             user_max: 0x0000_8000_0000_0000,
+            fictitious_pages: 4096,
         }
     }
 }
@@ -145,7 +148,13 @@ impl<P: Pmap> Vm<P> {
         let thresholds = config
             .thresholds
             .unwrap_or_else(|| Thresholds::for_frames(u64::from(frames)));
-        let pages = Pages::new(phys.base_pfn(), frames, zeroed, thresholds);
+        let pages = Pages::new(
+            phys.base_pfn(),
+            frames,
+            zeroed,
+            thresholds,
+            config.fictitious_pages,
+        );
         let machine = Arc::new(Machine {
             phys,
             pages,
@@ -316,7 +325,8 @@ impl<P: Pmap> Vm<P> {
                 crate::fault::guard::wait_for_page(&self.machine, id, object.id().0, pindex);
                 continue;
             }
-            if page.object_raw() == object.id().0 && page.pindex() == pindex {
+            let fictitious = page.flags().contains(crate::page::PageFlags::FICTITIOUS);
+            if page.object_raw() == object.id().0 && page.pindex() == pindex && !fictitious {
                 // Mappings keep the frame; users see the zeros at once.
                 self.machine
                     .phys

@@ -76,6 +76,10 @@ impl<'m> BusyPage<'m> {
         self.machine.pages.pfn(self.id)
     }
 
+    pub(crate) fn object(&self) -> &Arc<VmObject> {
+        &self.object
+    }
+
     /// The page now belongs to `object` (after a rename).
     pub(crate) fn set_object(&mut self, object: Arc<VmObject>) {
         self.object = object;

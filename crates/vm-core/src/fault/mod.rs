@@ -31,7 +31,7 @@ use crate::object::ObjectFlags;
 use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
 use crate::page_queues::AllocClass;
 use crate::pager::PagerError;
-use crate::pmap::{MemAttr, PageInfo, Pmap, PmapError};
+use crate::pmap::{PageInfo, Pmap, PmapError};
 use crate::prot::Prot;
 use crate::space::VmSpace;
 use crate::sync::ReadGuard;
@@ -572,7 +572,7 @@ impl<'a, P: Pmap> FaultState<'a, P> {
             managed: !page
                 .flags()
                 .intersects(PageFlags::FICTITIOUS | PageFlags::UNMANAGED),
-            attr: MemAttr::WriteBack,
+            attr: self.machine.pages.attr(m.id),
         };
         let vm = &self.space.vm;
         match vm.pmap.enter(

@@ -56,7 +56,8 @@ impl<P: Pmap> FaultState<'_, P> {
         }
         // Unlock the map for the I/O (L565).
         self.map = None;
-        self.read_cluster(&*pager, cluster)
+        self.read_cluster(&*pager, cluster)?;
+        Ok(())
     }
 
     /// Seed L469-528: how far behind and ahead to read, switching to
@@ -217,6 +218,29 @@ impl<P: Pmap> FaultState<'_, P> {
         ))
     }
 
+    /// The pager answered with device memory: put a fictitious page for
+    /// it in the object in place of the page allocated for the read, which
+    /// is freed (FreeBSD `dev_pager_getpages`).
+    fn use_device_page(&mut self, pa: u64, attr: crate::pmap::MemAttr) -> Result<(), PagerError> {
+        let pages = &self.machine.pages;
+        let ram = self.m.take().expect("page to read");
+        let object = ram.object().clone();
+        let Some(fid) = pages.alloc_fictitious(crate::addr::Pfn::containing(pa), attr) else {
+            self.m = Some(ram);
+            return Err(PagerError::Again);
+        };
+        let page = pages.get(fid);
+        page.set_flags(PageFlags::BUSY);
+        {
+            let mut st = object.lock();
+            st.pages.remove(&self.pindex);
+            object.insert_page(&mut st, fid, page, self.pindex);
+        }
+        drop(ram);
+        self.m = Some(BusyPage::new(self.machine, object, fid, Disposal::Release));
+        Ok(())
+    }
+
     /// Calls the pager on the whole cluster and settles each page.
     fn read_cluster(&mut self, pager: &dyn Pager, cluster: Cluster<'_>) -> Result<(), PagerError> {
         let m = self.m.as_mut().expect("page to read");
@@ -241,7 +265,14 @@ impl<P: Pmap> FaultState<'_, P> {
         counters.v_pager_calls.fetch_add(1, Ordering::Relaxed);
         pager.get_pages(&mut slots, reqpage)?;
         let valid: SmallVec<[u8; READ_MAX as usize]> = slots.iter().map(PageSlot::valid).collect();
+        let device = slots[reqpage].device();
         drop(slots);
+        if let Some((pa, attr)) = device {
+            self.use_device_page(pa, attr)?;
+            counters.v_io_faults.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let m = self.m.as_mut().expect("page to read");
         m.page().set_valid(valid[reqpage]);
         m.keep();
         let mut read = 1;
