@@ -81,6 +81,22 @@ counters! {
     v_collapses,
     /// dirty pages written back by their pager
     v_pages_cleaned,
+    /// pages read from swap (`v_swappgsin`)
+    v_swappgsin,
+    /// pages written to swap (`v_swappgsout`)
+    v_swappgsout,
+    /// pages read from files (`v_vnodepgsin`)
+    v_vnodepgsin,
+    /// pages written to files by the pageout daemon (`v_vnodepgsout`)
+    v_vnodepgsout,
+    /// pages the pageout daemon examined (`v_pdpages`)
+    v_pdpages,
+    /// pages the pageout daemon freed
+    v_pdfreed,
+    /// pages the pageout daemon found referenced and kept
+    v_reactivated,
+    /// page-outs that failed for want of swap space or an I/O error
+    v_pageout_failed,
 }
 
 impl fmt::Display for CounterSnapshot {

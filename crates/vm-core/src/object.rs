@@ -141,6 +141,10 @@ impl ObjectRegistry {
         &self.shards[(id % 8) as usize]
     }
 
+    pub(crate) fn get(&self, id: u64) -> Option<Arc<VmObject>> {
+        self.shard(id).lock().get(&id).and_then(Weak::upgrade)
+    }
+
     /// Every live object (for checks and scans).
     pub(crate) fn all(&self) -> alloc::vec::Vec<Arc<VmObject>> {
         self.shards

@@ -223,9 +223,25 @@ pub trait Pager: Send + Sync {
         Err(PagerError::Error(IoError::UNSUPPORTED))
     }
 
+    /// Pages `start..end` of the object are gone for good (unmapped from
+    /// their only mapping, or truncated): release their backing store
+    /// (`swap_pager_freespace`).
+    fn discard(&self, start: u64, end: u64) {
+        let _ = (start, end);
+    }
+
     /// The object is being destroyed: release backing store
     /// (`vm_pager_deallocate`).
     fn dealloc(&self) {}
+}
+
+/// Gives anonymous objects swap backing the first time one of their pages
+/// must be paged out (FreeBSD turns `OBJT_DEFAULT` into `OBJT_SWAP` then).
+/// Installed with [`Vm::set_swap`](crate::Vm::set_swap).
+pub trait SwapProvider: Send + Sync {
+    /// A pager for an anonymous object of `pages` pages, or `None` when no
+    /// swap can be had.
+    fn pager_for(&self, pages: u64) -> Option<alloc::sync::Arc<dyn Pager>>;
 }
 
 /// One dirty page handed to [`Pager::put_pages`].

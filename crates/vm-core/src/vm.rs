@@ -98,6 +98,10 @@ pub struct Vm<P: Pmap> {
     pub(crate) pmap: P,
     pub(crate) machine: Arc<Machine>,
     pub(crate) config: VmConfig,
+    /// Where anonymous memory is paged out to.
+    pub(crate) swap: crate::sync::Mutex<Option<Arc<dyn crate::pager::SwapProvider>>>,
+    /// The pageout scan's clock hand.
+    pub(crate) hand: core::sync::atomic::AtomicU32,
 }
 
 impl<P: Pmap> core::fmt::Debug for Vm<P> {
@@ -168,6 +172,8 @@ impl<P: Pmap> Vm<P> {
             pmap,
             machine,
             config,
+            swap: crate::sync::Mutex::new(None),
+            hand: core::sync::atomic::AtomicU32::new(0),
         }))
     }
 
@@ -354,6 +360,7 @@ impl<P: Pmap> Vm<P> {
                 crate::fault::guard::wait_for_page(&self.machine, id, object.id().0, pindex);
                 continue;
             }
+            let pager = st.pager.clone();
             for (pindex, id) in doomed {
                 st.pages.remove(&pindex);
                 let refmod = self.pmap.remove_all(pages.pfn(id));
@@ -362,6 +369,11 @@ impl<P: Pmap> Vm<P> {
                 }
                 while pages.unwire(id, false) {}
                 pages.free(id);
+            }
+            drop(st);
+            if let Some(p) = pager {
+                // Their copies on backing store are gone too.
+                p.discard(start, end);
             }
             return;
         }

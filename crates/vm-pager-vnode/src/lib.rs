@@ -29,10 +29,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use vm_core::file_io::{read_fully, write_fully};
 use vm_core::page::DEV_BSIZE;
 use vm_core::{
     Contiguity, IoError, ObjectType, PAGE_SIZE, PageOut, PageSlot, Pager, PagerError, Pmap, Vm,
@@ -249,99 +249,4 @@ impl Pager for VnodePager {
             .fetch_add(iov.len() as u64, Ordering::Relaxed);
         Ok(())
     }
-}
-
-/// `preadv` until `iov` is full or EOF; returns the bytes read.
-fn read_fully(
-    file: &File,
-    iov: &mut [libc::iovec],
-    mut off: u64,
-    calls: &AtomicU64,
-) -> io::Result<usize> {
-    let mut total = 0;
-    let mut iov = iov;
-    while !iov.is_empty() {
-        calls.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: each iovec points to a distinct page-sized buffer the
-        // caller owns mutably for this call; the count fits the slice.
-        let r = unsafe {
-            libc::preadv(
-                file.as_raw_fd(),
-                iov.as_ptr(),
-                iov.len() as i32,
-                off as libc::off_t,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            break;
-        }
-        let r = r as usize;
-        total += r;
-        off += r as u64;
-        iov = advance(iov, r);
-    }
-    Ok(total)
-}
-
-/// `pwritev` until all of `iov` is written.
-fn write_fully(
-    file: &File,
-    iov: &[libc::iovec],
-    mut off: u64,
-    calls: &AtomicU64,
-) -> io::Result<()> {
-    let mut owned = iov.to_vec();
-    let mut iov = owned.as_mut_slice();
-    while !iov.is_empty() {
-        calls.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: each iovec points into a page the caller keeps alive and
-        // unchanged (busy, write-protected) for this call.
-        let r = unsafe {
-            libc::pwritev(
-                file.as_raw_fd(),
-                iov.as_ptr(),
-                iov.len() as i32,
-                off as libc::off_t,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "pwritev wrote nothing",
-            ));
-        }
-        off += r as u64;
-        iov = advance(iov, r as usize);
-    }
-    Ok(())
-}
-
-/// Drops `n` consumed bytes from the front of `iov`.
-fn advance(iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
-    let mut i = 0;
-    while i < iov.len() && n >= iov[i].iov_len {
-        n -= iov[i].iov_len;
-        i += 1;
-    }
-    let rest = &mut iov[i..];
-    if let Some(v) = rest.first_mut() {
-        // SAFETY: n < iov_len, so the new base stays inside the buffer.
-        v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n).cast() };
-        v.iov_len -= n;
-    }
-    rest
 }

@@ -51,8 +51,9 @@ mock! {
 impl MockPmap {
     /// A mock that accepts space creation and destruction and removals of
     /// empty ranges, the calls every `Vm` makes around a test, and says no
-    /// address is prefaultable (so faults enter only their own page): set
-    /// the expectations of the test on top.
+    /// address is prefaultable (so faults enter only their own page) and no
+    /// page referenced (for the pageout scan): set the expectations of the
+    /// test on top.
     #[must_use]
     pub fn permissive() -> MockPmap {
         let mut m = MockPmap::new();
@@ -61,6 +62,7 @@ impl MockPmap {
         m.expect_remove().return_const(());
         m.expect_mapping_count().return_const(0usize);
         m.expect_is_prefaultable().return_const(false);
+        m.expect_ts_referenced().return_const(0u32);
         m
     }
 }

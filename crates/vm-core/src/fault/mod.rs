@@ -123,7 +123,12 @@ struct Retries {
     again_waits: u32,
     /// A user wiring must copy-on-write now (seed L247-270).
     force_cow: bool,
+    /// Direct reclaims run for this fault.
+    reclaims: u32,
 }
+
+/// Direct reclaims one fault may run before it only waits.
+const MAX_RECLAIMS: u32 = 64;
 
 impl<P: Pmap> VmSpace<P> {
     /// Resolves a fault at `va` for `access` (seed `vm_fault`).
@@ -160,6 +165,7 @@ impl<P: Pmap> VmSpace<P> {
             memory_waits: 0,
             again_waits: 0,
             force_cow: false,
+            reclaims: 0,
         };
         loop {
             match self.fault_attempt(va, access, flags, &mut r) {
@@ -180,6 +186,11 @@ impl<P: Pmap> VmSpace<P> {
                         .counters
                         .v_wait_memory
                         .fetch_add(1, Ordering::Relaxed);
+                    // Direct reclaim first; sleep only when it frees nothing.
+                    if r.reclaims < MAX_RECLAIMS && self.vm.reclaim() {
+                        r.reclaims += 1;
+                        continue;
+                    }
                     if r.memory_waits >= self.vm.config.memory_retries {
                         return Err(FaultError::ResourceShortage { addr: va });
                     }
@@ -537,6 +548,15 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         let nosync = entry.eflags.contains(EntryFlags::NOSYNC);
         let m = self.m.as_ref().expect("page found");
         let page = m.page();
+        // A clean page with a copy on swap is mapped read-only by a read
+        // fault, so that the first write faults and frees the swap block
+        // (`page_unswapped`) instead of leaving a stale copy allocated.
+        if !self.fault_type.contains(Prot::WRITE)
+            && page.dirty() == 0
+            && self.first.object().object_type() == crate::object::ObjectType::Swap
+        {
+            self.prot.remove(Prot::WRITE);
+        }
         if self.prot.contains(Prot::WRITE) || force_cow {
             let mut st = self.first.object().lock();
             st.flags |= ObjectFlags::WRITEABLE | ObjectFlags::MIGHTBEDIRTY;

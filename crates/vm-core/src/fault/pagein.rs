@@ -275,6 +275,11 @@ impl<P: Pmap> FaultState<'_, P> {
         let m = self.m.as_mut().expect("page to read");
         m.page().set_valid(valid[reqpage]);
         m.keep();
+        let by_type = match m.object().object_type() {
+            ObjectType::Swap => Some(&counters.v_swappgsin),
+            ObjectType::Vnode => Some(&counters.v_vnodepgsin),
+            _ => None,
+        };
         let mut read = 1;
         for (mut b, v) in cluster
             .behind
@@ -291,6 +296,9 @@ impl<P: Pmap> FaultState<'_, P> {
             }
         }
         counters.v_pager_pages.fetch_add(read, Ordering::Relaxed);
+        if let Some(c) = by_type {
+            c.fetch_add(read, Ordering::Relaxed);
+        }
         counters.v_io_faults.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

@@ -1,0 +1,236 @@
+//! The pageout daemon (FreeBSD `vm_pageout.c`): frees memory by dropping
+//! clean inactive pages and laundering dirty ones through their pager —
+//! the file for vnode objects, swap for anonymous memory (which becomes
+//! swap-backed on its first page-out).
+//!
+//! It can be stepped by hand ([`Vm::pageout`]), runs inline when a fault
+//! finds no free page (direct reclaim, before the fault sleeps), and with
+//! `std` can run as a thread ([`Vm::spawn_pageout_daemon`]).
+//!
+//! The scan walks the page array like a clock hand: referenced pages go
+//! back to the active queue, unreferenced active pages are deactivated,
+//! inactive ones are freed or laundered. Wired, held and busy pages are
+//! never touched.
+
+use crate::fault::guard::wake;
+use crate::object::{ObjectType, VmObject};
+use crate::page::{PageFlags, PageId, PageQueue};
+use crate::pager::{PageOut, Pager};
+use crate::pmap::Pmap;
+use crate::vm::Vm;
+use alloc::sync::Arc;
+use core::sync::atomic::Ordering;
+
+/// What one [`Vm::pageout`] call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageoutReport {
+    /// Pages examined.
+    pub scanned: u64,
+    /// Pages freed.
+    pub freed: u64,
+    /// Dirty pages written to their pager (and then freed).
+    pub laundered: u64,
+    /// Referenced pages put back on the active queue.
+    pub reactivated: u64,
+    /// Active pages moved to the inactive queue.
+    pub deactivated: u64,
+    /// Dirty pages that could not be written (no pager, swap full, I/O
+    /// error): they stay, dirty, in memory.
+    pub failed: u64,
+}
+
+/// Sweeps over the page array one call makes at most.
+const SWEEPS: usize = 3;
+
+impl<P: Pmap> Vm<P> {
+    /// Installs the swap that anonymous memory is paged out to.
+    pub fn set_swap(&self, swap: Arc<dyn crate::pager::SwapProvider>) {
+        *self.swap.lock() = Some(swap);
+    }
+
+    /// Runs the pageout scan until `free_target` pages are free or
+    /// [`SWEEPS`] sweeps found nothing more to do.
+    pub fn pageout(&self, free_target: u64) -> PageoutReport {
+        let pages = &self.machine.pages;
+        let mut r = PageoutReport::default();
+        for _ in 0..SWEEPS {
+            if pages.free_count() >= free_target {
+                break;
+            }
+            self.sweep(PageQueue::Inactive, free_target, &mut r);
+            if pages.free_count() >= free_target {
+                break;
+            }
+            self.sweep(PageQueue::Active, free_target, &mut r);
+        }
+        let c = &self.machine.counters;
+        c.v_pdpages.fetch_add(r.scanned, Ordering::Relaxed);
+        c.v_pdfreed.fetch_add(r.freed, Ordering::Relaxed);
+        c.v_reactivated.fetch_add(r.reactivated, Ordering::Relaxed);
+        c.v_pageout_failed.fetch_add(r.failed, Ordering::Relaxed);
+        r
+    }
+
+    /// Frees some memory for a fault that found none (direct reclaim).
+    /// Returns whether anything was freed.
+    pub(crate) fn reclaim(&self) -> bool {
+        let pages = &self.machine.pages;
+        let target = pages.thresholds.target.max(pages.free_count() + 32);
+        self.pageout(target).freed > 0
+    }
+
+    /// One pass of the clock hand over every page, acting on those of
+    /// `queue`.
+    fn sweep(&self, queue: PageQueue, free_target: u64, r: &mut PageoutReport) {
+        let pages = &self.machine.pages;
+        let total = pages.len();
+        for _ in 0..total {
+            if queue == PageQueue::Inactive && pages.free_count() >= free_target {
+                return;
+            }
+            let id = PageId(self.hand.fetch_add(1, Ordering::Relaxed) % total);
+            let page = pages.get(id);
+            if page.queue() != queue
+                || page.is_busy()
+                || page.hold_count() != 0
+                || page.wire_count() != 0
+            {
+                continue;
+            }
+            r.scanned += 1;
+            // Both the page's flag and the mappings' A bits are consumed,
+            // so a page not used since the last sweep reads unreferenced.
+            let used = self.pmap.ts_referenced(pages.pfn(id)) > 0;
+            let referenced = page.flags().contains(PageFlags::REFERENCED) || used;
+            page.clear_flags(PageFlags::REFERENCED);
+            match (queue, referenced) {
+                (PageQueue::Active, false) => {
+                    pages.deactivate(id);
+                    r.deactivated += 1;
+                }
+                (PageQueue::Inactive, true) => {
+                    pages.activate(id);
+                    r.reactivated += 1;
+                }
+                (PageQueue::Inactive, false) => self.evict(id, r),
+                _ => {}
+            }
+        }
+    }
+
+    /// Frees inactive page `id`, laundering it first if dirty.
+    fn evict(&self, id: PageId, r: &mut PageoutReport) {
+        let pages = &self.machine.pages;
+        let page = pages.get(id);
+        let Some(object) = self.machine.objects.get(page.object_raw()) else {
+            return;
+        };
+        let pindex = page.pindex();
+        let pfn = pages.pfn(id);
+        {
+            let st = object.lock();
+            if st.pages.get(&pindex) != Some(&id) || !page.try_busy() {
+                return;
+            }
+        }
+        // Nobody may write the page while it is decided and written.
+        let rm = self.pmap.remove_all(pfn);
+        if rm.modified {
+            page.dirty_all();
+        }
+        if page.hold_count() != 0 {
+            wake(&self.machine, id);
+            return;
+        }
+        if page.dirty() != 0 {
+            match self.launder(&object, id, pindex) {
+                Ok(()) => r.laundered += 1,
+                Err(()) => {
+                    r.failed += 1;
+                    wake(&self.machine, id);
+                    return;
+                }
+            }
+        }
+        let mut st = object.lock();
+        if st.pages.get(&pindex) == Some(&id) {
+            st.pages.remove(&pindex);
+        }
+        drop(st);
+        wake(&self.machine, id);
+        pages.free(id);
+        r.freed += 1;
+    }
+
+    /// Writes busy, unmapped page `id` to its object's pager, giving an
+    /// anonymous object swap backing first.
+    fn launder(&self, object: &Arc<VmObject>, id: PageId, pindex: u64) -> Result<(), ()> {
+        let pages = &self.machine.pages;
+        let (pager, otype) = {
+            let mut st = object.lock();
+            if st.pager.is_none() && st.otype == ObjectType::Default {
+                let swap = self.swap.lock().clone();
+                if let Some(p) = swap.and_then(|s| s.pager_for(st.size)) {
+                    st.pager = Some(p);
+                    st.otype = ObjectType::Swap;
+                }
+            }
+            (st.pager.clone(), st.otype)
+        };
+        let pager: Arc<dyn Pager> = pager.ok_or(())?;
+        let page = pages.get(id);
+        // SAFETY: the page is busy and every mapping of it was removed, so
+        // nothing writes the frame while the pager reads it.
+        let data = unsafe { self.machine.phys.frame_ref(pages.pfn(id)) };
+        pager
+            .put_pages(&[PageOut::new(pindex, data, page.dirty())])
+            .map_err(|_| ())?;
+        page.clear_dirty();
+        let c = match otype {
+            ObjectType::Vnode => &self.machine.counters.v_vnodepgsout,
+            _ => &self.machine.counters.v_swappgsout,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// A pageout daemon thread; stopped and joined on drop.
+#[cfg(feature = "std")]
+pub struct PageoutDaemon {
+    stop: Arc<core::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[cfg(feature = "std")]
+impl<P: Pmap> Vm<P> {
+    /// Starts a thread that runs the scan whenever free memory falls below
+    /// the target threshold (checked every `period`).
+    pub fn spawn_pageout_daemon(self: &Arc<Self>, period: std::time::Duration) -> PageoutDaemon {
+        let stop = Arc::new(core::sync::atomic::AtomicBool::new(false));
+        let (vm, flag) = (self.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Acquire) {
+                let target = vm.machine.pages.thresholds.target;
+                if vm.free_pages() < target {
+                    vm.pageout(target);
+                }
+                std::thread::sleep(period);
+            }
+        });
+        PageoutDaemon {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl Drop for PageoutDaemon {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

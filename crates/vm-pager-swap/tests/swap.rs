@@ -1,0 +1,170 @@
+//! Memory pressure end to end: the pageout scan launders anonymous memory
+//! to a swap file and faults read it back.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use vm_core::{FaultError, Prot, Vm, VmConfig};
+use vm_pager_swap::Swap;
+use vm_testkit::RefPmap;
+
+const PAGE: u64 = 4096;
+const BASE: u64 = 0x1000_0000;
+
+struct TempPath(PathBuf);
+
+impl TempPath {
+    fn new() -> TempPath {
+        static N: AtomicU32 = AtomicU32::new(0);
+        TempPath(std::env::temp_dir().join(format!(
+            "vm-swap-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )))
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn machine(pages: u64) -> Arc<Vm<RefPmap>> {
+    Vm::new(RefPmap::new(), vm_testkit::test_config(pages)).unwrap()
+}
+
+/// Deterministic contents for (page, offset).
+fn byte(page: u64, off: u64) -> u8 {
+    (page.wrapping_mul(2654435761) >> 7) as u8 ^ off as u8
+}
+
+#[test]
+fn sixty_four_mib_through_sixteen_mib_of_memory() {
+    let t = TempPath::new();
+    let vm = Vm::new(
+        RefPmap::new(),
+        VmConfig {
+            memory_bytes: 16 << 20,
+            ..VmConfig::default()
+        },
+    )
+    .unwrap();
+    let swap = Swap::create(&t.0, 80 << 20).unwrap();
+    vm.set_swap(swap.provider());
+    let space = vm.new_space().unwrap();
+    let pages = (64 << 20) / PAGE;
+    space.map_anon(BASE, pages * PAGE, Prot::RW).unwrap();
+    let mut buf = vec![0u8; PAGE as usize];
+    for p in 0..pages {
+        buf.iter_mut()
+            .enumerate()
+            .for_each(|(o, b)| *b = byte(p, o as u64));
+        space.write(BASE + p * PAGE, &buf).unwrap();
+    }
+    for p in 0..pages {
+        space.read(BASE + p * PAGE, &mut buf).unwrap();
+        assert!(
+            buf.iter().enumerate().all(|(o, &b)| b == byte(p, o as u64)),
+            "page {p} came back wrong"
+        );
+    }
+    let s = vm.counters().snapshot();
+    let st = swap.stats();
+    println!("{st:?}\n{s}");
+    assert!(s.v_swappgsout >= pages - vm.total_pages());
+    assert!(s.v_swappgsin > 0);
+    assert!(
+        st.read_calls < st.pages_in,
+        "swap-ins are clustered: {st:?}"
+    );
+    vm.check_consistency().unwrap();
+    drop(space);
+    assert_eq!(swap.stats().used, 0, "swap freed with the object");
+    assert_eq!(vm.free_pages(), vm.total_pages());
+}
+
+#[test]
+fn a_full_swap_device_keeps_pages_in_memory_and_reports_the_shortage() {
+    let t = TempPath::new();
+    let vm = machine(32);
+    let swap = Swap::create(&t.0, 8 * PAGE).unwrap();
+    vm.set_swap(swap.provider());
+    let space = vm.new_space().unwrap();
+    space.map_anon(BASE, 64 * PAGE, Prot::RW).unwrap();
+    let mut last = Ok(());
+    let mut written = 0;
+    for p in 0..64 {
+        last = space.write_u8(BASE + p * PAGE, p as u8 + 1);
+        if last.is_err() {
+            break;
+        }
+        written += 1;
+    }
+    let e = last.unwrap_err();
+    assert!(matches!(e, FaultError::ResourceShortage { .. }), "{e}");
+    assert!(swap.stats().full > 0);
+    assert_eq!(swap.stats().used, 8);
+    // Nothing was lost: every page written is resident or on swap (reading
+    // the swapped ones back would need memory that does not exist).
+    let (obj, _) = space.object_at(BASE).unwrap();
+    assert_eq!(obj.resident_count() as u64 + swap.stats().used, written);
+    for p in 0..written {
+        if let Some(id) = obj.resident_page(p) {
+            assert_eq!(vm.page(id).dirty(), 0xff, "unwritten pages stay dirty");
+        }
+    }
+    vm.check_consistency().unwrap();
+    // Unmapping gives the swap space back and the machine recovers.
+    space.unmap(BASE, 64 * PAGE).unwrap();
+    assert_eq!(swap.stats().used, 0);
+    space.map_anon(BASE, 4 * PAGE, Prot::RW).unwrap();
+    space.write_u8(BASE, 1).unwrap();
+}
+
+#[test]
+fn a_page_dirtied_after_swap_in_frees_its_block() {
+    let t = TempPath::new();
+    let vm = machine(64);
+    let swap = Swap::create(&t.0, 64 * PAGE).unwrap();
+    vm.set_swap(swap.provider());
+    let space = vm.new_space().unwrap();
+    space.map_anon(BASE, 8 * PAGE, Prot::RW).unwrap();
+    for p in 0..8 {
+        space.write_u8(BASE + p * PAGE, 0x50 + p as u8).unwrap();
+    }
+    // Push everything out.
+    vm.pageout(vm.total_pages());
+    assert_eq!(swap.stats().used, 8);
+    assert_eq!(space.read_u8(BASE + 3 * PAGE).unwrap(), 0x53, "swapped in");
+    assert_eq!(
+        swap.stats().used,
+        8,
+        "a clean swapped-in page keeps its block"
+    );
+    space.write_u8(BASE + 3 * PAGE, 0x99).unwrap();
+    assert_eq!(swap.stats().used, 7, "dirtying it frees the block");
+    vm.check_consistency().unwrap();
+}
+
+#[test]
+fn wired_and_held_pages_are_never_paged_out() {
+    let t = TempPath::new();
+    let vm = machine(64);
+    let swap = Swap::create(&t.0, 64 * PAGE).unwrap();
+    vm.set_swap(swap.provider());
+    let space = vm.new_space().unwrap();
+    space.map_anon(BASE, 8 * PAGE, Prot::RW).unwrap();
+    for p in 0..8 {
+        space.write_u8(BASE + p * PAGE, p as u8).unwrap();
+    }
+    space.wire(BASE, 2 * PAGE, true).unwrap();
+    let held = space.hold(BASE + 2 * PAGE, PAGE, Prot::READ).unwrap();
+    vm.pageout(vm.total_pages());
+    assert_eq!(swap.stats().used, 5, "3 of 8 stayed");
+    let (obj, _) = space.object_at(BASE).unwrap();
+    assert!((0..3).all(|p| obj.resident_page(p).is_some()));
+    drop(held);
+    space.unwire(BASE, 2 * PAGE, true).unwrap();
+    vm.check_consistency().unwrap();
+}
