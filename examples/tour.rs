@@ -1,5 +1,6 @@
-//! A tour of the fault subsystem: one small process life on a fresh
-//! machine, with the kernel's counters at the end.
+//! A tour of the fault subsystem: one small process life on the embedded
+//! default — the x86_64 pmap, a real file behind the vnode pager, a swap
+//! file, a device window — with the kernel's counters at the end.
 //!
 //! ```text
 //! cargo run --release --example tour
@@ -7,15 +8,25 @@
 //!
 //! Exits non-zero if any step's result is not what the kernel would give.
 
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use vm_core::{FaultFlags, MapRequest, ObjectType, Prot, Vm, VmConfig};
-use vm_testkit::{MemPager, RefPmap, pattern_byte};
+use vm_core::{FaultFlags, FaultKind, MapRequest, MemAttr, Prot, Vm, VmConfig, VmSpace};
+use vm_pager_device::{DeviceMmap, DevicePager};
+use vm_pager_swap::Swap;
+use vm_pager_vnode::VnodePager;
+use vm_pmap_x86_64::X86Pmap;
 
 const HEAP: u64 = 0x1000_0000;
 const FILE: u64 = 0x2000_0000;
+const DEV: u64 = 0x3000_0000;
+const BIG: u64 = 0x4000_0000;
 const STACK_TOP: u64 = 0x7fff_0000_0000;
 const PAGE: u64 = vm_core::PAGE_SIZE;
+
+type Space = VmSpace<X86Pmap>;
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 struct Tour {
     failures: u32,
@@ -30,8 +41,28 @@ impl Tour {
     }
 }
 
+/// A scratch directory for the file and the swap, removed at the end.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Four pages of a pretend frame buffer at physical 0xfd00_0000.
+struct FrameBuffer;
+
+impl DeviceMmap for FrameBuffer {
+    fn mmap(&self, offset: u64, _prot: Prot) -> Option<(u64, MemAttr)> {
+        (offset < 4 * PAGE).then(|| (0xfd00_0000 + offset, MemAttr::WriteCombining))
+    }
+}
+
 fn main() -> ExitCode {
-    let vm = match Vm::new(RefPmap::new(), VmConfig::with_memory(64 << 20)) {
+    let scratch = Scratch(std::env::temp_dir().join(format!("vm-tour-{}", std::process::id())));
+    let config = VmConfig::with_memory(16 << 20);
+    let vm = match Vm::new(X86Pmap::new(), config) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("cannot create the machine: {e}");
@@ -40,11 +71,10 @@ fn main() -> ExitCode {
     };
     let mut t = Tour { failures: 0 };
     println!(
-        "machine: {} pages of {} bytes, reference pmap\n",
-        vm.total_pages(),
-        PAGE
+        "machine: {} pages of {PAGE} bytes, x86_64 page tables in its own physical memory\n",
+        vm.total_pages()
     );
-    if let Err(e) = run(&vm, &mut t) {
+    if let Err(e) = run(&vm, &scratch, &mut t) {
         t.step("unexpected error", false, e);
     }
     println!("\ncounters (vmstat -s):\n{}", vm.counters().snapshot());
@@ -61,15 +91,44 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(vm: &Arc<Vm<RefPmap>>, t: &mut Tour) -> Result<(), Box<dyn std::error::Error>> {
+fn run(vm: &Arc<Vm<X86Pmap>>, scratch: &Scratch, t: &mut Tour) -> Result<()> {
+    std::fs::create_dir_all(&scratch.0)?;
+    let swap = Swap::create(&scratch.0.join("swap"), 64 << 20)?;
+    vm.set_swap(swap.provider());
     let proc1 = vm.new_space()?;
+    anonymous(vm, &proc1, t)?;
+    file(vm, &proc1, scratch, t)?;
+    proc1.map_stack(STACK_TOP, 4 * PAGE, 256 * PAGE)?;
+    proc1.write(STACK_TOP - 20 * PAGE, b"deep frame")?;
+    let n = proc1.entries().len();
+    t.step(
+        "stack grows down on a fault below it",
+        n == 4,
+        format!("{n} entries"),
+    );
+    device(vm, &proc1, t)?;
+    fork(vm, &proc1, t)?;
+    proc1.wire(HEAP, 8 * PAGE, true)?;
+    let wired = vm.queue_counts().2;
+    t.step(
+        "mlock of 8 pages",
+        wired >= 8,
+        format!("{wired} pages wired (page tables included)"),
+    );
+    proc1.unwire(HEAP, 8 * PAGE, true)?;
+    pressure(vm, &proc1, &swap, t)?;
+    errors(vm, &proc1, t)?;
+    let (minflt, majflt) = proc1.rusage();
+    println!("\nprocess 1: {minflt} minor and {majflt} major faults");
+    Ok(())
+}
 
-    // Anonymous memory: the first touch of each page is a zero-fill fault.
+fn anonymous(vm: &Arc<Vm<X86Pmap>>, proc1: &Space, t: &mut Tour) -> Result<()> {
     proc1.map_anon(HEAP, 64 * PAGE, Prot::RW)?;
     let out = proc1.fault(HEAP, Prot::WRITE, FaultFlags::DIRTY)?;
     t.step(
         "zero-fill write fault",
-        out.kind == vm_core::FaultKind::ZeroFill,
+        out.kind == FaultKind::ZeroFill,
         format!("{out:?}"),
     );
     proc1.write(HEAP + 100, b"hello from the parent")?;
@@ -80,12 +139,11 @@ fn run(vm: &Arc<Vm<RefPmap>>, t: &mut Tour) -> Result<(), Box<dyn std::error::Er
         &buf == b"hello from the parent",
         String::from_utf8_lossy(&buf),
     );
-
-    // Prefault: the next fault maps resident neighbours too.
+    // Prefault: a fault also maps resident neighbours.
     let before = vm.counters().snapshot().v_prefaults;
-    let proc0 = vm.new_space()?;
     let shared = vm.new_anon_object(16);
-    proc0.map(MapRequest::object(
+    let (writer, reader) = (vm.new_space()?, vm.new_space()?);
+    writer.map(MapRequest::object(
         HEAP,
         16 * PAGE,
         shared.clone(),
@@ -93,58 +151,80 @@ fn run(vm: &Arc<Vm<RefPmap>>, t: &mut Tour) -> Result<(), Box<dyn std::error::Er
         Prot::RW,
     ))?;
     for i in 0..16 {
-        proc0.write_u8(HEAP + i * PAGE, i as u8)?;
+        writer.write_u8(HEAP + i * PAGE, i as u8)?;
     }
-    let peer = vm.new_space()?;
-    peer.map(MapRequest::object(HEAP, 16 * PAGE, shared, 0, Prot::READ))?;
-    peer.fault(HEAP + 8 * PAGE, Prot::READ, FaultFlags::NORMAL)?;
+    reader.map(MapRequest::object(HEAP, 16 * PAGE, shared, 0, Prot::READ))?;
+    reader.fault(HEAP + 8 * PAGE, Prot::READ, FaultFlags::NORMAL)?;
     let pre = vm.counters().snapshot().v_prefaults - before;
     t.step(
         "prefault around a fault",
         pre == 8,
-        format!("{pre} neighbours mapped (seed: 4 each side)"),
+        format!("{pre} neighbours mapped (the seed's 4 each side)"),
     );
-    drop((proc0, peer));
+    Ok(())
+}
 
-    // A file: pages come from its pager on first touch (a major fault),
-    // with read-behind and read-ahead in the same call.
-    let pager = Arc::new(MemPager::with_pattern(ObjectType::Vnode, 64));
-    pager.set_contiguity(vm_core::Contiguity {
-        behind: 16,
-        ahead: 16,
-    });
-    let file = vm.new_object(64, pager.clone());
-    proc1.map(MapRequest::object(FILE, 64 * PAGE, file, 0, Prot::READ))?;
+fn file(vm: &Arc<Vm<X86Pmap>>, proc1: &Space, scratch: &Scratch, t: &mut Tour) -> Result<()> {
+    let path = scratch.0.join("data");
+    let content: Vec<u8> = (0..64 * PAGE + 300).map(|i| (i % 251) as u8 + 1).collect();
+    std::fs::File::create(&path)?.write_all(&content)?;
+    let pager = VnodePager::open(&path, true)?;
+    let obj = pager.object(vm);
+    proc1.map(MapRequest::object(FILE, 65 * PAGE, obj, 0, Prot::RW))?;
     let out = proc1.fault(FILE + 20 * PAGE, Prot::READ, FaultFlags::NORMAL)?;
-    let b = proc1.read_u8(FILE + 20 * PAGE + 7)?;
-    let first = pager.calls()[0].clone();
+    let st = pager.stats();
     t.step(
         "file page-in with clustering",
-        out.major && b == pattern_byte(20, 7) && first.pindexes.len() == 16,
+        out.major && st.pages_in == 16 && st.read_calls == 1,
         format!(
-            "major={}, one pager call for pages {:?}",
-            out.major, first.pindexes
+            "one preadv brought in {} pages around the fault",
+            st.pages_in
         ),
     );
-    for p in 21..60 {
-        proc1.read_u8(FILE + p * PAGE)?;
-    }
+    let mut buf = vec![0u8; content.len() - (20 * PAGE) as usize];
+    proc1.read(FILE + 20 * PAGE, &mut buf)?;
+    let st = pager.stats();
+    let same = buf[..] == content[(20 * PAGE) as usize..];
     t.step(
         "sequential scan reads ahead",
-        pager.calls().len() <= 5,
-        format!("40 pages scanned in {} pager calls", pager.calls().len()),
+        same && st.read_calls <= 6,
+        format!(
+            "{} pages read in {} system calls; bytes match the file",
+            st.pages_in, st.read_calls
+        ),
     );
-
-    // A stack grows down on a fault below it.
-    proc1.map_stack(STACK_TOP, 4 * PAGE, 256 * PAGE)?;
-    proc1.write(STACK_TOP - 20 * PAGE, b"deep frame")?;
+    let mut tail = [1u8; 8];
+    proc1.read(FILE + 64 * PAGE + 296, &mut tail)?;
     t.step(
-        "stack growth",
-        proc1.entries().len() == 4,
-        format!("{} entries", proc1.entries().len()),
+        "end-of-file page is zero past EOF",
+        tail[4..] == [0; 4],
+        format!("{tail:?}"),
     );
+    proc1.write(FILE + 5, b"EDITED")?;
+    let n = proc1.msync(FILE, 65 * PAGE)?;
+    let on_disk = std::fs::read(&path)?;
+    t.step(
+        "msync writes the file",
+        &on_disk[5..11] == b"EDITED" && on_disk.len() == content.len(),
+        format!("{n} page(s) written"),
+    );
+    Ok(())
+}
 
-    // Fork: the child shares the parent's pages copy-on-write.
+fn device(vm: &Arc<Vm<X86Pmap>>, proc1: &Space, t: &mut Tour) -> Result<()> {
+    let dev = DevicePager::object(vm, FrameBuffer, 4);
+    proc1.map(MapRequest::object(DEV, 4 * PAGE, dev, 0, Prot::RW))?;
+    let out = proc1.fault(DEV + PAGE, Prot::WRITE, FaultFlags::DIRTY)?;
+    let pte = vm.pmap().pte(proc1.pmap_space(), DEV + PAGE).unwrap_or(0);
+    t.step(
+        "device window, write-combining",
+        out.pfn.phys_addr() == 0xfd00_1000 && pte & 0x98 == 0x90,
+        format!("PTE {pte:#x}: frame 0xfd001000, PAT|PCD = slot 6 (WC), no pv entry"),
+    );
+    Ok(())
+}
+
+fn fork(vm: &Arc<Vm<X86Pmap>>, proc1: &Space, t: &mut Tour) -> Result<()> {
     let proc2 = proc1.fork()?;
     let same = proc1.extract(HEAP)
         == proc2
@@ -152,37 +232,73 @@ fn run(vm: &Arc<Vm<RefPmap>>, t: &mut Tour) -> Result<(), Box<dyn std::error::Er
             .ok()
             .map(|o| o.pfn);
     t.step(
-        "child reads the parent's page in place",
+        "the child reads the parent's page in place",
         same,
         "same frame, mapped read-only",
     );
     proc2.write(HEAP + 100, b"HELLO FROM THE CHILD!")?;
+    let mut buf = [0u8; 21];
     proc1.read(HEAP + 100, &mut buf)?;
     let parent_kept = &buf == b"hello from the parent";
     proc2.read(HEAP + 100, &mut buf)?;
     t.step(
         "copy-on-write after fork",
         parent_kept && &buf == b"HELLO FROM THE CHILD!",
-        format!("child now sees {:?}", String::from_utf8_lossy(&buf)),
+        format!(
+            "child sees {:?}, parent kept its own",
+            String::from_utf8_lossy(&buf)
+        ),
     );
     drop(proc2);
+    let before = vm.counters().snapshot().v_cow_optim;
     proc1.write(HEAP + 100, b"H")?;
+    let moved = vm.counters().snapshot().v_cow_optim - before;
     t.step(
         "child exited: the parent's write moves the page up",
-        vm.counters().snapshot().v_cow_optim == 1,
-        "v_cow_optim = 1",
+        moved == 1,
+        "v_cow_optim +1, no copy",
     );
+    Ok(())
+}
 
-    // Wiring: pages are faulted in and held.
-    proc1.wire(HEAP, 8 * PAGE, true)?;
+fn pressure(vm: &Arc<Vm<X86Pmap>>, proc1: &Space, swap: &Swap, t: &mut Tour) -> Result<()> {
+    let pages = 2 * vm.total_pages();
+    proc1.map_anon(BIG, pages * PAGE, Prot::RW)?;
+    print!(
+        "memory pressure: writing {} MiB through {} MiB of RAM ",
+        pages * PAGE >> 20,
+        vm.total_pages() * PAGE >> 20
+    );
+    for p in 0..pages {
+        proc1.write(BIG + p * PAGE, &p.to_le_bytes())?;
+        if p % (pages / 20) == 0 {
+            print!("#");
+            std::io::stdout().flush()?;
+        }
+    }
+    println!();
+    let mut ok = true;
+    for p in 0..pages {
+        let mut b = [0u8; 8];
+        proc1.read(BIG + p * PAGE, &mut b)?;
+        ok &= u64::from_le_bytes(b) == p;
+    }
+    let s = vm.counters().snapshot();
     t.step(
-        "mlock of 8 pages",
-        vm.queue_counts().2 == 8,
-        format!("{} wired", vm.queue_counts().2),
+        "page-out to swap and page-in back",
+        ok && s.v_swappgsout > 0 && s.v_swappgsin > 0,
+        format!(
+            "{} pages out, {} in, every byte back; {:?}",
+            s.v_swappgsout,
+            s.v_swappgsin,
+            swap.stats()
+        ),
     );
-    proc1.unwire(HEAP, 8 * PAGE, true)?;
+    proc1.unmap(BIG, pages * PAGE)?;
+    Ok(())
+}
 
-    // Errors come back with the facts and the signal a kernel would send.
+fn errors(vm: &Arc<Vm<X86Pmap>>, proc1: &Space, t: &mut Tour) -> Result<()> {
     proc1.protect(HEAP, PAGE, Prot::READ)?;
     let e = proc1.write(HEAP, b"x").unwrap_err();
     t.step(
@@ -196,15 +312,13 @@ fn run(vm: &Arc<Vm<RefPmap>>, t: &mut Tour) -> Result<(), Box<dyn std::error::Er
         e.signal().to_string() == "SIGSEGV (SEGV_MAPERR)",
         format!("{e} -> {}", e.signal()),
     );
-    vm.resize_object(&proc1.object_at(FILE).unwrap().0, 8);
+    let (obj, _) = proc1.object_at(FILE).ok_or("file mapping")?;
+    vm.resize_object(&obj, 8);
     let e = proc1.read_u8(FILE + 12 * PAGE).unwrap_err();
     t.step(
         "read past the end of a truncated file",
         e.signal().to_string() == "SIGBUS (BUS_OBJERR)",
         format!("{e} -> {}", e.signal()),
     );
-
-    let (minflt, majflt) = proc1.rusage();
-    println!("\nprocess 1: {minflt} minor and {majflt} major faults");
     Ok(())
 }

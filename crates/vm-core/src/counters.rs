@@ -81,15 +81,15 @@ counters! {
     v_collapses,
     /// dirty pages written back by their pager
     v_pages_cleaned,
-    /// pages read from swap (`v_swappgsin`)
+    /// pages read from swap
     v_swappgsin,
-    /// pages written to swap (`v_swappgsout`)
+    /// pages written to swap
     v_swappgsout,
-    /// pages read from files (`v_vnodepgsin`)
+    /// pages read from files
     v_vnodepgsin,
-    /// pages written to files by the pageout daemon (`v_vnodepgsout`)
+    /// pages written to files by the pageout daemon
     v_vnodepgsout,
-    /// pages the pageout daemon examined (`v_pdpages`)
+    /// pages the pageout daemon examined
     v_pdpages,
     /// pages the pageout daemon freed
     v_pdfreed,

@@ -20,6 +20,7 @@ use crate::pmap::Pmap;
 use crate::vm::Vm;
 use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
+use smallvec::SmallVec;
 
 /// What one [`Vm::pageout`] call did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,6 +42,8 @@ pub struct PageoutReport {
 
 /// Sweeps over the page array one call makes at most.
 const SWEEPS: usize = 3;
+/// Pages laundered in one pager call at most.
+const CLUSTER: usize = 16;
 
 impl<P: Pmap> Vm<P> {
     /// Installs the swap that anonymous memory is paged out to.
@@ -118,7 +121,9 @@ impl<P: Pmap> Vm<P> {
         }
     }
 
-    /// Frees inactive page `id`, laundering it first if dirty.
+    /// Frees inactive page `id`, laundering it first if dirty — together
+    /// with the dirty inactive pages that follow it in its object, in one
+    /// pager call (clustered page-out).
     fn evict(&self, id: PageId, r: &mut PageoutReport) {
         let pages = &self.machine.pages;
         let page = pages.get(id);
@@ -126,45 +131,81 @@ impl<P: Pmap> Vm<P> {
             return;
         };
         let pindex = page.pindex();
-        let pfn = pages.pfn(id);
-        {
-            let st = object.lock();
-            if st.pages.get(&pindex) != Some(&id) || !page.try_busy() {
+        if !self.claim(&object, id, pindex) {
+            return;
+        }
+        let mut run: SmallVec<[(PageId, u64); CLUSTER]> = SmallVec::new();
+        run.push((id, pindex));
+        if page.dirty() != 0 {
+            self.gather(&object, &mut run);
+            if self.launder(&object, &run).is_err() {
+                r.failed += run.len() as u64;
+                run.iter().for_each(|&(id, _)| wake(&self.machine, id));
                 return;
             }
+            r.laundered += run.len() as u64;
         }
-        // Nobody may write the page while it is decided and written.
-        let rm = self.pmap.remove_all(pfn);
-        if rm.modified {
+        let mut st = object.lock();
+        for &(id, p) in &run {
+            if st.pages.get(&p) == Some(&id) {
+                st.pages.remove(&p);
+            }
+        }
+        drop(st);
+        for (id, _) in run {
+            wake(&self.machine, id);
+            pages.free(id);
+            r.freed += 1;
+        }
+    }
+
+    /// Busies inactive page `id` of `object` at `pindex` and removes every
+    /// mapping of it, so nobody writes it while it is decided and written.
+    /// False (and nothing held) if it is not ours to take.
+    fn claim(&self, object: &VmObject, id: PageId, pindex: u64) -> bool {
+        let pages = &self.machine.pages;
+        let page = pages.get(id);
+        {
+            let st = object.lock();
+            let usable = page.queue() == PageQueue::Inactive
+                && page.hold_count() == 0
+                && page.wire_count() == 0;
+            if st.pages.get(&pindex) != Some(&id) || !usable || !page.try_busy() {
+                return false;
+            }
+        }
+        if self.pmap.remove_all(pages.pfn(id)).modified {
             page.dirty_all();
         }
         if page.hold_count() != 0 {
             wake(&self.machine, id);
-            return;
+            return false;
         }
-        if page.dirty() != 0 {
-            match self.launder(&object, id, pindex) {
-                Ok(()) => r.laundered += 1,
-                Err(()) => {
-                    r.failed += 1;
-                    wake(&self.machine, id);
-                    return;
-                }
-            }
-        }
-        let mut st = object.lock();
-        if st.pages.get(&pindex) == Some(&id) {
-            st.pages.remove(&pindex);
-        }
-        drop(st);
-        wake(&self.machine, id);
-        pages.free(id);
-        r.freed += 1;
+        true
     }
 
-    /// Writes busy, unmapped page `id` to its object's pager, giving an
-    /// anonymous object swap backing first.
-    fn launder(&self, object: &Arc<VmObject>, id: PageId, pindex: u64) -> Result<(), ()> {
+    /// Extends `run` with the dirty inactive pages that follow it.
+    fn gather(&self, object: &VmObject, run: &mut SmallVec<[(PageId, u64); CLUSTER]>) {
+        let pages = &self.machine.pages;
+        while run.len() < CLUSTER {
+            let next = run[run.len() - 1].1 + 1;
+            let Some(id) = object.lock().pages.get(&next).copied() else {
+                return;
+            };
+            if !self.claim(object, id, next) {
+                return;
+            }
+            if pages.get(id).dirty() == 0 {
+                wake(&self.machine, id);
+                return;
+            }
+            run.push((id, next));
+        }
+    }
+
+    /// Writes the busy, unmapped pages of `run` (contiguous indexes) to
+    /// their object's pager, giving an anonymous object swap backing first.
+    fn launder(&self, object: &Arc<VmObject>, run: &[(PageId, u64)]) -> Result<(), ()> {
         let pages = &self.machine.pages;
         let (pager, otype) = {
             let mut st = object.lock();
@@ -178,19 +219,23 @@ impl<P: Pmap> Vm<P> {
             (st.pager.clone(), st.otype)
         };
         let pager: Arc<dyn Pager> = pager.ok_or(())?;
-        let page = pages.get(id);
-        // SAFETY: the page is busy and every mapping of it was removed, so
-        // nothing writes the frame while the pager reads it.
-        let data = unsafe { self.machine.phys.frame_ref(pages.pfn(id)) };
-        pager
-            .put_pages(&[PageOut::new(pindex, data, page.dirty())])
-            .map_err(|_| ())?;
-        page.clear_dirty();
+        let outs: SmallVec<[PageOut<'_>; CLUSTER]> = run
+            .iter()
+            .map(|&(id, p)| {
+                // SAFETY: the page is busy and every mapping of it was
+                // removed, so nothing writes the frame while the pager
+                // reads it.
+                let data = unsafe { self.machine.phys.frame_ref(pages.pfn(id)) };
+                PageOut::new(p, data, pages.get(id).dirty())
+            })
+            .collect();
+        pager.put_pages(&outs).map_err(|_| ())?;
+        run.iter().for_each(|&(id, _)| pages.get(id).clear_dirty());
         let c = match otype {
             ObjectType::Vnode => &self.machine.counters.v_vnodepgsout,
             _ => &self.machine.counters.v_swappgsout,
         };
-        c.fetch_add(1, Ordering::Relaxed);
+        c.fetch_add(run.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -168,3 +168,60 @@ fn wired_and_held_pages_are_never_paged_out() {
     space.unwire(BASE, 2 * PAGE, true).unwrap();
     vm.check_consistency().unwrap();
 }
+
+#[test]
+fn the_daemon_thread_keeps_free_memory_at_its_target() {
+    let t = TempPath::new();
+    let config = VmConfig {
+        thresholds: Some(vm_core::page_queues::Thresholds {
+            reserved: 0,
+            severe: 0,
+            target: 16,
+        }),
+        ..vm_testkit::test_config(64)
+    };
+    let vm = Vm::new(RefPmap::new(), config).unwrap();
+    let swap = Swap::create(&t.0, 64 * PAGE).unwrap();
+    vm.set_swap(swap.provider());
+    let space = vm.new_space().unwrap();
+    space.map_anon(BASE, 60 * PAGE, Prot::RW).unwrap();
+    for p in 0..60 {
+        space.write_u8(BASE + p * PAGE, p as u8).unwrap();
+    }
+    assert!(vm.free_pages() < 16);
+    let daemon = vm.spawn_pageout_daemon(std::time::Duration::from_millis(1));
+    let start = std::time::Instant::now();
+    while vm.free_pages() < 16 {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "daemon made no progress"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    drop(daemon);
+    for p in 0..60 {
+        assert_eq!(space.read_u8(BASE + p * PAGE).unwrap(), p as u8);
+    }
+    vm.check_consistency().unwrap();
+}
+
+#[test]
+fn has_page_reports_swap_contiguous_neighbours() {
+    use vm_core::Pager;
+    let t = TempPath::new();
+    let swap = Swap::create(&t.0, 64 * PAGE).unwrap();
+    let pager = swap.pager();
+    let page = [7u8; 4096];
+    let outs: Vec<vm_core::PageOut<'_>> = (10..16)
+        .map(|p| vm_core::PageOut::new(p, &page, 0xff))
+        .collect();
+    pager.put_pages(&outs).unwrap();
+    let c = pager.has_page(12).unwrap();
+    assert_eq!((c.behind, c.ahead), (2, 3));
+    assert!(pager.has_page(9).is_none());
+    assert_eq!(swap.stats().write_calls, 1, "one pwritev for the run");
+    pager.page_unswapped(14);
+    assert_eq!(pager.has_page(12).unwrap().ahead, 1);
+    pager.dealloc();
+    assert_eq!(swap.stats().used, 0);
+}

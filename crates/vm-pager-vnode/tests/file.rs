@@ -217,3 +217,33 @@ fn write_back_to_a_read_only_file_fails_and_loses_nothing() {
     assert!(space.fault(BASE, Prot::READ, FaultFlags::NORMAL).is_ok());
     vm.check_consistency().unwrap();
 }
+
+#[test]
+fn the_pageout_daemon_writes_dirty_file_pages_back() {
+    let data = content(8 * PAGE as usize);
+    let f = TempFile::with(&data);
+    let (vm, space) = vm_testkit::machine(64);
+    let pager = VnodePager::open(&f.0, true).unwrap();
+    let obj = pager.object(&vm);
+    space
+        .map(MapRequest::object(BASE, 8 * PAGE, obj.clone(), 0, Prot::RW))
+        .unwrap();
+    space.write(BASE + 3 * PAGE, b"laundered").unwrap();
+    let r = vm.pageout(vm.total_pages());
+    assert!(r.laundered >= 1, "{r:?}");
+    assert_eq!(
+        obj.resident_count(),
+        0,
+        "every page was clean or cleaned, and freed"
+    );
+    assert_eq!(
+        &std::fs::read(&f.0).unwrap()[3 * PAGE as usize..][..9],
+        b"laundered"
+    );
+    assert_eq!(vm.counters().snapshot().v_vnodepgsout, 1);
+    // And it reads back from the file.
+    let mut b = [0u8; 9];
+    space.read(BASE + 3 * PAGE, &mut b).unwrap();
+    assert_eq!(&b, b"laundered");
+    vm.check_consistency().unwrap();
+}
