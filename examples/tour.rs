@@ -266,8 +266,8 @@ fn pressure(vm: &Arc<Vm<X86Pmap>>, proc1: &Space, swap: &Swap, t: &mut Tour) -> 
     proc1.map_anon(BIG, pages * PAGE, Prot::RW)?;
     print!(
         "memory pressure: writing {} MiB through {} MiB of RAM ",
-        pages * PAGE >> 20,
-        vm.total_pages() * PAGE >> 20
+        (pages * PAGE) >> 20,
+        (vm.total_pages() * PAGE) >> 20
     );
     for p in 0..pages {
         proc1.write(BIG + p * PAGE, &p.to_le_bytes())?;
