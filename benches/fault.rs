@@ -1,33 +1,37 @@
 //! Fault-path benches, each beside its floor measured in the same run.
 //!
-//! * `zero_fill/ours` — a zero-fill write fault per 4 KiB page (reference
-//!   pmap, fresh pages that must be zeroed), against `zero_fill/memset`,
-//!   zeroing a 4 KiB page of a cold working set.
-//! * `cow/ours` — a copy-on-write fault after fork, against `cow/memcpy`.
+//! * `zero_fill/{ref_pmap,x86_64}` — a zero-fill write fault per 4 KiB
+//!   page on each pmap (pages that must be zeroed), against
+//!   `zero_fill/memset`, zeroing 4 KiB pages of a 16 MiB working set.
+//! * `cow/{ref_pmap,x86_64}` — a copy-on-write fault after fork, against
+//!   `cow/memcpy`.
 //!
 //! Run with `cargo bench --bench fault`.
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 use std::sync::Arc;
-use vm_core::{FaultFlags, Prot, Vm, VmSpace};
+use vm_core::{FaultFlags, Pmap, Prot, Vm, VmSpace};
+use vm_pmap_x86_64::X86Pmap;
 use vm_testkit::{RefPmap, test_config};
 
 const PAGES: u64 = 1024;
 const BASE: u64 = 0x1000_0000;
 const PAGE: u64 = vm_core::PAGE_SIZE;
 
-fn setup(vm: &Arc<Vm<RefPmap>>) -> VmSpace<RefPmap> {
+fn setup<P: Pmap>(vm: &Arc<Vm<P>>) -> VmSpace<P> {
     let space = vm.new_space().unwrap();
     space.map_anon(BASE, PAGES * PAGE, Prot::RW).unwrap();
     space
 }
 
-fn zero_fill(c: &mut Criterion) {
-    let vm = Vm::new(RefPmap::new(), test_config(4 * PAGES)).unwrap();
-    let mut g = c.benchmark_group("zero_fill");
-    g.throughput(Throughput::Elements(PAGES));
-    g.bench_function("ours", |b| {
+fn zero_fill_on<P: Pmap>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    pmap: P,
+) {
+    let vm = Vm::new(pmap, test_config(4 * PAGES)).unwrap();
+    g.bench_function(name, |b| {
         b.iter_batched(
             || setup(&vm),
             |space| {
@@ -41,6 +45,13 @@ fn zero_fill(c: &mut Criterion) {
             BatchSize::PerIteration,
         );
     });
+}
+
+fn zero_fill(c: &mut Criterion) {
+    let mut g = c.benchmark_group("zero_fill");
+    g.throughput(Throughput::Elements(PAGES));
+    zero_fill_on(&mut g, "ref_pmap", RefPmap::new());
+    zero_fill_on(&mut g, "x86_64", X86Pmap::new());
     let mut cold = vec![1u8; (4 * PAGES * PAGE) as usize];
     let mut next = 0usize;
     g.bench_function("memset", |b| {
@@ -55,11 +66,13 @@ fn zero_fill(c: &mut Criterion) {
     g.finish();
 }
 
-fn cow(c: &mut Criterion) {
-    let vm = Vm::new(RefPmap::new(), test_config(4 * PAGES)).unwrap();
-    let mut g = c.benchmark_group("cow");
-    g.throughput(Throughput::Elements(PAGES));
-    g.bench_function("ours", |b| {
+fn cow_on<P: Pmap>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    pmap: P,
+) {
+    let vm = Vm::new(pmap, test_config(4 * PAGES)).unwrap();
+    g.bench_function(name, |b| {
         b.iter_batched(
             || {
                 let parent = setup(&vm);
@@ -80,6 +93,13 @@ fn cow(c: &mut Criterion) {
             BatchSize::PerIteration,
         );
     });
+}
+
+fn cow(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cow");
+    g.throughput(Throughput::Elements(PAGES));
+    cow_on(&mut g, "ref_pmap", RefPmap::new());
+    cow_on(&mut g, "x86_64", X86Pmap::new());
     let src = vec![1u8; (PAGES * PAGE) as usize];
     let mut dst = vec![0u8; (PAGES * PAGE) as usize];
     g.bench_function("memcpy", |b| {
