@@ -60,13 +60,7 @@ fn bad_ranges_are_refused_and_change_nothing() {
     let obj = vm.new_anon_object(2);
     let past = MapRequest::object(BASE + 16 * PAGE, 4 * PAGE, obj.clone(), 0, Prot::RW);
     assert!(matches!(space.map(past), Err(MapError::ObjectRange { .. })));
-    let huge = MapRequest::object(
-        BASE + 16 * PAGE,
-        PAGE,
-        obj,
-        u64::MAX & !(PAGE - 1),
-        Prot::RW,
-    );
+    let huge = MapRequest::object(BASE + 16 * PAGE, PAGE, obj, !(PAGE - 1), Prot::RW);
     assert!(matches!(space.map(huge), Err(MapError::ObjectRange { .. })));
     // Objects of another machine are refused.
     let (other, _) = machine(4);
