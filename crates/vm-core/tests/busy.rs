@@ -44,20 +44,33 @@ fn second_fault_on_a_busy_page_waits_for_the_first() {
     consistent(&vm);
 }
 
+/// A read fault at `BASE` in another thread; `during` runs while the
+/// fault sits in the pager's I/O. Returns the fault's result.
+fn fault_around_io(
+    space: &Arc<vm_core::VmSpace<vm_testkit::RefPmap>>,
+    pager: &vm_testkit::MemPager,
+    during: impl FnOnce(),
+) -> Result<vm_core::FaultOutcome, FaultError> {
+    let pause = pager.pause_next();
+    let s1 = space.clone();
+    let t = std::thread::spawn(move || s1.fault(BASE, Prot::READ, FaultFlags::NORMAL));
+    pause.wait_started();
+    during();
+    pause.resume();
+    t.join().unwrap()
+}
+
 #[test]
 fn the_map_is_unlocked_during_pager_io() {
     let (vm, space) = machine(32);
     let space = Arc::new(space);
     let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
-    let pause = pager.pause_next();
-    let s1 = space.clone();
-    let t = std::thread::spawn(move || s1.fault(BASE, Prot::READ, FaultFlags::NORMAL));
-    pause.wait_started();
     // A map change needs the write lock: it would block here if the fault
     // held the map across its I/O.
-    space.map_anon(BASE + 64 * PAGE, PAGE, Prot::RW).unwrap();
-    pause.resume();
-    t.join().unwrap().unwrap();
+    fault_around_io(&space, &pager, || {
+        space.map_anon(BASE + 64 * PAGE, PAGE, Prot::RW).unwrap()
+    })
+    .unwrap();
     consistent(&vm);
 }
 
@@ -66,13 +79,10 @@ fn protection_lowered_during_io_is_honoured() {
     let (vm, space) = machine(32);
     let space = Arc::new(space);
     let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::RW, false);
-    let pause = pager.pause_next();
-    let s1 = space.clone();
-    let t = std::thread::spawn(move || s1.fault(BASE, Prot::READ, FaultFlags::NORMAL));
-    pause.wait_started();
-    space.protect(BASE, 4 * PAGE, Prot::READ).unwrap();
-    pause.resume();
-    let out = t.join().unwrap().unwrap();
+    let out = fault_around_io(&space, &pager, || {
+        space.protect(BASE, 4 * PAGE, Prot::READ).unwrap()
+    })
+    .unwrap();
     assert_eq!(
         out.prot,
         Prot::READ,
@@ -93,13 +103,7 @@ fn unmap_during_io_fails_the_fault_cleanly() {
     let (vm, space) = machine(32);
     let space = Arc::new(space);
     let (pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
-    let pause = pager.pause_next();
-    let s1 = space.clone();
-    let t = std::thread::spawn(move || s1.fault(BASE, Prot::READ, FaultFlags::NORMAL));
-    pause.wait_started();
-    space.unmap(BASE, 4 * PAGE).unwrap();
-    pause.resume();
-    let e = t.join().unwrap().unwrap_err();
+    let e = fault_around_io(&space, &pager, || space.unmap(BASE, 4 * PAGE).unwrap()).unwrap_err();
     assert_eq!(e, FaultError::InvalidAddress { addr: BASE });
     assert_eq!(space.extract(BASE), None);
     // The page that was read stays cached in the object.
@@ -112,16 +116,13 @@ fn remap_during_io_retries_against_the_new_object() {
     let (vm, space) = machine(32);
     let space = Arc::new(space);
     let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
-    let pause = pager.pause_next();
-    let s1 = space.clone();
-    let t = std::thread::spawn(move || s1.fault(BASE, Prot::READ, FaultFlags::NORMAL));
-    pause.wait_started();
-    space.unmap(BASE, 4 * PAGE).unwrap();
-    space
-        .map(MapRequest::anon(BASE, 4 * PAGE, Prot::RW))
-        .unwrap();
-    pause.resume();
-    let out = t.join().unwrap().unwrap();
+    let out = fault_around_io(&space, &pager, || {
+        space.unmap(BASE, 4 * PAGE).unwrap();
+        space
+            .map(MapRequest::anon(BASE, 4 * PAGE, Prot::RW))
+            .unwrap();
+    })
+    .unwrap();
     assert_eq!(
         out.kind,
         FaultKind::ZeroFill,

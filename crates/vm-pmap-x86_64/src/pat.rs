@@ -5,17 +5,12 @@
 use crate::entry::PteFlags;
 use vm_core::MemAttr;
 
-/// The PAT slot FreeBSD uses for a memory type.
+/// The PAT slot FreeBSD uses for a memory type (FreeBSD programs the PAT
+/// as WB, WT, UC-, UC, WB, WP, WC, UC, which is the numbering of
+/// [`MemAttr::index`]).
 #[must_use]
 pub fn pat_index(attr: MemAttr) -> u8 {
-    match attr {
-        MemAttr::WriteBack => 0,
-        MemAttr::WriteThrough => 1,
-        MemAttr::UncachedMinus => 2,
-        MemAttr::Uncacheable => 3,
-        MemAttr::WriteProtected => 5,
-        MemAttr::WriteCombining => 6,
-    }
+    attr.index()
 }
 
 /// Entry bits selecting `attr`: index bit 0 → PWT, bit 1 → PCD, bit 2 →
