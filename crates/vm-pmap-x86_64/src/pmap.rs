@@ -686,10 +686,14 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     fn is_prefaultable(&self, space: &X86Space, va: u64) -> bool {
         // The page directory entry exists and is not a superpage, and the
         // PTE is empty (FreeBSD `pmap_is_prefaultable`).
+        // A hint, read without the space lock (entries are atomics and
+        // table frames stay inside physical memory even if freed
+        // meanwhile): enter_quick checks again under the lock and never
+        // replaces anything.
         self.check_va(va).is_ok()
             && self
-                .pte(space, va)
-                .is_some_and(|e| e & PteFlags::V.bits() == 0)
+                .leaf_slot(space.0.root, va)
+                .is_some_and(|s| s.load(Ordering::Acquire) & PteFlags::V.bits() == 0)
     }
 
     fn change_wiring(&self, space: &X86Space, va: u64, wired: bool) {

@@ -548,20 +548,25 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         let nosync = entry.eflags.contains(EntryFlags::NOSYNC);
         let m = self.m.as_ref().expect("page found");
         let page = m.page();
+        // One look at the first object: its type, its pager, and the
+        // "written" flags when the mapping is writable.
+        let (otype, pager) = {
+            let mut st = self.first.object().lock();
+            if self.prot.contains(Prot::WRITE) || force_cow {
+                st.flags |= ObjectFlags::WRITEABLE | ObjectFlags::MIGHTBEDIRTY;
+            }
+            (st.otype, st.pager.clone())
+        };
         // A clean page with a copy on swap is mapped read-only by a read
         // fault, so that the first write faults and frees the swap block
         // (`page_unswapped`) instead of leaving a stale copy allocated.
         if !self.fault_type.contains(Prot::WRITE)
             && page.dirty() == 0
-            && self.first.object().object_type() == crate::object::ObjectType::Swap
+            && otype == crate::object::ObjectType::Swap
         {
             self.prot.remove(Prot::WRITE);
         }
         if self.prot.contains(Prot::WRITE) || force_cow {
-            let mut st = self.first.object().lock();
-            st.flags |= ObjectFlags::WRITEABLE | ObjectFlags::MIGHTBEDIRTY;
-            let pager = st.pager.clone();
-            drop(st);
             if nosync {
                 if page.dirty() == 0 {
                     page.set_flags(PageFlags::NOSYNC);
