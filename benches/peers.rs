@@ -1,0 +1,322 @@
+//! Our figures beside the Linux kernel's own and raw I/O, in the same run
+//! (Linux only; elsewhere the peers are skipped).
+//!
+//! * `anon_fault/{ours,kernel}` — zero-fill write faults over 16 MiB:
+//!   `VmSpace::fault` on the x86_64 pmap vs `mmap` + touch.
+//! * `fork_cow/{ours,kernel}` — write faults on 4 MiB shared copy-on-write
+//!   with a parent after `fork`.
+//! * `file_seq/{ours,pread}` — sequential fault-in of a 16 MiB file with
+//!   read-ahead (vnode pager) vs `pread` in 64 KiB chunks.
+//! * `swap/{ours,raw}` — 16 MiB written and read back through 8 MiB of
+//!   RAM (page-out and page-in) vs a raw sequential write and read of the
+//!   same amount to a file.
+//! * `parallel/{1,2}` — zero-fill faults on disjoint regions (one mapping
+//!   each) of one space from one and from two threads.
+//!
+//! `cargo bench --bench peers`
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use std::hint::black_box;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use vm_core::{FaultFlags, MapRequest, Prot, Vm, VmConfig};
+use vm_pager_swap::Swap;
+use vm_pager_vnode::VnodePager;
+use vm_pmap_x86_64::X86Pmap;
+
+const PAGE: u64 = 4096;
+const BASE: u64 = 0x1000_0000;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d.join(name)
+}
+
+fn machine(bytes: u64) -> Arc<Vm<X86Pmap>> {
+    Vm::new(
+        X86Pmap::new(),
+        VmConfig {
+            memory_bytes: bytes,
+            ..VmConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+fn anon_fault(c: &mut Criterion) {
+    let pages = (16 << 20) / PAGE;
+    let mut g = c.benchmark_group("anon_fault");
+    g.throughput(Throughput::Elements(pages));
+    let vm = machine(64 << 20);
+    g.bench_function("ours", |b| {
+        b.iter_batched(
+            || {
+                let s = vm.new_space().unwrap();
+                s.map_anon(BASE, pages * PAGE, Prot::RW).unwrap();
+                s
+            },
+            |s| {
+                for i in 0..pages {
+                    s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
+                        .unwrap();
+                }
+                s
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    g.bench_function("kernel", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let len = (pages * PAGE) as usize;
+                // SAFETY: a fresh private anonymous mapping, touched within
+                // its length and unmapped before it goes out of scope.
+                unsafe {
+                    let p = libc::mmap(
+                        std::ptr::null_mut(),
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    ) as *mut u8;
+                    assert!(p as isize != -1);
+                    libc::madvise(p.cast(), len, libc::MADV_NOHUGEPAGE);
+                    let t = Instant::now();
+                    for i in 0..pages as usize {
+                        p.add(i * PAGE as usize).write_volatile(1);
+                    }
+                    total += t.elapsed();
+                    libc::munmap(p.cast(), len);
+                }
+            }
+            total
+        });
+    });
+    g.finish();
+}
+
+fn fork_cow(c: &mut Criterion) {
+    let pages = (4 << 20) / PAGE;
+    let mut g = c.benchmark_group("fork_cow");
+    g.throughput(Throughput::Elements(pages));
+    let vm = machine(64 << 20);
+    g.bench_function("ours", |b| {
+        b.iter_batched(
+            || {
+                let p = vm.new_space().unwrap();
+                p.map_anon(BASE, pages * PAGE, Prot::RW).unwrap();
+                for i in 0..pages {
+                    p.write_u8(BASE + i * PAGE, 1).unwrap();
+                }
+                let c = p.fork().unwrap();
+                (p, c)
+            },
+            |(p, c)| {
+                for i in 0..pages {
+                    c.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
+                        .unwrap();
+                }
+                (p, c)
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    g.bench_function("kernel", |b| {
+        b.iter_custom(|iters| (0..iters).map(|_| kernel_cow(pages)).sum())
+    });
+    g.finish();
+}
+
+/// The kernel's COW: the child of a fork writes every page the parent
+/// touched, timing itself and reporting the time through a pipe.
+fn kernel_cow(pages: u64) -> Duration {
+    let len = (pages * PAGE) as usize;
+    // SAFETY: plain POSIX calls on memory and descriptors this function
+    // owns; the child only writes memory, one pipe and exits.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        ) as *mut u8;
+        assert!(p as isize != -1);
+        libc::madvise(p.cast(), len, libc::MADV_NOHUGEPAGE);
+        for i in 0..pages as usize {
+            p.add(i * PAGE as usize).write_volatile(1);
+        }
+        let mut fds = [0; 2];
+        assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        let pid = libc::fork();
+        if pid == 0 {
+            let mut t0 = std::mem::zeroed::<libc::timespec>();
+            let mut t1 = std::mem::zeroed::<libc::timespec>();
+            libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t0);
+            for i in 0..pages as usize {
+                p.add(i * PAGE as usize).write_volatile(2);
+            }
+            libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t1);
+            let ns: u64 =
+                ((t1.tv_sec - t0.tv_sec) * 1_000_000_000 + (t1.tv_nsec - t0.tv_nsec)) as u64;
+            libc::write(fds[1], (&ns as *const u64).cast(), 8);
+            libc::_exit(0);
+        }
+        let mut ns = 0u64;
+        libc::read(fds[0], (&mut ns as *mut u64).cast(), 8);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+        libc::close(fds[0]);
+        libc::close(fds[1]);
+        libc::munmap(p.cast(), len);
+        Duration::from_nanos(ns)
+    }
+}
+
+fn file_seq(c: &mut Criterion) {
+    let len = 16u64 << 20;
+    let path = scratch("file");
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(&vec![7u8; len as usize])
+        .unwrap();
+    let mut g = c.benchmark_group("file_seq");
+    g.throughput(Throughput::Bytes(len));
+    let vm = machine(64 << 20);
+    g.bench_function("ours", |b| {
+        b.iter_batched(
+            || {
+                let pager = VnodePager::open(&path, false).unwrap();
+                let s = vm.new_space().unwrap();
+                s.map(MapRequest::object(
+                    BASE,
+                    len,
+                    pager.object(&vm),
+                    0,
+                    Prot::READ,
+                ))
+                .unwrap();
+                s
+            },
+            |s| {
+                for i in 0..len / PAGE {
+                    black_box(s.read_u8(BASE + i * PAGE).unwrap());
+                }
+                s
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    let file = std::fs::File::open(&path).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    g.bench_function("pread", |b| {
+        b.iter(|| {
+            let mut off = 0;
+            while off < len {
+                off += file.read_at(&mut buf, off).unwrap() as u64;
+            }
+        });
+    });
+    g.finish();
+}
+
+fn swap(c: &mut Criterion) {
+    let len = 16u64 << 20;
+    let mut g = c.benchmark_group("swap");
+    g.throughput(Throughput::Bytes(2 * len));
+    g.sample_size(10);
+    let vm = machine(8 << 20);
+    let sw = Swap::create(&scratch("swap"), 2 * len).unwrap();
+    vm.set_swap(sw.provider());
+    g.bench_function("ours", |b| {
+        b.iter_batched(
+            || {
+                let s = vm.new_space().unwrap();
+                s.map_anon(BASE, len, Prot::RW).unwrap();
+                s
+            },
+            |s| {
+                let page = [3u8; PAGE as usize];
+                let mut back = [0u8; PAGE as usize];
+                for i in 0..len / PAGE {
+                    s.write(BASE + i * PAGE, &page).unwrap();
+                }
+                for i in 0..len / PAGE {
+                    s.read(BASE + i * PAGE, &mut back).unwrap();
+                }
+                s
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    let raw = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(scratch("raw"))
+        .unwrap();
+    let mut buf = vec![3u8; 64 << 10];
+    g.bench_function("raw", |b| {
+        b.iter(|| {
+            let mut off = 0;
+            while off < len {
+                raw.write_all_at(&buf, off).unwrap();
+                off += buf.len() as u64;
+            }
+            off = 0;
+            while off < len {
+                off += raw.read_at(&mut buf, off).unwrap() as u64;
+            }
+        });
+    });
+    g.finish();
+}
+
+fn parallel(c: &mut Criterion) {
+    let pages = (16 << 20) / PAGE;
+    let mut g = c.benchmark_group("parallel");
+    g.throughput(Throughput::Elements(pages));
+    let vm = machine(64 << 20);
+    for threads in [1u64, 2] {
+        g.bench_function(threads.to_string(), |b| {
+            b.iter_batched(
+                || {
+                    // One mapping (so one object) per thread's region.
+                    let s = Arc::new(vm.new_space().unwrap());
+                    let per = pages / threads;
+                    for t in 0..threads {
+                        s.map_anon(BASE + t * per * PAGE, per * PAGE, Prot::RW).unwrap();
+                    }
+                    s
+                },
+                |s| {
+                    let per = pages / threads;
+                    std::thread::scope(|sc| {
+                        for t in 0..threads {
+                            let s = &s;
+                            sc.spawn(move || {
+                                for i in t * per..(t + 1) * per {
+                                    s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
+                                        .unwrap();
+                                }
+                            });
+                        }
+                    });
+                    s
+                },
+                BatchSize::PerIteration,
+            );
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, anon_fault, fork_cow, file_seq, swap, parallel);
+criterion_main!(benches);
