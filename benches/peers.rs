@@ -292,7 +292,8 @@ fn parallel(c: &mut Criterion) {
                     let s = Arc::new(vm.new_space().unwrap());
                     let per = pages / threads;
                     for t in 0..threads {
-                        s.map_anon(BASE + t * per * PAGE, per * PAGE, Prot::RW).unwrap();
+                        s.map_anon(BASE + t * per * PAGE, per * PAGE, Prot::RW)
+                            .unwrap();
                     }
                     s
                 },

@@ -1,0 +1,205 @@
+//! How the fault cost grows (or should not): with the number of map
+//! entries, with the depth of the shadow chain, with the spread of the
+//! address space; and the crate combinations — {reference, x86_64 pmap} ×
+//! {anonymous, swap-backed, file-backed}. Each group's first member is its
+//! baseline, measured in the same run.
+//!
+//! `cargo bench --bench growth`
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use std::io::Write;
+use std::sync::Arc;
+use vm_core::{FaultFlags, MapRequest, Pmap, Prot, Vm, VmConfig, VmSpace};
+use vm_pager_swap::Swap;
+use vm_pager_vnode::VnodePager;
+use vm_pmap_x86_64::X86Pmap;
+use vm_testkit::RefPmap;
+
+const PAGE: u64 = 4096;
+const BASE: u64 = 0x1000_0000;
+const FAULTS: u64 = 256;
+
+fn machine<P: Pmap>(pmap: P) -> Arc<Vm<P>> {
+    Vm::new(
+        pmap,
+        VmConfig {
+            memory_bytes: 256 << 20,
+            prefault_pages: 0,
+            ..VmConfig::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Times `FAULTS` write faults at `va(i)` on spaces `setup` makes.
+fn faults<P: Pmap>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    setup: impl Fn() -> VmSpace<P>,
+    va: impl Fn(u64) -> u64,
+) {
+    g.bench_function(name, |b| {
+        b.iter_batched(
+            &setup,
+            |s| {
+                for i in 0..FAULTS {
+                    s.fault(va(i), Prot::WRITE, FaultFlags::DIRTY).unwrap();
+                }
+                s
+            },
+            BatchSize::PerIteration,
+        );
+    });
+}
+
+fn entries(c: &mut Criterion) {
+    let mut g = c.benchmark_group("map_entries");
+    g.throughput(Throughput::Elements(FAULTS));
+    let vm = machine(X86Pmap::new());
+    for n in [1u64, 1_000, 100_000] {
+        let vm = vm.clone();
+        faults(
+            &mut g,
+            &n.to_string(),
+            move || {
+                let s = vm.new_space().unwrap();
+                s.map_anon(BASE, FAULTS * PAGE, Prot::RW).unwrap();
+                // n - 1 more entries elsewhere, spaced by a guard page.
+                for k in 1..n {
+                    s.map_anon(0x1_0000_0000 + k * 2 * PAGE, PAGE, Prot::RW)
+                        .unwrap();
+                }
+                s
+            },
+            |i| BASE + i * PAGE,
+        );
+    }
+    g.finish();
+}
+
+fn shadow_depth(c: &mut Criterion) {
+    let mut g = c.benchmark_group("shadow_depth");
+    g.throughput(Throughput::Elements(FAULTS));
+    let vm = machine(X86Pmap::new());
+    for depth in [1u64, 8, 64] {
+        let vm = vm.clone();
+        // The children of the previous sample, dropped when the next one
+        // is set up.
+        let children = std::sync::Mutex::new(Vec::new());
+        faults(
+            &mut g,
+            &depth.to_string(),
+            move || {
+                // Each fork leaves the parent one shadow deeper when a
+                // child that wrote stays alive (collapse cannot merge).
+                let mut kids = children.lock().unwrap();
+                kids.clear();
+                let s = vm.new_space().unwrap();
+                s.map_anon(BASE, FAULTS * PAGE, Prot::RW).unwrap();
+                s.write_u8(BASE, 1).unwrap();
+                for _ in 1..depth {
+                    let child = s.fork().unwrap();
+                    child.write_u8(BASE, 2).unwrap();
+                    s.write_u8(BASE, 3).unwrap();
+                    kids.push(child);
+                }
+                s
+            },
+            |i| BASE + i * PAGE,
+        );
+    }
+    g.finish();
+}
+
+fn sparse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("address_spread");
+    g.throughput(Throughput::Elements(FAULTS));
+    let vm = machine(X86Pmap::new());
+    for (name, span) in [("1MiB", 1u64 << 20), ("64GiB", 64u64 << 30)] {
+        let vm = vm.clone();
+        let step = span / FAULTS;
+        faults(
+            &mut g,
+            name,
+            move || {
+                let s = vm.new_space().unwrap();
+                s.map_anon(BASE, span, Prot::RW).unwrap();
+                s
+            },
+            move |i| BASE + i * step,
+        );
+    }
+    g.finish();
+}
+
+fn combinations(c: &mut Criterion) {
+    let mut g = c.benchmark_group("combinations");
+    g.throughput(Throughput::Elements(FAULTS));
+    let dir = std::env::temp_dir().join(format!("vm-growth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("file");
+    std::fs::File::create(&file)
+        .unwrap()
+        .write_all(&vec![1u8; (FAULTS * PAGE) as usize])
+        .unwrap();
+    combo(&mut g, "ref_pmap", machine(RefPmap::new()), &file, &dir);
+    combo(&mut g, "x86_64", machine(X86Pmap::new()), &file, &dir);
+    g.finish();
+}
+
+fn combo<P: Pmap>(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    pmap: &str,
+    vm: Arc<Vm<P>>,
+    file: &std::path::Path,
+    dir: &std::path::Path,
+) {
+    let swap = Swap::create(&dir.join(format!("swap-{pmap}")), 64 << 20).unwrap();
+    vm.set_swap(swap.provider());
+    let v = vm.clone();
+    let anon = move || {
+        let s = v.new_space().unwrap();
+        s.map_anon(BASE, FAULTS * PAGE, Prot::RW).unwrap();
+        s
+    };
+    faults(g, &format!("{pmap}/anon"), anon, |i| BASE + i * PAGE);
+    // Swap-backed: the pages were paged out; the fault reads them back.
+    let v = vm.clone();
+    faults(
+        g,
+        &format!("{pmap}/swap"),
+        move || {
+            let s = v.new_space().unwrap();
+            s.map_anon(BASE, FAULTS * PAGE, Prot::RW).unwrap();
+            for i in 0..FAULTS {
+                s.write_u8(BASE + i * PAGE, 1).unwrap();
+            }
+            v.pageout(v.total_pages());
+            s
+        },
+        |i| BASE + i * PAGE,
+    );
+    let v = vm.clone();
+    let f = file.to_path_buf();
+    faults(
+        g,
+        &format!("{pmap}/vnode"),
+        move || {
+            let s = v.new_space().unwrap();
+            let pager = VnodePager::open(&f, true).unwrap();
+            s.map(MapRequest::object(
+                BASE,
+                FAULTS * PAGE,
+                pager.object(&v),
+                0,
+                Prot::RW,
+            ))
+            .unwrap();
+            s
+        },
+        |i| BASE + i * PAGE,
+    );
+}
+
+criterion_group!(benches, entries, shadow_depth, sparse, combinations);
+criterion_main!(benches);
