@@ -9,7 +9,9 @@
 //! * [`MemPager`] — an in-memory pager that logs calls and fails on
 //!   command;
 //! * [`machine`] — a small machine on the reference pmap in one call;
-//! * [`scenarios`] — end-to-end checks generic over the pmap.
+//! * [`scenarios`] — end-to-end checks generic over the pmap;
+//! * [`model`] — a reference model and operation language for property
+//!   tests and fuzzing of a whole machine.
 //!
 //! ```
 //! use vm_core::{Prot, FaultFlags};
@@ -23,6 +25,7 @@
 
 mod mem_pager;
 mod mocks;
+pub mod model;
 mod ref_pmap;
 pub mod scenarios;
 
