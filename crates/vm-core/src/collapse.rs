@@ -16,10 +16,11 @@ impl<P: Pmap> Vm<P> {
     /// adopts the backing object's own backing. Returns how many objects
     /// were merged.
     ///
-    /// Nothing is merged while a fault or pager holds either object
-    /// (paging in progress), while a page of the backing object is busy,
-    /// held or wired, or when the backing object has a pager (its pages
-    /// live elsewhere too).
+    /// Nothing is merged while a pager works on the backing object (paging
+    /// in progress), while a page of it is busy, held or wired, while a
+    /// fault holds the shadow's page at an index the backing object also
+    /// has, or when the backing object has a pager that the shadow cannot
+    /// take over (only a swap pager, at offset 0, by a shadow without one).
     pub fn collapse(&self, object: &Arc<VmObject>) -> usize {
         let mut merged = 0;
         while let Some(dead) = self.collapse_once(object) {
@@ -39,28 +40,66 @@ impl<P: Pmap> Vm<P> {
         let pages = &self.machine.pages;
         let mut st = object.lock();
         let b = st.backing.clone()?;
-        if object.paging_in_progress() != 0 {
-            return None;
-        }
         let mut bst = b.object.lock();
+        // A swap-backed backing object can hand its pager to a shadow that
+        // has none and sees it at the same page indexes.
+        let adopt = bst.otype == ObjectType::Swap
+            && bst.pager.is_some()
+            && st.pager.is_none()
+            && b.offset == 0;
         let private = b.object.ref_count() == 1
             && bst.shadow_count == 1
-            && bst.otype == ObjectType::Default
-            && bst.pager.is_none()
+            && ((bst.otype == ObjectType::Default && bst.pager.is_none()) || adopt)
             && b.object.paging_in_progress() == 0;
+        if !private {
+            return None;
+        }
+        // Where each backing page would go: into the shadow, if the shadow
+        // has nothing there (resident or on its pager), else nowhere.
+        let target = |bp: u64| {
+            bp.checked_sub(b.offset).filter(|&p| {
+                p < st.size
+                    && !st.pages.contains_key(&p)
+                    && st.pager.as_ref().is_none_or(|pg| pg.has_page(p).is_none())
+            })
+        };
         let pinned = |id: PageId| {
             let p = pages.get(id);
             p.is_busy() || p.hold_count() != 0 || p.wire_count() != 0
         };
-        if !private || bst.pages.values().any(|&id| pinned(id)) {
+        // A fault in progress on the shadow holds a busy page there (its
+        // placeholder) and may yet walk down to the backing page at the
+        // same index: leave the chain alone until it is done. Faults
+        // elsewhere in the shadow do not matter.
+        let contested = bst.pages.iter().any(|(&bp, &id)| {
+            pinned(id)
+                || bp
+                    .checked_sub(b.offset)
+                    .and_then(|p| st.pages.get(&p))
+                    .is_some_and(|&sid| pages.get(sid).is_busy())
+        });
+        if contested {
             return None;
         }
-        let moved: Vec<(u64, PageId)> = bst.pages.drain().collect();
-        for (bp, id) in moved {
-            let target = bp
-                .checked_sub(b.offset)
-                .filter(|&p| p < st.size && !st.pages.contains_key(&p));
-            match target {
+        let plan: Vec<(PageId, Option<u64>)> = bst
+            .pages
+            .iter()
+            .map(|(&bp, &id)| (id, target(bp)))
+            .collect();
+        bst.pages.clear();
+        if adopt {
+            // The shadow's own pages supersede the swap copies at their
+            // indexes, and nothing past the shadow's end is reachable.
+            let pager = bst.pager.take().expect("adopt needs a pager");
+            for &p in st.pages.keys() {
+                pager.discard(p, p + 1);
+            }
+            pager.discard(st.size, u64::MAX);
+            st.pager = Some(pager);
+            st.otype = ObjectType::Swap;
+        }
+        for (id, to) in plan {
+            match to {
                 Some(p) => object.insert_page(&mut st, id, pages.get(id), p),
                 None => {
                     // Shadowed or outside the shadow: no one can see it.

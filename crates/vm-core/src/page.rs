@@ -118,12 +118,7 @@ impl VmPage {
     /// The queue the page is on.
     #[must_use]
     pub fn queue(&self) -> PageQueue {
-        match (self.state.load(Ordering::Acquire) & QUEUE_MASK) >> QUEUE_SHIFT {
-            1 => PageQueue::Free,
-            2 => PageQueue::Active,
-            3 => PageQueue::Inactive,
-            _ => PageQueue::None,
-        }
+        queue_of(self.state.load(Ordering::Acquire))
     }
 
     /// Wirings of the page (FreeBSD `wire_count`).
@@ -239,13 +234,19 @@ impl VmPage {
 
     /// Sets the queue bits; returns the previous queue.
     pub(crate) fn set_queue(&self, q: PageQueue) -> PageQueue {
-        let old = self.update(|s| (s & !QUEUE_MASK) | ((q as u32) << QUEUE_SHIFT));
-        match (old & QUEUE_MASK) >> QUEUE_SHIFT {
-            1 => PageQueue::Free,
-            2 => PageQueue::Active,
-            3 => PageQueue::Inactive,
-            _ => PageQueue::None,
-        }
+        queue_of(self.update(|s| (s & !QUEUE_MASK) | ((q as u32) << QUEUE_SHIFT)))
+    }
+
+    /// Moves an in-use page to queue `q`; a free page is left alone.
+    /// Returns the previous queue.
+    pub(crate) fn requeue(&self, q: PageQueue) -> PageQueue {
+        queue_of(self.update(|s| {
+            if queue_of(s) == PageQueue::Free {
+                s
+            } else {
+                (s & !QUEUE_MASK) | ((q as u32) << QUEUE_SHIFT)
+            }
+        }))
     }
 
     pub(crate) fn wire_inc(&self) -> u32 {
@@ -295,6 +296,15 @@ impl VmPage {
             | ((PageQueue::Free as u32) << QUEUE_SHIFT);
         self.state.store(s, Ordering::Release);
         self.object.store(NO_OBJECT, Ordering::Release);
+    }
+}
+
+fn queue_of(state: u32) -> PageQueue {
+    match (state & QUEUE_MASK) >> QUEUE_SHIFT {
+        1 => PageQueue::Free,
+        2 => PageQueue::Active,
+        3 => PageQueue::Inactive,
+        _ => PageQueue::None,
     }
 }
 

@@ -399,8 +399,9 @@ impl Pages {
             self.dequeue(id);
             return;
         }
-        let old = page.set_queue(q);
-        if old == q {
+        let old = page.requeue(q);
+        // A page freed by another thread meanwhile stays free.
+        if old == q || old == PageQueue::Free {
             return;
         }
         match old {

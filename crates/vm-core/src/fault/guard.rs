@@ -112,8 +112,10 @@ impl Drop for BusyPage<'_> {
         match self.disposal {
             Disposal::Done => {}
             Disposal::Release => {
-                wake(self.machine, self.id);
+                // Queue it while still busy: once unbusied, another thread
+                // may free it, and a free page must not be put on a queue.
                 pages.deactivate(self.id);
+                wake(self.machine, self.id);
             }
             Disposal::Free => {
                 let page = pages.get(self.id);

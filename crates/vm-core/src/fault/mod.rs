@@ -169,7 +169,13 @@ impl<P: Pmap> VmSpace<P> {
         };
         loop {
             match self.fault_attempt(va, access, flags, &mut r) {
-                Ok(mut out) => {
+                Ok((mut out, shadowed)) => {
+                    if let Some(first) = shadowed {
+                        // A copy-on-write just used the chain: merge what
+                        // exited forks left private, now that this fault no
+                        // longer holds the objects.
+                        self.vm.collapse(&first);
+                    }
                     out.major = r.hard;
                     let count = if r.hard { &self.majflt } else { &self.minflt };
                     count.fetch_add(1, Ordering::Relaxed);
@@ -220,7 +226,13 @@ impl<P: Pmap> VmSpace<P> {
         access: Prot,
         flags: FaultFlags,
         r: &mut Retries,
-    ) -> Result<FaultOutcome, Step> {
+    ) -> Result<
+        (
+            FaultOutcome,
+            Option<alloc::sync::Arc<crate::object::VmObject>>,
+        ),
+        Step,
+    > {
         let lookup_access = if r.force_cow { Prot::READ } else { access };
         let (map, info, stamp) = match self.map.lookup(&self.vm.machine, va, lookup_access, false) {
             Ok(found) => found,
@@ -263,7 +275,9 @@ impl<P: Pmap> VmSpace<P> {
             }
         }
         fs.revalidate()?;
-        fs.finish(flags, r.force_cow)
+        let cow = matches!(fs.kind, FaultKind::CowCopy | FaultKind::CowMoved);
+        let first = cow.then(|| fs.first.object().clone());
+        fs.finish(flags, r.force_cow).map(|out| (out, first))
     }
 
     /// The seed's handling of a failed lookup (L233-270): grow a stack once,
