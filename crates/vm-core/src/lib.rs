@@ -83,3 +83,8 @@ pub use pmap::{Displaced, MemAttr, PageInfo, Pmap, PmapError};
 pub use prot::Prot;
 pub use space::{MapRequest, VmSpace};
 pub use vm::{Vm, VmConfig, VmInitError};
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

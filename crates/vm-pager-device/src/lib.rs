@@ -102,3 +102,8 @@ impl<D: DeviceMmap> Pager for DevicePager<D> {
     // put_pages: the trait's default refuses; device memory is never
     // written back.
 }
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -444,3 +444,8 @@ mod tests {
         assert_eq!(r, vec![(0, 5, 2), (3, 7, 1), (4, 9, 2)]);
     }
 }
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

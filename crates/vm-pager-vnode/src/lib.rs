@@ -250,3 +250,8 @@ impl Pager for VnodePager {
         Ok(())
     }
 }
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -44,3 +44,8 @@ pub use entry::{Entry, PfErrorCode, PteFlags};
 pub use paging::PagingMode;
 pub use pmap::{X86Pmap, X86Space};
 pub use tlb::{NoTlb, TlbHook, TlbStats};
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -63,3 +63,8 @@ pub fn test_config(pages: u64) -> VmConfig {
         ..VmConfig::with_memory(pages * vm_core::PAGE_SIZE)
     }
 }
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
