@@ -77,16 +77,7 @@ fn anon_fault(c: &mut Criterion) {
                 // SAFETY: a fresh private anonymous mapping, touched within
                 // its length and unmapped before it goes out of scope.
                 unsafe {
-                    let p = libc::mmap(
-                        std::ptr::null_mut(),
-                        len,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                        -1,
-                        0,
-                    ) as *mut u8;
-                    assert!(p as isize != -1);
-                    libc::madvise(p.cast(), len, libc::MADV_NOHUGEPAGE);
+                    let p = kernel_anon(len);
                     let t = Instant::now();
                     for i in 0..pages as usize {
                         p.add(i * PAGE as usize).write_volatile(1);
@@ -133,12 +124,13 @@ fn fork_cow(c: &mut Criterion) {
     g.finish();
 }
 
-/// The kernel's COW: the child of a fork writes every page the parent
-/// touched, timing itself and reporting the time through a pipe.
-fn kernel_cow(pages: u64) -> Duration {
-    let len = (pages * PAGE) as usize;
-    // SAFETY: plain POSIX calls on memory and descriptors this function
-    // owns; the child only writes memory, one pipe and exits.
+/// A fresh private anonymous mapping of `len` bytes without huge pages.
+///
+/// # Safety
+///
+/// The caller unmaps it (`munmap`) and touches only `len` bytes.
+unsafe fn kernel_anon(len: usize) -> *mut u8 {
+    // SAFETY: plain mmap/madvise on a new mapping.
     unsafe {
         let p = libc::mmap(
             std::ptr::null_mut(),
@@ -148,8 +140,20 @@ fn kernel_cow(pages: u64) -> Duration {
             -1,
             0,
         ) as *mut u8;
-        assert!(p as isize != -1);
+        assert!(p as isize != -1, "mmap failed");
         libc::madvise(p.cast(), len, libc::MADV_NOHUGEPAGE);
+        p
+    }
+}
+
+/// The kernel's COW: the child of a fork writes every page the parent
+/// touched, timing itself and reporting the time through a pipe.
+fn kernel_cow(pages: u64) -> Duration {
+    let len = (pages * PAGE) as usize;
+    // SAFETY: plain POSIX calls on memory and descriptors this function
+    // owns; the child only writes memory, one pipe and exits.
+    unsafe {
+        let p = kernel_anon(len);
         for i in 0..pages as usize {
             p.add(i * PAGE as usize).write_volatile(1);
         }
