@@ -12,6 +12,8 @@
 //!   same amount to a file.
 //! * `parallel/{1,2}` — zero-fill faults on disjoint regions (one mapping
 //!   each) of one space from one and from two threads.
+//! * `region_size/{ours,kernel}/{1,4,16,64}` — zero-fill cost per fault
+//!   against region size (MiB), plotted by `scripts/plot_region_size.py`.
 //!
 //! `cargo bench --bench peers`
 
@@ -323,5 +325,62 @@ fn parallel(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, anon_fault, fork_cow, file_seq, swap, parallel);
+/// Per-fault cost against region size, ours and the kernel's, for the
+/// README's plot (`scripts/plot_region_size.py`).
+fn region_size(c: &mut Criterion) {
+    let vm = machine(160 << 20);
+    let mut g = c.benchmark_group("region_size");
+    g.sample_size(10);
+    for mib in [1u64, 4, 16, 64] {
+        let pages = (mib << 20) / PAGE;
+        g.throughput(Throughput::Elements(pages));
+        g.bench_function(format!("ours/{mib}"), |b| {
+            b.iter_batched(
+                || {
+                    let s = vm.new_space().unwrap();
+                    s.map_anon(BASE, pages * PAGE, Prot::RW).unwrap();
+                    s
+                },
+                |s| {
+                    for i in 0..pages {
+                        s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
+                            .unwrap();
+                    }
+                    s
+                },
+                BatchSize::PerIteration,
+            );
+        });
+        g.bench_function(format!("kernel/{mib}"), |b| {
+            b.iter_custom(|iters| {
+                let len = (pages * PAGE) as usize;
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    // SAFETY: touched within `len`, unmapped right after.
+                    unsafe {
+                        let p = kernel_anon(len);
+                        let t = Instant::now();
+                        for i in 0..pages as usize {
+                            p.add(i * PAGE as usize).write_volatile(1);
+                        }
+                        total += t.elapsed();
+                        libc::munmap(p.cast(), len);
+                    }
+                }
+                total
+            });
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    anon_fault,
+    fork_cow,
+    file_seq,
+    swap,
+    parallel,
+    region_size
+);
 criterion_main!(benches);
