@@ -49,12 +49,11 @@ fn machine(bytes: u64) -> Arc<Vm<X86Pmap>> {
     .unwrap()
 }
 
-fn anon_fault(c: &mut Criterion) {
-    let pages = (16 << 20) / PAGE;
-    let mut g = c.benchmark_group("anon_fault");
-    g.throughput(Throughput::Elements(pages));
-    let vm = machine(64 << 20);
-    g.bench_function("ours", |b| {
+type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
+
+/// Zero-fill write faults over `pages` fresh pages of a new space.
+fn zero_fill_ours(g: &mut Group<'_>, name: &str, vm: &Arc<Vm<X86Pmap>>, pages: u64) {
+    g.bench_function(name, |b| {
         b.iter_batched(
             || {
                 let s = vm.new_space().unwrap();
@@ -71,13 +70,16 @@ fn anon_fault(c: &mut Criterion) {
             BatchSize::PerIteration,
         );
     });
-    g.bench_function("kernel", |b| {
+}
+
+/// The kernel's zero-fill faults: `mmap` then touch every page.
+fn zero_fill_kernel(g: &mut Group<'_>, name: &str, pages: u64) {
+    g.bench_function(name, |b| {
         b.iter_custom(|iters| {
+            let len = (pages * PAGE) as usize;
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let len = (pages * PAGE) as usize;
-                // SAFETY: a fresh private anonymous mapping, touched within
-                // its length and unmapped before it goes out of scope.
+                // SAFETY: touched within `len`, unmapped right after.
                 unsafe {
                     let p = kernel_anon(len);
                     let t = Instant::now();
@@ -91,6 +93,14 @@ fn anon_fault(c: &mut Criterion) {
             total
         });
     });
+}
+
+fn anon_fault(c: &mut Criterion) {
+    let pages = (16 << 20) / PAGE;
+    let mut g = c.benchmark_group("anon_fault");
+    g.throughput(Throughput::Elements(pages));
+    zero_fill_ours(&mut g, "ours", &machine(64 << 20), pages);
+    zero_fill_kernel(&mut g, "kernel", pages);
     g.finish();
 }
 
@@ -334,42 +344,8 @@ fn region_size(c: &mut Criterion) {
     for mib in [1u64, 4, 16, 64] {
         let pages = (mib << 20) / PAGE;
         g.throughput(Throughput::Elements(pages));
-        g.bench_function(format!("ours/{mib}"), |b| {
-            b.iter_batched(
-                || {
-                    let s = vm.new_space().unwrap();
-                    s.map_anon(BASE, pages * PAGE, Prot::RW).unwrap();
-                    s
-                },
-                |s| {
-                    for i in 0..pages {
-                        s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
-                            .unwrap();
-                    }
-                    s
-                },
-                BatchSize::PerIteration,
-            );
-        });
-        g.bench_function(format!("kernel/{mib}"), |b| {
-            b.iter_custom(|iters| {
-                let len = (pages * PAGE) as usize;
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    // SAFETY: touched within `len`, unmapped right after.
-                    unsafe {
-                        let p = kernel_anon(len);
-                        let t = Instant::now();
-                        for i in 0..pages as usize {
-                            p.add(i * PAGE as usize).write_volatile(1);
-                        }
-                        total += t.elapsed();
-                        libc::munmap(p.cast(), len);
-                    }
-                }
-                total
-            });
-        });
+        zero_fill_ours(&mut g, &format!("ours/{mib}"), &vm, pages);
+        zero_fill_kernel(&mut g, &format!("kernel/{mib}"), pages);
     }
     g.finish();
 }

@@ -566,10 +566,13 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         // "written" flags when the mapping is writable.
         let (otype, pager) = {
             let mut st = self.first.object().lock();
-            if self.prot.contains(Prot::WRITE) || force_cow {
+            let writing = self.prot.contains(Prot::WRITE) || force_cow;
+            if writing {
                 st.flags |= ObjectFlags::WRITEABLE | ObjectFlags::MIGHTBEDIRTY;
             }
-            (st.otype, st.pager.clone())
+            // The pager is only told about pages dirtied by this fault.
+            let dirtying = writing && (flags.contains(FaultFlags::DIRTY) || force_cow);
+            (st.otype, if dirtying { st.pager.clone() } else { None })
         };
         // A clean page with a copy on swap is mapped read-only by a read
         // fault, so that the first write faults and frees the swap block
