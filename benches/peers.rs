@@ -10,8 +10,14 @@
 //! * `swap/{ours,raw}` — 16 MiB written and read back through 8 MiB of
 //!   RAM (page-out and page-in) vs a raw sequential write and read of the
 //!   same amount to a file.
-//! * `parallel/{1,2}` — zero-fill faults on disjoint regions (one mapping
-//!   each) of one space from one and from two threads.
+//! * `soft_fault/{ours/no_prefault,ours/prefault,kernel}` — read faults on
+//!   pages resident in a file object (page cache) but not mapped, per page
+//!   touched: ours with prefault off and on vs the kernel's private file
+//!   mapping with fault-around.
+//! * `parallel/{disjoint,shared,soft}/{1,2}` — zero-fill faults on disjoint
+//!   mappings of one space, zero-fill faults interleaved over one shared
+//!   mapping, and soft faults on disjoint mappings, from one and two
+//!   threads.
 //! * `region_size/{ours,kernel}/{1,4,16,64}` — zero-fill cost per fault
 //!   against region size (MiB), plotted by `scripts/plot_region_size.py`.
 //!
@@ -197,11 +203,7 @@ fn kernel_cow(pages: u64) -> Duration {
 
 fn file_seq(c: &mut Criterion) {
     let len = 16u64 << 20;
-    let path = scratch("file");
-    std::fs::File::create(&path)
-        .unwrap()
-        .write_all(&vec![7u8; len as usize])
-        .unwrap();
+    let path = hot_file("file", len);
     let mut g = c.benchmark_group("file_seq");
     g.throughput(Throughput::Bytes(len));
     let vm = machine(64 << 20);
@@ -295,18 +297,44 @@ fn swap(c: &mut Criterion) {
     g.finish();
 }
 
+/// Runs `work(thread)` on `threads` threads of one scope.
+fn on_threads(threads: u64, work: impl Fn(u64) + Sync) {
+    std::thread::scope(|sc| {
+        for t in 0..threads {
+            let work = &work;
+            sc.spawn(move || work(t));
+        }
+    });
+}
+
+/// 1 and 2 threads: zero-fill faults on disjoint mappings, zero-fill
+/// faults interleaved over one shared mapping (one object), and soft
+/// faults on disjoint mappings of resident objects. Prefault is off so
+/// every page touched is a fault.
 fn parallel(c: &mut Criterion) {
     let pages = (16 << 20) / PAGE;
     let mut g = c.benchmark_group("parallel");
     g.throughput(Throughput::Elements(pages));
-    let vm = machine(64 << 20);
+    let vm = Vm::new(
+        X86Pmap::new(),
+        VmConfig {
+            memory_bytes: 96 << 20,
+            prefault_pages: 0,
+            ..VmConfig::default()
+        },
+    )
+    .unwrap();
+    let fault = |s: &vm_core::VmSpace<X86Pmap>, i: u64| {
+        s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
+            .unwrap();
+    };
     for threads in [1u64, 2] {
-        g.bench_function(threads.to_string(), |b| {
+        let per = pages / threads;
+        g.bench_function(format!("disjoint/{threads}"), |b| {
             b.iter_batched(
                 || {
                     // One mapping (so one object) per thread's region.
-                    let s = Arc::new(vm.new_space().unwrap());
-                    let per = pages / threads;
+                    let s = vm.new_space().unwrap();
                     for t in 0..threads {
                         s.map_anon(BASE + t * per * PAGE, per * PAGE, Prot::RW)
                             .unwrap();
@@ -314,16 +342,64 @@ fn parallel(c: &mut Criterion) {
                     s
                 },
                 |s| {
-                    let per = pages / threads;
-                    std::thread::scope(|sc| {
-                        for t in 0..threads {
-                            let s = &s;
-                            sc.spawn(move || {
-                                for i in t * per..(t + 1) * per {
-                                    s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
-                                        .unwrap();
-                                }
-                            });
+                    on_threads(threads, |t| {
+                        (t * per..(t + 1) * per).for_each(|i| fault(&s, i))
+                    });
+                    s
+                },
+                BatchSize::PerIteration,
+            );
+        });
+        g.bench_function(format!("shared/{threads}"), |b| {
+            b.iter_batched(
+                || {
+                    let s = vm.new_space().unwrap();
+                    s.map_anon(BASE, pages * PAGE, Prot::RW).unwrap();
+                    s
+                },
+                |s| {
+                    on_threads(threads, |t| {
+                        (t..pages)
+                            .step_by(threads as usize)
+                            .for_each(|i| fault(&s, i));
+                    });
+                    s
+                },
+                BatchSize::PerIteration,
+            );
+        });
+        // Resident objects, one per thread's region, filled once.
+        let objects: Vec<_> = (0..threads)
+            .map(|_| {
+                let o = vm.new_anon_object(per);
+                let w = vm.new_space().unwrap();
+                w.map(MapRequest::object(BASE, per * PAGE, o.clone(), 0, Prot::RW))
+                    .unwrap();
+                (0..per).for_each(|i| fault(&w, i));
+                o
+            })
+            .collect();
+        g.bench_function(format!("soft/{threads}"), |b| {
+            b.iter_batched(
+                || {
+                    let s = vm.new_space().unwrap();
+                    for (t, o) in (0..).zip(&objects) {
+                        let req = MapRequest::object(
+                            BASE + t * per * PAGE,
+                            per * PAGE,
+                            o.clone(),
+                            0,
+                            Prot::READ,
+                        );
+                        s.map(req).unwrap();
+                    }
+                    s
+                },
+                |s| {
+                    on_threads(threads, |t| {
+                        for i in t * per..(t + 1) * per {
+                            s.fault(BASE + i * PAGE, Prot::READ, FaultFlags::NORMAL)
+                                .unwrap();
                         }
                     });
                     s
@@ -332,6 +408,98 @@ fn parallel(c: &mut Criterion) {
             );
         });
     }
+    g.finish();
+}
+
+/// A file of `len` bytes of 7s in the page cache.
+fn hot_file(name: &str, len: u64) -> PathBuf {
+    let path = scratch(name);
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(&vec![7u8; len as usize])
+        .unwrap();
+    path
+}
+
+/// Faults on pages already in memory (the page cache / the object) but
+/// not mapped: ours through the vnode pager's object with prefault off and
+/// on (±4 pages, the default), the kernel's private file mapping of a
+/// page-cache-hot file (fault-around on, as shipped). One read per page
+/// touched, as a program would.
+fn soft_fault(c: &mut Criterion) {
+    let len = 16u64 << 20;
+    let pages = len / PAGE;
+    let path = hot_file("soft", len);
+    let mut g = c.benchmark_group("soft_fault");
+    g.throughput(Throughput::Elements(pages));
+    for (name, prefault) in [
+        ("ours/no_prefault", 0),
+        ("ours/prefault", VmConfig::default().prefault_pages),
+    ] {
+        let vm = Vm::new(
+            X86Pmap::new(),
+            VmConfig {
+                memory_bytes: 64 << 20,
+                prefault_pages: prefault,
+                ..VmConfig::default()
+            },
+        )
+        .unwrap();
+        let object = VnodePager::open(&path, false).unwrap().object(&vm);
+        let space = || {
+            let s = vm.new_space().unwrap();
+            s.map(MapRequest::object(BASE, len, object.clone(), 0, Prot::READ))
+                .unwrap();
+            s
+        };
+        let touch = |s: &vm_core::VmSpace<X86Pmap>| {
+            for i in 0..pages {
+                black_box(s.read_u8(BASE + i * PAGE).unwrap());
+            }
+        };
+        touch(&space()); // the pages are now resident in the object
+        assert_eq!(object.resident_count() as u64, pages);
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                space,
+                |s| {
+                    touch(&s);
+                    s
+                },
+                BatchSize::PerIteration,
+            );
+        });
+    }
+    let file = std::fs::File::open(&path).unwrap();
+    let mut warm = vec![0u8; len as usize];
+    file.read_exact_at(&mut warm, 0).unwrap();
+    g.bench_function("kernel", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                // SAFETY: a fresh read-only mapping of `len` bytes of our
+                // file, read within bounds and unmapped right after.
+                unsafe {
+                    let p = libc::mmap(
+                        std::ptr::null_mut(),
+                        len as usize,
+                        libc::PROT_READ,
+                        libc::MAP_PRIVATE,
+                        std::os::fd::AsRawFd::as_raw_fd(&file),
+                        0,
+                    ) as *const u8;
+                    assert!(p as isize != -1, "mmap failed");
+                    let t = Instant::now();
+                    for i in 0..pages as usize {
+                        black_box(p.add(i * PAGE as usize).read_volatile());
+                    }
+                    total += t.elapsed();
+                    libc::munmap(p as *mut _, len as usize);
+                }
+            }
+            total
+        });
+    });
     g.finish();
 }
 
@@ -356,6 +524,7 @@ criterion_group!(
     fork_cow,
     file_seq,
     swap,
+    soft_fault,
     parallel,
     region_size
 );

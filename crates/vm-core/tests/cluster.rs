@@ -5,7 +5,8 @@ mod common;
 use common::*;
 use std::sync::Arc;
 use vm_core::{
-    Behavior, Contiguity, FaultFlags, MapRequest, ObjectType, Prot, Vm, VmObject, VmSpace,
+    Behavior, Contiguity, FaultFlags, MapRequest, ObjectType, PageQueue, Prot, Vm, VmObject,
+    VmSpace,
 };
 use vm_testkit::{GetCall, Injected, MemPager, RefPmap};
 
@@ -67,10 +68,18 @@ fn a_fault_in_the_lastr_window_reads_ahead_only_and_drops_pages_behind() {
         .fault(BASE + 41 * PAGE, Prot::READ, FaultFlags::NORMAL)
         .unwrap();
     assert_eq!(pager.calls()[1], call(41, 56, 0), "ahead = 8 + 7");
-    // The clean pages behind the scan were dropped (cache-behind).
-    assert!((25..=40).all(|p| obj.resident_page(p).is_none()));
+    // The pages behind the scan were unmapped and deactivated
+    // (cache-behind), but stay resident: faulting one again is soft.
+    for p in 25..=40 {
+        let id = obj.resident_page(p).expect("still resident");
+        assert_eq!(vm.page(id).queue(), PageQueue::Inactive);
+    }
     assert_eq!(space.extract(BASE + 32 * PAGE), None, "and unmapped");
     assert_eq!(vm.counters().snapshot().v_cache_behind, 16);
+    space
+        .fault(BASE + 32 * PAGE, Prot::READ, FaultFlags::NORMAL)
+        .unwrap();
+    assert_eq!(pager.calls().len(), 2, "no pager call for a cached page");
     consistent(&vm);
 }
 

@@ -87,15 +87,15 @@ impl<P: Pmap> FaultState<'_, P> {
         (behind, ahead)
     }
 
-    /// Seed L493-525: on a sequential scan, the clean pages behind it in
-    /// the first object are dropped (they can be read again) and the dirty
-    /// ones deactivated, so a large scan does not push out everything else.
+    /// Seed L493-525: on a sequential scan, the pages behind it in the
+    /// first object are unmapped and deactivated, so a large scan does not
+    /// push out everything else; a later fault on one is still soft.
     fn cache_behind(&self) {
         let first = self.first.object();
         let pages = &self.machine.pages;
         let vm = &self.space.vm;
         let lowest = self.first_pindex.saturating_sub(2 * READ_MAX);
-        let mut st = first.lock();
+        let st = first.lock();
         for p in (lowest..self.first_pindex).rev() {
             let Some(&id) = st.pages.get(&p) else { break };
             let page = pages.get(id);
@@ -114,12 +114,11 @@ impl<P: Pmap> FaultState<'_, P> {
             if vm.pmap.remove_all(pages.pfn(id)).modified {
                 page.dirty_all();
             }
-            if page.dirty() != 0 {
-                pages.deactivate(id);
-            } else {
-                st.pages.remove(&p);
-                pages.free(id);
-            }
+            // The seed caches the clean ones (still findable, L522) and
+            // deactivates the dirty ones; both stay resident here, at the
+            // inactive queue's tail, first in line for the pageout scan
+            // (modern FreeBSD's `vm_page_deactivate_noreuse`).
+            pages.deactivate(id);
             self.machine
                 .counters
                 .v_cache_behind
