@@ -6,6 +6,9 @@
 //! * `cow/{ref_pmap,x86_64}` — a copy-on-write fault after fork, against
 //!   `cow/memcpy`.
 //!
+//! The floors run on host memory of the same kind as the machine's
+//! physical memory (see `host_memory`).
+//!
 //! Run with `cargo bench --bench fault`.
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
@@ -18,6 +21,16 @@ use vm_testkit::{RefPmap, test_config};
 const PAGES: u64 = 1024;
 const BASE: u64 = 0x1000_0000;
 const PAGE: u64 = vm_core::PAGE_SIZE;
+
+/// `pages` pages of host memory made the way `vm_core::PhysMem` makes the
+/// machine's (an anonymous mapping with huge-page advice), so the floors
+/// touch memory of the same kind as the faults do.
+fn host_memory(pages: u64) -> memmap2::MmapMut {
+    let m = memmap2::MmapMut::map_anon((pages * PAGE) as usize).unwrap();
+    #[cfg(target_os = "linux")]
+    let _ = m.advise(memmap2::Advice::HugePage);
+    m
+}
 
 fn setup<P: Pmap>(vm: &Arc<Vm<P>>) -> VmSpace<P> {
     let space = vm.new_space().unwrap();
@@ -52,7 +65,8 @@ fn zero_fill(c: &mut Criterion) {
     g.throughput(Throughput::Elements(PAGES));
     zero_fill_on(&mut g, "ref_pmap", RefPmap::new());
     zero_fill_on(&mut g, "x86_64", X86Pmap::new());
-    let mut cold = vec![1u8; (4 * PAGES * PAGE) as usize];
+    let mut cold = host_memory(4 * PAGES);
+    cold.fill(1);
     let mut next = 0usize;
     g.bench_function("memset", |b| {
         b.iter(|| {
@@ -100,8 +114,10 @@ fn cow(c: &mut Criterion) {
     g.throughput(Throughput::Elements(PAGES));
     cow_on(&mut g, "ref_pmap", RefPmap::new());
     cow_on(&mut g, "x86_64", X86Pmap::new());
-    let src = vec![1u8; (PAGES * PAGE) as usize];
-    let mut dst = vec![0u8; (PAGES * PAGE) as usize];
+    let mut src = host_memory(PAGES);
+    src.fill(1);
+    let mut dst = host_memory(PAGES);
+    dst.fill(0);
     g.bench_function("memcpy", |b| {
         b.iter(|| {
             for i in 0..PAGES as usize {

@@ -55,6 +55,11 @@ impl PhysMem {
             ));
         }
         let mut map = memmap2::MmapOptions::new().len(len).map_anon()?;
+        // Back the frames with the host's huge pages where it offers them,
+        // as a hypervisor backs guest memory: far fewer host TLB misses on
+        // every frame the machine touches. Advice only; refusal is harmless.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
         let ptr = NonNull::new(map.as_mut_ptr()).expect("mmap never returns null");
         Ok(PhysMem {
             ptr,
