@@ -1,11 +1,14 @@
-//! The whole system against `vm_testkit::model`: random sequences of map /
+//! The whole system against `vm_testkit::model`: random sequences of map
+//! (anonymous, shared objects, a real file, a device; shared and private) /
 //! unmap / protect / fork (copy and share) / exit / read / write / wire /
-//! unwire / page-out on the x86_64 pmap with a swap file and a machine small
-//! enough that paging happens. After every step the harness checks the
+//! unwire / msync / truncate / collapse / page-out on the x86_64 pmap with
+//! a swap file and a machine small enough that paging happens. After every step the harness checks the
 //! bytes, the errors, the consistency of the machine and isolation (no
 //! frame writable in one space is mapped for other memory).
 //!
-//! CI runs it with a fixed seed; `PROPTEST_CASES` raises the count locally.
+//! CI runs it with a fixed seed, 300 cases of 20-80 steps (about 15 000
+//! steps, a few seconds); `PROPTEST_CASES` raises the count locally (30 000
+//! cases, about 1.5 million steps, take 25 s in release).
 //! Shrunk failures land in `tests/model.proptest-regressions` (commit them:
 //! they are replayed first on every run). The same language drives the
 //! fuzz target in `fuzz/`.
@@ -22,7 +25,9 @@ fn op() -> impl Strategy<Value = Op> {
     let (sp, sl, pg) = (0..SPACES, 0..SLOTS, 0..SLOT_PAGES);
     prop_oneof![
         2 => (sp.clone(), sl.clone(), any::<bool>()).prop_map(|(space, slot, share)| Op::MapAnon { space, slot, share }),
-        1 => (sp.clone(), sl.clone(), 0..OBJECTS).prop_map(|(space, slot, object)| Op::MapShared { space, slot, object }),
+        1 => (sp.clone(), sl.clone(), 0..OBJECTS).prop_map(|(space, slot, object)| Op::MapObject { space, slot, object }),
+        2 => (sp.clone(), sl.clone(), any::<bool>()).prop_map(|(space, slot, private)| Op::MapFile { space, slot, private }),
+        1 => (sp.clone(), sl.clone(), prop::bool::weighted(0.2)).prop_map(|(space, slot, private)| Op::MapDevice { space, slot, private }),
         1 => (sp.clone(), sl.clone()).prop_map(|(space, slot)| Op::Unmap { space, slot }),
         1 => (sp.clone(), sl.clone(), any::<bool>()).prop_map(|(space, slot, write)| Op::Protect { space, slot, write }),
         1 => sp.clone().prop_map(|space| Op::Fork { space }),
@@ -30,7 +35,10 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (sp.clone(), sl.clone(), pg.clone(), any::<u8>()).prop_map(|(space, slot, page, value)| Op::Write { space, slot, page, value }),
         4 => (sp.clone(), sl.clone(), pg).prop_map(|(space, slot, page)| Op::Read { space, slot, page }),
         1 => (sp.clone(), sl.clone()).prop_map(|(space, slot)| Op::Wire { space, slot }),
-        1 => (sp, sl).prop_map(|(space, slot)| Op::Unwire { space, slot }),
+        1 => (sp.clone(), sl.clone()).prop_map(|(space, slot)| Op::Unwire { space, slot }),
+        1 => (sp.clone(), sl.clone()).prop_map(|(space, slot)| Op::Msync { space, slot }),
+        1 => (0..=SLOT_PAGES).prop_map(|pages| Op::Truncate { pages }),
+        1 => (sp, sl).prop_map(|(space, slot)| Op::Collapse { space, slot }),
         1 => Just(Op::Pageout),
     ]
 }
@@ -53,7 +61,7 @@ fn config() -> Config {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|c| c.parse().ok())
-        .unwrap_or(40);
+        .unwrap_or(300);
     Config {
         cases,
         rng_seed: RngSeed::Fixed(0x5eed_f00d),
@@ -71,7 +79,7 @@ proptest! {
 
     #[test]
     fn the_system_agrees_with_the_model(ops in prop::collection::vec(op(), 20..80)) {
-        let path = TempPath(std::env::temp_dir().join(format!("vm-model-{}-{:?}", std::process::id(), std::thread::current().id())));
+        let path = TempPath(std::env::temp_dir().join(format!("vm-model-swap-{}-{:?}", std::process::id(), std::thread::current().id())));
         let vm = Vm::new(X86Pmap::new(), VmConfig { memory_wait_ms: 1, ..vm_testkit::test_config(80) }).unwrap();
         let swap = Swap::create(&path.0, 4 << 20).unwrap();
         vm.set_swap(swap.provider());

@@ -261,7 +261,8 @@ pub enum MapError {
         /// The limit.
         max: Prot,
     },
-    /// The object range does not fit the object.
+    /// The object range does not fit the object (a file's object may be
+    /// mapped past its end; only an overflowing range is refused then).
     #[error("offset {offset:#x}+{len:#x} is outside object {object} of {size} pages")]
     ObjectRange {
         /// The object.

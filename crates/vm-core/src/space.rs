@@ -255,8 +255,12 @@ impl<P: Pmap> VmSpace<P> {
                     value: *offset,
                 });
             }
+            // A file may be mapped past its end (POSIX `mmap`): it can
+            // grow, and until then an access there is SIGBUS. Other
+            // objects must hold the whole range.
+            let grows = obj.object_type() == crate::object::ObjectType::Vnode;
             match (offset / PAGE_SIZE).checked_add(pages(req.len)) {
-                Some(last) if last <= size => {}
+                Some(last) if last <= size || grows => {}
                 _ => return Err(bad),
             }
         }
@@ -398,7 +402,11 @@ impl<P: Pmap> VmSpace<P> {
     ///
     /// [`MapError::NotMapped`] if part of the range is unmapped,
     /// [`MapError::ProtectionExceedsMax`] if `prot` exceeds an entry's
-    /// maximum; nothing changes then.
+    /// maximum; nothing changes then. A user-wired copy-on-write entry
+    /// that gains write gets its own wired copies of its pages; if that
+    /// fails ([`MapError::ResourceShortage`], [`MapError::MissingPage`])
+    /// that entry keeps its old protection and entries before it keep the
+    /// new one.
     pub fn protect(&self, start: u64, len: u64, prot: Prot) -> Result<(), MapError> {
         let end = self.check_range(start, len)?;
         let mut g = self.map.write();
@@ -418,13 +426,25 @@ impl<P: Pmap> VmSpace<P> {
         }
         for s in g.clip_range(start, end).expect("covered") {
             let e = g.entries.get_mut(&s).expect("clipped entry");
-            e.protection = prot;
-            let pprot = e.pmap_prot();
-            self.vm
-                .pmap
-                .protect(&self.pmap, e.start, e.end, pprot, &mut |d| {
-                    self.vm.note_displaced(d)
-                });
+            let old = core::mem::replace(&mut e.protection, prot);
+            let user_wired_cow = EntryFlags::USER_WIRED | EntryFlags::COW;
+            if e.eflags.contains(user_wired_cow) && (prot - old).contains(Prot::WRITE) {
+                if let Err(err) = crate::fault::upgrade_wired_entry(self, e) {
+                    e.protection = old;
+                    return Err(err);
+                }
+            }
+            // Only a restriction reaches the pmap (as modern FreeBSD): a
+            // grant is taken up by the next fault, and re-protecting a
+            // copy-on-write entry would take write from pages it owns.
+            if !(old - prot).is_empty() {
+                let pprot = e.pmap_prot();
+                self.vm
+                    .pmap
+                    .protect(&self.pmap, e.start, e.end, pprot, &mut |d| {
+                        self.vm.note_displaced(d)
+                    });
+            }
         }
         Ok(())
     }

@@ -164,3 +164,54 @@ fn unmapping_a_wired_range_unwires_it() {
     assert_eq!(vm.free_pages(), vm.total_pages());
     consistent(&vm);
 }
+
+/// A user-wired private mapping of an object that a shared mapping also
+/// shows, in both orders: wired writable (copied at wiring), and wired
+/// read-only (sharing the object's pages) then made writable.
+#[test]
+fn a_user_wired_private_mapping_stays_writable_across_protect_and_never_writes_through() {
+    for wired_writable in [true, false] {
+        let (vm, space) = machine(32);
+        let obj = vm.new_anon_object(2);
+        let shared = BASE + 16 * PAGE;
+        space
+            .map(vm_core::MapRequest::object(
+                shared,
+                2 * PAGE,
+                obj.clone(),
+                0,
+                Prot::RW,
+            ))
+            .unwrap();
+        space.write(shared, b"A").unwrap();
+        space.write(shared + PAGE, b"B").unwrap();
+        let prot = if wired_writable { Prot::RW } else { Prot::READ };
+        space
+            .map(vm_core::MapRequest::object(BASE, 2 * PAGE, obj, 0, prot).private())
+            .unwrap();
+        space.wire(BASE, 2 * PAGE, true).unwrap();
+        assert_eq!(vm.queue_counts().2, 2);
+        // No change, a restriction, a grant: writes work after each.
+        space.protect(BASE, 2 * PAGE, prot).unwrap();
+        space.protect(BASE, 2 * PAGE, Prot::READ).unwrap();
+        assert!(matches!(
+            space.write(BASE, b"x"),
+            Err(FaultError::ProtectionFailure { .. })
+        ));
+        space.protect(BASE, 2 * PAGE, Prot::RW).unwrap();
+        space.write(BASE, b"a").unwrap();
+        space.write(BASE + PAGE, b"b").unwrap();
+        assert_eq!(byte(&space, BASE), b'a');
+        assert_eq!(byte(&space, shared), b'A', "the shared object is untouched");
+        assert_eq!(byte(&space, shared + PAGE), b'B');
+        // Still exactly two wired pages, the private copies, mapped wired.
+        assert_eq!(vm.queue_counts().2, 2, "wired_writable={wired_writable}");
+        let pte = vm.pmap().pte(space.pmap_space(), BASE).unwrap();
+        assert!(pte.wired);
+        assert_eq!(vm.page(vm.page_of(pte.pfn).unwrap()).wire_count(), 1);
+        consistent(&vm);
+        space.unwire(BASE, 2 * PAGE, true).unwrap();
+        assert_eq!(vm.queue_counts().2, 0);
+        consistent(&vm);
+    }
+}

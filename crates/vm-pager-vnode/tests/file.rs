@@ -67,27 +67,21 @@ fn a_page_wholly_past_eof_is_a_sigbus() {
     let (vm, space) = vm_testkit::machine(64);
     let pager = VnodePager::open(&f.0, false).unwrap();
     let obj = pager.object(&vm);
-    assert!(
-        space
-            .map(MapRequest::object(
-                BASE,
-                3 * PAGE,
-                obj.clone(),
-                0,
-                Prot::READ
-            ))
-            .is_err(),
-        "past the object"
-    );
+    // Mapped past the end of the file, as mmap(2) allows: page 2 has no
+    // byte of the file and is SIGBUS.
     space
         .map(MapRequest::object(
             BASE,
-            2 * PAGE,
+            3 * PAGE,
             obj.clone(),
             0,
             Prot::READ,
         ))
         .unwrap();
+    assert!(matches!(
+        space.read_u8(BASE + 2 * PAGE),
+        Err(FaultError::OutOfBounds { pindex: 2, .. })
+    ));
     assert_eq!(
         space.read_u8(BASE + PAGE).unwrap(),
         content(PAGE as usize + 1)[PAGE as usize]
@@ -245,5 +239,33 @@ fn the_pageout_daemon_writes_dirty_file_pages_back() {
     let mut b = [0u8; 9];
     space.read(BASE + 3 * PAGE, &mut b).unwrap();
     assert_eq!(&b, b"laundered");
+    vm.check_consistency().unwrap();
+}
+
+#[test]
+fn a_file_mapped_past_its_end_faults_sigbus_there_until_it_grows() {
+    let f = TempFile::with(&content(PAGE as usize));
+    let (vm, space) = vm_testkit::machine(64);
+    let pager = VnodePager::open(&f.0, true).unwrap();
+    let obj = pager.object(&vm);
+    // Four pages of a one-page file: allowed, as mmap(2) allows it.
+    space
+        .map(MapRequest::object(BASE, 4 * PAGE, obj.clone(), 0, Prot::RW))
+        .unwrap();
+    assert_eq!(space.read_u8(BASE).unwrap(), content(1)[0]);
+    let e = space.write(BASE + 2 * PAGE, b"x").unwrap_err();
+    assert!(
+        matches!(e, FaultError::OutOfBounds { pindex: 2, .. }),
+        "{e}"
+    );
+    assert_eq!(e.signal(), Signal::Bus(BusCode::ObjErr));
+    pager.set_len(&vm, &obj, 3 * PAGE).unwrap();
+    space.write(BASE + 2 * PAGE, b"x").unwrap();
+    assert_eq!(
+        space.read_u8(BASE + 3 * PAGE).unwrap_err().signal(),
+        Signal::Bus(BusCode::ObjErr)
+    );
+    assert_eq!(space.msync(BASE, 4 * PAGE).unwrap(), 1);
+    assert_eq!(std::fs::read(&f.0).unwrap()[2 * PAGE as usize], b'x');
     vm.check_consistency().unwrap();
 }

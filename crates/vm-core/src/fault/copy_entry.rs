@@ -1,5 +1,6 @@
 //! Copying a wired entry into a forked child: seed `vm_fault_copy_entry`
-//! (L1088-1200).
+//! (L1088-1200); and in place, when a user-wired copy-on-write entry
+//! gains write access (modern FreeBSD's use of the same function).
 
 use crate::addr::PAGE_SIZE;
 use crate::error::MapError;
@@ -60,15 +61,8 @@ fn copy_pages<P: Pmap>(
     let pages = &vm.machine.pages;
     let mut va = src.start;
     while va < src.end {
-        let src_id = source_page(src, va).ok_or(MapError::MissingPage { addr: va })?;
-        let dst_id = alloc_waiting(parent).ok_or(MapError::ResourceShortage)?;
-        vm.machine.phys.copy(pages.pfn(src_id), pages.pfn(dst_id));
-        let page = pages.get(dst_id);
-        page.clear_flags(PageFlags::ZERO);
-        page.set_valid(VM_PAGE_BITS_ALL);
-        page.dirty_all();
-        let pindex = (va - src.start) / PAGE_SIZE;
-        dst_object.insert_page(&mut dst_object.lock(), dst_id, page, pindex);
+        let src_id = source_page(src, va, false).ok_or(MapError::MissingPage { addr: va })?;
+        let dst_id = copy_page(parent, src_id, dst_object, (va - src.start) / PAGE_SIZE)?;
         let info = PageInfo {
             pfn: pages.pfn(dst_id),
             managed: true,
@@ -91,9 +85,93 @@ fn copy_pages<P: Pmap>(
     Ok(())
 }
 
+/// A copy of page `src` (dirty, valid), inserted at `pindex` of `object`
+/// and on no queue yet.
+fn copy_page<P: Pmap>(
+    space: &VmSpace<P>,
+    src: PageId,
+    object: &Arc<VmObject>,
+    pindex: u64,
+) -> Result<PageId, MapError> {
+    let pages = &space.vm.machine.pages;
+    let dst = alloc_waiting(space).ok_or(MapError::ResourceShortage)?;
+    space.vm.machine.phys.copy(pages.pfn(src), pages.pfn(dst));
+    let page = pages.get(dst);
+    page.clear_flags(PageFlags::ZERO);
+    page.set_valid(VM_PAGE_BITS_ALL);
+    page.dirty_all();
+    object.insert_page(&mut object.lock(), dst, page, pindex);
+    Ok(dst)
+}
+
+/// A user-wired copy-on-write entry that gains write access gets its own
+/// copy of every page it shows, wired and mapped writable in place of the
+/// page it showed, and stops being copy-on-write (modern FreeBSD's
+/// `vm_fault_copy_entry(map, map, entry, entry)` from `vm_map_protect`).
+/// Without it a write there would be refused: the lookup never copies on
+/// write for a user-wired entry (a copy made by a plain fault would not be
+/// wired in the old page's place).
+///
+/// # Errors
+///
+/// [`MapError::MissingPage`] if a page of the wired entry is not resident,
+/// [`MapError::ResourceShortage`] if no memory can be had; the entry and
+/// its pages are unchanged then.
+pub(crate) fn upgrade_wired_entry<P: Pmap>(
+    space: &VmSpace<P>,
+    e: &mut MapEntry,
+) -> Result<(), MapError> {
+    let vm = &space.vm;
+    let pages = &vm.machine.pages;
+    let object = VmObject::create(&vm.machine, e.pages(), None, None);
+    object.add_ref();
+    // Copy everything first, so that a failure changes nothing (dropping
+    // the new object frees the copies).
+    let mut copies = Vec::with_capacity(e.pages() as usize);
+    for (pindex, va) in (e.start..e.end).step_by(PAGE_SIZE as usize).enumerate() {
+        let copied = source_page(e, va, true)
+            .ok_or(MapError::MissingPage { addr: va })
+            .and_then(|src| Ok((src, copy_page(space, src, &object, pindex as u64)?)));
+        match copied {
+            Ok(pair) => copies.push(pair),
+            Err(err) => {
+                object.drop_ref();
+                return Err(err);
+            }
+        }
+    }
+    for ((src, dst), va) in copies
+        .into_iter()
+        .zip((e.start..e.end).step_by(PAGE_SIZE as usize))
+    {
+        pages.wire(dst);
+        let info = PageInfo {
+            pfn: pages.pfn(dst),
+            managed: true,
+            attr: MemAttr::WriteBack,
+        };
+        // The old page is mapped here (it is wired), so no table is
+        // needed and the replacement cannot fail for want of memory.
+        if let Ok(Some(d)) = vm
+            .pmap
+            .enter(&space.pmap, va, info, e.protection, Prot::NONE, true)
+        {
+            vm.note_displaced(d);
+        }
+        pages.unwire(src, true);
+    }
+    if let Some(old) = e.object.replace(object) {
+        old.drop_ref();
+    }
+    e.offset = 0;
+    e.eflags.remove(EntryFlags::COW | EntryFlags::NEEDS_COPY);
+    Ok(())
+}
+
 /// The resident, valid page that `va` shows in the wired entry `e`; a
-/// read-only entry may find it in a backing object (seed L1163-1177).
-fn source_page(e: &MapEntry, va: u64) -> Option<PageId> {
+/// read-only entry (or any, with `through`) may find it in a backing
+/// object (seed L1163-1177).
+fn source_page(e: &MapEntry, va: u64, through: bool) -> Option<PageId> {
     let mut object = e.object.clone()?;
     let mut pindex = e.pindex(va);
     loop {
@@ -103,7 +181,7 @@ fn source_page(e: &MapEntry, va: u64) -> Option<PageId> {
                 let valid = object.machine.pages.get(id).valid() == VM_PAGE_BITS_ALL;
                 return valid.then_some(id);
             }
-            if e.protection.contains(Prot::WRITE) {
+            if e.protection.contains(Prot::WRITE) && !through {
                 return None;
             }
             let b = st.backing.as_ref()?;
@@ -168,17 +246,13 @@ pub(crate) fn copy_object_for_child<P: Pmap>(
         let Some(id) = stable_page(vm, object, pindex) else {
             continue;
         };
-        let Some(new) = alloc_waiting(parent) else {
-            copy.drop_ref();
-            return Err(MapError::ResourceShortage);
-        };
-        vm.machine.phys.copy(pages.pfn(id), pages.pfn(new));
-        let page = pages.get(new);
-        page.clear_flags(PageFlags::ZERO);
-        page.set_valid(VM_PAGE_BITS_ALL);
-        page.dirty_all();
-        copy.insert_page(&mut copy.lock(), new, page, pindex);
-        pages.activate(new);
+        match copy_page(parent, id, &copy, pindex) {
+            Ok(new) => pages.activate(new),
+            Err(e) => {
+                copy.drop_ref();
+                return Err(e);
+            }
+        }
     }
     Ok(dst)
 }

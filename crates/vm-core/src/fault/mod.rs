@@ -22,7 +22,9 @@ pub(crate) mod guard;
 mod pagein;
 mod prefault;
 
-pub(crate) use copy_entry::{copy_entry, copy_object_for_child, has_held_pages};
+pub(crate) use copy_entry::{
+    copy_entry, copy_object_for_child, has_held_pages, upgrade_wired_entry,
+};
 
 use crate::addr::{Pfn, page_trunc};
 use crate::error::FaultError;
