@@ -1,7 +1,8 @@
 //! The whole system against `vm_testkit::model`: random sequences of map
 //! (anonymous, shared objects, a real file, a device; shared and private) /
 //! unmap / protect / fork (copy and share) / exit / read / write / wire /
-//! unwire / msync / truncate / collapse / page-out on the x86_64 pmap with
+//! unwire / msync / truncate / collapse / page-out / starving the frame
+//! allocator (a balloon) on the x86_64 pmap with
 //! a swap file and a machine small enough that paging happens. After every step the harness checks the
 //! bytes, the errors, the consistency of the machine and isolation (no
 //! frame writable in one space is mapped for other memory).
@@ -40,6 +41,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..=SLOT_PAGES).prop_map(|pages| Op::Truncate { pages }),
         1 => (sp, sl).prop_map(|(space, slot)| Op::Collapse { space, slot }),
         1 => Just(Op::Pageout),
+        1 => (0..4u64).prop_map(|keep| Op::Starve { keep }),
+        1 => Just(Op::Feed),
     ]
 }
 

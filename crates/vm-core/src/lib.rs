@@ -45,6 +45,7 @@ extern crate alloc;
 
 pub mod access;
 pub mod addr;
+pub mod balloon;
 pub mod check;
 pub mod clean;
 pub mod collapse;
@@ -69,6 +70,7 @@ pub mod vm;
 pub mod wire;
 
 pub use addr::{PAGE_SHIFT, PAGE_SIZE, Pfn, page_round_up, page_trunc};
+pub use balloon::Balloon;
 pub use check::ConsistencyError;
 pub use counters::{CounterSnapshot, Counters};
 pub use error::{BusCode, FaultError, KernReturn, MapError, SegvCode, Signal};

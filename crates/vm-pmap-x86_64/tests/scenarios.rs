@@ -9,3 +9,73 @@ fn scenarios_on_four_level_tables() {
 fn scenarios_on_five_level_tables() {
     vm_testkit::scenarios::run_all(vm_pmap_x86_64::X86Pmap::new_la57);
 }
+
+/// A fault that needs new page tables when the machine has no free frame
+/// at all (a balloon holds them): the pmap's shortage reaches the caller
+/// as an out-of-memory error, nothing is left behind, and the same fault
+/// works once the frames are back.
+#[test]
+fn a_fault_needing_page_tables_without_memory_reports_it_and_works_afterwards() {
+    use vm_core::{BusCode, FaultFlags, Prot, Signal, Vm};
+    let vm = Vm::new(vm_pmap_x86_64::X86Pmap::new(), vm_testkit::test_config(64)).unwrap();
+    let space = vm.new_space().unwrap();
+    // Far from anything mapped: needs a PDPT, a PD and a PT.
+    let va = 0x7f00_0000_0000;
+    space.map_anon(va, 0x1000, Prot::RW).unwrap();
+    let free = vm.free_pages();
+    // Leave exactly one frame: the data page, but no table.
+    let balloon = vm.inflate_balloon(free - 1);
+    let e = space.fault(va, Prot::WRITE, FaultFlags::DIRTY).unwrap_err();
+    assert_eq!(e.signal(), Signal::Bus(BusCode::OomErr), "{e}");
+    // The zeroed data page stays in the object for the next try (it is the
+    // object's content, not a leak); no table page is kept half-built.
+    let (object, _) = space.object_at(va).unwrap();
+    assert_eq!((vm.free_pages(), object.resident_count()), (0, 1));
+    assert_eq!(space.extract(va), None);
+    vm.check_consistency().unwrap();
+    drop(balloon);
+    space.write(va, b"t").unwrap();
+    assert_eq!(space.read_u8(va).unwrap(), b't');
+    vm.check_consistency().unwrap();
+}
+
+/// A copy-on-write fault whose copy is made but whose mapping cannot be
+/// entered (no frame for the page tables) drops the copy: the private
+/// mapping then still sees the shared page change, as if the failed write
+/// had never started.
+#[test]
+fn a_copy_on_write_fault_that_cannot_map_keeps_no_copy() {
+    use vm_core::{FaultError, MapRequest, Prot, Vm};
+    let vm = Vm::new(vm_pmap_x86_64::X86Pmap::new(), vm_testkit::test_config(64)).unwrap();
+    let space = vm.new_space().unwrap();
+    let object = vm.new_anon_object(1);
+    let (shared, private) = (0x1000_0000, 0x7f00_0000_0000);
+    space
+        .map(MapRequest::object(
+            shared,
+            0x1000,
+            object.clone(),
+            0,
+            Prot::RW,
+        ))
+        .unwrap();
+    space
+        .map(MapRequest::object(private, 0x1000, object, 0, Prot::RW).private())
+        .unwrap();
+    space.write(shared, b"1").unwrap();
+    // Wired, so that direct reclaim cannot unmap it and free its tables.
+    space.wire(shared, 0x1000, true).unwrap();
+    // One frame: enough for the copy, not for the tables at `private`.
+    let balloon = vm.inflate_balloon(vm.free_pages() - 1);
+    let r = space.write(private, b"p");
+    let e = r.unwrap_err();
+    assert!(matches!(e, FaultError::ResourceShortage { .. }), "{e}");
+    let (shadow, _) = space.object_at(private).unwrap();
+    assert_eq!(shadow.resident_count(), 0, "no copy kept");
+    assert_eq!(vm.free_pages(), 1);
+    vm.check_consistency().unwrap();
+    drop(balloon);
+    space.write(shared, b"2").unwrap();
+    assert_eq!(space.read_u8(private).unwrap(), b'2');
+    vm.check_consistency().unwrap();
+}

@@ -12,7 +12,9 @@
 //!
 //! [`Harness`] runs the same operations on a real [`Vm`] and on the model
 //! and checks, after every step, that they agree: allowed accesses see the
-//! model's bytes, forbidden ones fail with the right error, the file on
+//! model's bytes, forbidden ones fail with the right error (and, while
+//! [`Op::Starve`] holds the frames back, an operation that needs one may
+//! fail with a shortage and must then change nothing), the file on
 //! disk holds what write-back promised, the machine is consistent, and
 //! isolation holds (every mapped frame holds what the model says that
 //! address reads, a frame one space can write is mapped nowhere for other
@@ -31,8 +33,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use vm_core::{
-    FaultError, FaultFlags, Inheritance, MapError, MapRequest, MemAttr, PageQueue, Pfn, Pmap, Prot,
-    Vm, VmObject, VmSpace,
+    Balloon, FaultError, FaultFlags, Inheritance, MapError, MapRequest, MemAttr, PageQueue, Pfn,
+    Pmap, PmapError, Prot, Vm, VmObject, VmSpace,
 };
 use vm_pager_device::{DeviceMmap, DevicePager};
 use vm_pager_vnode::VnodePager;
@@ -138,6 +140,12 @@ pub enum Op {
     },
     /// Run the pageout scan over everything.
     Pageout,
+    /// Starve the machine: a balloon takes all free frames but `keep`.
+    Starve {
+        keep: u64,
+    },
+    /// Give the balloon's frames back.
+    Feed,
 }
 
 impl Op {
@@ -152,7 +160,7 @@ impl Op {
                     u64::from(c[1] >> 4) % SLOT_PAGES,
                 );
                 let flag = c[2] & 1 != 0;
-                match c[0] % 20 {
+                match c[0] % 22 {
                     0 | 1 => Op::MapAnon {
                         space,
                         slot,
@@ -195,7 +203,11 @@ impl Op {
                         pages: u64::from(c[2]) % (SLOT_PAGES + 1),
                     },
                     18 => Op::Collapse { space, slot },
-                    _ => Op::Pageout,
+                    19 => Op::Pageout,
+                    20 => Op::Starve {
+                        keep: u64::from(c[2] % 4),
+                    },
+                    _ => Op::Feed,
                 }
             })
             .collect()
@@ -276,6 +288,8 @@ pub struct Harness<P: Pmap> {
     /// The cells of `objects` (the file's is its contents).
     object_cells: Vec<usize>,
     next_id: usize,
+    /// Frames held back while the machine is starved.
+    balloon: Option<Balloon>,
     probe: Probe<P>,
 }
 
@@ -332,6 +346,7 @@ impl<P: Pmap> Harness<P> {
             model: vec![Some(BTreeMap::new()), None, None],
             object_cells: Vec::new(),
             next_id: 0,
+            balloon: None,
             probe,
         };
         h.object_cells = (0..=OBJECTS).map(|_| h.new_cell(None)).collect();
@@ -376,6 +391,12 @@ impl<P: Pmap> Harness<P> {
                 })
                 .collect(),
         )
+    }
+
+    /// Whether `got` is a shortage of frames while the balloon holds
+    /// memory back: then the operation may fail and must change nothing.
+    fn starved_out<T>(&self, got: &Result<T, FaultError>) -> bool {
+        self.balloon.is_some() && matches!(got, Err(e) if is_shortage(e))
     }
 
     /// The live space `space` and its model, if any.
@@ -446,6 +467,16 @@ impl<P: Pmap> Harness<P> {
             }
             Op::Pageout => {
                 self.vm.pageout(self.vm.total_pages());
+                Ok(())
+            }
+            Op::Starve { keep } => {
+                self.balloon = None;
+                let take = self.vm.free_pages().saturating_sub(keep);
+                self.balloon = Some(self.vm.inflate_balloon(take));
+                Ok(())
+            }
+            Op::Feed => {
+                self.balloon = None;
                 Ok(())
             }
         }
@@ -541,8 +572,11 @@ impl<P: Pmap> Harness<P> {
             return Ok(());
         }
         let prot = if write { Prot::RW } else { Prot::READ };
-        s.protect(slot_va(slot, 0), SLOT_PAGES * PAGE, prot)
-            .map_err(|e| format!("protect: {e}"))?;
+        match s.protect(slot_va(slot, 0), SLOT_PAGES * PAGE, prot) {
+            Ok(()) => {}
+            Err(MapError::ResourceShortage) if self.balloon.is_some() => return Ok(()),
+            Err(e) => return Err(format!("protect: {e}")),
+        }
         let reg = &self.model[space].as_ref().expect("live")[&slot];
         // A wired private region that gains write gets its own copy of
         // every page (modern FreeBSD's `vm_map_protect`).
@@ -567,7 +601,16 @@ impl<P: Pmap> Harness<P> {
         let Some((s, m)) = self.live(space) else {
             return Ok(());
         };
-        let child = s.fork().map_err(|e| format!("fork: {e}"))?;
+        let child = match s.fork() {
+            Ok(child) => child,
+            Err(MapError::ResourceShortage | MapError::Pmap(PmapError::NoMemory))
+                if self.balloon.is_some() =>
+            {
+                return Ok(());
+            }
+            Err(MapError::Fault(e)) if self.balloon.is_some() && is_shortage(&e) => return Ok(()),
+            Err(e) => return Err(format!("fork: {e}")),
+        };
         let regions: Vec<(usize, Region)> = m.iter().map(|(&k, r)| (k, r.clone())).collect();
         let mut cm = BTreeMap::new();
         for (slot, reg) in regions {
@@ -607,9 +650,17 @@ impl<P: Pmap> Harness<P> {
             );
             return Ok(());
         };
-        match self.expect(reg, page) {
+        let expect = self.expect(reg, page);
+        let got = if expect == Expect::Device {
+            s.fault(va, Prot::READ, FaultFlags::NORMAL).map(|_| 0)
+        } else {
+            s.read_u8(va + AT)
+        };
+        if self.starved_out(&got) {
+            return Ok(());
+        }
+        match expect {
             Expect::Device => {
-                let got = s.fault(va, Prot::READ, FaultFlags::NORMAL);
                 ensure!(got.is_ok(), "device read {space}/{slot}/{page}: {got:?}");
                 let pa = s.extract(va).map(Pfn::phys_addr);
                 ensure!(
@@ -617,20 +668,14 @@ impl<P: Pmap> Harness<P> {
                     "device page {page} mapped at {pa:x?}"
                 );
             }
-            Expect::PastEof => {
-                let got = s.read_u8(va + AT);
-                ensure!(
-                    matches!(got, Err(FaultError::OutOfBounds { .. })),
-                    "read past EOF {space}/{slot}/{page}: {got:?}"
-                );
-            }
-            Expect::Value(want) => {
-                let got = s.read_u8(va + AT);
-                ensure!(
-                    got == Ok(want),
-                    "read {space}/{slot}/{page}: got {got:?}, model {want}"
-                );
-            }
+            Expect::PastEof => ensure!(
+                matches!(got, Err(FaultError::OutOfBounds { .. })),
+                "read past EOF {space}/{slot}/{page}: {got:?}"
+            ),
+            Expect::Value(want) => ensure!(
+                got == Ok(want),
+                "read {space}/{slot}/{page}: got {got:?}, model {want}"
+            ),
         }
         Ok(())
     }
@@ -648,28 +693,29 @@ impl<P: Pmap> Harness<P> {
             );
             return Ok(());
         };
+        let expect = self.expect(reg, page);
+        let got = if reg.write && expect == Expect::Device {
+            s.fault(va, Prot::WRITE, FaultFlags::DIRTY).map(|_| ())
+        } else {
+            s.write(va + AT, &[value])
+        };
+        if self.starved_out(&got) {
+            return Ok(());
+        }
         if !reg.write {
-            let got = s.write(va + AT, &[value]);
             ensure!(
                 matches!(got, Err(FaultError::ProtectionFailure { .. })),
                 "write to read-only: {got:?}"
             );
             return Ok(());
         }
-        match self.expect(reg, page) {
-            Expect::Device => {
-                let got = s.fault(va, Prot::WRITE, FaultFlags::DIRTY);
-                ensure!(got.is_ok(), "device write {space}/{slot}/{page}: {got:?}");
-            }
-            Expect::PastEof => {
-                let got = s.write(va + AT, &[value]);
-                ensure!(
-                    matches!(got, Err(FaultError::OutOfBounds { .. })),
-                    "write past EOF {space}/{slot}/{page}: {got:?}"
-                );
-            }
+        match expect {
+            Expect::Device => ensure!(got.is_ok(), "device write {space}/{slot}/{page}: {got:?}"),
+            Expect::PastEof => ensure!(
+                matches!(got, Err(FaultError::OutOfBounds { .. })),
+                "write past EOF {space}/{slot}/{page}: {got:?}"
+            ),
             Expect::Value(_) => {
-                let got = s.write(va + AT, &[value]);
                 ensure!(got.is_ok(), "write {space}/{slot}/{page}: {got:?}");
                 let base = reg.base;
                 let reg = self.model[space]
@@ -704,10 +750,9 @@ impl<P: Pmap> Harness<P> {
             {
                 p
             }
-            // A small machine may lack the memory; nothing stays wired.
-            (Err(MapError::Fault(FaultError::ResourceShortage { addr })), _) => {
-                (addr - slot_va(slot, 0)) / PAGE
-            }
+            // A small (or starved) machine may lack the memory; nothing
+            // stays wired, the pages before the failure were reached.
+            (Err(MapError::Fault(e)), _) if is_shortage(e) => (e.addr() - slot_va(slot, 0)) / PAGE,
             _ => return Err(format!("wire {space}/{slot} (EOF stop {stop:?}): {got:?}")),
         };
         let copies = reg.write.then(|| self.own_copies(reg, reached)).flatten();
@@ -877,13 +922,14 @@ impl<P: Pmap> Harness<P> {
         })
     }
 
-    /// Every byte every live space can read equals the model's, and the
-    /// file holds what was written back.
+    /// Every byte every live space can read equals the model's (after
+    /// giving back any frames held by [`Op::Starve`]).
     ///
     /// # Errors
     ///
     /// The first byte that differs.
-    pub fn check_all_reads(&self) -> Result<(), String> {
+    pub fn check_all_reads(&mut self) -> Result<(), String> {
+        self.balloon = None;
         for space in 0..SPACES {
             let slots: Vec<usize> = self.model[space]
                 .as_ref()
@@ -897,6 +943,18 @@ impl<P: Pmap> Harness<P> {
         }
         Ok(())
     }
+}
+
+/// Whether `e` says no frame could be had (for a page or a page table).
+fn is_shortage(e: &FaultError) -> bool {
+    matches!(
+        e,
+        FaultError::ResourceShortage { .. }
+            | FaultError::Pmap {
+                error: PmapError::NoMemory,
+                ..
+            }
+    )
 }
 
 /// Which memory a mapping shows, for the isolation check.

@@ -12,6 +12,7 @@ use crate::pmap::{MemAttr, PageInfo, Pmap};
 use crate::prot::Prot;
 use crate::space::VmSpace;
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 
 /// Gives the child a private copy of every page of the wired entry `src`
 /// of `parent`, entered in the child's pmap, and returns the child's entry.

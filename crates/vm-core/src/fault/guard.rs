@@ -91,6 +91,11 @@ impl<'m> BusyPage<'m> {
         self.disposal = Disposal::Release;
     }
 
+    /// The page goes after all: an error after this point frees it.
+    pub(crate) fn discard(&mut self) {
+        self.disposal = Disposal::Free;
+    }
+
     /// Unbusies the page and wakes its waiters (`vm_page_wakeup`), leaving
     /// queue placement to the caller.
     pub(crate) fn unbusy(mut self) {

@@ -632,7 +632,18 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                     vm.note_displaced(d);
                 }
             }
-            Err(PmapError::NoMemory) => return Err(Step::WaitMemory),
+            Err(PmapError::NoMemory) => {
+                // A copy made for this write is dropped, so that a fault
+                // that ends in a shortage leaves the chain as it was (a
+                // copy kept would stop the mapping seeing later changes
+                // of the page below). The retry copies again.
+                if self.kind == FaultKind::CowCopy {
+                    if let Some(m) = self.m.as_mut() {
+                        m.discard();
+                    }
+                }
+                return Err(Step::WaitMemory);
+            }
             Err(error) => {
                 return Err(Step::Fail(FaultError::Pmap {
                     addr: self.va,
