@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vm_core::{MapRequest, ObjectType, Prot, Vm, VmConfig};
+use vm_core::{MapRequest, ObjectType, Pmap, Prot, Vm, VmConfig};
 use vm_pager_swap::Swap;
 use vm_testkit::{MemPager, RefPmap};
 
@@ -21,13 +21,23 @@ const PAGES_PER_THREAD: u64 = 16;
 
 #[test]
 fn threads_over_paging_and_slow_io_lose_nothing_and_never_deadlock() {
-    let path = std::env::temp_dir().join(format!("vm-stress-{}", std::process::id()));
+    stress("reference pmap", RefPmap::new());
+}
+
+#[test]
+fn the_same_on_real_x86_64_tables() {
+    stress("x86_64 pmap", vm_pmap_x86_64::X86Pmap::new());
+}
+
+fn stress<P: Pmap>(name: &str, pmap: P) {
+    let path =
+        std::env::temp_dir().join(format!("vm-stress-{}-{}", std::process::id(), name.len()));
     let config = VmConfig {
         memory_wait_ms: 2,
         memory_retries: 50,
         ..vm_testkit::test_config(160)
     };
-    let vm = Vm::new(RefPmap::new(), config).unwrap();
+    let vm = Vm::new(pmap, config).unwrap();
     let swap = Swap::create(&path, 8 << 20).unwrap();
     vm.set_swap(swap.provider());
     let space = Arc::new(vm.new_space().unwrap());
@@ -137,7 +147,7 @@ fn threads_over_paging_and_slow_io_lose_nothing_and_never_deadlock() {
         h.join().unwrap();
     }
     println!(
-        "{THREADS} threads, {} operations in {:?}, {} pager calls, {:?}",
+        "{name}: {THREADS} threads, {} operations in {:?}, {} pager calls, {:?}",
         progress.load(Ordering::Relaxed),
         start.elapsed(),
         pager.calls().len(),
