@@ -56,7 +56,7 @@ fn normal_behaviour_reads_seven_behind_and_eight_ahead() {
 }
 
 #[test]
-fn a_fault_in_the_lastr_window_reads_ahead_only_and_drops_pages_behind() {
+fn a_fault_in_the_lastr_window_reads_ahead_only_and_deactivates_pages_behind() {
     let (vm, space) = machine(256);
     let (pager, obj) = file(&vm, ObjectType::Vnode);
     map(&space, &obj, Behavior::Normal);

@@ -157,3 +157,42 @@ fn a_panicking_pager_unwinds_through_the_guards_and_leaves_the_machine_consisten
         "and the machine keeps working"
     );
 }
+
+/// A pager that claims far more contiguous pages than the object has, on
+/// both sides: the cluster is cut to the object and the entry, nothing
+/// lands past the object's end, and the fault works.
+#[test]
+fn a_pager_claiming_an_absurd_cluster_is_cut_to_the_object() {
+    let (vm, space) = machine(64);
+    let pager = Arc::new(vm_testkit::MemPager::with_pattern(ObjectType::Vnode, 4));
+    let obj = vm.new_object(4, pager.clone());
+    // The entry is twice the object (a file mapped past its end).
+    space
+        .map(MapRequest::object(
+            BASE,
+            8 * PAGE,
+            obj.clone(),
+            0,
+            Prot::READ,
+        ))
+        .unwrap();
+    pager.set_contiguity(Contiguity {
+        behind: u32::MAX,
+        ahead: u32::MAX,
+    });
+    for p in [3, 0] {
+        assert_eq!(
+            byte(&space, BASE + p * PAGE),
+            vm_testkit::pattern_byte(p, 0)
+        );
+    }
+    for call in pager.calls() {
+        assert!(call.pindexes.iter().all(|&p| p < 4), "{call:?}");
+    }
+    assert!(obj.resident_count() <= 4);
+    assert!(matches!(
+        space.read_u8(BASE + 5 * PAGE),
+        Err(FaultError::OutOfBounds { pindex: 5, .. })
+    ));
+    consistent(&vm);
+}
