@@ -20,10 +20,13 @@ use vm_pmap_x86_64::{NoTlb, X86Pmap};
 const PAGES: u64 = 200;
 
 fn overhead() {
+    let page = std::mem::size_of::<VmPage>();
     println!(
-        "memory overhead: {} B per physical page (VmPage; FreeBSD vm_page ~104 B, Linux struct page 64 B), \
-         {} B per managed mapping in a pv list (plus its share of the hash table)",
-        std::mem::size_of::<VmPage>(),
+        "memory overhead: {page} B per physical page in vm-core (VmPage) + {} B in the x86_64 pmap \
+         (pv list head, one mapping inline) = {} B (FreeBSD vm_page ~104 B, Linux struct page 64 B); \
+         {} B per further mapping of a page",
+        vm_pmap_x86_64::PV_HEAD_BYTES,
+        page + vm_pmap_x86_64::PV_HEAD_BYTES,
         std::mem::size_of::<(u64, u64)>()
     );
 }

@@ -11,6 +11,7 @@
 
 #[cfg(feature = "std")]
 mod imp {
+    use std::sync::atomic::{AtomicU32, Ordering, fence};
     use std::sync::{self, PoisonError};
 
     /// A mutual-exclusion lock.
@@ -65,27 +66,59 @@ mod imp {
         }
     }
 
-    /// One bucket of the wait table: a mutex and a condition variable.
+    /// One bucket of the wait table: a mutex, a condition variable and a
+    /// count of the threads inside `wait_*`, so that a notify with nobody
+    /// waiting (nearly every one: each fault ends with one) costs a load,
+    /// not a lock and a `futex` system call.
     #[derive(Debug, Default)]
     pub(super) struct Bucket {
         lock: sync::Mutex<()>,
         cv: sync::Condvar,
+        waiters: AtomicU32,
+    }
+
+    /// Counts a waiter in for as long as it lives.
+    struct Waiting<'a>(&'a AtomicU32);
+
+    impl<'a> Waiting<'a> {
+        fn new(count: &'a AtomicU32) -> Self {
+            count.fetch_add(1, Ordering::SeqCst);
+            // Pairs with the fence in `notify`: either the notifier sees
+            // this count, or this thread's check of its condition (next)
+            // sees the change made before the notify.
+            fence(Ordering::SeqCst);
+            Waiting(count)
+        }
+    }
+
+    impl Drop for Waiting<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     impl Bucket {
         pub(super) fn wait_while(&self, mut blocked: impl FnMut() -> bool) {
             let mut g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let _w = Waiting::new(&self.waiters);
             while blocked() {
                 g = self.cv.wait(g).unwrap_or_else(PoisonError::into_inner);
             }
         }
         pub(super) fn wait_timeout(&self, mut blocked: impl FnMut() -> bool, ms: u64) {
             let g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            let _w = Waiting::new(&self.waiters);
             let _ = self
                 .cv
                 .wait_timeout_while(g, std::time::Duration::from_millis(ms), |_| blocked());
         }
         pub(super) fn notify(&self) {
+            // The caller changed the condition before calling; see
+            // `Waiting::new` for the other half.
+            fence(Ordering::SeqCst);
+            if self.waiters.load(Ordering::SeqCst) == 0 {
+                return;
+            }
             // Taking the lock orders this wake-up after a waiter's check.
             drop(self.lock.lock().unwrap_or_else(PoisonError::into_inner));
             self.cv.notify_all();

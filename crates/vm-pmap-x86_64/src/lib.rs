@@ -43,6 +43,7 @@ pub mod tlb;
 pub use entry::{Entry, PfErrorCode, PteFlags};
 pub use paging::PagingMode;
 pub use pmap::{X86Pmap, X86Space};
+pub use pv::PV_HEAD_BYTES;
 pub use tlb::{NoTlb, TlbHook, TlbStats};
 
 /// The README's examples, compiled and run as doctests.

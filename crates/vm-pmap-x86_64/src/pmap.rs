@@ -2,8 +2,8 @@
 //!
 //! Tables are frames of the machine's physical memory, laid out as the CPU
 //! reads them; a space's root is a physical address to load into CR3.
-//! Each space has a lock; pv lists are sharded; the lock order is space,
-//! then pv shard. Per-page operations (`remove_all` and friends) read the
+//! Each space has a lock; each frame's pv list has one; the lock order is
+//! space, then pv list. Per-page operations (`remove_all` and friends) read the
 //! pv list, drop its lock, and take each space's lock in turn, checking
 //! that the mapping is still the one they saw.
 
@@ -440,6 +440,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     type Space = X86Space;
 
     fn attach(&mut self, frames: PhysFrames) {
+        self.pv = PvTable::new(frames.phys().base_pfn(), frames.phys().frames());
         self.frames = Some(frames);
     }
 
