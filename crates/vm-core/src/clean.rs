@@ -110,6 +110,7 @@ impl<P: Pmap> Vm<P> {
         }
         self.machine
             .counters
+            .local()
             .v_pages_cleaned
             .fetch_add(written, Ordering::Relaxed);
         Ok(written)

@@ -29,6 +29,7 @@ impl<P: Pmap> Vm<P> {
             merged += 1;
             self.machine
                 .counters
+                .local()
                 .v_collapses
                 .fetch_add(1, Ordering::Relaxed);
         }

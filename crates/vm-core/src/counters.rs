@@ -1,14 +1,16 @@
 //! Machine-wide event counters (FreeBSD `struct vmmeter`, `vmstat -s`).
 
+use crate::sync::SHARDS;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
     ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
-        /// Live counters of one [`Vm`](crate::Vm). Relaxed atomics: they are
-        /// statistics, not synchronisation.
+        /// One thread's share of the counters: bump these (through
+        /// [`Counters::local`]); read totals with [`Counters::snapshot`].
         #[derive(Debug, Default)]
-        pub struct Counters {
+        #[repr(align(64))]
+        pub struct CounterShard {
             $($(#[doc = $doc])* pub $name: AtomicU64,)*
         }
 
@@ -19,10 +21,14 @@ macro_rules! counters {
         }
 
         impl Counters {
-            /// Reads every counter.
+            /// Reads every counter (the sum of the shards).
             #[must_use]
             pub fn snapshot(&self) -> CounterSnapshot {
-                CounterSnapshot { $($name: self.$name.load(Ordering::Relaxed),)* }
+                let mut s = CounterSnapshot::default();
+                for shard in &self.shards {
+                    $(s.$name += shard.$name.load(Ordering::Relaxed);)*
+                }
+                s
             }
         }
 
@@ -40,6 +46,23 @@ macro_rules! counters {
             }
         }
     };
+}
+
+/// Live counters of one [`Vm`](crate::Vm): relaxed atomics (statistics,
+/// not synchronisation), split in cache-line-sized shards by thread so
+/// that faults on different CPUs do not bounce one line between them (as
+/// FreeBSD's `counter(9)` does per CPU).
+#[derive(Debug, Default)]
+pub struct Counters {
+    shards: [CounterShard; SHARDS],
+}
+
+impl Counters {
+    /// The calling thread's shard, to bump a counter in.
+    #[must_use]
+    pub fn local(&self) -> &CounterShard {
+        &self.shards[crate::sync::thread_shard() % SHARDS]
+    }
 }
 
 counters! {

@@ -72,7 +72,7 @@ pub mod wire;
 pub use addr::{PAGE_SHIFT, PAGE_SIZE, Pfn, page_round_up, page_trunc};
 pub use balloon::Balloon;
 pub use check::ConsistencyError;
-pub use counters::{CounterSnapshot, Counters};
+pub use counters::{CounterShard, CounterSnapshot, Counters};
 pub use error::{BusCode, FaultError, KernReturn, MapError, SegvCode, Signal};
 pub use fault::{FaultFlags, FaultKind, FaultOutcome};
 pub use hold::HeldPages;

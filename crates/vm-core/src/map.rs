@@ -159,7 +159,11 @@ impl MapEntry {
         });
         let shadow = VmObject::create(machine, size, None, backing);
         shadow.add_ref();
-        machine.counters.v_shadows.fetch_add(1, Ordering::Relaxed);
+        machine
+            .counters
+            .local()
+            .v_shadows
+            .fetch_add(1, Ordering::Relaxed);
         self.object = Some(shadow);
         self.offset = 0;
         self.eflags.remove(EntryFlags::NEEDS_COPY);

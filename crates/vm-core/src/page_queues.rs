@@ -12,6 +12,7 @@
 use crate::addr::Pfn;
 use crate::page::{PageFlags, PageId, PageQueue, VmPage};
 use crate::pmap::MemAttr;
+use crate::sync::ShardedCount;
 use crate::sync::{Mutex, WaitTable};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -72,9 +73,9 @@ pub(crate) struct Pages {
     shards: Box<[Mutex<FreeShard>]>,
     free: AtomicU64,
     free_zeroed: AtomicU64,
-    active: AtomicU64,
-    inactive: AtomicU64,
-    wired: AtomicU64,
+    active: ShardedCount,
+    inactive: ShardedCount,
+    wired: ShardedCount,
     mem_waiters: AtomicU32,
     waits: WaitTable,
     pub(crate) thresholds: Thresholds,
@@ -114,9 +115,9 @@ impl Pages {
             shards,
             free: AtomicU64::new(0),
             free_zeroed: AtomicU64::new(0),
-            active: AtomicU64::new(0),
-            inactive: AtomicU64::new(0),
-            wired: AtomicU64::new(0),
+            active: ShardedCount::default(),
+            inactive: ShardedCount::default(),
+            wired: ShardedCount::default(),
             mem_waiters: AtomicU32::new(0),
             waits: WaitTable::default(),
             thresholds,
@@ -206,14 +207,14 @@ impl Pages {
     pub(crate) fn queue_count(&self, q: PageQueue) -> u64 {
         match q {
             PageQueue::Free => self.free_count(),
-            PageQueue::Active => self.active.load(Ordering::Acquire),
-            PageQueue::Inactive => self.inactive.load(Ordering::Acquire),
+            PageQueue::Active => self.active.get(),
+            PageQueue::Inactive => self.inactive.get(),
             PageQueue::None => 0,
         }
     }
 
     pub(crate) fn wired_count(&self) -> u64 {
-        self.wired.load(Ordering::Acquire)
+        self.wired.get()
     }
 
     /// FreeBSD `vm_page_count_severe`.
@@ -382,10 +383,10 @@ impl Pages {
             return;
         }
         match self.get(id).set_queue(PageQueue::None) {
-            PageQueue::Active => self.active.fetch_sub(1, Ordering::AcqRel),
-            PageQueue::Inactive => self.inactive.fetch_sub(1, Ordering::AcqRel),
-            _ => 0,
-        };
+            PageQueue::Active => self.active.add(-1),
+            PageQueue::Inactive => self.inactive.add(-1),
+            _ => {}
+        }
     }
 
     fn enqueue(&self, id: PageId, q: PageQueue) {
@@ -405,15 +406,15 @@ impl Pages {
             return;
         }
         match old {
-            PageQueue::Active => self.active.fetch_sub(1, Ordering::AcqRel),
-            PageQueue::Inactive => self.inactive.fetch_sub(1, Ordering::AcqRel),
-            _ => 0,
-        };
+            PageQueue::Active => self.active.add(-1),
+            PageQueue::Inactive => self.inactive.add(-1),
+            _ => {}
+        }
         match q {
-            PageQueue::Active => self.active.fetch_add(1, Ordering::AcqRel),
-            PageQueue::Inactive => self.inactive.fetch_add(1, Ordering::AcqRel),
-            _ => 0,
-        };
+            PageQueue::Active => self.active.add(1),
+            PageQueue::Inactive => self.inactive.add(1),
+            _ => {}
+        }
     }
 
     /// FreeBSD `vm_page_activate`: onto the active queue unless wired.
@@ -433,7 +434,7 @@ impl Pages {
         }
         if self.get(id).wire_inc() == 0 {
             self.dequeue(id);
-            self.wired.fetch_add(1, Ordering::AcqRel);
+            self.wired.add(1);
         }
     }
 
@@ -447,7 +448,7 @@ impl Pages {
         match self.get(id).wire_dec() {
             None => false,
             Some(1) => {
-                self.wired.fetch_sub(1, Ordering::AcqRel);
+                self.wired.add(-1);
                 if activate {
                     self.activate(id);
                 } else {

@@ -66,7 +66,7 @@ impl<P: Pmap> Vm<P> {
             }
             self.sweep(PageQueue::Active, free_target, &mut r);
         }
-        let c = &self.machine.counters;
+        let c = self.machine.counters.local();
         c.v_pdpages.fetch_add(r.scanned, Ordering::Relaxed);
         c.v_pdfreed.fetch_add(r.freed, Ordering::Relaxed);
         c.v_reactivated.fetch_add(r.reactivated, Ordering::Relaxed);
@@ -232,8 +232,8 @@ impl<P: Pmap> Vm<P> {
         pager.put_pages(&outs).map_err(|_| ())?;
         run.iter().for_each(|&(id, _)| pages.get(id).clear_dirty());
         let c = match otype {
-            ObjectType::Vnode => &self.machine.counters.v_vnodepgsout,
-            _ => &self.machine.counters.v_swappgsout,
+            ObjectType::Vnode => &self.machine.counters.local().v_vnodepgsout,
+            _ => &self.machine.counters.local().v_swappgsout,
         };
         c.fetch_add(run.len() as u64, Ordering::Relaxed);
         Ok(())

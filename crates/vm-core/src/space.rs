@@ -363,6 +363,7 @@ impl<P: Pmap> VmSpace<P> {
         g.entries.insert(new_start, below);
         self.vm
             .counters()
+            .local()
             .v_stack_growths
             .fetch_add(1, Ordering::Relaxed);
         true

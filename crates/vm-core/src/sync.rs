@@ -183,6 +183,63 @@ mod imp {
 
 pub use imp::{Mutex, MutexGuard, ReadGuard, RwLock, WriteGuard};
 
+/// How many ways per-thread statistics are split.
+pub const SHARDS: usize = 16;
+
+/// A small number that differs between threads running at the same time,
+/// for picking a shard of split statistics: a thread-local index with
+/// `std`, else the calling stack's address (threads' stacks are apart).
+#[must_use]
+pub fn thread_shard() -> usize {
+    #[cfg(feature = "std")]
+    {
+        use core::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        std::thread_local! {
+            static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+        }
+        SHARD.with(|s| *s)
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        let marker = 0u8;
+        (core::ptr::addr_of!(marker) as usize) >> 16
+    }
+}
+
+/// A count kept in per-thread shards, each on its own cache line, for
+/// counts that every fault changes but few read (queue lengths): a change
+/// is one uncontended atomic add, a read sums the shards (exact at rest,
+/// approximate while others change it).
+#[derive(Debug, Default)]
+pub struct ShardedCount {
+    cells: [PaddedCell; SHARDS],
+}
+
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct PaddedCell(core::sync::atomic::AtomicI64);
+
+impl ShardedCount {
+    /// Adds `n` (may be negative).
+    pub fn add(&self, n: i64) {
+        self.cells[thread_shard() % SHARDS]
+            .0
+            .fetch_add(n, core::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The total (never below zero).
+    #[must_use]
+    pub fn get(&self) -> u64 {
+        let sum: i64 = self
+            .cells
+            .iter()
+            .map(|c| c.0.load(core::sync::atomic::Ordering::Relaxed))
+            .sum();
+        u64::try_from(sum).unwrap_or(0)
+    }
+}
+
 const BUCKETS: usize = 64;
 
 /// A hashed table of wait queues, like the kernel's sleep queues: a thread

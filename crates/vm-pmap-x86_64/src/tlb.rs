@@ -93,7 +93,12 @@ impl PendingFlush {
     }
 
     /// Issues the invalidations through `hook`, counting them in `stats`.
-    pub(crate) fn finish(self, hook: &dyn TlbHook, stats: &TlbStats) {
+    pub(crate) fn finish<H: TlbHook + ?Sized>(self, hook: &H, stats: &TlbStats) {
+        if self.pages.is_empty() && !self.all {
+            // Nothing owed (a fault filling an empty entry): no shared
+            // statistics line to touch.
+            return;
+        }
         if self.all {
             hook.invalidate_all(self.root);
             stats.full.fetch_add(1, Ordering::Relaxed);

@@ -20,7 +20,7 @@ impl<P: Pmap> FaultState<'_, P> {
             .first_m
             .take()
             .expect("placeholder in the first object");
-        let counters = &self.machine.counters;
+        let counters = self.machine.counters.local();
         if self.try_rename(&first, &backing, &m) {
             // The placeholder was displaced by the move; free it.
             drop(first_m);

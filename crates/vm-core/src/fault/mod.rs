@@ -151,7 +151,11 @@ impl<P: Pmap> VmSpace<P> {
         flags: FaultFlags,
     ) -> Result<FaultOutcome, FaultError> {
         let machine = &*self.vm.machine;
-        machine.counters.v_vm_faults.fetch_add(1, Ordering::Relaxed);
+        machine
+            .counters
+            .local()
+            .v_vm_faults
+            .fetch_add(1, Ordering::Relaxed);
         if va < self.map.min_addr() || va >= self.map.max_addr() {
             return Err(FaultError::InvalidAddress { addr: va });
         }
@@ -186,12 +190,17 @@ impl<P: Pmap> VmSpace<P> {
                 Err(Step::Retry) => {}
                 Err(Step::Fail(e)) => return Err(e),
                 Err(Step::WaitPage { id, object, pindex }) => {
-                    machine.counters.v_intrans.fetch_add(1, Ordering::Relaxed);
+                    machine
+                        .counters
+                        .local()
+                        .v_intrans
+                        .fetch_add(1, Ordering::Relaxed);
                     guard::wait_for_page(machine, id, object, pindex);
                 }
                 Err(Step::WaitMemory) => {
                     machine
                         .counters
+                        .local()
                         .v_wait_memory
                         .fetch_add(1, Ordering::Relaxed);
                     // Direct reclaim first; sleep only when it frees nothing.
@@ -507,7 +516,7 @@ impl<'a, P: Pmap> FaultState<'a, P> {
             return Err(Step::Retry);
         };
         let page = m.page();
-        let counters = &self.machine.counters;
+        let counters = self.machine.counters.local();
         if page.flags().contains(PageFlags::ZERO) {
             counters.v_ozfod.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -608,6 +617,7 @@ impl<'a, P: Pmap> FaultState<'a, P> {
             page.set_valid(VM_PAGE_BITS_ALL);
             self.machine
                 .counters
+                .local()
                 .v_pager_partial
                 .fetch_add(1, Ordering::Relaxed);
         }

@@ -121,6 +121,7 @@ impl<P: Pmap> FaultState<'_, P> {
             pages.deactivate(id);
             self.machine
                 .counters
+                .local()
                 .v_cache_behind
                 .fetch_add(1, Ordering::Relaxed);
         }
@@ -157,6 +158,7 @@ impl<P: Pmap> FaultState<'_, P> {
             // daemon here).
             self.machine
                 .counters
+                .local()
                 .v_cluster_short
                 .fetch_add(1, Ordering::Relaxed);
             return cluster;
@@ -260,7 +262,7 @@ impl<P: Pmap> FaultState<'_, P> {
             let data = unsafe { phys.frame_mut(b.pfn()) };
             slots.push(PageSlot::new(b.page().pindex(), data));
         }
-        let counters = &self.machine.counters;
+        let counters = self.machine.counters.local();
         counters.v_pager_calls.fetch_add(1, Ordering::Relaxed);
         pager.get_pages(&mut slots, reqpage)?;
         let valid: SmallVec<[u8; READ_MAX as usize]> = slots.iter().map(PageSlot::valid).collect();

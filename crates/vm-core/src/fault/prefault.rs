@@ -68,6 +68,7 @@ impl<P: Pmap> FaultState<'_, P> {
                     ) {
                         self.machine
                             .counters
+                            .local()
                             .v_prefaults
                             .fetch_add(1, Ordering::Relaxed);
                     }
