@@ -511,12 +511,20 @@ impl<P: Pmap> Harness<P> {
             Some(o) => self.object_cells[o],
             None => self.new_cell(None),
         };
+        let kind = if object == Some(FILE) {
+            Kind::File
+        } else {
+            Kind::Memory
+        };
+        self.insert_region(space, slot, kind, base, private);
+        Ok(())
+    }
+
+    /// The model's side of a new mapping: writable, unwired, with an empty
+    /// private layer if `private`.
+    fn insert_region(&mut self, space: usize, slot: usize, kind: Kind, base: usize, private: bool) {
         let region = Region {
-            kind: if object == Some(FILE) {
-                Kind::File
-            } else {
-                Kind::Memory
-            },
+            kind,
             base,
             private: private.then(|| vec![None; SLOT_PAGES as usize]),
             id: self.new_id(),
@@ -527,7 +535,6 @@ impl<P: Pmap> Harness<P> {
             .as_mut()
             .expect("live")
             .insert(slot, region);
-        Ok(())
     }
 
     fn map_device(&mut self, space: usize, slot: usize, private: bool) -> Result<(), String> {
@@ -549,18 +556,7 @@ impl<P: Pmap> Harness<P> {
         }
         s.map(req.inheritance(Inheritance::Share))
             .map_err(|e| format!("map device: {e}"))?;
-        let region = Region {
-            kind: Kind::Device,
-            base: 0,
-            private: None,
-            id: self.new_id(),
-            write: true,
-            wired: false,
-        };
-        self.model[space]
-            .as_mut()
-            .expect("live")
-            .insert(slot, region);
+        self.insert_region(space, slot, Kind::Device, 0, false);
         Ok(())
     }
 
