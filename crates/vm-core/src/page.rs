@@ -277,6 +277,12 @@ impl VmPage {
             != 0
     }
 
+    /// The page-index word, which a page in no object (a page-table page)
+    /// lends to its owner: see [`PhysFrames::table_word`](crate::pmap::PhysFrames::table_word).
+    pub(crate) fn spare_word(&self) -> &AtomicU64 {
+        &self.pindex
+    }
+
     pub(crate) fn set_identity(&self, object: u64, pindex: u64) {
         self.object.store(object, Ordering::Release);
         self.pindex.store(pindex, Ordering::Release);

@@ -156,8 +156,21 @@ impl PhysFrames {
             self.phys().zero(self.pages().pfn(id));
         }
         page.clear_flags(crate::page::PageFlags::ZERO);
+        page.spare_word()
+            .store(0, core::sync::atomic::Ordering::Relaxed);
         self.pages().wire(id);
         Some(self.pages().pfn(id))
+    }
+
+    /// A word of metadata for frame `pfn`, which the pmap allocated with
+    /// [`alloc_zeroed`](Self::alloc_zeroed): zero when allocated, the
+    /// pmap's to use until [`free`](Self::free) (FreeBSD keeps a
+    /// page-table page's count of valid entries in its `vm_page` the same
+    /// way). `None` for a frame outside memory.
+    #[must_use]
+    pub fn table_word(&self, pfn: Pfn) -> Option<&core::sync::atomic::AtomicU64> {
+        let id = self.pages().id_of(pfn)?;
+        Some(self.pages().get(id).spare_word())
     }
 
     /// Returns a frame from [`alloc_zeroed`](Self::alloc_zeroed).

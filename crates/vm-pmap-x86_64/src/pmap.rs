@@ -32,9 +32,10 @@ const TABLE_FLAGS: PteFlags = PteFlags::V
     .union(PteFlags::A)
     .union(PteFlags::M);
 
+/// A space's statistics; the lock that guards it also serialises every
+/// change of the space's tables. Each table's count of valid entries lives
+/// in its frame's table word ([`PhysFrames::table_word`]).
 struct SpaceState {
-    /// Valid entries in each table page of the space (by table address).
-    counts: HashMap<u64, u32>,
     resident: u64,
     wired: u64,
 }
@@ -45,7 +46,7 @@ struct SpaceInner {
     state: Mutex<SpaceState>,
 }
 
-/// One address space's tables: its root (CR3) and counts.
+/// One address space's tables: its root (CR3) and statistics.
 pub struct X86Space(Arc<SpaceInner>);
 
 impl core::fmt::Debug for X86Space {
@@ -80,12 +81,6 @@ impl X86Space {
     #[must_use]
     pub fn wired_count(&self) -> u64 {
         self.0.state.lock().wired
-    }
-
-    /// Table pages in use, the root included.
-    #[must_use]
-    pub fn table_pages(&self) -> usize {
-        self.0.state.lock().counts.len()
     }
 }
 
@@ -229,9 +224,8 @@ impl<T: TlbHook> X86Pmap<T> {
                 return Err(PmapError::NoMemory);
             };
             let child = pfn.phys_addr();
-            st.counts.insert(child, 0);
             slot.store(child | TABLE_FLAGS.bits(), Ordering::Release);
-            *st.counts.entry(table).or_insert(0) += 1;
+            self.count_add(table, 1);
             table = child;
         }
         let slot = entry_at(phys, table, index(va, 0)).ok_or(PmapError::BadAddress(va))?;
@@ -239,7 +233,7 @@ impl<T: TlbHook> X86Pmap<T> {
     }
 
     /// Frees the tables on the path to `va` that hold nothing, bottom up.
-    fn prune(&self, st: &mut SpaceState, root: u64, va: u64) {
+    fn prune(&self, _locked: &mut SpaceState, root: u64, va: u64) {
         let Some(phys) = self.phys() else { return };
         let mut path = [(0u64, 0usize); 5];
         let mut table = root;
@@ -259,24 +253,70 @@ impl<T: TlbHook> X86Pmap<T> {
         }
         // `table` is the deepest table reached; free upwards while empty.
         let mut flush = PendingFlush::new(root);
-        while depth > 0 && st.counts.get(&table) == Some(&0) {
+        while depth > 0 && self.count(table) == 0 {
             depth -= 1;
             let (parent, level) = path[depth];
             let slot = entry_at(phys, parent, index(va, level)).expect("walked");
             let old = slot.swap(0, Ordering::AcqRel);
             flush.note(va, old);
-            self.free_table(st, table);
-            *st.counts.get_mut(&parent).expect("counted") -= 1;
+            self.free_table(table);
+            self.count_add(parent, -1);
             table = parent;
         }
         flush.finish(&self.tlb, &self.stats);
     }
 
-    fn free_table(&self, st: &mut SpaceState, table: u64) {
-        st.counts.remove(&table);
+    fn free_table(&self, table: u64) {
         if let Some(f) = &self.frames {
             f.free(Pfn::containing(table));
         }
+    }
+
+    /// The valid entries of `table` (kept in its frame's table word).
+    fn count(&self, table: u64) -> u64 {
+        self.table_word(table)
+            .map_or(0, |w| w.load(Ordering::Relaxed))
+    }
+
+    /// Changes `table`'s count of valid entries; the space's lock is held.
+    fn count_add(&self, table: u64, delta: i64) {
+        if let Some(w) = self.table_word(table) {
+            let old = w.load(Ordering::Relaxed);
+            debug_assert!(old.checked_add_signed(delta).is_some(), "table count");
+            w.store(old.wrapping_add_signed(delta), Ordering::Relaxed);
+        }
+    }
+
+    fn table_word(&self, table: u64) -> Option<&AtomicU64> {
+        self.frames.as_ref()?.table_word(Pfn::containing(table))
+    }
+
+    /// The table pages of the tree under `table` of `level`, itself
+    /// included, deepest first.
+    fn tables_under(&self, table: u64, level: usize, out: &mut alloc::vec::Vec<u64>) {
+        if level > 0 {
+            if let Some(phys) = self.phys() {
+                for idx in 0..ENTRIES {
+                    let Some(e) = entry_at(phys, table, idx).map(|s| s.load(Ordering::Acquire))
+                    else {
+                        break;
+                    };
+                    if e & PteFlags::V.bits() != 0 {
+                        self.tables_under(e & PG_FRAME, level - 1, out);
+                    }
+                }
+            }
+        }
+        out.push(table);
+    }
+
+    /// Table pages `space` uses, the root included.
+    #[must_use]
+    pub fn table_pages(&self, space: &X86Space) -> usize {
+        let _st = self.lock_space(space);
+        let mut tables = alloc::vec::Vec::new();
+        self.tables_under(space.0.root, self.mode.paging.levels() - 1, &mut tables);
+        tables.len()
     }
 
     /// Visits every present 4 KiB leaf in `start..end` under `table` of
@@ -309,7 +349,7 @@ impl<T: TlbHook> X86Pmap<T> {
             }
             if level == 0 {
                 if f(st, va, slot) {
-                    *st.counts.get_mut(&table).expect("counted table") -= 1;
+                    self.count_add(table, -1);
                 }
                 continue;
             }
@@ -324,11 +364,11 @@ impl<T: TlbHook> X86Pmap<T> {
                 flush,
                 f,
             );
-            if st.counts.get(&child) == Some(&0) {
+            if self.count(child) == 0 {
                 let old = slot.swap(0, Ordering::AcqRel);
                 flush.note(va, old);
-                self.free_table(st, child);
-                *st.counts.get_mut(&table).expect("counted table") -= 1;
+                self.free_table(child);
+                self.count_add(table, -1);
             }
         }
     }
@@ -391,7 +431,7 @@ impl<T: TlbHook> X86Pmap<T> {
                 flush.note(va, old);
                 let table = self.table_of(sp.root, va);
                 if let Some(t) = table {
-                    *st.counts.get_mut(&t).expect("counted table") -= 1;
+                    self.count_add(t, -1);
                 }
                 self.prune(&mut st, sp.root, va);
             } else {
@@ -451,13 +491,10 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             .ok_or(PmapError::NoMemory)?
             .phys_addr();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut counts = HashMap::new();
-        counts.insert(root, 0);
         let inner = Arc::new(SpaceInner {
             id,
             root,
             state: Mutex::new(SpaceState {
-                counts,
                 resident: 0,
                 wired: 0,
             }),
@@ -469,11 +506,12 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     fn destroy_space(&self, space: &X86Space) {
         self.remove(space, 0, self.mode.paging.user_end(), &mut |_| {});
         self.spaces.lock().remove(&space.0.id);
-        let mut st = self.lock_space(space);
-        debug_assert_eq!(st.counts.len(), 1, "only the root is left");
-        let tables: alloc::vec::Vec<u64> = st.counts.keys().copied().collect();
+        let _st = self.lock_space(space);
+        let mut tables = alloc::vec::Vec::new();
+        self.tables_under(space.0.root, self.mode.paging.levels() - 1, &mut tables);
+        debug_assert_eq!(tables.len(), 1, "only the root is left");
         for t in tables {
-            self.free_table(&mut st, t);
+            self.free_table(t);
         }
     }
 
@@ -535,13 +573,13 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                     st.wired -= 1;
                 }
                 st.resident -= 1;
-                *st.counts.get_mut(&table).expect("counted table") -= 1;
+                self.count_add(table, -1);
             }
             if page.managed {
                 self.pv.add(page.pfn, space.0.id, va);
             }
             slot.store(new, Ordering::Release);
-            *st.counts.get_mut(&table).expect("counted table") += 1;
+            self.count_add(table, 1);
             st.resident += 1;
             if wired {
                 st.wired += 1;
@@ -572,7 +610,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             self.pv.add(page.pfn, space.0.id, va);
         }
         slot.store(page.pfn.phys_addr() | f.bits(), Ordering::Release);
-        *st.counts.get_mut(&table).expect("counted table") += 1;
+        self.count_add(table, 1);
         st.resident += 1;
         true
     }
