@@ -52,7 +52,7 @@ impl<P: Pmap> Vm<P> {
     }
 
     /// Runs the pageout scan until `free_target` pages are free or
-    /// [`SWEEPS`] sweeps found nothing more to do.
+    /// `SWEEPS` sweeps found nothing more to do.
     pub fn pageout(&self, free_target: u64) -> PageoutReport {
         let pages = &self.machine.pages;
         let mut r = PageoutReport::default();

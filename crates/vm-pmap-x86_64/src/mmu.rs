@@ -56,7 +56,7 @@ pub struct CpuMode {
     pub nxe: bool,
     /// CR0.WP: supervisor writes respect read-only pages.
     pub wp: bool,
-    /// Physical address width (CPUID 0x80000008 EAX[7:0]); entry bits from
+    /// Physical address width (CPUID 0x80000008 EAX bits 7:0); entry bits from
     /// here to bit 51 are reserved.
     pub maxphyaddr: u32,
 }

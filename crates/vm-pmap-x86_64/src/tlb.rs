@@ -55,7 +55,7 @@ impl TlbStats {
 /// Past this many pages one operation flushes the whole space instead.
 const MAX_PAGES: usize = 32;
 
-/// Invalidations owed by one operation. Must be [`finish`](Self::finish)ed.
+/// Invalidations owed by one operation. Must be finished (the pmap does it before the operation returns).
 #[must_use = "a pending flush must be finished, or stale translations survive"]
 pub struct PendingFlush {
     root: u64,

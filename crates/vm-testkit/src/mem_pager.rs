@@ -28,7 +28,8 @@ pub struct GetCall {
     pub reqpage: usize,
 }
 
-/// A pager over an in-memory page store. See the [module docs](self).
+/// A pager over an in-memory page store that logs its calls and fails on
+/// command (for tests, examples and fault injection).
 pub struct MemPager {
     otype: ObjectType,
     store: Mutex<HashMap<u64, Box<[u8]>>>,

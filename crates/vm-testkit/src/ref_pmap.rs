@@ -47,7 +47,9 @@ pub struct RefPmapCalls {
     pub protect: u64,
 }
 
-/// The reference pmap. See the [module docs](self).
+/// The reference pmap: a plain map from address to (frame, protection,
+/// bits) per space and reverse lists per frame, under one lock; obviously
+/// right rather than fast.
 #[derive(Default)]
 pub struct RefPmap {
     st: Mutex<State>,

@@ -1,10 +1,10 @@
 //! The fault handler: seed `vm_fault()` (L206-932) as a retry loop.
 //!
 //! [`VmSpace::fault`] resolves one fault. Each attempt builds a
-//! [`FaultState`] that owns everything the attempt holds — the map read
+//! `FaultState` that owns everything the attempt holds — the map read
 //! lock, paging-in-progress references, busy pages — so that giving up,
 //! retrying and succeeding all release exactly what is held. The attempt
-//! returns a [`Step`] that tells the loop what to wait for before the next
+//! returns a `Step` that tells the loop what to wait for before the next
 //! try, and the loop does the waiting with nothing held.
 //!
 //! Attempt, in the seed's order:
