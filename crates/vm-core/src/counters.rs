@@ -96,7 +96,7 @@ counters! {
     v_cow_unmapped,
     /// neighbouring pages mapped by prefault
     v_prefaults,
-    /// pages dropped or deactivated behind a sequential scan
+    /// pages unmapped and deactivated behind a sequential scan
     v_cache_behind,
     /// clusters cut to one page for want of free memory
     v_cluster_short,

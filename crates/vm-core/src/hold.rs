@@ -3,7 +3,7 @@
 //!
 //! A held page is never freed (its last release frees it if it was freed
 //! meanwhile), never moved to another object by the copy-on-write
-//! optimisation, and never dropped behind a sequential scan. Holding a page
+//! optimisation, and never unmapped behind a sequential scan. Holding a page
 //! that the space shares copy-on-write with another space first gives the
 //! space its own copy, even for a read hold, so that what the holder sees
 //! and what the space later writes cannot diverge (the class of bugs
