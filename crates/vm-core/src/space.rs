@@ -11,7 +11,7 @@ use crate::prot::Prot;
 use crate::vm::Vm;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::Ordering;
 
 /// What to map: built with [`MapRequest::anon`] or [`MapRequest::object`]
 /// and refined with the builder methods.
@@ -104,8 +104,10 @@ pub struct VmSpace<P: Pmap> {
     pub(crate) vm: Arc<Vm<P>>,
     pub(crate) map: VmMap,
     pub(crate) pmap: P::Space,
-    pub(crate) minflt: AtomicU64,
-    pub(crate) majflt: AtomicU64,
+    /// Per-thread shards: threads faulting in one space do not bounce
+    /// a line between them.
+    pub(crate) minflt: crate::sync::ShardedCount,
+    pub(crate) majflt: crate::sync::ShardedCount,
 }
 
 impl<P: Pmap> core::fmt::Debug for VmSpace<P> {
@@ -128,8 +130,8 @@ impl<P: Pmap> Vm<P> {
             vm: self.clone(),
             map: VmMap::new(self.config.user_min, self.config.user_max),
             pmap,
-            minflt: AtomicU64::new(0),
-            majflt: AtomicU64::new(0),
+            minflt: crate::sync::ShardedCount::default(),
+            majflt: crate::sync::ShardedCount::default(),
         })
     }
 
@@ -168,10 +170,7 @@ impl<P: Pmap> VmSpace<P> {
     /// `ru_majflt`).
     #[must_use]
     pub fn rusage(&self) -> (u64, u64) {
-        (
-            self.minflt.load(Ordering::Relaxed),
-            self.majflt.load(Ordering::Relaxed),
-        )
+        (self.minflt.get(), self.majflt.get())
     }
 
     /// The frame mapped at `va` in the pmap, if any.

@@ -184,7 +184,7 @@ impl<P: Pmap> VmSpace<P> {
                     }
                     out.major = r.hard;
                     let count = if r.hard { &self.majflt } else { &self.minflt };
-                    count.fetch_add(1, Ordering::Relaxed);
+                    count.add(1);
                     return Ok(out);
                 }
                 Err(Step::Retry) => {}
