@@ -7,6 +7,7 @@
 //! `cargo bench --bench growth`
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use std::borrow::Borrow;
 use std::io::Write;
 use std::sync::Arc;
 use vm_core::{FaultFlags, MapRequest, Pmap, Prot, Vm, VmConfig, VmSpace};
@@ -31,11 +32,12 @@ fn machine<P: Pmap>(pmap: P) -> Arc<Vm<P>> {
     .unwrap()
 }
 
-/// Times `FAULTS` write faults at `va(i)` on spaces `setup` makes.
-fn faults<P: Pmap>(
+/// Times `FAULTS` write faults at `va(i)` on the space `setup` makes (or
+/// lends).
+fn faults<P: Pmap, S: Borrow<VmSpace<P>>>(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
-    setup: impl Fn() -> VmSpace<P>,
+    setup: impl Fn() -> S,
     va: impl Fn(u64) -> u64,
 ) {
     g.bench_function(name, |b| {
@@ -43,6 +45,7 @@ fn faults<P: Pmap>(
             &setup,
             |s| {
                 for i in 0..FAULTS {
+                    let s: &VmSpace<P> = s.borrow();
                     s.fault(va(i), Prot::WRITE, FaultFlags::DIRTY).unwrap();
                 }
                 s
@@ -67,21 +70,12 @@ fn entries(c: &mut Criterion) {
             s.map_anon(0x1_0000_0000 + k * 2 * PAGE, PAGE, Prot::RW)
                 .unwrap();
         }
-        g.bench_function(n.to_string(), |b| {
-            b.iter_batched(
-                || {
-                    let _ = s.unmap(BASE, FAULTS * PAGE);
-                    s.map_anon(BASE, FAULTS * PAGE, Prot::RW).unwrap();
-                },
-                |()| {
-                    for i in 0..FAULTS {
-                        s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
-                            .unwrap();
-                    }
-                },
-                BatchSize::PerIteration,
-            );
-        });
+        let fresh_range = || {
+            let _ = s.unmap(BASE, FAULTS * PAGE);
+            s.map_anon(BASE, FAULTS * PAGE, Prot::RW).unwrap();
+            &s
+        };
+        faults(&mut g, &n.to_string(), fresh_range, |i| BASE + i * PAGE);
     }
     g.finish();
 }

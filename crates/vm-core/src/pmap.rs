@@ -166,11 +166,13 @@ impl PhysFrames {
     /// [`alloc_zeroed`](Self::alloc_zeroed): zero when allocated, the
     /// pmap's to use until [`free`](Self::free) (FreeBSD keeps a
     /// page-table page's count of valid entries in its `vm_page` the same
-    /// way). `None` for a frame outside memory.
+    /// way). `None` for a frame that is not such a table: outside memory,
+    /// free, or a page of an object, whose word the core uses.
     #[must_use]
     pub fn table_word(&self, pfn: Pfn) -> Option<&core::sync::atomic::AtomicU64> {
-        let id = self.pages().id_of(pfn)?;
-        Some(self.pages().get(id).spare_word())
+        let page = self.pages().get(self.pages().id_of(pfn)?);
+        let table = page.wire_count() != 0 && page.object_raw() == crate::page::NO_OBJECT;
+        table.then(|| page.spare_word())
     }
 
     /// Returns a frame from [`alloc_zeroed`](Self::alloc_zeroed).
@@ -292,4 +294,57 @@ pub trait Pmap: Send + Sync + 'static {
     /// How many mappings of `pfn` exist (for consistency checks; 0 for an
     /// unmanaged page).
     fn mapping_count(&self, pfn: Pfn) -> usize;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::page_queues::Thresholds;
+    use crate::vm::Machine;
+
+    #[test]
+    fn a_table_word_is_lent_only_for_frames_allocated_as_tables() {
+        let machine = Arc::new(Machine {
+            phys: PhysMem::anonymous(8 * crate::PAGE_SIZE).unwrap(),
+            pages: Pages::new(
+                0,
+                8,
+                true,
+                Thresholds {
+                    reserved: 0,
+                    severe: 0,
+                    target: 0,
+                },
+                0,
+            ),
+            counters: Default::default(),
+            objects: Default::default(),
+        });
+        let frames = PhysFrames { mem: machine };
+        let table = frames.alloc_zeroed().unwrap();
+        let word = frames.table_word(table).expect("a table's word");
+        word.store(3, core::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            frames
+                .table_word(table)
+                .unwrap()
+                .load(core::sync::atomic::Ordering::Relaxed),
+            3
+        );
+        frames.free(table);
+        assert!(
+            frames.table_word(table).is_none(),
+            "a free frame lends nothing"
+        );
+        assert!(frames.table_word(Pfn(1000)).is_none(), "outside memory");
+        // Reallocated, the word starts at zero again.
+        let again = frames.alloc_zeroed().unwrap();
+        assert_eq!(
+            frames
+                .table_word(again)
+                .unwrap()
+                .load(core::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
 }

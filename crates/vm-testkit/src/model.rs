@@ -399,6 +399,14 @@ impl<P: Pmap> Harness<P> {
         self.balloon.is_some() && matches!(got, Err(e) if is_shortage(e))
     }
 
+    /// The model of a slot the caller found mapped.
+    fn region_mut(&mut self, space: usize, slot: usize) -> &mut Region {
+        self.model[space]
+            .as_mut()
+            .and_then(|m| m.get_mut(&slot))
+            .expect("a mapped slot of a live space")
+    }
+
     /// The live space `space` and its model, if any.
     fn live(&self, space: usize) -> Option<(&VmSpace<P>, &BTreeMap<usize, Region>)> {
         Some((self.spaces[space].as_ref()?, self.model[space].as_ref()?))
@@ -579,10 +587,7 @@ impl<P: Pmap> Harness<P> {
         let copies = (reg.wired && write && !reg.write)
             .then(|| self.own_copies(reg, SLOT_PAGES))
             .flatten();
-        let reg = self.model[space]
-            .as_mut()
-            .and_then(|m| m.get_mut(&slot))
-            .expect("checked");
+        let reg = self.region_mut(space, slot);
         reg.write = write;
         if let Some(copies) = copies {
             reg.private = Some(copies);
@@ -714,10 +719,7 @@ impl<P: Pmap> Harness<P> {
             Expect::Value(_) => {
                 ensure!(got.is_ok(), "write {space}/{slot}/{page}: {got:?}");
                 let base = reg.base;
-                let reg = self.model[space]
-                    .as_mut()
-                    .and_then(|m| m.get_mut(&slot))
-                    .expect("checked");
+                let reg = self.region_mut(space, slot);
                 match &mut reg.private {
                     Some(layer) => layer[page as usize] = Some(value),
                     None => self.cells[base][page as usize] = value,
@@ -752,10 +754,7 @@ impl<P: Pmap> Harness<P> {
             _ => return Err(format!("wire {space}/{slot} (EOF stop {stop:?}): {got:?}")),
         };
         let copies = reg.write.then(|| self.own_copies(reg, reached)).flatten();
-        let reg = self.model[space]
-            .as_mut()
-            .and_then(|m| m.get_mut(&slot))
-            .expect("checked");
+        let reg = self.region_mut(space, slot);
         if let Some(copies) = copies {
             reg.private = Some(copies);
         }

@@ -132,32 +132,30 @@ pub(crate) fn upgrade_wired_entry<P: Pmap>(
     for (pindex, va) in (e.start..e.end).step_by(PAGE_SIZE as usize).enumerate() {
         let copied = source_page(e, va, true)
             .ok_or(MapError::MissingPage { addr: va })
-            .and_then(|src| Ok((src, copy_page(space, src, &object, pindex as u64)?)));
+            .and_then(|src| Ok((va, src, copy_page(space, src, &object, pindex as u64)?)));
         match copied {
-            Ok(pair) => copies.push(pair),
+            Ok(copy) => copies.push(copy),
             Err(err) => {
                 object.drop_ref();
                 return Err(err);
             }
         }
     }
-    for ((src, dst), va) in copies
-        .into_iter()
-        .zip((e.start..e.end).step_by(PAGE_SIZE as usize))
-    {
+    for (va, src, dst) in copies {
         pages.wire(dst);
         let info = PageInfo {
             pfn: pages.pfn(dst),
             managed: true,
             attr: MemAttr::WriteBack,
         };
-        // The old page is mapped here (it is wired), so no table is
-        // needed and the replacement cannot fail for want of memory.
-        if let Ok(Some(d)) = vm
+        // The old page is mapped here (it is wired), so its tables exist
+        // and the replacement needs no memory.
+        match vm
             .pmap
             .enter(&space.pmap, va, info, e.protection, Prot::NONE, true)
         {
-            vm.note_displaced(d);
+            Ok(displaced) => displaced.into_iter().for_each(|d| vm.note_displaced(d)),
+            Err(err) => debug_assert!(false, "replacing the wired page at {va:#x}: {err}"),
         }
         pages.unwire(src, true);
     }
