@@ -92,8 +92,11 @@ impl<P: Pmap> VmSpace<P> {
 
     /// Translates `page` for `access` as the hardware would, faulting until
     /// it succeeds, and runs `f` on the frame while the map is read-locked
-    /// (so it cannot be unmapped) and the page is held (so it cannot be
-    /// paged out).
+    /// (so it cannot be unmapped or forked) and the page is held (so it
+    /// cannot be paged out or reused). The mapping is checked again once the page is
+    /// held (see [`hold_mapped`](Self::hold_mapped)), and a write marks the
+    /// page dirty after it lands, so a write-back that raced it (`msync`
+    /// cleaning the page between the check and the write) cannot lose it.
     fn with_frame(&self, page: u64, access: Prot, f: impl FnOnce(Pfn)) -> Result<(), FaultError> {
         let flags = if access.contains(Prot::WRITE) {
             FaultFlags::DIRTY
@@ -105,28 +108,15 @@ impl<P: Pmap> VmSpace<P> {
         for _ in 0..MAX_FAULTS_PER_PAGE {
             {
                 let _map = self.map.read();
-                if let Some(pfn) = self.vm.pmap.translate(&self.pmap, page, access) {
-                    let Some(id) = pages.id_of(pfn) else {
-                        return Err(FaultError::Pmap {
-                            addr: page,
-                            error: PmapError::BadFrame(pfn),
-                        });
-                    };
-                    pages.hold(id);
-                    // Re-check after the hold: a page-out that removed the
-                    // mapping before our hold would now see it, or we see
-                    // the removal.
-                    let still = self.vm.pmap.extract(&self.pmap, page) == Some(pfn);
-                    if still {
-                        if let Some(f) = f.take() {
-                            f(pfn);
-                        }
+                if let Some(id) = self.hold_mapped(page, access)? {
+                    if let Some(f) = f.take() {
+                        f(pages.pfn(id));
+                    }
+                    if access.contains(Prot::WRITE) {
+                        pages.get(id).dirty_all();
                     }
                     pages.unhold(id);
-                    if still {
-                        return Ok(());
-                    }
-                    continue;
+                    return Ok(());
                 }
             }
             self.fault(page, access, flags)?;

@@ -67,6 +67,7 @@ impl<P: Pmap> Vm<P> {
                 }
             }
         }
+        let wirings = self.entry_wirings()?;
         for i in 0..pages.len() {
             let id = crate::page::PageId(i);
             let p = pages.get(id);
@@ -77,6 +78,7 @@ impl<P: Pmap> Vm<P> {
             if p.hold_count() != 0 {
                 return err(format!("page {i} left held ({})", p.hold_count()));
             }
+            self.check_wiring(i, &wirings, owned.contains_key(&i))?;
             match (p.queue(), p.wire_count()) {
                 (PageQueue::Free, 0) => {
                     r.free += 1;
@@ -107,7 +109,9 @@ impl<P: Pmap> Vm<P> {
                         return err(format!("page {i} is mapped but not wholly valid"));
                     }
                 }
-                None if p.wire_count() > 0 => {} // a page-table page
+                // A page-table or balloon frame, or a page freed while an
+                // entry's wiring still held it (checked above).
+                None if p.wire_count() > 0 => {}
                 None => return err(format!("page {i} is in use but in no object")),
             }
         }
@@ -126,5 +130,65 @@ impl<P: Pmap> Vm<P> {
             return err(String::from("page states do not add up to the total"));
         }
         Ok(r)
+    }
+
+    /// How many wired entries' records name each page; checks that no
+    /// entry is in transition and that an entry has a record exactly while
+    /// it is wired.
+    fn entry_wirings(&self) -> Result<BTreeMap<u32, u32>, ConsistencyError> {
+        let mut count = BTreeMap::new();
+        for map in self.machine.live_maps() {
+            let g = map.read();
+            for e in g.entries.values() {
+                if e.in_transition() {
+                    return Err(ConsistencyError(format!(
+                        "entry {:#x}..{:#x} left in transition",
+                        e.start, e.end
+                    )));
+                }
+                if (e.wired_count != 0) != e.wiring.is_some() {
+                    return Err(ConsistencyError(format!(
+                        "entry {:#x}..{:#x} has wired count {} but {} record",
+                        e.start,
+                        e.end,
+                        e.wired_count,
+                        if e.wiring.is_some() { "a" } else { "no" }
+                    )));
+                }
+                for (_, id) in e.wiring.iter().flat_map(crate::wire::WireRecord::held) {
+                    *count.entry(id.0).or_insert(0) += 1;
+                }
+            }
+        }
+        Ok(count)
+    }
+
+    /// A page's wire count is what the entries' wirings account for; a
+    /// wired page no entry accounts for is a frame the machine took for
+    /// itself (a page table, the balloon): in no object, wired once, and
+    /// mapped nowhere.
+    fn check_wiring(
+        &self,
+        i: u32,
+        wirings: &BTreeMap<u32, u32>,
+        in_object: bool,
+    ) -> Result<(), ConsistencyError> {
+        let pages = &self.machine.pages;
+        let id = crate::page::PageId(i);
+        let wire = pages.get(id).wire_count();
+        let recorded = wirings.get(&i).copied().unwrap_or(0);
+        let fine = if recorded != 0 || in_object {
+            wire == recorded
+        } else {
+            wire <= 1 && (wire == 0 || self.pmap.mapping_count(pages.pfn(id)) == 0)
+        };
+        if fine {
+            Ok(())
+        } else {
+            Err(ConsistencyError(format!(
+                "page {i} has wire count {wire} but wired entries account for {recorded}{}",
+                if in_object { "" } else { " (in no object)" }
+            )))
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! that only its one shadow references is merged into that shadow, so
 //! repeated fork and exit do not grow chains without bound.
 
-use crate::object::{Backing, ObjectType, VmObject};
+use crate::object::{Backing, ObjectFlags, ObjectType, VmObject};
 use crate::page::PageId;
 use crate::pmap::Pmap;
 use crate::vm::Vm;
@@ -16,11 +16,11 @@ impl<P: Pmap> Vm<P> {
     /// adopts the backing object's own backing. Returns how many objects
     /// were merged.
     ///
-    /// Nothing is merged while a pager works on the backing object (paging
-    /// in progress), while a page of it is busy, held or wired, while a
-    /// fault holds the shadow's page at an index the backing object also
-    /// has, or when the backing object has a pager that the shadow cannot
-    /// take over (only a swap pager, at offset 0, by a shadow without one).
+    /// Nothing is merged while a fault or a pager works on either object
+    /// (paging in progress), while a page of the backing object is busy,
+    /// held or wired, when the backing object has a handle (a named object
+    /// keeps its pages), or when it has a pager that the shadow cannot take
+    /// over (only a swap pager, at offset 0, by a shadow without one).
     pub fn collapse(&self, object: &Arc<VmObject>) -> usize {
         let mut merged = 0;
         while let Some(dead) = self.collapse_once(object) {
@@ -48,10 +48,18 @@ impl<P: Pmap> Vm<P> {
             && bst.pager.is_some()
             && st.pager.is_none()
             && b.offset == 0;
+        // The backing object must be private to this chain and nameless
+        // (seed-era `vm_object_collapse`: `handle == NULL`), and no fault
+        // or pager may be working in either object: a fault holds
+        // paging-in-progress on its first object for its whole life, and
+        // may be between the shadow and the backing object at any index
+        // (its placeholder in the shadow is not a page to keep).
         let private = b.object.ref_count() == 1
             && bst.shadow_count == 1
+            && !bst.flags.contains(ObjectFlags::NAMED)
             && ((bst.otype == ObjectType::Default && bst.pager.is_none()) || adopt)
-            && b.object.paging_in_progress() == 0;
+            && b.object.paging_in_progress() == 0
+            && object.paging_in_progress() == 0;
         if !private {
             return None;
         }
@@ -68,18 +76,9 @@ impl<P: Pmap> Vm<P> {
             let p = pages.get(id);
             p.is_busy() || p.hold_count() != 0 || p.wire_count() != 0
         };
-        // A fault in progress on the shadow holds a busy page there (its
-        // placeholder) and may yet walk down to the backing page at the
-        // same index: leave the chain alone until it is done. Faults
-        // elsewhere in the shadow do not matter.
-        let contested = bst.pages.iter().any(|(&bp, &id)| {
-            pinned(id)
-                || bp
-                    .checked_sub(b.offset)
-                    .and_then(|p| st.pages.get(&p))
-                    .is_some_and(|&sid| pages.get(sid).is_busy())
-        });
-        if contested {
+        // A busy, held or wired page of the backing object stays where
+        // its user expects it.
+        if bst.pages.values().any(|&id| pinned(id)) {
             return None;
         }
         let plan: Vec<(PageId, Option<u64>)> = bst

@@ -300,6 +300,16 @@ pub enum MapError {
         /// End address.
         end: u64,
     },
+    /// Part of the range allows neither read nor execute, so it cannot be
+    /// wired (FreeBSD's `mlock` fails so on entries it marks
+    /// `MAP_ENTRY_WIRE_SKIPPED`).
+    #[error("range {start:#x}..{end:#x} allows no access to wire")]
+    NoAccess {
+        /// Start address.
+        start: u64,
+        /// End address.
+        end: u64,
+    },
     /// A page of a wired entry is not resident (the seed panics in
     /// `vm_fault_copy_entry`).
     #[error("wired page at {addr:#x} is not resident")]

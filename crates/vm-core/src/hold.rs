@@ -1,18 +1,25 @@
 //! Holding pages for I/O: fault a range in and pin its frames (what
-//! FreeBSD later called `vm_fault_quick_hold_pages`, Linux's GUP).
+//! FreeBSD later called `vm_fault_quick_hold_pages`, Linux's GUP/pin).
+//!
+//! A hold knows what it was taken for. A hold for read cannot write. A
+//! hold for write marks its pages dirty when it is taken, after every write
+//! through it, and when it is released — a device may have written the
+//! frames directly (Linux's `unpin_user_pages_dirty_lock`) — so neither
+//! `msync` nor the pageout daemon can drop what was written through it.
 //!
 //! A held page is never freed (its last release frees it if it was freed
-//! meanwhile), never moved to another object by the copy-on-write
-//! optimisation, and never unmapped behind a sequential scan. Holding a page
-//! that the space shares copy-on-write with another space first gives the
-//! space its own copy, even for a read hold, so that what the holder sees
-//! and what the space later writes cannot diverge (the class of bugs
-//! behind CVE-2020-29374); a fork of a range with held pages gives the
-//! child copies at once for the same reason.
+//! meanwhile), never taken by the pageout daemon, never moved to another
+//! object by the copy-on-write optimisation or collapse, and never unmapped
+//! behind a sequential scan. Holding a page that the space shares
+//! copy-on-write with another space first gives the space its own copy,
+//! even for a read hold, so that what the holder sees and what the space
+//! later writes cannot diverge (the class of bugs behind CVE-2020-29374);
+//! a fork of a range with held pages gives the child copies of them at once
+//! for the same reason (see [`fork`](crate::fork)).
 
 use crate::addr::{PAGE_SIZE, Pfn, page_trunc};
 use crate::error::FaultError;
-use crate::fault::FaultFlags;
+use crate::fault::{FaultCtx, FaultFlags};
 use crate::map::EntryFlags;
 use crate::page::PageId;
 use crate::pmap::{Pmap, PmapError};
@@ -20,10 +27,33 @@ use crate::prot::Prot;
 use crate::space::VmSpace;
 use alloc::vec::Vec;
 
+/// Why an access through [`HeldPages`] was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HoldError {
+    /// The pages were held for reading only.
+    #[error("the pages are held for {held:?}, not for writing")]
+    NotWritable {
+        /// What the hold was taken for.
+        held: Prot,
+    },
+    /// The byte range leaves the held pages.
+    #[error("bytes {offset}..{offset}+{len} leave the {held} held bytes")]
+    OutOfRange {
+        /// First byte asked for.
+        offset: usize,
+        /// Bytes asked for.
+        len: usize,
+        /// Bytes held.
+        held: usize,
+    },
+}
+
 /// Frames of a space held by [`VmSpace::hold`]; released on drop.
 pub struct HeldPages<'a, P: Pmap> {
     space: &'a VmSpace<P>,
     start: u64,
+    access: Prot,
     pages: Vec<PageId>,
 }
 
@@ -31,6 +61,7 @@ impl<P: Pmap> core::fmt::Debug for HeldPages<'_, P> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("HeldPages")
             .field("start", &self.start)
+            .field("access", &self.access)
             .field("pages", &self.pages)
             .finish()
     }
@@ -62,50 +93,76 @@ impl<P: Pmap> HeldPages<'_, P> {
         self.pages.is_empty()
     }
 
+    /// What the pages are held for.
+    #[must_use]
+    pub fn access(&self) -> Prot {
+        self.access
+    }
+
     /// Reads held memory at byte `offset` from [`start`](Self::start), as a
     /// device doing DMA would: the frames, whatever the mappings do now.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If the range leaves the held pages.
-    pub fn read(&self, offset: usize, buf: &mut [u8]) {
-        self.each(offset, buf.len(), |pfn, off, at, n| {
-            self.space.vm.phys().read(pfn, off, &mut buf[at..at + n])
-        });
+    /// [`HoldError::OutOfRange`] if the range leaves the held pages.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), HoldError> {
+        self.each(offset, buf.len(), |_, pfn, off, at, n| {
+            self.space.vm.phys().read(pfn, off, &mut buf[at..at + n]);
+        })
     }
 
-    /// Writes held memory at byte `offset` from [`start`](Self::start).
+    /// Writes held memory at byte `offset` from [`start`](Self::start), and
+    /// marks the pages written dirty.
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If the range leaves the held pages.
-    pub fn write(&self, offset: usize, data: &[u8]) {
-        self.each(offset, data.len(), |pfn, off, at, n| {
-            self.space.vm.phys().write(pfn, off, &data[at..at + n])
-        });
+    /// [`HoldError::NotWritable`] if the pages were held for reading,
+    /// [`HoldError::OutOfRange`] if the range leaves the held pages;
+    /// nothing is written then.
+    pub fn write(&self, offset: usize, data: &[u8]) -> Result<(), HoldError> {
+        if !self.access.contains(Prot::WRITE) {
+            return Err(HoldError::NotWritable { held: self.access });
+        }
+        let pages = &self.space.vm.machine.pages;
+        self.each(offset, data.len(), |id, pfn, off, at, n| {
+            self.space.vm.phys().write(pfn, off, &data[at..at + n]);
+            pages.get(id).dirty_all();
+        })
     }
 
-    fn each(&self, offset: usize, len: usize, mut f: impl FnMut(Pfn, usize, usize, usize)) {
+    fn each(
+        &self,
+        offset: usize,
+        len: usize,
+        mut f: impl FnMut(PageId, Pfn, usize, usize, usize),
+    ) -> Result<(), HoldError> {
         let page = PAGE_SIZE as usize;
-        assert!(
-            offset + len <= self.pages.len() * page,
-            "range outside the held pages"
-        );
+        let held = self.pages.len() * page;
+        if offset.checked_add(len).is_none_or(|end| end > held) {
+            return Err(HoldError::OutOfRange { offset, len, held });
+        }
         let pages = &self.space.vm.machine.pages;
         let mut done = 0;
         while done < len {
             let (i, off) = ((offset + done) / page, (offset + done) % page);
             let n = (page - off).min(len - done);
-            f(pages.pfn(self.pages[i]), off, done, n);
+            let id = self.pages[i];
+            f(id, pages.pfn(id), off, done, n);
             done += n;
         }
+        Ok(())
     }
 }
 
 impl<P: Pmap> Drop for HeldPages<'_, P> {
     fn drop(&mut self) {
         let pages = &self.space.vm.machine.pages;
+        let written = self.access.contains(Prot::WRITE);
         for &id in &self.pages {
+            if written {
+                // The frames may have been written directly (DMA).
+                pages.get(id).dirty_all();
+            }
             pages.unhold(id);
         }
     }
@@ -124,9 +181,15 @@ impl<P: Pmap> VmSpace<P> {
             .checked_add(len)
             .and_then(crate::addr::page_round_up)
             .ok_or(FaultError::InvalidAddress { addr: va })?;
+        let access = if access.is_empty() {
+            Prot::READ
+        } else {
+            access
+        };
         let mut held = HeldPages {
             space: self,
             start,
+            access,
             pages: Vec::new(),
         };
         let mut at = start;
@@ -137,8 +200,9 @@ impl<P: Pmap> VmSpace<P> {
         Ok(held)
     }
 
-    /// Faults `va` in (writing if the mapping is a writable private one,
-    /// to own the page) and holds the frame the pmap then maps.
+    /// Faults `va` in — with a private copy of its page if the mapping is a
+    /// writable private one, so the space owns what is held — and holds
+    /// the frame the mapping then gives `access` to.
     fn hold_one(&self, va: u64, access: Prot) -> Result<PageId, FaultError> {
         let pages = &self.vm.machine.pages;
         for _ in 0..64 {
@@ -148,36 +212,51 @@ impl<P: Pmap> VmSpace<P> {
                     e.eflags.contains(EntryFlags::COW) && e.protection.contains(Prot::WRITE)
                 })
             };
-            let want = if unshare {
-                access | Prot::WRITE
+            let ctx = if access.contains(Prot::WRITE) {
+                FaultCtx::public(FaultFlags::DIRTY)
+            } else if unshare {
+                FaultCtx::copy()
             } else {
-                access
+                FaultCtx::public(FaultFlags::NORMAL)
             };
-            let flags = if want.contains(Prot::WRITE) {
-                FaultFlags::DIRTY
-            } else {
-                FaultFlags::NORMAL
-            };
-            self.fault(va, want, flags)?;
+            self.fault_with(va, access, ctx)?;
             let _map = self.map.read();
-            let Some(pfn) = self.vm.pmap.translate(&self.pmap, va, want) else {
-                continue;
-            };
-            let Some(id) = pages.id_of(pfn) else {
-                return Err(FaultError::Pmap {
-                    addr: va,
-                    error: PmapError::BadFrame(pfn),
-                });
-            };
-            pages.hold(id);
-            if self.vm.pmap.extract(&self.pmap, va) == Some(pfn) {
+            if let Some(id) = self.hold_mapped(va, access)? {
+                if access.contains(Prot::WRITE) {
+                    pages.get(id).dirty_all();
+                }
                 return Ok(id);
             }
-            pages.unhold(id);
         }
         Err(FaultError::Pmap {
             addr: va,
             error: PmapError::NotKept(va),
         })
+    }
+
+    /// Holds the page mapped at `va` if the mapping gives `access` to it,
+    /// checked again once held: a frame that was freed and reused between
+    /// the two looks is held in its new use and refused unless that use is
+    /// the mapping at `va` with `access`. The caller holds the map
+    /// read-locked, so the space's own map does not change meanwhile.
+    /// `None` if the mapping does not give the access (fault and try
+    /// again).
+    pub(crate) fn hold_mapped(&self, va: u64, access: Prot) -> Result<Option<PageId>, FaultError> {
+        let pages = &self.vm.machine.pages;
+        let Some(pfn) = self.vm.pmap.translate(&self.pmap, va, access) else {
+            return Ok(None);
+        };
+        let Some(id) = pages.id_of(pfn) else {
+            return Err(FaultError::Pmap {
+                addr: va,
+                error: PmapError::BadFrame(pfn),
+            });
+        };
+        pages.hold(id);
+        if self.vm.pmap.translate(&self.pmap, va, access) == Some(pfn) {
+            return Ok(Some(id));
+        }
+        pages.unhold(id);
+        Ok(None)
     }
 }

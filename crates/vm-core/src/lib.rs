@@ -54,6 +54,7 @@ pub mod error;
 pub mod fault;
 #[cfg(all(feature = "std", unix))]
 pub mod file_io;
+pub mod fork;
 pub mod hold;
 pub mod map;
 pub mod object;

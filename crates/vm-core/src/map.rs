@@ -11,6 +11,7 @@ use crate::object::{Backing, ObjectFlags, VmObject};
 use crate::prot::Prot;
 use crate::sync::{ReadGuard, RwLock, WriteGuard};
 use crate::vm::Machine;
+use crate::wire::WireRecord;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -86,6 +87,9 @@ pub(crate) struct MapEntry {
     pub(crate) behavior: Behavior,
     pub(crate) inheritance: Inheritance,
     pub(crate) wired_count: u32,
+    /// The pages the entry's wiring holds, while `wired_count` is not 0
+    /// (see [`WireRecord`]).
+    pub(crate) wiring: Option<WireRecord>,
     /// Last read-ahead page index; written by faults under the read lock,
     /// hence atomic (the seed notes the same at L555-558).
     pub(crate) lastr: AtomicU64,
@@ -106,12 +110,14 @@ impl MapEntry {
             behavior: Behavior::Normal,
             inheritance: Inheritance::Copy,
             wired_count: 0,
+            wiring: None,
             lastr: AtomicU64::new(0),
             avail_ssize: 0,
         }
     }
 
-    /// A copy sharing the object (and taking a reference on it).
+    /// A copy sharing the object (and taking a reference on it), without
+    /// the wiring record (which belongs to one entry).
     pub(crate) fn duplicate(&self) -> MapEntry {
         if let Some(o) = &self.object {
             o.add_ref();
@@ -127,6 +133,7 @@ impl MapEntry {
             behavior: self.behavior,
             inheritance: self.inheritance,
             wired_count: self.wired_count,
+            wiring: None,
             lastr: AtomicU64::new(self.lastr.load(Ordering::Relaxed)),
             avail_ssize: self.avail_ssize,
         }
@@ -139,6 +146,11 @@ impl MapEntry {
     /// The object page index `va` maps to.
     pub(crate) fn pindex(&self, va: u64) -> u64 {
         (va - self.start + self.offset) >> PAGE_SHIFT
+    }
+
+    /// Whether a wiring operation owns the entry (`MAP_ENTRY_IN_TRANSITION`).
+    pub(crate) fn in_transition(&self) -> bool {
+        self.eflags.contains(EntryFlags::IN_TRANSITION)
     }
 
     /// Puts a shadow object in front of the entry's object
@@ -250,6 +262,19 @@ pub(crate) struct LookupInfo {
     pub(crate) wired: bool,
 }
 
+/// How a fault asks the map for its entry.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct LookupMode {
+    /// Check against the maximum protection (`VM_PROT_OVERRIDE_WRITE`).
+    pub(crate) override_write: bool,
+    /// Give the entry its own copy even for a read (`VM_PROT_COPY`): a
+    /// pending shadow is made now.
+    pub(crate) copy: bool,
+    /// The caller is the wiring operation that put the entry in
+    /// transition, so it does not wait for itself.
+    pub(crate) owner: bool,
+}
+
 /// Why a lookup did not succeed.
 pub(crate) enum LookupError {
     /// A real failure to report.
@@ -257,6 +282,10 @@ pub(crate) enum LookupError {
     /// The entry needs a shadow or an object first: retry with the map
     /// write-locked.
     NeedsWrite,
+    /// A wiring operation owns the entry: wait until the map's timestamp
+    /// moves past `stamp`, then retry (FreeBSD sleeps on
+    /// `MAP_ENTRY_NEEDS_WAKEUP`).
+    InTransition,
 }
 
 impl MapState {
@@ -277,43 +306,47 @@ impl MapState {
             .filter(|e| va < e.end)
     }
 
+    /// Whether an entry overlapping `start..end` is in transition.
+    pub(crate) fn in_transition(&self, start: u64, end: u64) -> bool {
+        let first = self.find(start).map(|e| e.start).unwrap_or(start);
+        self.entries
+            .range(first..end)
+            .any(|(_, e)| e.in_transition())
+    }
+
     /// The checks of `vm_map_lookup` on a locked map, without changing it.
     pub(crate) fn lookup(
         &self,
         va: u64,
         access: Prot,
-        override_write: bool,
+        mode: LookupMode,
     ) -> Result<LookupInfo, LookupError> {
         let Some(e) = self.find(va) else {
             return Err(LookupError::Fault(FaultError::InvalidAddress { addr: va }));
         };
-        let mut prot = if override_write {
+        if e.in_transition() && !mode.owner {
+            return Err(LookupError::InTransition);
+        }
+        let mut prot = if mode.override_write {
             e.max_protection
         } else {
             e.protection
         };
-        let denied = |allowed| {
-            LookupError::Fault(FaultError::ProtectionFailure {
+        if !prot.contains(access) {
+            return Err(LookupError::Fault(FaultError::ProtectionFailure {
                 addr: va,
                 access,
-                allowed,
-            })
-        };
-        if !prot.contains(access) {
-            return Err(denied(e.protection));
+                allowed: e.protection,
+            }));
         }
-        // A user-wired copy-on-write entry was copied when wired; a write
-        // without the override must not copy it again.
-        if e.eflags.contains(EntryFlags::USER_WIRED | EntryFlags::COW)
-            && access.contains(Prot::WRITE)
-            && !override_write
-        {
-            return Err(denied(e.protection));
-        }
+        // A wired entry is faulted for everything it allows (seed
+        // L307-308). A user-wired copy-on-write entry was copied when it
+        // was wired, so writing it needs no new copy (modern FreeBSD drops
+        // the seed's refusal of such writes).
         let wired = e.wired_count != 0;
         let fault_type = if wired { prot } else { access };
         if e.eflags.contains(EntryFlags::NEEDS_COPY) {
-            if fault_type.contains(Prot::WRITE) {
+            if fault_type.contains(Prot::WRITE) || mode.copy {
                 return Err(LookupError::NeedsWrite);
             }
             prot.remove(Prot::WRITE);
@@ -331,15 +364,16 @@ impl MapState {
     }
 
     /// Makes the change a lookup asked for: the shadow of a NEEDS_COPY
-    /// entry about to be written, or the object of an entry without one.
-    fn prepare_entry(&mut self, machine: &Arc<Machine>, va: u64, access: Prot) {
+    /// entry about to be written (or copied), or the object of an entry
+    /// without one.
+    fn prepare_entry(&mut self, machine: &Arc<Machine>, va: u64, access: Prot, copy: bool) {
         let Some(e) = self.find_mut(va) else { return };
         let fault_type = if e.wired_count != 0 {
             e.protection
         } else {
             access
         };
-        if e.eflags.contains(EntryFlags::NEEDS_COPY) && fault_type.contains(Prot::WRITE) {
+        if e.eflags.contains(EntryFlags::NEEDS_COPY) && (fault_type.contains(Prot::WRITE) || copy) {
             e.shadow(machine);
         } else if e.object.is_none() {
             e.allocate_object(machine);
@@ -354,6 +388,8 @@ impl MapState {
             return;
         }
         let mut upper = e.duplicate();
+        let lower_pages = (at - e.start) >> PAGE_SHIFT;
+        upper.wiring = e.wiring.as_mut().map(|w| w.split_off(lower_pages));
         e.end = at;
         e.eflags.remove(EntryFlags::GROWS_DOWN);
         upper.offset += at - upper.start;
@@ -447,26 +483,33 @@ impl VmMap {
 
     /// `vm_map_lookup`: finds and checks the entry for a fault, making the
     /// shadow or object it needs under the write lock first. Returns the
-    /// read-locked map with the result.
+    /// read-locked map with the result and the timestamp it was read at;
+    /// an entry in transition comes back as [`LookupError::InTransition`]
+    /// with that timestamp, for the caller to wait on.
     pub(crate) fn lookup(
         &self,
         machine: &Arc<Machine>,
         va: u64,
         access: Prot,
-        override_write: bool,
-    ) -> Result<(ReadGuard<'_, MapState>, LookupInfo, u64), FaultError> {
+        mode: LookupMode,
+    ) -> Result<(ReadGuard<'_, MapState>, LookupInfo, u64), (LookupError, u64)> {
         loop {
             let g = self.read();
             let stamp = self.timestamp();
-            match g.lookup(va, access, override_write) {
+            match g.lookup(va, access, mode) {
                 Ok(info) => return Ok((g, info, stamp)),
-                Err(LookupError::Fault(e)) => return Err(e),
                 Err(LookupError::NeedsWrite) => {
                     drop(g);
-                    self.write().prepare_entry(machine, va, access);
+                    self.write().prepare_entry(machine, va, access, mode.copy);
                 }
+                Err(e) => return Err((e, stamp)),
             }
         }
+    }
+
+    /// The key this map's waiters sleep on in the machine's wait table.
+    pub(crate) fn wait_key(&self) -> u64 {
+        core::ptr::from_ref(self) as u64
     }
 }
 
@@ -521,7 +564,7 @@ mod tests {
         let mut s = state(&[(0x1000, 0x2000)]);
         assert!(
             matches!(
-                s.lookup(0x1000, Prot::READ, false),
+                s.lookup(0x1000, Prot::READ, LookupMode::default()),
                 Err(LookupError::NeedsWrite)
             ),
             "no object yet"
@@ -529,11 +572,11 @@ mod tests {
         let e = s.entries.get_mut(&0x1000).unwrap();
         e.protection = Prot::READ;
         assert!(matches!(
-            s.lookup(0x1000, Prot::WRITE, false),
+            s.lookup(0x1000, Prot::WRITE, LookupMode::default()),
             Err(LookupError::Fault(FaultError::ProtectionFailure { .. }))
         ));
         assert!(matches!(
-            s.lookup(0x9000, Prot::READ, false),
+            s.lookup(0x9000, Prot::READ, LookupMode::default()),
             Err(LookupError::Fault(FaultError::InvalidAddress {
                 addr: 0x9000
             }))

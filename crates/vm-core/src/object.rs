@@ -71,6 +71,11 @@ bitflags::bitflags! {
         const WRITEABLE = 0x80;
         /// May have dirty pages (`OBJ_MIGHTBEDIRTY`).
         const MIGHTBEDIRTY = 0x100;
+        /// Someone outside the VM can find the object (a handle, FreeBSD
+        /// `handle != NULL`): a user's [`Arc`], a file, a device. Its pages
+        /// are never moved to another object by the copy-on-write
+        /// optimisation or by collapse.
+        const NAMED = 0x1_0000;
     }
 }
 
@@ -340,11 +345,11 @@ impl VmObject {
 fn free_pages(machine: &Machine, object: ObjectId, st: &mut ObjectState) {
     let pages = &machine.pages;
     for (_, id) in st.pages.drain() {
-        let page = pages.get(id);
-        debug_assert!(!page.is_busy(), "freeing busy page of object {object}");
-        while page.wire_count() != 0 {
-            pages.unwire(id, false);
-        }
+        debug_assert!(
+            !pages.get(id).is_busy(),
+            "freeing busy page of object {object}"
+        );
+        // A page still wired for an entry is freed by its last unwiring.
         pages.free(id);
     }
 }

@@ -156,7 +156,7 @@ impl VmPage {
         loop {
             match self
                 .state
-                .compare_exchange_weak(cur, f(cur), Ordering::AcqRel, Ordering::Relaxed)
+                .compare_exchange_weak(cur, f(cur), Ordering::SeqCst, Ordering::Relaxed)
             {
                 Ok(old) => return old,
                 Err(now) => cur = now,
@@ -237,11 +237,11 @@ impl VmPage {
         queue_of(self.update(|s| (s & !QUEUE_MASK) | ((q as u32) << QUEUE_SHIFT)))
     }
 
-    /// Moves an in-use page to queue `q`; a free page is left alone.
-    /// Returns the previous queue.
+    /// Moves an in-use page to queue `q`; a free page, or one whose free
+    /// is pending, is left alone. Returns the previous queue.
     pub(crate) fn requeue(&self, q: PageQueue) -> PageQueue {
         queue_of(self.update(|s| {
-            if queue_of(s) == PageQueue::Free {
+            if queue_of(s) == PageQueue::Free || s & PageFlags::FREE_PENDING.bits() != 0 {
                 s
             } else {
                 (s & !QUEUE_MASK) | ((q as u32) << QUEUE_SHIFT)
@@ -249,30 +249,48 @@ impl VmPage {
         }))
     }
 
+    // Wire and hold counts and the FREE_PENDING flag follow one protocol
+    // (see `Pages::free`): each side changes its own word, then reads the
+    // others, all sequentially consistent, so that of a free racing the
+    // last release at least one sees the other's change.
+
     pub(crate) fn wire_inc(&self) -> u32 {
-        self.wire_count.fetch_add(1, Ordering::AcqRel)
+        self.wire_count.fetch_add(1, Ordering::SeqCst)
     }
 
     /// Drops one wiring; returns the count before, or `None` if it was zero.
     pub(crate) fn wire_dec(&self) -> Option<u32> {
         self.wire_count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| w.checked_sub(1))
             .ok()
     }
 
     pub(crate) fn hold_inc(&self) {
-        self.hold_count.fetch_add(1, Ordering::AcqRel);
+        self.hold_count.fetch_add(1, Ordering::SeqCst);
     }
 
     pub(crate) fn hold_dec(&self) -> u32 {
-        self.hold_count.fetch_sub(1, Ordering::AcqRel)
+        self.hold_count.fetch_sub(1, Ordering::SeqCst)
+    }
+
+    /// Marks the page as freed by its owner (the free is carried out by
+    /// whoever then sees it unwired and unheld).
+    pub(crate) fn set_free_pending(&self) {
+        self.state
+            .fetch_or(PageFlags::FREE_PENDING.bits(), Ordering::SeqCst);
+    }
+
+    /// Whether neither a wiring nor a hold keeps the page (read after
+    /// the caller's own change, see above).
+    pub(crate) fn unreferenced(&self) -> bool {
+        self.wire_count.load(Ordering::SeqCst) == 0 && self.hold_count.load(Ordering::SeqCst) == 0
     }
 
     /// Takes the pending free if it is still pending: whoever clears the
     /// flag frees the page.
     pub(crate) fn claim_pending_free(&self) -> bool {
         self.state
-            .fetch_and(!PageFlags::FREE_PENDING.bits(), Ordering::AcqRel)
+            .fetch_and(!PageFlags::FREE_PENDING.bits(), Ordering::SeqCst)
             & PageFlags::FREE_PENDING.bits()
             != 0
     }
@@ -296,12 +314,13 @@ impl VmPage {
         self.pindex.store(u64::from(next), Ordering::Relaxed);
     }
 
-    /// Resets state to "free": flags cleared except `keep`.
-    pub(crate) fn reset_free(&self, keep: PageFlags) {
-        let s = (self.state.load(Ordering::Acquire) & keep.bits())
-            | ((PageQueue::Free as u32) << QUEUE_SHIFT);
-        self.state.store(s, Ordering::Release);
+    /// Resets state to "free" in one atomic step: flags cleared except
+    /// `keep`, queue Free. Returns the queue the page was on, so the
+    /// caller can settle its count (a racing requeue may have moved it).
+    pub(crate) fn reset_free(&self, keep: PageFlags) -> PageQueue {
+        let old = self.update(|s| (s & keep.bits()) | ((PageQueue::Free as u32) << QUEUE_SHIFT));
         self.object.store(NO_OBJECT, Ordering::Release);
+        queue_of(old)
     }
 }
 

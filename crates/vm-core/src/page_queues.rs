@@ -225,7 +225,9 @@ impl Pages {
     fn push_free(&self, id: PageId) {
         let page = self.get(id);
         let zeroed = page.flags().contains(PageFlags::ZERO);
-        page.reset_free(PageFlags::ZERO);
+        // One atomic step to Free, counting out whatever queue a racing
+        // requeue left the page on.
+        self.uncount(page.reset_free(PageFlags::ZERO));
         let mut shard = self.shards[id.0 as usize % SHARDS].lock();
         let head = if zeroed {
             &mut shard.zeroed
@@ -320,8 +322,13 @@ impl Pages {
         None
     }
 
-    /// Returns a page to the free lists. The caller has removed it from its
-    /// object and from every pmap, and it is not wired or held.
+    /// Frees a page: the caller has removed it from its object and from
+    /// every pmap. A page still wired or held is freed by its last unwire
+    /// or release instead (FreeBSD's `PQ_HOLD` and wired-page rules): the
+    /// owner marks it pending, and whoever next sees it neither wired nor
+    /// held takes the mark and frees it. So a wiring or a hold that
+    /// outlives the page's object (a wired entry over a truncated file, a
+    /// pinned page whose mapping went) keeps the frame out of reuse.
     pub(crate) fn free(&self, id: PageId) {
         if let Some(i) = self.fict_index(id) {
             self.fict[i].reset_free(PageFlags::empty());
@@ -329,19 +336,28 @@ impl Pages {
             self.fict_free.lock().push(i as u32);
             return;
         }
-        let page = self.get(id);
-        debug_assert_eq!(page.wire_count(), 0, "freeing a wired page");
         self.dequeue(id);
-        // A held page is freed by its last release instead. The flag goes
-        // up before the hold count is read, and whoever clears it frees.
-        page.set_flags(PageFlags::FREE_PENDING);
-        if page.hold_count() != 0 || !page.claim_pending_free() {
-            return;
+        let page = self.get(id);
+        page.set_free_pending();
+        if page.unreferenced() {
+            self.release_pending(id);
         }
-        self.push_free(id);
-        if self.mem_waiters.load(Ordering::Acquire) != 0 {
-            self.waits().notify(MEMORY_KEY);
+    }
+
+    /// Frees page `id` if its free is pending and this caller takes it.
+    fn release_pending(&self, id: PageId) {
+        if self.get(id).claim_pending_free() {
+            self.push_free(id);
+            if self.mem_waiters.load(Ordering::Acquire) != 0 {
+                self.waits().notify(MEMORY_KEY);
+            }
         }
+    }
+
+    /// Whether the page's owner has freed it (it waits for its last
+    /// wiring or hold).
+    pub(crate) fn free_pending(&self, id: PageId) -> bool {
+        self.get(id).flags().contains(PageFlags::FREE_PENDING)
     }
 
     /// Holds a page (FreeBSD `vm_page_hold`): it is not freed until
@@ -354,11 +370,8 @@ impl Pages {
     /// while held.
     pub(crate) fn unhold(&self, id: PageId) {
         let page = self.get(id);
-        if page.hold_dec() == 1 && page.claim_pending_free() {
-            self.push_free(id);
-            if self.mem_waiters.load(Ordering::Acquire) != 0 {
-                self.waits().notify(MEMORY_KEY);
-            }
+        if page.hold_dec() == 1 && page.unreferenced() {
+            self.release_pending(id);
         }
     }
 
@@ -382,13 +395,23 @@ impl Pages {
         if self.fict_index(id).is_some() {
             return;
         }
-        match self.get(id).set_queue(PageQueue::None) {
+        self.uncount(self.get(id).set_queue(PageQueue::None));
+    }
+
+    /// Settles the counts for a page that left queue `q`.
+    fn uncount(&self, q: PageQueue) {
+        match q {
             PageQueue::Active => self.active.add(-1),
             PageQueue::Inactive => self.inactive.add(-1),
             _ => {}
         }
     }
 
+    /// Puts an in-use page on queue `q`. The page's queue bits are the one
+    /// record of where it is, changed only by atomic transitions whose
+    /// caller settles the counts of the queue left and the queue joined:
+    /// a page that is free (or whose free is pending) is never requeued,
+    /// and one wired meanwhile is taken off again.
     fn enqueue(&self, id: PageId, q: PageQueue) {
         // Device pages are on no queue (FreeBSD's queue calls ignore
         // fictitious pages).
@@ -397,23 +420,22 @@ impl Pages {
         }
         let page = self.get(id);
         if page.wire_count() != 0 {
-            self.dequeue(id);
             return;
         }
         let old = page.requeue(q);
-        // A page freed by another thread meanwhile stays free.
-        if old == q || old == PageQueue::Free {
+        if old == q || old == PageQueue::Free || page.flags().contains(PageFlags::FREE_PENDING) {
             return;
         }
-        match old {
-            PageQueue::Active => self.active.add(-1),
-            PageQueue::Inactive => self.inactive.add(-1),
-            _ => {}
-        }
+        self.uncount(old);
         match q {
             PageQueue::Active => self.active.add(1),
             PageQueue::Inactive => self.inactive.add(1),
             _ => {}
+        }
+        // A wiring that raced this requeue has dequeued before we queued,
+        // or we see its count now: a wired page never stays on a queue.
+        if page.wire_count() != 0 {
+            self.dequeue(id);
         }
     }
 
@@ -439,8 +461,9 @@ impl Pages {
     }
 
     /// FreeBSD `vm_page_unwire(m, activate)`: the last unwiring puts the
-    /// page on the active (or inactive) queue. Unwiring an unwired page is
-    /// ignored and reported as false.
+    /// page on the active (or inactive) queue, or frees it if its owner
+    /// freed it meanwhile. Unwiring an unwired page is ignored and reported
+    /// as false.
     pub(crate) fn unwire(&self, id: PageId, activate: bool) -> bool {
         if self.fict_index(id).is_some() {
             return false;
@@ -449,7 +472,11 @@ impl Pages {
             None => false,
             Some(1) => {
                 self.wired.add(-1);
-                if activate {
+                if self.free_pending(id) {
+                    if self.get(id).unreferenced() {
+                        self.release_pending(id);
+                    }
+                } else if activate {
                     self.activate(id);
                 } else {
                     self.deactivate(id);

@@ -40,6 +40,8 @@ pub struct PageoutReport {
     pub failed: u64,
 }
 
+/// Direct reclaims one operation may run before it only waits.
+pub(crate) const MAX_RECLAIMS: u32 = 64;
 /// Sweeps over the page array one call makes at most.
 const SWEEPS: usize = 3;
 /// Pages laundered in one pager call at most.
@@ -80,6 +82,37 @@ impl<P: Pmap> Vm<P> {
         let pages = &self.machine.pages;
         let target = pages.thresholds.target.max(pages.free_count() + 32);
         self.pageout(target).freed > 0
+    }
+
+    /// Runs `f` until it stops failing for want of memory (`short` says
+    /// which errors are that): between tries, reclaim as a fault does, then
+    /// wait for memory a bounded number of times. Map operations that
+    /// allocate (fork's copies and page tables) use it, so they fail for
+    /// want of memory only when a fault would.
+    pub(crate) fn retry_for_memory<T, E>(
+        &self,
+        mut f: impl FnMut() -> Result<T, E>,
+        short: impl Fn(&E) -> bool,
+    ) -> Result<T, E> {
+        let (mut reclaims, mut waits) = (0, 0);
+        loop {
+            match f() {
+                Err(e) if short(&e) => {
+                    if reclaims < MAX_RECLAIMS && self.reclaim() {
+                        reclaims += 1;
+                        continue;
+                    }
+                    if waits >= self.config.memory_retries {
+                        return Err(e);
+                    }
+                    waits += 1;
+                    self.machine
+                        .pages
+                        .wait_for_memory(self.config.memory_wait_ms);
+                }
+                done => return done,
+            }
+        }
     }
 
     /// One pass of the clock hand over every page, acting on those of

@@ -102,7 +102,9 @@ impl MapRequest {
 /// faults and accesses from many threads run in parallel.
 pub struct VmSpace<P: Pmap> {
     pub(crate) vm: Arc<Vm<P>>,
-    pub(crate) map: VmMap,
+    /// The map, shared with the machine's registry of maps (for the
+    /// consistency check's accounting of wirings).
+    pub(crate) map: Arc<VmMap>,
     pub(crate) pmap: P::Space,
     /// Per-thread shards: threads faulting in one space do not bounce
     /// a line between them.
@@ -128,7 +130,9 @@ impl<P: Pmap> Vm<P> {
         let pmap = self.pmap.create_space()?;
         Ok(VmSpace {
             vm: self.clone(),
-            map: VmMap::new(self.config.user_min, self.config.user_max),
+            map: self
+                .machine
+                .register_map(VmMap::new(self.config.user_min, self.config.user_max)),
             pmap,
             minflt: crate::sync::ShardedCount::default(),
             majflt: crate::sync::ShardedCount::default(),
@@ -377,17 +381,18 @@ impl<P: Pmap> VmSpace<P> {
     pub fn unmap(&self, start: u64, len: u64) -> Result<(), MapError> {
         let end = self.check_range(start, len)?;
         let removed = {
-            let mut g = self.map.write();
+            let mut g = self.write_settled(start, end);
             g.clip(start);
             g.clip(end);
             let keys: Vec<u64> = g.entries.range(start..end).map(|(&s, _)| s).collect();
-            let removed: Vec<MapEntry> = keys.iter().filter_map(|k| g.entries.remove(k)).collect();
-            for e in removed.iter().filter(|e| e.wired_count != 0) {
-                self.unwire_pages(e.start, e.end);
-            }
+            let mut removed: Vec<MapEntry> =
+                keys.iter().filter_map(|k| g.entries.remove(k)).collect();
             self.vm
                 .pmap
                 .remove(&self.pmap, start, end, &mut |d| self.vm.note_displaced(d));
+            for e in &mut removed {
+                self.release_wiring(e, false);
+            }
             removed
         };
         // Objects are released outside the map lock: freeing their pages
@@ -409,7 +414,7 @@ impl<P: Pmap> VmSpace<P> {
     /// new one.
     pub fn protect(&self, start: u64, len: u64, prot: Prot) -> Result<(), MapError> {
         let end = self.check_range(start, len)?;
-        let mut g = self.map.write();
+        let mut g = self.write_settled(start, end);
         if !g.covers(start, end) {
             return Err(MapError::NotMapped { start, end });
         }
@@ -456,7 +461,7 @@ impl<P: Pmap> VmSpace<P> {
         f: impl Fn(&mut MapEntry),
     ) -> Result<(), MapError> {
         let end = self.check_range(start, len)?;
-        let mut g = self.map.write();
+        let mut g = self.write_settled(start, end);
         let keys = g
             .clip_range(start, end)
             .ok_or(MapError::NotMapped { start, end })?;
@@ -494,101 +499,6 @@ impl<P: Pmap> VmSpace<P> {
             };
         })
     }
-
-    /// Drops the wiring of every mapped page in `start..end`
-    /// (`vm_fault_unwire`, seed L1061-1086).
-    pub(crate) fn unwire_pages(&self, start: u64, end: u64) {
-        let pages = &self.vm.machine.pages;
-        let mut va = start;
-        while va < end {
-            if let Some(pfn) = self.vm.pmap.extract(&self.pmap, va) {
-                self.vm.pmap.change_wiring(&self.pmap, va, false);
-                if let Some(id) = pages.id_of(pfn) {
-                    if !pages
-                        .get(id)
-                        .flags()
-                        .contains(crate::page::PageFlags::FICTITIOUS)
-                    {
-                        pages.unwire(id, true);
-                    }
-                }
-            }
-            va += PAGE_SIZE;
-        }
-    }
-
-    /// Forks the space (`vmspace_fork`): each entry is copied copy-on-write,
-    /// shared, or left out, by its [`Inheritance`]. A wired copy entry is
-    /// copied page by page now (`vm_fault_copy_entry`).
-    ///
-    /// # Errors
-    ///
-    /// [`MapError::Pmap`] if the child's page tables cannot be made;
-    /// [`MapError::ResourceShortage`] if a wired entry cannot be copied.
-    pub fn fork(&self) -> Result<VmSpace<P>, MapError> {
-        let child = self.vm.new_space().map_err(MapError::Pmap)?;
-        let mut pg = self.map.write();
-        let mut cg = child.map.write();
-        let machine = &self.vm.machine;
-        for e in pg.entries.values_mut() {
-            if let Some(o) = &e.object {
-                // Chains grow by one shadow per fork; merge what the
-                // exited children left private (FreeBSD collapses on
-                // deallocation; here fork is where it pays off).
-                self.vm.collapse(o);
-            }
-            match e.inheritance {
-                Inheritance::None => {}
-                Inheritance::Share => {
-                    if e.eflags.contains(EntryFlags::NEEDS_COPY) {
-                        e.shadow(machine);
-                    } else if e.object.is_none() {
-                        e.allocate_object(machine);
-                    }
-                    if let Some(o) = &e.object {
-                        o.lock().flags.remove(ObjectFlags::ONEMAPPING);
-                    }
-                    cg.entries.insert(e.start, child_entry(e));
-                }
-                Inheritance::Copy if e.wired_count != 0 => {
-                    let copy = crate::fault::copy_entry(self, &child, e)?;
-                    cg.entries.insert(e.start, copy);
-                }
-                Inheritance::Copy if crate::fault::has_held_pages(e) => {
-                    let copy = crate::fault::copy_object_for_child(self, e)?;
-                    cg.entries.insert(e.start, copy);
-                }
-                Inheritance::Copy => {
-                    if let Some(o) = &e.object {
-                        if !e.eflags.contains(EntryFlags::NEEDS_COPY) {
-                            self.vm.pmap.protect(
-                                &self.pmap,
-                                e.start,
-                                e.end,
-                                e.protection - Prot::WRITE,
-                                &mut |d| self.vm.note_displaced(d),
-                            );
-                        }
-                        o.lock().flags.remove(ObjectFlags::ONEMAPPING);
-                        e.eflags |= EntryFlags::COW | EntryFlags::NEEDS_COPY;
-                    }
-                    cg.entries.insert(e.start, child_entry(e));
-                }
-            }
-        }
-        drop(cg);
-        Ok(child)
-    }
-}
-
-/// The child's copy of a parent entry: same object (referenced), no
-/// wiring.
-fn child_entry(e: &MapEntry) -> MapEntry {
-    let mut c = e.duplicate();
-    c.wired_count = 0;
-    c.eflags
-        .remove(EntryFlags::USER_WIRED | EntryFlags::IN_TRANSITION);
-    c
 }
 
 impl<P: Pmap> VmSpace<P> {
@@ -615,19 +525,19 @@ impl<P: Pmap> VmSpace<P> {
 
 impl<P: Pmap> Drop for VmSpace<P> {
     fn drop(&mut self) {
-        let removed: Vec<MapEntry> = {
+        let mut removed: Vec<MapEntry> = {
             let g: &mut MapState = &mut self.map.write();
             core::mem::take(&mut g.entries).into_values().collect()
         };
-        for e in removed.iter().filter(|e| e.wired_count != 0) {
-            self.unwire_pages(e.start, e.end);
-        }
         self.vm.pmap.remove(
             &self.pmap,
             self.map.min_addr(),
             self.map.max_addr(),
             &mut |d| self.vm.note_displaced(d),
         );
+        for e in &mut removed {
+            self.release_wiring(e, false);
+        }
         self.release_entries(removed);
         self.vm.pmap.destroy_space(&self.pmap);
     }

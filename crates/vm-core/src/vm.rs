@@ -91,6 +91,28 @@ pub(crate) struct Machine {
     pub(crate) pages: Pages,
     pub(crate) counters: Counters,
     pub(crate) objects: ObjectRegistry,
+    /// Every live address space's map (weakly), for the consistency check.
+    pub(crate) maps: crate::sync::Mutex<alloc::vec::Vec<alloc::sync::Weak<crate::map::VmMap>>>,
+}
+
+impl Machine {
+    /// Registers a new space's map.
+    pub(crate) fn register_map(&self, map: crate::map::VmMap) -> Arc<crate::map::VmMap> {
+        let map = Arc::new(map);
+        let mut maps = self.maps.lock();
+        maps.retain(|m| m.strong_count() != 0);
+        maps.push(Arc::downgrade(&map));
+        map
+    }
+
+    /// The maps of the live spaces.
+    pub(crate) fn live_maps(&self) -> alloc::vec::Vec<Arc<crate::map::VmMap>> {
+        self.maps
+            .lock()
+            .iter()
+            .filter_map(alloc::sync::Weak::upgrade)
+            .collect()
+    }
 }
 
 /// One machine. See the [crate docs](crate).
@@ -164,6 +186,7 @@ impl<P: Pmap> Vm<P> {
             pages,
             counters: Counters::default(),
             objects: ObjectRegistry::default(),
+            maps: crate::sync::Mutex::new(alloc::vec::Vec::new()),
         });
         pmap.attach(PhysFrames {
             mem: machine.clone(),
@@ -269,12 +292,13 @@ impl<P: Pmap> Vm<P> {
     }
 
     /// An object the caller holds a handle to can be mapped again later:
-    /// it is never "mapped by one entry only".
+    /// it is never "mapped by one entry only", and its pages stay its own.
     fn named(object: Arc<VmObject>) -> Arc<VmObject> {
-        object
-            .lock()
-            .flags
-            .remove(crate::object::ObjectFlags::ONEMAPPING);
+        {
+            let mut st = object.lock();
+            st.flags.remove(crate::object::ObjectFlags::ONEMAPPING);
+            st.flags.insert(crate::object::ObjectFlags::NAMED);
+        }
         object
     }
 
@@ -367,7 +391,8 @@ impl<P: Pmap> Vm<P> {
                 if refmod.modified {
                     pages.get(id).dirty_all();
                 }
-                while pages.unwire(id, false) {}
+                // A page an entry's wiring holds is freed when that wiring
+                // is released (the entry's refault finds the new page).
                 pages.free(id);
             }
             drop(st);

@@ -10,7 +10,7 @@ fn held_frames_are_the_mapped_frames_and_see_the_space_writes() {
     let (vm, space) = machine(64);
     space.map_anon(BASE, 4 * PAGE, Prot::RW).unwrap();
     space.write(BASE + 10, b"hello").unwrap();
-    let held = space.hold(BASE, 2 * PAGE, Prot::READ).unwrap();
+    let held = space.hold(BASE, 2 * PAGE, Prot::RW).unwrap();
     assert_eq!(
         held.frames(),
         vec![
@@ -19,12 +19,12 @@ fn held_frames_are_the_mapped_frames_and_see_the_space_writes() {
         ]
     );
     let mut b = [0u8; 5];
-    held.read(10, &mut b);
+    held.read(10, &mut b).unwrap();
     assert_eq!(&b, b"hello");
     space.write(BASE + PAGE, b"more").unwrap();
-    held.read(PAGE as usize, &mut b[..4]);
+    held.read(PAGE as usize, &mut b[..4]).unwrap();
     assert_eq!(&b[..4], b"more");
-    held.write(20, b"dma");
+    held.write(20, b"dma").unwrap();
     let mut c = [0u8; 3];
     space.read(BASE + 20, &mut c).unwrap();
     assert_eq!(&c, b"dma");
@@ -41,7 +41,7 @@ fn a_page_freed_while_held_is_freed_on_release() {
     space.unmap(BASE, PAGE).unwrap();
     assert_eq!(vm.free_pages(), vm.total_pages() - 1, "still held");
     let mut b = [0u8; 4];
-    held.read(0, &mut b);
+    held.read(0, &mut b).unwrap();
     assert_eq!(&b, b"keep");
     drop(held);
     assert_eq!(vm.free_pages(), vm.total_pages());
@@ -62,13 +62,13 @@ fn holding_in_a_child_after_fork_first_copies() {
     );
     parent.write(BASE, b"PARE").unwrap();
     let mut b = [0u8; 4];
-    held.read(0, &mut b);
+    held.read(0, &mut b).unwrap();
     assert_eq!(
         &b, b"orig",
         "the parent's write is not seen through the child's hold"
     );
     child.write(BASE, b"CHLD").unwrap();
-    held.read(0, &mut b);
+    held.read(0, &mut b).unwrap();
     assert_eq!(&b, b"CHLD", "the child's write is");
     drop(held);
     consistent(&vm);
@@ -90,7 +90,7 @@ fn forking_a_parent_with_held_pages_gives_the_child_copies() {
     );
     parent.write(BASE, b"PARE").unwrap();
     let mut b = [0u8; 4];
-    held.read(0, &mut b);
+    held.read(0, &mut b).unwrap();
     assert_eq!(&b, b"PARE", "the holder follows the parent");
     child.read(BASE, &mut b).unwrap();
     assert_eq!(&b, b"orig", "the child kept the value at fork");

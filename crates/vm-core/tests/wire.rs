@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use vm_core::{FaultError, FaultFlags, MapError, ObjectType, PageQueue, Prot};
+use vm_core::{FaultError, MapError, ObjectType, PageQueue, Prot};
 use vm_testkit::{Injected, MemPager};
 
 #[test]
@@ -101,30 +101,51 @@ fn a_wiring_that_fails_half_way_leaves_nothing_wired() {
     consistent(&vm);
 }
 
+/// Seed L247-270 through `wire()`: user wiring of copy-on-write memory
+/// behaves as mlock does. A writable private range gets its own copies at
+/// wiring time (the seed's forced copy for "a r/w segment"); a read-only
+/// one is wired where its pages are, without a copy (the seed: "we don't
+/// COW currently RO sections"), and a later grant of write copies in place;
+/// a range with no access cannot be wired (modern FreeBSD's
+/// `MAP_ENTRY_WIRE_SKIPPED` without holes allowed).
 #[test]
-fn user_wire_write_to_read_only_cow_entry_copies_but_maps_read_only() {
+fn user_wiring_of_copy_on_write_memory_through_wire() {
     let (vm, parent) = machine(32);
-    parent.map_anon(BASE, PAGE, Prot::RW).unwrap();
+    parent.map_anon(BASE, 2 * PAGE, Prot::RW).unwrap();
     parent.write(BASE, b"text").unwrap();
+    parent.write(BASE + PAGE, b"data").unwrap();
     let child = parent.fork().unwrap();
-    child.protect(BASE, PAGE, Prot::READ).unwrap();
-    let out = child
-        .fault(BASE, Prot::WRITE, FaultFlags::USER_WIRE)
-        .unwrap();
-    // The copy was made now (seed L247-270)...
-    assert_ne!(Some(out.pfn), parent.extract(BASE));
+    // Writable: copied now.
+    child.wire(BASE + PAGE, PAGE, true).unwrap();
+    assert_ne!(child.extract(BASE + PAGE), parent.extract(BASE + PAGE));
     assert_eq!(vm.counters().snapshot().v_cow_faults, 1);
-    // ...but the entry is read-only, so the copy is mapped read-only, and
-    // it can never be made writable (max protection lost write).
-    assert_eq!(out.prot, Prot::READ);
-    assert!(!child.entries()[0].max_protection.contains(Prot::WRITE));
-    assert!(matches!(
-        child.protect(BASE, PAGE, Prot::RW),
-        Err(MapError::ProtectionExceedsMax { .. })
-    ));
-    assert_eq!(child.read_u8(BASE).unwrap(), b't');
+    // Read-only: shared and wired, not copied.
+    child.protect(BASE, PAGE, Prot::READ).unwrap();
+    child.wire(BASE, PAGE, true).unwrap();
+    assert_eq!(child.extract(BASE), parent.extract(BASE));
+    assert_eq!(vm.counters().snapshot().v_cow_faults, 1);
+    let shared = vm.page(vm.page_of(child.extract(BASE).unwrap()).unwrap());
+    assert_eq!(shared.wire_count(), 1);
+    // The parent's write copies for the parent; the child keeps the old.
     parent.write(BASE, b"T").unwrap();
     assert_eq!(child.read_u8(BASE).unwrap(), b't');
+    // A grant of write gives the wired child its own copy, still wired.
+    child.protect(BASE, PAGE, Prot::RW).unwrap();
+    child.write(BASE, b"X").unwrap();
+    assert_eq!(parent.read_u8(BASE).unwrap(), b'T');
+    assert_eq!(vm.queue_counts().2, 2, "the child's two wired copies");
+    child.unwire(BASE, 2 * PAGE, true).unwrap();
+    assert_eq!(vm.queue_counts().2, 0);
+    // No access: refused, nothing wired.
+    child.protect(BASE, PAGE, Prot::NONE).unwrap();
+    assert_eq!(
+        child.wire(BASE, 2 * PAGE, true),
+        Err(MapError::NoAccess {
+            start: BASE,
+            end: BASE + PAGE
+        })
+    );
+    assert_eq!(child.entries()[1].wired_count, 0);
     consistent(&vm);
 }
 

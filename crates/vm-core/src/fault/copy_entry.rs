@@ -1,6 +1,7 @@
-//! Copying a wired entry into a forked child: seed `vm_fault_copy_entry`
-//! (L1088-1200); and in place, when a user-wired copy-on-write entry
-//! gains write access (modern FreeBSD's use of the same function).
+//! Copying a wired entry page by page: into a forked child (seed
+//! `vm_fault_copy_entry`, L1088-1200), and in place when a user-wired
+//! copy-on-write entry gains write access (modern FreeBSD's use of the same
+//! function from `vm_map_protect`).
 
 use crate::addr::PAGE_SIZE;
 use crate::error::MapError;
@@ -8,18 +9,22 @@ use crate::map::{EntryFlags, MapEntry};
 use crate::object::VmObject;
 use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
 use crate::page_queues::AllocClass;
-use crate::pmap::{MemAttr, PageInfo, Pmap};
+use crate::pmap::{MemAttr, PageInfo, Pmap, PmapError};
 use crate::prot::Prot;
 use crate::space::VmSpace;
+use crate::wire::WireRecord;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 /// Gives the child a private copy of every page of the wired entry `src`
-/// of `parent`, entered in the child's pmap, and returns the child's entry.
+/// of `parent`, entered in the child's pmap, and returns the child's entry
+/// (not wired: wiring is not inherited).
 ///
 /// The seed maps the copies with the entry's *maximum* protection; this
 /// maps them with its current protection, so a read-only wired region does
-/// not become writable in the child.
+/// not become writable in the child. Memory for the copies and for the
+/// child's page tables is reclaimed as a fault reclaims it (seed L1148-1156
+/// waits until memory is freed).
 ///
 /// # Errors
 ///
@@ -32,8 +37,7 @@ pub(crate) fn copy_entry<P: Pmap>(
     src: &MapEntry,
 ) -> Result<MapEntry, MapError> {
     let vm = &parent.vm;
-    let machine = &vm.machine;
-    let dst_object = VmObject::create(machine, src.pages(), None, None);
+    let dst_object = VmObject::create(&vm.machine, src.pages(), None, None);
     dst_object.add_ref();
     let mut dst = MapEntry::new(src.start, src.end, src.protection, src.max_protection);
     dst.eflags = src.eflags
@@ -47,6 +51,7 @@ pub(crate) fn copy_entry<P: Pmap>(
     let result = copy_pages(parent, child, src, &dst_object);
     if result.is_err() {
         vm.pmap.remove(&child.pmap, src.start, src.end, &mut |_| {});
+        // `dst` drops with its object, and the copies with it.
         dst_object.drop_ref();
     }
     result.map(|()| dst)
@@ -60,43 +65,52 @@ fn copy_pages<P: Pmap>(
 ) -> Result<(), MapError> {
     let vm = &parent.vm;
     let pages = &vm.machine.pages;
-    let mut va = src.start;
-    while va < src.end {
-        let src_id = source_page(src, va, false).ok_or(MapError::MissingPage { addr: va })?;
+    for va in (src.start..src.end).step_by(PAGE_SIZE as usize) {
+        let src_id = source_page(src, va).ok_or(MapError::MissingPage { addr: va })?;
         let dst_id = copy_page(parent, src_id, dst_object, (va - src.start) / PAGE_SIZE)?;
         let info = PageInfo {
             pfn: pages.pfn(dst_id),
             managed: true,
             attr: MemAttr::WriteBack,
         };
-        match vm
-            .pmap
-            .enter(&child.pmap, va, info, src.protection, Prot::NONE, false)
-        {
-            Ok(d) => {
-                if let Some(d) = d {
-                    vm.note_displaced(d);
-                }
-            }
-            Err(e) => return Err(MapError::Pmap(e)),
+        let displaced = vm
+            .retry_for_memory(
+                || {
+                    vm.pmap
+                        .enter(&child.pmap, va, info, src.protection, Prot::NONE, false)
+                },
+                |e| *e == PmapError::NoMemory,
+            )
+            .map_err(MapError::Pmap)?;
+        if let Some(d) = displaced {
+            vm.note_displaced(d);
         }
         pages.activate(dst_id);
-        va += PAGE_SIZE;
     }
     Ok(())
 }
 
 /// A copy of page `src` (dirty, valid), inserted at `pindex` of `object`
-/// and on no queue yet.
-fn copy_page<P: Pmap>(
+/// and on no queue yet. Memory is reclaimed for it if need be.
+pub(crate) fn copy_page<P: Pmap>(
     space: &VmSpace<P>,
     src: PageId,
     object: &Arc<VmObject>,
     pindex: u64,
 ) -> Result<PageId, MapError> {
-    let pages = &space.vm.machine.pages;
-    let dst = alloc_waiting(space).ok_or(MapError::ResourceShortage)?;
-    space.vm.machine.phys.copy(pages.pfn(src), pages.pfn(dst));
+    let vm = &space.vm;
+    let pages = &vm.machine.pages;
+    let dst = vm
+        .retry_for_memory(
+            || {
+                pages
+                    .alloc(object.id().0 ^ pindex, AllocClass::Normal, false)
+                    .ok_or(())
+            },
+            |()| true,
+        )
+        .map_err(|()| MapError::ResourceShortage)?;
+    vm.machine.phys.copy(pages.pfn(src), pages.pfn(dst));
     let page = pages.get(dst);
     page.clear_flags(PageFlags::ZERO);
     page.set_valid(VM_PAGE_BITS_ALL);
@@ -109,9 +123,7 @@ fn copy_page<P: Pmap>(
 /// copy of every page it shows, wired and mapped writable in place of the
 /// page it showed, and stops being copy-on-write (modern FreeBSD's
 /// `vm_fault_copy_entry(map, map, entry, entry)` from `vm_map_protect`).
-/// Without it a write there would be refused: the lookup never copies on
-/// write for a user-wired entry (a copy made by a plain fault would not be
-/// wired in the old page's place).
+/// The entry's wiring moves from each old page to its copy.
 ///
 /// # Errors
 ///
@@ -130,9 +142,9 @@ pub(crate) fn upgrade_wired_entry<P: Pmap>(
     // the new object frees the copies).
     let mut copies = Vec::with_capacity(e.pages() as usize);
     for (pindex, va) in (e.start..e.end).step_by(PAGE_SIZE as usize).enumerate() {
-        let copied = source_page(e, va, true)
+        let copied = source_page(e, va)
             .ok_or(MapError::MissingPage { addr: va })
-            .and_then(|src| Ok((va, src, copy_page(space, src, &object, pindex as u64)?)));
+            .and_then(|src| copy_page(space, src, &object, pindex as u64));
         match copied {
             Ok(copy) => copies.push(copy),
             Err(err) => {
@@ -141,15 +153,21 @@ pub(crate) fn upgrade_wired_entry<P: Pmap>(
             }
         }
     }
-    for (va, src, dst) in copies {
-        pages.wire(dst);
+    let record = e
+        .wiring
+        .get_or_insert_with(|| WireRecord::new(e.end.saturating_sub(e.start) / PAGE_SIZE));
+    for ((index, va), dst) in (e.start..e.end)
+        .step_by(PAGE_SIZE as usize)
+        .enumerate()
+        .zip(copies)
+    {
         let info = PageInfo {
             pfn: pages.pfn(dst),
             managed: true,
             attr: MemAttr::WriteBack,
         };
-        // The old page is mapped here (it is wired), so its tables exist
-        // and the replacement needs no memory.
+        // The old page is mapped here or was (it is wired), so its tables
+        // exist and the replacement needs no memory.
         match vm
             .pmap
             .enter(&space.pmap, va, info, e.protection, Prot::NONE, true)
@@ -157,7 +175,7 @@ pub(crate) fn upgrade_wired_entry<P: Pmap>(
             Ok(displaced) => displaced.into_iter().for_each(|d| vm.note_displaced(d)),
             Err(err) => debug_assert!(false, "replacing the wired page at {va:#x}: {err}"),
         }
-        pages.unwire(src, true);
+        record.note(pages, index as u64, dst);
     }
     if let Some(old) = e.object.replace(object) {
         old.drop_ref();
@@ -167,10 +185,10 @@ pub(crate) fn upgrade_wired_entry<P: Pmap>(
     Ok(())
 }
 
-/// The resident, valid page that `va` shows in the wired entry `e`; a
-/// read-only entry (or any, with `through`) may find it in a backing
-/// object (seed L1163-1177).
-fn source_page(e: &MapEntry, va: u64, through: bool) -> Option<PageId> {
+/// The resident, valid page that `va` shows through entry `e` (seed
+/// L1163-1177 for a read-only entry; a wired entry's pages are all
+/// resident, wherever in its chain they are).
+fn source_page(e: &MapEntry, va: u64) -> Option<PageId> {
     let mut object = e.object.clone()?;
     let mut pindex = e.pindex(va);
     loop {
@@ -180,108 +198,10 @@ fn source_page(e: &MapEntry, va: u64, through: bool) -> Option<PageId> {
                 let valid = object.machine.pages.get(id).valid() == VM_PAGE_BITS_ALL;
                 return valid.then_some(id);
             }
-            if e.protection.contains(Prot::WRITE) && !through {
-                return None;
-            }
             let b = st.backing.as_ref()?;
             pindex += b.offset;
             b.object.clone()
         };
         object = next;
     }
-}
-
-/// Allocates a page, waiting for memory a bounded number of times.
-fn alloc_waiting<P: Pmap>(space: &VmSpace<P>) -> Option<PageId> {
-    let pages = &space.vm.machine.pages;
-    for _ in 0..=space.vm.config.memory_retries {
-        if let Some(id) = pages.alloc(0, AllocClass::Normal, false) {
-            return Some(id);
-        }
-        pages.wait_for_memory(space.vm.config.memory_wait_ms);
-    }
-    None
-}
-
-/// Fork of a copy-inherited entry with held pages: the child gets a new
-/// object over the parent object's backing, with copies of the parent
-/// object's pages, and the parent keeps its object private and writable,
-/// so a holder of the parent's pages goes on seeing what the parent
-/// writes (what Linux does for pinned pages at fork).
-///
-/// # Errors
-///
-/// [`MapError::ResourceShortage`] if no memory can be had for a copy.
-pub(crate) fn copy_object_for_child<P: Pmap>(
-    parent: &VmSpace<P>,
-    src: &MapEntry,
-) -> Result<MapEntry, MapError> {
-    let vm = &parent.vm;
-    let pages = &vm.machine.pages;
-    let Some(object) = src.object.as_ref() else {
-        return Err(MapError::MissingPage { addr: src.start });
-    };
-    let (backing, size) = {
-        let st = object.lock();
-        (st.backing.clone(), st.size)
-    };
-    if let Some(b) = &backing {
-        b.object.add_ref();
-        let mut bst = b.object.lock();
-        bst.shadow_count += 1;
-        bst.flags.remove(crate::object::ObjectFlags::ONEMAPPING);
-    }
-    let copy = VmObject::create(&vm.machine, size, None, backing);
-    copy.add_ref();
-    let mut dst = MapEntry::new(src.start, src.end, src.protection, src.max_protection);
-    dst.eflags =
-        src.eflags - (EntryFlags::NEEDS_COPY | EntryFlags::USER_WIRED | EntryFlags::IN_TRANSITION);
-    dst.inheritance = src.inheritance;
-    dst.behavior = src.behavior;
-    dst.offset = src.offset;
-    dst.object = Some(copy.clone());
-    let first = src.offset / PAGE_SIZE;
-    for pindex in first..first + src.pages() {
-        let Some(id) = stable_page(vm, object, pindex) else {
-            continue;
-        };
-        match copy_page(parent, id, &copy, pindex) {
-            Ok(new) => pages.activate(new),
-            Err(e) => {
-                copy.drop_ref();
-                return Err(e);
-            }
-        }
-    }
-    Ok(dst)
-}
-
-/// The valid page at `pindex` of `object`, after waiting out any fault
-/// that holds it busy.
-fn stable_page<P: Pmap>(
-    vm: &crate::vm::Vm<P>,
-    object: &Arc<VmObject>,
-    pindex: u64,
-) -> Option<PageId> {
-    loop {
-        let id = *object.lock().pages.get(&pindex)?;
-        let page = vm.machine.pages.get(id);
-        if !page.is_busy() {
-            return (page.valid() == VM_PAGE_BITS_ALL).then_some(id);
-        }
-        crate::fault::guard::wait_for_page(&vm.machine, id, object.id().0, pindex);
-    }
-}
-
-/// Whether any page of `e`'s own object in its range is held.
-pub(crate) fn has_held_pages(e: &MapEntry) -> bool {
-    let Some(object) = &e.object else {
-        return false;
-    };
-    let st = object.lock();
-    let first = e.offset / PAGE_SIZE;
-    let range = first..first + e.pages();
-    st.pages
-        .iter()
-        .any(|(p, &id)| range.contains(p) && object.machine.pages.get(id).hold_count() != 0)
 }

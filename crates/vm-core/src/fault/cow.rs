@@ -30,10 +30,16 @@ impl<P: Pmap> FaultState<'_, P> {
             self.kind = FaultKind::CowMoved;
             counters.v_cow_optim.fetch_add(1, Ordering::Relaxed);
         } else {
+            // The walk leaves only wholly valid pages, so every byte
+            // copied is the source's (never what the frame held before).
+            debug_assert_eq!(m.page().valid(), VM_PAGE_BITS_ALL);
             self.machine.phys.copy(m.pfn(), first_m.pfn());
             let page = first_m.page();
             page.clear_flags(PageFlags::ZERO);
             page.set_valid(VM_PAGE_BITS_ALL);
+            // The copy exists nowhere else: it must be laundered, never
+            // dropped, even if nobody writes it (a copy fault).
+            page.dirty_all();
             first_m.keep();
             // If other spaces can map the first object, their read-only
             // mappings of the source page would go on showing the old data
@@ -57,9 +63,10 @@ impl<P: Pmap> FaultState<'_, P> {
     }
 
     /// Seed L717-755: moves `m` from `backing` into `first` if `backing` has
-    /// one shadow and one reference, is anonymous, and is directly behind
-    /// `first`. Unlike the seed, a held or wired page is never moved: its
-    /// holder would be left looking at another object's page.
+    /// one shadow and one reference, is anonymous with no handle (nobody
+    /// can look it up: a named object keeps its pages), and is directly
+    /// behind `first`. Unlike the seed, a held or wired page is never
+    /// moved: its holder would be left looking at another object's page.
     fn try_rename(
         &self,
         first: &Arc<VmObject>,
@@ -80,7 +87,11 @@ impl<P: Pmap> FaultState<'_, P> {
             return false;
         }
         let mut bst = backing.lock();
-        if bst.shadow_count != 1 || !bst.otype.is_anonymous() || backing.ref_count() != 1 {
+        if bst.shadow_count != 1
+            || !bst.otype.is_anonymous()
+            || bst.flags.contains(ObjectFlags::NAMED)
+            || backing.ref_count() != 1
+        {
             return false;
         }
         let old_pindex = page.pindex();

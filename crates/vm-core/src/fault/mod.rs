@@ -22,13 +22,11 @@ pub(crate) mod guard;
 mod pagein;
 mod prefault;
 
-pub(crate) use copy_entry::{
-    copy_entry, copy_object_for_child, has_held_pages, upgrade_wired_entry,
-};
+pub(crate) use copy_entry::{copy_entry, copy_page, upgrade_wired_entry};
 
 use crate::addr::{Pfn, page_trunc};
 use crate::error::FaultError;
-use crate::map::{EntryFlags, LookupError, MapState};
+use crate::map::{EntryFlags, LookupError, LookupMode, MapState};
 use crate::object::ObjectFlags;
 use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
 use crate::page_queues::AllocClass;
@@ -46,8 +44,16 @@ bitflags::bitflags! {
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
     pub struct FaultFlags: u32 {
         /// Wiring or unwiring the page (`VM_FAULT_CHANGE_WIRING`).
+        ///
+        /// Accepted for the seed's callers; wiring is done by
+        /// [`VmSpace::wire`], whose faults run the same path. A fault on a
+        /// wired entry keeps that entry's wiring on the page it maps
+        /// whatever the flags, and a fault never takes a wiring away, so
+        /// this flag changes nothing a fault does.
         const CHANGE_WIRING = 1;
-        /// Wiring for the user, `mlock` (`VM_FAULT_USER_WIRE`).
+        /// Wiring for the user, `mlock` (`VM_FAULT_USER_WIRE`). As
+        /// [`CHANGE_WIRING`](Self::CHANGE_WIRING): accepted, no effect of
+        /// its own.
         const USER_WIRE = 2;
         /// The access will dirty the page: mark it dirty now
         /// (`VM_FAULT_DIRTY`). A trap handler passes it with write faults.
@@ -60,9 +66,43 @@ impl FaultFlags {
     pub const NORMAL: FaultFlags = FaultFlags::empty();
     /// Both wiring flags (`VM_FAULT_WIRE_MASK`).
     pub const WIRE_MASK: FaultFlags = FaultFlags::CHANGE_WIRING.union(FaultFlags::USER_WIRE);
+}
 
-    fn wiring(self) -> bool {
-        self.intersects(Self::WIRE_MASK)
+/// What the core asks of a fault beyond the caller's flags.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct FaultCtx {
+    pub(crate) flags: FaultFlags,
+    /// The wiring operation that owns the entry's transition.
+    pub(crate) owner: bool,
+    /// Give a private (copy-on-write) entry its own copy of the page even
+    /// for a read (`VM_PROT_COPY`): holds that must not share, forced
+    /// writes.
+    pub(crate) copy: bool,
+}
+
+impl FaultCtx {
+    /// A fault asked for through the public API.
+    pub(crate) fn public(flags: FaultFlags) -> FaultCtx {
+        FaultCtx {
+            flags,
+            ..FaultCtx::default()
+        }
+    }
+
+    /// A fault of [`VmSpace::wire`] on an entry it put in transition.
+    pub(crate) fn wiring() -> FaultCtx {
+        FaultCtx {
+            owner: true,
+            ..FaultCtx::default()
+        }
+    }
+
+    /// A fault that breaks copy-on-write sharing without writing.
+    pub(crate) fn copy() -> FaultCtx {
+        FaultCtx {
+            copy: true,
+            ..FaultCtx::default()
+        }
     }
 }
 
@@ -108,6 +148,9 @@ enum Step {
     },
     /// Sleep for free memory, then start over (`VM_WAITPFAULT`).
     WaitMemory,
+    /// A wiring owns the entry: sleep until the map changes after the
+    /// timestamp, then start over.
+    WaitTransition(u64),
     /// The pager asked to be called again later.
     Again {
         object: crate::object::ObjectId,
@@ -123,14 +166,9 @@ struct Retries {
     hard: bool,
     memory_waits: u32,
     again_waits: u32,
-    /// A user wiring must copy-on-write now (seed L247-270).
-    force_cow: bool,
     /// Direct reclaims run for this fault.
     reclaims: u32,
 }
-
-/// Direct reclaims one fault may run before it only waits.
-const MAX_RECLAIMS: u32 = 64;
 
 impl<P: Pmap> VmSpace<P> {
     /// Resolves a fault at `va` for `access` (seed `vm_fault`).
@@ -149,6 +187,16 @@ impl<P: Pmap> VmSpace<P> {
         va: u64,
         access: Prot,
         flags: FaultFlags,
+    ) -> Result<FaultOutcome, FaultError> {
+        self.fault_with(va, access, FaultCtx::public(flags))
+    }
+
+    /// [`fault`](Self::fault) with what the core asks besides the flags.
+    pub(crate) fn fault_with(
+        &self,
+        va: u64,
+        access: Prot,
+        ctx: FaultCtx,
     ) -> Result<FaultOutcome, FaultError> {
         let machine = &*self.vm.machine;
         machine
@@ -170,11 +218,10 @@ impl<P: Pmap> VmSpace<P> {
             hard: false,
             memory_waits: 0,
             again_waits: 0,
-            force_cow: false,
             reclaims: 0,
         };
         loop {
-            match self.fault_attempt(va, access, flags, &mut r) {
+            match self.fault_attempt(va, access, ctx, &mut r) {
                 Ok((mut out, shadowed)) => {
                     if let Some(first) = shadowed {
                         // A copy-on-write just used the chain: merge what
@@ -197,6 +244,7 @@ impl<P: Pmap> VmSpace<P> {
                         .fetch_add(1, Ordering::Relaxed);
                     guard::wait_for_page(machine, id, object, pindex);
                 }
+                Err(Step::WaitTransition(stamp)) => self.wait_transition(stamp),
                 Err(Step::WaitMemory) => {
                     machine
                         .counters
@@ -204,7 +252,7 @@ impl<P: Pmap> VmSpace<P> {
                         .v_wait_memory
                         .fetch_add(1, Ordering::Relaxed);
                     // Direct reclaim first; sleep only when it frees nothing.
-                    if r.reclaims < MAX_RECLAIMS && self.vm.reclaim() {
+                    if r.reclaims < crate::pageout::MAX_RECLAIMS && self.vm.reclaim() {
                         r.reclaims += 1;
                         continue;
                     }
@@ -235,7 +283,7 @@ impl<P: Pmap> VmSpace<P> {
         &self,
         va: u64,
         access: Prot,
-        flags: FaultFlags,
+        ctx: FaultCtx,
         r: &mut Retries,
     ) -> Result<
         (
@@ -244,19 +292,26 @@ impl<P: Pmap> VmSpace<P> {
         ),
         Step,
     > {
-        let lookup_access = if r.force_cow { Prot::READ } else { access };
-        let (map, info, stamp) = match self.map.lookup(&self.vm.machine, va, lookup_access, false) {
+        let mode = LookupMode {
+            override_write: false,
+            copy: ctx.copy,
+            owner: ctx.owner,
+        };
+        let (map, info, stamp) = match self.map.lookup(&self.vm.machine, va, access, mode) {
             Ok(found) => found,
-            Err(e) => return Err(self.lookup_failed(va, flags, e, r)),
+            Err((LookupError::InTransition, stamp)) => return Err(Step::WaitTransition(stamp)),
+            Err((LookupError::Fault(e), _)) => return Err(self.lookup_failed(va, e, r)),
+            Err((LookupError::NeedsWrite, _)) => return Err(Step::Retry),
         };
         let entry = map.find(va).expect("lookup found the entry");
         if entry.eflags.contains(EntryFlags::NOFAULT) {
             return Err(Step::Fail(FaultError::NoFaultEntry { addr: va }));
         }
-        // Wired faults take the entry's protection (seed L307-308); a
-        // forced copy-on-write walks as a write but maps with `prot`.
+        // Wired faults take the entry's protection (seed L307-308); a copy
+        // fault walks as a write (so a page below is copied up) but maps
+        // with `prot`.
         let mut fault_type = if info.wired { info.prot } else { access };
-        if r.force_cow {
+        if ctx.copy {
             fault_type |= Prot::WRITE;
         }
         let mut fs = FaultState {
@@ -273,11 +328,13 @@ impl<P: Pmap> VmSpace<P> {
             first_pindex: info.pindex,
             prot: info.prot,
             wired: info.wired,
+            access,
+            mode,
             fault_type,
             kind: FaultKind::Resident,
             first: Pip::new(info.object),
         };
-        fs.walk(flags, &mut r.hard)?;
+        fs.walk(&mut r.hard)?;
         if fs.object.is_some() {
             if fs.fault_type.contains(Prot::WRITE) {
                 fs.cow();
@@ -288,12 +345,14 @@ impl<P: Pmap> VmSpace<P> {
         fs.revalidate()?;
         let cow = matches!(fs.kind, FaultKind::CowCopy | FaultKind::CowMoved);
         let first = cow.then(|| fs.first.object().clone());
-        fs.finish(flags, r.force_cow).map(|out| (out, first))
+        fs.finish(ctx).map(|out| (out, first))
     }
 
-    /// The seed's handling of a failed lookup (L233-270): grow a stack once,
-    /// or let a user wiring copy a read-only copy-on-write entry.
-    fn lookup_failed(&self, va: u64, flags: FaultFlags, e: FaultError, r: &mut Retries) -> Step {
+    /// The seed's handling of a failed lookup (L233-245): grow a stack
+    /// once. (The seed's forced copy for a user wiring the lookup refused,
+    /// L247-270, served entries without read access; wiring refuses those
+    /// up front, as modern FreeBSD's `mlock` does.)
+    fn lookup_failed(&self, va: u64, e: FaultError, r: &mut Retries) -> Step {
         match e {
             FaultError::InvalidAddress { .. } if r.growstack => {
                 r.growstack = false;
@@ -303,43 +362,8 @@ impl<P: Pmap> VmSpace<P> {
                     Step::Fail(e)
                 }
             }
-            FaultError::ProtectionFailure { .. }
-                if flags & FaultFlags::WIRE_MASK == FaultFlags::USER_WIRE && !r.force_cow =>
-            {
-                if self.prepare_user_wire(va) {
-                    r.force_cow = true;
-                    Step::Retry
-                } else {
-                    Step::Fail(e)
-                }
-            }
             e => Step::Fail(e),
         }
-    }
-
-    /// Seed L254-269: a user wiring of a copy-on-write entry copies now, and
-    /// an entry that is not writable loses write from its maximum so the
-    /// wired copy can never be written. Unlike the seed, the page is then
-    /// mapped with the entry's protection, not its maximum (the seed maps
-    /// the copy writable into a read-only entry). An entry without read
-    /// access is refused (modern FreeBSD skips such entries when wiring).
-    fn prepare_user_wire(&self, va: u64) -> bool {
-        let mut g = self.map.write();
-        let Some(e) = g.find_mut(va) else {
-            return false;
-        };
-        if !e.max_protection.contains(Prot::RW) || !e.protection.contains(Prot::READ) {
-            return false;
-        }
-        if e.eflags.contains(EntryFlags::NEEDS_COPY) {
-            e.shadow(&self.vm.machine);
-        } else if e.object.is_none() {
-            e.allocate_object(&self.vm.machine);
-        }
-        if !e.protection.contains(Prot::WRITE) {
-            e.max_protection.remove(Prot::WRITE);
-        }
-        true
     }
 }
 
@@ -365,6 +389,10 @@ pub(crate) struct FaultState<'a, P: Pmap> {
     first_pindex: u64,
     prot: Prot,
     wired: bool,
+    /// The access asked for, and how the entry was looked up (for the
+    /// relookup after I/O).
+    access: Prot,
+    mode: LookupMode,
     fault_type: Prot,
     kind: FaultKind,
     /// The first object, referenced and paging-in-progress.
@@ -392,10 +420,11 @@ impl<'a, P: Pmap> FaultState<'a, P> {
     }
 
     /// Seed L317-686: find the page, leaving it busy in `self.m`.
-    fn walk(&mut self, flags: FaultFlags, hard: &mut bool) -> Result<(), Step> {
+    fn walk(&mut self, hard: &mut bool) -> Result<(), Step> {
         loop {
             let obj = self.current().clone();
             let trypager;
+            let resident;
             {
                 let mut st = obj.lock();
                 if st.flags.contains(ObjectFlags::DEAD) {
@@ -404,10 +433,14 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                         object: obj.id(),
                     }));
                 }
-                // TRYPAGER (seed L185): the object has a pager, and this is
-                // not an unwiring.
-                trypager = st.pager.is_some() && (!flags.wiring() || self.wired);
-                if let Some(&id) = st.pages.get(&self.pindex) {
+                // TRYPAGER (seed L185): the object has a pager. Unlike the
+                // seed, a wiring fault asks it too: the seed skipped it
+                // trusting that the wiring had just faulted the page in
+                // under the map lock; here the entry is in transition, and
+                // a page a pager holds is never zero-filled over.
+                trypager = st.pager.is_some();
+                resident = st.pages.get(&self.pindex).copied();
+                if let Some(id) = resident {
                     let page = self.machine.pages.get(id);
                     if !page.try_busy() {
                         return Err(Step::WaitPage {
@@ -416,7 +449,6 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                             pindex: self.pindex,
                         });
                     }
-                    drop(st);
                     self.machine.pages.dequeue(id);
                     self.m = Some(BusyPage::new(
                         self.machine,
@@ -427,15 +459,15 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                     if page.valid() == VM_PAGE_BITS_ALL {
                         return Ok(());
                     }
+                    // Partly valid (read ahead up to EOF, or left past
+                    // the end by a truncation): read the rest, within the
+                    // object only.
+                    if self.pindex >= st.size {
+                        return Err(self.out_of_bounds(&obj, st.size));
+                    }
                 } else if trypager || self.object.is_none() {
                     if self.pindex >= st.size {
-                        let (pindex, size) = (self.pindex, st.size);
-                        return Err(self.fail(FaultError::OutOfBounds {
-                            addr: self.va,
-                            object: obj.id(),
-                            pindex,
-                            size,
-                        }));
+                        return Err(self.out_of_bounds(&obj, st.size));
                     }
                     if self.machine.pages.count_severe() {
                         return Err(Step::WaitMemory);
@@ -467,15 +499,7 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                             pindex: self.pindex,
                         });
                     }
-                    Err(PagerError::Bad) => {
-                        let (pindex, size) = (self.pindex, obj.size());
-                        return Err(self.fail(FaultError::OutOfBounds {
-                            addr: self.va,
-                            object: obj.id(),
-                            pindex,
-                            size,
-                        }));
-                    }
+                    Err(PagerError::Bad) => return Err(self.out_of_bounds(&obj, obj.size())),
                     Err(error) => {
                         let pindex = self.pindex;
                         return Err(self.fail(FaultError::Pager {
@@ -486,6 +510,12 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                         }));
                     }
                 }
+            }
+            if resident.is_some() {
+                // A partly valid page the pager cannot complete: its
+                // valid blocks are all there is at this index.
+                self.settle_partial();
+                return Ok(());
             }
             // The pager does not have it (or there is none). In the first
             // object the page stays as a busy placeholder (seed L640-641);
@@ -504,6 +534,39 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                 }
             }
         }
+    }
+
+    fn out_of_bounds(&self, obj: &crate::object::VmObject, size: u64) -> Step {
+        Step::Fail(FaultError::OutOfBounds {
+            addr: self.va,
+            object: obj.id(),
+            pindex: self.pindex,
+            size,
+        })
+    }
+
+    /// Makes the busy page `self.m` wholly valid: blocks nobody filled are
+    /// zeroed, so a page never shows what its frame held before (seed
+    /// L882-885; FreeBSD's pagers do it in `vm_page_zero_invalid`).
+    pub(super) fn settle_partial(&mut self) {
+        let Some(m) = self.m.as_mut() else { return };
+        let page = m.page();
+        let valid = page.valid();
+        if valid != VM_PAGE_BITS_ALL {
+            let block = crate::page::DEV_BSIZE;
+            for b in (0..8).filter(|b| valid & (1 << b) == 0) {
+                self.machine
+                    .phys
+                    .zero_range(m.pfn(), b * block, (b + 1) * block);
+            }
+            page.set_valid(VM_PAGE_BITS_ALL);
+            self.machine
+                .counters
+                .local()
+                .v_pager_partial
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        m.keep();
     }
 
     /// Seed L649-675: nothing below; zero the placeholder in the first
@@ -533,7 +596,7 @@ impl<'a, P: Pmap> FaultState<'a, P> {
 
     /// Seed L789-842: if the map lock was dropped, take it again and check
     /// that the entry still maps the same page; narrow `prot` to what the
-    /// entry allows now.
+    /// entry allows now, and take its wiring as it is now.
     fn revalidate(&mut self) -> Result<(), Step> {
         if self.map.is_some() {
             return Ok(());
@@ -542,9 +605,11 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         let Some(g) = map.try_read() else {
             return Err(Step::Retry);
         };
-        if map.timestamp() != self.stamp {
-            match g.lookup(self.va, self.fault_type, false) {
+        let now = map.timestamp();
+        if now != self.stamp {
+            match g.lookup(self.va, self.access, self.mode) {
                 Err(LookupError::NeedsWrite) => return Err(Step::Retry),
+                Err(LookupError::InTransition) => return Err(Step::WaitTransition(now)),
                 Err(LookupError::Fault(e)) => return Err(Step::Fail(e)),
                 Ok(info) => {
                     if !alloc::sync::Arc::ptr_eq(&info.object, self.first.object())
@@ -553,6 +618,7 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                         return Err(Step::Retry);
                     }
                     self.prot &= info.prot;
+                    self.wired = info.wired;
                     self.entry_start = info.entry_start;
                 }
             }
@@ -561,8 +627,9 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         Ok(())
     }
 
-    /// Seed L843-931: dirty bookkeeping, pmap enter, queue placement.
-    fn finish(mut self, flags: FaultFlags, force_cow: bool) -> Result<FaultOutcome, Step> {
+    /// Seed L843-931: dirty bookkeeping, pmap enter, queue placement, the
+    /// entry's wiring.
+    fn finish(mut self, ctx: FaultCtx) -> Result<FaultOutcome, Step> {
         let Some(entry) = self
             .map
             .as_ref()
@@ -573,16 +640,15 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         let nosync = entry.eflags.contains(EntryFlags::NOSYNC);
         let m = self.m.as_ref().expect("page found");
         let page = m.page();
+        let dirtying = self.prot.contains(Prot::WRITE) && ctx.flags.contains(FaultFlags::DIRTY);
         // One look at the first object: its type, its pager, and the
         // "written" flags when the mapping is writable.
         let (otype, pager) = {
             let mut st = self.first.object().lock();
-            let writing = self.prot.contains(Prot::WRITE) || force_cow;
-            if writing {
+            if self.prot.contains(Prot::WRITE) {
                 st.flags |= ObjectFlags::WRITEABLE | ObjectFlags::MIGHTBEDIRTY;
             }
             // The pager is only told about pages dirtied by this fault.
-            let dirtying = writing && (flags.contains(FaultFlags::DIRTY) || force_cow);
             (st.otype, if dirtying { st.pager.clone() } else { None })
         };
         // A clean page with a copy on swap is mapped read-only by a read
@@ -594,7 +660,7 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         {
             self.prot.remove(Prot::WRITE);
         }
-        if self.prot.contains(Prot::WRITE) || force_cow {
+        if self.prot.contains(Prot::WRITE) {
             if nosync {
                 if page.dirty() == 0 {
                     page.set_flags(PageFlags::NOSYNC);
@@ -602,25 +668,19 @@ impl<'a, P: Pmap> FaultState<'a, P> {
             } else {
                 page.clear_flags(PageFlags::NOSYNC);
             }
-            if flags.contains(FaultFlags::DIRTY) || force_cow {
+            if dirtying {
                 page.dirty_all();
                 if let Some(p) = pager {
                     p.page_unswapped(self.first_pindex);
                 }
             }
         }
-        // A page must be wholly valid to be mapped (seed L882-885): zero
-        // what the pager left invalid.
-        let valid = page.valid();
-        if valid != VM_PAGE_BITS_ALL {
-            self.zero_invalid(m.pfn(), valid);
-            page.set_valid(VM_PAGE_BITS_ALL);
-            self.machine
-                .counters
-                .local()
-                .v_pager_partial
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        // The walk leaves only wholly valid pages (seed L882-885).
+        debug_assert_eq!(
+            page.valid(),
+            VM_PAGE_BITS_ALL,
+            "mapping a partly valid page"
+        );
         let pg = PageInfo {
             pfn: m.pfn(),
             managed: !page
@@ -661,17 +721,18 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                 }));
             }
         }
-        if !flags.wiring() && !self.wired {
-            self.prefault(entry);
-        }
         page.set_flags(PageFlags::REFERENCED);
         let pages = &self.machine.pages;
         let id = m.id;
-        if flags.wiring() && self.wired {
-            pages.wire(id);
-        } else if !(flags.wiring() && pages.unwire(id, true)) {
-            // An ordinary fault, or an unwiring of a page that was not
-            // wired: the page goes where the pageout daemon can find it.
+        if self.wired {
+            // The entry's wiring holds the page it shows (module `wire`).
+            match &entry.wiring {
+                Some(w) => w.note(pages, (self.va - entry.start) / crate::PAGE_SIZE, id),
+                None => debug_assert!(false, "a wired entry without its record"),
+            }
+        } else {
+            self.prefault(entry);
+            // The page goes where the pageout daemon can find it.
             pages.activate(id);
         }
         let out = FaultOutcome {
@@ -682,16 +743,5 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         };
         self.m.take().expect("page found").unbusy();
         Ok(out)
-    }
-
-    fn zero_invalid(&self, pfn: Pfn, valid: u8) {
-        let block = crate::page::DEV_BSIZE;
-        for b in 0..8 {
-            if valid & (1 << b) == 0 {
-                self.machine
-                    .phys
-                    .zero_range(pfn, b * block, (b + 1) * block);
-            }
-        }
     }
 }

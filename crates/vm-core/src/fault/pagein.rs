@@ -273,9 +273,15 @@ impl<P: Pmap> FaultState<'_, P> {
             counters.v_io_faults.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        let m = self.m.as_mut().expect("page to read");
-        m.page().set_valid(valid[reqpage]);
-        m.keep();
+        self.m
+            .as_ref()
+            .expect("page to read")
+            .page()
+            .set_valid(valid[reqpage]);
+        // What the pager left invalid in the requested page is zeroed now,
+        // before anything (a copy-on-write copy) can see the frame.
+        self.settle_partial();
+        let m = self.m.as_ref().expect("page to read");
         let by_type = match m.object().object_type() {
             ObjectType::Swap => Some(&counters.v_swappgsin),
             ObjectType::Vnode => Some(&counters.v_vnodepgsin),
