@@ -88,9 +88,12 @@ impl<P: Pmap> Vm<P> {
             return Ok(0);
         };
         let mut written = 0;
-        let mut next = start;
-        while next < end {
-            let run = self.busy_dirty_run(object, &mut next, end);
+        // Only resident pages can be dirty: walk those, not every index of
+        // the range (a 64 GiB mapping with one page resident costs one).
+        let resident = object.resident_between(start, end);
+        let mut next = 0;
+        while next < resident.len() {
+            let run = self.busy_dirty_run(object, &resident, &mut next);
             if run.is_empty() {
                 continue;
             }
@@ -116,20 +119,25 @@ impl<P: Pmap> Vm<P> {
         Ok(written)
     }
 
-    /// Busies and write-protects the next run of contiguous dirty pages at
-    /// or after `*next`; advances `*next` past what it looked at.
+    /// Busies and write-protects the next run of contiguous dirty pages
+    /// among the resident indexes `resident[*next..]`; advances `*next`
+    /// past what it looked at.
     fn busy_dirty_run(
         &self,
         object: &Arc<VmObject>,
-        next: &mut u64,
-        end: u64,
+        resident: &[u64],
+        next: &mut usize,
     ) -> SmallVec<[BusyPage<'_>; RUN]> {
         let pages = &self.machine.pages;
         let mut run: SmallVec<[BusyPage<'_>; RUN]> = SmallVec::new();
-        while *next < end && run.len() < RUN {
-            let p = *next;
+        while let Some(&p) = resident.get(*next) {
+            let contiguous = run.last().is_none_or(|b| b.page().pindex() + 1 == p);
+            if run.len() == RUN || !contiguous {
+                break;
+            }
             let id: Option<PageId> = object.lock().pages.get(&p).copied();
             let Some(id) = id else {
+                // Gone since the list was made.
                 *next += 1;
                 if run.is_empty() {
                     continue;
@@ -150,9 +158,9 @@ impl<P: Pmap> Vm<P> {
                 continue;
             }
             let busy = BusyPage::new(&self.machine, object.clone(), id, Disposal::Release);
+            *next += 1;
             if page.flags().contains(crate::page::PageFlags::FICTITIOUS) {
                 // Device memory is never written back.
-                *next += 1;
                 busy.unbusy();
                 if run.is_empty() {
                     continue;
@@ -168,7 +176,6 @@ impl<P: Pmap> Vm<P> {
             {
                 page.dirty_all();
             }
-            *next += 1;
             if page.dirty() == 0 {
                 busy.unbusy();
                 if run.is_empty() {

@@ -240,6 +240,25 @@ impl VmObject {
         self.lock().pages.len()
     }
 
+    /// The indexes of the resident pages in `start..end`, in order. Costs
+    /// what is resident or what the range spans, whichever is less.
+    #[must_use]
+    pub fn resident_between(&self, start: u64, end: u64) -> alloc::vec::Vec<u64> {
+        let st = self.lock();
+        let span = end.saturating_sub(start);
+        let mut found: alloc::vec::Vec<u64> = if span <= st.pages.len() as u64 {
+            (start..end).filter(|p| st.pages.contains_key(p)).collect()
+        } else {
+            st.pages
+                .keys()
+                .copied()
+                .filter(|p| (start..end).contains(p))
+                .collect()
+        };
+        found.sort_unstable();
+        found
+    }
+
     /// The resident page at `pindex`, if any.
     #[must_use]
     pub fn resident_page(&self, pindex: u64) -> Option<PageId> {

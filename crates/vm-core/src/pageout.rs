@@ -12,7 +12,7 @@
 //! inactive ones are freed or laundered. Wired, held and busy pages are
 //! never touched.
 
-use crate::fault::guard::wake;
+use crate::fault::guard::{BusyPage, Disposal};
 use crate::object::{ObjectType, VmObject};
 use crate::page::{PageFlags, PageId, PageQueue};
 use crate::pager::{PageOut, Pager};
@@ -156,46 +156,44 @@ impl<P: Pmap> Vm<P> {
 
     /// Frees inactive page `id`, laundering it first if dirty — together
     /// with the dirty inactive pages that follow it in its object, in one
-    /// pager call (clustered page-out).
+    /// pager call (clustered page-out). Every page taken is held busy by a
+    /// guard, so a pager that fails or panics leaves nothing busy: the pages
+    /// go back, dirty and intact, to the inactive queue.
     fn evict(&self, id: PageId, r: &mut PageoutReport) {
-        let pages = &self.machine.pages;
-        let page = pages.get(id);
+        let page = self.machine.pages.get(id);
         let Some(object) = self.machine.objects.get(page.object_raw()) else {
             return;
         };
         let pindex = page.pindex();
-        if !self.claim(&object, id, pindex) {
+        let Some(first) = self.claim(&object, id, pindex) else {
             return;
-        }
-        let mut run: SmallVec<[(PageId, u64); CLUSTER]> = SmallVec::new();
-        run.push((id, pindex));
+        };
+        let mut run: Run<'_> = SmallVec::new();
+        run.push((first, pindex));
         if page.dirty() != 0 {
             self.gather(&object, &mut run);
             if self.launder(&object, &run).is_err() {
                 r.failed += run.len() as u64;
-                run.iter().for_each(|&(id, _)| wake(&self.machine, id));
                 return;
             }
             r.laundered += run.len() as u64;
         }
-        let mut st = object.lock();
-        for &(id, p) in &run {
-            if st.pages.get(&p) == Some(&id) {
-                st.pages.remove(&p);
-            }
-        }
-        drop(st);
-        for (id, _) in run {
-            wake(&self.machine, id);
-            pages.free(id);
+        for (mut busy, _) in run {
+            // Out of the object and freed as the guard drops.
+            busy.discard();
             r.freed += 1;
         }
     }
 
     /// Busies inactive page `id` of `object` at `pindex` and removes every
     /// mapping of it, so nobody writes it while it is decided and written.
-    /// False (and nothing held) if it is not ours to take.
-    fn claim(&self, object: &VmObject, id: PageId, pindex: u64) -> bool {
+    /// `None` (and nothing held) if it is not ours to take.
+    fn claim<'m>(
+        &'m self,
+        object: &Arc<VmObject>,
+        id: PageId,
+        pindex: u64,
+    ) -> Option<BusyPage<'m>> {
         let pages = &self.machine.pages;
         let page = pages.get(id);
         {
@@ -204,42 +202,43 @@ impl<P: Pmap> Vm<P> {
                 && page.hold_count() == 0
                 && page.wire_count() == 0;
             if st.pages.get(&pindex) != Some(&id) || !usable || !page.try_busy() {
-                return false;
+                return None;
             }
         }
+        let busy = BusyPage::new(&self.machine, object.clone(), id, Disposal::Release);
         if self.pmap.remove_all(pages.pfn(id)).modified {
             page.dirty_all();
         }
-        if page.hold_count() != 0 {
-            wake(&self.machine, id);
-            return false;
+        // A hold (or wiring) that came in before the mappings went keeps
+        // the page.
+        if page.hold_count() != 0 || page.wire_count() != 0 {
+            return None;
         }
-        true
+        Some(busy)
     }
 
     /// Extends `run` with the dirty inactive pages that follow it.
-    fn gather(&self, object: &VmObject, run: &mut SmallVec<[(PageId, u64); CLUSTER]>) {
+    fn gather<'m>(&'m self, object: &Arc<VmObject>, run: &mut Run<'m>) {
         let pages = &self.machine.pages;
         while run.len() < CLUSTER {
             let next = run[run.len() - 1].1 + 1;
             let Some(id) = object.lock().pages.get(&next).copied() else {
                 return;
             };
-            if !self.claim(object, id, next) {
+            let Some(busy) = self.claim(object, id, next) else {
                 return;
-            }
+            };
             if pages.get(id).dirty() == 0 {
-                wake(&self.machine, id);
                 return;
             }
-            run.push((id, next));
+            run.push((busy, next));
         }
     }
 
     /// Writes the busy, unmapped pages of `run` (contiguous indexes) to
     /// their object's pager, giving an anonymous object swap backing first.
-    fn launder(&self, object: &Arc<VmObject>, run: &[(PageId, u64)]) -> Result<(), ()> {
-        let pages = &self.machine.pages;
+    /// The pages are marked clean only once the pager has them.
+    fn launder(&self, object: &Arc<VmObject>, run: &Run<'_>) -> Result<(), ()> {
         let (pager, otype) = {
             let mut st = object.lock();
             if st.pager.is_none() && st.otype == ObjectType::Default {
@@ -254,16 +253,16 @@ impl<P: Pmap> Vm<P> {
         let pager: Arc<dyn Pager> = pager.ok_or(())?;
         let outs: SmallVec<[PageOut<'_>; CLUSTER]> = run
             .iter()
-            .map(|&(id, p)| {
+            .map(|(b, p)| {
                 // SAFETY: the page is busy and every mapping of it was
                 // removed, so nothing writes the frame while the pager
                 // reads it.
-                let data = unsafe { self.machine.phys.frame_ref(pages.pfn(id)) };
-                PageOut::new(p, data, pages.get(id).dirty())
+                let data = unsafe { self.machine.phys.frame_ref(b.pfn()) };
+                PageOut::new(*p, data, b.page().dirty())
             })
             .collect();
         pager.put_pages(&outs).map_err(|_| ())?;
-        run.iter().for_each(|&(id, _)| pages.get(id).clear_dirty());
+        run.iter().for_each(|(b, _)| b.page().clear_dirty());
         let c = match otype {
             ObjectType::Vnode => &self.machine.counters.local().v_vnodepgsout,
             _ => &self.machine.counters.local().v_swappgsout,
@@ -272,6 +271,9 @@ impl<P: Pmap> Vm<P> {
         Ok(())
     }
 }
+
+/// Busy pages of one page-out, with their indexes in the object.
+type Run<'m> = SmallVec<[(BusyPage<'m>, u64); CLUSTER]>;
 
 /// A pageout daemon thread; stopped and joined on drop.
 #[cfg(feature = "std")]

@@ -18,7 +18,7 @@ use alloc::sync::{Arc, Weak};
 use core::sync::atomic::{AtomicU64, Ordering};
 use hashbrown::HashMap;
 use vm_core::pmap::{Displaced, PageInfo, PhysFrames, Pmap, PmapError, RefMod};
-use vm_core::sync::{Mutex, MutexGuard};
+use vm_core::sync::{Mutex, MutexGuard, RwLock};
 use vm_core::{Pfn, PhysMem, Prot};
 
 /// Bits that only the CPU changes on its own: a difference there alone
@@ -44,6 +44,11 @@ struct SpaceInner {
     id: u64,
     root: u64,
     state: Mutex<SpaceState>,
+    /// Held shared by every software-MMU walk of the space, and exclusive
+    /// while emptied table frames are freed: a walk that read a parent
+    /// entry before it was cleared finishes in the old table, never in a
+    /// frame reused for data.
+    walk: RwLock<()>,
 }
 
 /// One address space's tables: its root (CR3) and statistics.
@@ -185,6 +190,7 @@ impl<T: TlbHook> X86Pmap<T> {
         access: Access,
     ) -> Result<mmu::Translation, mmu::Fault> {
         let phys = self.phys().ok_or(mmu::Fault::BadPhysical(space.0.root))?;
+        let _walking = space.0.walk.read();
         mmu::translate(phys, &self.mode, space.0.root, va, access)
     }
 
@@ -206,12 +212,12 @@ impl<T: TlbHook> X86Pmap<T> {
     fn leaf_slot_create(
         &self,
         st: &mut SpaceState,
-        root: u64,
+        sp: &SpaceInner,
         va: u64,
     ) -> Result<(&AtomicU64, u64), PmapError> {
         let frames = self.frames.as_ref().ok_or(PmapError::NoMemory)?;
         let phys = frames.phys();
-        let mut table = root;
+        let mut table = sp.root;
         for level in (1..self.mode.paging.levels()).rev() {
             let slot = entry_at(phys, table, index(va, level)).ok_or(PmapError::BadAddress(va))?;
             let e = slot.load(Ordering::Acquire);
@@ -220,7 +226,9 @@ impl<T: TlbHook> X86Pmap<T> {
                 continue;
             }
             let Some(pfn) = frames.alloc_zeroed() else {
-                self.prune(st, root, va);
+                let mut flush = PendingFlush::new(sp.root);
+                self.prune(st, sp.root, va, &mut flush);
+                self.complete(sp, flush);
                 return Err(PmapError::NoMemory);
             };
             let child = pfn.phys_addr();
@@ -232,8 +240,9 @@ impl<T: TlbHook> X86Pmap<T> {
         Ok((slot, table))
     }
 
-    /// Frees the tables on the path to `va` that hold nothing, bottom up.
-    fn prune(&self, _locked: &mut SpaceState, root: u64, va: u64) {
+    /// Unlinks the tables on the path to `va` that hold nothing, bottom
+    /// up, retiring their frames into `flush`.
+    fn prune(&self, _locked: &mut SpaceState, root: u64, va: u64, flush: &mut PendingFlush) {
         let Some(phys) = self.phys() else { return };
         let mut path = [(0u64, 0usize); 5];
         let mut table = root;
@@ -251,19 +260,30 @@ impl<T: TlbHook> X86Pmap<T> {
             depth += 1;
             table = e & PG_FRAME;
         }
-        // `table` is the deepest table reached; free upwards while empty.
-        let mut flush = PendingFlush::new(root);
+        // `table` is the deepest table reached; unlink upwards while empty.
         while depth > 0 && self.count(table) == 0 {
             depth -= 1;
             let (parent, level) = path[depth];
             let slot = entry_at(phys, parent, index(va, level)).expect("walked");
             let old = slot.swap(0, Ordering::AcqRel);
             flush.note(va, old);
-            self.free_table(table);
+            flush.retire_table(table);
             self.count_add(parent, -1);
             table = parent;
         }
-        flush.finish(&self.tlb, &self.stats);
+    }
+
+    /// Finishes an operation's `flush`: invalidates what it owes, then
+    /// frees the table frames it retired, once no software walk of `sp` is
+    /// still in them.
+    fn complete(&self, sp: &SpaceInner, flush: PendingFlush) {
+        let tables = flush.finish(&self.tlb, &self.stats);
+        if !tables.is_empty() {
+            let _quiet = sp.walk.write();
+            for t in tables {
+                self.free_table(t);
+            }
+        }
     }
 
     fn free_table(&self, table: u64) {
@@ -367,8 +387,58 @@ impl<T: TlbHook> X86Pmap<T> {
             if self.count(child) == 0 {
                 let old = slot.swap(0, Ordering::AcqRel);
                 flush.note(va, old);
-                self.free_table(child);
+                flush.retire_table(child);
                 self.count_add(table, -1);
+            }
+        }
+    }
+
+    /// `pmap_enter` on a slot that already maps the frame: a change of
+    /// protection or wiring. What the CPU set (A, M) is kept unless write
+    /// permission goes, when M goes to the page instead. The entry is
+    /// changed by compare-and-swap, so an A or M the CPU (or the software
+    /// MMU, which takes no lock) sets meanwhile is never lost. Returns the
+    /// bits to carry into the page, if any.
+    #[allow(clippy::too_many_arguments)]
+    fn update_same_frame(
+        &self,
+        st: &mut SpaceState,
+        slot: &AtomicU64,
+        mut old: u64,
+        new: u64,
+        va: u64,
+        wired: bool,
+        flush: &mut PendingFlush,
+    ) -> Option<Displaced> {
+        loop {
+            let keep = if new & PteFlags::RW.bits() != 0 {
+                old & HW_BITS
+            } else {
+                old & PteFlags::A.bits()
+            };
+            let updated = new | keep;
+            if (updated ^ old) & !HW_BITS == 0 {
+                return None;
+            }
+            match slot.compare_exchange(old, updated, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(prev) => {
+                    let lost_write =
+                        prev & PteFlags::RW.bits() != 0 && updated & PteFlags::RW.bits() == 0;
+                    let gained_nx =
+                        prev & PteFlags::NX.bits() == 0 && updated & PteFlags::NX.bits() != 0;
+                    if lost_write || gained_nx || (prev ^ updated) & CACHE_MASK.bits() != 0 {
+                        flush.note(va, prev);
+                    }
+                    match (prev & PteFlags::W.bits() != 0, wired) {
+                        (false, true) => st.wired += 1,
+                        (true, false) => st.wired -= 1,
+                        _ => {}
+                    }
+                    return (lost_write && prev & PteFlags::M.bits() != 0).then(|| displaced(prev));
+                }
+                // Only the CPU changes the entry without the lock, and
+                // only A and M: recompute from what it left.
+                Err(now) => old = now,
             }
         }
     }
@@ -433,7 +503,7 @@ impl<T: TlbHook> X86Pmap<T> {
                 if let Some(t) = table {
                     self.count_add(t, -1);
                 }
-                self.prune(&mut st, sp.root, va);
+                self.prune(&mut st, sp.root, va, &mut flush);
             } else {
                 let now = slot.load(Ordering::Acquire);
                 seen |= old;
@@ -441,7 +511,7 @@ impl<T: TlbHook> X86Pmap<T> {
                     flush.note(va, old);
                 }
             }
-            flush.finish(&self.tlb, &self.stats);
+            self.complete(&sp, flush);
         }
         seen
     }
@@ -498,6 +568,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 resident: 0,
                 wired: 0,
             }),
+            walk: RwLock::new(()),
         });
         self.spaces.lock().insert(id, Arc::downgrade(&inner));
         Ok(X86Space(inner))
@@ -527,41 +598,18 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         self.check_va(va)?;
         let root = space.0.root;
         let mut st = self.lock_space(space);
-        let (slot, table) = self.leaf_slot_create(&mut st, root, va)?;
+        let (slot, table) = self.leaf_slot_create(&mut st, &space.0, va)?;
         let new = self.new_pte(page, prot, access, wired);
         let old = slot.load(Ordering::Acquire);
         let mut flush = PendingFlush::new(root);
         let mut out = None;
         if old & PteFlags::V.bits() != 0 && old & PG_FRAME == new & PG_FRAME {
-            // Same frame: protection or wiring change. Keep what the CPU
-            // set, unless write permission goes (then M goes to the page).
-            let keep = if new & PteFlags::RW.bits() != 0 {
-                old & HW_BITS
-            } else {
-                old & PteFlags::A.bits()
-            };
-            let updated = new | keep;
-            if (updated ^ old) & !HW_BITS != 0 {
-                let prev = slot.swap(updated, Ordering::AcqRel);
-                let lost_write =
-                    prev & PteFlags::RW.bits() != 0 && updated & PteFlags::RW.bits() == 0;
-                let gained_nx =
-                    prev & PteFlags::NX.bits() == 0 && updated & PteFlags::NX.bits() != 0;
-                if lost_write || gained_nx || (prev ^ updated) & CACHE_MASK.bits() != 0 {
-                    flush.note(va, prev);
-                }
-                if lost_write && prev & PteFlags::M.bits() != 0 {
-                    out = Some(displaced(prev));
-                }
-                match (prev & PteFlags::W.bits() != 0, wired) {
-                    (false, true) => st.wired += 1,
-                    (true, false) => st.wired -= 1,
-                    _ => {}
-                }
-            }
+            out = self.update_same_frame(&mut st, slot, old, new, va, wired, &mut flush);
         } else {
             if old & PteFlags::V.bits() != 0 {
-                // Another frame: take it out, carrying its A/M to its page.
+                // Another frame: take it out, carrying its A/M to its page,
+                // and invalidate before the new entry can be used (modern
+                // FreeBSD's order), so no CPU mixes the two.
                 let prev = slot.swap(0, Ordering::AcqRel);
                 flush.note(va, prev);
                 if prev & PteFlags::MANAGED.bits() != 0 {
@@ -574,6 +622,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 }
                 st.resident -= 1;
                 self.count_add(table, -1);
+                let owed = core::mem::replace(&mut flush, PendingFlush::new(root));
+                self.complete(&space.0, owed);
             }
             if page.managed {
                 self.pv.add(page.pfn, space.0.id, va);
@@ -585,7 +635,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 st.wired += 1;
             }
         }
-        flush.finish(&self.tlb, &self.stats);
+        self.complete(&space.0, flush);
         Ok(out)
     }
 
@@ -593,9 +643,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         if self.check_va(va).is_err() {
             return false;
         }
-        let root = space.0.root;
         let mut st = self.lock_space(space);
-        let Ok((slot, table)) = self.leaf_slot_create(&mut st, root, va) else {
+        let Ok((slot, table)) = self.leaf_slot_create(&mut st, &space.0, va) else {
             return false;
         };
         if slot.load(Ordering::Acquire) & PteFlags::V.bits() != 0 {
@@ -651,7 +700,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 sink(displaced(old));
             }
         }
-        flush.finish(&self.tlb, &self.stats);
+        self.complete(&space.0, flush);
     }
 
     fn protect(
@@ -714,7 +763,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 sink(displaced(old));
             }
         }
-        flush.finish(&self.tlb, &self.stats);
+        self.complete(&space.0, flush);
     }
 
     fn extract(&self, space: &X86Space, va: u64) -> Option<Pfn> {

@@ -55,12 +55,17 @@ impl TlbStats {
 /// Past this many pages one operation flushes the whole space instead.
 const MAX_PAGES: usize = 32;
 
-/// Invalidations owed by one operation. Must be finished (the pmap does it before the operation returns).
+/// Invalidations owed by one operation, and the page-table frames it
+/// emptied: those are freed only after the invalidation, so no CPU can walk
+/// a table that has become something else (FreeBSD's `free` list in
+/// `pmap_remove`). Must be finished (the pmap does it before the operation
+/// returns).
 #[must_use = "a pending flush must be finished, or stale translations survive"]
 pub struct PendingFlush {
     root: u64,
     pages: SmallVec<[u64; 8]>,
     all: bool,
+    tables: SmallVec<[u64; 2]>,
 }
 
 impl PendingFlush {
@@ -69,7 +74,14 @@ impl PendingFlush {
             root,
             pages: SmallVec::new(),
             all: false,
+            tables: SmallVec::new(),
         }
+    }
+
+    /// Notes a page-table frame (physical address) unlinked from the
+    /// tree, to free once the invalidation is done.
+    pub(crate) fn retire_table(&mut self, table: u64) {
+        self.tables.push(table);
     }
 
     /// Notes that the entry for `va`, whose old value was `old`, changed in
@@ -92,12 +104,18 @@ impl PendingFlush {
         !self.all && self.pages.is_empty()
     }
 
-    /// Issues the invalidations through `hook`, counting them in `stats`.
-    pub(crate) fn finish<H: TlbHook + ?Sized>(self, hook: &H, stats: &TlbStats) {
+    /// Issues the invalidations through `hook`, counting them in `stats`,
+    /// and hands back the retired table frames, now safe to free once no
+    /// software walk is still in them.
+    pub(crate) fn finish<H: TlbHook + ?Sized>(
+        self,
+        hook: &H,
+        stats: &TlbStats,
+    ) -> SmallVec<[u64; 2]> {
         if self.pages.is_empty() && !self.all {
             // Nothing owed (a fault filling an empty entry): no shared
             // statistics line to touch.
-            return;
+            return self.tables;
         }
         if self.all {
             hook.invalidate_all(self.root);
@@ -110,5 +128,6 @@ impl PendingFlush {
                 .pages
                 .fetch_add(self.pages.len() as u64, Ordering::Relaxed);
         }
+        self.tables
     }
 }
