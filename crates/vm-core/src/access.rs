@@ -8,7 +8,8 @@
 
 use crate::addr::{PAGE_SIZE, Pfn, page_trunc};
 use crate::error::FaultError;
-use crate::fault::FaultFlags;
+use crate::fault::{FaultCtx, FaultFlags};
+use crate::map::EntryFlags;
 use crate::pmap::{Pmap, PmapError};
 use crate::prot::Prot;
 use crate::space::VmSpace;
@@ -44,6 +45,87 @@ impl<P: Pmap> VmSpace<P> {
         self.each_page(va, data.len(), Prot::WRITE, |pfn, off, len| {
             self.vm.phys().write(pfn, off, &data[done..done + len]);
             done += len;
+        })
+    }
+
+    /// Writes `data` at `va` the way a debugger does (`ptrace(PT_WRITE_D)`,
+    /// FreeBSD `proc_rwmem` with `VM_PROT_COPY`, Linux `FOLL_FORCE`): even
+    /// where the mapping is read-only, if it is private. A private
+    /// (copy-on-write) mapping whose maximum protection allows write gets
+    /// its own copy of the page, and the bytes go into that copy and only
+    /// there: never into the file or object the mapping was made from, nor
+    /// into memory another space shares copy-on-write. A shared mapping is
+    /// written only if it is writable now.
+    ///
+    /// The copy is checked under the map lock, with the page held, to be
+    /// the mapping's own before a byte is written, so a concurrent page-out,
+    /// `msync`, collapse or unmap and map again cannot redirect the write
+    /// (the Dirty COW class, CVE-2016-5195).
+    ///
+    /// # Errors
+    ///
+    /// [`FaultError::InvalidAddress`] where nothing is mapped,
+    /// [`FaultError::ProtectionFailure`] for a shared mapping that is not
+    /// writable or a private one that may never be (maximum protection), or
+    /// the error of the fault that could not bring the page in. Bytes
+    /// before the failing page have been written.
+    pub fn write_forced(&self, va: u64, data: &[u8]) -> Result<(), FaultError> {
+        let end = va
+            .checked_add(data.len() as u64)
+            .ok_or(FaultError::InvalidAddress { addr: va })?;
+        let mut at = va;
+        while at < end {
+            let page = page_trunc(at);
+            let off = (at - page) as usize;
+            let n = ((PAGE_SIZE - off as u64).min(end - at)) as usize;
+            let done = (at - va) as usize;
+            self.poke(page, off, &data[done..done + n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// One page of [`write_forced`](Self::write_forced).
+    fn poke(&self, page: u64, off: usize, bytes: &[u8]) -> Result<(), FaultError> {
+        let pages = &self.vm.machine.pages;
+        for _ in 0..MAX_FAULTS_PER_PAGE {
+            {
+                let map = self.map.read();
+                let Some(e) = map.find(page) else {
+                    return Err(FaultError::InvalidAddress { addr: page });
+                };
+                let refused = FaultError::ProtectionFailure {
+                    addr: page,
+                    access: Prot::WRITE,
+                    allowed: e.protection,
+                };
+                if !e.eflags.contains(EntryFlags::COW) {
+                    if !e.protection.contains(Prot::WRITE) {
+                        return Err(refused);
+                    }
+                    drop(map);
+                    return self.write(page + off as u64, bytes);
+                }
+                if !e.max_protection.contains(Prot::WRITE) {
+                    return Err(refused);
+                }
+                if let Some(own) = own_object(e) {
+                    if let Some(id) = self.hold_mapped(page, Prot::READ)? {
+                        if pages.get(id).object_raw() == own {
+                            self.vm.phys().write(pages.pfn(id), off, bytes);
+                            pages.get(id).dirty_all();
+                            pages.unhold(id);
+                            return Ok(());
+                        }
+                        pages.unhold(id);
+                    }
+                }
+            }
+            self.fault_with(page, Prot::READ, FaultCtx::copy())?;
+        }
+        Err(FaultError::Pmap {
+            addr: page,
+            error: PmapError::NotKept(page),
         })
     }
 
@@ -126,4 +208,17 @@ impl<P: Pmap> VmSpace<P> {
             error: PmapError::NotKept(page),
         })
     }
+}
+
+/// The raw id of a private entry's own object, whose pages no other
+/// mapping shares copy-on-write: `None` while the entry still awaits its
+/// copy (no object yet, or one shared since a fork).
+fn own_object(e: &crate::map::MapEntry) -> Option<u64> {
+    if e.eflags.contains(EntryFlags::NEEDS_COPY) {
+        return None;
+    }
+    e.object
+        .as_ref()
+        .filter(|o| !o.flags().contains(crate::object::ObjectFlags::NAMED))
+        .map(|o| o.id().0)
 }
