@@ -105,7 +105,6 @@ impl<P: Pmap> Vm<P> {
                     error,
                 })?;
             for b in run {
-                b.page().clear_dirty();
                 self.machine.pages.deactivate(b.id);
                 b.unbusy();
                 written += 1;
@@ -188,17 +187,46 @@ impl<P: Pmap> Vm<P> {
         run
     }
 
+    /// Writes a run of busy, write-protected pages through `pager`.
+    ///
+    /// The pages are marked clean *before* the pager reads them (Linux's
+    /// `clear_page_dirty_for_io`): a write that raced the write-protection
+    /// (through a hold, or a byte access that had translated just before)
+    /// either landed before the pager read the frame, or marks the page
+    /// dirty again after the clean, so it is never lost. A failed write
+    /// marks them dirty again.
     fn write_run(&self, pager: &dyn Pager, run: &[BusyPage<'_>]) -> Result<(), PagerError> {
-        let outs: SmallVec<[PageOut<'_>; RUN]> = run
-            .iter()
-            .map(|b| {
-                // SAFETY: the page is busy and every mapping of it was
-                // made read-only above, so nothing writes the frame while
-                // the pager reads it.
-                let data = unsafe { self.machine.phys.frame_ref(b.pfn()) };
-                PageOut::new(b.page().pindex(), data, b.page().dirty())
-            })
-            .collect();
-        pager.put_pages(&outs)
+        write_clean(
+            &self.machine,
+            pager,
+            run.iter().map(|b| (b, b.page().pindex())),
+        )
     }
+}
+
+/// Marks the busy pages clean, hands them to `pager`, and marks them dirty
+/// again if it fails (see [`Vm::clean_object`]'s write-back order).
+pub(crate) fn write_clean<'a, 'm: 'a>(
+    machine: &crate::vm::Machine,
+    pager: &dyn Pager,
+    run: impl Iterator<Item = (&'a BusyPage<'m>, u64)> + Clone,
+) -> Result<(), PagerError> {
+    let outs: SmallVec<[PageOut<'_>; RUN]> = run
+        .clone()
+        .map(|(b, pindex)| {
+            let dirty = b.page().dirty();
+            b.page().clear_dirty();
+            // SAFETY: the page is busy (no fault or pager touches it) and
+            // every mapping of it is read-only or gone; a racing write
+            // through a hold is ordered by the clean above (see
+            // `write_run`).
+            let data = unsafe { machine.phys.frame_ref(b.pfn()) };
+            PageOut::new(pindex, data, dirty)
+        })
+        .collect();
+    let result = pager.put_pages(&outs);
+    if result.is_err() {
+        run.for_each(|(b, _)| b.page().dirty_all());
+    }
+    result
 }

@@ -15,7 +15,7 @@
 use crate::fault::guard::{BusyPage, Disposal};
 use crate::object::{ObjectType, VmObject};
 use crate::page::{PageFlags, PageId, PageQueue};
-use crate::pager::{PageOut, Pager};
+use crate::pager::Pager;
 use crate::pmap::Pmap;
 use crate::vm::Vm;
 use alloc::sync::Arc;
@@ -251,18 +251,8 @@ impl<P: Pmap> Vm<P> {
             (st.pager.clone(), st.otype)
         };
         let pager: Arc<dyn Pager> = pager.ok_or(())?;
-        let outs: SmallVec<[PageOut<'_>; CLUSTER]> = run
-            .iter()
-            .map(|(b, p)| {
-                // SAFETY: the page is busy and every mapping of it was
-                // removed, so nothing writes the frame while the pager
-                // reads it.
-                let data = unsafe { self.machine.phys.frame_ref(b.pfn()) };
-                PageOut::new(*p, data, b.page().dirty())
-            })
-            .collect();
-        pager.put_pages(&outs).map_err(|_| ())?;
-        run.iter().for_each(|(b, _)| b.page().clear_dirty());
+        crate::clean::write_clean(&self.machine, &*pager, run.iter().map(|(b, p)| (b, *p)))
+            .map_err(|_| ())?;
         let c = match otype {
             ObjectType::Vnode => &self.machine.counters.local().v_vnodepgsout,
             _ => &self.machine.counters.local().v_swappgsout,

@@ -24,7 +24,9 @@ pub struct MapRequest {
     object: Option<(Arc<VmObject>, u64)>,
     private: bool,
     flags: EntryFlags,
-    inheritance: Inheritance,
+    /// `None`: what the mapping's kind implies (see
+    /// [`inheritance`](Self::inheritance)).
+    inheritance: Option<Inheritance>,
     behavior: Behavior,
 }
 
@@ -40,7 +42,7 @@ impl MapRequest {
             object: None,
             private: false,
             flags: EntryFlags::empty(),
-            inheritance: Inheritance::Copy,
+            inheritance: None,
             behavior: Behavior::Normal,
         }
     }
@@ -83,11 +85,26 @@ impl MapRequest {
         self
     }
 
-    /// Fork behaviour (default: copy).
+    /// Fork behaviour. The default follows `mmap`: a shared mapping of an
+    /// object is shared with a forked child ([`Inheritance::Share`], as
+    /// FreeBSD's `MAP_SHARED` sets `MAP_INHERIT_SHARE`), anonymous and
+    /// private memory is copied ([`Inheritance::Copy`]). Asking a shared
+    /// mapping to be copied makes it copy-on-write in the parent too after
+    /// the fork (FreeBSD's `vm_map_copy_entry`).
     #[must_use]
     pub fn inheritance(mut self, i: Inheritance) -> Self {
-        self.inheritance = i;
+        self.inheritance = Some(i);
         self
+    }
+
+    /// The fork behaviour the request resolves to.
+    fn resolved_inheritance(&self) -> Inheritance {
+        self.inheritance
+            .unwrap_or(if self.object.is_some() && !self.private {
+                Inheritance::Share
+            } else {
+                Inheritance::Copy
+            })
     }
 
     /// Access pattern (default: normal).
@@ -276,7 +293,7 @@ impl<P: Pmap> VmSpace<P> {
         }
         let mut e = MapEntry::new(req.start, end, req.prot, req.max_prot);
         e.eflags = req.flags;
-        e.inheritance = req.inheritance;
+        e.inheritance = req.resolved_inheritance();
         e.behavior = req.behavior;
         if let Some((obj, offset)) = req.object {
             if obj.object_type() == crate::object::ObjectType::Device {
@@ -285,7 +302,7 @@ impl<P: Pmap> VmSpace<P> {
                 if req.private {
                     return Err(MapError::PrivateDevice { object: obj.id() });
                 }
-                e.inheritance = Inheritance::Share.min_with(req.inheritance);
+                e.inheritance = Inheritance::Share.min_with(e.inheritance);
             }
             obj.add_ref();
             if obj.ref_count() > 1 {
