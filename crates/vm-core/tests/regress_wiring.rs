@@ -227,7 +227,7 @@ fn i12_3_fork_racing_mlock_waits_instead_of_failing() {
 /// never fails, and the shared object's page itself is wired.
 ///
 /// Fails on main with: `mlock of a read-only private mapping wired the
-/// shared object's page itself (frame Pfn(..)), not a forced private copy`.
+/// shared object's page itself (frame Pfn(1)), not a forced private copy`.
 #[test]
 fn i12_4_mlock_of_read_only_private_mapping_takes_the_forced_copy() {
     let (vm, space) = machine(32);
@@ -386,7 +386,8 @@ fn i12_5_a_write_through_a_hold_survives_pageout() {
 /// writes to user-wired copy-on-write entries.
 ///
 /// Fails on main with: `hold(WRITE) of mlocked private memory failed:
-/// ProtectionFailure { .. access: RW, allowed: RW }`.
+/// Some(ProtectionFailure { addr: 268435456, access: Prot(WRITE), allowed:
+/// Prot(READ | WRITE) })`.
 #[test]
 fn i12_6_hold_for_write_of_mlocked_cow_memory_works() {
     let (vm, space) = machine(32);
@@ -463,7 +464,7 @@ fn i12_7_a_read_pin_keeps_seeing_its_owners_writes_after_fork() {
 /// complete.
 ///
 /// Fails on main with: `after a pager panic in put_pages: VM inconsistency:
-/// page N left busy`.
+/// page 1 left busy`.
 #[test]
 fn i12_9_a_pager_panicking_in_put_pages_leaves_nothing_busy() {
     watchdog(20, "access after a pager panic", || {
@@ -474,8 +475,12 @@ fn i12_9_a_pager_panicking_in_put_pages_leaves_nothing_busy() {
             .map(MapRequest::object(BASE, 2 * PAGE, obj, 0, Prot::RW))
             .unwrap();
         space.write(BASE, b"dirty").unwrap();
-        let r = catch_unwind(AssertUnwindSafe(|| vm.pageout(vm.total_pages())));
-        assert!(r.is_err(), "set-up: the pager panicked inside pageout");
+        let _ = catch_unwind(AssertUnwindSafe(|| vm.pageout(vm.total_pages())));
+        assert_ne!(
+            pager.panics.load(Ordering::Acquire),
+            0,
+            "set-up: the pager panicked inside pageout"
+        );
         if let Err(e) = vm.check_consistency() {
             // Dropping a machine with busy pages trips a debug assertion
             // while this panic unwinds (an abort): leave it be.
@@ -523,11 +528,23 @@ fn i12_10_queue_counters_never_drift_when_unmap_races_pageout() {
         std::thread::scope(|s| {
             let scan = s.spawn(|| vm.pageout(vm.total_pages()));
             pause.wait_started();
-            let held = space.hold(BASE, PAGE, Prot::READ).unwrap();
-            space.unmap(BASE, PAGE).unwrap();
+            let (unmapped_tx, unmapped) = mpsc::channel();
+            let (release, release_rx) = mpsc::channel::<()>();
+            let space = &space;
+            let holder = s.spawn(move || {
+                let held = space.hold(BASE, PAGE, Prot::READ).unwrap();
+                space.unmap(BASE, PAGE).unwrap();
+                let _ = unmapped_tx.send(());
+                let _ = release_rx.recv_timeout(Duration::from_secs(20));
+                drop(held);
+            });
+            // Today the hold and unmap are done at once; if the scan owns
+            // the page while it decides, let it go on after a while.
+            let _ = unmapped.recv_timeout(Duration::from_millis(300));
             pause.resume();
             scan.join().unwrap();
-            drop(held);
+            let _ = release.send(());
+            holder.join().unwrap();
         });
         if let Err(e) = vm.check_consistency() {
             panic!("{e}");
