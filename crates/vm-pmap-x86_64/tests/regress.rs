@@ -152,7 +152,8 @@ impl Drop for Pressure {
 /// the load and the swap, the write is forgotten (pageout would then drop
 /// the data). The race is repeated for 3 s with M cleared before each
 /// round; after each round the pte has M, or `enter` handed it to the page
-/// in a `Displaced`.
+/// in a `Displaced`. Probabilistic: it failed in 10 runs of 10 on the
+/// 2-core test machine, usually within the first few thousand rounds.
 ///
 /// Fails on main with: `round N: the MMU wrote through the mapping but
 /// its D bit is lost: pte 0x...`.
@@ -338,7 +339,9 @@ fn i11_8_table_pages_are_freed_only_after_their_invalidation() {
 /// ever gets present entries, so a non-present entry that is not zero in
 /// it is a store of the MMU through a pointer into a frame that was freed
 /// and reused meanwhile (in memory a file page could have been there: the
-/// issue saw a file byte get `0x20`). Bounded to 3 s.
+/// issue saw a file byte get `0x20`). Bounded to 3 s; probabilistic, it
+/// failed in 10 runs of 10 on the 2-core test machine, within a few hundred
+/// rounds.
 ///
 /// Fails on main with: `round N: entry I of a table of space 2 (frame
 /// 0x...) reads 0x20: the software MMU stored into a table frame after it
