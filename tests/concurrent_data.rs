@@ -187,9 +187,9 @@ fn run<P: Pmap>(tag: &str, pmap: P) {
                     (2, _) => {
                         note("wire/unwire");
                         let base = REGIONS[(i % 4) as usize] + (i % 4) * 4 * PAGE;
-                        space.wire(base, 4 * PAGE, i % 2 == 0).unwrap();
+                        space.wire(base, 4 * PAGE, i.is_multiple_of(2)).unwrap();
                         std::thread::yield_now();
-                        space.unwire(base, 4 * PAGE, i % 2 == 0).unwrap();
+                        space.unwire(base, 4 * PAGE, i.is_multiple_of(2)).unwrap();
                     }
                     (3, 0) => {
                         note("msync");

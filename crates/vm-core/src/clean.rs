@@ -5,7 +5,7 @@ use crate::addr::{PAGE_SIZE, page_trunc};
 use crate::error::MapError;
 use crate::fault::guard::{BusyPage, Disposal, wait_for_page};
 use crate::object::VmObject;
-use crate::page::PageId;
+use crate::page::{PageId, VmPage};
 use crate::pager::{PageOut, Pager, PagerError};
 use crate::pmap::Pmap;
 use crate::prot::Prot;
@@ -205,17 +205,28 @@ impl<P: Pmap> Vm<P> {
 }
 
 /// Marks the busy pages clean, hands them to `pager`, and marks them dirty
-/// again if it fails (see [`Vm::clean_object`]'s write-back order).
+/// again if it fails or panics (see [`Vm::clean_object`]'s write-back
+/// order).
 pub(crate) fn write_clean<'a, 'm: 'a>(
     machine: &crate::vm::Machine,
     pager: &dyn Pager,
-    run: impl Iterator<Item = (&'a BusyPage<'m>, u64)> + Clone,
+    run: impl Iterator<Item = (&'a BusyPage<'m>, u64)>,
 ) -> Result<(), PagerError> {
+    /// Marks the pages dirty again unless disarmed: on an error and on a
+    /// pager's panic alike.
+    struct Redirty<'p>(SmallVec<[&'p VmPage; RUN]>);
+    impl Drop for Redirty<'_> {
+        fn drop(&mut self) {
+            self.0.iter().for_each(|p| p.dirty_all());
+        }
+    }
+    let mut redirty = Redirty(SmallVec::new());
     let outs: SmallVec<[PageOut<'_>; RUN]> = run
-        .clone()
         .map(|(b, pindex)| {
-            let dirty = b.page().dirty();
-            b.page().clear_dirty();
+            let page = b.page();
+            let dirty = page.dirty();
+            page.clear_dirty();
+            redirty.0.push(page);
             // SAFETY: the page is busy (no fault or pager touches it) and
             // every mapping of it is read-only or gone; a racing write
             // through a hold is ordered by the clean above (see
@@ -224,9 +235,7 @@ pub(crate) fn write_clean<'a, 'm: 'a>(
             PageOut::new(pindex, data, dirty)
         })
         .collect();
-    let result = pager.put_pages(&outs);
-    if result.is_err() {
-        run.for_each(|(b, _)| b.page().dirty_all());
-    }
-    result
+    pager.put_pages(&outs)?;
+    redirty.0.clear();
+    Ok(())
 }

@@ -200,16 +200,21 @@ impl<P: Pmap> VmSpace<P> {
         Ok(held)
     }
 
-    /// Faults `va` in — with a private copy of its page if the mapping is a
-    /// writable private one, so the space owns what is held — and holds
-    /// the frame the mapping then gives `access` to.
+    /// Faults `va` in — with a private copy of its page if the mapping is
+    /// private, so the space owns what is held — and holds the frame the
+    /// mapping then gives `access` to.
     fn hold_one(&self, va: u64, access: Prot) -> Result<PageId, FaultError> {
         let pages = &self.vm.machine.pages;
         for _ in 0..64 {
+            // A private mapping that may ever be written gets its own copy
+            // of the page first, whatever the hold is for: a pin never
+            // shares a page copy-on-write (Linux unshares pinned pages
+            // since 5.19), so later writes by the space land in the pinned
+            // page and fork can give the child a copy.
             let unshare = {
                 let g = self.map.read();
                 g.find(va).is_some_and(|e| {
-                    e.eflags.contains(EntryFlags::COW) && e.protection.contains(Prot::WRITE)
+                    e.eflags.contains(EntryFlags::COW) && e.max_protection.contains(Prot::WRITE)
                 })
             };
             let ctx = if access.contains(Prot::WRITE) {

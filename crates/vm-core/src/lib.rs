@@ -76,7 +76,7 @@ pub use check::ConsistencyError;
 pub use counters::{CounterShard, CounterSnapshot, Counters};
 pub use error::{BusCode, FaultError, KernReturn, MapError, SegvCode, Signal};
 pub use fault::{FaultFlags, FaultKind, FaultOutcome};
-pub use hold::HeldPages;
+pub use hold::{HeldPages, HoldError};
 pub use map::{Behavior, EntryFlags, Inheritance, MapEntryInfo, VmMap};
 pub use object::{ObjectId, ObjectType, VmObject};
 pub use page::{PageFlags, PageId, PageQueue, VM_PAGE_BITS_ALL, VmPage};

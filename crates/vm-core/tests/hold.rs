@@ -105,12 +105,20 @@ fn the_cow_optimisation_never_moves_a_held_page() {
     let (vm, a) = machine(64);
     a.map_anon(BASE, PAGE, Prot::RW).unwrap();
     a.write(BASE, b"orig").unwrap();
+    // B shares A's object and pins its page through a shared mapping (no
+    // copy is taken for a hold through a shared mapping).
+    a.set_inheritance(BASE, PAGE, vm_core::Inheritance::Share)
+        .unwrap();
     let b = a.fork().unwrap();
-    a.protect(BASE, PAGE, Prot::READ).unwrap();
-    // Read-only: the hold takes the shared page itself.
-    let held = a.hold(BASE, PAGE, Prot::READ).unwrap();
-    drop(b);
-    a.protect(BASE, PAGE, Prot::RW).unwrap();
+    let held = b.hold(BASE, PAGE, Prot::READ).unwrap();
+    // A copy-inherited fork makes A's entry copy-on-write over the object;
+    // once B and C are gone A is its only user, so A's next write would
+    // move the page up instead of copying it — but the page is held.
+    a.set_inheritance(BASE, PAGE, vm_core::Inheritance::Copy)
+        .unwrap();
+    let c = a.fork().unwrap();
+    drop(c);
+    b.unmap(BASE, PAGE).unwrap();
     a.write(BASE, b"new!").unwrap();
     assert_eq!(
         vm.counters().snapshot().v_cow_optim,
@@ -118,7 +126,11 @@ fn the_cow_optimisation_never_moves_a_held_page() {
         "would have moved a held page"
     );
     assert_ne!(a.extract(BASE), Some(held.frames()[0]));
+    let mut got = [0u8; 4];
+    held.read(0, &mut got).unwrap();
+    assert_eq!(&got, b"orig");
     drop(held);
+    drop(b);
     consistent(&vm);
 }
 

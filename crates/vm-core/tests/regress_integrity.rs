@@ -89,30 +89,40 @@ fn i11_1_wire_racing_munmap_mmap_never_zero_fills_the_new_file() {
     });
 }
 
-/// Issue 11 item 1: a forced copy-on-write (a user-wiring write fault, seed
-/// L247-270) of a read-only private file mapping whose page is not
-/// resident.
+/// Issue 11 item 1: a forced copy-on-write of a non-resident file page —
+/// by `wire()` of a writable private mapping (the seed's L247-270 case) and
+/// by a forced write into a read-only one.
 ///
-/// The fault walks to the file object with a wiring flag on an entry that
-/// is not wired, skips the pager and zero-fills the private copy instead of
-/// copying the file's page.
-///
-/// Fails on main with: `the forced copy of file page 0 reads 0x0 at byte
-/// 0, the file has 0x1`.
+/// On main the wiring fault walked to the file object with a wiring flag on
+/// an entry not yet wired, skipped the pager and zero-filled the private
+/// copy instead of copying the file's page (the hand-made user-wire fault
+/// failed with: `the forced copy of file page 0 reads 0x0 at byte 0, the
+/// file has 0x1`).
 #[test]
 fn i11_1_forced_cow_of_a_non_resident_file_page_copies_the_file() {
     let (vm, space) = machine(64);
-    let (_pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 2, Prot::READ, true);
-    space
-        .fault(BASE, Prot::WRITE, FaultFlags::USER_WIRE)
-        .expect("a user-wiring write fault of a read-only private mapping copies");
+    let (_pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 2, Prot::RW, true);
+    space.wire(BASE, PAGE, true).unwrap();
     let got = byte(&space, BASE);
     assert_eq!(
         got,
         pattern_byte(0, 0),
-        "the forced copy of file page 0 reads {got:#x} at byte 0, the file has {:#x}",
+        "the wired copy of file page 0 reads {got:#x} at byte 0, the file has {:#x}",
         pattern_byte(0, 0)
     );
+    assert_ne!(
+        space.extract(BASE),
+        obj.resident_page(0).map(|id| vm.page_pfn(id))
+    );
+    let ro = vm.new_space().unwrap();
+    ro.map(MapRequest::object(BASE, 2 * PAGE, obj, 0, Prot::READ).private())
+        .unwrap();
+    ro.write_forced(BASE + PAGE + 1, b"!").unwrap();
+    assert_eq!(ro.read_u8(BASE + PAGE).unwrap(), pattern_byte(1, 0));
+    assert_eq!(ro.read_u8(BASE + PAGE + 1).unwrap(), b'!');
+    space.unwire(BASE, PAGE, true).unwrap();
+    drop(ro);
+    consistent(&vm);
 }
 
 /// Issue 11 item 1: a wiring fault (`CHANGE_WIRING`) on swapped-out
@@ -514,7 +524,7 @@ fn i11_6_hold_for_write_never_pins_a_recycled_frame() {
         std::thread::scope(|s| {
             let holder = s.spawn(|| {
                 let held = space.hold(BASE, PAGE, Prot::WRITE).unwrap();
-                held.write(0, b"B");
+                held.write(0, b"B").unwrap();
             });
             pause.wait_started();
             recycle_the_frame_under_the_access(&vm, &space);
