@@ -20,13 +20,13 @@ use std::path::PathBuf;
 use vm_core::{Vm, VmConfig, VmSpace};
 use vm_pager_swap::Swap;
 use vm_pmap_x86_64::X86Pmap;
-use vm_testkit::model::{Harness, OBJECTS, Op, SLOT_PAGES, SLOTS, SPACES};
+use vm_testkit::model::{HOLDS, Harness, MAPPABLE, Op, SLOT_PAGES, SLOTS, SPACES};
 
 fn op() -> impl Strategy<Value = Op> {
     let (sp, sl, pg) = (0..SPACES, 0..SLOTS, 0..SLOT_PAGES);
     prop_oneof![
         2 => (sp.clone(), sl.clone(), any::<bool>()).prop_map(|(space, slot, share)| Op::MapAnon { space, slot, share }),
-        1 => (sp.clone(), sl.clone(), 0..OBJECTS).prop_map(|(space, slot, object)| Op::MapObject { space, slot, object }),
+        2 => (sp.clone(), sl.clone(), 0..MAPPABLE, any::<bool>()).prop_map(|(space, slot, object, private)| Op::MapObject { space, slot, object, private }),
         2 => (sp.clone(), sl.clone(), any::<bool>()).prop_map(|(space, slot, private)| Op::MapFile { space, slot, private }),
         1 => (sp.clone(), sl.clone(), prop::bool::weighted(0.2)).prop_map(|(space, slot, private)| Op::MapDevice { space, slot, private }),
         1 => (sp.clone(), sl.clone()).prop_map(|(space, slot)| Op::Unmap { space, slot }),
@@ -34,15 +34,19 @@ fn op() -> impl Strategy<Value = Op> {
         1 => sp.clone().prop_map(|space| Op::Fork { space }),
         1 => sp.clone().prop_map(|space| Op::Exit { space }),
         6 => (sp.clone(), sl.clone(), pg.clone(), any::<u8>()).prop_map(|(space, slot, page, value)| Op::Write { space, slot, page, value }),
-        4 => (sp.clone(), sl.clone(), pg).prop_map(|(space, slot, page)| Op::Read { space, slot, page }),
-        1 => (sp.clone(), sl.clone()).prop_map(|(space, slot)| Op::Wire { space, slot }),
-        1 => (sp.clone(), sl.clone()).prop_map(|(space, slot)| Op::Unwire { space, slot }),
+        4 => (sp.clone(), sl.clone(), pg.clone()).prop_map(|(space, slot, page)| Op::Read { space, slot, page }),
+        2 => (sp.clone(), sl.clone(), any::<bool>()).prop_map(|(space, slot, user)| Op::Wire { space, slot, user }),
+        2 => (sp.clone(), sl.clone(), any::<bool>()).prop_map(|(space, slot, user)| Op::Unwire { space, slot, user }),
         1 => (sp.clone(), sl.clone()).prop_map(|(space, slot)| Op::Msync { space, slot }),
         1 => (0..=SLOT_PAGES).prop_map(|pages| Op::Truncate { pages }),
-        1 => (sp, sl).prop_map(|(space, slot)| Op::Collapse { space, slot }),
+        1 => (sp.clone(), sl.clone()).prop_map(|(space, slot)| Op::Collapse { space, slot }),
         1 => Just(Op::Pageout),
         1 => (0..4u64).prop_map(|keep| Op::Starve { keep }),
         1 => Just(Op::Feed),
+        2 => (sp.clone(), sl.clone(), pg.clone(), any::<bool>(), 0..HOLDS).prop_map(|(space, slot, page, write, hold)| Op::Hold { space, slot, page, write, hold }),
+        2 => (0..HOLDS, any::<u8>()).prop_map(|(hold, value)| Op::HoldWrite { hold, value }),
+        1 => (0..HOLDS).prop_map(|hold| Op::Release { hold }),
+        2 => (sp, sl, pg, any::<u8>()).prop_map(|(space, slot, page, value)| Op::ForceWrite { space, slot, page, value }),
     ]
 }
 
@@ -139,7 +143,11 @@ fn found_wired_private_mapping_refused_writes_after_protect() {
             slot: 1,
             private: true,
         },
-        Op::Wire { space: 0, slot: 1 },
+        Op::Wire {
+            space: 0,
+            slot: 1,
+            user: true,
+        },
         Op::Protect {
             space: 0,
             slot: 1,
@@ -192,4 +200,46 @@ fn found_failed_copy_on_write_kept_its_copy() {
     ];
     ops.extend([Op::Truncate { pages: 0 }, Op::Feed]);
     replay(&ops);
+}
+
+/// A write hold of a page of a user-wired private mapping, then a grant
+/// of write after a restriction (which gives the wired entry its own
+/// copies in place): the held page must stay the mapping's page.
+#[test]
+fn found_upgrade_of_a_wired_private_mapping_keeps_held_pages() {
+    replay(&[
+        Op::MapFile {
+            space: 0,
+            slot: 0,
+            private: true,
+        },
+        Op::Wire {
+            space: 0,
+            slot: 0,
+            user: true,
+        },
+        Op::Hold {
+            space: 0,
+            slot: 0,
+            page: 1,
+            write: true,
+            hold: 0,
+        },
+        Op::Protect {
+            space: 0,
+            slot: 0,
+            write: false,
+        },
+        Op::Protect {
+            space: 0,
+            slot: 0,
+            write: true,
+        },
+        Op::HoldWrite { hold: 0, value: 9 },
+        Op::Read {
+            space: 0,
+            slot: 0,
+            page: 1,
+        },
+    ]);
 }

@@ -50,12 +50,13 @@ impl<P: Pmap> VmSpace<P> {
 
     /// Writes `data` at `va` the way a debugger does (`ptrace(PT_WRITE_D)`,
     /// FreeBSD `proc_rwmem` with `VM_PROT_COPY`, Linux `FOLL_FORCE`): even
-    /// where the mapping is read-only, if it is private. A private
-    /// (copy-on-write) mapping whose maximum protection allows write gets
-    /// its own copy of the page, and the bytes go into that copy and only
-    /// there: never into the file or object the mapping was made from, nor
-    /// into memory another space shares copy-on-write. A shared mapping is
-    /// written only if it is writable now.
+    /// where the mapping is read-only, if it is private. A private mapping
+    /// (copy-on-write, or anonymous memory of this mapping alone) whose
+    /// maximum protection allows write gets its own copy of the page, and
+    /// the bytes go into that copy and only there: never into the file or
+    /// object the mapping was made from, nor into memory another space
+    /// shares copy-on-write. A shared mapping is written only if it is
+    /// writable now.
     ///
     /// The copy is checked under the map lock, with the page held, to be
     /// the mapping's own before a byte is written, so a concurrent page-out,
@@ -99,7 +100,7 @@ impl<P: Pmap> VmSpace<P> {
                     access: Prot::WRITE,
                     allowed: e.protection,
                 };
-                if !e.eflags.contains(EntryFlags::COW) {
+                if !private_memory(e) {
                     if !e.protection.contains(Prot::WRITE) {
                         return Err(refused);
                     }
@@ -221,4 +222,19 @@ fn own_object(e: &crate::map::MapEntry) -> Option<u64> {
         .as_ref()
         .filter(|o| !o.flags().contains(crate::object::ObjectFlags::NAMED))
         .map(|o| o.id().0)
+}
+
+/// Whether `e` maps private memory: a copy-on-write mapping, or anonymous
+/// memory of this mapping alone that it does not share with a forked
+/// child (inherited shared, anonymous memory is `MAP_SHARED | MAP_ANON`).
+fn private_memory(e: &crate::map::MapEntry) -> bool {
+    use crate::object::ObjectFlags;
+    e.eflags.contains(EntryFlags::COW)
+        || e.inheritance != crate::map::Inheritance::Share
+            && e.object.as_ref().is_none_or(|o| {
+                let st = o.lock();
+                st.otype.is_anonymous()
+                    && st.flags.contains(ObjectFlags::ONEMAPPING)
+                    && !st.flags.contains(ObjectFlags::NAMED)
+            })
 }

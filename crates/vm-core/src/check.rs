@@ -30,15 +30,35 @@ pub struct CheckReport {
     pub in_objects: u64,
     /// Live objects.
     pub objects: u64,
+    /// Held pages (only [`Vm::check_consistency_with_holds`] allows any).
+    pub held: u64,
+    /// Pages freed while held, waiting for their last release.
+    pub freed_held: u64,
 }
 
 impl<P: Pmap> Vm<P> {
-    /// Checks the machine at rest (no fault or map operation running).
+    /// Checks the machine at rest (no fault or map operation running, no
+    /// page held).
     ///
     /// # Errors
     ///
     /// [`ConsistencyError`] naming the first broken invariant.
     pub fn check_consistency(&self) -> Result<CheckReport, ConsistencyError> {
+        self.check(false)
+    }
+
+    /// As [`check_consistency`](Self::check_consistency), for a machine at
+    /// rest whose users still hold pages ([`HeldPages`](crate::HeldPages)
+    /// alive): held pages are allowed and counted.
+    ///
+    /// # Errors
+    ///
+    /// [`ConsistencyError`] naming the first broken invariant.
+    pub fn check_consistency_with_holds(&self) -> Result<CheckReport, ConsistencyError> {
+        self.check(true)
+    }
+
+    fn check(&self, holds: bool) -> Result<CheckReport, ConsistencyError> {
         let err = |s: String| Err(ConsistencyError(s));
         let pages = &self.machine.pages;
         let mut r = CheckReport::default();
@@ -76,9 +96,24 @@ impl<P: Pmap> Vm<P> {
                 return err(format!("page {i} left busy"));
             }
             if p.hold_count() != 0 {
-                return err(format!("page {i} left held ({})", p.hold_count()));
+                if !holds {
+                    return err(format!("page {i} left held ({})", p.hold_count()));
+                }
+                r.held += 1;
             }
             self.check_wiring(i, &wirings, owned.contains_key(&i))?;
+            if p.flags().contains(crate::page::PageFlags::FREE_PENDING) && p.wire_count() == 0 {
+                // Freed while held: out of its object and of every queue,
+                // freed by the last release.
+                if p.hold_count() == 0 || owned.contains_key(&i) || p.queue() != PageQueue::None {
+                    return err(format!("page {i} was freed but is still in use"));
+                }
+                if self.pmap.mapping_count(pfn) != 0 {
+                    return err(format!("freed page {i} is still mapped"));
+                }
+                r.freed_held += 1;
+                continue;
+            }
             match (p.queue(), p.wire_count()) {
                 (PageQueue::Free, 0) => {
                     r.free += 1;
@@ -126,7 +161,7 @@ impl<P: Pmap> Vm<P> {
                 r.wired
             ));
         }
-        if r.free + r.active + r.inactive + r.wired != u64::from(pages.len()) {
+        if r.free + r.active + r.inactive + r.wired + r.freed_held != u64::from(pages.len()) {
             return err(String::from("page states do not add up to the total"));
         }
         Ok(r)

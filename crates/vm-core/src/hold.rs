@@ -50,14 +50,19 @@ pub enum HoldError {
 }
 
 /// Frames of a space held by [`VmSpace::hold`]; released on drop.
-pub struct HeldPages<'a, P: Pmap> {
-    space: &'a VmSpace<P>,
+///
+/// A hold is independent of the space once taken (it keeps the machine, not
+/// the space): it may outlive the mapping and the space, as an I/O in flight
+/// outlives the process that started it; the frames stay out of reuse until
+/// it is dropped.
+pub struct HeldPages<P: Pmap> {
+    vm: alloc::sync::Arc<crate::vm::Vm<P>>,
     start: u64,
     access: Prot,
     pages: Vec<PageId>,
 }
 
-impl<P: Pmap> core::fmt::Debug for HeldPages<'_, P> {
+impl<P: Pmap> core::fmt::Debug for HeldPages<P> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("HeldPages")
             .field("start", &self.start)
@@ -67,7 +72,7 @@ impl<P: Pmap> core::fmt::Debug for HeldPages<'_, P> {
     }
 }
 
-impl<P: Pmap> HeldPages<'_, P> {
+impl<P: Pmap> HeldPages<P> {
     /// Address of the first held page.
     #[must_use]
     pub fn start(&self) -> u64 {
@@ -77,7 +82,7 @@ impl<P: Pmap> HeldPages<'_, P> {
     /// The held frames, one per page from [`start`](Self::start).
     #[must_use]
     pub fn frames(&self) -> Vec<Pfn> {
-        let pages = &self.space.vm.machine.pages;
+        let pages = &self.vm.machine.pages;
         self.pages.iter().map(|&id| pages.pfn(id)).collect()
     }
 
@@ -107,7 +112,7 @@ impl<P: Pmap> HeldPages<'_, P> {
     /// [`HoldError::OutOfRange`] if the range leaves the held pages.
     pub fn read(&self, offset: usize, buf: &mut [u8]) -> Result<(), HoldError> {
         self.each(offset, buf.len(), |_, pfn, off, at, n| {
-            self.space.vm.phys().read(pfn, off, &mut buf[at..at + n]);
+            self.vm.phys().read(pfn, off, &mut buf[at..at + n]);
         })
     }
 
@@ -123,9 +128,9 @@ impl<P: Pmap> HeldPages<'_, P> {
         if !self.access.contains(Prot::WRITE) {
             return Err(HoldError::NotWritable { held: self.access });
         }
-        let pages = &self.space.vm.machine.pages;
+        let pages = &self.vm.machine.pages;
         self.each(offset, data.len(), |id, pfn, off, at, n| {
-            self.space.vm.phys().write(pfn, off, &data[at..at + n]);
+            self.vm.phys().write(pfn, off, &data[at..at + n]);
             pages.get(id).dirty_all();
         })
     }
@@ -141,7 +146,7 @@ impl<P: Pmap> HeldPages<'_, P> {
         if offset.checked_add(len).is_none_or(|end| end > held) {
             return Err(HoldError::OutOfRange { offset, len, held });
         }
-        let pages = &self.space.vm.machine.pages;
+        let pages = &self.vm.machine.pages;
         let mut done = 0;
         while done < len {
             let (i, off) = ((offset + done) / page, (offset + done) % page);
@@ -154,9 +159,9 @@ impl<P: Pmap> HeldPages<'_, P> {
     }
 }
 
-impl<P: Pmap> Drop for HeldPages<'_, P> {
+impl<P: Pmap> Drop for HeldPages<P> {
     fn drop(&mut self) {
-        let pages = &self.space.vm.machine.pages;
+        let pages = &self.vm.machine.pages;
         let written = self.access.contains(Prot::WRITE);
         for &id in &self.pages {
             if written {
@@ -175,7 +180,7 @@ impl<P: Pmap> VmSpace<P> {
     ///
     /// The [`FaultError`] of the first page that cannot be faulted for
     /// `access`; nothing stays held then.
-    pub fn hold(&self, va: u64, len: u64, access: Prot) -> Result<HeldPages<'_, P>, FaultError> {
+    pub fn hold(&self, va: u64, len: u64, access: Prot) -> Result<HeldPages<P>, FaultError> {
         let start = page_trunc(va);
         let end = va
             .checked_add(len)
@@ -187,7 +192,7 @@ impl<P: Pmap> VmSpace<P> {
             access
         };
         let mut held = HeldPages {
-            space: self,
+            vm: self.vm.clone(),
             start,
             access,
             pages: Vec::new(),

@@ -40,6 +40,7 @@ pub struct MemPager {
     contiguity: Mutex<Contiguity>,
     pause: Mutex<Option<(mpsc::Sender<u64>, mpsc::Receiver<()>)>>,
     puts: Mutex<Vec<Vec<u64>>>,
+    valid_mask: Mutex<Option<u8>>,
 }
 
 /// Control of a paused `get_pages` call: see [`MemPager::pause_next`].
@@ -91,6 +92,7 @@ impl MemPager {
             contiguity: Mutex::new(Contiguity::default()),
             pause: Mutex::new(None),
             puts: Mutex::new(Vec::new()),
+            valid_mask: Mutex::new(None),
         }
     }
 
@@ -144,6 +146,14 @@ impl MemPager {
             started: srx,
             resume: rtx,
         }
+    }
+
+    /// From now on every read fills whole pages but declares only the
+    /// 512-byte blocks of `mask` valid (`None`: all): a pager that fills part
+    /// of a page and leaves junk in the rest, which the fault path must
+    /// never show.
+    pub fn set_valid_mask(&self, mask: Option<u8>) {
+        *lock(&self.valid_mask) = mask;
     }
 
     /// What `has_page` reports as readable around a page.
@@ -207,6 +217,7 @@ impl Pager for MemPager {
         if injected == Some(Injected::Nonsense) {
             return Ok(());
         }
+        let always = *lock(&self.valid_mask);
         let store = lock(&self.store);
         let wanted = pages.get(reqpage).map(PageSlot::pindex);
         if wanted.is_none_or(|p| !store.contains_key(&p)) {
@@ -217,8 +228,8 @@ impl Pager for MemPager {
                 continue;
             };
             slot.data_mut().copy_from_slice(src);
-            match injected {
-                Some(Injected::Partial(mask)) => slot.set_valid(mask),
+            match (injected, always) {
+                (Some(Injected::Partial(mask)), _) | (_, Some(mask)) => slot.set_valid(mask),
                 _ => slot.set_all_valid(),
             }
         }

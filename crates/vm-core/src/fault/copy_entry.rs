@@ -14,7 +14,6 @@ use crate::prot::Prot;
 use crate::space::VmSpace;
 use crate::wire::WireRecord;
 use alloc::sync::Arc;
-use alloc::vec::Vec;
 
 /// Gives the child a private copy of every page of the wired entry `src`
 /// of `parent`, entered in the child's pmap, and returns the child's entry
@@ -65,8 +64,18 @@ fn copy_pages<P: Pmap>(
 ) -> Result<(), MapError> {
     let vm = &parent.vm;
     let pages = &vm.machine.pages;
+    let Some(first) = src.object.clone() else {
+        return Ok(());
+    };
     for va in (src.start..src.end).step_by(PAGE_SIZE as usize) {
-        let src_id = source_page(src, va).ok_or(MapError::MissingPage { addr: va })?;
+        let src_id = match shown_page(&first, src.pindex(va)) {
+            Shown::Own(id) | Shown::Below(id) => Some(id),
+            // Past the end of a truncated file: nothing to copy, as the
+            // parent's access there faults.
+            Shown::Beyond => continue,
+            Shown::Missing => None,
+        }
+        .ok_or(MapError::MissingPage { addr: va })?;
         let dst_id = copy_page(parent, src_id, dst_object, (va - src.start) / PAGE_SIZE)?;
         let info = PageInfo {
             pfn: pages.pfn(dst_id),
@@ -121,52 +130,51 @@ pub(crate) fn copy_page<P: Pmap>(
 
 /// A user-wired copy-on-write entry that gains write access gets its own
 /// copy of every page it shows, wired and mapped writable in place of the
-/// page it showed, and stops being copy-on-write (modern FreeBSD's
-/// `vm_fault_copy_entry(map, map, entry, entry)` from `vm_map_protect`).
-/// The entry's wiring moves from each old page to its copy.
+/// page it showed (modern FreeBSD's `vm_fault_copy_entry(map, map, entry,
+/// entry)` from `vm_map_protect`): without it the first write would copy a
+/// page the wiring does not hold. Unlike FreeBSD, pages already in the
+/// entry's own object stay where they are — they are the entry's own, and a
+/// hold on one must go on seeing the mapping — and only the pages it shows
+/// from below are copied up into that object. The entry's wiring moves from
+/// each old page to its copy. A page past the end of its object (a
+/// truncated file) has nothing to copy and is left.
 ///
 /// # Errors
 ///
 /// [`MapError::MissingPage`] if a page of the wired entry is not resident,
-/// [`MapError::ResourceShortage`] if no memory can be had; the entry and
-/// its pages are unchanged then.
+/// [`MapError::ResourceShortage`] if no memory can be had; the pages copied
+/// up to then stay (each is the entry's private copy of what it showed).
 pub(crate) fn upgrade_wired_entry<P: Pmap>(
     space: &VmSpace<P>,
     e: &mut MapEntry,
 ) -> Result<(), MapError> {
     let vm = &space.vm;
     let pages = &vm.machine.pages;
-    let object = VmObject::create(&vm.machine, e.pages(), None, None);
-    object.add_ref();
-    // Copy everything first, so that a failure changes nothing (dropping
-    // the new object frees the copies).
-    let mut copies = Vec::with_capacity(e.pages() as usize);
-    for (pindex, va) in (e.start..e.end).step_by(PAGE_SIZE as usize).enumerate() {
-        let copied = source_page(e, va)
-            .ok_or(MapError::MissingPage { addr: va })
-            .and_then(|src| copy_page(space, src, &object, pindex as u64));
-        match copied {
-            Ok(copy) => copies.push(copy),
-            Err(err) => {
-                object.drop_ref();
-                return Err(err);
-            }
-        }
+    if e.eflags.contains(EntryFlags::NEEDS_COPY) {
+        e.shadow(&vm.machine);
+    } else if e.object.is_none() {
+        e.allocate_object(&vm.machine);
     }
-    let record = e
-        .wiring
-        .get_or_insert_with(|| WireRecord::new(e.end.saturating_sub(e.start) / PAGE_SIZE));
-    for ((index, va), dst) in (e.start..e.end)
-        .step_by(PAGE_SIZE as usize)
-        .enumerate()
-        .zip(copies)
-    {
+    let Some(first) = e.object.clone() else {
+        return Ok(());
+    };
+    let entry_pages = e.pages();
+    let record = e.wiring.get_or_insert_with(|| WireRecord::new(entry_pages));
+    let base = e.offset / PAGE_SIZE;
+    for index in 0..entry_pages {
+        let va = e.start + index * PAGE_SIZE;
+        let src = match shown_page(&first, base + index) {
+            Shown::Own(_) | Shown::Beyond => continue,
+            Shown::Missing => return Err(MapError::MissingPage { addr: va }),
+            Shown::Below(id) => id,
+        };
+        let dst = copy_page(space, src, &first, base + index)?;
         let info = PageInfo {
             pfn: pages.pfn(dst),
             managed: true,
             attr: MemAttr::WriteBack,
         };
-        // The old page is mapped here or was (it is wired), so its tables
+        // The old page is mapped here or was (it is wired), so the tables
         // exist and the replacement needs no memory.
         match vm
             .pmap
@@ -175,32 +183,45 @@ pub(crate) fn upgrade_wired_entry<P: Pmap>(
             Ok(displaced) => displaced.into_iter().for_each(|d| vm.note_displaced(d)),
             Err(err) => debug_assert!(false, "replacing the wired page at {va:#x}: {err}"),
         }
-        record.note(pages, index as u64, dst);
+        record.note(pages, index, dst);
     }
-    if let Some(old) = e.object.replace(object) {
-        old.drop_ref();
-    }
-    e.offset = 0;
-    e.eflags.remove(EntryFlags::COW | EntryFlags::NEEDS_COPY);
     Ok(())
 }
 
-/// The resident, valid page that `va` shows through entry `e` (seed
-/// L1163-1177 for a read-only entry; a wired entry's pages are all
-/// resident, wherever in its chain they are).
-fn source_page(e: &MapEntry, va: u64) -> Option<PageId> {
-    let mut object = e.object.clone()?;
-    let mut pindex = e.pindex(va);
+/// Where the page an entry shows at `pindex` of its first object is.
+enum Shown {
+    /// In the first object itself.
+    Own(PageId),
+    /// Resident and valid further down the chain.
+    Below(PageId),
+    /// Past the end of the object where the chain ends: none.
+    Beyond,
+    /// Within it but not resident (not possible for a wired entry).
+    Missing,
+}
+
+fn shown_page(first: &Arc<VmObject>, pindex: u64) -> Shown {
+    let mut object = first.clone();
+    let mut pindex = pindex;
     loop {
         let next = {
             let st = object.lock();
             if let Some(&id) = st.pages.get(&pindex) {
                 let valid = object.machine.pages.get(id).valid() == VM_PAGE_BITS_ALL;
-                return valid.then_some(id);
+                return match (Arc::ptr_eq(&object, first), valid) {
+                    (true, true) => Shown::Own(id),
+                    (false, true) => Shown::Below(id),
+                    (_, false) => Shown::Missing,
+                };
             }
-            let b = st.backing.as_ref()?;
-            pindex += b.offset;
-            b.object.clone()
+            match st.backing.as_ref() {
+                Some(b) => {
+                    pindex += b.offset;
+                    b.object.clone()
+                }
+                None if pindex >= st.size => return Shown::Beyond,
+                None => return Shown::Missing,
+            }
         };
         object = next;
     }

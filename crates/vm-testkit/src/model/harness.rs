@@ -1,223 +1,39 @@
-//! A reference model of address spaces and an operation language, for
-//! property tests and fuzzing of a whole machine.
-//!
-//! Each space maps *slots* (fixed 8-page regions). A slot shows a *base*
-//! (a vector of page values: fresh anonymous memory, one of the shared
-//! anonymous objects, or the file) and, when mapped private, a layer of
-//! private pages on top: a page the space wrote (or that the kernel
-//! copied for it) reads from the layer, the others read through to the
-//! base, so a private mapping sees a shared writer's changes until it has
-//! its own copy, as FreeBSD does. Fork copies the layer or shares the base
-//! as inheritance says. Device slots map fixed device addresses.
-//!
-//! [`Harness`] runs the same operations on a real [`Vm`] and on the model
-//! and checks, after every step, that they agree: allowed accesses see the
-//! model's bytes, forbidden ones fail with the right error (and, while
-//! [`Op::Starve`] holds the frames back, an operation that needs one may
-//! fail with a shortage and must then change nothing), the file on
-//! disk holds what write-back promised, the machine is consistent, and
-//! isolation holds (every mapped frame holds what the model says that
-//! address reads, a frame one space can write is mapped nowhere for other
-//! memory, no free frame is mapped).
-//!
-//! What the model leaves out: private mappings of the shared anonymous
-//! objects (whether such a mapping later sees a shared writer's page
-//! depends on which object of its chain a read of a hole happened to
-//! zero-fill, which is FreeBSD's timing, not a property worth fixing in a
-//! model; the file has no holes, so its private mappings are in);
-//! truncation while a file slot is wired (the wired pages' fate is the
-//! pager's policy); partial pages (the file is truncated to whole pages).
+//! The machine and the model side by side: see the [module docs](super).
 
+use super::{DEVICE_PA, HOLDS, MAPPABLE, OBJECTS, Op, PAGE, SLOT_PAGES, SPACES, slot_va};
+use crate::MemPager;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use vm_core::{
-    Balloon, FaultError, FaultFlags, Inheritance, MapError, MapRequest, MemAttr, PageQueue, Pfn,
-    Pmap, PmapError, Prot, Vm, VmObject, VmSpace,
+    Balloon, FaultError, FaultFlags, HeldPages, HoldError, Inheritance, MapError, MapRequest,
+    MemAttr, ObjectType, PageQueue, Pfn, Pmap, PmapError, Prot, Vm, VmObject, VmSpace,
 };
 use vm_pager_device::{DeviceMmap, DevicePager};
 use vm_pager_vnode::VnodePager;
 
-/// Bytes in a page.
-const PAGE: u64 = vm_core::PAGE_SIZE;
-/// Slots per space.
-pub const SLOTS: usize = 4;
-/// Pages per slot (and of each object, the file and the device).
-pub const SLOT_PAGES: u64 = 8;
-/// Spaces alive at most.
-pub const SPACES: usize = 3;
-/// Shared anonymous objects.
-pub const OBJECTS: usize = 2;
+/// The partly filling object's place among the objects.
+const PARTIAL: usize = OBJECTS;
 /// The file's place after them.
-const FILE: usize = OBJECTS;
-/// Where the model device's page 0 is (outside the machine's memory).
-pub const DEVICE_PA: u64 = 0xfd00_0000;
+const FILE: usize = OBJECTS + 1;
+/// The device's.
+const DEVICE: usize = OBJECTS + 2;
 /// The byte of each page the model reads and writes.
 const AT: u64 = 11;
+/// A byte no operation writes (in the second 512-byte block, which the
+/// partly filling pager never declares valid): every page of memory must
+/// read zero there.
+const JUNK: usize = 600;
 
-/// The address of `page` of `slot`.
-#[must_use]
-pub fn slot_va(slot: usize, page: u64) -> u64 {
-    0x1000_0000 + slot as u64 * 0x10_0000 + page * PAGE
-}
-
-/// One operation.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[allow(missing_docs)]
-pub enum Op {
-    /// Map fresh anonymous memory, inherited shared or copied.
-    MapAnon {
-        space: usize,
-        slot: usize,
-        share: bool,
-    },
-    /// Map shared anonymous object `object` (`0..OBJECTS`) shared.
-    MapObject {
-        space: usize,
-        slot: usize,
-        object: usize,
-    },
-    /// Map the file, shared or private (copy-on-write).
-    MapFile {
-        space: usize,
-        slot: usize,
-        private: bool,
-    },
-    /// Map the device (a private mapping must be refused).
-    MapDevice {
-        space: usize,
-        slot: usize,
-        private: bool,
-    },
-    Unmap {
-        space: usize,
-        slot: usize,
-    },
-    Protect {
-        space: usize,
-        slot: usize,
-        write: bool,
-    },
-    Fork {
-        space: usize,
-    },
-    Exit {
-        space: usize,
-    },
-    Write {
-        space: usize,
-        slot: usize,
-        page: u64,
-        value: u8,
-    },
-    Read {
-        space: usize,
-        slot: usize,
-        page: u64,
-    },
-    Wire {
-        space: usize,
-        slot: usize,
-    },
-    Unwire {
-        space: usize,
-        slot: usize,
-    },
-    /// Write a slot's dirty pages back (`msync`).
-    Msync {
-        space: usize,
-        slot: usize,
-    },
-    /// Truncate or extend the file to `pages` pages.
-    Truncate {
-        pages: u64,
-    },
-    /// Collapse the shadow chain under a slot.
-    Collapse {
-        space: usize,
-        slot: usize,
-    },
-    /// Run the pageout scan over everything.
-    Pageout,
-    /// Starve the machine: a balloon takes all free frames but `keep`.
-    Starve {
-        keep: u64,
-    },
-    /// Give the balloon's frames back.
-    Feed,
-}
-
-impl Op {
-    /// Decodes operations from raw bytes (for fuzzers): three bytes each.
-    #[must_use]
-    pub fn decode(data: &[u8]) -> Vec<Op> {
-        data.chunks_exact(3)
-            .map(|c| {
-                let (space, slot, page) = (
-                    c[1] as usize % SPACES,
-                    (c[1] >> 2) as usize % SLOTS,
-                    u64::from(c[1] >> 4) % SLOT_PAGES,
-                );
-                let flag = c[2] & 1 != 0;
-                match c[0] % 22 {
-                    0 | 1 => Op::MapAnon {
-                        space,
-                        slot,
-                        share: flag,
-                    },
-                    2 => Op::MapObject {
-                        space,
-                        slot,
-                        object: c[2] as usize % OBJECTS,
-                    },
-                    3 => Op::MapFile {
-                        space,
-                        slot,
-                        private: flag,
-                    },
-                    4 => Op::MapDevice {
-                        space,
-                        slot,
-                        private: c[2] % 8 == 0,
-                    },
-                    5 => Op::Unmap { space, slot },
-                    6 => Op::Protect {
-                        space,
-                        slot,
-                        write: flag,
-                    },
-                    7 => Op::Fork { space },
-                    8 => Op::Exit { space },
-                    9..=11 => Op::Write {
-                        space,
-                        slot,
-                        page,
-                        value: c[2],
-                    },
-                    12 | 13 => Op::Read { space, slot, page },
-                    14 => Op::Wire { space, slot },
-                    15 => Op::Unwire { space, slot },
-                    16 => Op::Msync { space, slot },
-                    17 => Op::Truncate {
-                        pages: u64::from(c[2]) % (SLOT_PAGES + 1),
-                    },
-                    18 => Op::Collapse { space, slot },
-                    19 => Op::Pageout,
-                    20 => Op::Starve {
-                        keep: u64::from(c[2] % 4),
-                    },
-                    _ => Op::Feed,
-                }
-            })
-            .collect()
-    }
-}
+/// Reads a mapping the way the hardware holds it: the frame's physical
+/// address and whether it is writable, or `None` when `va` is not mapped.
+pub type Probe<P> = fn(&Vm<P>, &VmSpace<P>, u64) -> Option<(u64, bool)>;
 
 /// What a slot shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
-    /// Memory of a base cell (anonymous, or a shared anonymous object).
+    /// Memory of a base cell (anonymous, or one of the objects).
     Memory,
     /// The file (its cell is the file's contents).
     File,
@@ -235,7 +51,14 @@ struct Region {
     /// Unique per mapping instance (a fork's copy gets a new one).
     id: usize,
     write: bool,
-    wired: bool,
+    user_wired: bool,
+    kernel_wires: u32,
+}
+
+impl Region {
+    fn wired(&self) -> bool {
+        self.user_wired || self.kernel_wires != 0
+    }
 }
 
 /// What an access to a page must give.
@@ -248,9 +71,27 @@ enum Expect {
     Device,
 }
 
-/// Reads a mapping the way the hardware holds it: the frame's physical
-/// address and whether it is writable, or `None` when `va` is not mapped.
-pub type Probe<P> = fn(&Vm<P>, &VmSpace<P>, u64) -> Option<(u64, bool)>;
+/// Where writes through a hold land.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    /// Page `page` of base cell `cell` (shared memory). `alive` goes false
+    /// when a truncation takes the page.
+    Cell { cell: usize, alive: bool },
+    /// The private layer of mapping instance `id` in `space`/`slot`.
+    Layer {
+        space: usize,
+        slot: usize,
+        id: usize,
+    },
+}
+
+/// A hold the harness keeps, with where its writes land.
+struct ModelHold<P: Pmap> {
+    handle: HeldPages<P>,
+    page: u64,
+    write: bool,
+    target: Target,
+}
 
 /// The model's device: page `i` at [`DEVICE_PA`] + `i` pages.
 struct Device;
@@ -274,11 +115,14 @@ impl Drop for ModelFile {
     }
 }
 
-/// The machine and the model side by side. See the [module docs](self).
+/// The machine and the model side by side. See the [module docs](super).
 pub struct Harness<P: Pmap> {
     vm: Arc<Vm<P>>,
+    /// Holds first: they are released before the spaces go.
+    holds: Vec<Option<ModelHold<P>>>,
     spaces: Vec<Option<VmSpace<P>>>,
-    /// The shared anonymous objects, the file's object, the device's.
+    /// The named anonymous objects, the partly filling one, the file's
+    /// object, the device's.
     objects: Vec<Arc<VmObject>>,
     file: ModelFile,
     /// The file's length in pages.
@@ -313,12 +157,13 @@ fn temp_file() -> PathBuf {
 
 impl<P: Pmap> Harness<P> {
     /// A harness on `vm` (install swap on it first to exercise paging),
-    /// with one empty space and a zeroed file of [`SLOT_PAGES`] pages in
-    /// the temporary directory.
+    /// with one empty space, the named objects written whole, and a zeroed
+    /// file of [`SLOT_PAGES`] pages in the temporary directory.
     ///
     /// # Panics
     ///
-    /// If the pmap cannot make a space or the file cannot be made.
+    /// If the pmap cannot make a space, the file cannot be made, or the
+    /// machine cannot hold the objects' pages.
     pub fn new(vm: Arc<Vm<P>>, probe: Probe<P>) -> Harness<P> {
         let path = temp_file();
         std::fs::File::create(&path)
@@ -333,11 +178,16 @@ impl<P: Pmap> Harness<P> {
         let mut objects: Vec<_> = (0..OBJECTS)
             .map(|_| vm.new_anon_object(SLOT_PAGES))
             .collect();
+        let partial = Arc::new(MemPager::with_pattern(ObjectType::Swap, SLOT_PAGES));
+        partial.set_valid_mask(Some(0x01));
+        objects.push(vm.new_object(SLOT_PAGES, partial));
         objects.push(file.object.clone());
         objects.push(DevicePager::object(&vm, Device, SLOT_PAGES));
+        write_whole(&vm, &objects[..OBJECTS]);
         let first = vm.new_space().expect("first space");
         let mut h = Harness {
             vm,
+            holds: (0..HOLDS).map(|_| None).collect(),
             spaces: vec![Some(first), None, None],
             objects,
             file,
@@ -349,13 +199,16 @@ impl<P: Pmap> Harness<P> {
             balloon: None,
             probe,
         };
-        h.object_cells = (0..=OBJECTS).map(|_| h.new_cell(None)).collect();
+        h.object_cells = (0..=FILE).map(|_| h.new_cell()).collect();
+        let partial_cell = h.object_cells[PARTIAL];
+        for p in 0..SLOT_PAGES {
+            h.cells[partial_cell][p as usize] = crate::pattern_byte(p, AT as usize);
+        }
         h
     }
 
-    fn new_cell(&mut self, from: Option<usize>) -> usize {
-        let v = from.map_or_else(|| vec![0; SLOT_PAGES as usize], |c| self.cells[c].clone());
-        self.cells.push(v);
+    fn new_cell(&mut self) -> usize {
+        self.cells.push(vec![0; SLOT_PAGES as usize]);
         self.cells.len() - 1
     }
 
@@ -393,10 +246,24 @@ impl<P: Pmap> Harness<P> {
         )
     }
 
+    /// Gives a private region its own copy of one page (what it reads now).
+    fn own_page(&mut self, space: usize, slot: usize, page: u64) {
+        let reg = self.region(space, slot).clone();
+        if let (Some(_), Expect::Value(v)) = (&reg.private, self.expect(&reg, page)) {
+            if let Some(layer) = self.region_mut(space, slot).private.as_mut() {
+                layer[page as usize] = Some(v);
+            }
+        }
+    }
+
     /// Whether `got` is a shortage of frames while the balloon holds
     /// memory back: then the operation may fail and must change nothing.
     fn starved_out<T>(&self, got: &Result<T, FaultError>) -> bool {
         self.balloon.is_some() && matches!(got, Err(e) if is_shortage(e))
+    }
+
+    fn region(&self, space: usize, slot: usize) -> &Region {
+        &self.model[space].as_ref().expect("live")[&slot]
     }
 
     /// The model of a slot the caller found mapped.
@@ -424,7 +291,8 @@ impl<P: Pmap> Harness<P> {
                 space,
                 slot,
                 object,
-            } => self.map(space, slot, Some(object % OBJECTS), false),
+                private,
+            } => self.map(space, slot, Some(object % MAPPABLE), private),
             Op::MapFile {
                 space,
                 slot,
@@ -459,8 +327,8 @@ impl<P: Pmap> Harness<P> {
                 value,
             } => self.write(space, slot, page, value),
             Op::Read { space, slot, page } => self.read(space, slot, page),
-            Op::Wire { space, slot } => self.wire(space, slot),
-            Op::Unwire { space, slot } => self.unwire(space, slot),
+            Op::Wire { space, slot, user } => self.wire(space, slot, user),
+            Op::Unwire { space, slot, user } => self.unwire(space, slot, user),
             Op::Msync { space, slot } => self.msync(space, slot),
             Op::Truncate { pages } => self.truncate(pages),
             Op::Collapse { space, slot } => {
@@ -487,6 +355,24 @@ impl<P: Pmap> Harness<P> {
                 self.balloon = None;
                 Ok(())
             }
+            Op::Hold {
+                space,
+                slot,
+                page,
+                write,
+                hold,
+            } => self.hold(space, slot, page, write, hold % HOLDS),
+            Op::HoldWrite { hold, value } => self.hold_write(hold % HOLDS, value),
+            Op::Release { hold } => {
+                self.holds[hold % HOLDS] = None;
+                Ok(())
+            }
+            Op::ForceWrite {
+                space,
+                slot,
+                page,
+                value,
+            } => self.force_write(space, slot, page, value),
         }
     }
 
@@ -517,7 +403,7 @@ impl<P: Pmap> Harness<P> {
         s.map(req).map_err(|e| format!("map: {e}"))?;
         let base = match object {
             Some(o) => self.object_cells[o],
-            None => self.new_cell(None),
+            None => self.new_cell(),
         };
         let kind = if object == Some(FILE) {
             Kind::File
@@ -537,7 +423,8 @@ impl<P: Pmap> Harness<P> {
             private: private.then(|| vec![None; SLOT_PAGES as usize]),
             id: self.new_id(),
             write: true,
-            wired: false,
+            user_wired: false,
+            kernel_wires: 0,
         };
         self.model[space]
             .as_mut()
@@ -552,7 +439,7 @@ impl<P: Pmap> Harness<P> {
         if m.contains_key(&slot) {
             return Ok(());
         }
-        let device = self.objects[OBJECTS + 1].clone();
+        let device = self.objects[DEVICE].clone();
         let req = MapRequest::object(slot_va(slot, 0), SLOT_PAGES * PAGE, device, 0, Prot::RW);
         if private {
             let got = s.map(req.private());
@@ -581,10 +468,10 @@ impl<P: Pmap> Harness<P> {
             Err(MapError::ResourceShortage) if self.balloon.is_some() => return Ok(()),
             Err(e) => return Err(format!("protect: {e}")),
         }
-        let reg = &self.model[space].as_ref().expect("live")[&slot];
-        // A wired private region that gains write gets its own copy of
-        // every page (modern FreeBSD's `vm_map_protect`).
-        let copies = (reg.wired && write && !reg.write)
+        let reg = self.region(space, slot);
+        // A user-wired private region that gains write gets its own copy
+        // of every page (modern FreeBSD's `vm_map_protect`).
+        let copies = (reg.user_wired && write && !reg.write)
             .then(|| self.own_copies(reg, SLOT_PAGES))
             .flatten();
         let reg = self.region_mut(space, slot);
@@ -617,7 +504,7 @@ impl<P: Pmap> Harness<P> {
         for (slot, reg) in regions {
             // A wired private region is copied for the child outright
             // (seed `vm_fault_copy_entry`): every page becomes its own.
-            let private = if reg.wired {
+            let private = if reg.wired() {
                 self.own_copies(&reg, SLOT_PAGES)
             } else {
                 reg.private.clone()
@@ -628,7 +515,8 @@ impl<P: Pmap> Harness<P> {
                 Region {
                     private,
                     id,
-                    wired: false,
+                    user_wired: false,
+                    kernel_wires: 0,
                     ..reg
                 },
             );
@@ -673,12 +561,28 @@ impl<P: Pmap> Harness<P> {
                 matches!(got, Err(FaultError::OutOfBounds { .. })),
                 "read past EOF {space}/{slot}/{page}: {got:?}"
             ),
-            Expect::Value(want) => ensure!(
-                got == Ok(want),
-                "read {space}/{slot}/{page}: got {got:?}, model {want}"
-            ),
+            Expect::Value(want) => {
+                ensure!(
+                    got == Ok(want),
+                    "read {space}/{slot}/{page}: got {got:?}, model {want}"
+                );
+                let junk = s.read_u8(va + JUNK as u64);
+                ensure!(
+                    junk == Ok(0) || self.starved_out(&junk),
+                    "read {space}/{slot}/{page}: byte {JUNK} reads {junk:?}, never written"
+                );
+            }
         }
         Ok(())
+    }
+
+    /// The outcome a write-like access to `page` of `reg` must have, given
+    /// `writable` (the access is allowed there); `None` for device pages.
+    fn write_expect(&self, reg: &Region, page: u64) -> Option<Expect> {
+        match self.expect(reg, page) {
+            Expect::Device => None,
+            e => Some(e),
+        }
     }
 
     fn write(&mut self, space: usize, slot: usize, page: u64, value: u8) -> Result<(), String> {
@@ -694,8 +598,8 @@ impl<P: Pmap> Harness<P> {
             );
             return Ok(());
         };
-        let expect = self.expect(reg, page);
-        let got = if reg.write && expect == Expect::Device {
+        let expect = self.write_expect(reg, page);
+        let got = if reg.write && expect.is_none() {
             s.fault(va, Prot::WRITE, FaultFlags::DIRTY).map(|_| ())
         } else {
             s.write(va + AT, &[value])
@@ -711,69 +615,247 @@ impl<P: Pmap> Harness<P> {
             return Ok(());
         }
         match expect {
-            Expect::Device => ensure!(got.is_ok(), "device write {space}/{slot}/{page}: {got:?}"),
-            Expect::PastEof => ensure!(
+            None => ensure!(got.is_ok(), "device write {space}/{slot}/{page}: {got:?}"),
+            Some(Expect::PastEof) => ensure!(
                 matches!(got, Err(FaultError::OutOfBounds { .. })),
                 "write past EOF {space}/{slot}/{page}: {got:?}"
             ),
-            Expect::Value(_) => {
+            Some(_) => {
                 ensure!(got.is_ok(), "write {space}/{slot}/{page}: {got:?}");
-                let base = reg.base;
-                let reg = self.region_mut(space, slot);
-                match &mut reg.private {
-                    Some(layer) => layer[page as usize] = Some(value),
-                    None => self.cells[base][page as usize] = value,
+                self.store(space, slot, page, value);
+            }
+        }
+        Ok(())
+    }
+
+    /// The model's side of a write that landed in `page` of a region: its
+    /// private layer, or its base.
+    fn store(&mut self, space: usize, slot: usize, page: u64, value: u8) {
+        let base = self.region(space, slot).base;
+        let reg = self.region_mut(space, slot);
+        match &mut reg.private {
+            Some(layer) => layer[page as usize] = Some(value),
+            None => self.cells[base][page as usize] = value,
+        }
+    }
+
+    fn force_write(
+        &mut self,
+        space: usize,
+        slot: usize,
+        page: u64,
+        value: u8,
+    ) -> Result<(), String> {
+        let Some((s, m)) = self.live(space) else {
+            return Ok(());
+        };
+        let va = slot_va(slot, page) + AT;
+        let Some(reg) = m.get(&slot) else {
+            let got = s.write_forced(va, &[value]);
+            ensure!(
+                matches!(got, Err(FaultError::InvalidAddress { .. })),
+                "forced write to unmapped: {got:?}"
+            );
+            return Ok(());
+        };
+        let Some(expect) = self.write_expect(reg, page) else {
+            return Ok(());
+        };
+        let private = reg.private.is_some();
+        let got = s.write_forced(va, &[value]);
+        if self.starved_out(&got) {
+            return Ok(());
+        }
+        if !private && !reg.write {
+            ensure!(
+                matches!(got, Err(FaultError::ProtectionFailure { .. })),
+                "forced write to a read-only shared mapping: {got:?}"
+            );
+            return Ok(());
+        }
+        if expect == Expect::PastEof {
+            ensure!(
+                matches!(got, Err(FaultError::OutOfBounds { .. })),
+                "forced write past EOF {space}/{slot}/{page}: {got:?}"
+            );
+            return Ok(());
+        }
+        ensure!(got.is_ok(), "forced write {space}/{slot}/{page}: {got:?}");
+        self.store(space, slot, page, value);
+        Ok(())
+    }
+
+    fn wire(&mut self, space: usize, slot: usize, user: bool) -> Result<(), String> {
+        let Some((s, m)) = self.live(space) else {
+            return Ok(());
+        };
+        let Some(reg) = m.get(&slot) else {
+            return Ok(());
+        };
+        let got = s.wire(slot_va(slot, 0), SLOT_PAGES * PAGE, user);
+        if reg.wired() {
+            // Already wired: only the counts change, nothing is faulted.
+            ensure!(got.is_ok(), "wire of a wired {space}/{slot}: {got:?}");
+        } else {
+            // Wiring faults every page in order with the entry's
+            // protection (seed L307), so a writable private region gets
+            // its own copy of each page it reaches; a page past EOF stops
+            // it.
+            let stop = (0..SLOT_PAGES).find(|&p| self.expect(reg, p) == Expect::PastEof);
+            let reached = match (&got, stop) {
+                (Ok(()), None) => SLOT_PAGES,
+                (Err(MapError::Fault(FaultError::OutOfBounds { addr, .. })), Some(p))
+                    if *addr == slot_va(slot, p) =>
+                {
+                    p
+                }
+                // A small (or starved) machine may lack the memory; nothing
+                // stays wired, the pages before the failure were reached.
+                (Err(MapError::Fault(e)), _) if is_shortage(e) => {
+                    (e.addr() - slot_va(slot, 0)) / PAGE
+                }
+                _ => return Err(format!("wire {space}/{slot} (EOF stop {stop:?}): {got:?}")),
+            };
+            let copies = reg.write.then(|| self.own_copies(reg, reached)).flatten();
+            if let Some(copies) = copies {
+                self.region_mut(space, slot).private = Some(copies);
+            }
+            if got.is_err() {
+                return Ok(());
+            }
+        }
+        let reg = self.region_mut(space, slot);
+        if user {
+            reg.user_wired = true;
+        } else {
+            reg.kernel_wires += 1;
+        }
+        Ok(())
+    }
+
+    fn unwire(&mut self, space: usize, slot: usize, user: bool) -> Result<(), String> {
+        let Some((s, m)) = self.live(space) else {
+            return Ok(());
+        };
+        let Some(reg) = m.get(&slot) else {
+            return Ok(());
+        };
+        let allowed = if user {
+            reg.user_wired
+        } else {
+            reg.kernel_wires != 0
+        };
+        let got = s.unwire(slot_va(slot, 0), SLOT_PAGES * PAGE, user);
+        if !allowed {
+            ensure!(
+                matches!(got, Err(MapError::NotWired { .. })),
+                "unwire (user {user}) of {space}/{slot} not so wired: {got:?}"
+            );
+            return Ok(());
+        }
+        ensure!(got.is_ok(), "unwire (user {user}) {space}/{slot}: {got:?}");
+        let reg = self.region_mut(space, slot);
+        if user {
+            reg.user_wired = false;
+        } else {
+            reg.kernel_wires -= 1;
+        }
+        Ok(())
+    }
+
+    fn hold(
+        &mut self,
+        space: usize,
+        slot: usize,
+        page: u64,
+        write: bool,
+        hold: usize,
+    ) -> Result<(), String> {
+        self.holds[hold] = None;
+        let Some((s, m)) = self.live(space) else {
+            return Ok(());
+        };
+        let va = slot_va(slot, page);
+        let access = if write { Prot::RW } else { Prot::READ };
+        let Some(reg) = m.get(&slot) else {
+            let got = s.hold(va, PAGE, access).map(|_| ());
+            ensure!(
+                matches!(got, Err(FaultError::InvalidAddress { .. })),
+                "hold of unmapped: {got:?}"
+            );
+            return Ok(());
+        };
+        let Some(expect) = self.write_expect(reg, page) else {
+            return Ok(());
+        };
+        let (private, writable, id, base) = (reg.private.is_some(), reg.write, reg.id, reg.base);
+        let got = s.hold(va, PAGE, access);
+        if self.starved_out(&got) {
+            return Ok(());
+        }
+        if write && !writable {
+            ensure!(
+                matches!(got, Err(FaultError::ProtectionFailure { .. })),
+                "write hold of read-only: {:?}",
+                got.map(|_| ())
+            );
+            return Ok(());
+        }
+        if expect == Expect::PastEof {
+            ensure!(
+                matches!(got, Err(FaultError::OutOfBounds { .. })),
+                "hold past EOF: {:?}",
+                got.map(|_| ())
+            );
+            return Ok(());
+        }
+        let handle = got.map_err(|e| format!("hold {space}/{slot}/{page}: {e}"))?;
+        let target = if private {
+            // A hold of a private page takes the space's own copy first.
+            self.own_page(space, slot, page);
+            Target::Layer { space, slot, id }
+        } else {
+            Target::Cell {
+                cell: base,
+                alive: true,
+            }
+        };
+        self.holds[hold] = Some(ModelHold {
+            handle,
+            page,
+            write,
+            target,
+        });
+        Ok(())
+    }
+
+    fn hold_write(&mut self, hold: usize, value: u8) -> Result<(), String> {
+        let Some(h) = &self.holds[hold] else {
+            return Ok(());
+        };
+        let got = h.handle.write(AT as usize, &[value]);
+        if !h.write {
+            ensure!(
+                matches!(got, Err(HoldError::NotWritable { .. })),
+                "write through a read hold: {got:?}"
+            );
+            return Ok(());
+        }
+        ensure!(got.is_ok(), "write through a hold: {got:?}");
+        let page = h.page as usize;
+        match h.target {
+            Target::Cell { cell, alive: true } => self.cells[cell][page] = value,
+            Target::Cell { alive: false, .. } => {}
+            Target::Layer { space, slot, id } => {
+                // Only while the mapping the hold was taken in is there.
+                let reg = self.model[space]
+                    .as_mut()
+                    .and_then(|m| m.get_mut(&slot))
+                    .filter(|r| r.id == id);
+                if let Some(layer) = reg.and_then(|r| r.private.as_mut()) {
+                    layer[page] = Some(value);
                 }
             }
-        }
-        Ok(())
-    }
-
-    fn wire(&mut self, space: usize, slot: usize) -> Result<(), String> {
-        let Some((s, m)) = self.live(space) else {
-            return Ok(());
-        };
-        let Some(reg) = m.get(&slot).filter(|r| !r.wired) else {
-            return Ok(());
-        };
-        // Wiring faults every page in order with the entry's protection
-        // (seed L247), so a writable private region gets its own copy of
-        // each page it reaches; a page past EOF stops it.
-        let stop = (0..SLOT_PAGES).find(|&p| self.expect(reg, p) == Expect::PastEof);
-        let got = s.wire(slot_va(slot, 0), SLOT_PAGES * PAGE, true);
-        let reached = match (&got, stop) {
-            (Ok(()), None) => SLOT_PAGES,
-            (Err(MapError::Fault(FaultError::OutOfBounds { addr, .. })), Some(p))
-                if *addr == slot_va(slot, p) =>
-            {
-                p
-            }
-            // A small (or starved) machine may lack the memory; nothing
-            // stays wired, the pages before the failure were reached.
-            (Err(MapError::Fault(e)), _) if is_shortage(e) => (e.addr() - slot_va(slot, 0)) / PAGE,
-            _ => return Err(format!("wire {space}/{slot} (EOF stop {stop:?}): {got:?}")),
-        };
-        let copies = reg.write.then(|| self.own_copies(reg, reached)).flatten();
-        let reg = self.region_mut(space, slot);
-        if let Some(copies) = copies {
-            reg.private = Some(copies);
-        }
-        reg.wired = got.is_ok();
-        Ok(())
-    }
-
-    fn unwire(&mut self, space: usize, slot: usize) -> Result<(), String> {
-        let Some((s, m)) = self.live(space) else {
-            return Ok(());
-        };
-        if m.get(&slot).is_some_and(|r| r.wired) {
-            s.unwire(slot_va(slot, 0), SLOT_PAGES * PAGE, true)
-                .map_err(|e| format!("unwire: {e}"))?;
-            let reg = self.model[space]
-                .as_mut()
-                .and_then(|m| m.get_mut(&slot))
-                .expect("checked");
-            reg.wired = false;
         }
         Ok(())
     }
@@ -815,15 +897,6 @@ impl<P: Pmap> Harness<P> {
     }
 
     fn truncate(&mut self, pages: u64) -> Result<(), String> {
-        let wired_file = self
-            .model
-            .iter()
-            .flatten()
-            .flat_map(BTreeMap::values)
-            .any(|r| r.kind == Kind::File && r.wired);
-        if wired_file {
-            return Ok(());
-        }
         self.file
             .pager
             .set_len(&self.vm, &self.file.object, pages * PAGE)
@@ -831,6 +904,14 @@ impl<P: Pmap> Harness<P> {
         self.file_pages = pages;
         let cell = self.object_cells[FILE];
         self.cells[cell][pages as usize..].fill(0);
+        // A held page of the file past the new end is out of the file.
+        for h in self.holds.iter_mut().flatten() {
+            if let Target::Cell { cell: c, alive } = &mut h.target {
+                if *c == cell && h.page >= pages {
+                    *alive = false;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -840,7 +921,9 @@ impl<P: Pmap> Harness<P> {
     ///
     /// The first one broken.
     pub fn check(&self) -> Result<(), String> {
-        self.vm.check_consistency().map_err(|e| e.to_string())?;
+        self.vm
+            .check_consistency_with_holds()
+            .map_err(|e| e.to_string())?;
         // Per frame: who maps it, as which memory, and whether writable.
         let mut by_frame: BTreeMap<u64, Vec<(Memory, bool)>> = BTreeMap::new();
         for (i, s) in self.spaces.iter().enumerate() {
@@ -871,7 +954,8 @@ impl<P: Pmap> Harness<P> {
 
     /// One mapping of `page` of `reg` at frame `pa`: a device page maps
     /// its device address; any other frame is in use (not free) and holds
-    /// what the model says the address reads. Returns which memory it is.
+    /// what the model says the address reads, and zero where nothing was
+    /// written. Returns which memory it is.
     fn check_mapping(
         &self,
         reg: &Region,
@@ -899,12 +983,18 @@ impl<P: Pmap> Harness<P> {
             self.vm.page(id).queue() != PageQueue::Free,
             "free frame {pa:#x} is mapped (page {page})"
         );
-        let mut b = [0];
+        let (mut b, mut junk) = ([0], [0]);
         self.vm.phys().read(pfn, AT as usize, &mut b);
+        self.vm.phys().read(pfn, JUNK, &mut junk);
         ensure!(
             b[0] == want,
             "frame {pa:#x} mapped for page {page} holds {}, model {want}",
             b[0]
+        );
+        ensure!(
+            junk[0] == 0,
+            "frame {pa:#x} mapped for page {page} shows {} at byte {JUNK}, never written",
+            junk[0]
         );
         let own = reg
             .private
@@ -918,13 +1008,15 @@ impl<P: Pmap> Harness<P> {
     }
 
     /// Every byte every live space can read equals the model's (after
-    /// giving back any frames held by [`Op::Starve`]).
+    /// giving back any frames held by [`Op::Starve`] and releasing the
+    /// holds); then the machine must be consistent with nothing held.
     ///
     /// # Errors
     ///
     /// The first byte that differs.
     pub fn check_all_reads(&mut self) -> Result<(), String> {
         self.balloon = None;
+        self.holds.iter_mut().for_each(|h| *h = None);
         for space in 0..SPACES {
             let slots: Vec<usize> = self.model[space]
                 .as_ref()
@@ -936,7 +1028,31 @@ impl<P: Pmap> Harness<P> {
                 }
             }
         }
+        self.vm.check_consistency().map_err(|e| e.to_string())?;
         Ok(())
+    }
+}
+
+/// Writes every page of the named objects once (zeros, at the model's
+/// byte), so that they have no holes: see the [module docs](super).
+fn write_whole<P: Pmap>(vm: &Arc<Vm<P>>, objects: &[Arc<VmObject>]) {
+    let setup = vm.new_space().expect("set-up space");
+    for (i, o) in objects.iter().enumerate() {
+        let va = slot_va(i, 0);
+        setup
+            .map(MapRequest::object(
+                va,
+                SLOT_PAGES * PAGE,
+                o.clone(),
+                0,
+                Prot::RW,
+            ))
+            .expect("map an object");
+        for p in 0..SLOT_PAGES {
+            setup
+                .write(va + p * PAGE + AT, &[0])
+                .expect("fill an object");
+        }
     }
 }
 
