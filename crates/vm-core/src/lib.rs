@@ -70,6 +70,9 @@ pub mod sync;
 pub mod vm;
 pub mod wire;
 
+#[cfg(all(loom, test))]
+mod loom_protocols;
+
 pub use addr::{PAGE_SHIFT, PAGE_SIZE, Pfn, page_round_up, page_trunc};
 pub use balloon::Balloon;
 pub use check::ConsistencyError;

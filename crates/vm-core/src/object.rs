@@ -103,7 +103,7 @@ pub struct VmObject {
     id: ObjectId,
     pub(crate) machine: Arc<Machine>,
     ref_count: AtomicU32,
-    pip: AtomicU32,
+    pip: crate::sync::Gate,
     state: Mutex<ObjectState>,
 }
 
@@ -180,7 +180,7 @@ impl VmObject {
             id: ObjectId(id),
             machine: machine.clone(),
             ref_count: AtomicU32::new(0),
-            pip: AtomicU32::new(0),
+            pip: crate::sync::Gate::default(),
             state: Mutex::new(ObjectState {
                 pages: HashMap::new(),
                 size,
@@ -301,7 +301,7 @@ impl VmObject {
     /// Pager operations in progress (FreeBSD `paging_in_progress`).
     #[must_use]
     pub fn paging_in_progress(&self) -> u32 {
-        self.pip.load(Ordering::Acquire)
+        self.pip.count()
     }
 
     /// Whether `other` is an object of the same machine.
@@ -319,22 +319,18 @@ impl VmObject {
     }
 
     pub(crate) fn pip_add(&self) {
-        self.pip.fetch_add(1, Ordering::AcqRel);
+        self.pip.enter();
     }
 
     pub(crate) fn pip_wakeup(&self) {
-        if self.pip.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.machine.pages.waits().notify(self.wait_key());
-        }
+        self.pip.leave(self.machine.pages.waits(), self.wait_key());
     }
 
     /// Waits until no paging operation is in progress
     /// (`vm_object_pip_wait`).
     pub(crate) fn pip_wait(&self) {
-        self.machine
-            .pages
-            .waits()
-            .wait_while(self.wait_key(), || self.paging_in_progress() != 0);
+        self.pip
+            .wait_idle(self.machine.pages.waits(), self.wait_key());
     }
 
     fn wait_key(&self) -> u64 {

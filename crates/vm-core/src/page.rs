@@ -7,7 +7,9 @@
 //! owning object's lock; contents, valid and dirty bits change only while
 //! the page is busy; the queue and wiring change with atomic operations.
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::WaitTable;
+use crate::sync::atomic::AtomicU32;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 /// All eight 512-byte blocks of a 4 KiB page (FreeBSD `VM_PAGE_BITS_ALL`).
 pub const VM_PAGE_BITS_ALL: u8 = 0xff;
@@ -81,6 +83,7 @@ pub struct VmPage {
     pindex: AtomicU64,
 }
 
+#[cfg(not(loom))]
 const _: () = assert!(core::mem::size_of::<VmPage>() == 32);
 
 impl Default for VmPage {
@@ -202,6 +205,24 @@ impl VmPage {
         old & PageFlags::WANTED.bits() != 0
     }
 
+    /// Unbusies the page and wakes whoever sleeps on it under `key`
+    /// (`vm_page_wakeup`).
+    pub(crate) fn wake(&self, waits: &WaitTable, key: u64) {
+        if self.unbusy() {
+            waits.notify(key);
+        }
+    }
+
+    /// Sleeps (on `key`) while the page is busy and still page `pindex` of
+    /// object `object` (`vm_page_sleep_if_busy`, seed L389-394): the
+    /// waiter marks the page wanted under the wait bucket's lock, so the
+    /// unbusy that follows sees the mark and wakes it.
+    pub(crate) fn sleep_while_busy(&self, waits: &WaitTable, key: u64, object: u64, pindex: u64) {
+        waits.wait_while(key, || {
+            self.object_raw() == object && self.pindex() == pindex && self.want()
+        });
+    }
+
     /// Marks that a waiter sleeps on the page; false if it is no longer busy.
     pub(crate) fn want(&self) -> bool {
         let old = self.update(|s| {
@@ -238,15 +259,20 @@ impl VmPage {
     }
 
     /// Moves an in-use page to queue `q`; a free page, or one whose free
-    /// is pending, is left alone. Returns the previous queue.
-    pub(crate) fn requeue(&self, q: PageQueue) -> PageQueue {
-        queue_of(self.update(|s| {
-            if queue_of(s) == PageQueue::Free || s & PageFlags::FREE_PENDING.bits() != 0 {
+    /// is pending, is left alone. Returns the queue it left, `None` if it
+    /// was left alone — decided by the one atomic step that moved it, so
+    /// the caller's count follows what happened.
+    pub(crate) fn requeue(&self, q: PageQueue) -> Option<PageQueue> {
+        let refused =
+            |s: u32| queue_of(s) == PageQueue::Free || s & PageFlags::FREE_PENDING.bits() != 0;
+        let old = self.update(|s| {
+            if refused(s) {
                 s
             } else {
                 (s & !QUEUE_MASK) | ((q as u32) << QUEUE_SHIFT)
             }
-        }))
+        });
+        (!refused(old)).then(|| queue_of(old))
     }
 
     // Wire and hold counts and the FREE_PENDING flag follow one protocol
@@ -280,10 +306,14 @@ impl VmPage {
             .fetch_or(PageFlags::FREE_PENDING.bits(), Ordering::SeqCst);
     }
 
-    /// Whether neither a wiring nor a hold keeps the page (read after
-    /// the caller's own change, see above).
+    /// Whether neither a wiring nor a hold keeps the page, read after the
+    /// caller's own change (see above). The counts are read with
+    /// read-modify-writes, which see the latest value of each, so the
+    /// protocol does not rest on sequentially consistent loads (which
+    /// loom, which checks it, does not model).
     pub(crate) fn unreferenced(&self) -> bool {
-        self.wire_count.load(Ordering::SeqCst) == 0 && self.hold_count.load(Ordering::SeqCst) == 0
+        self.wire_count.fetch_add(0, Ordering::SeqCst) == 0
+            && self.hold_count.fetch_add(0, Ordering::SeqCst) == 0
     }
 
     /// Takes the pending free if it is still pending: whoever clears the
@@ -346,6 +376,7 @@ pub fn blocks_covered(start: usize, end: usize) -> u8 {
 mod tests {
     use super::*;
 
+    #[cfg(not(loom))]
     #[test]
     fn page_record_stays_small() {
         assert_eq!(core::mem::size_of::<VmPage>(), 32);

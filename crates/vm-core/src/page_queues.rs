@@ -422,8 +422,10 @@ impl Pages {
         if page.wire_count() != 0 {
             return;
         }
-        let old = page.requeue(q);
-        if old == q || old == PageQueue::Free || page.flags().contains(PageFlags::FREE_PENDING) {
+        let Some(old) = page.requeue(q) else {
+            return;
+        };
+        if old == q {
             return;
         }
         self.uncount(old);

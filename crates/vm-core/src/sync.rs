@@ -9,10 +9,25 @@
 //! the code that holds them, and a panic elsewhere must not wedge the
 //! machine.
 
+/// The atomics the waiting and page protocols are built on: the core
+/// ones, or loom's when the crate is model-checked (`--cfg loom`, see the
+/// `loom_protocols` tests).
+pub(crate) mod atomic {
+    pub(crate) use core::sync::atomic::Ordering;
+    #[cfg(not(loom))]
+    pub(crate) use core::sync::atomic::{AtomicU32, fence};
+    #[cfg(loom)]
+    pub(crate) use loom::sync::atomic::{AtomicU32, fence};
+}
+
 #[cfg(feature = "std")]
 mod imp {
-    use std::sync::atomic::{AtomicU32, Ordering, fence};
+    use super::atomic::{AtomicU32, Ordering, fence};
+    #[cfg(loom)]
+    use loom::sync::{Condvar as BucketCondvar, Mutex as BucketMutex};
     use std::sync::{self, PoisonError};
+    #[cfg(not(loom))]
+    use std::sync::{Condvar as BucketCondvar, Mutex as BucketMutex};
 
     /// A mutual-exclusion lock.
     #[derive(Debug, Default)]
@@ -72,8 +87,8 @@ mod imp {
     /// not a lock and a `futex` system call.
     #[derive(Debug, Default)]
     pub(super) struct Bucket {
-        lock: sync::Mutex<()>,
-        cv: sync::Condvar,
+        lock: BucketMutex<()>,
+        cv: BucketCondvar,
         waiters: AtomicU32,
     }
 
@@ -105,12 +120,20 @@ mod imp {
                 g = self.cv.wait(g).unwrap_or_else(PoisonError::into_inner);
             }
         }
+        #[cfg(not(loom))]
         pub(super) fn wait_timeout(&self, mut blocked: impl FnMut() -> bool, ms: u64) {
             let g = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
             let _w = Waiting::new(&self.waiters);
             let _ = self
                 .cv
                 .wait_timeout_while(g, std::time::Duration::from_millis(ms), |_| blocked());
+        }
+        /// Under loom there is no clock: one look, then give way.
+        #[cfg(loom)]
+        pub(super) fn wait_timeout(&self, mut blocked: impl FnMut() -> bool, _ms: u64) {
+            if blocked() {
+                loom::thread::yield_now();
+            }
         }
         pub(super) fn notify(&self) {
             // The caller changed the condition before calling; see
@@ -281,5 +304,38 @@ impl WaitTable {
     /// Wakes every waiter of `key` (and of keys sharing its bucket).
     pub fn notify(&self, key: u64) {
         self.bucket(key).notify();
+    }
+}
+
+/// A count of operations in progress that others can wait to drain: an
+/// object's paging-in-progress (`vm_object_pip_add` / `pip_wakeup` /
+/// `pip_wait`). Whoever takes the count to zero wakes the waiters of the
+/// gate's key.
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    count: atomic::AtomicU32,
+}
+
+impl Gate {
+    /// One more operation in progress.
+    pub(crate) fn enter(&self) {
+        self.count.fetch_add(1, atomic::Ordering::AcqRel);
+    }
+
+    /// One fewer; the last wakes whoever waits on `key` in `waits`.
+    pub(crate) fn leave(&self, waits: &WaitTable, key: u64) {
+        if self.count.fetch_sub(1, atomic::Ordering::AcqRel) == 1 {
+            waits.notify(key);
+        }
+    }
+
+    /// Operations in progress now.
+    pub(crate) fn count(&self) -> u32 {
+        self.count.load(atomic::Ordering::Acquire)
+    }
+
+    /// Sleeps until no operation is in progress.
+    pub(crate) fn wait_idle(&self, waits: &WaitTable, key: u64) {
+        waits.wait_while(key, || self.count() != 0);
     }
 }

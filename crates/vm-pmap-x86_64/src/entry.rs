@@ -117,6 +117,117 @@ impl Entry {
     }
 }
 
+/// Bits that only the CPU changes on its own: a difference there alone
+/// needs no update (FreeBSD `pmap_enter`).
+pub(crate) const HW_BITS: u64 = PteFlags::A.bits() | PteFlags::M.bits();
+
+/// A page-table entry in memory, which a CPU may change under the pmap's
+/// lock (setting A and M). The pmap's own cells are atomics in physical
+/// memory; the loom model check supplies its own.
+pub(crate) trait EntryCell {
+    /// Replaces `old` by `new` if the entry still holds `old`; the value
+    /// found otherwise.
+    fn compare_exchange(&self, old: u64, new: u64) -> Result<u64, u64>;
+}
+
+impl EntryCell for core::sync::atomic::AtomicU64 {
+    fn compare_exchange(&self, old: u64, new: u64) -> Result<u64, u64> {
+        core::sync::atomic::AtomicU64::compare_exchange(
+            self,
+            old,
+            new,
+            core::sync::atomic::Ordering::AcqRel,
+            core::sync::atomic::Ordering::Acquire,
+        )
+    }
+}
+
+/// `pmap_enter` on an entry that already maps the frame of `new`: a change
+/// of protection or wiring. What the CPU set (A, M) is kept unless write
+/// permission goes, when the caller must carry M to the page from the
+/// returned old value. Done by compare-and-swap from `old` (the entry as
+/// last read), so an A or M a CPU sets meanwhile is never lost. Returns
+/// `(old entry, new entry)`, or `None` if only A/M differ (nothing to do).
+pub(crate) fn update_same_frame<C: EntryCell>(
+    slot: &C,
+    mut old: u64,
+    new: u64,
+) -> Option<(u64, u64)> {
+    loop {
+        let keep = if new & PteFlags::RW.bits() != 0 {
+            old & HW_BITS
+        } else {
+            old & PteFlags::A.bits()
+        };
+        let updated = new | keep;
+        if (updated ^ old) & !HW_BITS == 0 {
+            return None;
+        }
+        match slot.compare_exchange(old, updated) {
+            Ok(prev) => return Some((prev, updated)),
+            // Only a CPU changes the entry without the lock, and only A
+            // and M: recompute from what it left.
+            Err(now) => old = now,
+        }
+    }
+}
+
+/// The entry update checked under loom against a CPU setting A and M
+/// (`RUSTFLAGS="--cfg loom" cargo test -p vm-pmap-x86_64 --lib --release
+/// loom`).
+#[cfg(all(loom, test))]
+mod loom_checks {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::sync::atomic::{AtomicU64, Ordering};
+
+    impl EntryCell for AtomicU64 {
+        fn compare_exchange(&self, old: u64, new: u64) -> Result<u64, u64> {
+            AtomicU64::compare_exchange(self, old, new, Ordering::AcqRel, Ordering::Acquire)
+        }
+    }
+
+    const FRAME: u64 = 0x5000;
+    const V_RW_U: u64 = PteFlags::V.bits() | PteFlags::RW.bits() | PteFlags::U.bits();
+
+    /// A CPU writes through the mapping (sets A and M) while the pmap
+    /// changes the entry's wiring (`keep_write`) or takes write away: the
+    /// M bit ends in the entry, or in the old value handed to the caller.
+    fn race(new: u64) {
+        loom::model(move || {
+            let slot = Arc::new(AtomicU64::new(FRAME | V_RW_U | PteFlags::A.bits()));
+            let cpu = {
+                let slot = slot.clone();
+                loom::thread::spawn(move || {
+                    slot.fetch_or(PteFlags::M.bits(), Ordering::AcqRel);
+                })
+            };
+            let old = slot.load(Ordering::Acquire);
+            let result = update_same_frame(&*slot, old, new);
+            cpu.join().unwrap();
+            let now = slot.load(Ordering::Acquire);
+            let carried = result.is_some_and(|(prev, _)| prev & PteFlags::M.bits() != 0);
+            assert!(
+                now & PteFlags::M.bits() != 0 || carried,
+                "the CPU's M bit was lost: now {now:#x}, update {result:x?}"
+            );
+            if let Some((_, updated)) = result {
+                assert_eq!(now & !HW_BITS, updated & !HW_BITS, "the update stuck");
+            }
+        });
+    }
+
+    #[test]
+    fn loom_a_wiring_change_keeps_the_cpu_dirty_bit() {
+        race(FRAME | V_RW_U | PteFlags::W.bits());
+    }
+
+    #[test]
+    fn loom_taking_write_away_hands_over_the_dirty_bit() {
+        race(FRAME | PteFlags::V.bits() | PteFlags::U.bits());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

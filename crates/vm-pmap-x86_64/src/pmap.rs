@@ -21,9 +21,6 @@ use vm_core::pmap::{Displaced, PageInfo, PhysFrames, Pmap, PmapError, RefMod};
 use vm_core::sync::{Mutex, MutexGuard, RwLock};
 use vm_core::{Pfn, PhysMem, Prot};
 
-/// Bits that only the CPU changes on its own: a difference there alone
-/// needs no update (FreeBSD `pmap_enter`).
-const HW_BITS: u64 = PteFlags::A.bits() | PteFlags::M.bits();
 /// Flags of a table (non-leaf) entry for user space, as FreeBSD's
 /// `_pmap_allocpte` makes them.
 const TABLE_FLAGS: PteFlags = PteFlags::V
@@ -404,43 +401,24 @@ impl<T: TlbHook> X86Pmap<T> {
         &self,
         st: &mut SpaceState,
         slot: &AtomicU64,
-        mut old: u64,
+        old: u64,
         new: u64,
         va: u64,
         wired: bool,
         flush: &mut PendingFlush,
     ) -> Option<Displaced> {
-        loop {
-            let keep = if new & PteFlags::RW.bits() != 0 {
-                old & HW_BITS
-            } else {
-                old & PteFlags::A.bits()
-            };
-            let updated = new | keep;
-            if (updated ^ old) & !HW_BITS == 0 {
-                return None;
-            }
-            match slot.compare_exchange(old, updated, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(prev) => {
-                    let lost_write =
-                        prev & PteFlags::RW.bits() != 0 && updated & PteFlags::RW.bits() == 0;
-                    let gained_nx =
-                        prev & PteFlags::NX.bits() == 0 && updated & PteFlags::NX.bits() != 0;
-                    if lost_write || gained_nx || (prev ^ updated) & CACHE_MASK.bits() != 0 {
-                        flush.note(va, prev);
-                    }
-                    match (prev & PteFlags::W.bits() != 0, wired) {
-                        (false, true) => st.wired += 1,
-                        (true, false) => st.wired -= 1,
-                        _ => {}
-                    }
-                    return (lost_write && prev & PteFlags::M.bits() != 0).then(|| displaced(prev));
-                }
-                // Only the CPU changes the entry without the lock, and
-                // only A and M: recompute from what it left.
-                Err(now) => old = now,
-            }
+        let (prev, updated) = crate::entry::update_same_frame(slot, old, new)?;
+        let lost_write = prev & PteFlags::RW.bits() != 0 && updated & PteFlags::RW.bits() == 0;
+        let gained_nx = prev & PteFlags::NX.bits() == 0 && updated & PteFlags::NX.bits() != 0;
+        if lost_write || gained_nx || (prev ^ updated) & CACHE_MASK.bits() != 0 {
+            flush.note(va, prev);
         }
+        match (prev & PteFlags::W.bits() != 0, wired) {
+            (false, true) => st.wired += 1,
+            (true, false) => st.wired -= 1,
+            _ => {}
+        }
+        (lost_write && prev & PteFlags::M.bits() != 0).then(|| displaced(prev))
     }
 
     fn lock_space<'a>(&self, space: &'a X86Space) -> MutexGuard<'a, SpaceState> {

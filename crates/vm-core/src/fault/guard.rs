@@ -106,9 +106,10 @@ impl<'m> BusyPage<'m> {
 
 /// Unbusies page `id` and wakes whoever sleeps on it.
 pub(crate) fn wake(machine: &Machine, id: PageId) {
-    if machine.pages.get(id).unbusy() {
-        machine.pages.waits().notify(u64::from(id.0));
-    }
+    machine
+        .pages
+        .get(id)
+        .wake(machine.pages.waits(), u64::from(id.0));
 }
 
 impl Drop for BusyPage<'_> {
@@ -141,8 +142,8 @@ impl Drop for BusyPage<'_> {
 /// Sleeps until page `id` is no longer busy or no longer the page at
 /// (`object`, `pindex`) (`vm_page_sleep_if_busy`, seed L389-394).
 pub(crate) fn wait_for_page(machine: &Machine, id: PageId, object: u64, pindex: u64) {
-    let page = machine.pages.get(id);
-    machine.pages.waits().wait_while(u64::from(id.0), || {
-        page.object_raw() == object && page.pindex() == pindex && page.want()
-    });
+    machine
+        .pages
+        .get(id)
+        .sleep_while_busy(machine.pages.waits(), u64::from(id.0), object, pindex);
 }
