@@ -1,7 +1,9 @@
 //! How the fault cost grows (or should not): with the number of map
 //! entries, with the depth of the shadow chain, with the spread of the
 //! address space; and the crate combinations — {reference, x86_64 pmap} ×
-//! {anonymous, swap-backed, file-backed}. Each group's first member is its
+//! {anonymous, swap-backed, file-backed}. Also how msync and fork of a
+//! range with a held page grow: with what is resident (linearly), not
+//! with the range's virtual size (flat). Each group's first member is its
 //! baseline, measured in the same run.
 //!
 //! `cargo bench --bench growth`
@@ -204,5 +206,61 @@ fn combo<P: Pmap>(
     );
 }
 
-criterion_group!(benches, entries, shadow_depth, sparse, combinations);
+/// msync and fork cost what is resident, not what is mapped: one dirty
+/// page in a 1 MiB and in a 64 GiB file mapping, then 16 and 256 dirty
+/// pages in the 64 GiB one; fork of an anonymous mapping of each size with
+/// one held page.
+fn resident_cost(c: &mut Criterion) {
+    let mut g = c.benchmark_group("resident_cost");
+    let vm = machine(X86Pmap::new());
+    let dir = std::env::temp_dir().join(format!("vm-resident-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, span, dirty) in [
+        ("msync/1MiB/1", 1u64 << 20, 1u64),
+        ("msync/64GiB/1", 64 << 30, 1),
+        ("msync/64GiB/16", 64 << 30, 16),
+        ("msync/64GiB/256", 64 << 30, 256),
+    ] {
+        let path = dir.join(name.replace('/', "-"));
+        std::fs::File::create(&path).unwrap().set_len(span).unwrap();
+        let s = vm.new_space().unwrap();
+        let obj = VnodePager::open(&path, true).unwrap().object(&vm);
+        s.map(MapRequest::object(BASE, span, obj, 0, Prot::RW))
+            .unwrap();
+        let stride = span / dirty;
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    for i in 0..dirty {
+                        s.write_u8(BASE + i * stride, 1).unwrap();
+                    }
+                },
+                |()| s.msync(BASE, span).unwrap(),
+                BatchSize::PerIteration,
+            );
+        });
+    }
+    for (name, span) in [
+        ("fork_held/1MiB", 1u64 << 20),
+        ("fork_held/64GiB", 64 << 30),
+    ] {
+        let s = vm.new_space().unwrap();
+        s.map_anon(BASE, span, Prot::RW).unwrap();
+        s.write_u8(BASE, 1).unwrap();
+        let held = s.hold(BASE, PAGE, Prot::RW).unwrap();
+        g.bench_function(name, |b| b.iter(|| s.fork().unwrap()));
+        drop(held);
+    }
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(
+    benches,
+    entries,
+    shadow_depth,
+    sparse,
+    combinations,
+    resident_cost
+);
 criterion_main!(benches);
