@@ -1,0 +1,310 @@
+//! Red-team attack tests. Each `rt_*` test asserts the correct behaviour and
+//! fails on the code it was written against; see each test's doc comment for
+//! the symptom and the suspected cause.
+#![allow(clippy::unwrap_used, dead_code)]
+
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+use vm_core::{
+    Contiguity, FaultError, Inheritance, MapError, MapRequest, ObjectType, PageOut, PageSlot,
+    Pager, PagerError, Pmap, Prot, Vm, VmSpace,
+};
+use vm_pmap_x86_64::X86Pmap;
+use vm_pager_vnode::VnodePager;
+use vm_testkit::{MemPager, RefPmap};
+
+const PAGE: u64 = 4096;
+const BASE: u64 = 0x1000_0000;
+
+/// Runs `f` on its own thread; fails if it has not returned after `secs`.
+fn watchdog(secs: u64, what: &str, f: impl FnOnce() + Send + 'static) {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let r = catch_unwind(AssertUnwindSafe(f));
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(Ok(())) => {}
+        Ok(Err(panic)) => resume_unwind(panic),
+        Err(_) => panic!("{what}: still running after {secs} s (hang)"),
+    }
+}
+
+struct Temp(PathBuf);
+impl Drop for Temp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+fn temp(tag: &str) -> Temp {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    Temp(std::env::temp_dir().join(format!(
+        "vm-rt-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )))
+}
+
+fn ref_vm(pages: u64) -> Arc<Vm<RefPmap>> {
+    Vm::new(RefPmap::new(), vm_testkit::test_config(pages)).unwrap()
+}
+fn x86_vm(pages: u64) -> Arc<Vm<X86Pmap>> {
+    Vm::new(X86Pmap::new(), vm_testkit::test_config(pages)).unwrap()
+}
+
+fn consistent<P: Pmap>(vm: &Vm<P>) {
+    if let Err(e) = vm.check_consistency() {
+        panic!("{e}");
+    }
+}
+
+fn fill<P: Pmap>(space: &VmSpace<P>, va: u64, pages: u64, tag: u8) {
+    for i in 0..pages {
+        space
+            .write(va + i * PAGE, &[tag.wrapping_add(i as u8); 16])
+            .unwrap();
+    }
+}
+
+fn read16<P: Pmap>(space: &VmSpace<P>, va: u64) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    space.read(va, &mut b).unwrap();
+    b
+}
+
+/// A vnode-typed pager over memory whose `put_pages` blocks, while armed,
+/// until released: a write-back that stays in flight.
+struct GatePager {
+    mem: MemPager,
+    armed: AtomicBool,
+    entered: Mutex<Option<mpsc::Sender<()>>>,
+    release: Mutex<Option<mpsc::Receiver<()>>>,
+}
+
+impl GatePager {
+    fn new(pages: u64) -> (Arc<GatePager>, mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (etx, erx) = mpsc::channel();
+        let (rtx, rrx) = mpsc::channel();
+        (
+            Arc::new(GatePager {
+                mem: MemPager::with_pattern(ObjectType::Vnode, pages),
+                armed: AtomicBool::new(true),
+                entered: Mutex::new(Some(etx)),
+                release: Mutex::new(Some(rrx)),
+            }),
+            erx,
+            rtx,
+        )
+    }
+}
+
+impl Pager for GatePager {
+    fn object_type(&self) -> ObjectType {
+        ObjectType::Vnode
+    }
+    fn has_page(&self, pindex: u64) -> Option<Contiguity> {
+        self.mem.has_page(pindex)
+    }
+    fn get_pages(&self, pages: &mut [PageSlot<'_>], reqpage: usize) -> Result<(), PagerError> {
+        self.mem.get_pages(pages, reqpage)
+    }
+    fn put_pages(&self, pages: &[PageOut<'_>]) -> Result<(), PagerError> {
+        if self.armed.swap(false, Ordering::AcqRel) {
+            if let Some(tx) = self.entered.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+            if let Some(rx) = self.release.lock().unwrap().take() {
+                let _ = rx.recv_timeout(Duration::from_secs(10));
+            }
+        }
+        self.mem.put_pages(pages)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// terminate_object racing a write-back
+// ---------------------------------------------------------------------------
+
+/// `Vm::terminate_object` frees the object's pages without waiting for the
+/// ones that are busy: an `msync` (or a pageout laundering) that has the
+/// page busy inside `put_pages` does not hold paging-in-progress, so
+/// `pip_wait` does not wait for it. Debug builds panic in `free_pages`
+/// ("freeing busy page"); release builds free the frame while the pager
+/// still reads it, then the write-back's guard unbusies (and the pageout's
+/// frees) a frame that may already belong to someone else.
+#[test]
+fn rt_terminate_object_frees_page_busy_in_writeback() {
+    watchdog(30, "terminate during msync", || {
+        let vm = ref_vm(64);
+        let space = Arc::new(vm.new_space().unwrap());
+        let (pager, entered, release) = GatePager::new(4);
+        let obj = vm.new_object(4, pager.clone());
+        space
+            .map(MapRequest::object(BASE, 4 * PAGE, obj.clone(), 0, Prot::RW))
+            .unwrap();
+        space.write(BASE, b"dirty").unwrap();
+        let s2 = space.clone();
+        let t = std::thread::spawn(move || {
+            let _ = s2.msync(BASE, 4 * PAGE);
+        });
+        entered.recv_timeout(Duration::from_secs(10)).unwrap();
+        // The page is busy inside put_pages now.
+        let vm2 = vm.clone();
+        let obj2 = obj.clone();
+        let term = std::thread::spawn(move || {
+            catch_unwind(AssertUnwindSafe(|| vm2.terminate_object(&obj2)))
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        release.send(()).unwrap();
+        let r = term.join().unwrap();
+        t.join().unwrap();
+        assert!(
+            r.is_ok(),
+            "terminate_object panicked while a write-back had the page busy"
+        );
+        drop(space);
+        consistent(&vm);
+    });
+}
+
+// ---------------------------------------------------------------------------
+// fork of a wired PROT_NONE range (x86 pmap)
+// ---------------------------------------------------------------------------
+
+/// Fork copies a wired entry page by page (`copy_entry`) and enters each
+/// copy in the child with the entry's protection. For an entry that was
+/// mlocked and then `mprotect(PROT_NONE)`, that is `pmap.enter(.., NONE ..)`;
+/// the x86 pmap's `new_pte` always sets V (present = readable), so the
+/// child can read memory its map says it cannot. RefPmap refuses the read.
+#[test]
+fn rt_fork_wired_prot_none_readable_in_child_x86() {
+    let vm = x86_vm(128);
+    let space = vm.new_space().unwrap();
+    space.map_anon(BASE, 2 * PAGE, Prot::RW).unwrap();
+    fill(&space, BASE, 2, 0x40);
+    space.wire(BASE, 2 * PAGE, true).unwrap();
+    space.protect(BASE, 2 * PAGE, Prot::NONE).unwrap();
+    assert!(space.read_u8(BASE).is_err(), "parent cannot read PROT_NONE");
+    let child = space.fork().unwrap();
+    let r = child.read_u8(BASE);
+    assert!(
+        matches!(r, Err(FaultError::ProtectionFailure { .. })),
+        "the child read a PROT_NONE page: {r:?}"
+    );
+    drop(child);
+    space.unwire(BASE, 2 * PAGE, true).unwrap();
+    consistent(&vm);
+}
+
+/// The same on the reference pmap (holds up there: it checks the prot).
+#[test]
+fn fork_wired_prot_none_ref_pmap() {
+    let vm = ref_vm(128);
+    let space = vm.new_space().unwrap();
+    space.map_anon(BASE, 2 * PAGE, Prot::RW).unwrap();
+    fill(&space, BASE, 2, 0x40);
+    space.wire(BASE, 2 * PAGE, true).unwrap();
+    space.protect(BASE, 2 * PAGE, Prot::NONE).unwrap();
+    let child = space.fork().unwrap();
+    assert!(child.read_u8(BASE).is_err());
+    drop(child);
+    space.unwire(BASE, 2 * PAGE, true).unwrap();
+    consistent(&vm);
+}
+
+// ---------------------------------------------------------------------------
+// fork of a wired file range after truncation
+// ---------------------------------------------------------------------------
+
+/// A wired private file mapping (read-only: wired in place, the pages are
+/// the file object's) whose file is then truncated: `page_remove` frees the
+/// wired pages (FREE_PENDING, the wire record keeps them). `fork` then
+/// copies the wired entry with `copy_entry`, whose `source_page` finds no
+/// resident page and the whole fork fails with `MissingPage`. FreeBSD keeps
+/// wired pages in the object on truncation (`vm_object_page_remove` skips
+/// them), so `vm_fault_copy_entry` finds them; fork never fails here.
+#[test]
+fn rt_fork_fails_after_wired_file_truncated() {
+    let vm = ref_vm(128);
+    let space = vm.new_space().unwrap();
+    let f = temp("trunc");
+    std::fs::write(&f.0, vec![0x5au8; 4 * PAGE as usize]).unwrap();
+    let pager = VnodePager::open(&f.0, true).unwrap();
+    let obj = pager.object(&vm);
+    space
+        .map(MapRequest::object(BASE, 4 * PAGE, obj.clone(), 0, Prot::READ).private())
+        .unwrap();
+    space.wire(BASE, 4 * PAGE, true).unwrap();
+    pager.set_len(&vm, &obj, PAGE).unwrap();
+    let child = space.fork();
+    assert!(
+        child.is_ok(),
+        "fork failed after the wired file shrank: {:?}",
+        child.err()
+    );
+    drop(child);
+    space.unwire(BASE, 4 * PAGE, true).unwrap();
+    consistent(&vm);
+}
+
+// ---------------------------------------------------------------------------
+// holds across fork when the entry was clipped
+// ---------------------------------------------------------------------------
+
+/// Fork's Linux rule for held pages (`split_held`) only applies while the
+/// object is ONEMAPPING (`held_pages`). Two entries made by clipping one
+/// entry share the object; fork processes the first, `copy_on_write`
+/// clears ONEMAPPING, and the held page in the second entry is then shared
+/// copy-on-write with the child. The parent's next write copies the page
+/// away from the hold: the holder (a device doing DMA) no longer sees what
+/// its owner writes (CVE-2020-29374 class).
+#[test]
+fn rt_hold_in_clipped_entry_loses_owner_writes_after_fork() {
+    let vm = ref_vm(128);
+    let space = vm.new_space().unwrap();
+    space.map_anon(BASE, 4 * PAGE, Prot::RW).unwrap();
+    fill(&space, BASE, 4, 1);
+    let held = space.hold(BASE + 3 * PAGE, PAGE, Prot::RW).unwrap();
+    // Clip the entry in two (madvise on the lower half).
+    space
+        .set_behavior(BASE, 2 * PAGE, vm_core::Behavior::Random)
+        .unwrap();
+    let child = space.fork().unwrap();
+    space.write(BASE + 3 * PAGE, b"parent-after-fk!").unwrap();
+    let mut got = [0u8; 16];
+    held.read(0, &mut got).unwrap();
+    assert_eq!(
+        &got, b"parent-after-fk!",
+        "the hold no longer sees its owner's writes"
+    );
+    assert_eq!(read16(&child, BASE + 3 * PAGE), [4u8; 16]);
+    drop(held);
+    drop(child);
+    consistent(&vm);
+}
+
+/// Control: the same without the clip holds up.
+#[test]
+fn hold_unclipped_entry_follows_owner_after_fork() {
+    let vm = ref_vm(128);
+    let space = vm.new_space().unwrap();
+    space.map_anon(BASE, 4 * PAGE, Prot::RW).unwrap();
+    fill(&space, BASE, 4, 1);
+    let held = space.hold(BASE + 3 * PAGE, PAGE, Prot::RW).unwrap();
+    let child = space.fork().unwrap();
+    space.write(BASE + 3 * PAGE, b"parent-after-fk!").unwrap();
+    let mut got = [0u8; 16];
+    held.read(0, &mut got).unwrap();
+    assert_eq!(&got, b"parent-after-fk!");
+    assert_eq!(read16(&child, BASE + 3 * PAGE), [4u8; 16]);
+    drop(held);
+    drop(child);
+    consistent(&vm);
+}
+
+#[allow(unused)]
+fn _unused(_: Inheritance, _: MapError) {}
