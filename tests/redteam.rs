@@ -308,3 +308,113 @@ fn hold_unclipped_entry_follows_owner_after_fork() {
 
 #[allow(unused)]
 fn _unused(_: Inheritance, _: MapError) {}
+
+// ---------------------------------------------------------------------------
+// mprotect upgrade of a user-wired copy-on-write entry vs holds
+// ---------------------------------------------------------------------------
+
+/// A user-wired, read-only private mapping (wired in place). A pin taken on
+/// it (`hold`) first gives the space its own copy (hold.rs: "a pin never
+/// shares a page copy-on-write"), so the pin is on the space's own page.
+/// `mprotect(RW)` then runs `upgrade_wired_entry` (copy_entry.rs), which
+/// copies *every* page into a brand-new object — including the pinned page,
+/// which already was the entry's own — and drops the old object. The pin is
+/// left on a page no mapping shows: the owner's writes never reach the pin,
+/// and what a device writes through the pin is lost.
+#[test]
+fn rt_wired_cow_upgrade_strands_hold() {
+    for pmap in ["ref", "x86"] {
+        match pmap {
+            "ref" => wired_cow_upgrade_strands_hold(&ref_vm(128)),
+            _ => wired_cow_upgrade_strands_hold(&x86_vm(128)),
+        }
+    }
+}
+
+fn wired_cow_upgrade_strands_hold<P: Pmap>(vm: &Arc<Vm<P>>) {
+    let space = vm.new_space().unwrap();
+    let named = vm.new_anon_object(2);
+    // Put data in the named object through a shared mapping.
+    space
+        .map(MapRequest::object(
+            BASE + 0x10_0000,
+            2 * PAGE,
+            named.clone(),
+            0,
+            Prot::RW,
+        ))
+        .unwrap();
+    fill(&space, BASE + 0x10_0000, 2, 0x30);
+    space
+        .map(MapRequest::object(BASE, 2 * PAGE, named, 0, Prot::READ).private())
+        .unwrap();
+    space.wire(BASE, 2 * PAGE, true).unwrap();
+    let held = space.hold(BASE, PAGE, Prot::READ).unwrap();
+    space.protect(BASE, 2 * PAGE, Prot::RW).unwrap();
+    space.write(BASE, b"owner-wrote-this").unwrap();
+    let mut got = [0u8; 16];
+    held.read(0, &mut got).unwrap();
+    assert_eq!(
+        &got, b"owner-wrote-this",
+        "the pin does not see its owner's write after mprotect(RW) of mlocked memory"
+    );
+    drop(held);
+    space.unwire(BASE, 2 * PAGE, true).unwrap();
+    consistent(vm);
+}
+
+/// Same with a write pin: RW private wired mapping, mprotect R then RW;
+/// a write through the pin (DMA into the buffer) is lost to the owner.
+#[test]
+fn rt_wired_cow_reprotect_loses_write_through_hold() {
+    let vm = ref_vm(128);
+    let space = vm.new_space().unwrap();
+    let named = vm.new_anon_object(2);
+    space
+        .map(MapRequest::object(BASE, 2 * PAGE, named, 0, Prot::RW).private())
+        .unwrap();
+    fill(&space, BASE, 2, 0x30);
+    space.wire(BASE, 2 * PAGE, true).unwrap();
+    let held = space.hold(BASE, PAGE, Prot::RW).unwrap();
+    space.protect(BASE, 2 * PAGE, Prot::READ).unwrap();
+    space.protect(BASE, 2 * PAGE, Prot::RW).unwrap();
+    held.write(0, b"dma-wrote-this!!").unwrap();
+    drop(held);
+    assert_eq!(
+        &read16(&space, BASE),
+        b"dma-wrote-this!!",
+        "a write through a pin of mlocked memory was lost after mprotect R/RW"
+    );
+    space.unwire(BASE, 2 * PAGE, true).unwrap();
+    consistent(&vm);
+}
+
+// ---------------------------------------------------------------------------
+// write_forced on private anonymous memory
+// ---------------------------------------------------------------------------
+
+/// `write_forced` (the ptrace / FOLL_FORCE write) writes a read-only
+/// *private* mapping. Anonymous memory is private (`MAP_ANON`, inherited
+/// by copy), but `map_anon` makes an entry without the COW flag, and
+/// `poke` (access.rs) treats every non-COW entry as shared: a debugger
+/// cannot write a read-only anonymous region (a breakpoint in JIT code)
+/// — until the space has forked once, which sets COW on the entry, after
+/// which the same call succeeds. FreeBSD marks private anonymous entries
+/// copy-on-write (`MAP_COPY_ON_WRITE` for every non-shared mapping), and
+/// Linux's FOLL_FORCE writes any private mapping whose VM_MAYWRITE is set.
+#[test]
+fn rt_write_forced_refuses_private_anon_until_fork() {
+    let vm = ref_vm(64);
+    let space = vm.new_space().unwrap();
+    space.map_anon(BASE, PAGE, Prot::READ).unwrap();
+    let before = space.write_forced(BASE, b"bp");
+    let child = space.fork().unwrap();
+    let after = space.write_forced(BASE, b"bp");
+    assert!(after.is_ok(), "after a fork: {after:?}");
+    assert!(
+        before.is_ok(),
+        "write_forced on a read-only private anonymous mapping: {before:?} (succeeds after a fork)"
+    );
+    drop(child);
+    consistent(&vm);
+}
