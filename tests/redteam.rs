@@ -418,3 +418,56 @@ fn rt_write_forced_refuses_private_anon_until_fork() {
     drop(child);
     consistent(&vm);
 }
+
+// ---------------------------------------------------------------------------
+// vnode pager: truncation racing write-back
+// ---------------------------------------------------------------------------
+
+/// `VnodePager::set_len` truncates the file, then publishes the new size,
+/// then removes the object's pages (waiting for busy ones). A write-back
+/// already in `put_pages` read the old size and writes the busy pages at
+/// their old offsets *after* the truncation: the file grows back to its old
+/// length with the pre-truncation data (truncate lost, stale data
+/// resurrected). FreeBSD serialises truncation and putpages with the vnode
+/// lock. Racy: bounded to a few seconds, fails within ~0.1-1 s here.
+#[test]
+fn rt_truncate_racing_msync_regrows_file() {
+    watchdog(60, "truncate vs msync", || {
+        let vm = ref_vm(256);
+        let space = Arc::new(vm.new_space().unwrap());
+        let f = temp("regrow");
+        const N: u64 = 16;
+        std::fs::write(&f.0, vec![0u8; (N * PAGE) as usize]).unwrap();
+        let pager = VnodePager::open(&f.0, true).unwrap();
+        let obj = pager.object(&vm);
+        space
+            .map(MapRequest::object(BASE, N * PAGE, obj.clone(), 0, Prot::RW))
+            .unwrap();
+        let start = std::time::Instant::now();
+        let mut tries = 0u64;
+        while start.elapsed() < Duration::from_secs(4) {
+            tries += 1;
+            pager.set_len(&vm, &obj, N * PAGE).unwrap();
+            for i in 0..N {
+                space.write(BASE + i * PAGE, &[0xaa; 8]).unwrap();
+            }
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let (s2, b2) = (space.clone(), barrier.clone());
+            let t = std::thread::spawn(move || {
+                b2.wait();
+                let _ = s2.msync(BASE, N * PAGE);
+            });
+            barrier.wait();
+            pager.set_len(&vm, &obj, 0).unwrap();
+            t.join().unwrap();
+            let len = std::fs::metadata(&f.0).unwrap().len();
+            assert_eq!(
+                len, 0,
+                "after {tries} tries: the file was truncated to 0 but a racing msync wrote it back to {len} bytes"
+            );
+        }
+        eprintln!("{tries} tries without the race");
+        drop(space);
+        consistent(&vm);
+    });
+}

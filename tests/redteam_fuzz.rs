@@ -411,6 +411,14 @@ impl<P: Pmap + 'static> World<P> {
                 }
                 self.log.push(format!("s{s} fork"));
                 let child = self.space(s).fork().unwrap_or_else(|e| panic!("fork: {e:?}"));
+                // A copied entry that is not wired becomes copy-on-write.
+                for region in self.models[s].as_mut().unwrap().regions.iter_mut() {
+                    for m in region.iter_mut() {
+                        if m.kernel + u32::from(m.user) == 0 {
+                            m.cow = true;
+                        }
+                    }
+                }
                 let mut cm = self.models[s].clone().unwrap();
                 for (ri, region) in cm.regions.iter_mut().enumerate() {
                     for (pi, m) in region.iter_mut().enumerate() {
