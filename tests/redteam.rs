@@ -471,3 +471,29 @@ fn rt_truncate_racing_msync_regrows_file() {
         consistent(&vm);
     });
 }
+
+/// The same root cause through fork: a child's copy of a wired private
+/// entry (`copy_entry` strips COW) is private memory of the child, yet
+/// `write_forced` refuses it when read-only: a debugger cannot write into
+/// the child of a process that had mlock'ed a read-only private file
+/// mapping (its text).
+#[test]
+fn rt_write_forced_refuses_child_copy_of_wired_private_file() {
+    let vm = ref_vm(64);
+    let space = vm.new_space().unwrap();
+    let f = temp("wfchild");
+    std::fs::write(&f.0, vec![0x11u8; 2 * PAGE as usize]).unwrap();
+    let obj = VnodePager::open(&f.0, true).unwrap().object(&vm);
+    space
+        .map(MapRequest::object(BASE, 2 * PAGE, obj, 0, Prot::READ).private())
+        .unwrap();
+    assert!(space.write_forced(BASE, b"ok").is_ok(), "parent");
+    space.wire(BASE, 2 * PAGE, true).unwrap();
+    let child = space.fork().unwrap();
+    let r = child.write_forced(BASE + PAGE, b"bp");
+    assert!(r.is_ok(), "write_forced in the child: {r:?}");
+    assert_eq!(std::fs::read(&f.0).unwrap(), vec![0x11u8; 2 * PAGE as usize]);
+    drop(child);
+    space.unwire(BASE, 2 * PAGE, true).unwrap();
+    consistent(&vm);
+}
