@@ -497,3 +497,109 @@ fn rt_write_forced_refuses_child_copy_of_wired_private_file() {
     space.unwire(BASE, 2 * PAGE, true).unwrap();
     consistent(&vm);
 }
+
+// ---------------------------------------------------------------------------
+// queue counters vs. a free racing the pageout scan's requeue
+// ---------------------------------------------------------------------------
+
+/// The pageout scan moves pages between the active and inactive queues
+/// without busying them (`sweep` → `Pages::activate/deactivate`), while
+/// `unmap` frees them (`page_remove` → `Pages::free`). `Pages::enqueue`
+/// (page_queues.rs) does `requeue` and only *then* looks at FREE_PENDING:
+/// when `free` runs `dequeue` + `set_free_pending` between the two, the
+/// page has moved queues but enqueue returns without settling the counts
+/// (and `free`'s dequeue uncounted the queue enqueue had just put it on).
+/// Result: the active count stays one too high and the inactive count goes
+/// to -1, which `ShardedCount::get` clamps to 0 (so the drift hides in the
+/// inactive count and shows as "free/active/inactive/wired …/14/0/0 but pages
+/// say …/13/0/0"). Issue 12.10's class. Racy; fails within a few seconds
+/// here.
+#[test]
+fn rt_queue_counts_drift_when_free_races_scan() {
+    watchdog(120, "queue drift", || {
+        let vm = ref_vm(96);
+        let space = Arc::new(vm.new_space().unwrap());
+        let start = std::time::Instant::now();
+        let mut rounds = 0;
+        while start.elapsed() < Duration::from_secs(8) {
+            rounds += 1;
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut hs = Vec::new();
+            for t in 0..2u64 {
+                let (space, stop) = (space.clone(), stop.clone());
+                hs.push(std::thread::spawn(move || {
+                    let base = BASE + t * 0x100_0000;
+                    while !stop.load(Ordering::Relaxed) {
+                        space.map_anon(base, 24 * PAGE, Prot::RW).unwrap();
+                        for i in 0..24 {
+                            space.write_u8(base + i * PAGE, 1).unwrap();
+                        }
+                        space.unmap(base, 24 * PAGE).unwrap();
+                    }
+                }));
+            }
+            {
+                let (vm, stop) = (vm.clone(), stop.clone());
+                hs.push(std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        vm.pageout(vm.total_pages());
+                    }
+                }));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            stop.store(true, Ordering::Relaxed);
+            for h in hs {
+                h.join().unwrap();
+            }
+            if let Err(e) = vm.check_consistency() {
+                panic!("round {rounds}: {e}");
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
+// shadow chains and swap grow without bound under fork + pageout
+// ---------------------------------------------------------------------------
+
+/// Fork, the parent writes while the child lives, page-out, the child
+/// exits — repeated. Each fork puts a new shadow in front
+/// of the parent's object; once that shadow has been paged out it has a
+/// swap pager of its own, and `collapse_once` (collapse.rs) refuses a
+/// backing object with a pager unless the shadow has none ("adopt"). So
+/// the chain never collapses again and every level keeps its own swap
+/// copies: with N fork/write/page-out rounds the chain is N+1 deep and swap
+/// holds N copies of every page. In a long-running system swap fills up
+/// ("swap device full"), and faults walk ever longer chains. FreeBSD's
+/// collapse moves the backing object's swap blocks into the shadow
+/// (`swap_pager_copy`). Found by tests/redteam_concurrent.rs, which hits
+/// "swap device full" within seconds.
+#[test]
+fn rt_swap_and_chain_grow_without_bound_under_fork_pageout() {
+    let vm = ref_vm(128);
+    let f = temp("swapgrow");
+    let swap = vm_pager_swap::Swap::create(&f.0, 4 << 20).unwrap();
+    vm.set_swap(swap.provider());
+    let space = vm.new_space().unwrap();
+    space.map_anon(BASE, 4 * PAGE, Prot::RW).unwrap();
+    for round in 0..20u8 {
+        fill(&space, BASE, 4, round);
+        let child = space.fork().unwrap();
+        // The parent writes while the child lives, and it all pages out.
+        fill(&space, BASE, 4, round.wrapping_add(100));
+        vm.pageout(vm.total_pages());
+        drop(child);
+        let (o, _) = space.object_at(BASE).unwrap();
+        vm.collapse(&o);
+    }
+    let (o, _) = space.object_at(BASE).unwrap();
+    let depth = o.chain_depth();
+    let used = swap.stats().used;
+    assert_eq!(read16(&space, BASE + 3 * PAGE), [100 + 19 + 3; 16]);
+    assert!(
+        depth <= 2 && used <= 8,
+        "after 20 fork/exit/page-out rounds of 4 pages: chain depth {depth}, {used} swap blocks in use"
+    );
+    drop(space);
+    consistent(&vm);
+}
