@@ -518,27 +518,39 @@ fn rt_write_forced_refuses_child_copy_of_wired_private_file() {
 fn rt_queue_counts_drift_when_free_races_scan() {
     watchdog(120, "queue drift", || {
         let vm = ref_vm(96);
+        let f = temp("drift-swap");
+        let swap = vm_pager_swap::Swap::create(&f.0, 16 << 20).unwrap();
+        vm.set_swap(swap.provider());
         let space = Arc::new(vm.new_space().unwrap());
         let start = std::time::Instant::now();
         let mut rounds = 0;
-        while start.elapsed() < Duration::from_secs(8) {
+        while start.elapsed() < Duration::from_secs(secs()) {
             rounds += 1;
             let stop = Arc::new(AtomicBool::new(false));
             let mut hs = Vec::new();
-            for t in 0..2u64 {
+            for t in 0..3u64 {
                 let (space, stop) = (space.clone(), stop.clone());
                 hs.push(std::thread::spawn(move || {
                     let base = BASE + t * 0x100_0000;
                     while !stop.load(Ordering::Relaxed) {
-                        space.map_anon(base, 24 * PAGE, Prot::RW).unwrap();
-                        for i in 0..24 {
-                            space.write_u8(base + i * PAGE, 1).unwrap();
+                        space.map_anon(base, 16 * PAGE, Prot::RW).unwrap();
+                        // Touch the pages for a while, so the scan keeps
+                        // moving them between the queues (referenced ->
+                        // activate, unreferenced -> deactivate), then free
+                        // them all at once.
+                        for round in 0..20u64 {
+                            for i in 0..16 {
+                                if (i + round) % 3 == 0 {
+                                    space.write_u8(base + i * PAGE, 1).unwrap();
+                                }
+                            }
+                            std::thread::yield_now();
                         }
-                        space.unmap(base, 24 * PAGE).unwrap();
+                        space.unmap(base, 16 * PAGE).unwrap();
                     }
                 }));
             }
-            {
+            for _ in 0..2 {
                 let (vm, stop) = (vm.clone(), stop.clone());
                 hs.push(std::thread::spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
@@ -602,4 +614,62 @@ fn rt_swap_and_chain_grow_without_bound_under_fork_pageout() {
     );
     drop(space);
     consistent(&vm);
+}
+
+fn secs() -> u64 {
+    std::env::var("RT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(8)
+}
+
+// ---------------------------------------------------------------------------
+// caller input: object offsets that overflow the page index
+// ---------------------------------------------------------------------------
+
+/// `map` accepts a file mapping at any page-aligned offset ("a file may be
+/// mapped past its end"), checking only `offset / PAGE + pages` for
+/// overflow. The byte offset of a later page, `va - start + offset`
+/// (`MapEntry::pindex`, map.rs), then overflows u64: a fault on the second
+/// page panics with "attempt to add with overflow" in debug builds, and in
+/// release wraps to page index 0 — the file's first page is mapped where
+/// the caller asked for its last (wrong page mapped). A library must not
+/// panic on caller input; `map` should refuse the range.
+#[test]
+fn rt_map_offset_overflow_panics_or_maps_wrong_page() {
+    let vm = ref_vm(64);
+    let space = vm.new_space().unwrap();
+    let f = temp("ovf");
+    std::fs::write(&f.0, vec![0x77u8; PAGE as usize]).unwrap();
+    let obj = VnodePager::open(&f.0, true).unwrap().object(&vm);
+    let offset = u64::MAX & !(PAGE - 1);
+    let mapped = space.map(MapRequest::object(BASE, 2 * PAGE, obj, offset, Prot::READ));
+    if mapped.is_err() {
+        return; // refused: fine
+    }
+    let r = catch_unwind(AssertUnwindSafe(|| space.read_u8(BASE + PAGE)));
+    match r {
+        Err(_) => panic!("a fault on a mapping at offset {offset:#x} panicked"),
+        Ok(Ok(b)) => panic!(
+            "page at byte offset {offset:#x} + 4096 of a one-page file read as {b:#x} (wrapped to page 0)"
+        ),
+        Ok(Err(_)) => {}
+    }
+    drop(space);
+    consistent(&vm);
+}
+
+/// The same with an anonymous object of the largest size.
+#[test]
+fn rt_map_offset_overflow_anon_object() {
+    let vm = ref_vm(64);
+    let space = vm.new_space().unwrap();
+    let obj = vm.new_anon_object(u64::MAX);
+    let offset = u64::MAX & !(PAGE - 1);
+    let mapped = space.map(MapRequest::object(BASE, 2 * PAGE, obj, offset, Prot::RW));
+    if mapped.is_err() {
+        return;
+    }
+    let r = catch_unwind(AssertUnwindSafe(|| space.write_u8(BASE + PAGE, 1)));
+    assert!(
+        r.is_ok(),
+        "a fault on a mapping at offset {offset:#x} panicked"
+    );
 }
