@@ -499,78 +499,6 @@ fn rt_write_forced_refuses_child_copy_of_wired_private_file() {
 }
 
 // ---------------------------------------------------------------------------
-// queue counters vs. a free racing the pageout scan's requeue
-// ---------------------------------------------------------------------------
-
-/// The pageout scan moves pages between the active and inactive queues
-/// without busying them (`sweep` → `Pages::activate/deactivate`), while
-/// `unmap` frees them (`page_remove` → `Pages::free`). `Pages::enqueue`
-/// (page_queues.rs) does `requeue` and only *then* looks at FREE_PENDING:
-/// when `free` runs `dequeue` + `set_free_pending` between the two, the
-/// page has moved queues but enqueue returns without settling the counts
-/// (and `free`'s dequeue uncounted the queue enqueue had just put it on).
-/// Result: the active count stays one too high and the inactive count goes
-/// to -1, which `ShardedCount::get` clamps to 0 (so the drift hides in the
-/// inactive count and shows as "free/active/inactive/wired …/14/0/0 but pages
-/// say …/13/0/0"). Issue 12.10's class. Racy; fails within a few seconds
-/// here.
-#[test]
-fn rt_queue_counts_drift_when_free_races_scan() {
-    watchdog(120, "queue drift", || {
-        let vm = ref_vm(96);
-        let f = temp("drift-swap");
-        let swap = vm_pager_swap::Swap::create(&f.0, 16 << 20).unwrap();
-        vm.set_swap(swap.provider());
-        let space = Arc::new(vm.new_space().unwrap());
-        let start = std::time::Instant::now();
-        let mut rounds = 0;
-        while start.elapsed() < Duration::from_secs(secs()) {
-            rounds += 1;
-            let stop = Arc::new(AtomicBool::new(false));
-            let mut hs = Vec::new();
-            for t in 0..3u64 {
-                let (space, stop) = (space.clone(), stop.clone());
-                hs.push(std::thread::spawn(move || {
-                    let base = BASE + t * 0x100_0000;
-                    while !stop.load(Ordering::Relaxed) {
-                        space.map_anon(base, 16 * PAGE, Prot::RW).unwrap();
-                        // Touch the pages for a while, so the scan keeps
-                        // moving them between the queues (referenced ->
-                        // activate, unreferenced -> deactivate), then free
-                        // them all at once.
-                        for round in 0..20u64 {
-                            for i in 0..16 {
-                                if (i + round) % 3 == 0 {
-                                    space.write_u8(base + i * PAGE, 1).unwrap();
-                                }
-                            }
-                            std::thread::yield_now();
-                        }
-                        space.unmap(base, 16 * PAGE).unwrap();
-                    }
-                }));
-            }
-            for _ in 0..2 {
-                let (vm, stop) = (vm.clone(), stop.clone());
-                hs.push(std::thread::spawn(move || {
-                    while !stop.load(Ordering::Relaxed) {
-                        vm.pageout(vm.total_pages());
-                    }
-                }));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-            stop.store(true, Ordering::Relaxed);
-            for h in hs {
-                h.join().unwrap();
-            }
-            if let Err(e) = vm.check_consistency() {
-                panic!("round {rounds}: {e}");
-            }
-        }
-    });
-}
-
-// ---------------------------------------------------------------------------
 // shadow chains and swap grow without bound under fork + pageout
 // ---------------------------------------------------------------------------
 
@@ -672,4 +600,128 @@ fn rt_map_offset_overflow_anon_object() {
         r.is_ok(),
         "a fault on a mapping at offset {offset:#x} panicked"
     );
+}
+
+// ---------------------------------------------------------------------------
+// error paths under memory pressure and pager errors (held up so far)
+// ---------------------------------------------------------------------------
+
+fn error_paths<P: Pmap>(vm: &Arc<Vm<P>>) {
+    let space = vm.new_space().unwrap();
+    space.map_anon(BASE, 16 * PAGE, Prot::RW).unwrap();
+    fill(&space, BASE, 4, 9);
+    space.wire(BASE, 4 * PAGE, true).unwrap();
+    // Starve: nothing free, nothing reclaimable but what the space has.
+    let balloon = vm.inflate_balloon(u64::MAX);
+    let w = space.wire(BASE + 4 * PAGE, 12 * PAGE, false);
+    assert!(w.is_err(), "wire with no memory: {w:?}");
+    assert!(space.unwire(BASE + 4 * PAGE, 12 * PAGE, false).is_err());
+    let f = space.fork();
+    assert!(f.is_err() || f.is_ok());
+    drop(f);
+    let h = space.hold(BASE + 4 * PAGE, 12 * PAGE, Prot::RW);
+    assert!(h.is_err());
+    drop(h);
+    drop(balloon);
+    consistent(vm);
+    // Everything works again.
+    space.wire(BASE + 4 * PAGE, 12 * PAGE, false).unwrap();
+    let child = space.fork().unwrap();
+    assert_eq!(read16(&child, BASE + 3 * PAGE), [12; 16]);
+    drop(child);
+    space.unwire(BASE + 4 * PAGE, 12 * PAGE, false).unwrap();
+    space.unwire(BASE, 4 * PAGE, true).unwrap();
+    consistent(vm);
+    // A pager error in the middle of a wire rolls it back.
+    let pager = Arc::new(MemPager::with_pattern(ObjectType::Vnode, 8));
+    let obj = vm.new_object(8, pager.clone());
+    space
+        .map(MapRequest::object(BASE + 0x100_0000, 8 * PAGE, obj, 0, Prot::READ))
+        .unwrap();
+    space
+        .set_behavior(BASE + 0x100_0000, 8 * PAGE, vm_core::Behavior::Random)
+        .unwrap();
+    pager.inject(vm_testkit::Injected::Normal);
+    pager.inject(vm_testkit::Injected::Normal);
+    pager.inject(vm_testkit::Injected::Fail(MemPager::io_error()));
+    let w = space.wire(BASE + 0x100_0000, 8 * PAGE, true);
+    assert!(w.is_err(), "{w:?}");
+    assert!(space.unwire(BASE + 0x100_0000, 8 * PAGE, true).is_err());
+    consistent(vm);
+    drop(space);
+    consistent(vm);
+}
+
+#[test]
+fn error_paths_ref() {
+    error_paths(&ref_vm(64));
+}
+
+#[test]
+fn error_paths_x86() {
+    error_paths(&x86_vm(64));
+}
+
+// ---------------------------------------------------------------------------
+// hold vs fork: the window between the hold's fault and its hold
+// ---------------------------------------------------------------------------
+
+
+/// Swap for anonymous memory in memory, handing out MemPagers we keep.
+#[derive(Default)]
+struct KeepSwap {
+    pagers: Mutex<Vec<Arc<MemPager>>>,
+}
+impl vm_core::SwapProvider for KeepSwap {
+    fn pager_for(&self, _pages: u64) -> Option<Arc<dyn Pager>> {
+        let p = Arc::new(MemPager::new(ObjectType::Swap));
+        self.pagers.lock().unwrap().push(p.clone());
+        Some(p)
+    }
+}
+
+/// `hold_one` (hold.rs) faults the page in and then holds whatever the
+/// mapping shows, without checking that the page is still the space's own.
+/// A fault that pages in drops the map lock for the I/O; a fork that runs
+/// meanwhile makes the page copy-on-write shared with the child (the
+/// fault's revalidation just maps it read-only). The read hold then pins
+/// the page the child shares, `held_pages` never saw it, and the parent's
+/// next write copies the page away from the pin: the pin keeps showing
+/// the fork-time data instead of what its owner writes — the Linux rule
+/// the module promises (CVE-2020-29374 class). Deterministic: the page-in
+/// is paused (MemPager::pause_next) while the fork runs.
+#[test]
+fn rt_read_hold_racing_fork_pins_shared_page() {
+    watchdog(30, "hold vs fork", || {
+        let vm = ref_vm(64);
+        let swap = Arc::new(KeepSwap::default());
+        vm.set_swap(swap.clone());
+        let space = Arc::new(vm.new_space().unwrap());
+        space.map_anon(BASE, PAGE, Prot::RW).unwrap();
+        space.write(BASE, &[1u8; 16]).unwrap();
+        vm.pageout(vm.total_pages());
+        assert!(space.extract(BASE).is_none(), "paged out");
+        let pager = swap.pagers.lock().unwrap()[0].clone();
+        let pause = pager.pause_next();
+        let s2 = space.clone();
+        let holder = std::thread::spawn(move || {
+            let held = s2.hold(BASE, PAGE, Prot::READ).unwrap();
+            s2.write(BASE, b"parent-after-fk!").unwrap();
+            let mut got = [0u8; 16];
+            held.read(0, &mut got).unwrap();
+            got
+        });
+        pause.wait_started();
+        let child = space.fork().unwrap();
+        pause.resume();
+        let got = holder.join().unwrap();
+        assert_eq!(read16(&child, BASE), [1u8; 16], "the child's copy");
+        assert_eq!(
+            &got, b"parent-after-fk!",
+            "the read pin does not see its owner's write (it pinned the page shared with the child)"
+        );
+        drop(child);
+        drop(space);
+        consistent(&vm);
+    });
 }
