@@ -725,3 +725,70 @@ fn rt_read_hold_racing_fork_pins_shared_page() {
         consistent(&vm);
     });
 }
+
+/// Variant of rt_fork_fails_after_wired_file_truncated: the same stranded
+/// wired pages make `mprotect(RW)` of a user-wired read-only private file
+/// mapping fail with `MissingPage` (`upgrade_wired_entry` →
+/// `source_page`), where FreeBSD would copy the still-resident wired pages.
+#[test]
+fn rt_mprotect_upgrade_fails_after_wired_file_truncated() {
+    let vm = ref_vm(128);
+    let space = vm.new_space().unwrap();
+    let f = temp("trunc2");
+    std::fs::write(&f.0, vec![0x5au8; 4 * PAGE as usize]).unwrap();
+    let pager = VnodePager::open(&f.0, true).unwrap();
+    let obj = pager.object(&vm);
+    space
+        .map(MapRequest::object(BASE, 4 * PAGE, obj.clone(), 0, Prot::READ).private())
+        .unwrap();
+    space.wire(BASE, 4 * PAGE, true).unwrap();
+    pager.set_len(&vm, &obj, PAGE).unwrap();
+    let r = space.protect(BASE, 4 * PAGE, Prot::RW);
+    assert!(r.is_ok(), "mprotect(RW) after the wired file shrank: {r:?}");
+    space.unwire(BASE, 4 * PAGE, true).unwrap();
+    consistent(&vm);
+}
+
+/// Wired shared file mapping, truncate, extend, refault, unwire: the
+/// stranded wired pages are released and nothing leaks (held up).
+#[test]
+fn wired_file_truncate_extend_refault() {
+    for x86 in [false, true] {
+        let f = temp("trunc3");
+        std::fs::write(&f.0, vec![0x5au8; 4 * PAGE as usize]).unwrap();
+        let pager = VnodePager::open(&f.0, true).unwrap();
+        let check = |vm: &dyn Fn() -> Result<(), String>| vm().unwrap();
+        let _ = check;
+        macro_rules! body {
+            ($vm:expr) => {{
+                let vm = $vm;
+                let obj = pager.object(&vm);
+                let space = vm.new_space().unwrap();
+                space
+                    .map(MapRequest::object(BASE, 4 * PAGE, obj.clone(), 0, Prot::RW))
+                    .unwrap();
+                space.wire(BASE, 4 * PAGE, false).unwrap();
+                space.wire(BASE, 4 * PAGE, true).unwrap();
+                pager.set_len(&vm, &obj, PAGE / 2).unwrap();
+                consistent(&vm);
+                assert!(space.read_u8(BASE + 2 * PAGE).is_err());
+                pager.set_len(&vm, &obj, 4 * PAGE).unwrap();
+                assert_eq!(space.read_u8(BASE + 2 * PAGE).unwrap(), 0);
+                assert_eq!(space.read_u8(BASE + PAGE / 2).unwrap(), 0);
+                assert_eq!(space.read_u8(BASE).unwrap(), 0x5a);
+                space.unwire(BASE, 4 * PAGE, true).unwrap();
+                space.unwire(BASE, 4 * PAGE, false).unwrap();
+                consistent(&vm);
+                drop(space);
+                drop(obj);
+                consistent(&vm);
+                assert_eq!(vm.free_pages(), vm.total_pages());
+            }};
+        }
+        if x86 {
+            body!(x86_vm(128));
+        } else {
+            body!(ref_vm(128));
+        }
+    }
+}
