@@ -52,8 +52,12 @@ struct PageModel {
     /// The entry is copy-on-write (private named object mappings; a wired
     /// copy made by fork or an mprotect upgrade is not).
     cow: bool,
-    /// Anon: the value; private named: Some(frozen) or None (follows the object).
+    /// Private named: Some(frozen) or None (follows the object).
     val: Option<u64>,
+    /// Anon (region 0): the memory cell the page shows, and whether it is
+    /// inherited shared.
+    cell: usize,
+    share: bool,
 }
 
 #[derive(Clone)]
@@ -90,6 +94,7 @@ struct World<P: Pmap + 'static> {
     counter: u64,
     log: Vec<String>,
     avoid: Avoid,
+    cells: Vec<u64>,
 }
 
 fn fresh_model() -> SpaceModel {
@@ -101,6 +106,8 @@ fn fresh_model() -> SpaceModel {
                 kernel: 0,
                 cow: val.is_none(),
                 val,
+                cell: usize::MAX,
+                share: false,
             })
             .collect::<Vec<_>>()
     };
@@ -123,6 +130,7 @@ impl<P: Pmap + 'static> World<P> {
             counter: 1,
             log: Vec::new(),
             avoid,
+            cells: Vec::new(),
         };
         let s = w.vm.new_space().unwrap();
         s.map_anon(BASES[0], PAGES[0] * PAGE, Prot::RW).unwrap();
@@ -148,13 +156,19 @@ impl<P: Pmap + 'static> World<P> {
             w.named_val[p as usize] = v;
         }
         w.spaces.push(Some(Box::new(s)));
-        w.models.push(Some(fresh_model()));
+        let mut m = fresh_model();
+        for pm in &mut m.regions[0] {
+            pm.cell = w.cells.len();
+            w.cells.push(0);
+        }
+        w.models.push(Some(m));
         w
     }
 
     fn view(&self, s: usize, r: usize, p: u64) -> u64 {
         let m = self.models[s].as_ref().unwrap();
         match (r, m.regions[r][p as usize].val) {
+            (0, _) => self.cells[m.regions[0][p as usize].cell],
             (1, _) => self.named_val[p as usize],
             (_, Some(v)) => v,
             (_, None) => self.named_val[p as usize],
@@ -169,7 +183,10 @@ impl<P: Pmap + 'static> World<P> {
     }
 
     fn set_val(&mut self, s: usize, r: usize, p: u64, v: u64) {
-        if r == 1 {
+        if r == 0 {
+            let c = self.models[s].as_ref().unwrap().regions[0][p as usize].cell;
+            self.cells[c] = v;
+        } else if r == 1 {
             self.named_val[p as usize] = v;
         } else {
             self.models[s].as_mut().unwrap().regions[r][p as usize].val = Some(v);
@@ -409,6 +426,23 @@ impl<P: Pmap + 'static> World<P> {
                 {
                     return;
                 }
+                let aliased = |cell: usize| {
+                    self.models
+                        .iter()
+                        .flatten()
+                        .flat_map(|m| m.regions[0].iter())
+                        .filter(|pm| pm.cell == cell)
+                        .count()
+                        > 1
+                };
+                if self.models[s].as_ref().unwrap().regions[0]
+                    .iter()
+                    .any(|pm| !pm.share && pm.kernel + u32::from(pm.user) == 0 && aliased(pm.cell))
+                {
+                    // A copy of memory another space shares sees that
+                    // space's later writes (FreeBSD does the same).
+                    return;
+                }
                 self.log.push(format!("s{s} fork"));
                 let child = self.space(s).fork().unwrap_or_else(|e| panic!("fork: {e:?}"));
                 // A copied entry that is not wired becomes copy-on-write.
@@ -434,6 +468,13 @@ impl<P: Pmap + 'static> World<P> {
                         m.kernel = 0;
                     }
                 }
+                for pm in &mut cm.regions[0] {
+                    if !pm.share {
+                        let v = self.cells[pm.cell];
+                        pm.cell = self.cells.len();
+                        self.cells.push(v);
+                    }
+                }
                 self.spaces.push(Some(Box::new(child)));
                 self.models.push(Some(cm));
             }
@@ -441,22 +482,33 @@ impl<P: Pmap + 'static> World<P> {
                 self.log.push("pageout".into());
                 self.vm.pageout(self.vm.total_pages());
             }
-            89..=93 => {
+            89..=91 => {
                 self.log.push(format!("s{s} collapse r{r}"));
                 if let Some((o, _)) = self.space(s).object_at(va) {
                     self.vm.collapse(&o);
                 }
             }
-            94..=96 => {
+            92..=93 => {
                 self.log.push(format!("s{s} msync r{r}"));
                 self.space(s).msync(va, len * PAGE).unwrap();
             }
             _ => {
-                // inheritance tweak of region 0 or 2 (share / copy)
-                if r == 1 {
+                // inheritance of region 0: share / copy
+                if r != 0 {
                     return;
                 }
-                // keep it simple: no-op
+                let share = rng.below(2) == 0;
+                let inh = if share {
+                    vm_core::Inheritance::Share
+                } else {
+                    vm_core::Inheritance::Copy
+                };
+                self.log
+                    .push(format!("s{s} inherit r0 p{p0}+{len} share={share}"));
+                self.space(s).set_inheritance(va, len * PAGE, inh).unwrap();
+                for p in p0..p0 + len {
+                    self.pm(s, 0, p).share = share;
+                }
             }
         }
     }
