@@ -792,3 +792,36 @@ fn wired_file_truncate_extend_refault() {
         }
     }
 }
+
+/// Holds across fork into grandchildren, both pmaps (held up).
+#[test]
+fn holds_across_grandchildren() {
+    fn body<P: Pmap>(vm: &Arc<Vm<P>>) {
+        let p = vm.new_space().unwrap();
+        p.map_anon(BASE, 2 * PAGE, Prot::RW).unwrap();
+        fill(&p, BASE, 2, 1);
+        let hp = p.hold(BASE, PAGE, Prot::RW).unwrap();
+        let c = p.fork().unwrap();
+        let hc = c.hold(BASE, PAGE, Prot::RW).unwrap();
+        let g = c.fork().unwrap();
+        g.write(BASE, b"grandchild-wrote").unwrap();
+        c.write(BASE, b"child-wrote-this").unwrap();
+        p.write(BASE, b"parent-wrote-thi").unwrap();
+        let mut b = [0u8; 16];
+        hp.read(0, &mut b).unwrap();
+        assert_eq!(&b, b"parent-wrote-thi");
+        hc.read(0, &mut b).unwrap();
+        assert_eq!(&b, b"child-wrote-this");
+        hc.write(0, b"dma-into-child!!").unwrap();
+        assert_eq!(&read16(&c, BASE), b"dma-into-child!!");
+        assert_eq!(&read16(&g, BASE), b"grandchild-wrote");
+        assert_eq!(&read16(&p, BASE), b"parent-wrote-thi");
+        drop(hc);
+        drop(hp);
+        drop(g);
+        drop(c);
+        consistent(vm);
+    }
+    body(&ref_vm(128));
+    body(&x86_vm(128));
+}

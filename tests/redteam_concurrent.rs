@@ -304,8 +304,11 @@ fn _m(_: Mutex<()>) {}
 /// activate; the frees are unmap/exit (`page_remove`), collapse and
 /// eviction. `ShardedCount::get` clamps a negative count to 0, hiding
 /// part of the drift. Racy: each 3 s run fails with probability ~1/15 here;
-/// this test loops runs for up to `RT_DRIFT_SECS` (default 90) seconds.
+/// this test loops runs for up to `RT_DRIFT_SECS` (default 90) seconds and
+/// is ignored by default (too long and too rare for CI): run it with
+/// `RT_DRIFT_SECS=300 cargo test --test redteam_concurrent -- --ignored`.
 #[test]
+#[ignore = "racy, minutes: see doc"]
 fn rt_queue_counts_drift_under_concurrency() {
     let secs = std::env::var("RT_DRIFT_SECS")
         .ok()

@@ -655,3 +655,15 @@ fn fuzz_small_machine_ref() {
         );
     }
 }
+
+#[test]
+fn fuzz_small_machine_x86() {
+    for seed in seeds() {
+        run_seed(
+            Vm::new(X86Pmap::new(), vm_testkit::test_config(56)).unwrap(),
+            seed + 200_000,
+            60,
+            AVOID_ALL,
+        );
+    }
+}
