@@ -12,8 +12,8 @@ use vm_core::{
     Contiguity, FaultError, Inheritance, MapError, MapRequest, ObjectType, PageOut, PageSlot,
     Pager, PagerError, Pmap, Prot, Vm, VmSpace,
 };
-use vm_pmap_x86_64::X86Pmap;
 use vm_pager_vnode::VnodePager;
+use vm_pmap_x86_64::X86Pmap;
 use vm_testkit::{MemPager, RefPmap};
 
 const PAGE: u64 = 4096;
@@ -492,7 +492,10 @@ fn rt_write_forced_refuses_child_copy_of_wired_private_file() {
     let child = space.fork().unwrap();
     let r = child.write_forced(BASE + PAGE, b"bp");
     assert!(r.is_ok(), "write_forced in the child: {r:?}");
-    assert_eq!(std::fs::read(&f.0).unwrap(), vec![0x11u8; 2 * PAGE as usize]);
+    assert_eq!(
+        std::fs::read(&f.0).unwrap(),
+        vec![0x11u8; 2 * PAGE as usize]
+    );
     drop(child);
     space.unwire(BASE, 2 * PAGE, true).unwrap();
     consistent(&vm);
@@ -545,7 +548,10 @@ fn rt_swap_and_chain_grow_without_bound_under_fork_pageout() {
 }
 
 fn secs() -> u64 {
-    std::env::var("RT_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(8)
+    std::env::var("RT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
 }
 
 // ---------------------------------------------------------------------------
@@ -567,7 +573,7 @@ fn rt_map_offset_overflow_panics_or_maps_wrong_page() {
     let f = temp("ovf");
     std::fs::write(&f.0, vec![0x77u8; PAGE as usize]).unwrap();
     let obj = VnodePager::open(&f.0, true).unwrap().object(&vm);
-    let offset = u64::MAX & !(PAGE - 1);
+    let offset = !(PAGE - 1);
     let mapped = space.map(MapRequest::object(BASE, 2 * PAGE, obj, offset, Prot::READ));
     if mapped.is_err() {
         return; // refused: fine
@@ -590,7 +596,7 @@ fn rt_map_offset_overflow_anon_object() {
     let vm = ref_vm(64);
     let space = vm.new_space().unwrap();
     let obj = vm.new_anon_object(u64::MAX);
-    let offset = u64::MAX & !(PAGE - 1);
+    let offset = !(PAGE - 1);
     let mapped = space.map(MapRequest::object(BASE, 2 * PAGE, obj, offset, Prot::RW));
     if mapped.is_err() {
         return;
@@ -636,7 +642,13 @@ fn error_paths<P: Pmap>(vm: &Arc<Vm<P>>) {
     let pager = Arc::new(MemPager::with_pattern(ObjectType::Vnode, 8));
     let obj = vm.new_object(8, pager.clone());
     space
-        .map(MapRequest::object(BASE + 0x100_0000, 8 * PAGE, obj, 0, Prot::READ))
+        .map(MapRequest::object(
+            BASE + 0x100_0000,
+            8 * PAGE,
+            obj,
+            0,
+            Prot::READ,
+        ))
         .unwrap();
     space
         .set_behavior(BASE + 0x100_0000, 8 * PAGE, vm_core::Behavior::Random)
@@ -665,7 +677,6 @@ fn error_paths_x86() {
 // ---------------------------------------------------------------------------
 // hold vs fork: the window between the hold's fault and its hold
 // ---------------------------------------------------------------------------
-
 
 /// Swap for anonymous memory in memory, handing out MemPagers we keep.
 #[derive(Default)]

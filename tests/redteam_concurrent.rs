@@ -46,7 +46,7 @@ fn run<P: Pmap + 'static>(tag: &str, pmap: P, pages: u64, balloon: bool) {
         ..vm_testkit::test_config(pages)
     };
     let vm = Vm::new(pmap, config).unwrap();
-    let swap = Swap::create(&swap_path.0, 64 << 20).unwrap();
+    let swap = Swap::create(&swap_path.0, 8 << 20).unwrap();
     vm.set_swap(swap.provider());
     let space = Arc::new(vm.new_space().unwrap());
     space.map_anon(A, N * PAGE, Prot::RW).unwrap();
@@ -72,7 +72,11 @@ fn run<P: Pmap + 'static>(tag: &str, pmap: P, pages: u64, balloon: bool) {
             while !stop.load(Ordering::Relaxed) {
                 seq += 1;
                 for i in 0..12u64 {
-                    let va = if i < 8 { A + i * PAGE } else { C + (i - 8) * PAGE } + 8;
+                    let va = if i < 8 {
+                        A + i * PAGE
+                    } else {
+                        C + (i - 8) * PAGE
+                    } + 8;
                     let mut b = [0u8; 8];
                     space.read(va, &mut b).unwrap();
                     if let Some(v) = last[i as usize] {
@@ -99,7 +103,11 @@ fn run<P: Pmap + 'static>(tag: &str, pmap: P, pages: u64, balloon: bool) {
                     let mut b = [0u8; 8];
                     space.read(va, &mut b).unwrap();
                     if let Some(v) = last[i as usize] {
-                        assert_eq!(u64::from_le_bytes(b), v, "T1 lost a forced write at {va:#x}");
+                        assert_eq!(
+                            u64::from_le_bytes(b),
+                            v,
+                            "T1 lost a forced write at {va:#x}"
+                        );
                     } else {
                         assert_eq!(b, [(i as u8) ^ 0x5a; 8], "file data at {va:#x}");
                     }
@@ -120,13 +128,13 @@ fn run<P: Pmap + 'static>(tag: &str, pmap: P, pages: u64, balloon: bool) {
             while !stop.load(Ordering::Relaxed) {
                 seq += 1;
                 for i in 0..12u64 {
-                    // A[8..12] and C[4..8]; not A[12..16], whose mprotect
-                    // R -> RW while user-wired copies the pages away from
-                    // the hold (rt_wired_cow_upgrade_strands_hold).
-                    if (4..8).contains(&i) {
-                        continue;
-                    }
-                    let va = if i < 8 { A + (8 + i) * PAGE } else { C + (i - 4) * PAGE };
+                    // A[8..16] (A[12..16] is re-protected while wired)
+                    // and C[4..8].
+                    let va = if i < 8 {
+                        A + (8 + i) * PAGE
+                    } else {
+                        C + (i - 4) * PAGE
+                    };
                     let held = match space.hold(va, PAGE, Prot::RW) {
                         Ok(h) => h,
                         // A[12..16] is mprotected read-only at times.
@@ -136,14 +144,22 @@ fn run<P: Pmap + 'static>(tag: &str, pmap: P, pages: u64, balloon: bool) {
                     let mut b = [0u8; 8];
                     held.read(24, &mut b).unwrap();
                     if let Some(v) = last[i as usize] {
-                        assert_eq!(u64::from_le_bytes(b), v, "T2 hold sees stale data at {va:#x}");
+                        assert_eq!(
+                            u64::from_le_bytes(b),
+                            v,
+                            "T2 hold sees stale data at {va:#x}"
+                        );
                     }
                     let v = (seq << 8) | i;
                     held.write(24, &v.to_le_bytes()).unwrap();
                     std::thread::yield_now();
                     drop(held);
                     space.read(va + 24, &mut b).unwrap();
-                    assert_eq!(u64::from_le_bytes(b), v, "T2 write through a hold lost at {va:#x}");
+                    assert_eq!(
+                        u64::from_le_bytes(b),
+                        v,
+                        "T2 write through a hold lost at {va:#x}"
+                    );
                     last[i as usize] = Some(v);
                 }
                 progress.fetch_add(1, Ordering::Relaxed);
@@ -164,7 +180,7 @@ fn run<P: Pmap + 'static>(tag: &str, pmap: P, pages: u64, balloon: bool) {
                 let start = base + s * PAGE;
                 space.wire(start, len * PAGE, true).unwrap();
                 space.wire(base, 2 * PAGE, false).unwrap();
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     space.protect(A + 12 * PAGE, 4 * PAGE, Prot::READ).unwrap();
                 } else {
                     space.protect(A + 12 * PAGE, 4 * PAGE, Prot::RW).unwrap();
@@ -174,7 +190,9 @@ fn run<P: Pmap + 'static>(tag: &str, pmap: P, pages: u64, balloon: bool) {
                 if half > 0 {
                     space.unwire(start, half * PAGE, true).unwrap();
                 }
-                space.unwire(start + half * PAGE, (len - half) * PAGE, true).unwrap();
+                space
+                    .unwire(start + half * PAGE, (len - half) * PAGE, true)
+                    .unwrap();
                 space.unwire(base, 2 * PAGE, false).unwrap();
                 progress.fetch_add(1, Ordering::Relaxed);
             }
@@ -198,8 +216,9 @@ fn run<P: Pmap + 'static>(tag: &str, pmap: P, pages: u64, balloon: bool) {
                             Err(e) => panic!("fork: {e:?}"),
                         };
                         child.write(A + (i % 12) * PAGE + 8, &[0xee; 8]).unwrap();
-                        // (refused when B was wired at the fork: rt_write_forced_refuses_private_anon_until_fork)
-                        let _ = child.write_forced(B + (i % N) * PAGE + 16, &[0xee; 8]);
+                        child
+                            .write_forced(B + (i % N) * PAGE + 16, &[0xee; 8])
+                            .unwrap();
                         drop(child);
                     }
                     1 => {
@@ -253,7 +272,11 @@ fn run<P: Pmap + 'static>(tag: &str, pmap: P, pages: u64, balloon: bool) {
         }
     }
     // The file never saw a forced write.
-    assert_eq!(std::fs::read(&file_path.0).unwrap(), file_bytes, "file modified");
+    assert_eq!(
+        std::fs::read(&file_path.0).unwrap(),
+        file_bytes,
+        "file modified"
+    );
     if let Err(e) = vm.check_consistency() {
         panic!("{e}");
     }

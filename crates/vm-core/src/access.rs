@@ -9,7 +9,6 @@
 use crate::addr::{PAGE_SIZE, Pfn, page_trunc};
 use crate::error::FaultError;
 use crate::fault::{FaultCtx, FaultFlags};
-use crate::map::EntryFlags;
 use crate::pmap::{Pmap, PmapError};
 use crate::prot::Prot;
 use crate::space::VmSpace;
@@ -100,7 +99,7 @@ impl<P: Pmap> VmSpace<P> {
                     access: Prot::WRITE,
                     allowed: e.protection,
                 };
-                if !private_memory(e) {
+                if !e.private_memory() {
                     if !e.protection.contains(Prot::WRITE) {
                         return Err(refused);
                     }
@@ -110,7 +109,7 @@ impl<P: Pmap> VmSpace<P> {
                 if !e.max_protection.contains(Prot::WRITE) {
                     return Err(refused);
                 }
-                if let Some(own) = own_object(e) {
+                if let Some(own) = e.own_object() {
                     if let Some(id) = self.hold_mapped(page, Prot::READ)? {
                         if pages.get(id).object_raw() == own {
                             self.vm.phys().write(pages.pfn(id), off, bytes);
@@ -209,32 +208,4 @@ impl<P: Pmap> VmSpace<P> {
             error: PmapError::NotKept(page),
         })
     }
-}
-
-/// The raw id of a private entry's own object, whose pages no other
-/// mapping shares copy-on-write: `None` while the entry still awaits its
-/// copy (no object yet, or one shared since a fork).
-fn own_object(e: &crate::map::MapEntry) -> Option<u64> {
-    if e.eflags.contains(EntryFlags::NEEDS_COPY) {
-        return None;
-    }
-    e.object
-        .as_ref()
-        .filter(|o| !o.flags().contains(crate::object::ObjectFlags::NAMED))
-        .map(|o| o.id().0)
-}
-
-/// Whether `e` maps private memory: a copy-on-write mapping, or anonymous
-/// memory of this mapping alone that it does not share with a forked
-/// child (inherited shared, anonymous memory is `MAP_SHARED | MAP_ANON`).
-fn private_memory(e: &crate::map::MapEntry) -> bool {
-    use crate::object::ObjectFlags;
-    e.eflags.contains(EntryFlags::COW)
-        || e.inheritance != crate::map::Inheritance::Share
-            && e.object.as_ref().is_none_or(|o| {
-                let st = o.lock();
-                st.otype.is_anonymous()
-                    && st.flags.contains(ObjectFlags::ONEMAPPING)
-                    && !st.flags.contains(ObjectFlags::NAMED)
-            })
 }

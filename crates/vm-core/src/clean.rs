@@ -87,6 +87,9 @@ impl<P: Pmap> Vm<P> {
         let Some(pager) = object.lock().pager.clone() else {
             return Ok(0);
         };
+        // Paging in progress for the whole write-back, as FreeBSD's
+        // `vm_pageout_flush` takes it: a termination or collapse waits.
+        let _pip = crate::fault::guard::Pip::new(object.clone());
         let mut written = 0;
         // Only resident pages can be dirty: walk those, not every index of
         // the range (a 64 GiB mapping with one page resident costs one).
@@ -134,8 +137,13 @@ impl<P: Pmap> Vm<P> {
             if run.len() == RUN || !contiguous {
                 break;
             }
-            let id: Option<PageId> = object.lock().pages.get(&p).copied();
-            let Some(id) = id else {
+            // Busied under the object's lock, which page removal holds:
+            // the page cannot be freed (and reused) in between.
+            let looked: Option<(PageId, bool)> = {
+                let st = object.lock();
+                st.pages.get(&p).map(|&id| (id, pages.get(id).try_busy()))
+            };
+            let Some((id, busied)) = looked else {
                 // Gone since the list was made.
                 *next += 1;
                 if run.is_empty() {
@@ -144,16 +152,11 @@ impl<P: Pmap> Vm<P> {
                 break;
             };
             let page = pages.get(id);
-            if !page.try_busy() {
+            if !busied {
                 if !run.is_empty() {
                     break;
                 }
                 wait_for_page(&self.machine, id, object.id().0, p);
-                continue;
-            }
-            // Still this page of this object, now that it is busy?
-            if page.object_raw() != object.id().0 || page.pindex() != p {
-                crate::fault::guard::wake(&self.machine, id);
                 continue;
             }
             let busy = BusyPage::new(&self.machine, object.clone(), id, Disposal::Release);

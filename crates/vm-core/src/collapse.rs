@@ -20,7 +20,9 @@ impl<P: Pmap> Vm<P> {
     /// (paging in progress), while a page of the backing object is busy,
     /// held or wired, when the backing object has a handle (a named object
     /// keeps its pages), or when it has a pager that the shadow cannot take
-    /// over (only a swap pager, at offset 0, by a shadow without one).
+    /// over (a swap pager, at offset 0, by a shadow without one) or take
+    /// the copies of into its own ([`Pager::absorb`](crate::Pager::absorb): two swap pagers of
+    /// one device).
     pub fn collapse(&self, object: &Arc<VmObject>) -> usize {
         let mut merged = 0;
         while let Some(dead) = self.collapse_once(object) {
@@ -43,11 +45,12 @@ impl<P: Pmap> Vm<P> {
         let b = st.backing.clone()?;
         let mut bst = b.object.lock();
         // A swap-backed backing object can hand its pager to a shadow that
-        // has none and sees it at the same page indexes.
-        let adopt = bst.otype == ObjectType::Swap
-            && bst.pager.is_some()
-            && st.pager.is_none()
-            && b.offset == 0;
+        // has none and sees it at the same page indexes, or have its copies
+        // moved into the shadow's own pager (when that pager can take them:
+        // checked below, before anything changes).
+        let swapped = bst.otype == ObjectType::Swap && bst.pager.is_some();
+        let adopt = swapped && st.pager.is_none() && b.offset == 0;
+        let merge = swapped && st.pager.is_some();
         // The backing object must be private to this chain and nameless
         // (seed-era `vm_object_collapse`: `handle == NULL`), and no fault
         // or pager may be working in either object: a fault holds
@@ -57,7 +60,7 @@ impl<P: Pmap> Vm<P> {
         let private = b.object.ref_count() == 1
             && bst.shadow_count == 1
             && !bst.flags.contains(ObjectFlags::NAMED)
-            && ((bst.otype == ObjectType::Default && bst.pager.is_none()) || adopt)
+            && ((bst.otype == ObjectType::Default && bst.pager.is_none()) || adopt || merge)
             && b.object.paging_in_progress() == 0
             && object.paging_in_progress() == 0;
         if !private {
@@ -86,6 +89,18 @@ impl<P: Pmap> Vm<P> {
             .iter()
             .map(|(&bp, &id)| (id, target(bp)))
             .collect();
+        if merge {
+            // The backing object's swap copies go where its pages would: to
+            // the shadow's indexes the shadow has nothing at.
+            let (size, offset) = (st.size, b.offset);
+            let mut wanted = |p: u64| p < size && !st.pages.contains_key(&p);
+            let (Some(mine), Some(theirs)) = (st.pager.clone(), bst.pager.clone()) else {
+                return None;
+            };
+            if !mine.absorb(&*theirs, offset, &mut wanted) {
+                return None;
+            }
+        }
         bst.pages.clear();
         if adopt {
             // The shadow's own pages supersede the swap copies at their

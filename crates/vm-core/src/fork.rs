@@ -46,6 +46,16 @@ impl<P: Pmap> VmSpace<P> {
         let mut pg = self.write_settled(self.map.min_addr(), self.map.max_addr());
         let mut cg = child.map.write();
         let machine = &vm.machine;
+        // Which held pages are the parent's own is decided before any entry
+        // is changed: entries clipped from one share their object, and
+        // making the first copy-on-write must not hide the second's.
+        let mut held: alloc::collections::BTreeMap<u64, Vec<u64>> = pg
+            .entries
+            .iter()
+            .filter(|(_, e)| e.inheritance == Inheritance::Copy && e.wired_count == 0)
+            .map(|(&k, e)| (k, held_pages(e)))
+            .filter(|(_, h)| !h.is_empty())
+            .collect();
         for e in pg.entries.values_mut() {
             if let Some(o) = &e.object {
                 // Chains grow by one shadow per fork; merge what the
@@ -64,13 +74,14 @@ impl<P: Pmap> VmSpace<P> {
                     if let Some(o) = &e.object {
                         o.lock().flags.remove(ObjectFlags::ONEMAPPING);
                     }
+                    e.eflags.insert(EntryFlags::SHARED);
                     child_entry(e)
                 }
                 Inheritance::Copy if e.wired_count != 0 => {
                     crate::fault::copy_entry(self, &child, e)?
                 }
                 Inheritance::Copy => {
-                    let held = held_pages(e);
+                    let held = held.remove(&e.start).unwrap_or_default();
                     self.copy_on_write(e);
                     let mut c = child_entry(e);
                     if !held.is_empty() {
@@ -137,8 +148,9 @@ impl<P: Pmap> VmSpace<P> {
 
 /// The indexes (in `e`'s object) of the held pages of `e`'s range, when
 /// they are the parent's own: its object is private anonymous memory
-/// (mapped by this entry only, no handle, not awaiting a copy). Held pages
-/// of shared or named objects are not the parent's to give away.
+/// (mapped by this space's entries only, each at its own indexes, no
+/// handle, not awaiting a copy). Held pages of shared or named objects are
+/// not the parent's to give away.
 fn held_pages(e: &MapEntry) -> Vec<u64> {
     let Some(object) = &e.object else {
         return Vec::new();
@@ -168,14 +180,14 @@ fn held_pages(e: &MapEntry) -> Vec<u64> {
 /// busy; `None` if it is gone meanwhile.
 fn busy_page(machine: &crate::vm::Machine, object: &Arc<VmObject>, pindex: u64) -> Option<PageId> {
     loop {
-        let id = *object.lock().pages.get(&pindex)?;
-        let page = machine.pages.get(id);
-        if page.try_busy() {
-            if page.object_raw() == object.id().0 && page.pindex() == pindex {
-                return Some(id);
-            }
-            crate::fault::guard::wake(machine, id);
-            continue;
+        // Busied under the object's lock, which page removal holds.
+        let (id, busied) = {
+            let st = object.lock();
+            let id = *st.pages.get(&pindex)?;
+            (id, machine.pages.get(id).try_busy())
+        };
+        if busied {
+            return Some(id);
         }
         wait_for_page(machine, id, object.id().0, pindex);
     }

@@ -20,7 +20,6 @@
 use crate::addr::{PAGE_SIZE, Pfn, page_trunc};
 use crate::error::FaultError;
 use crate::fault::{FaultCtx, FaultFlags};
-use crate::map::EntryFlags;
 use crate::page::PageId;
 use crate::pmap::{Pmap, PmapError};
 use crate::prot::Prot;
@@ -216,12 +215,11 @@ impl<P: Pmap> VmSpace<P> {
             // shares a page copy-on-write (Linux unshares pinned pages
             // since 5.19), so later writes by the space land in the pinned
             // page and fork can give the child a copy.
-            let unshare = {
-                let g = self.map.read();
-                g.find(va).is_some_and(|e| {
-                    e.eflags.contains(EntryFlags::COW) && e.max_protection.contains(Prot::WRITE)
-                })
+            let must_own = |e: &crate::map::MapEntry| {
+                e.eflags.contains(crate::map::EntryFlags::COW)
+                    && e.max_protection.contains(Prot::WRITE)
             };
+            let unshare = self.map.read().find(va).is_some_and(must_own);
             let ctx = if access.contains(Prot::WRITE) {
                 FaultCtx::public(FaultFlags::DIRTY)
             } else if unshare {
@@ -230,8 +228,19 @@ impl<P: Pmap> VmSpace<P> {
                 FaultCtx::public(FaultFlags::NORMAL)
             };
             self.fault_with(va, access, ctx)?;
-            let _map = self.map.read();
+            let map = self.map.read();
+            // Checked again under the map lock, with the page held: a fork
+            // that ran while the fault was in I/O may have made the page
+            // shared again; then copy again.
+            let own = map
+                .find(va)
+                .filter(|e| must_own(e))
+                .map(crate::map::MapEntry::own_object);
             if let Some(id) = self.hold_mapped(va, access)? {
+                if own.is_some_and(|own| own != Some(pages.get(id).object_raw())) {
+                    pages.unhold(id);
+                    continue;
+                }
                 if access.contains(Prot::WRITE) {
                     pages.get(id).dirty_all();
                 }

@@ -35,6 +35,10 @@ bitflags::bitflags! {
         const IN_TRANSITION = 0x100;
         /// A stack that grows down into the gap below it.
         const GROWS_DOWN = 0x1000;
+        /// (Not FreeBSD's.) Memory shared with another space by a fork
+        /// that inherited the entry shared: never private again, whatever
+        /// the inheritance becomes.
+        const SHARED = 0x1_0000;
     }
 }
 
@@ -146,6 +150,33 @@ impl MapEntry {
     /// The object page index `va` maps to.
     pub(crate) fn pindex(&self, va: u64) -> u64 {
         (va - self.start + self.offset) >> PAGE_SHIFT
+    }
+
+    /// The raw id of the entry's own object, whose pages no other mapping
+    /// shares copy-on-write: `None` while the entry still awaits its copy
+    /// (no object yet, or one shared since a fork) or maps a named object.
+    pub(crate) fn own_object(&self) -> Option<u64> {
+        if self.eflags.contains(EntryFlags::NEEDS_COPY) {
+            return None;
+        }
+        self.object
+            .as_ref()
+            .filter(|o| !o.flags().contains(ObjectFlags::NAMED))
+            .map(|o| o.id().0)
+    }
+
+    /// Whether the entry maps private memory: not shared with another
+    /// space by an earlier fork, and either a copy-on-write mapping or
+    /// anonymous memory (no named object) not inherited shared (anonymous
+    /// memory inherited shared is `MAP_SHARED | MAP_ANON`).
+    pub(crate) fn private_memory(&self) -> bool {
+        !self.eflags.contains(EntryFlags::SHARED)
+            && (self.eflags.contains(EntryFlags::COW)
+                || self.inheritance != Inheritance::Share
+                    && self
+                        .object
+                        .as_ref()
+                        .is_none_or(|o| !o.flags().contains(ObjectFlags::NAMED)))
     }
 
     /// Whether a wiring operation owns the entry (`MAP_ENTRY_IN_TRANSITION`).

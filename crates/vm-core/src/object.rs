@@ -348,12 +348,6 @@ impl VmObject {
         );
         page.set_identity(self.id.0, pindex);
     }
-
-    /// Frees every resident page. Mappings and paging in progress are the
-    /// caller's business.
-    pub(crate) fn free_all_pages(&self, st: &mut ObjectState) {
-        free_pages(&self.machine, self.id, st);
-    }
 }
 
 /// Frees every page of an object's state (see [`VmObject::free_all_pages`]).

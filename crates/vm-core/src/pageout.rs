@@ -251,6 +251,7 @@ impl<P: Pmap> Vm<P> {
             (st.pager.clone(), st.otype)
         };
         let pager: Arc<dyn Pager> = pager.ok_or(())?;
+        let _pip = crate::fault::guard::Pip::new(object.clone());
         crate::clean::write_clean(&self.machine, &*pager, run.iter().map(|(b, p)| (b, *p)))
             .map_err(|_| ())?;
         let c = match otype {

@@ -233,6 +233,23 @@ pub trait Pager: Send + Sync {
     /// The object is being destroyed: release backing store
     /// (`vm_pager_deallocate`).
     fn dealloc(&self) {}
+
+    /// Collapse merges the object of pager `from` into this pager's object
+    /// (FreeBSD `swap_pager_copy`): take over `from`'s copy of its page
+    /// `p` as this object's page `p - offset` wherever `wanted(p - offset)`
+    /// and this pager has no copy of its own there, release all of `from`'s
+    /// other copies, and leave `from` holding nothing. Returns whether it
+    /// did; the default cannot (collapse then leaves the chain as it is).
+    fn absorb(&self, from: &dyn Pager, offset: u64, wanted: &mut dyn FnMut(u64) -> bool) -> bool {
+        let _ = (from, offset, wanted);
+        false
+    }
+
+    /// The pager as [`Any`](core::any::Any), so that [`absorb`](Self::absorb)
+    /// can recognise a pager of its own kind. `None` by default.
+    fn as_any(&self) -> Option<&dyn core::any::Any> {
+        None
+    }
 }
 
 /// Gives anonymous objects swap backing the first time one of their pages

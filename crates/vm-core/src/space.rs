@@ -278,9 +278,11 @@ impl<P: Pmap> VmSpace<P> {
             // A file may be mapped past its end (POSIX `mmap`): it can
             // grow, and until then an access there is SIGBUS. Other
             // objects must hold the whole range.
+            // Byte offsets of the whole range must be representable too.
             let grows = obj.object_type() == crate::object::ObjectType::Vnode;
+            let fits = offset.checked_add(req.len).is_some();
             match (offset / PAGE_SIZE).checked_add(pages(req.len)) {
-                Some(last) if last <= size || grows => {}
+                Some(last) if fits && (last <= size || grows) => {}
                 _ => return Err(bad),
             }
         }

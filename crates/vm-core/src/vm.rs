@@ -306,18 +306,15 @@ impl<P: Pmap> Vm<P> {
     /// every mapping of its pages from every pmap, frees them, and marks the
     /// object dead so that later faults on it fail with
     /// [`FaultError::DeadObject`](crate::FaultError::DeadObject). Waits for
-    /// paging in progress first.
+    /// paging in progress and for busy pages (a write-back in flight)
+    /// first.
     pub fn terminate_object(&self, object: &VmObject) {
         object.lock().flags.insert(crate::object::ObjectFlags::DEAD);
         object.pip_wait();
+        // Pages a write-back or the pageout daemon holds busy are waited
+        // for, as any page removal waits.
+        self.page_remove(object, 0, u64::MAX);
         let mut st = object.lock();
-        for &id in st.pages.values() {
-            let refmod = self.pmap.remove_all(self.machine.pages.pfn(id));
-            if refmod.modified {
-                self.machine.pages.get(id).dirty_all();
-            }
-        }
-        object.free_all_pages(&mut st);
         st.otype = crate::object::ObjectType::Dead;
         if let Some(p) = st.pager.take() {
             p.dealloc();
@@ -347,16 +344,23 @@ impl<P: Pmap> Vm<P> {
         }
         let pindex = pages - 1;
         loop {
-            let Some(id) = object.resident_page(pindex) else {
+            // Busied under the object's lock, which page removal holds.
+            let looked = {
+                let st = object.lock();
+                st.pages
+                    .get(&pindex)
+                    .map(|&id| (id, self.machine.pages.get(id).try_busy()))
+            };
+            let Some((id, busied)) = looked else {
                 return;
             };
             let page = self.machine.pages.get(id);
-            if !page.try_busy() {
+            if !busied {
                 crate::fault::guard::wait_for_page(&self.machine, id, object.id().0, pindex);
                 continue;
             }
             let fictitious = page.flags().contains(crate::page::PageFlags::FICTITIOUS);
-            if page.object_raw() == object.id().0 && page.pindex() == pindex && !fictitious {
+            if !fictitious {
                 // Mappings keep the frame; users see the zeros at once.
                 self.machine
                     .phys

@@ -411,6 +411,35 @@ impl Pager for SwapPager {
             .collect();
         self.free_blocks(blocks.into_iter());
     }
+
+    /// Takes over the blocks of another swap pager of the same device
+    /// (FreeBSD `swap_pager_copy`): no I/O, only the metadata moves.
+    fn absorb(&self, from: &dyn Pager, offset: u64, wanted: &mut dyn FnMut(u64) -> bool) -> bool {
+        let Some(other) = from.as_any().and_then(|a| a.downcast_ref::<SwapPager>()) else {
+            return false;
+        };
+        if std::ptr::eq(self, other) || !Arc::ptr_eq(&self.dev, &other.dev) {
+            return false;
+        }
+        let theirs = std::mem::take(&mut *lock(&other.meta));
+        let mut mine = lock(&self.meta);
+        let mut stale = Vec::new();
+        for (p, block) in theirs {
+            match p.checked_sub(offset) {
+                Some(q) if !mine.contains_key(&q) && wanted(q) => {
+                    mine.insert(q, block);
+                }
+                _ => stale.push(block),
+            }
+        }
+        drop(mine);
+        self.free_blocks(stale.into_iter());
+        true
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
 }
 
 #[cfg(test)]

@@ -30,8 +30,8 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use vm_core::file_io::{read_fully, write_fully};
 use vm_core::page::DEV_BSIZE;
 use vm_core::{
@@ -68,6 +68,11 @@ struct Counts {
 pub struct VnodePager {
     file: File,
     size: AtomicU64,
+    /// Write-back (shared) against a change of length (exclusive): a
+    /// write that read the old size must not land past a new, shorter end
+    /// and grow the file again (FreeBSD serialises the two on the vnode
+    /// lock).
+    resize: RwLock<()>,
     counts: Counts,
 }
 
@@ -94,6 +99,7 @@ impl VnodePager {
         Ok(Arc::new(VnodePager {
             file,
             size: AtomicU64::new(size),
+            resize: RwLock::new(()),
             counts: Counts::default(),
         }))
     }
@@ -145,8 +151,11 @@ impl VnodePager {
     ///
     /// The error of changing the file's length; nothing changes then.
     pub fn set_len<P: Pmap>(&self, vm: &Vm<P>, object: &VmObject, len: u64) -> io::Result<()> {
-        self.file.set_len(len)?;
-        self.size.store(len, Ordering::Release);
+        {
+            let _no_write_back = self.resize.write().unwrap_or_else(PoisonError::into_inner);
+            self.file.set_len(len)?;
+            self.size.store(len, Ordering::Release);
+        }
         vm.set_object_size_bytes(object, len);
         Ok(())
     }
@@ -223,6 +232,7 @@ impl Pager for VnodePager {
     }
 
     fn put_pages(&self, pages: &[PageOut<'_>]) -> Result<(), PagerError> {
+        let _sized = self.resize.read().unwrap_or_else(PoisonError::into_inner);
         let size = self.size();
         let Some(first) = pages.first().map(PageOut::pindex) else {
             return Ok(());

@@ -77,6 +77,12 @@ fn copy_pages<P: Pmap>(
         }
         .ok_or(MapError::MissingPage { addr: va })?;
         let dst_id = copy_page(parent, src_id, dst_object, (va - src.start) / PAGE_SIZE)?;
+        if !src.protection.intersects(Prot::READ | Prot::EXECUTE) {
+            // Nothing may touch it: leave it unmapped (a present entry
+            // would be readable on a machine like x86).
+            pages.activate(dst_id);
+            continue;
+        }
         let info = PageInfo {
             pfn: pages.pfn(dst_id),
             managed: true,
