@@ -22,7 +22,7 @@
 //! # Accounting: the wire record
 //!
 //! A wired entry holds one wiring on each page it shows, and remembers
-//! which page in a [`WireRecord`] (one slot per page of the entry). Every
+//! which page in a wire record (one slot per page of the entry). Every
 //! fault on a wired entry — the wiring's own, or a refault after another
 //! space's copy-on-write removed the mapping, or after a truncation took
 //! the page — records the page it maps and moves the entry's wiring to it
