@@ -172,7 +172,7 @@ impl<P: Pmap> Vm<P> {
     /// it is wired.
     fn entry_wirings(&self) -> Result<BTreeMap<u32, u32>, ConsistencyError> {
         let mut count = BTreeMap::new();
-        for map in self.machine.live_maps() {
+        for (map, _) in self.live_spaces() {
             let g = map.read();
             for e in g.entries.values() {
                 if e.in_transition() {

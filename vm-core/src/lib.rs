@@ -14,8 +14,8 @@
 //! Every machine is an instance: two [`Vm`]s in one process never see each
 //! other, so tests run in parallel.
 //!
-//! "seed L*n*" in comments refers to line *n* of the FreeBSD `vm_fault.c`
-//! this crate follows (`shared/seed/vm_fault.c.txt` in the project).
+//! "seed L*n*" in comments refers to line *n* of FreeBSD 7's (2007)
+//! `sys/vm/vm_fault.c`, the version this crate was first written against.
 //!
 //! ```
 //! use vm_core::{Prot, FaultFlags, Vm, VmConfig};

@@ -122,7 +122,8 @@ pub struct VmSpace<P: Pmap> {
     /// The map, shared with the machine's registry of maps (for the
     /// consistency check's accounting of wirings).
     pub(crate) map: Arc<VmMap>,
-    pub(crate) pmap: P::Space,
+    /// Shared (weakly) with the machine's registry of spaces.
+    pub(crate) pmap: Arc<P::Space>,
     /// Per-thread shards: threads faulting in one space do not bounce
     /// a line between them.
     pub(crate) minflt: crate::sync::ShardedCount,
@@ -144,12 +145,12 @@ impl<P: Pmap> Vm<P> {
     ///
     /// The pmap's error if it cannot make the root table.
     pub fn new_space(self: &Arc<Self>) -> Result<VmSpace<P>, crate::pmap::PmapError> {
-        let pmap = self.pmap.create_space()?;
+        let pmap = Arc::new(self.pmap.create_space()?);
+        let map = Arc::new(VmMap::new(self.config.user_min, self.config.user_max));
+        self.register_space(&map, &pmap);
         Ok(VmSpace {
             vm: self.clone(),
-            map: self
-                .machine
-                .register_map(VmMap::new(self.config.user_min, self.config.user_max)),
+            map,
             pmap,
             minflt: crate::sync::ShardedCount::default(),
             majflt: crate::sync::ShardedCount::default(),
@@ -307,8 +308,14 @@ impl<P: Pmap> VmSpace<P> {
                 e.inheritance = Inheritance::Share.min_with(e.inheritance);
             }
             obj.add_ref();
-            if obj.ref_count() > 1 {
-                obj.lock().flags.remove(ObjectFlags::ONEMAPPING);
+            {
+                // An object the caller hands in (from `new_anon_object`, a
+                // pager, or another space's `object_at`) is one someone
+                // outside the map can find: it keeps its pages, and its
+                // mappings are shared memory.
+                let mut st = obj.lock();
+                st.flags.insert(ObjectFlags::NAMED);
+                st.flags.remove(ObjectFlags::ONEMAPPING);
             }
             e.object = Some(obj);
             e.offset = offset;
@@ -454,7 +461,16 @@ impl<P: Pmap> VmSpace<P> {
             let user_wired_cow = EntryFlags::USER_WIRED | EntryFlags::COW;
             if e.eflags.contains(user_wired_cow) && (prot - old).contains(Prot::WRITE) {
                 if let Err(err) = crate::fault::upgrade_wired_entry(self, e) {
+                    // The copies made so far stay (each is the entry's own
+                    // copy of what it showed) but not with the write
+                    // permission they were entered with.
                     e.protection = old;
+                    let pprot = e.pmap_prot();
+                    self.vm
+                        .pmap
+                        .protect(&self.pmap, e.start, e.end, pprot, &mut |d| {
+                            self.vm.note_displaced(d)
+                        });
                     return Err(err);
                 }
             }

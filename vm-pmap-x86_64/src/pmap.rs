@@ -35,6 +35,9 @@ const TABLE_FLAGS: PteFlags = PteFlags::V
 struct SpaceState {
     resident: u64,
     wired: u64,
+    /// Set by `destroy_space` before it frees the tables: a per-page
+    /// operation that found the space through a pv entry leaves it alone.
+    destroyed: bool,
 }
 
 struct SpaceInner {
@@ -450,16 +453,23 @@ impl<T: TlbHook> X86Pmap<T> {
         self.spaces.lock().get(&id).and_then(Weak::upgrade)
     }
 
-    /// Applies `f` to every mapping of `pfn` that still maps it; `f`
-    /// returns whether it cleared the entry. Returns the OR of the old
+    /// Applies `f` to every mapping of `pfn` that still maps it, under its
+    /// space's lock. `f` either asks for the mapping's removal (`None`) or
+    /// changes the entry with one atomic step and returns the value it
+    /// replaced (`Some`), so a bit the CPU set up to that step is seen
+    /// and one set after it stays in the entry. Returns the OR of the old
     /// entries' bits.
-    fn for_each_mapping(&self, pfn: Pfn, mut f: impl FnMut(&AtomicU64) -> bool) -> u64 {
+    fn for_each_mapping(&self, pfn: Pfn, mut f: impl FnMut(&AtomicU64) -> Option<u64>) -> u64 {
         let mut seen = 0;
         for (id, va) in self.pv.list(pfn) {
             let Some(sp) = self.space_by_id(id) else {
                 continue;
             };
             let mut st = sp.state.lock();
+            if st.destroyed {
+                // Its tables are being freed (`destroy_space`).
+                continue;
+            }
             let Some(slot) = self.leaf_slot(sp.root, va) else {
                 continue;
             };
@@ -468,25 +478,27 @@ impl<T: TlbHook> X86Pmap<T> {
                 continue;
             }
             let mut flush = PendingFlush::new(sp.root);
-            if f(slot) {
-                let old = slot.swap(0, Ordering::AcqRel);
-                seen |= old;
-                self.pv.remove(pfn, id, va);
-                st.resident -= 1;
-                if old & PteFlags::W.bits() != 0 {
-                    st.wired -= 1;
-                }
-                flush.note(va, old);
-                let table = self.table_of(sp.root, va);
-                if let Some(t) = table {
-                    self.count_add(t, -1);
-                }
-                self.prune(&mut st, sp.root, va, &mut flush);
-            } else {
-                let now = slot.load(Ordering::Acquire);
-                seen |= old;
-                if now != old {
+            match f(slot) {
+                None => {
+                    let old = slot.swap(0, Ordering::AcqRel);
+                    seen |= old;
+                    self.pv.remove(pfn, id, va);
+                    st.resident -= 1;
+                    if old & PteFlags::W.bits() != 0 {
+                        st.wired -= 1;
+                    }
                     flush.note(va, old);
+                    let table = self.table_of(sp.root, va);
+                    if let Some(t) = table {
+                        self.count_add(t, -1);
+                    }
+                    self.prune(&mut st, sp.root, va, &mut flush);
+                }
+                Some(replaced) => {
+                    seen |= replaced;
+                    if slot.load(Ordering::Acquire) != replaced {
+                        flush.note(va, replaced);
+                    }
                 }
             }
             self.complete(&sp, flush);
@@ -545,6 +557,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             state: Mutex::new(SpaceState {
                 resident: 0,
                 wired: 0,
+                destroyed: false,
             }),
             walk: RwLock::new(()),
         });
@@ -555,7 +568,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     fn destroy_space(&self, space: &X86Space) {
         self.remove(space, 0, self.mode.paging.user_end(), &mut |_| {});
         self.spaces.lock().remove(&space.0.id);
-        let _st = self.lock_space(space);
+        let mut st = self.lock_space(space);
+        st.destroyed = true;
         let mut tables = alloc::vec::Vec::new();
         self.tables_under(space.0.root, self.mode.paging.levels() - 1, &mut tables);
         debug_assert_eq!(tables.len(), 1, "only the root is left");
@@ -792,7 +806,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     }
 
     fn remove_all(&self, pfn: Pfn) -> RefMod {
-        refmod(self.for_each_mapping(pfn, |_| true))
+        refmod(self.for_each_mapping(pfn, |_| None))
     }
 
     fn page_protect(&self, pfn: Pfn, prot: Prot) -> RefMod {
@@ -802,12 +816,13 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         if prot.contains(Prot::WRITE) {
             return RefMod::default();
         }
+        // The M bit is taken in the same atomic step that takes write away:
+        // a CPU write either happened before (and is reported) or faults.
         refmod(self.for_each_mapping(pfn, |slot| {
-            slot.fetch_and(
+            Some(slot.fetch_and(
                 !(PteFlags::RW.bits() | PteFlags::M.bits()),
                 Ordering::AcqRel,
-            );
-            false
+            ))
         }))
     }
 
@@ -816,27 +831,29 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         self.for_each_mapping(pfn, |slot| {
             let e = slot.load(Ordering::Acquire);
             any |= e & PteFlags::M.bits() != 0 && e & PteFlags::RW.bits() != 0;
-            false
+            Some(e)
         });
         any
     }
 
     fn clear_modify(&self, pfn: Pfn) {
         self.for_each_mapping(pfn, |slot| {
-            slot.fetch_and(!PteFlags::M.bits(), Ordering::AcqRel);
-            false
+            Some(slot.fetch_and(!PteFlags::M.bits(), Ordering::AcqRel))
         });
     }
 
     fn ts_referenced(&self, pfn: Pfn) -> u32 {
         let mut n = 0;
         self.for_each_mapping(pfn, |slot| {
-            if n < 5
-                && slot.fetch_and(!PteFlags::A.bits(), Ordering::AcqRel) & PteFlags::A.bits() != 0
-            {
-                n += 1;
+            if n < 5 {
+                let old = slot.fetch_and(!PteFlags::A.bits(), Ordering::AcqRel);
+                if old & PteFlags::A.bits() != 0 {
+                    n += 1;
+                }
+                Some(old)
+            } else {
+                Some(slot.load(Ordering::Acquire))
             }
-            false
         });
         n
     }

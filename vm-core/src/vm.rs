@@ -91,28 +91,14 @@ pub(crate) struct Machine {
     pub(crate) pages: Pages,
     pub(crate) counters: Counters,
     pub(crate) objects: ObjectRegistry,
-    /// Every live address space's map (weakly), for the consistency check.
-    pub(crate) maps: crate::sync::Mutex<alloc::vec::Vec<alloc::sync::Weak<crate::map::VmMap>>>,
 }
 
-impl Machine {
-    /// Registers a new space's map.
-    pub(crate) fn register_map(&self, map: crate::map::VmMap) -> Arc<crate::map::VmMap> {
-        let map = Arc::new(map);
-        let mut maps = self.maps.lock();
-        maps.retain(|m| m.strong_count() != 0);
-        maps.push(Arc::downgrade(&map));
-        map
-    }
-
-    /// The maps of the live spaces.
-    pub(crate) fn live_maps(&self) -> alloc::vec::Vec<Arc<crate::map::VmMap>> {
-        self.maps
-            .lock()
-            .iter()
-            .filter_map(alloc::sync::Weak::upgrade)
-            .collect()
-    }
+/// A live space as the machine knows it (weakly): its map and its pmap
+/// space, for the consistency check and for removing the mappings of a
+/// terminated object that no pv list tracks.
+pub(crate) struct SpaceRef<P: Pmap> {
+    pub(crate) map: alloc::sync::Weak<crate::map::VmMap>,
+    pub(crate) pmap: alloc::sync::Weak<P::Space>,
 }
 
 /// One machine. See the [crate docs](crate).
@@ -124,6 +110,8 @@ pub struct Vm<P: Pmap> {
     pub(crate) swap: crate::sync::Mutex<Option<Arc<dyn crate::pager::SwapProvider>>>,
     /// The pageout scan's clock hand.
     pub(crate) hand: core::sync::atomic::AtomicU32,
+    /// Every live address space (weakly).
+    pub(crate) spaces: crate::sync::Mutex<alloc::vec::Vec<SpaceRef<P>>>,
 }
 
 impl<P: Pmap> core::fmt::Debug for Vm<P> {
@@ -186,7 +174,6 @@ impl<P: Pmap> Vm<P> {
             pages,
             counters: Counters::default(),
             objects: ObjectRegistry::default(),
-            maps: crate::sync::Mutex::new(alloc::vec::Vec::new()),
         });
         pmap.attach(PhysFrames {
             mem: machine.clone(),
@@ -197,6 +184,7 @@ impl<P: Pmap> Vm<P> {
             config,
             swap: crate::sync::Mutex::new(None),
             hand: core::sync::atomic::AtomicU32::new(0),
+            spaces: crate::sync::Mutex::new(alloc::vec::Vec::new()),
         }))
     }
 
@@ -311,6 +299,9 @@ impl<P: Pmap> Vm<P> {
     pub fn terminate_object(&self, object: &VmObject) {
         object.lock().flags.insert(crate::object::ObjectFlags::DEAD);
         object.pip_wait();
+        // Mappings no pv list tracks (a device's unmanaged pages) are
+        // removed through the entries that map the object.
+        self.unmap_object_everywhere(object);
         // Pages a write-back or the pageout daemon holds busy are waited
         // for, as any page removal waits.
         self.page_remove(object, 0, u64::MAX);
@@ -318,6 +309,23 @@ impl<P: Pmap> Vm<P> {
         st.otype = crate::object::ObjectType::Dead;
         if let Some(p) = st.pager.take() {
             p.dealloc();
+        }
+    }
+
+    /// Removes from every space the mappings of the entries that map
+    /// `object` itself.
+    fn unmap_object_everywhere(&self, object: &VmObject) {
+        for (map, pmap) in self.live_spaces() {
+            let g = map.read();
+            for e in g.entries.values() {
+                if e.object
+                    .as_ref()
+                    .is_some_and(|o| core::ptr::eq(&**o, object))
+                {
+                    self.pmap
+                        .remove(&pmap, e.start, e.end, &mut |d| self.note_displaced(d));
+                }
+            }
         }
     }
 
@@ -434,5 +442,26 @@ impl<P: Pmap> Vm<P> {
             pages.free(id);
         }
         done
+    }
+}
+
+impl<P: Pmap> Vm<P> {
+    /// Registers a new space's map and pmap space.
+    pub(crate) fn register_space(&self, map: &Arc<crate::map::VmMap>, pmap: &Arc<P::Space>) {
+        let mut spaces = self.spaces.lock();
+        spaces.retain(|s| s.map.strong_count() != 0);
+        spaces.push(SpaceRef {
+            map: Arc::downgrade(map),
+            pmap: Arc::downgrade(pmap),
+        });
+    }
+
+    /// The live spaces' maps and pmap spaces.
+    pub(crate) fn live_spaces(&self) -> alloc::vec::Vec<(Arc<crate::map::VmMap>, Arc<P::Space>)> {
+        self.spaces
+            .lock()
+            .iter()
+            .filter_map(|s| Some((s.map.upgrade()?, s.pmap.upgrade()?)))
+            .collect()
     }
 }

@@ -136,9 +136,9 @@ impl<P: Pmap> VmSpace<P> {
             };
             let at = pindex - first;
             let copied = crate::fault::copy_page(self, id, &theirs, at);
-            if copied.is_ok() {
-                move_up(machine, &shared, &mine, id, pindex, at);
-            }
+            // The parent keeps its held page even if the child's copy could
+            // not be made (the fork then fails and the child goes).
+            move_up(machine, &shared, &mine, id, pindex, at);
             crate::fault::guard::wake(machine, id);
             machine.pages.activate(copied?);
         }

@@ -319,7 +319,6 @@ mod tests {
             ),
             counters: Default::default(),
             objects: Default::default(),
-            maps: Default::default(),
         });
         let frames = PhysFrames { mem: machine };
         let table = frames.alloc_zeroed().unwrap();

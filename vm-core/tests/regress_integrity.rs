@@ -4,7 +4,7 @@
 //! the time it was written; the failure seen is quoted in its doc comment.
 //!
 //! Items 7 and 8 (the x86_64 pmap's lost dirty bit and its software MMU /
-//! table freeing) are in `crates/vm-pmap-x86_64/tests/regress.rs`: they
+//! table freeing) are in `vm-pmap-x86_64/tests/regress.rs`: they
 //! need that pmap, which vm-core does not depend on.
 
 mod common;
