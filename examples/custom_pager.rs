@@ -12,7 +12,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vm_core::{
-    Contiguity, ObjectType, PageOut, PageSlot, Pager, PagerError, Prot, SwapProvider, Vm, VmConfig,
+    Contiguity, ObjectType, PAGE_SIZE, PageOut, PageSlot, Pager, PagerError, Prot, SwapProvider,
+    Vm, VmConfig,
 };
 use vm_testkit::RefPmap;
 
@@ -54,7 +55,7 @@ impl Pager for ZramPager {
         let runs = store.get(&slot.pindex()).ok_or(PagerError::Fail)?;
         let mut at = 0;
         for &(n, b) in runs {
-            slot.data_mut()[at..at + n as usize].fill(b);
+            slot.frame().fill(at, n as usize, b);
             at += n as usize;
         }
         slot.set_all_valid();
@@ -64,7 +65,9 @@ impl Pager for ZramPager {
     fn put_pages(&self, pages: &[PageOut<'_>]) -> Result<(), PagerError> {
         let mut store = self.pages.lock().unwrap();
         for p in pages {
-            let runs = compress(p.data());
+            let mut bytes = [0u8; PAGE_SIZE as usize];
+            p.read(0, &mut bytes);
+            let runs = compress(&bytes);
             self.stored_bytes
                 .fetch_add(3 * runs.len() as u64, Ordering::Relaxed);
             store.insert(p.pindex(), runs);

@@ -230,12 +230,11 @@ pub(crate) fn write_clean<'a, 'm: 'a>(
             let dirty = page.dirty();
             page.clear_dirty();
             redirty.0.push(page);
-            // SAFETY: the page is busy (no fault or pager touches it) and
-            // every mapping of it is read-only or gone; a racing write
-            // through a hold is ordered by the clean above (see
-            // `write_run`).
-            let data = unsafe { machine.phys.frame_ref(b.pfn()) };
-            PageOut::new(pindex, data, dirty)
+            // The page is busy and every mapping of it read-only or gone; a
+            // racing write through a hold is ordered by the clean above
+            // (see `write_run`) and, the window being no reference, reads
+            // a torn page at worst, which the re-dirty rewrites.
+            PageOut::new(pindex, machine.phys.reader_of(b.pfn()), dirty)
         })
         .collect();
     pager.put_pages(&outs)?;

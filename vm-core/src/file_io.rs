@@ -1,26 +1,60 @@
 //! Positioned, vectored file I/O for pagers: one `preadv`/`pwritev` per
 //! contiguous run of pages, retried on short transfers and `EINTR`.
+//!
+//! The functions take the pager's [`PageSlot`]s and [`PageOut`]s, not
+//! buffers: frame bytes are never lent as Rust slices (see
+//! [`frame`](crate::frame)), so the `iovec`s that point the kernel at them
+//! are built here, from the windows' raw pointers.
 
+use crate::addr::PAGE_SIZE;
+use crate::pager::{PageOut, PageSlot};
+use smallvec::SmallVec;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// `preadv` at `off` until `iov` is full or EOF; returns the bytes read
-/// and counts system calls in `calls`.
+/// Vectors kept on the stack: a read-ahead cluster or write-back run.
+type Iovecs = SmallVec<[libc::iovec; 16]>;
+
+/// The first `len` bytes of consecutive pages, as vectors.
+fn vectors(pages: impl Iterator<Item = *mut u8>, mut len: usize) -> Iovecs {
+    let mut iov = Iovecs::new();
+    for base in pages {
+        if len == 0 {
+            break;
+        }
+        let n = len.min(PAGE_SIZE as usize);
+        iov.push(libc::iovec {
+            iov_base: base.cast(),
+            iov_len: n,
+        });
+        len -= n;
+    }
+    iov
+}
+
+/// Reads `len` bytes of `file` at `off` into consecutive `slots` (a page
+/// each; `len` is cut to the slots' size) with `preadv`, until `len` or
+/// EOF; returns the bytes read and counts system calls in `calls`. Marks no
+/// slot valid: that is the pager's judgement.
 ///
 /// # Errors
 ///
 /// The first I/O error other than `EINTR`.
-pub fn read_fully(
+pub fn read_pages(
     file: &File,
-    iov: &mut [libc::iovec],
+    slots: &mut [PageSlot<'_>],
     off: u64,
+    len: usize,
     calls: &AtomicU64,
 ) -> io::Result<usize> {
-    transfer(iov, off, calls, |iov, off| {
-        // SAFETY: each iovec points to a distinct buffer the caller owns
-        // mutably for this call; the count fits the slice.
+    let len = len.min(slots.len() * PAGE_SIZE as usize);
+    let mut iov = vectors(slots.iter_mut().map(|s| s.frame().as_mut_ptr()), len);
+    transfer(&mut iov, off, calls, |iov, off| {
+        // SAFETY: each vector lies inside a distinct slot's window, which
+        // the `&mut` borrow of `slots` keeps alive and unshared for the
+        // call; the count fits the slice.
         unsafe {
             libc::preadv(
                 file.as_raw_fd(),
@@ -32,23 +66,24 @@ pub fn read_fully(
     })
 }
 
-/// `pwritev` at `off` until all of `iov` is written, counting system
-/// calls in `calls`.
+/// Writes the first `len` bytes of consecutive `pages` (cut to their size)
+/// to `file` at `off` with `pwritev`, counting system calls in `calls`.
 ///
 /// # Errors
 ///
 /// The first I/O error other than `EINTR`; a write of zero bytes.
-pub fn write_fully(
+pub fn write_pages(
     file: &File,
-    iov: &[libc::iovec],
+    pages: &[PageOut<'_>],
     off: u64,
+    len: usize,
     calls: &AtomicU64,
 ) -> io::Result<()> {
-    let mut owned = iov.to_vec();
-    let want: usize = iov.iter().map(|v| v.iov_len).sum();
-    let done = transfer(&mut owned, off, calls, |iov, off| {
-        // SAFETY: each iovec points into a page the caller keeps alive and
-        // unchanged (busy, write-protected) for this call.
+    let want = len.min(pages.len() * PAGE_SIZE as usize);
+    let mut iov = vectors(pages.iter().map(|p| p.frame().as_ptr().cast_mut()), want);
+    let done = transfer(&mut iov, off, calls, |iov, off| {
+        // SAFETY: each vector lies inside a page's window, alive for the
+        // borrow of `pages`; `pwritev` only reads through them.
         unsafe {
             libc::pwritev(
                 file.as_raw_fd(),

@@ -55,6 +55,7 @@ pub mod fault;
 #[cfg(all(feature = "std", unix))]
 pub mod file_io;
 pub mod fork;
+pub mod frame;
 pub mod hold;
 pub mod map;
 pub mod object;
@@ -79,6 +80,7 @@ pub use check::ConsistencyError;
 pub use counters::{CounterShard, CounterSnapshot, Counters};
 pub use error::{BusCode, FaultError, KernReturn, MapError, SegvCode, Signal};
 pub use fault::{FaultFlags, FaultKind, FaultOutcome};
+pub use frame::{FrameReader, FrameWriter};
 pub use hold::{HeldPages, HoldError};
 pub use map::{Behavior, EntryFlags, Inheritance, MapEntryInfo, VmMap};
 pub use object::{ObjectId, ObjectType, VmObject};

@@ -42,6 +42,9 @@ bitflags::bitflags! {
         /// Freed while held: the last release frees it (FreeBSD's
         /// `PQ_HOLD`).
         const FREE_PENDING = 1 << 23;
+        /// A page-table frame of the pmap's, from
+        /// [`PhysFrames::alloc_zeroed`](crate::pmap::PhysFrames::alloc_zeroed).
+        const TABLE = 1 << 24;
     }
 }
 
@@ -173,6 +176,11 @@ impl VmPage {
 
     pub(crate) fn clear_flags(&self, f: PageFlags) {
         self.state.fetch_and(!f.bits(), Ordering::AcqRel);
+    }
+
+    /// Clears `f`; true if this call cleared it (it was set).
+    pub(crate) fn take_flag(&self, f: PageFlags) -> bool {
+        self.state.fetch_and(!f.bits(), Ordering::AcqRel) & f.bits() != 0
     }
 
     /// Busies the page if it is neither busy nor soft-busy; true on success.

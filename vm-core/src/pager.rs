@@ -19,8 +19,8 @@
 //!     }
 //!     fn get_pages(&self, pages: &mut [PageSlot<'_>], _req: usize) -> Result<(), PagerError> {
 //!         for p in pages {
-//!             p.data_mut().fill(0);
-//!             p.data_mut()[0] = p.pindex() as u8;
+//!             p.fill_from(0, 0);
+//!             p.write(0, &[p.pindex() as u8]);
 //!             p.set_all_valid();
 //!         }
 //!         Ok(())
@@ -29,6 +29,7 @@
 //! ```
 
 use crate::addr::PAGE_SIZE;
+use crate::frame::{FrameReader, FrameWriter};
 use crate::object::ObjectType;
 use crate::page::VM_PAGE_BITS_ALL;
 
@@ -109,17 +110,28 @@ pub enum PagerError {
 #[derive(Debug)]
 pub struct PageSlot<'a> {
     pindex: u64,
-    data: &'a mut [u8; PAGE_SIZE as usize],
+    frame: FrameWriter<'a>,
     valid: u8,
     device: Option<(u64, crate::pmap::MemAttr)>,
 }
 
 impl<'a> PageSlot<'a> {
-    /// A slot over `data` (used by the core; public for pager tests).
-    pub fn new(pindex: u64, data: &'a mut [u8; PAGE_SIZE as usize]) -> Self {
+    /// A slot over the page-sized window `frame` (used by the core; public
+    /// for pager tests, with [`FrameWriter::from_slice`]).
+    ///
+    /// # Panics
+    ///
+    /// If `frame` is not [`PAGE_SIZE`] bytes long.
+    #[must_use]
+    pub fn new(pindex: u64, frame: FrameWriter<'a>) -> Self {
+        assert_eq!(
+            frame.len(),
+            PAGE_SIZE as usize,
+            "a page slot covers one page"
+        );
         PageSlot {
             pindex,
-            data,
+            frame,
             valid: 0,
             device: None,
         }
@@ -131,15 +143,37 @@ impl<'a> PageSlot<'a> {
         self.pindex
     }
 
-    /// The page's bytes, for the pager to fill.
-    pub fn data_mut(&mut self) -> &mut [u8; PAGE_SIZE as usize] {
-        self.data
+    /// The page's bytes, for the pager to fill (a window, never a
+    /// reference: see [`frame`](crate::frame)).
+    pub fn frame(&mut self) -> &mut FrameWriter<'a> {
+        &mut self.frame
     }
 
-    /// The page's bytes.
+    /// Copies `data` into the page at byte `offset`.
+    ///
+    /// # Panics
+    ///
+    /// If the bytes leave the page.
+    pub fn write(&mut self, offset: usize, data: &[u8]) {
+        self.frame.write(offset, data);
+    }
+
+    /// Fills the page's bytes from `offset` to its end with `byte`.
+    ///
+    /// # Panics
+    ///
+    /// If `offset` is past the page.
+    pub fn fill_from(&mut self, offset: usize, byte: u8) {
+        let len = (PAGE_SIZE as usize)
+            .checked_sub(offset)
+            .expect("offset inside the page");
+        self.frame.fill(offset, len, byte);
+    }
+
+    /// The page's bytes, to read back.
     #[must_use]
-    pub fn data(&self) -> &[u8; PAGE_SIZE as usize] {
-        self.data
+    pub fn reader(&self) -> FrameReader<'_> {
+        self.frame.reader()
     }
 
     /// Marks the whole page valid.
@@ -262,20 +296,30 @@ pub trait SwapProvider: Send + Sync {
 }
 
 /// One dirty page handed to [`Pager::put_pages`].
-#[derive(Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct PageOut<'a> {
     pindex: u64,
-    data: &'a [u8; PAGE_SIZE as usize],
+    frame: FrameReader<'a>,
     dirty: u8,
 }
 
 impl<'a> PageOut<'a> {
-    /// A page to write (used by the core; public for pager tests).
+    /// A page to write, over the page-sized window `frame` (used by the
+    /// core; public for pager tests, with [`FrameReader::from_slice`]).
+    ///
+    /// # Panics
+    ///
+    /// If `frame` is not [`PAGE_SIZE`] bytes long.
     #[must_use]
-    pub fn new(pindex: u64, data: &'a [u8; PAGE_SIZE as usize], dirty: u8) -> Self {
+    pub fn new(pindex: u64, frame: FrameReader<'a>, dirty: u8) -> Self {
+        assert_eq!(
+            frame.len(),
+            PAGE_SIZE as usize,
+            "a page out covers one page"
+        );
         PageOut {
             pindex,
-            data,
+            frame,
             dirty,
         }
     }
@@ -286,10 +330,20 @@ impl<'a> PageOut<'a> {
         self.pindex
     }
 
-    /// The page's bytes.
+    /// The page's bytes (a window, never a reference: see
+    /// [`frame`](crate::frame)).
     #[must_use]
-    pub fn data(&self) -> &[u8; PAGE_SIZE as usize] {
-        self.data
+    pub fn frame(&self) -> FrameReader<'a> {
+        self.frame
+    }
+
+    /// Copies the page's bytes from `offset` into `buf`.
+    ///
+    /// # Panics
+    ///
+    /// If the bytes leave the page.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) {
+        self.frame.read(offset, buf);
     }
 
     /// Which 512-byte blocks are dirty.

@@ -1,12 +1,16 @@
 //! Physical memory: how the core reaches the bytes of a frame (the kernel's
 //! direct map).
 //!
-//! Frames are plain memory. Who may touch a frame's bytes is decided by the
-//! page's busy state, not by a Rust borrow: a busy page belongs to whoever
-//! busied it, a mapped valid page to the users of its mappings. The methods
-//! here therefore take frame numbers and copy through raw pointers.
+//! Frames are memory shared with other agents. Who may touch a frame's
+//! bytes is decided by the page's busy state, not by a Rust borrow: a busy
+//! page belongs to whoever busied it, a mapped valid page to the users of
+//! its mappings, a held page also to its holder (a device). So no Rust
+//! reference to frame bytes is ever made: the methods here take frame
+//! numbers and move bytes through the [`frame`](crate::frame) windows,
+//! which copy the way the hardware does.
 
 use crate::addr::{PAGE_SIZE, Pfn};
+use crate::frame::{FrameReader, FrameWriter};
 use core::ptr::NonNull;
 
 /// The machine's RAM: `frames` frames of [`PAGE_SIZE`] bytes starting at
@@ -106,10 +110,9 @@ impl PhysMem {
         pfn.0.wrapping_sub(self.base_pfn) < self.frames
     }
 
-    /// Host pointer to the first byte of `pfn`, or `None` outside memory.
-    ///
-    /// Writing through the pointer is only sound for a caller that owns the
-    /// frame's contents under the busy protocol (see the module docs).
+    /// Host pointer to the first byte of `pfn`, or `None` outside memory
+    /// (for a hypervisor or a device model; never make a Rust reference to
+    /// what it points at, see the module docs).
     #[must_use]
     pub fn frame_ptr(&self, pfn: Pfn) -> Option<NonNull<u8>> {
         if !self.contains(pfn) {
@@ -127,11 +130,42 @@ impl PhysMem {
         (self.ptr, self.frames * PAGE_SIZE)
     }
 
-    fn frame(&self, pfn: Pfn) -> *mut u8 {
+    fn frame(&self, pfn: Pfn) -> NonNull<u8> {
         match self.frame_ptr(pfn) {
-            Some(p) => p.as_ptr(),
+            Some(p) => p,
             None => panic!("{pfn} is outside physical memory (internal invariant)"),
         }
+    }
+
+    /// A window to read frame `pfn`'s bytes, `None` outside memory.
+    #[must_use]
+    pub fn reader(&self, pfn: Pfn) -> Option<FrameReader<'_>> {
+        let ptr = self.frame_ptr(pfn)?;
+        // SAFETY: a whole frame inside the region, which lives as long as
+        // `self`; the window makes no reference to the bytes.
+        Some(unsafe { FrameReader::from_raw(ptr, PAGE_SIZE as usize) })
+    }
+
+    /// A window to write frame `pfn`'s bytes, `None` outside memory.
+    #[must_use]
+    pub fn writer(&self, pfn: Pfn) -> Option<FrameWriter<'_>> {
+        let ptr = self.frame_ptr(pfn)?;
+        // SAFETY: as `reader`, for writes.
+        Some(unsafe { FrameWriter::from_raw(ptr, PAGE_SIZE as usize) })
+    }
+
+    /// As [`writer`](Self::writer), for frames the core allocated here.
+    pub(crate) fn writer_of(&self, pfn: Pfn) -> FrameWriter<'_> {
+        let ptr = self.frame(pfn);
+        // SAFETY: as `writer`.
+        unsafe { FrameWriter::from_raw(ptr, PAGE_SIZE as usize) }
+    }
+
+    /// As [`reader`](Self::reader), for frames the core allocated here.
+    pub(crate) fn reader_of(&self, pfn: Pfn) -> FrameReader<'_> {
+        let ptr = self.frame(pfn);
+        // SAFETY: as `reader`.
+        unsafe { FrameReader::from_raw(ptr, PAGE_SIZE as usize) }
     }
 
     /// Fills frame `pfn` with zeros (FreeBSD `pmap_zero_page`).
@@ -141,9 +175,7 @@ impl PhysMem {
     /// If `pfn` is not a frame of this memory; the core only passes frames it
     /// allocated here.
     pub fn zero(&self, pfn: Pfn) {
-        // SAFETY: the frame is inside the region; the caller owns its
-        // contents (busy page) per the module's protocol.
-        unsafe { core::ptr::write_bytes(self.frame(pfn), 0, PAGE_SIZE as usize) }
+        self.writer_of(pfn).fill(0, PAGE_SIZE as usize, 0);
     }
 
     /// Copies frame `src` to frame `dst` (FreeBSD `pmap_copy_page`).
@@ -153,11 +185,7 @@ impl PhysMem {
     /// If either frame is outside this memory, or they are the same frame.
     pub fn copy(&self, src: Pfn, dst: Pfn) {
         assert_ne!(src, dst, "copy_page onto itself");
-        // SAFETY: both frames are inside the region and distinct, so the
-        // ranges do not overlap.
-        unsafe {
-            core::ptr::copy_nonoverlapping(self.frame(src), self.frame(dst), PAGE_SIZE as usize)
-        }
+        self.writer_of(dst).copy_from(0, &self.reader_of(src));
     }
 
     /// Copies `buf.len()` bytes out of frame `pfn` starting at `offset`.
@@ -166,12 +194,7 @@ impl PhysMem {
     ///
     /// If the range leaves the frame or the frame is outside memory.
     pub fn read(&self, pfn: Pfn, offset: usize, buf: &mut [u8]) {
-        assert!(offset + buf.len() <= PAGE_SIZE as usize);
-        // SAFETY: the range is inside the frame; `buf` is a distinct Rust
-        // allocation.
-        unsafe {
-            core::ptr::copy_nonoverlapping(self.frame(pfn).add(offset), buf.as_mut_ptr(), buf.len())
-        }
+        self.reader_of(pfn).read(offset, buf);
     }
 
     /// Copies `data` into frame `pfn` at `offset`.
@@ -180,44 +203,12 @@ impl PhysMem {
     ///
     /// If the range leaves the frame or the frame is outside memory.
     pub fn write(&self, pfn: Pfn, offset: usize, data: &[u8]) {
-        assert!(offset + data.len() <= PAGE_SIZE as usize);
-        // SAFETY: the range is inside the frame; `data` is a distinct Rust
-        // allocation.
-        unsafe {
-            core::ptr::copy_nonoverlapping(data.as_ptr(), self.frame(pfn).add(offset), data.len())
-        }
+        self.writer_of(pfn).write(offset, data);
     }
 
     /// Zeroes the byte range `start..end` of frame `pfn`.
     pub(crate) fn zero_range(&self, pfn: Pfn, start: usize, end: usize) {
         debug_assert!(start <= end && end <= PAGE_SIZE as usize);
-        // SAFETY: the range is inside the frame.
-        unsafe { core::ptr::write_bytes(self.frame(pfn).add(start), 0, end - start) }
-    }
-
-    /// A shared view of a frame for a pager writing a busy page out.
-    ///
-    /// # Safety
-    ///
-    /// The caller holds the page busy and has write-protected every mapping
-    /// of it, so nothing writes the frame for the life of the slice.
-    pub(crate) unsafe fn frame_ref(&self, pfn: Pfn) -> &[u8; PAGE_SIZE as usize] {
-        // SAFETY: inside the region, aligned to a page; the absence of
-        // writers is the caller's promise.
-        unsafe { &*(self.frame(pfn) as *const [u8; PAGE_SIZE as usize]) }
-    }
-
-    /// A mutable view of a frame for a pager filling a busy page.
-    ///
-    /// # Safety
-    ///
-    /// The caller owns the frame's contents (it holds the page busy and the
-    /// page is not mapped writable anywhere) for the life of the slice, and
-    /// makes no other reference to the same frame meanwhile.
-    #[allow(clippy::mut_from_ref)] // exclusivity is the caller's contract, as for a direct map
-    pub(crate) unsafe fn frame_mut(&self, pfn: Pfn) -> &mut [u8; PAGE_SIZE as usize] {
-        // SAFETY: inside the region, aligned to a page; exclusivity is the
-        // caller's promise.
-        unsafe { &mut *(self.frame(pfn) as *mut [u8; PAGE_SIZE as usize]) }
+        self.writer_of(pfn).fill(start, end - start, 0);
     }
 }

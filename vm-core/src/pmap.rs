@@ -12,6 +12,7 @@
 //! entry.
 
 use crate::addr::Pfn;
+use crate::page::PageFlags;
 use crate::page_queues::{AllocClass, Pages};
 use crate::phys::PhysMem;
 use crate::prot::Prot;
@@ -152,14 +153,25 @@ impl PhysFrames {
     pub fn alloc_zeroed(&self) -> Option<Pfn> {
         let id = self.pages().alloc(0, AllocClass::System, true)?;
         let page = self.pages().get(id);
-        if !page.flags().contains(crate::page::PageFlags::ZERO) {
+        if !page.flags().contains(PageFlags::ZERO) {
             self.phys().zero(self.pages().pfn(id));
         }
-        page.clear_flags(crate::page::PageFlags::ZERO);
+        page.clear_flags(PageFlags::ZERO);
         page.spare_word()
             .store(0, core::sync::atomic::Ordering::Relaxed);
         self.pages().wire(id);
+        page.set_flags(PageFlags::TABLE);
         Some(self.pages().pfn(id))
+    }
+
+    /// The page of `pfn` if it is a table frame from
+    /// [`alloc_zeroed`](Self::alloc_zeroed) not yet freed.
+    fn table(&self, pfn: Pfn) -> Option<(crate::page::PageId, &crate::page::VmPage)> {
+        let id = self.pages().id_of(pfn)?;
+        let page = self.pages().get(id);
+        page.flags()
+            .contains(PageFlags::TABLE)
+            .then_some((id, page))
     }
 
     /// A word of metadata for frame `pfn`, which the pmap allocated with
@@ -170,23 +182,25 @@ impl PhysFrames {
     /// free, or a page of an object, whose word the core uses.
     #[must_use]
     pub fn table_word(&self, pfn: Pfn) -> Option<&core::sync::atomic::AtomicU64> {
-        let page = self.pages().get(self.pages().id_of(pfn)?);
-        let table = page.wire_count() != 0 && page.object_raw() == crate::page::NO_OBJECT;
-        table.then(|| page.spare_word())
+        self.table(pfn).map(|(_, page)| page.spare_word())
     }
 
     /// Returns a frame from [`alloc_zeroed`](Self::alloc_zeroed).
     ///
-    /// # Panics
+    /// # Errors
     ///
-    /// If `pfn` is not a frame of this machine: that is a bug of the pmap.
-    pub fn free(&self, pfn: Pfn) {
-        let id = self
-            .pages()
-            .id_of(pfn)
-            .expect("freeing a frame outside memory");
+    /// [`PmapError::BadFrame`] if `pfn` is not a table frame the pmap holds
+    /// (outside memory, a page of an object, or freed already): a bug of
+    /// the pmap, refused without touching the page.
+    pub fn free(&self, pfn: Pfn) -> Result<(), PmapError> {
+        let (id, page) = self.table(pfn).ok_or(PmapError::BadFrame(pfn))?;
+        // Only one caller can clear the flag: a racing double free loses.
+        if !page.take_flag(PageFlags::TABLE) {
+            return Err(PmapError::BadFrame(pfn));
+        }
         self.pages().unwire(id, false);
         self.pages().free(id);
+        Ok(())
     }
 }
 
@@ -331,10 +345,15 @@ mod tests {
                 .load(core::sync::atomic::Ordering::Relaxed),
             3
         );
-        frames.free(table);
+        frames.free(table).expect("a table frees");
         assert!(
             frames.table_word(table).is_none(),
             "a free frame lends nothing"
+        );
+        assert_eq!(
+            frames.free(table),
+            Err(PmapError::BadFrame(table)),
+            "a double free is refused"
         );
         assert!(frames.table_word(Pfn(1000)).is_none(), "outside memory");
         // Reallocated, the word starts at zero again.
@@ -346,5 +365,10 @@ mod tests {
                 .load(core::sync::atomic::Ordering::Relaxed),
             0
         );
+        // A frame the core allocated for itself is not the pmap's to free.
+        let other = frames.pages().alloc(0, AllocClass::Normal, false).unwrap();
+        let pfn = frames.pages().pfn(other);
+        assert_eq!(frames.free(pfn), Err(PmapError::BadFrame(pfn)));
+        assert!(frames.table_word(pfn).is_none());
     }
 }

@@ -118,7 +118,7 @@ impl Pager for Panicky {
     }
     fn get_pages(&self, pages: &mut [PageSlot<'_>], req: usize) -> Result<(), PagerError> {
         assert_ne!(pages[req].pindex(), 1, "pager bug");
-        pages[req].data_mut().fill(9);
+        pages[req].fill_from(0, 9);
         pages[req].set_all_valid();
         Ok(())
     }

@@ -111,7 +111,7 @@ fn pager_is_asked_has_page_then_get_pages_with_the_map_unlocked() {
                     context: "map was locked during I/O",
                 }));
             }
-            pages[0].data_mut().fill(0x5a);
+            pages[0].fill_from(0, 0x5a);
             pages[0].set_all_valid();
             Ok(())
         });

@@ -40,7 +40,7 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use vm_core::file_io::{read_fully, write_fully};
+use vm_core::file_io::{read_pages, write_pages};
 use vm_core::{
     Contiguity, IoError, ObjectType, PAGE_SIZE, PageOut, PageSlot, Pager, PagerError, SwapProvider,
 };
@@ -307,17 +307,11 @@ impl Pager for SwapPager {
             return Err(PagerError::Fail);
         }
         for (first, block, n) in Self::runs(&blocks) {
-            let mut iov: Vec<libc::iovec> = pages[first..first + n]
-                .iter_mut()
-                .map(|s| libc::iovec {
-                    iov_base: s.data_mut().as_mut_ptr().cast(),
-                    iov_len: PAGE_SIZE as usize,
-                })
-                .collect();
-            let got = read_fully(
+            let got = read_pages(
                 &self.dev.file,
-                &mut iov,
+                &mut pages[first..first + n],
                 block * PAGE_SIZE,
+                n * PAGE_SIZE as usize,
                 &self.dev.read_calls,
             )
             .map_err(|e| io_err(&e, "reading swap"))?;
@@ -365,17 +359,11 @@ impl Pager for SwapPager {
             i += got;
         }
         for (first, block, n) in Self::runs(&blocks) {
-            let iov: Vec<libc::iovec> = pages[first..first + n]
-                .iter()
-                .map(|p| libc::iovec {
-                    iov_base: p.data().as_ptr() as *mut _,
-                    iov_len: PAGE_SIZE as usize,
-                })
-                .collect();
-            if let Err(e) = write_fully(
+            if let Err(e) = write_pages(
                 &self.dev.file,
-                &iov,
+                &pages[first..first + n],
                 block * PAGE_SIZE,
+                n * PAGE_SIZE as usize,
                 &self.dev.write_calls,
             ) {
                 self.free_blocks(fresh.into_iter());

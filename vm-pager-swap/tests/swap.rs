@@ -213,7 +213,7 @@ fn has_page_reports_swap_contiguous_neighbours() {
     let pager = swap.pager();
     let page = [7u8; 4096];
     let outs: Vec<vm_core::PageOut<'_>> = (10..16)
-        .map(|p| vm_core::PageOut::new(p, &page, 0xff))
+        .map(|p| vm_core::PageOut::new(p, vm_core::FrameReader::from_slice(&page), 0xff))
         .collect();
     pager.put_pages(&outs).unwrap();
     let c = pager.has_page(12).unwrap();

@@ -32,7 +32,7 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use vm_core::file_io::{read_fully, write_fully};
+use vm_core::file_io::{read_pages, write_pages};
 use vm_core::page::DEV_BSIZE;
 use vm_core::{
     Contiguity, IoError, ObjectType, PAGE_SIZE, PageOut, PageSlot, Pager, PagerError, Pmap, Vm,
@@ -192,29 +192,18 @@ impl Pager for VnodePager {
             return Err(PagerError::Bad);
         }
         // Read up to EOF and no further: one system call per run.
-        let mut left = (size - first * PAGE_SIZE) as usize;
-        let mut iov: Vec<libc::iovec> = Vec::with_capacity(pages.len());
-        for s in pages.iter_mut() {
-            if left == 0 {
-                break;
-            }
-            let n = left.min(page);
-            iov.push(libc::iovec {
-                iov_base: s.data_mut().as_mut_ptr().cast(),
-                iov_len: n,
-            });
-            left -= n;
-        }
-        let got = read_fully(
+        let left = (size - first * PAGE_SIZE) as usize;
+        let got = read_pages(
             &self.file,
-            &mut iov,
+            pages,
             first * PAGE_SIZE,
+            left,
             &self.counts.read_calls,
         )
         .map_err(|e| io_err(&e, "reading file pages"))?;
         for (i, s) in pages.iter_mut().enumerate() {
             let have = got.saturating_sub(i * page).min(page);
-            s.data_mut()[have..].fill(0);
+            s.fill_from(have, 0);
             if have == page {
                 s.set_all_valid();
             } else if have > 0 {
@@ -239,24 +228,14 @@ impl Pager for VnodePager {
         };
         let start = first * PAGE_SIZE;
         // Never write past EOF: the file's length is the file's business.
-        let mut left = size.saturating_sub(start) as usize;
-        let mut iov = Vec::with_capacity(pages.len());
-        for p in pages {
-            if left == 0 {
-                break;
-            }
-            let n = left.min(PAGE_SIZE as usize);
-            iov.push(libc::iovec {
-                iov_base: p.data().as_ptr() as *mut _,
-                iov_len: n,
-            });
-            left -= n;
-        }
-        write_fully(&self.file, &iov, start, &self.counts.write_calls)
+        let left = size.saturating_sub(start) as usize;
+        write_pages(&self.file, pages, start, left, &self.counts.write_calls)
             .map_err(|e| io_err(&e, "writing file pages"))?;
-        self.counts
-            .pages_out
-            .fetch_add(iov.len() as u64, Ordering::Relaxed);
+        let written = left.min(pages.len() * PAGE_SIZE as usize);
+        self.counts.pages_out.fetch_add(
+            written.div_ceil(PAGE_SIZE as usize) as u64,
+            Ordering::Relaxed,
+        );
         Ok(())
     }
 }

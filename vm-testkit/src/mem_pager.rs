@@ -227,7 +227,7 @@ impl Pager for MemPager {
             let Some(src) = store.get(&slot.pindex()) else {
                 continue;
             };
-            slot.data_mut().copy_from_slice(src);
+            slot.write(0, src);
             match (injected, always) {
                 (Some(Injected::Partial(mask)), _) | (_, Some(mask)) => slot.set_valid(mask),
                 _ => slot.set_all_valid(),
@@ -248,7 +248,9 @@ impl Pager for MemPager {
             return Err(e);
         }
         for p in pages {
-            self.put(p.pindex(), p.data());
+            let mut data = vec![0u8; PAGE_SIZE as usize];
+            p.read(0, &mut data);
+            self.put(p.pindex(), &data);
         }
         Ok(())
     }

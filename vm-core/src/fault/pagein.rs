@@ -255,12 +255,9 @@ impl<P: Pmap> FaultState<'_, P> {
             .chain(cluster.ahead.iter())
         {
             b.page().clear_flags(PageFlags::ZERO);
-            // SAFETY: every page of the cluster is busy (owned by this
-            // fault), distinct, and not wholly valid, so never mapped:
-            // nothing else reads or writes these frames until they are
-            // unbusied, and each frame gets one slice.
-            let data = unsafe { phys.frame_mut(b.pfn()) };
-            slots.push(PageSlot::new(b.page().pindex(), data));
+            // Every page of the cluster is busy (owned by this fault) and
+            // not wholly valid, so never mapped: the pager alone writes it.
+            slots.push(PageSlot::new(b.page().pindex(), phys.writer_of(b.pfn())));
         }
         let counters = self.machine.counters.local();
         counters.v_pager_calls.fetch_add(1, Ordering::Relaxed);
