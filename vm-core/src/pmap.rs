@@ -118,6 +118,10 @@ pub enum PmapError {
     /// when the access retried, again and again.
     #[error("mapping at {0:#x} did not stay after repeated faults")]
     NotKept(u64),
+    /// The address space was destroyed
+    /// ([`Pmap::destroy_space`]); its tables are gone.
+    #[error("the address space was destroyed")]
+    SpaceDestroyed,
 }
 
 /// Frames of the machine's physical memory, handed to a pmap by
@@ -187,12 +191,21 @@ impl PhysFrames {
 
     /// Returns a frame from [`alloc_zeroed`](Self::alloc_zeroed).
     ///
+    /// # Safety
+    ///
+    /// The pmap is done with the frame: no table entry refers to it any
+    /// more, no walker (a thread of the pmap's, or a CPU through a TLB
+    /// entry or paging-structure cache not yet flushed) can still reach it,
+    /// and the pmap neither reads nor writes it after this call. The frame
+    /// goes back to the free pool at once and may next hold a user's data;
+    /// a table write to it then would corrupt that data behind every check.
+    ///
     /// # Errors
     ///
     /// [`PmapError::BadFrame`] if `pfn` is not a table frame the pmap holds
     /// (outside memory, a page of an object, or freed already): a bug of
     /// the pmap, refused without touching the page.
-    pub fn free(&self, pfn: Pfn) -> Result<(), PmapError> {
+    pub unsafe fn free(&self, pfn: Pfn) -> Result<(), PmapError> {
         let (id, page) = self.table(pfn).ok_or(PmapError::BadFrame(pfn))?;
         // Only one caller can clear the flag: a racing double free loses.
         if !page.take_flag(PageFlags::TABLE) {
@@ -345,13 +358,15 @@ mod tests {
                 .load(core::sync::atomic::Ordering::Relaxed),
             3
         );
-        frames.free(table).expect("a table frees");
+        // SAFETY: nothing refers to the frame; the test is its only user.
+        unsafe { frames.free(table) }.expect("a table frees");
         assert!(
             frames.table_word(table).is_none(),
             "a free frame lends nothing"
         );
         assert_eq!(
-            frames.free(table),
+            // SAFETY: as above (and the call is refused anyway).
+            unsafe { frames.free(table) },
             Err(PmapError::BadFrame(table)),
             "a double free is refused"
         );
@@ -368,7 +383,8 @@ mod tests {
         // A frame the core allocated for itself is not the pmap's to free.
         let other = frames.pages().alloc(0, AllocClass::Normal, false).unwrap();
         let pfn = frames.pages().pfn(other);
-        assert_eq!(frames.free(pfn), Err(PmapError::BadFrame(pfn)));
+        // SAFETY: refused without touching the frame, which is checked.
+        assert_eq!(unsafe { frames.free(pfn) }, Err(PmapError::BadFrame(pfn)));
         assert!(frames.table_word(pfn).is_none());
     }
 }

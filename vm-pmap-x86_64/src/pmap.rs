@@ -47,8 +47,9 @@ struct SpaceInner {
     /// Held shared by every software-MMU walk of the space, and exclusive
     /// while emptied table frames are freed: a walk that read a parent
     /// entry before it was cleared finishes in the old table, never in a
-    /// frame reused for data.
-    walk: RwLock<()>,
+    /// frame reused for data. Holds whether the space was destroyed (its
+    /// root freed): a walk then stops at once.
+    walk: RwLock<bool>,
 }
 
 /// One address space's tables: its root (CR3) and statistics.
@@ -163,7 +164,7 @@ impl<T: TlbHook> X86Pmap<T> {
     /// The raw value of the leaf entry mapping `va`, if the tables reach
     /// it.
     pub fn pte(&self, space: &X86Space, va: u64) -> Option<u64> {
-        let _g = space.0.state.lock();
+        let _g = self.lock_space(space)?;
         self.leaf_slot(space.0.root, va)
             .map(|s| s.load(Ordering::Acquire))
     }
@@ -172,7 +173,9 @@ impl<T: TlbHook> X86Pmap<T> {
     /// (the KVM oracle undoes its predictions this way).
     #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
     pub(crate) fn set_pte_for_oracle(&self, space: &X86Space, va: u64, value: u64) {
-        let _g = space.0.state.lock();
+        let Some(_g) = self.lock_space(space) else {
+            return;
+        };
         if let Some(slot) = self.leaf_slot(space.0.root, va) {
             slot.store(value, Ordering::Release);
         }
@@ -190,7 +193,10 @@ impl<T: TlbHook> X86Pmap<T> {
         access: Access,
     ) -> Result<mmu::Translation, mmu::Fault> {
         let phys = self.phys().ok_or(mmu::Fault::BadPhysical(space.0.root))?;
-        let _walking = space.0.walk.read();
+        let walking = space.0.walk.read();
+        if *walking {
+            return Err(mmu::Fault::BadPhysical(space.0.root));
+        }
         mmu::translate(phys, &self.mode, space.0.root, va, access)
     }
 
@@ -290,7 +296,11 @@ impl<T: TlbHook> X86Pmap<T> {
         if let Some(f) = &self.frames {
             // Our own table frame: a refusal would be a bug here, and the
             // frame then stays allocated, which loses nothing.
-            let freed = f.free(Pfn::containing(table));
+            // SAFETY: `table` was unlinked from its parent, the flush that
+            // retired it has completed (no CPU caches a path through it),
+            // and the caller holds the space's walk lock for writing, so no
+            // software walker is inside it; nothing refers to it again.
+            let freed = unsafe { f.free(Pfn::containing(table)) };
             debug_assert!(freed.is_ok(), "freeing table {table:#x}: {freed:?}");
         }
     }
@@ -336,7 +346,9 @@ impl<T: TlbHook> X86Pmap<T> {
     /// Table pages `space` uses, the root included.
     #[must_use]
     pub fn table_pages(&self, space: &X86Space) -> usize {
-        let _st = self.lock_space(space);
+        let Some(_st) = self.lock_space(space) else {
+            return 0;
+        };
         let mut tables = alloc::vec::Vec::new();
         self.tables_under(space.0.root, self.mode.paging.levels() - 1, &mut tables);
         tables.len()
@@ -427,8 +439,12 @@ impl<T: TlbHook> X86Pmap<T> {
         (lost_write && prev & PteFlags::M.bits() != 0).then(|| displaced(prev))
     }
 
-    fn lock_space<'a>(&self, space: &'a X86Space) -> MutexGuard<'a, SpaceState> {
-        space.0.state.lock()
+    /// The space's lock, or `None` once [`destroy_space`](Pmap::destroy_space)
+    /// freed its tables: every operation on a destroyed space then does
+    /// nothing (or fails), never touching frames that are no longer its.
+    fn lock_space<'a>(&self, space: &'a X86Space) -> Option<MutexGuard<'a, SpaceState>> {
+        let st = space.0.state.lock();
+        (!st.destroyed).then_some(st)
     }
 
     fn check_va(&self, va: u64) -> Result<(), PmapError> {
@@ -562,7 +578,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 wired: 0,
                 destroyed: false,
             }),
-            walk: RwLock::new(()),
+            walk: RwLock::new(false),
         });
         self.spaces.lock().insert(id, Arc::downgrade(&inner));
         Ok(X86Space(inner))
@@ -571,11 +587,14 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     fn destroy_space(&self, space: &X86Space) {
         self.remove(space, 0, self.mode.paging.user_end(), &mut |_| {});
         self.spaces.lock().remove(&space.0.id);
-        let mut st = self.lock_space(space);
+        let Some(mut st) = self.lock_space(space) else {
+            return; // destroyed already: its root is not ours to free again
+        };
         st.destroyed = true;
         let mut tables = alloc::vec::Vec::new();
         self.tables_under(space.0.root, self.mode.paging.levels() - 1, &mut tables);
         debug_assert_eq!(tables.len(), 1, "only the root is left");
+        *space.0.walk.write() = true;
         for t in tables {
             self.free_table(t);
         }
@@ -592,7 +611,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     ) -> Result<Option<Displaced>, PmapError> {
         self.check_va(va)?;
         let root = space.0.root;
-        let mut st = self.lock_space(space);
+        let mut st = self.lock_space(space).ok_or(PmapError::SpaceDestroyed)?;
         let (slot, table) = self.leaf_slot_create(&mut st, &space.0, va)?;
         let new = self.new_pte(page, prot, access, wired);
         let old = slot.load(Ordering::Acquire);
@@ -638,7 +657,9 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         if self.check_va(va).is_err() {
             return false;
         }
-        let mut st = self.lock_space(space);
+        let Some(mut st) = self.lock_space(space) else {
+            return false;
+        };
         let Ok((slot, table)) = self.leaf_slot_create(&mut st, &space.0, va) else {
             return false;
         };
@@ -666,7 +687,9 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         }
         let root = space.0.root;
         let id = space.0.id;
-        let mut st = self.lock_space(space);
+        let Some(mut st) = self.lock_space(space) else {
+            return;
+        };
         let mut flush = PendingFlush::new(root);
         let top = self.mode.paging.levels() - 1;
         let mut noted = alloc::vec::Vec::new();
@@ -714,7 +737,9 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             return;
         }
         let root = space.0.root;
-        let mut st = self.lock_space(space);
+        let Some(mut st) = self.lock_space(space) else {
+            return;
+        };
         let mut flush = PendingFlush::new(root);
         let top = self.mode.paging.levels() - 1;
         let mut changed = alloc::vec::Vec::new();
@@ -780,7 +805,9 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     }
 
     fn change_wiring(&self, space: &X86Space, va: u64, wired: bool) {
-        let mut st = self.lock_space(space);
+        let Some(mut st) = self.lock_space(space) else {
+            return;
+        };
         let Some(slot) = self.leaf_slot(space.0.root, va) else {
             return;
         };

@@ -420,3 +420,50 @@ fn i11_8_software_mmu_never_touches_a_freed_table() {
         eprintln!("i11_8: {round} rounds, no store into a freed table seen");
     });
 }
+
+/// Issue 15 item 3: a destroyed space's root frame is freed, and the pmap
+/// then touches it no more, whatever a caller does with the stale handle:
+/// a second `destroy_space`, an `enter`, a translation, a `remove`. Before
+/// the guard, the second destroy freed the root again, by then the root of
+/// the next space made, and `enter` wrote a table entry into it.
+#[test]
+fn a_destroyed_space_is_left_alone() {
+    let (vm, old) = recorder_machine();
+    let p = vm.pmap();
+    let va = 0x7f00_0040_0000u64;
+    p.enter(&old, va, page(300), Prot::RW, Prot::READ, false)
+        .unwrap();
+    p.destroy_space(&old);
+    let free = vm.free_pages();
+    // The next space reuses the old root frame (the most recently freed).
+    let new = p.create_space().unwrap();
+    p.enter(&new, va, page(301), Prot::RW, Prot::READ, false)
+        .unwrap();
+    let leaf = raw_leaf(&vm, new.root(), va);
+
+    p.destroy_space(&old);
+    assert_eq!(
+        p.enter(&old, va, page(302), Prot::RW, Prot::READ, false),
+        Err(vm_core::pmap::PmapError::SpaceDestroyed)
+    );
+    assert!(!p.enter_quick(&old, va + PAGE, page(303), Prot::READ));
+    p.remove(&old, 0, va + 2 * PAGE, &mut |_| {});
+    p.protect(&old, 0, va + 2 * PAGE, Prot::READ, &mut |_| {});
+    p.change_wiring(&old, va, true);
+    assert_eq!(p.translate(&old, va, Prot::READ), None);
+    assert_eq!(p.extract(&old, va), None);
+    assert_eq!(p.table_pages(&old), 0);
+
+    assert_eq!(
+        raw_leaf(&vm, new.root(), va),
+        leaf,
+        "the new space's entry is untouched"
+    );
+    assert_eq!(p.translate(&new, va, Prot::WRITE), Some(Pfn(301)));
+    assert_eq!(p.table_pages(&new), 4);
+    assert_eq!(
+        vm.free_pages(),
+        free - 4,
+        "the new space's 4 tables, nothing freed twice"
+    );
+}
