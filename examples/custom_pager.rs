@@ -12,8 +12,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vm_core::{
-    Contiguity, ObjectType, PAGE_SIZE, PageOut, PageSlot, Pager, PagerError, Prot, SwapProvider,
-    Vm, VmConfig,
+    Contiguity, PAGE_SIZE, PageOut, PageSlot, Pager, PagerError, PagerKind, Prot, SwapProvider, Vm,
+    VmConfig,
 };
 use vm_testkit::RefPmap;
 
@@ -37,8 +37,8 @@ struct ZramPager {
 }
 
 impl Pager for ZramPager {
-    fn object_type(&self) -> ObjectType {
-        ObjectType::Swap
+    fn kind(&self) -> PagerKind {
+        PagerKind::ANONYMOUS
     }
 
     fn has_page(&self, pindex: u64) -> Option<Contiguity> {

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 use vm_core::{
-    Contiguity, FaultError, Inheritance, MapError, MapRequest, ObjectType, PageOut, PageSlot,
-    Pager, PagerError, Pmap, Prot, Vm, VmSpace,
+    Contiguity, FaultError, Inheritance, MapError, MapRequest, PageOut, PageSlot, Pager,
+    PagerError, PagerKind, Pmap, Prot, Vm, VmSpace,
 };
 use vm_pager_vnode::VnodePager;
 use vm_pmap_x86_64::X86Pmap;
@@ -91,7 +91,7 @@ impl GatePager {
         let (rtx, rrx) = mpsc::channel();
         (
             Arc::new(GatePager {
-                mem: MemPager::with_pattern(ObjectType::Vnode, pages),
+                mem: MemPager::with_pattern(PagerKind::FILE, pages),
                 armed: AtomicBool::new(true),
                 entered: Mutex::new(Some(etx)),
                 release: Mutex::new(Some(rrx)),
@@ -103,8 +103,8 @@ impl GatePager {
 }
 
 impl Pager for GatePager {
-    fn object_type(&self) -> ObjectType {
-        ObjectType::Vnode
+    fn kind(&self) -> PagerKind {
+        PagerKind::FILE
     }
     fn has_page(&self, pindex: u64) -> Option<Contiguity> {
         self.mem.has_page(pindex)
@@ -639,7 +639,7 @@ fn error_paths<P: Pmap>(vm: &Arc<Vm<P>>) {
     space.unwire(BASE, 4 * PAGE, true).unwrap();
     consistent(vm);
     // A pager error in the middle of a wire rolls it back.
-    let pager = Arc::new(MemPager::with_pattern(ObjectType::Vnode, 8));
+    let pager = Arc::new(MemPager::with_pattern(PagerKind::FILE, 8));
     let obj = vm.new_object(8, pager.clone());
     space
         .map(MapRequest::object(
@@ -685,7 +685,7 @@ struct KeepSwap {
 }
 impl vm_core::SwapProvider for KeepSwap {
     fn pager_for(&self, _pages: u64) -> Option<Arc<dyn Pager>> {
-        let p = Arc::new(MemPager::new(ObjectType::Swap));
+        let p = Arc::new(MemPager::new(PagerKind::ANONYMOUS));
         self.pagers.lock().unwrap().push(p.clone());
         Some(p)
     }

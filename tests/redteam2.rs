@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 use vm_core::{
-    FaultFlags, Inheritance, MapRequest, MemAttr, ObjectType, Pmap, Prot, Vm, VmConfig, VmSpace,
+    FaultFlags, Inheritance, MapRequest, MemAttr, PagerKind, Pmap, Prot, Vm, VmConfig, VmSpace,
 };
 use vm_pager_device::{DeviceMmap, DevicePager};
 use vm_pager_swap::Swap;
@@ -514,7 +514,7 @@ fn x86_table_frames_all_come_back() {
 /// hold, unmap, protect, msync, fork and wire in the same range and wait
 /// for the transition: nobody hangs, nothing stays wired.
 fn wiring_fails_while_others_wait<P: Pmap + 'static>(vm: Arc<Vm<P>>) {
-    let pager = Arc::new(MemPager::with_pattern(ObjectType::Vnode, 8));
+    let pager = Arc::new(MemPager::with_pattern(PagerKind::FILE, 8));
     let obj = vm.new_object(8, pager.clone());
     let space = Arc::new(vm.new_space().unwrap());
     space

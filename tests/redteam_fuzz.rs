@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use vm_core::{
-    FaultError, HeldPages, MapError, MapRequest, ObjectType, Pager, Pmap, Prot, SwapProvider, Vm,
+    FaultError, HeldPages, MapError, MapRequest, Pager, PagerKind, Pmap, Prot, SwapProvider, Vm,
     VmObject, VmSpace,
 };
 use vm_pmap_x86_64::X86Pmap;
@@ -25,7 +25,7 @@ const MAXSPACES: usize = 3;
 struct MemSwap;
 impl SwapProvider for MemSwap {
     fn pager_for(&self, _pages: u64) -> Option<Arc<dyn Pager>> {
-        Some(Arc::new(MemPager::new(ObjectType::Swap)))
+        Some(Arc::new(MemPager::new(PagerKind::ANONYMOUS)))
     }
 }
 

@@ -2,7 +2,7 @@
 //! that only its one shadow references is merged into that shadow, so
 //! repeated fork and exit do not grow chains without bound.
 
-use crate::object::{Backing, ObjectFlags, ObjectType, VmObject};
+use crate::object::{Backing, ObjectFlags, VmObject};
 use crate::page::PageId;
 use crate::pmap::Pmap;
 use crate::vm::Vm;
@@ -48,7 +48,7 @@ impl<P: Pmap> Vm<P> {
         // has none and sees it at the same page indexes, or have its copies
         // moved into the shadow's own pager (when that pager can take them:
         // checked below, before anything changes).
-        let swapped = bst.otype == ObjectType::Swap && bst.pager.is_some();
+        let swapped = bst.kind.is_anonymous() && bst.pager.is_some();
         let adopt = swapped && st.pager.is_none() && b.offset == 0;
         let merge = swapped && st.pager.is_some();
         // The backing object must be private to this chain and nameless
@@ -60,7 +60,8 @@ impl<P: Pmap> Vm<P> {
         let private = b.object.ref_count() == 1
             && bst.shadow_count == 1
             && !bst.flags.contains(ObjectFlags::NAMED)
-            && ((bst.otype == ObjectType::Default && bst.pager.is_none()) || adopt || merge)
+            && bst.kind.is_anonymous()
+            && (bst.pager.is_none() || adopt || merge)
             && b.object.paging_in_progress() == 0
             && object.paging_in_progress() == 0;
         if !private {
@@ -110,8 +111,8 @@ impl<P: Pmap> Vm<P> {
                 pager.discard(p, p + 1);
             }
             pager.discard(st.size, u64::MAX);
+            st.kind = bst.kind;
             st.pager = Some(pager);
-            st.otype = ObjectType::Swap;
         }
         for (id, to) in plan {
             match to {

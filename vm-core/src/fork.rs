@@ -156,7 +156,7 @@ fn held_pages(e: &MapEntry) -> Vec<u64> {
         return Vec::new();
     };
     let st = object.lock();
-    let own = st.otype.is_anonymous()
+    let own = st.kind.is_anonymous()
         && st.flags.contains(ObjectFlags::ONEMAPPING)
         && !st.flags.contains(ObjectFlags::NAMED)
         && !e.eflags.contains(EntryFlags::NEEDS_COPY);

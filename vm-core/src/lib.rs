@@ -83,9 +83,11 @@ pub use fault::{FaultFlags, FaultKind, FaultOutcome};
 pub use frame::{FrameReader, FrameWriter};
 pub use hold::{HeldPages, HoldError};
 pub use map::{Behavior, EntryFlags, Inheritance, MapEntryInfo, VmMap};
-pub use object::{ObjectId, ObjectType, VmObject};
+pub use object::{ObjectId, VmObject};
 pub use page::{PageFlags, PageId, PageQueue, VM_PAGE_BITS_ALL, VmPage};
-pub use pager::{Contiguity, IoError, PageOut, PageSlot, Pager, PagerError, SwapProvider};
+pub use pager::{
+    Contiguity, IoError, ObjectClass, PageOut, PageSlot, Pager, PagerError, PagerKind, SwapProvider,
+};
 pub use phys::PhysMem;
 pub use pmap::{Displaced, MemAttr, PageInfo, Pmap, PmapError};
 pub use prot::Prot;

@@ -15,7 +15,7 @@
 //! Lock order: a shadow's lock before its backing object's.
 
 use crate::page::{PageId, VmPage};
-use crate::pager::Pager;
+use crate::pager::{Pager, PagerKind};
 use crate::sync::{Mutex, MutexGuard};
 use crate::vm::Machine;
 use alloc::sync::{Arc, Weak};
@@ -29,33 +29,6 @@ pub struct ObjectId(pub u64);
 impl core::fmt::Display for ObjectId {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "#{}", self.0)
-    }
-}
-
-/// Object types (FreeBSD `OBJT_*`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ObjectType {
-    /// Anonymous memory, zero-filled on first touch (`OBJT_DEFAULT`).
-    Default,
-    /// Anonymous memory with swap backing (`OBJT_SWAP`).
-    Swap,
-    /// A file (`OBJT_VNODE`).
-    Vnode,
-    /// Device memory (`OBJT_DEVICE`): unmanaged pages, no clustering.
-    Device,
-    /// Physical memory (`OBJT_PHYS`).
-    Phys,
-    /// A destroyed object (`OBJT_DEAD`).
-    Dead,
-}
-
-impl ObjectType {
-    /// Whether objects of this type can be found only through their
-    /// mappings (no named handle), which allows moving pages between them
-    /// (seed L729-734).
-    #[must_use]
-    pub fn is_anonymous(self) -> bool {
-        matches!(self, ObjectType::Default | ObjectType::Swap)
     }
 }
 
@@ -94,7 +67,10 @@ pub(crate) struct ObjectState {
     pub(crate) backing: Option<Backing>,
     pub(crate) shadow_count: u32,
     pub(crate) flags: ObjectFlags,
-    pub(crate) otype: ObjectType,
+    /// The pager's kind, or [`PagerKind::ANONYMOUS`] for an object with
+    /// no pager (FreeBSD `OBJT_DEFAULT`: anonymous memory not yet given
+    /// swap).
+    pub(crate) kind: PagerKind,
     pub(crate) pager: Option<Arc<dyn Pager>>,
 }
 
@@ -112,7 +88,8 @@ impl core::fmt::Debug for VmObject {
         let st = self.lock();
         f.debug_struct("VmObject")
             .field("id", &self.id)
-            .field("type", &st.otype)
+            .field("kind", &st.kind)
+            .field("pager", &st.pager.is_some())
             .field("size", &st.size)
             .field("resident", &st.pages.len())
             .field("ref_count", &self.ref_count())
@@ -172,9 +149,7 @@ impl VmObject {
         pager: Option<Arc<dyn Pager>>,
         backing: Option<Backing>,
     ) -> Arc<VmObject> {
-        let otype = pager
-            .as_ref()
-            .map_or(ObjectType::Default, |p| p.object_type());
+        let kind = pager.as_ref().map_or(PagerKind::ANONYMOUS, |p| p.kind());
         let id = machine.objects.next.fetch_add(1, Ordering::Relaxed);
         let obj = Arc::new(VmObject {
             id: ObjectId(id),
@@ -187,7 +162,7 @@ impl VmObject {
                 backing,
                 shadow_count: 0,
                 flags: ObjectFlags::ONEMAPPING,
-                otype,
+                kind,
                 pager,
             }),
         });
@@ -209,10 +184,18 @@ impl VmObject {
         self.id
     }
 
-    /// The object's type.
+    /// What the object holds: its pager's [`Pager::kind`], or
+    /// [`PagerKind::ANONYMOUS`] for anonymous memory with no pager yet.
     #[must_use]
-    pub fn object_type(&self) -> ObjectType {
-        self.lock().otype
+    pub fn kind(&self) -> PagerKind {
+        self.lock().kind
+    }
+
+    /// Whether the object has a pager (anonymous memory gets one, swap,
+    /// when its pages are first paged out).
+    #[must_use]
+    pub fn has_pager(&self) -> bool {
+        self.lock().pager.is_some()
     }
 
     /// Size in pages.

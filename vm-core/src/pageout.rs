@@ -13,8 +13,9 @@
 //! never touched.
 
 use crate::fault::guard::{BusyPage, Disposal};
-use crate::object::{ObjectType, VmObject};
+use crate::object::VmObject;
 use crate::page::{PageFlags, PageId, PageQueue};
+use crate::pager::ObjectClass;
 use crate::pager::Pager;
 use crate::pmap::Pmap;
 use crate::vm::Vm;
@@ -239,24 +240,26 @@ impl<P: Pmap> Vm<P> {
     /// their object's pager, giving an anonymous object swap backing first.
     /// The pages are marked clean only once the pager has them.
     fn launder(&self, object: &Arc<VmObject>, run: &Run<'_>) -> Result<(), ()> {
-        let (pager, otype) = {
+        let (pager, class) = {
             let mut st = object.lock();
-            if st.pager.is_none() && st.otype == ObjectType::Default {
+            if st.pager.is_none() && st.kind.is_anonymous() {
                 let swap = self.swap.lock().clone();
                 if let Some(p) = swap.and_then(|s| s.pager_for(st.size)) {
+                    st.kind = p.kind();
                     st.pager = Some(p);
-                    st.otype = ObjectType::Swap;
                 }
             }
-            (st.pager.clone(), st.otype)
+            (st.pager.clone(), st.kind.class())
         };
         let pager: Arc<dyn Pager> = pager.ok_or(())?;
         let _pip = crate::fault::guard::Pip::new(object.clone());
         crate::clean::write_clean(&self.machine, &*pager, run.iter().map(|(b, p)| (b, *p)))
             .map_err(|_| ())?;
-        let c = match otype {
-            ObjectType::Vnode => &self.machine.counters.local().v_vnodepgsout,
-            _ => &self.machine.counters.local().v_swappgsout,
+        let c = match class {
+            ObjectClass::File => &self.machine.counters.local().v_vnodepgsout,
+            ObjectClass::Anonymous | ObjectClass::Device => {
+                &self.machine.counters.local().v_swappgsout
+            }
         };
         c.fetch_add(run.len() as u64, Ordering::Relaxed);
         Ok(())

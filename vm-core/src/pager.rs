@@ -7,13 +7,13 @@
 //! because one shadow chain mixes object types.
 //!
 //! ```
-//! use vm_core::{Contiguity, PageSlot, Pager, PagerError, ObjectType};
+//! use vm_core::{Contiguity, PageSlot, Pager, PagerError, PagerKind};
 //!
 //! /// Every page holds its own index in its first byte.
 //! struct Numbered;
 //!
 //! impl Pager for Numbered {
-//!     fn object_type(&self) -> ObjectType { ObjectType::Swap }
+//!     fn kind(&self) -> PagerKind { PagerKind::ANONYMOUS }
 //!     fn has_page(&self, _pindex: u64) -> Option<Contiguity> {
 //!         Some(Contiguity::default())
 //!     }
@@ -30,8 +30,134 @@
 
 use crate::addr::PAGE_SIZE;
 use crate::frame::{FrameReader, FrameWriter};
-use crate::object::ObjectType;
 use crate::page::VM_PAGE_BITS_ALL;
+
+/// What a pager's objects hold, for the policy that depends on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ObjectClass {
+    /// Memory reachable only through its mappings (FreeBSD `OBJT_DEFAULT`
+    /// and `OBJT_SWAP`): unless the object is named
+    /// ([`Vm::new_object`](crate::Vm::new_object) and friends), its pages may
+    /// move between the objects of a shadow chain (the copy-on-write rename,
+    /// collapse, a fork's split) and are freed when their only mapping goes.
+    Anonymous,
+    /// A file's pages (`OBJT_VNODE`): named, never moved or freed on
+    /// behalf of one mapping.
+    File,
+    /// Device memory (`OBJT_DEVICE`): unmanaged frames the pager names
+    /// with [`PageSlot::set_device`]; mapped shared only (there are no
+    /// pages to copy), never clustered.
+    Device,
+}
+
+/// A pager's description of its objects: their [`ObjectClass`] and the
+/// policy switches the core consults. The built-in pagers use the same
+/// values a custom one can ([`ANONYMOUS`](Self::ANONYMOUS) for swap,
+/// [`FILE`](Self::FILE) for vnode, [`DEVICE`](Self::DEVICE)), and each
+/// switch can be turned.
+///
+/// ```
+/// use vm_core::{ObjectClass, PagerKind};
+///
+/// // A compressed-memory pager: anonymous, but a page read back is
+/// // not worth keeping clean and read-only, and it cannot cluster.
+/// let zram = PagerKind::ANONYMOUS
+///     .with_clean_read_only(false)
+///     .with_clustering(false);
+/// assert_eq!(zram.class(), ObjectClass::Anonymous);
+/// assert!(!zram.clusters());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PagerKind {
+    class: ObjectClass,
+    clean_read_only: bool,
+    clusters: bool,
+    grows: bool,
+}
+
+impl PagerKind {
+    /// Anonymous memory with backing store, as swap: clean pages that have
+    /// a copy on the pager are mapped read-only, clustered reads.
+    pub const ANONYMOUS: PagerKind = PagerKind {
+        class: ObjectClass::Anonymous,
+        clean_read_only: true,
+        clusters: true,
+        grows: false,
+    };
+    /// A file: clustered reads, mappable past its current end.
+    pub const FILE: PagerKind = PagerKind {
+        class: ObjectClass::File,
+        clean_read_only: false,
+        clusters: true,
+        grows: true,
+    };
+    /// Device memory: no clustering, no growth.
+    pub const DEVICE: PagerKind = PagerKind {
+        class: ObjectClass::Device,
+        clean_read_only: false,
+        clusters: false,
+        grows: false,
+    };
+
+    /// The class of the objects.
+    #[must_use]
+    pub const fn class(self) -> ObjectClass {
+        self.class
+    }
+
+    /// Whether the objects are anonymous ([`ObjectClass::Anonymous`]).
+    #[must_use]
+    pub const fn is_anonymous(self) -> bool {
+        matches!(self.class, ObjectClass::Anonymous)
+    }
+
+    /// Whether a read fault maps a clean page read-only, so that the first
+    /// write faults and tells the pager ([`Pager::page_unswapped`]) that
+    /// its copy is stale (FreeBSD does this for swap objects).
+    #[must_use]
+    pub const fn maps_clean_read_only(self) -> bool {
+        self.clean_read_only
+    }
+
+    /// Whether faults read neighbouring pages with the faulting one
+    /// (read-ahead and read-behind, seed L693-703).
+    #[must_use]
+    pub const fn clusters(self) -> bool {
+        self.clusters
+    }
+
+    /// Whether an object may be mapped past its current size, because it
+    /// can grow (a file; an access there is `SIGBUS` until it does).
+    #[must_use]
+    pub const fn grows(self) -> bool {
+        self.grows
+    }
+
+    /// The same, with [`maps_clean_read_only`](Self::maps_clean_read_only)
+    /// set to `on`.
+    #[must_use]
+    pub const fn with_clean_read_only(self, on: bool) -> PagerKind {
+        PagerKind {
+            clean_read_only: on,
+            ..self
+        }
+    }
+
+    /// The same, with [`clusters`](Self::clusters) set to `on`.
+    #[must_use]
+    pub const fn with_clustering(self, on: bool) -> PagerKind {
+        PagerKind {
+            clusters: on,
+            ..self
+        }
+    }
+
+    /// The same, with [`grows`](Self::grows) set to `on`.
+    #[must_use]
+    pub const fn with_growth(self, on: bool) -> PagerKind {
+        PagerKind { grows: on, ..self }
+    }
+}
 
 /// Pages next to a requested one that the pager can read in the same
 /// operation (the seed's `before`/`after` of `vm_pager_has_page`).
@@ -215,9 +341,11 @@ impl<'a> PageSlot<'a> {
 /// calling them, and never calls `get_pages` twice for the same page at
 /// once (the pages are busy).
 pub trait Pager: Send + Sync {
-    /// The object type this pager gives its objects (swap, vnode, device,
-    /// ...). Decides clustering and copy-on-write rules.
-    fn object_type(&self) -> ObjectType;
+    /// What the pager's objects are: their class and the policy switches
+    /// the core follows for them (clustering, read-only clean pages,
+    /// growth, which pages may move between objects). Asked once, when an
+    /// object is given the pager.
+    fn kind(&self) -> PagerKind;
 
     /// Whether the pager has page `pindex`, and how many neighbours it could
     /// read with it (`vm_pager_has_page`). `None` means "not here": look

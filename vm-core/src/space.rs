@@ -280,7 +280,7 @@ impl<P: Pmap> VmSpace<P> {
             // grow, and until then an access there is SIGBUS. Other
             // objects must hold the whole range.
             // Byte offsets of the whole range must be representable too.
-            let grows = obj.object_type() == crate::object::ObjectType::Vnode;
+            let grows = obj.kind().grows();
             let fits = offset.checked_add(req.len).is_some();
             match (offset / PAGE_SIZE).checked_add(pages(req.len)) {
                 Some(last) if fits && (last <= size || grows) => {}
@@ -299,7 +299,7 @@ impl<P: Pmap> VmSpace<P> {
         e.inheritance = req.resolved_inheritance();
         e.behavior = req.behavior;
         if let Some((obj, offset)) = req.object {
-            if obj.object_type() == crate::object::ObjectType::Device {
+            if obj.kind().class() == crate::pager::ObjectClass::Device {
                 // Device memory is shared or nothing: it has no pages to
                 // copy, so neither a private mapping nor a copying fork.
                 if req.private {
@@ -526,7 +526,7 @@ impl<P: Pmap> VmSpace<P> {
             let device = e
                 .object
                 .as_ref()
-                .is_some_and(|o| o.object_type() == crate::object::ObjectType::Device);
+                .is_some_and(|o| o.kind().class() == crate::pager::ObjectClass::Device);
             e.inheritance = if device {
                 Inheritance::Share.min_with(i)
             } else {
@@ -546,7 +546,7 @@ impl<P: Pmap> VmSpace<P> {
             let private = {
                 let st = o.lock();
                 st.flags.contains(ObjectFlags::ONEMAPPING)
-                    && st.otype.is_anonymous()
+                    && st.kind.is_anonymous()
                     && st.shadow_count == 0
             };
             if private {

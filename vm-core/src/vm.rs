@@ -306,7 +306,6 @@ impl<P: Pmap> Vm<P> {
         // for, as any page removal waits.
         self.page_remove(object, 0, u64::MAX);
         let mut st = object.lock();
-        st.otype = crate::object::ObjectType::Dead;
         if let Some(p) = st.pager.take() {
             p.dealloc();
         }

@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vm_core::{FaultError, FaultFlags, FaultKind, MapRequest, ObjectType, PageFlags, Prot};
+use vm_core::{FaultError, FaultFlags, FaultKind, MapRequest, PageFlags, PagerKind, Prot};
 
 /// Polls `cond` for up to 10 s.
 fn eventually(mut cond: impl FnMut() -> bool) {
@@ -23,7 +23,7 @@ fn eventually(mut cond: impl FnMut() -> bool) {
 fn second_fault_on_a_busy_page_waits_for_the_first() {
     let (vm, space) = machine(32);
     let space = Arc::new(space);
-    let (pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (pager, obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     let pause = pager.pause_next();
     let s1 = space.clone();
     let t1 = std::thread::spawn(move || s1.fault(BASE, Prot::READ, FaultFlags::NORMAL));
@@ -64,7 +64,7 @@ fn fault_around_io(
 fn the_map_is_unlocked_during_pager_io() {
     let (vm, space) = machine(32);
     let space = Arc::new(space);
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     // A map change needs the write lock: it would block here if the fault
     // held the map across its I/O.
     fault_around_io(&space, &pager, || {
@@ -78,7 +78,7 @@ fn the_map_is_unlocked_during_pager_io() {
 fn protection_lowered_during_io_is_honoured() {
     let (vm, space) = machine(32);
     let space = Arc::new(space);
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::RW, false);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::RW, false);
     let out = fault_around_io(&space, &pager, || {
         space.protect(BASE, 4 * PAGE, Prot::READ).unwrap()
     })
@@ -102,7 +102,7 @@ fn protection_lowered_during_io_is_honoured() {
 fn unmap_during_io_fails_the_fault_cleanly() {
     let (vm, space) = machine(32);
     let space = Arc::new(space);
-    let (pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (pager, obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     let e = fault_around_io(&space, &pager, || space.unmap(BASE, 4 * PAGE).unwrap()).unwrap_err();
     assert_eq!(e, FaultError::InvalidAddress { addr: BASE });
     assert_eq!(space.extract(BASE), None);
@@ -115,7 +115,7 @@ fn unmap_during_io_fails_the_fault_cleanly() {
 fn remap_during_io_retries_against_the_new_object() {
     let (vm, space) = machine(32);
     let space = Arc::new(space);
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     let out = fault_around_io(&space, &pager, || {
         space.unmap(BASE, 4 * PAGE).unwrap();
         space

@@ -5,14 +5,13 @@ mod common;
 use common::*;
 use std::sync::Arc;
 use vm_core::{
-    Behavior, Contiguity, FaultFlags, MapRequest, ObjectType, PageQueue, Prot, Vm, VmObject,
-    VmSpace,
+    Behavior, Contiguity, FaultFlags, MapRequest, PageQueue, PagerKind, Prot, Vm, VmObject, VmSpace,
 };
 use vm_testkit::{GetCall, Injected, MemPager, RefPmap};
 
 /// A 64-page file whose pager can read 16 pages around any page.
-fn file(vm: &Arc<Vm<RefPmap>>, otype: ObjectType) -> (Arc<MemPager>, Arc<VmObject>) {
-    let pager = Arc::new(MemPager::with_pattern(otype, 64));
+fn file(vm: &Arc<Vm<RefPmap>>, kind: PagerKind) -> (Arc<MemPager>, Arc<VmObject>) {
+    let pager = Arc::new(MemPager::with_pattern(kind, 64));
     pager.set_contiguity(Contiguity {
         behind: 16,
         ahead: 16,
@@ -37,7 +36,7 @@ fn call(first: u64, last: u64, reqpage: usize) -> GetCall {
 #[test]
 fn normal_behaviour_reads_seven_behind_and_eight_ahead() {
     let (vm, space) = machine(256);
-    let (pager, obj) = file(&vm, ObjectType::Vnode);
+    let (pager, obj) = file(&vm, PagerKind::FILE);
     map(&space, &obj, Behavior::Normal);
     space
         .fault(BASE + 32 * PAGE, Prot::READ, FaultFlags::NORMAL)
@@ -58,7 +57,7 @@ fn normal_behaviour_reads_seven_behind_and_eight_ahead() {
 #[test]
 fn a_fault_in_the_lastr_window_reads_ahead_only_and_deactivates_pages_behind() {
     let (vm, space) = machine(256);
-    let (pager, obj) = file(&vm, ObjectType::Vnode);
+    let (pager, obj) = file(&vm, PagerKind::FILE);
     map(&space, &obj, Behavior::Normal);
     space
         .fault(BASE + 32 * PAGE, Prot::READ, FaultFlags::NORMAL)
@@ -86,7 +85,7 @@ fn a_fault_in_the_lastr_window_reads_ahead_only_and_deactivates_pages_behind() {
 #[test]
 fn sequential_behaviour_reads_ahead_from_the_first_fault() {
     let (vm, space) = machine(256);
-    let (pager, obj) = file(&vm, ObjectType::Vnode);
+    let (pager, obj) = file(&vm, PagerKind::FILE);
     map(&space, &obj, Behavior::Sequential);
     space
         .fault(BASE + 40 * PAGE, Prot::READ, FaultFlags::NORMAL)
@@ -98,14 +97,14 @@ fn sequential_behaviour_reads_ahead_from_the_first_fault() {
 #[test]
 fn random_behaviour_and_device_objects_read_one_page() {
     let (vm, space) = machine(256);
-    let (pager, obj) = file(&vm, ObjectType::Vnode);
+    let (pager, obj) = file(&vm, PagerKind::FILE);
     map(&space, &obj, Behavior::Random);
     space
         .fault(BASE + 40 * PAGE, Prot::READ, FaultFlags::NORMAL)
         .unwrap();
     assert_eq!(pager.calls(), vec![call(40, 40, 0)]);
     let other = vm.new_space().unwrap();
-    let (dpager, dobj) = file(&vm, ObjectType::Device);
+    let (dpager, dobj) = file(&vm, PagerKind::DEVICE);
     map(&other, &dobj, Behavior::Normal);
     other
         .fault(BASE + 40 * PAGE, Prot::READ, FaultFlags::NORMAL)
@@ -117,7 +116,7 @@ fn random_behaviour_and_device_objects_read_one_page() {
 #[test]
 fn the_cluster_respects_the_pager_resident_pages_and_the_entry() {
     let (vm, space) = machine(256);
-    let (pager, obj) = file(&vm, ObjectType::Vnode);
+    let (pager, obj) = file(&vm, PagerKind::FILE);
     pager.set_contiguity(Contiguity {
         behind: 2,
         ahead: 3,
@@ -162,7 +161,7 @@ fn the_cluster_respects_the_pager_resident_pages_and_the_entry() {
 #[test]
 fn neighbours_the_pager_leaves_invalid_are_freed() {
     let (vm, space) = machine(256);
-    let (pager, obj) = file(&vm, ObjectType::Vnode);
+    let (pager, obj) = file(&vm, PagerKind::FILE);
     pager.forget(45);
     map(&space, &obj, Behavior::Normal);
     space
@@ -185,7 +184,7 @@ fn neighbours_the_pager_leaves_invalid_are_freed() {
 #[test]
 fn short_memory_reads_a_single_page() {
     let (vm, space) = machine(24);
-    let (pager, obj) = file(&vm, ObjectType::Vnode);
+    let (pager, obj) = file(&vm, PagerKind::FILE);
     map(&space, &obj, Behavior::Normal);
     let hog = vm.new_space().unwrap();
     hog.map_anon(BASE, 16 * PAGE, Prot::RW).unwrap();

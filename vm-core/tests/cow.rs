@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use vm_core::{FaultFlags, FaultKind, Inheritance, ObjectType, Prot};
+use vm_core::{FaultFlags, FaultKind, Inheritance, PagerKind, Prot};
 
 #[test]
 fn write_after_fork_copies_into_the_child() {
@@ -120,7 +120,7 @@ fn copying_into_a_shared_shadow_removes_stale_mappings_elsewhere() {
 #[test]
 fn private_file_mapping_writes_to_a_shadow_only() {
     let (vm, space) = machine(32);
-    let (pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::RW, true);
+    let (pager, obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::RW, true);
     space.write(BASE + PAGE, b"mine").unwrap();
     let (first, _) = space.object_at(BASE).unwrap();
     assert_ne!(first.id(), obj.id(), "a shadow was made");

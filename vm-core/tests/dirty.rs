@@ -2,7 +2,7 @@
 
 mod common;
 use common::*;
-use vm_core::{EntryFlags, FaultFlags, MapRequest, ObjectType, PageFlags, Prot};
+use vm_core::{EntryFlags, FaultFlags, MapRequest, PageFlags, PagerKind, Prot};
 
 fn page_at(
     vm: &vm_core::Vm<vm_testkit::RefPmap>,
@@ -15,7 +15,7 @@ fn page_at(
 #[test]
 fn write_faults_dirty_the_page_and_reads_do_not() {
     let (vm, space) = machine(32);
-    let (_pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::RW, false);
+    let (_pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::RW, false);
     space.fault(BASE, Prot::READ, FaultFlags::NORMAL).unwrap();
     assert_eq!(vm.page(page_at(&vm, &space, BASE)).dirty(), 0);
     space
@@ -30,7 +30,7 @@ fn write_faults_dirty_the_page_and_reads_do_not() {
 #[test]
 fn dirtied_pages_are_reported_unswapped_to_their_pager() {
     let (vm, space) = machine(32);
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Swap, 4, Prot::RW, false);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::ANONYMOUS, 4, Prot::RW, false);
     space.write(BASE + 2 * PAGE, b"dirty").unwrap();
     assert_eq!(pager.unswapped(), vec![2]);
     space.read_u8(BASE + 3 * PAGE).unwrap();

@@ -6,8 +6,8 @@ mod common;
 use common::*;
 use std::sync::Arc;
 use vm_core::{
-    Contiguity, FaultError, FaultFlags, MapError, MapRequest, ObjectType, PageSlot, Pager,
-    PagerError, Prot,
+    Contiguity, FaultError, FaultFlags, MapError, MapRequest, PageSlot, Pager, PagerError,
+    PagerKind, Prot,
 };
 
 #[test]
@@ -107,8 +107,8 @@ fn bad_accesses_are_errors() {
 struct Panicky;
 
 impl Pager for Panicky {
-    fn object_type(&self) -> ObjectType {
-        ObjectType::Vnode
+    fn kind(&self) -> PagerKind {
+        PagerKind::FILE
     }
     fn has_page(&self, _: u64) -> Option<Contiguity> {
         Some(Contiguity {
@@ -164,7 +164,7 @@ fn a_panicking_pager_unwinds_through_the_guards_and_leaves_the_machine_consisten
 #[test]
 fn a_pager_claiming_an_absurd_cluster_is_cut_to_the_object() {
     let (vm, space) = machine(64);
-    let pager = Arc::new(vm_testkit::MemPager::with_pattern(ObjectType::Vnode, 4));
+    let pager = Arc::new(vm_testkit::MemPager::with_pattern(PagerKind::FILE, 4));
     let obj = vm.new_object(4, pager.clone());
     // The entry is twice the object (a file mapped past its end).
     space

@@ -3,8 +3,8 @@
 mod common;
 use common::*;
 use vm_core::{
-    BusCode, EntryFlags, FaultError, FaultFlags, KernReturn, MapRequest, ObjectType, Prot,
-    SegvCode, Signal,
+    BusCode, EntryFlags, FaultError, FaultFlags, KernReturn, MapRequest, PagerKind, Prot, SegvCode,
+    Signal,
 };
 
 #[test]
@@ -141,7 +141,7 @@ fn stack_does_not_grow_into_the_mapping_below() {
 #[test]
 fn dead_object_is_a_protection_failure() {
     let (vm, space) = machine(32);
-    let (_pager, obj) = map_pager(&vm, &space, ObjectType::Device, 4, Prot::READ, false);
+    let (_pager, obj) = map_pager(&vm, &space, PagerKind::DEVICE, 4, Prot::READ, false);
     assert_eq!(byte(&space, BASE), vm_testkit::pattern_byte(0, 0));
     vm.terminate_object(&obj);
     assert_eq!(space.extract(BASE), None, "terminate removes mappings");

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock, mpsc};
 use std::time::Duration;
 use vm_core::pmap::RefMod;
 use vm_core::{
-    Contiguity, FaultFlags, IoError, MapRequest, ObjectType, PagerError, Prot, Vm, VmSpace,
+    Contiguity, FaultFlags, IoError, MapRequest, PagerError, PagerKind, Prot, Vm, VmSpace,
 };
 use vm_testkit::{MockPager, MockPmap, RefPmap, test_config};
 
@@ -83,7 +83,7 @@ fn pager_is_asked_has_page_then_get_pages_with_the_map_unlocked() {
     let cell: Arc<OnceLock<Arc<VmSpace<RefPmap>>>> = Arc::new(OnceLock::new());
     let mut pager = MockPager::new();
     let mut seq = Sequence::new();
-    pager.expect_object_type().return_const(ObjectType::Vnode);
+    pager.expect_kind().return_const(PagerKind::FILE);
     pager
         .expect_has_page()
         .withf(|&p| p == 2)

@@ -3,13 +3,13 @@
 mod common;
 use common::*;
 use vm_core::clean::CleanError;
-use vm_core::{ObjectType, Prot};
+use vm_core::{PagerKind, Prot};
 use vm_testkit::{Injected, MemPager};
 
 #[test]
 fn msync_writes_dirty_pages_in_contiguous_runs_and_cleans_them() {
     let (vm, space) = machine(64);
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 8, Prot::RW, false);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 8, Prot::RW, false);
     for p in [1u64, 2, 3, 6] {
         space
             .write(BASE + p * PAGE + 5, &[p as u8 + 0x40; 3])
@@ -31,7 +31,7 @@ fn msync_writes_dirty_pages_in_contiguous_runs_and_cleans_them() {
 #[test]
 fn a_failed_write_back_keeps_the_pages_dirty() {
     let (vm, space) = machine(64);
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::RW, false);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::RW, false);
     space.write(BASE, b"precious").unwrap();
     pager.inject(Injected::Fail(MemPager::io_error()));
     let e = space.msync(BASE, 4 * PAGE).unwrap_err();
@@ -49,7 +49,7 @@ fn a_failed_write_back_keeps_the_pages_dirty() {
 #[test]
 fn private_mappings_do_not_write_to_the_file() {
     let (vm, space) = machine(64);
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::RW, true);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::RW, true);
     space.write(BASE, b"mine").unwrap();
     assert_eq!(space.msync(BASE, 4 * PAGE).unwrap(), 0);
     assert!(pager.puts().is_empty());

@@ -2,13 +2,13 @@
 
 mod common;
 use common::*;
-use vm_core::{BusCode, FaultError, FaultFlags, FaultKind, ObjectType, PagerError, Prot, Signal};
+use vm_core::{BusCode, FaultError, FaultFlags, FaultKind, PagerError, PagerKind, Prot, Signal};
 use vm_testkit::{Injected, MemPager, pattern_byte};
 
 #[test]
 fn page_in_is_a_major_fault_and_fills_the_page() {
     let (vm, space) = machine(32);
-    let (pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (pager, obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     let out = space
         .fault(BASE + PAGE, Prot::READ, FaultFlags::NORMAL)
         .unwrap();
@@ -33,7 +33,7 @@ fn page_in_is_a_major_fault_and_fills_the_page() {
 #[test]
 fn a_resident_page_needs_no_pager() {
     let (vm, space) = machine(32);
-    let (pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (pager, obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     byte(&space, BASE);
     space.unmap(BASE, 4 * PAGE).unwrap();
     space
@@ -55,7 +55,7 @@ fn a_resident_page_needs_no_pager() {
 #[test]
 fn pager_without_the_page_falls_through_to_zero_fill() {
     let (vm, space) = machine(32);
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Swap, 4, Prot::RW, false);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::ANONYMOUS, 4, Prot::RW, false);
     pager.forget(2);
     let out = space
         .fault(BASE + 2 * PAGE, Prot::READ, FaultFlags::NORMAL)
@@ -75,7 +75,7 @@ fn pager_without_the_page_falls_through_to_zero_fill() {
 #[test]
 fn io_error_is_reported_and_leaves_nothing_behind() {
     let (vm, space) = machine(32);
-    let (pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (pager, obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     let free = vm.free_pages();
     pager.inject(Injected::Fail(MemPager::io_error()));
     let e = space
@@ -104,7 +104,7 @@ fn io_error_is_reported_and_leaves_nothing_behind() {
 #[test]
 fn pager_bad_is_out_of_bounds() {
     let (vm, space) = machine(32);
-    let (pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (pager, obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     pager.inject(Injected::Fail(PagerError::Bad));
     let e = space
         .fault(BASE, Prot::READ, FaultFlags::NORMAL)
@@ -121,7 +121,7 @@ fn pager_bad_is_out_of_bounds() {
 #[test]
 fn fault_beyond_the_object_size_is_out_of_bounds() {
     let (vm, space) = machine(32);
-    let (_pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (_pager, obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     byte(&space, BASE + 3 * PAGE);
     vm.resize_object(&obj, 2);
     assert_eq!(space.extract(BASE + 3 * PAGE), None, "truncation unmaps");
@@ -144,7 +144,7 @@ fn fault_beyond_the_object_size_is_out_of_bounds() {
 #[test]
 fn partially_valid_pages_are_zero_filled_past_the_valid_blocks() {
     let (vm, space) = machine(32);
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     pager.inject(Injected::Partial(0x0f));
     let mut buf = [0u8; 4096];
     space.read(BASE, &mut buf).unwrap();
@@ -168,7 +168,7 @@ fn a_pager_that_fills_nothing_cannot_leak_old_memory() {
         .unwrap();
     space.write(BASE + 64 * PAGE, &[0xEE; 4 * 4096]).unwrap();
     space.unmap(BASE + 64 * PAGE, 4 * PAGE).unwrap();
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     pager.inject(Injected::Nonsense);
     let mut buf = [1u8; 4096];
     space.read(BASE, &mut buf).unwrap();
@@ -179,7 +179,7 @@ fn a_pager_that_fills_nothing_cannot_leak_old_memory() {
 #[test]
 fn pager_again_is_retried_then_reported() {
     let (vm, space) = machine(32);
-    let (pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (pager, obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     pager.inject(Injected::Fail(PagerError::Again));
     assert_eq!(byte(&space, BASE), pattern_byte(0, 0));
     for _ in 0..10 {

@@ -15,7 +15,7 @@ use regress_support::*;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use vm_core::{FaultFlags, Inheritance, MapRequest, ObjectType, Prot};
+use vm_core::{FaultFlags, Inheritance, MapRequest, PagerKind, Prot};
 use vm_testkit::{Injected, MemPager, pattern_byte};
 
 /// A page of `b`.
@@ -42,12 +42,12 @@ fn page_of(b: u8) -> Vec<u8> {
 fn i11_1_wire_racing_munmap_mmap_never_zero_fills_the_new_file() {
     watchdog(20, "wire racing munmap+mmap", || {
         let (vm, space) = machine(64);
-        let old = Arc::new(MemPager::with_pattern(ObjectType::Vnode, 2));
+        let old = Arc::new(MemPager::with_pattern(PagerKind::FILE, 2));
         let old_obj = vm.new_object(2, old.clone());
         space
             .map(MapRequest::object(BASE, 2 * PAGE, old_obj, 0, Prot::RW))
             .unwrap();
-        let new = Arc::new(MemPager::new(ObjectType::Vnode));
+        let new = Arc::new(MemPager::new(PagerKind::FILE));
         new.put(0, &page_of(0xab));
         new.put(1, &page_of(0xab));
         let new_obj = vm.new_object(2, new.clone());
@@ -101,7 +101,7 @@ fn i11_1_wire_racing_munmap_mmap_never_zero_fills_the_new_file() {
 #[test]
 fn i11_1_forced_cow_of_a_non_resident_file_page_copies_the_file() {
     let (vm, space) = machine(64);
-    let (_pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 2, Prot::RW, true);
+    let (_pager, obj) = map_pager(&vm, &space, PagerKind::FILE, 2, Prot::RW, true);
     space.wire(BASE, PAGE, true).unwrap();
     let got = byte(&space, BASE);
     assert_eq!(
@@ -303,7 +303,7 @@ fn i11_3_collapse_racing_a_fault_in_the_shadow_never_zero_fills() {
             let (mut round, mut fault_ns, mut merged_late) = (0u64, 0u128, 0u64);
             while Instant::now() < deadline {
                 round += 1;
-                let file = vm.new_object(2, Arc::new(MemPager::with_pattern(ObjectType::Vnode, 2)));
+                let file = vm.new_object(2, Arc::new(MemPager::with_pattern(PagerKind::FILE, 2)));
                 let shadow = shadow_over_private_backing_over_file(&space, &file);
                 let collapses_before = vm.counters().snapshot().v_collapses;
                 *target.lock().unwrap() = Some(shadow);
@@ -346,7 +346,7 @@ fn i11_3_collapse_racing_a_fault_in_the_shadow_never_zero_fills() {
 #[test]
 fn i11_4_cow_copy_zeroes_the_blocks_the_pager_left_invalid() {
     let (vm, space) = machine(64);
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 2, Prot::RW, true);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 2, Prot::RW, true);
     pager.inject(Injected::Partial(0x01));
     space.write(BASE, b"w").unwrap();
     let mut buf = page_of(0xee);
@@ -379,7 +379,7 @@ fn i11_4_cow_copy_zeroes_the_blocks_the_pager_left_invalid() {
 #[test]
 fn i11_5_fork_with_a_pinned_read_only_file_page_keeps_the_file_for_the_child() {
     let (vm, parent) = machine(64);
-    let (_pager, _obj) = map_pager(&vm, &parent, ObjectType::Vnode, 4, Prot::READ, true);
+    let (_pager, _obj) = map_pager(&vm, &parent, PagerKind::FILE, 4, Prot::READ, true);
     let held = parent.hold(BASE, PAGE, Prot::READ).unwrap();
     let child = parent.fork().unwrap();
     for p in 0..4 {
@@ -602,7 +602,7 @@ fn i11_9_cow_in_one_space_never_undoes_another_spaces_mlock() {
 #[test]
 fn i11_9_a_refault_under_an_mlocked_range_wires_the_page() {
     let (vm, a) = machine(64);
-    let (_pager, obj) = map_pager(&vm, &a, ObjectType::Vnode, 2, Prot::RW, false);
+    let (_pager, obj) = map_pager(&vm, &a, PagerKind::FILE, 2, Prot::RW, false);
     a.wire(BASE, 2 * PAGE, true).unwrap();
     vm.resize_object(&obj, 0);
     vm.resize_object(&obj, 2);

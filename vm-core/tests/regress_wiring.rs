@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
-use vm_core::{FaultFlags, MapRequest, ObjectType, PageId, Prot};
+use vm_core::{FaultFlags, MapRequest, PageId, PagerKind, Prot};
 use vm_testkit::{MemPager, pattern_byte};
 
 /// The page mapped at `va` of `space`.
@@ -54,7 +54,7 @@ fn page_at(
 #[test]
 fn i12_1_mlock_twice_munlock_once_unwires() {
     let (vm, space) = machine(32);
-    let (_pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 2, Prot::RW, false);
+    let (_pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 2, Prot::RW, false);
     space.wire(BASE, 2 * PAGE, true).unwrap();
     space.wire(BASE, 2 * PAGE, true).unwrap();
     let id = page_at(&vm, &space, BASE);
@@ -184,7 +184,7 @@ fn i12_2_change_wiring_fault_on_a_wired_entry_adds_no_wiring() {
 fn i12_3_fork_racing_mlock_waits_instead_of_failing() {
     watchdog(20, "fork racing mlock", || {
         let (vm, space) = machine(64);
-        let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::RW, false);
+        let (pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::RW, false);
         let pause = pager.pause_next();
         std::thread::scope(|s| {
             let wiring = s.spawn(|| space.wire(BASE, 4 * PAGE, true));
@@ -286,7 +286,7 @@ fn i12_4_mlock_of_copy_on_write_memory_through_wire() {
 #[test]
 fn i12_5_a_read_hold_cannot_write_a_shared_file_page() {
     let (vm, space) = machine(32);
-    let (_pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 1, Prot::RW, false);
+    let (_pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 1, Prot::RW, false);
     let held = space.hold(BASE, PAGE, Prot::READ).unwrap();
     assert!(
         matches!(
@@ -320,7 +320,7 @@ fn i12_5_a_read_hold_cannot_write_a_shared_file_page() {
 #[test]
 fn i12_5_a_read_hold_of_a_read_only_private_file_mapping_cannot_write_the_file() {
     let (vm, space) = machine(32);
-    let (pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 1, Prot::READ, true);
+    let (pager, obj) = map_pager(&vm, &space, PagerKind::FILE, 1, Prot::READ, true);
     let held = space.hold(BASE, PAGE, Prot::READ).unwrap();
     assert!(
         matches!(
@@ -359,7 +359,7 @@ fn i12_5_a_read_hold_of_a_read_only_private_file_mapping_cannot_write_the_file()
 #[test]
 fn i12_5_a_write_through_a_hold_after_msync_is_written_back() {
     let (vm, space) = machine(32);
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 1, Prot::RW, false);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 1, Prot::RW, false);
     let held = space.hold(BASE, PAGE, Prot::WRITE).unwrap();
     held.write(0, b"one").unwrap();
     space.msync(BASE, PAGE).unwrap();
@@ -387,7 +387,7 @@ fn i12_5_a_write_through_a_hold_after_msync_is_written_back() {
 #[test]
 fn i12_5_a_write_through_a_hold_survives_pageout() {
     let (vm, space) = machine(32);
-    let (_pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 1, Prot::RW, false);
+    let (_pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 1, Prot::RW, false);
     let held = space.hold(BASE, PAGE, Prot::WRITE).unwrap();
     held.write(0, b"one").unwrap();
     space.msync(BASE, PAGE).unwrap();
@@ -418,7 +418,7 @@ fn i12_5_a_write_through_a_hold_survives_pageout() {
 #[test]
 fn i12_6_hold_for_write_of_mlocked_cow_memory_works() {
     let (vm, space) = machine(32);
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 2, Prot::RW, true);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 2, Prot::RW, true);
     space.wire(BASE, 2 * PAGE, true).unwrap();
     let held = space.hold(BASE, PAGE, Prot::WRITE);
     assert!(
@@ -493,7 +493,7 @@ fn i12_7_pins_on_swapped_and_file_pages_across_generations() {
     vm.pageout(vm.total_pages());
     // A private file mapping's page, pinned for read.
     let file = BASE + 16 * PAGE;
-    let pager = Arc::new(MemPager::with_pattern(ObjectType::Vnode, 1));
+    let pager = Arc::new(MemPager::with_pattern(PagerKind::FILE, 1));
     let obj = vm.new_object(1, pager);
     parent
         .map(MapRequest::object(file, PAGE, obj, 0, Prot::RW).private())
@@ -671,7 +671,7 @@ fn within_two_seconds(what: &'static str, f: impl FnOnce() + Send + 'static) {
 #[test]
 fn i12_11_msync_of_a_huge_mapping_costs_what_is_resident() {
     let (vm, space) = machine(32);
-    let pager = Arc::new(MemPager::with_pattern(ObjectType::Vnode, 1));
+    let pager = Arc::new(MemPager::with_pattern(PagerKind::FILE, 1));
     let obj = vm.new_object(HUGE_PAGES, pager.clone());
     space
         .map(MapRequest::object(
@@ -700,7 +700,7 @@ fn i12_11_msync_of_a_huge_mapping_costs_what_is_resident() {
 #[test]
 fn i12_11_fork_of_a_huge_mapping_with_a_held_page_costs_what_is_resident() {
     let (vm, space) = machine(32);
-    let pager = Arc::new(MemPager::with_pattern(ObjectType::Vnode, 1));
+    let pager = Arc::new(MemPager::with_pattern(PagerKind::FILE, 1));
     let obj = vm.new_object(HUGE_PAGES, pager);
     space
         .map(MapRequest::object(BASE, HUGE_PAGES * PAGE, obj, 0, Prot::RW).private())

@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use vm_core::{BusCode, FaultError, FaultFlags, MapError, ObjectType, Prot, Signal};
+use vm_core::{BusCode, FaultError, FaultFlags, MapError, PagerKind, Prot, Signal};
 
 fn is_shortage(e: &FaultError) -> bool {
     matches!(e, FaultError::ResourceShortage { .. }) && e.signal() == Signal::Bus(BusCode::OomErr)
@@ -56,7 +56,7 @@ fn a_copy_on_write_fault_without_memory_changes_neither_side() {
 #[test]
 fn a_page_in_without_memory_never_reaches_the_pager_and_leaves_no_paging_in_progress() {
     let (vm, space) = machine(32);
-    let (pager, obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (pager, obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     let balloon = vm.inflate_balloon(u64::MAX);
     let e = space
         .fault(BASE + PAGE, Prot::READ, FaultFlags::NORMAL)

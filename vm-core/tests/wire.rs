@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use vm_core::{FaultError, MapError, ObjectType, PageQueue, Prot};
+use vm_core::{FaultError, MapError, PageQueue, PagerKind, Prot};
 use vm_testkit::{Injected, MemPager};
 
 #[test]
@@ -71,7 +71,7 @@ fn wired_faults_use_the_entry_protection() {
 #[test]
 fn a_wiring_that_fails_half_way_leaves_nothing_wired() {
     let (vm, space) = machine(32);
-    let (pager, _obj) = map_pager(&vm, &space, ObjectType::Vnode, 4, Prot::READ, false);
+    let (pager, _obj) = map_pager(&vm, &space, PagerKind::FILE, 4, Prot::READ, false);
     pager.inject(Injected::Normal);
     pager.inject(Injected::Normal);
     pager.inject(Injected::Fail(MemPager::io_error()));

@@ -35,7 +35,7 @@ extern crate alloc;
 
 use alloc::sync::Arc;
 use vm_core::{
-    Contiguity, MemAttr, ObjectType, PAGE_SIZE, PageSlot, Pager, PagerError, Pmap, Prot, Vm,
+    Contiguity, MemAttr, PAGE_SIZE, PageSlot, Pager, PagerError, PagerKind, Pmap, Prot, Vm,
     VmObject,
 };
 
@@ -72,8 +72,8 @@ impl<D: DeviceMmap + 'static> DevicePager<D> {
 }
 
 impl<D: DeviceMmap> Pager for DevicePager<D> {
-    fn object_type(&self) -> ObjectType {
-        ObjectType::Device
+    fn kind(&self) -> PagerKind {
+        PagerKind::DEVICE
     }
 
     fn has_page(&self, _pindex: u64) -> Option<Contiguity> {

@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use vm_core::file_io::{read_pages, write_pages};
 use vm_core::{
-    Contiguity, IoError, ObjectType, PAGE_SIZE, PageOut, PageSlot, Pager, PagerError, SwapProvider,
+    Contiguity, IoError, PAGE_SIZE, PageOut, PageSlot, Pager, PagerError, PagerKind, SwapProvider,
 };
 
 /// Neighbours `has_page` reports at most on each side (FreeBSD's
@@ -271,8 +271,8 @@ fn io_err(e: &io::Error, context: &'static str) -> PagerError {
 }
 
 impl Pager for SwapPager {
-    fn object_type(&self) -> ObjectType {
-        ObjectType::Swap
+    fn kind(&self) -> PagerKind {
+        PagerKind::ANONYMOUS
     }
 
     fn has_page(&self, pindex: u64) -> Option<Contiguity> {

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vm_core::{MapRequest, ObjectType, Pmap, Prot, Vm, VmConfig};
+use vm_core::{MapRequest, PagerKind, Pmap, Prot, Vm, VmConfig};
 use vm_pager_swap::Swap;
 use vm_testkit::{MemPager, RefPmap};
 
@@ -44,7 +44,7 @@ fn stress<P: Pmap>(name: &str, pmap: P) {
     space
         .map_anon(PRIVATE, THREADS as u64 * PAGES_PER_THREAD * PAGE, Prot::RW)
         .unwrap();
-    let pager = Arc::new(MemPager::with_pattern(ObjectType::Vnode, 64));
+    let pager = Arc::new(MemPager::with_pattern(PagerKind::FILE, 64));
     pager.set_delay(Some(Duration::from_micros(300)));
     space
         .map(MapRequest::object(

@@ -35,7 +35,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use vm_core::file_io::{read_pages, write_pages};
 use vm_core::page::DEV_BSIZE;
 use vm_core::{
-    Contiguity, IoError, ObjectType, PAGE_SIZE, PageOut, PageSlot, Pager, PagerError, Pmap, Vm,
+    Contiguity, IoError, PAGE_SIZE, PageOut, PageSlot, Pager, PagerError, PagerKind, Pmap, Vm,
     VmObject,
 };
 
@@ -169,8 +169,8 @@ fn valid_mask(bytes: usize) -> u8 {
 }
 
 impl Pager for VnodePager {
-    fn object_type(&self) -> ObjectType {
-        ObjectType::Vnode
+    fn kind(&self) -> PagerKind {
+        PagerKind::FILE
     }
 
     fn has_page(&self, pindex: u64) -> Option<Contiguity> {

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError, mpsc};
 use std::time::Duration;
-use vm_core::{Contiguity, IoError, ObjectType, PAGE_SIZE, PageSlot, Pager, PagerError};
+use vm_core::{Contiguity, IoError, PAGE_SIZE, PageSlot, Pager, PagerError, PagerKind};
 
 /// What the next `get_pages` call should do instead of succeeding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,7 +31,7 @@ pub struct GetCall {
 /// A pager over an in-memory page store that logs its calls and fails on
 /// command (for tests, examples and fault injection).
 pub struct MemPager {
-    otype: ObjectType,
+    kind: PagerKind,
     store: Mutex<HashMap<u64, Box<[u8]>>>,
     script: Mutex<VecDeque<Injected>>,
     calls: Mutex<Vec<GetCall>>,
@@ -79,11 +79,11 @@ pub fn pattern_byte(pindex: u64, offset: usize) -> u8 {
 }
 
 impl MemPager {
-    /// An empty pager whose objects have type `otype`.
+    /// An empty pager whose objects are of `kind`.
     #[must_use]
-    pub fn new(otype: ObjectType) -> MemPager {
+    pub fn new(kind: PagerKind) -> MemPager {
         MemPager {
-            otype,
+            kind,
             store: Mutex::new(HashMap::new()),
             script: Mutex::new(VecDeque::new()),
             calls: Mutex::new(Vec::new()),
@@ -99,8 +99,8 @@ impl MemPager {
     /// A pager holding pages `0..pages`, each filled with
     /// [`pattern_byte`].
     #[must_use]
-    pub fn with_pattern(otype: ObjectType, pages: u64) -> MemPager {
-        let p = MemPager::new(otype);
+    pub fn with_pattern(kind: PagerKind, pages: u64) -> MemPager {
+        let p = MemPager::new(kind);
         for i in 0..pages {
             let data: Vec<u8> = (0..PAGE_SIZE as usize)
                 .map(|o| pattern_byte(i, o))
@@ -187,8 +187,8 @@ impl MemPager {
 }
 
 impl Pager for MemPager {
-    fn object_type(&self) -> ObjectType {
-        self.otype
+    fn kind(&self) -> PagerKind {
+        self.kind
     }
 
     fn has_page(&self, pindex: u64) -> Option<Contiguity> {

@@ -7,7 +7,7 @@
 
 use mockall::mock;
 use vm_core::pmap::{Displaced, PageInfo, Pmap, PmapError, RefMod};
-use vm_core::{Contiguity, ObjectType, PageSlot, Pager, PagerError, Pfn, Prot};
+use vm_core::{Contiguity, PageSlot, Pager, PagerError, PagerKind, Pfn, Prot};
 
 mock! {
     /// A mock [`Pmap`] whose address spaces are `()`.
@@ -40,7 +40,7 @@ mock! {
     pub Pager {}
 
     impl Pager for Pager {
-        fn object_type(&self) -> ObjectType;
+        fn kind(&self) -> PagerKind;
         fn has_page(&self, pindex: u64) -> Option<Contiguity>;
         fn get_pages<'a, 'b>(&self, pages: &'a mut [PageSlot<'b>], reqpage: usize) -> Result<(), PagerError>;
         fn page_unswapped(&self, pindex: u64);

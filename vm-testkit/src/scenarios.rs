@@ -10,7 +10,7 @@
 
 use crate::{MemPager, pattern_byte, test_config};
 use std::sync::Arc;
-use vm_core::{FaultFlags, FaultKind, Inheritance, MapRequest, ObjectType, Pmap, Prot, Vm};
+use vm_core::{FaultFlags, FaultKind, Inheritance, MapRequest, PagerKind, Pmap, Prot, Vm};
 
 const PAGE: u64 = vm_core::PAGE_SIZE;
 const BASE: u64 = 0x1000_0000;
@@ -110,7 +110,7 @@ fn cow_stale_mappings<P: Pmap>(vm: Arc<Vm<P>>) {
 
 fn pager_in_and_errors<P: Pmap>(vm: Arc<Vm<P>>) {
     let s = vm.new_space().unwrap();
-    let pager = Arc::new(MemPager::with_pattern(ObjectType::Vnode, 4));
+    let pager = Arc::new(MemPager::with_pattern(PagerKind::FILE, 4));
     let obj = vm.new_object(4, pager.clone());
     s.map(MapRequest::object(
         BASE,

@@ -88,7 +88,7 @@ impl<P: Pmap> FaultState<'_, P> {
         }
         let mut bst = backing.lock();
         if bst.shadow_count != 1
-            || !bst.otype.is_anonymous()
+            || !bst.kind.is_anonymous()
             || bst.flags.contains(ObjectFlags::NAMED)
             || backing.ref_count() != 1
         {

@@ -643,21 +643,21 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         let dirtying = self.prot.contains(Prot::WRITE) && ctx.flags.contains(FaultFlags::DIRTY);
         // One look at the first object: its type, its pager, and the
         // "written" flags when the mapping is writable.
-        let (otype, pager) = {
+        let (clean_read_only, pager) = {
             let mut st = self.first.object().lock();
             if self.prot.contains(Prot::WRITE) {
                 st.flags |= ObjectFlags::WRITEABLE | ObjectFlags::MIGHTBEDIRTY;
             }
             // The pager is only told about pages dirtied by this fault.
-            (st.otype, if dirtying { st.pager.clone() } else { None })
+            (
+                st.pager.is_some() && st.kind.maps_clean_read_only(),
+                if dirtying { st.pager.clone() } else { None },
+            )
         };
         // A clean page with a copy on swap is mapped read-only by a read
         // fault, so that the first write faults and frees the swap block
         // (`page_unswapped`) instead of leaving a stale copy allocated.
-        if !self.fault_type.contains(Prot::WRITE)
-            && page.dirty() == 0
-            && otype == crate::object::ObjectType::Swap
-        {
+        if !self.fault_type.contains(Prot::WRITE) && page.dirty() == 0 && clean_read_only {
             self.prot.remove(Prot::WRITE);
         }
         if self.prot.contains(Prot::WRITE) {

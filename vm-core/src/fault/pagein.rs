@@ -4,9 +4,10 @@
 use super::FaultState;
 use super::guard::{BusyPage, Disposal};
 use crate::map::Behavior;
-use crate::object::{ObjectType, VmObject};
+use crate::object::VmObject;
 use crate::page::{PageFlags, VM_PAGE_BITS_ALL};
 use crate::page_queues::AllocClass;
+use crate::pager::ObjectClass;
 use crate::pager::{Contiguity, PageSlot, Pager, PagerError};
 use crate::pmap::Pmap;
 use alloc::sync::Arc;
@@ -79,7 +80,7 @@ impl<P: Pmap> FaultState<'_, P> {
         let lastr = entry.lastr.load(Ordering::Relaxed);
         let sequential = behavior == Behavior::Sequential
             || (self.pindex >= lastr && self.pindex < lastr + READ_MAX);
-        if sequential && self.first.object().object_type() != ObjectType::Device {
+        if sequential && self.first.object().kind().clusters() {
             self.cache_behind();
             ahead += behind;
             behind = 0;
@@ -147,7 +148,7 @@ impl<P: Pmap> FaultState<'_, P> {
         };
         let pages = &self.machine.pages;
         let mut st = object.lock();
-        if st.otype == ObjectType::Device || (contig.behind == 0 && contig.ahead == 0) {
+        if !st.kind.clusters() || (contig.behind == 0 && contig.ahead == 0) {
             return cluster;
         }
         let rahead = ahead.min(u64::from(contig.ahead));
@@ -279,10 +280,10 @@ impl<P: Pmap> FaultState<'_, P> {
         // before anything (a copy-on-write copy) can see the frame.
         self.settle_partial();
         let m = self.m.as_ref().expect("page to read");
-        let by_type = match m.object().object_type() {
-            ObjectType::Swap => Some(&counters.v_swappgsin),
-            ObjectType::Vnode => Some(&counters.v_vnodepgsin),
-            _ => None,
+        let by_type = match m.object().kind().class() {
+            ObjectClass::Anonymous => Some(&counters.v_swappgsin),
+            ObjectClass::File => Some(&counters.v_vnodepgsin),
+            ObjectClass::Device => None,
         };
         let mut read = 1;
         for (mut b, v) in cluster

@@ -4,7 +4,7 @@
 use super::FaultState;
 use crate::addr::PAGE_SIZE;
 use crate::map::MapEntry;
-use crate::object::{ObjectType, VmObject};
+use crate::object::VmObject;
 use crate::page::{PageFlags, VM_PAGE_BITS_ALL};
 use crate::pmap::{MemAttr, PageInfo, Pmap};
 use alloc::sync::Arc;
@@ -76,8 +76,12 @@ impl<P: Pmap> FaultState<'_, P> {
                 return true;
             }
             // Only anonymous chains are followed (seed L977-986).
-            let next = match (&st.backing, st.otype) {
-                (Some(b), ObjectType::Default) => (b.object.clone(), pindex + b.offset),
+            // An anonymous object without a pager has nothing more to say
+            // about the page than its backing object.
+            let next = match &st.backing {
+                Some(b) if st.kind.is_anonymous() && st.pager.is_none() => {
+                    (b.object.clone(), pindex + b.offset)
+                }
                 _ => return false,
             };
             drop(st);

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use vm_core::{MapRequest, ObjectType, Prot, Vm, VmObject, VmSpace};
+use vm_core::{MapRequest, PagerKind, Prot, Vm, VmObject, VmSpace};
 use vm_testkit::{MemPager, RefPmap};
 
 /// Bytes in a page.
@@ -15,17 +15,17 @@ pub fn machine(pages: u64) -> (Arc<Vm<RefPmap>>, VmSpace<RefPmap>) {
     vm_testkit::machine(pages)
 }
 
-/// An object of `pages` pages served by a [`MemPager`] of `otype` holding
+/// An object of `pages` pages served by a [`MemPager`] of `kind` holding
 /// the pattern, mapped shared (or private) at `BASE` with `prot`.
 pub fn map_pager(
     vm: &Arc<Vm<RefPmap>>,
     space: &VmSpace<RefPmap>,
-    otype: ObjectType,
+    kind: PagerKind,
     pages: u64,
     prot: Prot,
     private: bool,
 ) -> (Arc<MemPager>, Arc<VmObject>) {
-    let pager = Arc::new(MemPager::with_pattern(otype, pages));
+    let pager = Arc::new(MemPager::with_pattern(kind, pages));
     let obj = vm.new_object(pages, pager.clone());
     let mut req = MapRequest::object(BASE, pages * PAGE, obj.clone(), 0, prot);
     if private {

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::Duration;
 use vm_core::pmap::{Displaced, PageInfo, Pmap, PmapError, RefMod};
 use vm_core::{
-    Contiguity, ObjectType, PageOut, PageSlot, Pager, PagerError, Pfn, Prot, SwapProvider, Vm,
+    Contiguity, PageOut, PageSlot, Pager, PagerError, PagerKind, Pfn, Prot, SwapProvider, Vm,
     VmSpace,
 };
 use vm_testkit::{MemPager, RefPmap, RefSpace};
@@ -49,7 +49,7 @@ pub struct MemSwap {
 
 impl SwapProvider for MemSwap {
     fn pager_for(&self, _pages: u64) -> Option<Arc<dyn Pager>> {
-        let p = Arc::new(MemPager::new(ObjectType::Swap));
+        let p = Arc::new(MemPager::new(PagerKind::ANONYMOUS));
         self.pagers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -254,7 +254,7 @@ impl PanicPager {
     #[must_use]
     pub fn with_pattern(pages: u64) -> PanicPager {
         PanicPager {
-            mem: MemPager::with_pattern(ObjectType::Vnode, pages),
+            mem: MemPager::with_pattern(PagerKind::FILE, pages),
             armed: AtomicBool::new(true),
             panics: std::sync::atomic::AtomicU64::new(0),
         }
@@ -262,8 +262,8 @@ impl PanicPager {
 }
 
 impl Pager for PanicPager {
-    fn object_type(&self) -> ObjectType {
-        ObjectType::Vnode
+    fn kind(&self) -> PagerKind {
+        PagerKind::FILE
     }
     fn has_page(&self, pindex: u64) -> Option<Contiguity> {
         self.mem.has_page(pindex)

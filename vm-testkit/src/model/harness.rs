@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use vm_core::{
     Balloon, FaultError, FaultFlags, HeldPages, HoldError, Inheritance, MapError, MapRequest,
-    MemAttr, ObjectType, PageQueue, Pfn, Pmap, PmapError, Prot, Vm, VmObject, VmSpace,
+    MemAttr, PageQueue, PagerKind, Pfn, Pmap, PmapError, Prot, Vm, VmObject, VmSpace,
 };
 use vm_pager_device::{DeviceMmap, DevicePager};
 use vm_pager_vnode::VnodePager;
@@ -178,7 +178,7 @@ impl<P: Pmap> Harness<P> {
         let mut objects: Vec<_> = (0..OBJECTS)
             .map(|_| vm.new_anon_object(SLOT_PAGES))
             .collect();
-        let partial = Arc::new(MemPager::with_pattern(ObjectType::Swap, SLOT_PAGES));
+        let partial = Arc::new(MemPager::with_pattern(PagerKind::ANONYMOUS, SLOT_PAGES));
         partial.set_valid_mask(Some(0x01));
         objects.push(vm.new_object(SLOT_PAGES, partial));
         objects.push(file.object.clone());
