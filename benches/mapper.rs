@@ -8,7 +8,7 @@
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
-use vm_core::pmap::{PageInfo, Pmap};
+use vm_core::pmap::{Mapping, PageInfo, Pmap};
 use vm_core::{MemAttr, Pfn, PhysMem, Prot, Vm, VmConfig};
 use vm_pmap_x86_64::X86Pmap;
 use x86_64::structures::paging::{
@@ -46,11 +46,15 @@ fn ours(c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
                         attr: MemAttr::WriteBack,
                     };
                     vm.pmap()
-                        .enter(space, va, page, Prot::RW, Prot::NONE, false)
+                        .enter(
+                            space,
+                            vm_core::VirtAddr(va),
+                            Mapping::new(page, Prot::RW).access(Prot::NONE),
+                        )
                         .unwrap();
                 }
                 for &va in vas {
-                    black_box(vm.pmap().extract(space, va));
+                    black_box(vm.pmap().extract(space, vm_core::VirtAddr(va)));
                 }
                 owned
             },

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, Mutex};
 use vm_core::{FaultError, FaultFlags, Pmap, Prot, Vm, VmSpace};
-use vm_testkit::{MockPmap, test_config};
+use vm_testkit::{MockPmap, Permissive, test_config};
 
 /// Your code: faults in every page of a range for reading, stopping at
 /// the first error.
@@ -26,12 +26,10 @@ fn main() {
     let seen = entered.clone();
     let mut pmap = MockPmap::permissive();
     pmap.expect_enter()
-        .withf(|_, _, _, prot, access, wired| {
-            prot.contains(Prot::READ) && *access == Prot::READ && !*wired
-        })
+        .withf(|_, _, m| m.prot.contains(Prot::READ) && m.access == Prot::READ && !m.wired)
         .times(4)
-        .returning(move |_, va, _, _, _, _| {
-            seen.lock().unwrap().push(va);
+        .returning(move |_, va, _| {
+            seen.lock().unwrap().push(va.as_u64());
             Ok(None)
         });
     // Tearing the space down frees its pages, removing their mappings.

@@ -54,8 +54,13 @@ impl Drop for Scratch {
 struct FrameBuffer;
 
 impl DeviceMmap for FrameBuffer {
-    fn mmap(&self, offset: u64, _prot: Prot) -> Option<(u64, MemAttr)> {
-        (offset < 4 * PAGE).then(|| (0xfd00_0000 + offset, MemAttr::WriteCombining))
+    fn mmap(&self, offset: u64, _prot: Prot) -> Option<(vm_core::PhysAddr, MemAttr)> {
+        (offset < 4 * PAGE).then(|| {
+            (
+                vm_core::PhysAddr(0xfd00_0000 + offset),
+                MemAttr::WriteCombining,
+            )
+        })
     }
 }
 
@@ -218,7 +223,7 @@ fn device(vm: &Arc<Vm<X86Pmap>>, proc1: &Space, t: &mut Tour) -> Result<()> {
     let pte = vm.pmap().pte(proc1.pmap_space(), DEV + PAGE).unwrap_or(0);
     t.step(
         "device window, write-combining",
-        out.pfn.phys_addr() == 0xfd00_1000 && pte & 0x98 == 0x90,
+        out.pfn.phys_addr().as_u64() == 0xfd00_1000 && pte & 0x98 == 0x90,
         format!("PTE {pte:#x}: frame 0xfd001000, PAT|PCD = slot 6 (WC), no pv entry"),
     );
     Ok(())

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use vm_core::{
     FaultFlags, Inheritance, MapRequest, MemAttr, PagerKind, Pmap, Prot, Vm, VmConfig, VmSpace,
 };
+use vm_core::{Mapping, VirtAddr};
 use vm_pager_device::{DeviceMmap, DevicePager};
 use vm_pager_swap::Swap;
 use vm_pager_vnode::VnodePager;
@@ -282,8 +283,11 @@ fn wiring_clips_x86() {
 
 struct Dev;
 impl DeviceMmap for Dev {
-    fn mmap(&self, offset: u64, _prot: Prot) -> Option<(u64, MemAttr)> {
-        (offset < 16 * PAGE).then_some((0xfd00_0000 + offset, MemAttr::Uncacheable))
+    fn mmap(&self, offset: u64, _prot: Prot) -> Option<(vm_core::PhysAddr, MemAttr)> {
+        (offset < 16 * PAGE).then_some((
+            vm_core::PhysAddr(0xfd00_0000 + offset),
+            MemAttr::Uncacheable,
+        ))
     }
 }
 
@@ -1196,7 +1200,7 @@ fn revoked_device_stays_mapped<P: Pmap>(vm: &Arc<Vm<P>>) {
     let out = space
         .fault(BASE + PAGE, Prot::WRITE, FaultFlags::DIRTY)
         .unwrap();
-    assert_eq!(out.pfn.phys_addr(), 0xfd00_1000);
+    assert_eq!(out.pfn.phys_addr().as_u64(), 0xfd00_1000);
     vm.terminate_object(&dev);
     assert_eq!(
         space.extract(BASE + PAGE),
@@ -1412,10 +1416,17 @@ fn rt2_x86_page_protect_loses_dirty_bit_racing_cpu_write() {
         while start.elapsed() < Duration::from_secs(8) && lost.is_none() {
             rounds += 1;
             // A clean writable mapping (A set, M clear).
+            vm.pmap().remove(
+                space.pmap_space(),
+                VirtAddr(BASE)..VirtAddr(BASE + PAGE),
+                &mut |_| {},
+            );
             vm.pmap()
-                .remove(space.pmap_space(), BASE, BASE + PAGE, &mut |_| {});
-            vm.pmap()
-                .enter(space.pmap_space(), BASE, info, Prot::RW, Prot::READ, false)
+                .enter(
+                    space.pmap_space(),
+                    VirtAddr(BASE),
+                    Mapping::new(info, Prot::RW).access(Prot::READ),
+                )
                 .unwrap();
             round.store(rounds, Ordering::Release);
             // Let the CPU thread get going, then protect.
@@ -1435,8 +1446,11 @@ fn rt2_x86_page_protect_loses_dirty_bit_racing_cpu_write() {
         stop.store(true, Ordering::Release);
         round.store(u64::MAX, Ordering::Release);
         cpu.join().unwrap();
-        vm.pmap()
-            .remove(space.pmap_space(), BASE, BASE + PAGE, &mut |_| {});
+        vm.pmap().remove(
+            space.pmap_space(),
+            VirtAddr(BASE)..VirtAddr(BASE + PAGE),
+            &mut |_| {},
+        );
         assert!(
             lost.is_none(),
             "round {lost:?} of {rounds} ({:?}): a write the software MMU allowed left no M \

@@ -6,7 +6,7 @@
 //! pmap ([`Pmap::translate`]) whether the hardware would allow it, and on
 //! refusal takes the fault, which reports the protection failure.
 
-use crate::addr::{PAGE_SIZE, Pfn, page_trunc};
+use crate::addr::{PAGE_SIZE, Pfn, VirtAddr, page_trunc};
 use crate::error::FaultError;
 use crate::fault::{FaultCtx, FaultFlags};
 use crate::pmap::{Pmap, PmapError};
@@ -125,7 +125,7 @@ impl<P: Pmap> VmSpace<P> {
         }
         Err(FaultError::Pmap {
             addr: page,
-            error: PmapError::NotKept(page),
+            error: PmapError::NotKept(VirtAddr(page)),
         })
     }
 
@@ -205,7 +205,7 @@ impl<P: Pmap> VmSpace<P> {
         }
         Err(FaultError::Pmap {
             addr: page,
-            error: PmapError::NotKept(page),
+            error: PmapError::NotKept(VirtAddr(page)),
         })
     }
 }

@@ -14,7 +14,7 @@
 //! Fork waits for entries in transition (a wiring in progress) and reclaims
 //! memory for its copies and page tables as a fault does.
 
-use crate::addr::PAGE_SIZE;
+use crate::addr::{PAGE_SIZE, va_range};
 use crate::error::MapError;
 use crate::fault::guard::wait_for_page;
 use crate::map::{EntryFlags, Inheritance, MapEntry};
@@ -104,8 +104,7 @@ impl<P: Pmap> VmSpace<P> {
         if !e.eflags.contains(EntryFlags::NEEDS_COPY) {
             self.vm.pmap.protect(
                 &self.pmap,
-                e.start,
-                e.end,
+                va_range(e.start, e.end),
                 e.protection - Prot::WRITE,
                 &mut |d| self.vm.note_displaced(d),
             );

@@ -17,7 +17,7 @@
 //! a fork of a range with held pages gives the child copies of them at once
 //! for the same reason (see [`fork`](crate::fork)).
 
-use crate::addr::{PAGE_SIZE, Pfn, page_trunc};
+use crate::addr::{PAGE_SIZE, Pfn, VirtAddr, page_trunc};
 use crate::error::FaultError;
 use crate::fault::{FaultCtx, FaultFlags};
 use crate::page::PageId;
@@ -249,7 +249,7 @@ impl<P: Pmap> VmSpace<P> {
         }
         Err(FaultError::Pmap {
             addr: va,
-            error: PmapError::NotKept(va),
+            error: PmapError::NotKept(VirtAddr(va)),
         })
     }
 
@@ -262,7 +262,7 @@ impl<P: Pmap> VmSpace<P> {
     /// again).
     pub(crate) fn hold_mapped(&self, va: u64, access: Prot) -> Result<Option<PageId>, FaultError> {
         let pages = &self.vm.machine.pages;
-        let Some(pfn) = self.vm.pmap.translate(&self.pmap, va, access) else {
+        let Some(pfn) = self.vm.pmap.translate(&self.pmap, VirtAddr(va), access) else {
             return Ok(None);
         };
         let Some(id) = pages.id_of(pfn) else {
@@ -272,7 +272,7 @@ impl<P: Pmap> VmSpace<P> {
             });
         };
         pages.hold(id);
-        if self.vm.pmap.translate(&self.pmap, va, access) == Some(pfn) {
+        if self.vm.pmap.translate(&self.pmap, VirtAddr(va), access) == Some(pfn) {
             return Ok(Some(id));
         }
         pages.unhold(id);

@@ -74,7 +74,7 @@ pub mod wire;
 #[cfg(all(loom, test))]
 mod loom_protocols;
 
-pub use addr::{PAGE_SHIFT, PAGE_SIZE, Pfn, page_round_up, page_trunc};
+pub use addr::{PAGE_SHIFT, PAGE_SIZE, Pfn, PhysAddr, VirtAddr, page_round_up, page_trunc};
 pub use balloon::Balloon;
 pub use check::ConsistencyError;
 pub use counters::{CounterShard, CounterSnapshot, Counters};
@@ -86,10 +86,11 @@ pub use map::{Behavior, EntryFlags, Inheritance, MapEntryInfo, VmMap};
 pub use object::{ObjectId, VmObject};
 pub use page::{PageFlags, PageId, PageQueue, VM_PAGE_BITS_ALL, VmPage};
 pub use pager::{
-    Contiguity, IoError, ObjectClass, PageOut, PageSlot, Pager, PagerError, PagerKind, SwapProvider,
+    Contiguity, IoError, ObjectClass, PageOut, PageSlot, Pager, PagerError, PagerKind,
+    SwapProvider, WantedPages,
 };
 pub use phys::PhysMem;
-pub use pmap::{Displaced, MemAttr, PageInfo, Pmap, PmapError};
+pub use pmap::{Displaced, DisplacedSink, Mapping, MemAttr, PageInfo, Pmap, PmapError};
 pub use prot::Prot;
 pub use space::{MapRequest, VmSpace};
 pub use vm::{Vm, VmConfig, VmInitError};

@@ -28,7 +28,7 @@
 //! }
 //! ```
 
-use crate::addr::PAGE_SIZE;
+use crate::addr::{PAGE_SIZE, PhysAddr};
 use crate::frame::{FrameReader, FrameWriter};
 use crate::page::VM_PAGE_BITS_ALL;
 
@@ -238,7 +238,7 @@ pub struct PageSlot<'a> {
     pindex: u64,
     frame: FrameWriter<'a>,
     valid: u8,
-    device: Option<(u64, crate::pmap::MemAttr)>,
+    device: Option<(PhysAddr, crate::pmap::MemAttr)>,
 }
 
 impl<'a> PageSlot<'a> {
@@ -317,14 +317,14 @@ impl<'a> PageSlot<'a> {
     /// aligned), to be mapped with `attr`, instead of data in the buffer:
     /// the core maps a fictitious, unmanaged page for it (what FreeBSD's
     /// device pager does with `d_mmap`'s answer).
-    pub fn set_device(&mut self, pa: u64, attr: crate::pmap::MemAttr) {
-        self.device = Some((pa & !(PAGE_SIZE - 1), attr));
+    pub fn set_device(&mut self, pa: PhysAddr, attr: crate::pmap::MemAttr) {
+        self.device = Some((pa.page_trunc(), attr));
         self.valid = VM_PAGE_BITS_ALL;
     }
 
     /// The device frame set by [`set_device`](Self::set_device).
     #[must_use]
-    pub fn device(&self) -> Option<(u64, crate::pmap::MemAttr)> {
+    pub fn device(&self) -> Option<(PhysAddr, crate::pmap::MemAttr)> {
         self.device
     }
 
@@ -340,7 +340,8 @@ impl<'a> PageSlot<'a> {
 /// Implementations must be thread-safe; the core never holds a lock while
 /// calling them, and never calls `get_pages` twice for the same page at
 /// once (the pages are busy).
-pub trait Pager: Send + Sync {
+#[cfg_attr(feature = "mock", mockall::automock)]
+pub trait Pager: Send + Sync + core::any::Any {
     /// What the pager's objects are: their class and the policy switches
     /// the core follows for them (clustering, read-only clean pages,
     /// growth, which pages may move between objects). Asked once, when an
@@ -362,7 +363,7 @@ pub trait Pager: Send + Sync {
     /// [`PagerError`]: `Fail` to fall through to the backing object, `Bad`
     /// for outside the object, `Error` for I/O failure, `Again` for a
     /// transient shortage.
-    fn get_pages(&self, pages: &mut [PageSlot<'_>], reqpage: usize) -> Result<(), PagerError>;
+    fn get_pages<'a>(&self, pages: &mut [PageSlot<'a>], reqpage: usize) -> Result<(), PagerError>;
 
     /// Page `pindex` was dirtied in memory: any copy on backing store is
     /// stale and may be freed (`vm_pager_page_unswapped`).
@@ -380,7 +381,7 @@ pub trait Pager: Send + Sync {
     ///
     /// [`PagerError::Error`] when the pages could not be written; they stay
     /// dirty in memory, nothing is lost.
-    fn put_pages(&self, pages: &[PageOut<'_>]) -> Result<(), PagerError> {
+    fn put_pages<'a>(&self, pages: &[PageOut<'a>]) -> Result<(), PagerError> {
         let _ = pages;
         Err(PagerError::Error(IoError::UNSUPPORTED))
     }
@@ -402,17 +403,18 @@ pub trait Pager: Send + Sync {
     /// and this pager has no copy of its own there, release all of `from`'s
     /// other copies, and leave `from` holding nothing. Returns whether it
     /// did; the default cannot (collapse then leaves the chain as it is).
-    fn absorb(&self, from: &dyn Pager, offset: u64, wanted: &mut dyn FnMut(u64) -> bool) -> bool {
+    ///
+    /// A pager recognises one of its own kind by downcasting: every pager
+    /// is [`Any`](core::any::Any), so `(from as &dyn Any).downcast_ref()`.
+    fn absorb<'w>(&self, from: &dyn Pager, offset: u64, wanted: &mut WantedPages<'w>) -> bool {
         let _ = (from, offset, wanted);
         false
     }
-
-    /// The pager as [`Any`](core::any::Any), so that [`absorb`](Self::absorb)
-    /// can recognise a pager of its own kind. `None` by default.
-    fn as_any(&self) -> Option<&dyn core::any::Any> {
-        None
-    }
 }
+
+/// The question [`Pager::absorb`] asks of each page index: whether the
+/// absorbing object wants the other object's copy there.
+pub type WantedPages<'a> = dyn FnMut(u64) -> bool + 'a;
 
 /// Gives anonymous objects swap backing the first time one of their pages
 /// must be paged out (FreeBSD turns `OBJT_DEFAULT` into `OBJT_SWAP` then).

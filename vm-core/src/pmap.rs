@@ -11,12 +11,13 @@
 //! returns, no CPU that the implementation serves may still use the old
 //! entry.
 
-use crate::addr::Pfn;
+use crate::addr::{Pfn, VirtAddr};
 use crate::page::PageFlags;
 use crate::page_queues::{AllocClass, Pages};
 use crate::phys::PhysMem;
 use crate::prot::Prot;
 use alloc::sync::Arc;
+use core::ops::Range;
 
 /// Memory (cache) type of a mapping, as the x86 PAT names them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -78,6 +79,50 @@ pub struct PageInfo {
     pub attr: MemAttr,
 }
 
+/// Where [`Pmap::remove`] and [`Pmap::protect`] report each mapping that
+/// went away or lost write permission.
+pub type DisplacedSink<'a> = dyn FnMut(Displaced) + 'a;
+
+/// What [`Pmap::enter`] maps: a page, its protection, the access being
+/// satisfied, and whether the mapping is wired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mapping {
+    /// The page to map.
+    pub page: PageInfo,
+    /// The protection to map it with.
+    pub prot: Prot,
+    /// The access the mapping is made for: a write pre-sets the modified
+    /// bit, any access the referenced bit (FreeBSD passes the fault type).
+    pub access: Prot,
+    /// Whether the mapping is wired (`PG_W`).
+    pub wired: bool,
+}
+
+impl Mapping {
+    /// `page` with `prot`, for a read, not wired.
+    #[must_use]
+    pub const fn new(page: PageInfo, prot: Prot) -> Mapping {
+        Mapping {
+            page,
+            prot,
+            access: Prot::READ,
+            wired: false,
+        }
+    }
+
+    /// The same, made for an access of kind `access`.
+    #[must_use]
+    pub const fn access(self, access: Prot) -> Mapping {
+        Mapping { access, ..self }
+    }
+
+    /// The same, wired or not.
+    #[must_use]
+    pub const fn wired(self, wired: bool) -> Mapping {
+        Mapping { wired, ..self }
+    }
+}
+
 /// A mapping that went away or lost write permission, with the hardware's
 /// referenced (A) and modified (D) bits it had, for the core to carry into
 /// the page (FreeBSD does this inside `pmap_remove` and friends).
@@ -110,14 +155,14 @@ pub enum PmapError {
     /// The virtual address cannot be mapped by this pmap (non-canonical, or
     /// beyond the paging mode's reach).
     #[error("address {0:#x} cannot be mapped")]
-    BadAddress(u64),
+    BadAddress(VirtAddr),
     /// The frame is not one this pmap can map.
     #[error("frame {0} cannot be mapped")]
     BadFrame(Pfn),
     /// A mapping the fault handler entered at this address was not there
     /// when the access retried, again and again.
     #[error("mapping at {0:#x} did not stay after repeated faults")]
-    NotKept(u64),
+    NotKept(VirtAddr),
     /// The address space was destroyed
     /// ([`Pmap::destroy_space`]); its tables are gone.
     #[error("the address space was destroyed")]
@@ -221,6 +266,7 @@ impl PhysFrames {
 /// machine. See the [module docs](self).
 ///
 /// Addresses are page aligned; ranges are half-open `start..end`.
+#[cfg_attr(feature = "mock", mockall::automock(type Space = ();))]
 pub trait Pmap: Send + Sync + 'static {
     /// One address space's page tables.
     type Space: Send + Sync;
@@ -243,62 +289,74 @@ pub trait Pmap: Send + Sync + 'static {
     /// has been removed before.
     fn destroy_space(&self, space: &Self::Space);
 
-    /// Maps `page` at `va` with `prot` (`pmap_enter`). `access` is the
-    /// access being satisfied (a write pre-sets the modified bit), `wired`
-    /// marks the mapping wired. An existing mapping of the same frame is
-    /// updated; one of another frame is replaced and returned.
+    /// Maps `m.page` at `va` with `m.prot` (`pmap_enter`). `m.access` is
+    /// the access being satisfied (a write pre-sets the modified bit),
+    /// `m.wired` marks the mapping wired. An existing mapping of the same
+    /// frame is updated; one of another frame is replaced and returned.
     ///
     /// # Errors
     ///
     /// [`PmapError::NoMemory`] when a page-table page cannot be allocated;
-    /// nothing changed then.
+    /// nothing changed then. [`PmapError::BadAddress`] for an address the
+    /// pmap cannot map.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use vm_core::pmap::{Mapping, PageInfo, Pmap};
+    /// use vm_core::{MemAttr, Pfn, Prot, VirtAddr};
+    /// # let vm = vm_core::Vm::new(vm_testkit::RefPmap::default(), vm_testkit::test_config(16)).unwrap();
+    /// # let pmap = vm.pmap();
+    /// let space = pmap.create_space()?;
+    /// let page = PageInfo { pfn: Pfn(7), managed: true, attr: MemAttr::WriteBack };
+    /// let va = VirtAddr(0x40_0000);
+    /// pmap.enter(&space, va, Mapping::new(page, Prot::RW).access(Prot::WRITE))?;
+    /// assert_eq!(pmap.translate(&space, va, Prot::WRITE), Some(Pfn(7)));
+    /// # Ok::<(), vm_core::PmapError>(())
+    /// ```
     fn enter(
         &self,
         space: &Self::Space,
-        va: u64,
-        page: PageInfo,
-        prot: Prot,
-        access: Prot,
-        wired: bool,
+        va: VirtAddr,
+        m: Mapping,
     ) -> Result<Option<Displaced>, PmapError>;
 
     /// Maps `page` at `va` read-only or with `prot` less write, only if
     /// nothing is mapped there, never sleeping (`pmap_enter_quick`).
     /// Returns whether a mapping was made.
-    fn enter_quick(&self, space: &Self::Space, va: u64, page: PageInfo, prot: Prot) -> bool;
+    fn enter_quick(&self, space: &Self::Space, va: VirtAddr, page: PageInfo, prot: Prot) -> bool;
 
-    /// Removes every mapping in `start..end` (`pmap_remove`), reporting each
+    /// Removes every mapping in `range` (`pmap_remove`), reporting each
     /// removed mapping of a managed page to `sink`.
-    fn remove(&self, space: &Self::Space, start: u64, end: u64, sink: &mut dyn FnMut(Displaced));
+    fn remove<'s>(&self, space: &Self::Space, range: Range<VirtAddr>, sink: &mut DisplacedSink<'s>);
 
-    /// Lowers the protection of every mapping in `start..end` to `prot`
+    /// Lowers the protection of every mapping in `range` to `prot`
     /// (`pmap_protect`); [`Prot::NONE`] removes them. Mappings that lose
     /// write permission report their bits to `sink`.
-    fn protect(
+    fn protect<'s>(
         &self,
         space: &Self::Space,
-        start: u64,
-        end: u64,
+        range: Range<VirtAddr>,
         prot: Prot,
-        sink: &mut dyn FnMut(Displaced),
+        sink: &mut DisplacedSink<'s>,
     );
 
     /// The frame mapped at `va`, if any (`pmap_extract`).
-    fn extract(&self, space: &Self::Space, va: u64) -> Option<Pfn>;
+    fn extract(&self, space: &Self::Space, va: VirtAddr) -> Option<Pfn>;
 
     /// Whether a prefault could map `va` without allocating a table and
     /// without replacing anything (`pmap_is_prefaultable`).
-    fn is_prefaultable(&self, space: &Self::Space, va: u64) -> bool;
+    fn is_prefaultable(&self, space: &Self::Space, va: VirtAddr) -> bool;
 
     /// Sets or clears the wired attribute of the mapping at `va`
     /// (`pmap_change_wiring`). No effect if nothing is mapped.
-    fn change_wiring(&self, space: &Self::Space, va: u64, wired: bool);
+    fn change_wiring(&self, space: &Self::Space, va: VirtAddr, wired: bool);
 
     /// A user-mode access of kind `access` at `va` as the hardware would
     /// perform it: the frame if the mapping allows the access (setting its
     /// referenced bit, and its modified bit for a write), `None` if the
     /// access would fault.
-    fn translate(&self, space: &Self::Space, va: u64, access: Prot) -> Option<Pfn>;
+    fn translate(&self, space: &Self::Space, va: VirtAddr, access: Prot) -> Option<Pfn>;
 
     /// Removes every mapping of `pfn` in every space (`pmap_remove_all`).
     fn remove_all(&self, pfn: Pfn) -> RefMod;

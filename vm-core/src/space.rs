@@ -2,7 +2,7 @@
 //! operations that build it: map, unmap, protect, advise, fork (FreeBSD
 //! `vm_map.c` / `vm_mmap.c` / `vmspace_fork`).
 
-use crate::addr::{PAGE_SIZE, Pfn, is_page_aligned, pages};
+use crate::addr::{PAGE_SIZE, Pfn, VirtAddr, is_page_aligned, pages, va_range};
 use crate::error::MapError;
 use crate::map::{Behavior, EntryFlags, Inheritance, MapEntry, MapEntryInfo, MapState, VmMap};
 use crate::object::{ObjectFlags, VmObject};
@@ -198,9 +198,7 @@ impl<P: Pmap> VmSpace<P> {
     /// The frame mapped at `va` in the pmap, if any.
     #[must_use]
     pub fn extract(&self, va: u64) -> Option<Pfn> {
-        self.vm
-            .pmap
-            .extract(&self.pmap, crate::addr::page_trunc(va))
+        self.vm.pmap.extract(&self.pmap, VirtAddr(va).page_trunc())
     }
 
     /// A snapshot of the entries, in address order.
@@ -415,7 +413,9 @@ impl<P: Pmap> VmSpace<P> {
                 keys.iter().filter_map(|k| g.entries.remove(k)).collect();
             self.vm
                 .pmap
-                .remove(&self.pmap, start, end, &mut |d| self.vm.note_displaced(d));
+                .remove(&self.pmap, va_range(start, end), &mut |d| {
+                    self.vm.note_displaced(d)
+                });
             for e in &mut removed {
                 self.release_wiring(e, false);
             }
@@ -468,7 +468,7 @@ impl<P: Pmap> VmSpace<P> {
                     let pprot = e.pmap_prot();
                     self.vm
                         .pmap
-                        .protect(&self.pmap, e.start, e.end, pprot, &mut |d| {
+                        .protect(&self.pmap, va_range(e.start, e.end), pprot, &mut |d| {
                             self.vm.note_displaced(d)
                         });
                     return Err(err);
@@ -481,7 +481,7 @@ impl<P: Pmap> VmSpace<P> {
                 let pprot = e.pmap_prot();
                 self.vm
                     .pmap
-                    .protect(&self.pmap, e.start, e.end, pprot, &mut |d| {
+                    .protect(&self.pmap, va_range(e.start, e.end), pprot, &mut |d| {
                         self.vm.note_displaced(d)
                     });
             }
@@ -566,8 +566,7 @@ impl<P: Pmap> Drop for VmSpace<P> {
         };
         self.vm.pmap.remove(
             &self.pmap,
-            self.map.min_addr(),
-            self.map.max_addr(),
+            va_range(self.map.min_addr(), self.map.max_addr()),
             &mut |d| self.vm.note_displaced(d),
         );
         for e in &mut removed {

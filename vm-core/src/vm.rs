@@ -1,7 +1,7 @@
 //! `Vm`: one machine — physical memory, the page array and its queues,
 //! objects, counters and the pmap.
 
-use crate::addr::{PAGE_SIZE, Pfn};
+use crate::addr::{PAGE_SIZE, Pfn, va_range};
 use crate::counters::Counters;
 use crate::object::{ObjectRegistry, VmObject};
 use crate::page::{PageId, VmPage};
@@ -321,8 +321,9 @@ impl<P: Pmap> Vm<P> {
                     .as_ref()
                     .is_some_and(|o| core::ptr::eq(&**o, object))
                 {
-                    self.pmap
-                        .remove(&pmap, e.start, e.end, &mut |d| self.note_displaced(d));
+                    self.pmap.remove(&pmap, va_range(e.start, e.end), &mut |d| {
+                        self.note_displaced(d)
+                    });
                 }
             }
         }

@@ -34,7 +34,7 @@
 //! A page freed while an entry's wiring holds it stays out of reuse until
 //! that wiring is released.
 
-use crate::addr::PAGE_SIZE;
+use crate::addr::{PAGE_SIZE, VirtAddr};
 use crate::error::MapError;
 use crate::fault::FaultCtx;
 use crate::map::{EntryFlags, MapEntry, MapState};
@@ -267,9 +267,11 @@ impl<P: Pmap> VmSpace<P> {
         let pages = &self.vm.machine.pages;
         for (index, id) in record.held() {
             if unmap_wired {
-                self.vm
-                    .pmap
-                    .change_wiring(&self.pmap, e.start + index * PAGE_SIZE, false);
+                self.vm.pmap.change_wiring(
+                    &self.pmap,
+                    VirtAddr(e.start + index * PAGE_SIZE),
+                    false,
+                );
             }
             pages.unwire(id, true);
         }

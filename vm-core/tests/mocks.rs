@@ -8,19 +8,23 @@ use std::sync::{Arc, OnceLock, mpsc};
 use std::time::Duration;
 use vm_core::pmap::RefMod;
 use vm_core::{
-    Contiguity, FaultFlags, IoError, MapRequest, PagerError, PagerKind, Prot, Vm, VmSpace,
+    Contiguity, FaultFlags, IoError, MapRequest, PagerError, PagerKind, Prot, VirtAddr, Vm, VmSpace,
 };
-use vm_testkit::{MockPager, MockPmap, RefPmap, test_config};
+use vm_testkit::{MockPager, MockPmap, Permissive, RefPmap, test_config};
 
 #[test]
 fn read_fault_on_a_copy_on_write_page_enters_it_without_write() {
     let mut pmap = MockPmap::permissive();
     pmap.expect_enter()
-        .withf(|_, va, page, prot, access, wired| {
-            *va == BASE && page.managed && *prot == Prot::READ && *access == Prot::READ && !*wired
+        .withf(|_, va, m| {
+            *va == VirtAddr(BASE)
+                && m.page.managed
+                && m.prot == Prot::READ
+                && m.access == Prot::READ
+                && !m.wired
         })
         .times(1)
-        .returning(|_, _, _, _, _, _| Ok(None));
+        .returning(|_, _, _| Ok(None));
     let vm = Vm::new(pmap, test_config(16)).unwrap();
     let space = vm.new_space().unwrap();
     let obj = vm.new_anon_object(1);
@@ -35,11 +39,14 @@ fn read_fault_on_a_copy_on_write_page_enters_it_without_write() {
 fn zero_fill_write_enters_once_writable_and_touches_no_other_mapping() {
     let mut pmap = MockPmap::permissive();
     pmap.expect_enter()
-        .withf(|_, va, _, prot, access, wired| {
-            *va == BASE + PAGE && *prot == Prot::RW && *access == Prot::WRITE && !*wired
+        .withf(|_, va, m| {
+            *va == VirtAddr(BASE + PAGE)
+                && m.prot == Prot::RW
+                && m.access == Prot::WRITE
+                && !m.wired
         })
         .times(1)
-        .returning(|_, _, _, _, _, _| Ok(None));
+        .returning(|_, _, _| Ok(None));
     // Only tearing the space down may remove mappings by page.
     let done = Arc::new(AtomicBool::new(false));
     let d2 = done.clone();
@@ -64,7 +71,7 @@ fn zero_fill_write_enters_once_writable_and_touches_no_other_mapping() {
 fn pmap_out_of_memory_becomes_a_resource_shortage_with_nothing_leaked() {
     let mut pmap = MockPmap::permissive();
     pmap.expect_enter()
-        .returning(|_, _, _, _, _, _| Err(vm_core::PmapError::NoMemory));
+        .returning(|_, _, _| Err(vm_core::PmapError::NoMemory));
     pmap.expect_remove_all().returning(|_| RefMod::default());
     let vm = Vm::new(pmap, test_config(16)).unwrap();
     let space = vm.new_space().unwrap();

@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use vm_core::{Contiguity, FaultFlags, MapError, MapRequest, PagerKind, Pmap, Prot};
+use vm_core::{Contiguity, FaultFlags, MapError, MapRequest, PagerKind, Pmap, Prot, VirtAddr};
 use vm_testkit::{GetCall, MemPager};
 
 /// A read fault on a 32-page object served by a pager of `kind` that could
@@ -51,7 +51,7 @@ fn read_maps_writable(kind: PagerKind) -> bool {
     let (_pager, _obj) = map_pager(&vm, &space, kind, 4, Prot::RW, false);
     space.fault(BASE, Prot::READ, FaultFlags::NORMAL).unwrap();
     vm.pmap()
-        .translate(space.pmap_space(), BASE, Prot::WRITE)
+        .translate(space.pmap_space(), VirtAddr(BASE), Prot::WRITE)
         .is_some()
 }
 

@@ -9,14 +9,14 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use vm_core::{MapRequest, MemAttr, Prot, Vm, VmConfig};
+//! use vm_core::{MapRequest, MemAttr, PhysAddr, Prot, Vm, VmConfig};
 //! use vm_pager_device::{DeviceMmap, DevicePager};
 //!
 //! /// A 64 KiB frame buffer at physical 0xfd00_0000.
 //! struct FrameBuffer;
 //! impl DeviceMmap for FrameBuffer {
-//!     fn mmap(&self, offset: u64, _prot: Prot) -> Option<(u64, MemAttr)> {
-//!         (offset < 0x1_0000).then(|| (0xfd00_0000 + offset, MemAttr::WriteCombining))
+//!     fn mmap(&self, offset: u64, _prot: Prot) -> Option<(PhysAddr, MemAttr)> {
+//!         (offset < 0x1_0000).then(|| (PhysAddr(0xfd00_0000 + offset), MemAttr::WriteCombining))
 //!     }
 //! }
 //!
@@ -25,7 +25,7 @@
 //! let space = vm.new_space().unwrap();
 //! space.map(MapRequest::object(0x4000_0000, 0x1_0000, dev, 0, Prot::RW)).unwrap();
 //! let out = space.fault(0x4000_3000, Prot::WRITE, vm_core::FaultFlags::DIRTY).unwrap();
-//! assert_eq!(out.pfn.phys_addr(), 0xfd00_3000);
+//! assert_eq!(out.pfn.phys_addr(), PhysAddr(0xfd00_3000));
 //! ```
 #![cfg_attr(not(feature = "std"), no_std)]
 #![warn(missing_docs)]
@@ -35,8 +35,8 @@ extern crate alloc;
 
 use alloc::sync::Arc;
 use vm_core::{
-    Contiguity, MemAttr, PAGE_SIZE, PageSlot, Pager, PagerError, PagerKind, Pmap, Prot, Vm,
-    VmObject,
+    Contiguity, MemAttr, PAGE_SIZE, PageSlot, Pager, PagerError, PagerKind, PhysAddr, Pmap, Prot,
+    Vm, VmObject,
 };
 
 /// A driver's answer to "where is page `offset` of the device": the
@@ -46,7 +46,7 @@ pub trait DeviceMmap: Send + Sync {
     /// The physical address (page aligned) and memory type of byte
     /// `offset` (page aligned) of the device for an access of `prot`, or
     /// `None` if the device has nothing there.
-    fn mmap(&self, offset: u64, prot: Prot) -> Option<(u64, MemAttr)>;
+    fn mmap(&self, offset: u64, prot: Prot) -> Option<(PhysAddr, MemAttr)>;
 }
 
 /// The device pager. See the [crate docs](crate).
@@ -71,7 +71,7 @@ impl<D: DeviceMmap + 'static> DevicePager<D> {
     }
 }
 
-impl<D: DeviceMmap> Pager for DevicePager<D> {
+impl<D: DeviceMmap + 'static> Pager for DevicePager<D> {
     fn kind(&self) -> PagerKind {
         PagerKind::DEVICE
     }
@@ -91,7 +91,7 @@ impl<D: DeviceMmap> Pager for DevicePager<D> {
             .checked_mul(PAGE_SIZE)
             .ok_or(PagerError::Bad)?;
         let (pa, attr) = self.dev.mmap(offset, Prot::READ).ok_or(PagerError::Bad)?;
-        if pa % PAGE_SIZE != 0 {
+        if !pa.is_page_aligned() {
             // A driver handing out a misaligned address is broken.
             return Err(PagerError::Bad);
         }

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use vm_core::pmap::Pmap;
-use vm_core::{FaultError, FaultFlags, MapRequest, MemAttr, PageFlags, Prot, Vm, VmConfig};
+use vm_core::{
+    FaultError, FaultFlags, MapRequest, MemAttr, PageFlags, PhysAddr, Prot, Vm, VmConfig,
+};
 use vm_pager_device::{DeviceMmap, DevicePager};
 use vm_pmap_x86_64::{PteFlags, X86Pmap};
 
@@ -17,11 +19,11 @@ struct Card {
 }
 
 impl DeviceMmap for Card {
-    fn mmap(&self, offset: u64, _prot: Prot) -> Option<(u64, MemAttr)> {
+    fn mmap(&self, offset: u64, _prot: Prot) -> Option<(PhysAddr, MemAttr)> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         match offset / 4096 {
-            0..4 => Some((DEV_PA + offset, MemAttr::Uncacheable)),
-            4..16 => Some((DEV_PA + offset, MemAttr::WriteCombining)),
+            0..4 => Some((PhysAddr(DEV_PA + offset), MemAttr::Uncacheable)),
+            4..16 => Some((PhysAddr(DEV_PA + offset), MemAttr::WriteCombining)),
             _ => None,
         }
     }
@@ -50,7 +52,7 @@ fn device_pages_map_the_device_address_with_exact_cache_bits_and_no_pv() {
     let out = space
         .fault(BASE + 5 * 4096, Prot::WRITE, FaultFlags::DIRTY)
         .unwrap();
-    assert_eq!(out.pfn.phys_addr(), DEV_PA + 5 * 4096);
+    assert_eq!(out.pfn.phys_addr(), PhysAddr(DEV_PA + 5 * 4096));
     let pte = vm.pmap().pte(space.pmap_space(), BASE + 5 * 4096).unwrap();
     assert_eq!(pte & 0x000f_ffff_ffff_f000, DEV_PA + 5 * 4096);
     assert_eq!(
@@ -127,7 +129,7 @@ fn device_memory_is_shared_only() {
     let out = child.fault(BASE, Prot::WRITE, FaultFlags::DIRTY).unwrap();
     assert_eq!(
         out.pfn.phys_addr(),
-        DEV_PA,
+        PhysAddr(DEV_PA),
         "the child shares the device, no copy"
     );
     assert_eq!(child.entries()[0].inheritance, vm_core::Inheritance::Share);

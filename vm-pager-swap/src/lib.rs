@@ -43,6 +43,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use vm_core::file_io::{read_pages, write_pages};
 use vm_core::{
     Contiguity, IoError, PAGE_SIZE, PageOut, PageSlot, Pager, PagerError, PagerKind, SwapProvider,
+    WantedPages,
 };
 
 /// Neighbours `has_page` reports at most on each side (FreeBSD's
@@ -402,8 +403,8 @@ impl Pager for SwapPager {
 
     /// Takes over the blocks of another swap pager of the same device
     /// (FreeBSD `swap_pager_copy`): no I/O, only the metadata moves.
-    fn absorb(&self, from: &dyn Pager, offset: u64, wanted: &mut dyn FnMut(u64) -> bool) -> bool {
-        let Some(other) = from.as_any().and_then(|a| a.downcast_ref::<SwapPager>()) else {
+    fn absorb(&self, from: &dyn Pager, offset: u64, wanted: &mut WantedPages<'_>) -> bool {
+        let Some(other) = (from as &dyn std::any::Any).downcast_ref::<SwapPager>() else {
             return false;
         };
         if std::ptr::eq(self, other) || !Arc::ptr_eq(&self.dev, &other.dev) {
@@ -423,10 +424,6 @@ impl Pager for SwapPager {
         drop(mine);
         self.free_blocks(stale.into_iter());
         true
-    }
-
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
     }
 }
 

@@ -15,11 +15,15 @@ use crate::pv::PvTable;
 use crate::tables::entry_at;
 use crate::tlb::{NoTlb, PendingFlush, TlbHook, TlbStats};
 use alloc::sync::{Arc, Weak};
+use core::ops::Range;
 use core::sync::atomic::{AtomicU64, Ordering};
 use hashbrown::HashMap;
-use vm_core::pmap::{Displaced, PageInfo, PhysFrames, Pmap, PmapError, RefMod};
+use vm_core::pmap::{
+    Displaced, DisplacedSink, Mapping, PageInfo, PhysFrames, Pmap, PmapError, RefMod,
+};
 use vm_core::sync::{Mutex, MutexGuard, RwLock};
 use vm_core::{Pfn, PhysMem, Prot};
+use vm_core::{PhysAddr, VirtAddr};
 
 /// Flags of a table (non-leaf) entry for user space, as FreeBSD's
 /// `_pmap_allocpte` makes them.
@@ -225,7 +229,8 @@ impl<T: TlbHook> X86Pmap<T> {
         let phys = frames.phys();
         let mut table = sp.root;
         for level in (1..self.mode.paging.levels()).rev() {
-            let slot = entry_at(phys, table, index(va, level)).ok_or(PmapError::BadAddress(va))?;
+            let slot = entry_at(phys, table, index(va, level))
+                .ok_or(PmapError::BadAddress(VirtAddr(va)))?;
             let e = slot.load(Ordering::Acquire);
             if e & PteFlags::V.bits() != 0 {
                 table = e & PG_FRAME;
@@ -237,12 +242,13 @@ impl<T: TlbHook> X86Pmap<T> {
                 self.complete(sp, flush);
                 return Err(PmapError::NoMemory);
             };
-            let child = pfn.phys_addr();
+            let child = pfn.phys_addr().as_u64();
             slot.store(child | TABLE_FLAGS.bits(), Ordering::Release);
             self.count_add(table, 1);
             table = child;
         }
-        let slot = entry_at(phys, table, index(va, 0)).ok_or(PmapError::BadAddress(va))?;
+        let slot =
+            entry_at(phys, table, index(va, 0)).ok_or(PmapError::BadAddress(VirtAddr(va)))?;
         Ok((slot, table))
     }
 
@@ -300,7 +306,7 @@ impl<T: TlbHook> X86Pmap<T> {
             // retired it has completed (no CPU caches a path through it),
             // and the caller holds the space's walk lock for writing, so no
             // software walker is inside it; nothing refers to it again.
-            let freed = unsafe { f.free(Pfn::containing(table)) };
+            let freed = unsafe { f.free(Pfn::containing(PhysAddr(table))) };
             debug_assert!(freed.is_ok(), "freeing table {table:#x}: {freed:?}");
         }
     }
@@ -321,7 +327,9 @@ impl<T: TlbHook> X86Pmap<T> {
     }
 
     fn table_word(&self, table: u64) -> Option<&AtomicU64> {
-        self.frames.as_ref()?.table_word(Pfn::containing(table))
+        self.frames
+            .as_ref()?
+            .table_word(Pfn::containing(PhysAddr(table)))
     }
 
     /// The table pages of the tree under `table` of `level`, itself
@@ -449,7 +457,7 @@ impl<T: TlbHook> X86Pmap<T> {
 
     fn check_va(&self, va: u64) -> Result<(), PmapError> {
         if va >= self.mode.paging.user_end() || va % vm_core::PAGE_SIZE != 0 {
-            return Err(PmapError::BadAddress(va));
+            return Err(PmapError::BadAddress(VirtAddr(va)));
         }
         Ok(())
     }
@@ -465,7 +473,7 @@ impl<T: TlbHook> X86Pmap<T> {
         f.set(PteFlags::NX, self.mode.nxe && !prot.contains(Prot::EXECUTE));
         f.set(PteFlags::W, wired);
         f.set(PteFlags::MANAGED, page.managed);
-        page.pfn.phys_addr() | f.bits()
+        page.pfn.phys_addr().as_u64() | f.bits()
     }
 
     fn space_by_id(&self, id: u64) -> Option<Arc<SpaceInner>> {
@@ -493,7 +501,7 @@ impl<T: TlbHook> X86Pmap<T> {
                 continue;
             };
             let old = slot.load(Ordering::Acquire);
-            if old & PteFlags::V.bits() == 0 || old & PG_FRAME != pfn.phys_addr() {
+            if old & PteFlags::V.bits() == 0 || old & PG_FRAME != pfn.phys_addr().as_u64() {
                 continue;
             }
             let mut flush = PendingFlush::new(sp.root);
@@ -542,7 +550,7 @@ impl<T: TlbHook> X86Pmap<T> {
 
 fn displaced(old: u64) -> Displaced {
     Displaced {
-        pfn: Pfn::containing(old & PG_FRAME),
+        pfn: Pfn::containing(PhysAddr(old & PG_FRAME)),
         referenced: old & PteFlags::A.bits() != 0,
         modified: old & PteFlags::M.bits() != 0 && old & PteFlags::RW.bits() != 0,
     }
@@ -568,7 +576,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let root = frames
             .alloc_zeroed()
             .ok_or(PmapError::NoMemory)?
-            .phys_addr();
+            .phys_addr()
+            .as_u64();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let inner = Arc::new(SpaceInner {
             id,
@@ -585,7 +594,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     }
 
     fn destroy_space(&self, space: &X86Space) {
-        self.remove(space, 0, self.mode.paging.user_end(), &mut |_| {});
+        let user = VirtAddr(0)..VirtAddr(self.mode.paging.user_end());
+        self.remove(space, user, &mut |_| {});
         self.spaces.lock().remove(&space.0.id);
         let Some(mut st) = self.lock_space(space) else {
             return; // destroyed already: its root is not ours to free again
@@ -603,12 +613,10 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     fn enter(
         &self,
         space: &X86Space,
-        va: u64,
-        page: PageInfo,
-        prot: Prot,
-        access: Prot,
-        wired: bool,
+        va: VirtAddr,
+        m: Mapping,
     ) -> Result<Option<Displaced>, PmapError> {
+        let (va, page, prot, access, wired) = (va.as_u64(), m.page, m.prot, m.access, m.wired);
         self.check_va(va)?;
         let root = space.0.root;
         let mut st = self.lock_space(space).ok_or(PmapError::SpaceDestroyed)?;
@@ -628,7 +636,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 flush.note(va, prev);
                 if prev & PteFlags::MANAGED.bits() != 0 {
                     self.pv
-                        .remove(Pfn::containing(prev & PG_FRAME), space.0.id, va);
+                        .remove(Pfn::containing(PhysAddr(prev & PG_FRAME)), space.0.id, va);
                     out = Some(displaced(prev));
                 }
                 if prev & PteFlags::W.bits() != 0 {
@@ -653,7 +661,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         Ok(out)
     }
 
-    fn enter_quick(&self, space: &X86Space, va: u64, page: PageInfo, prot: Prot) -> bool {
+    fn enter_quick(&self, space: &X86Space, va: VirtAddr, page: PageInfo, prot: Prot) -> bool {
+        let va = va.as_u64();
         if self.check_va(va).is_err() {
             return false;
         }
@@ -674,13 +683,14 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         if page.managed {
             self.pv.add(page.pfn, space.0.id, va);
         }
-        slot.store(page.pfn.phys_addr() | f.bits(), Ordering::Release);
+        slot.store(page.pfn.phys_addr().as_u64() | f.bits(), Ordering::Release);
         self.count_add(table, 1);
         st.resident += 1;
         true
     }
 
-    fn remove(&self, space: &X86Space, start: u64, end: u64, sink: &mut dyn FnMut(Displaced)) {
+    fn remove(&self, space: &X86Space, range: Range<VirtAddr>, sink: &mut DisplacedSink<'_>) {
+        let (start, end) = (range.start.as_u64(), range.end.as_u64());
         let end = end.min(self.mode.paging.user_end());
         if start >= end {
             return;
@@ -714,7 +724,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         for (va, old) in noted {
             flush.note(va, old);
             if old & PteFlags::MANAGED.bits() != 0 {
-                self.pv.remove(Pfn::containing(old & PG_FRAME), id, va);
+                self.pv
+                    .remove(Pfn::containing(PhysAddr(old & PG_FRAME)), id, va);
                 sink(displaced(old));
             }
         }
@@ -724,13 +735,13 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     fn protect(
         &self,
         space: &X86Space,
-        start: u64,
-        end: u64,
+        range: Range<VirtAddr>,
         prot: Prot,
-        sink: &mut dyn FnMut(Displaced),
+        sink: &mut DisplacedSink<'_>,
     ) {
+        let (start, end) = (range.start.as_u64(), range.end.as_u64());
         if !prot.contains(Prot::READ) {
-            return self.remove(space, start, end, sink);
+            return self.remove(space, range, sink);
         }
         let end = end.min(self.mode.paging.user_end());
         if start >= end {
@@ -786,12 +797,14 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         self.complete(&space.0, flush);
     }
 
-    fn extract(&self, space: &X86Space, va: u64) -> Option<Pfn> {
+    fn extract(&self, space: &X86Space, va: VirtAddr) -> Option<Pfn> {
+        let va = va.as_u64();
         let e = self.pte(space, va)?;
-        (e & PteFlags::V.bits() != 0).then(|| Pfn::containing(e & PG_FRAME))
+        (e & PteFlags::V.bits() != 0).then(|| Pfn::containing(PhysAddr(e & PG_FRAME)))
     }
 
-    fn is_prefaultable(&self, space: &X86Space, va: u64) -> bool {
+    fn is_prefaultable(&self, space: &X86Space, va: VirtAddr) -> bool {
+        let va = va.as_u64();
         // The page directory entry exists and is not a superpage, and the
         // PTE is empty (FreeBSD `pmap_is_prefaultable`).
         // A hint, read without the space lock (entries are atomics and
@@ -804,7 +817,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 .is_some_and(|s| s.load(Ordering::Acquire) & PteFlags::V.bits() == 0)
     }
 
-    fn change_wiring(&self, space: &X86Space, va: u64, wired: bool) {
+    fn change_wiring(&self, space: &X86Space, va: VirtAddr, wired: bool) {
+        let va = va.as_u64();
         let Some(mut st) = self.lock_space(space) else {
             return;
         };
@@ -824,7 +838,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         }
     }
 
-    fn translate(&self, space: &X86Space, va: u64, access: Prot) -> Option<Pfn> {
+    fn translate(&self, space: &X86Space, va: VirtAddr, access: Prot) -> Option<Pfn> {
+        let va = va.as_u64();
         let a = Access {
             write: access.contains(Prot::WRITE),
             exec: access.contains(Prot::EXECUTE),
@@ -832,7 +847,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         };
         self.translate_access(space, va, a)
             .ok()
-            .map(|t| Pfn::containing(t.pa))
+            .map(|t| Pfn::containing(PhysAddr(t.pa)))
     }
 
     fn remove_all(&self, pfn: Pfn) -> RefMod {

@@ -5,14 +5,14 @@
 //! on hardware, so every access is atomic.
 
 use core::sync::atomic::AtomicU64;
-use vm_core::{PAGE_SIZE, Pfn, PhysMem};
+use vm_core::{PAGE_SIZE, Pfn, PhysAddr, PhysMem};
 
 /// The entry `idx` of the table at physical address `table`, or `None` if
 /// the table is not in `phys`.
 #[must_use]
 pub fn entry_at(phys: &PhysMem, table: u64, idx: usize) -> Option<&AtomicU64> {
     debug_assert!(idx < 512);
-    let base = phys.frame_ptr(Pfn::containing(table))?;
+    let base = phys.frame_ptr(Pfn::containing(PhysAddr(table)))?;
     let off = (table % PAGE_SIZE) as usize + idx * 8;
     if off + 8 > PAGE_SIZE as usize {
         return None;

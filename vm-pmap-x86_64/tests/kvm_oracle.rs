@@ -4,7 +4,7 @@
 #![cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 
 use vm_core::pmap::{PageInfo, Pmap};
-use vm_core::{MemAttr, Prot, Vm, VmConfig};
+use vm_core::{Mapping, MemAttr, Prot, VirtAddr, Vm, VmConfig};
 use vm_pmap_x86_64::oracle::{self, Op, Oracle};
 use vm_pmap_x86_64::{NoTlb, X86Pmap};
 
@@ -49,20 +49,21 @@ fn real_mmu_agrees_with_the_software_mmu_and_vm_core_serves_its_faults() {
     space.read_u8(AD + 2 * PAGE).unwrap();
     let pfn0 = space.extract(AD).unwrap();
     let pfn1 = space.extract(AD + PAGE).unwrap();
-    p.remove(space.pmap_space(), AD, AD + 2 * PAGE, &mut |_| {});
+    p.remove(
+        space.pmap_space(),
+        VirtAddr(AD)..VirtAddr(AD + 2 * PAGE),
+        &mut |_| {},
+    );
     let info = |pfn| PageInfo {
         pfn,
         managed: true,
         attr: MemAttr::WriteBack,
     };
-    assert!(p.enter_quick(space.pmap_space(), AD, info(pfn0), Prot::RW));
+    assert!(p.enter_quick(space.pmap_space(), VirtAddr(AD), info(pfn0), Prot::RW));
     p.enter(
         space.pmap_space(),
-        AD + PAGE,
-        info(pfn1),
-        Prot::RW,
-        Prot::READ,
-        false,
+        VirtAddr(AD + PAGE),
+        Mapping::new(info(pfn1), Prot::RW).access(Prot::READ),
     )
     .unwrap();
 

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use vm_core::pmap::{Displaced, PageInfo, Pmap};
+use vm_core::{Mapping, VirtAddr};
 use vm_core::{MemAttr, Pfn, Prot, Vm};
 use vm_pmap_x86_64::entry::PG_FRAME;
 use vm_pmap_x86_64::mmu::{Access, CpuMode};
@@ -164,8 +165,12 @@ fn i11_7_enter_never_loses_a_dirty_bit_set_by_the_mmu() {
     let p = vm.pmap();
     let va = 0x40_0000;
     let pfn = 200;
-    p.enter(&space, va, page(pfn), Prot::RW, Prot::READ, false)
-        .unwrap();
+    p.enter(
+        &space,
+        VirtAddr(va),
+        Mapping::new(page(pfn), Prot::RW).access(Prot::READ),
+    )
+    .unwrap();
     let go = AtomicU64::new(0);
     let done = AtomicU64::new(0);
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -195,7 +200,13 @@ fn i11_7_enter_never_loses_a_dirty_bit_set_by_the_mmu() {
             assert_eq!(p.pte(&space, va).unwrap() & PteFlags::M.bits(), 0);
             go.store(round, Ordering::Release);
             let out: Option<Displaced> = p
-                .enter(&space, va, page(pfn), Prot::RW, Prot::NONE, round % 2 == 1)
+                .enter(
+                    &space,
+                    VirtAddr(va),
+                    Mapping::new(page(pfn), Prot::RW)
+                        .access(Prot::NONE)
+                        .wired(round % 2 == 1),
+                )
                 .unwrap();
             let waiting = Instant::now();
             while done.load(Ordering::Acquire) != round {
@@ -237,11 +248,19 @@ fn i11_7_a_frame_change_invalidates_before_installing() {
     let (vm, space) = recorder_machine();
     let p = vm.pmap();
     let va = 0x40_0000;
-    p.enter(&space, va, page(200), Prot::RW, Prot::READ, false)
-        .unwrap();
+    p.enter(
+        &space,
+        VirtAddr(va),
+        Mapping::new(page(200), Prot::RW).access(Prot::READ),
+    )
+    .unwrap();
     take_seen(&vm);
-    p.enter(&space, va, page(201), Prot::RW, Prot::READ, false)
-        .unwrap();
+    p.enter(
+        &space,
+        VirtAddr(va),
+        Mapping::new(page(201), Prot::RW).access(Prot::READ),
+    )
+    .unwrap();
     let seen: Vec<Seen> = take_seen(&vm).into_iter().filter(|s| s.va == va).collect();
     assert!(
         !seen.is_empty(),
@@ -256,7 +275,7 @@ fn i11_7_a_frame_change_invalidates_before_installing() {
             s.leaf
         );
     }
-    assert_eq!(p.extract(&space, va), Some(Pfn(201)));
+    assert_eq!(p.extract(&space, VirtAddr(va)), Some(Pfn(201)));
 }
 
 // ---------------------------------------------------------------- item 8
@@ -267,7 +286,11 @@ fn i11_7_a_frame_change_invalidates_before_installing() {
 fn enter_when_freed(p: &X86Pmap, space: &X86Space, va: u64, data: PageInfo) {
     let t = Instant::now();
     loop {
-        match p.enter(space, va, data, Prot::RW, Prot::READ, false) {
+        match p.enter(
+            space,
+            VirtAddr(va),
+            Mapping::new(data, Prot::RW).access(Prot::READ),
+        ) {
             Ok(_) => return,
             Err(e) if t.elapsed() < Duration::from_secs(2) => {
                 let _ = e;
@@ -297,8 +320,12 @@ fn i11_8_table_pages_are_freed_only_after_their_invalidation() {
         ("remove", 0x7f00_0040_0000u64, 210),
         ("remove_all", 0x7e00_0040_0000, 211),
     ] {
-        p.enter(&space, va, page(pfn), Prot::RW, Prot::READ, false)
-            .unwrap();
+        p.enter(
+            &space,
+            VirtAddr(va),
+            Mapping::new(page(pfn), Prot::RW).access(Prot::READ),
+        )
+        .unwrap();
         assert_eq!(
             path_tables(&vm, space.root(), va).len(),
             3,
@@ -307,7 +334,7 @@ fn i11_8_table_pages_are_freed_only_after_their_invalidation() {
         let before = vm.free_pages();
         take_seen(&vm);
         if what == "remove" {
-            p.remove(&space, va, va + PAGE, &mut |_| {});
+            p.remove(&space, VirtAddr(va)..VirtAddr(va + PAGE), &mut |_| {});
         } else {
             let _ = p.remove_all(Pfn(pfn));
         }
@@ -362,7 +389,12 @@ fn i11_8_software_mmu_never_touches_a_freed_table() {
         managed: false,
         attr: MemAttr::WriteBack,
     };
-    p.enter(&s1, va, data, Prot::RW, Prot::READ, false).unwrap();
+    p.enter(
+        &s1,
+        VirtAddr(va),
+        Mapping::new(data, Prot::RW).access(Prot::READ),
+    )
+    .unwrap();
     // Fill the rest of memory with wired anonymous pages.
     let filler = vm.new_space().unwrap();
     let base = 0x1000_0000;
@@ -385,7 +417,7 @@ fn i11_8_software_mmu_never_touches_a_freed_table() {
         let mut failure = None;
         while Instant::now() < deadline && failure.is_none() {
             round += 1;
-            p.remove(&s1, va, va + PAGE, &mut |_| {});
+            p.remove(&s1, VirtAddr(va)..VirtAddr(va + PAGE), &mut |_| {});
             enter_when_freed(p, &s2, va2, data);
             let t = Instant::now();
             while t.elapsed() < Duration::from_micros(200) {
@@ -406,7 +438,7 @@ fn i11_8_software_mmu_never_touches_a_freed_table() {
                     }
                 }
             }
-            p.remove(&s2, va2, va2 + PAGE, &mut |_| {});
+            p.remove(&s2, VirtAddr(va2)..VirtAddr(va2 + PAGE), &mut |_| {});
             enter_when_freed(p, &s1, va, data);
             let t = Instant::now();
             while t.elapsed() < Duration::from_micros(200) {
@@ -431,27 +463,44 @@ fn a_destroyed_space_is_left_alone() {
     let (vm, old) = recorder_machine();
     let p = vm.pmap();
     let va = 0x7f00_0040_0000u64;
-    p.enter(&old, va, page(300), Prot::RW, Prot::READ, false)
-        .unwrap();
+    p.enter(
+        &old,
+        VirtAddr(va),
+        Mapping::new(page(300), Prot::RW).access(Prot::READ),
+    )
+    .unwrap();
     p.destroy_space(&old);
     let free = vm.free_pages();
     // The next space reuses the old root frame (the most recently freed).
     let new = p.create_space().unwrap();
-    p.enter(&new, va, page(301), Prot::RW, Prot::READ, false)
-        .unwrap();
+    p.enter(
+        &new,
+        VirtAddr(va),
+        Mapping::new(page(301), Prot::RW).access(Prot::READ),
+    )
+    .unwrap();
     let leaf = raw_leaf(&vm, new.root(), va);
 
     p.destroy_space(&old);
     assert_eq!(
-        p.enter(&old, va, page(302), Prot::RW, Prot::READ, false),
+        p.enter(
+            &old,
+            VirtAddr(va),
+            Mapping::new(page(302), Prot::RW).access(Prot::READ)
+        ),
         Err(vm_core::pmap::PmapError::SpaceDestroyed)
     );
-    assert!(!p.enter_quick(&old, va + PAGE, page(303), Prot::READ));
-    p.remove(&old, 0, va + 2 * PAGE, &mut |_| {});
-    p.protect(&old, 0, va + 2 * PAGE, Prot::READ, &mut |_| {});
-    p.change_wiring(&old, va, true);
-    assert_eq!(p.translate(&old, va, Prot::READ), None);
-    assert_eq!(p.extract(&old, va), None);
+    assert!(!p.enter_quick(&old, VirtAddr(va + PAGE), page(303), Prot::READ));
+    p.remove(&old, VirtAddr(0)..VirtAddr(va + 2 * PAGE), &mut |_| {});
+    p.protect(
+        &old,
+        VirtAddr(0)..VirtAddr(va + 2 * PAGE),
+        Prot::READ,
+        &mut |_| {},
+    );
+    p.change_wiring(&old, VirtAddr(va), true);
+    assert_eq!(p.translate(&old, VirtAddr(va), Prot::READ), None);
+    assert_eq!(p.extract(&old, VirtAddr(va)), None);
     assert_eq!(p.table_pages(&old), 0);
 
     assert_eq!(
@@ -459,7 +508,7 @@ fn a_destroyed_space_is_left_alone() {
         leaf,
         "the new space's entry is untouched"
     );
-    assert_eq!(p.translate(&new, va, Prot::WRITE), Some(Pfn(301)));
+    assert_eq!(p.translate(&new, VirtAddr(va), Prot::WRITE), Some(Pfn(301)));
     assert_eq!(p.table_pages(&new), 4);
     assert_eq!(
         vm.free_pages(),

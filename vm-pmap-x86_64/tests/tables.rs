@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use vm_core::pmap::{PageInfo, Pmap, PmapError};
+use vm_core::{Mapping, VirtAddr};
 use vm_core::{MemAttr, Pfn, Prot, Vm};
 use vm_pmap_x86_64::mmu::{Access, Fault};
 use vm_pmap_x86_64::{PfErrorCode, PteFlags, X86Pmap, X86Space, tables};
@@ -110,25 +111,31 @@ fn apply(vm: &Vm<X86Pmap>, sp: &X86Space, model: &mut Model, op: &Op) {
             wired,
         } => {
             let prot = if write { Prot::RW } else { Prot::READ };
-            p.enter(sp, pool[at], page(pfn), prot, Prot::READ, wired)
-                .unwrap();
+            p.enter(
+                sp,
+                VirtAddr(pool[at]),
+                Mapping::new(page(pfn), prot)
+                    .access(Prot::READ)
+                    .wired(wired),
+            )
+            .unwrap();
             model.insert(pool[at], (pfn, write, wired));
         }
         Op::Remove { from, len } => {
             let (s, e) = range(from, len);
-            p.remove(sp, s, e, &mut |_| {});
+            p.remove(sp, VirtAddr(s)..VirtAddr(e), &mut |_| {});
             model.retain(|&va, _| !(s..e).contains(&va));
         }
         Op::Protect { from, len, write } => {
             let (s, e) = range(from, len);
             let prot = if write { Prot::RW } else { Prot::READ };
-            p.protect(sp, s, e, prot, &mut |_| {});
+            p.protect(sp, VirtAddr(s)..VirtAddr(e), prot, &mut |_| {});
             for (_, m) in model.range_mut(s..e) {
                 m.1 &= write;
             }
         }
         Op::Wire { at, wired } => {
-            p.change_wiring(sp, pool[at], wired);
+            p.change_wiring(sp, VirtAddr(pool[at]), wired);
             if let Some(m) = model.get_mut(&pool[at]) {
                 m.2 = wired;
             }
@@ -150,7 +157,11 @@ fn check(vm: &Vm<X86Pmap>, sp: &X86Space, model: &Model) {
     let p = vm.pmap();
     for va in pool() {
         let want = model.get(&va);
-        assert_eq!(p.extract(sp, va), want.map(|m| Pfn(m.0)), "extract {va:#x}");
+        assert_eq!(
+            p.extract(sp, VirtAddr(va)),
+            want.map(|m| Pfn(m.0)),
+            "extract {va:#x}"
+        );
         if let Some(&(pfn, write, wired)) = want {
             let pte = p.pte(sp, va).unwrap();
             assert_eq!(pte & PteFlags::RW.bits() != 0, write, "RW of {va:#x}");
@@ -198,7 +209,7 @@ proptest! {
             apply(&vm, &sp, &mut model, op);
             check(&vm, &sp, &model);
         }
-        vm.pmap().remove(&sp, 0, 1 << 47, &mut |_| {});
+        vm.pmap().remove(&sp, VirtAddr(0)..VirtAddr(1 << 47), &mut |_| {});
         prop_assert_eq!(vm.pmap().table_pages(&sp), 1, "every table but the root is freed");
         prop_assert_eq!(vm.free_pages(), free);
         vm.pmap().destroy_space(&sp);
@@ -211,15 +222,27 @@ fn tables_are_made_and_freed_level_by_level() {
         let (vm, sp) = machine(pmap);
         let free = vm.free_pages();
         vm.pmap()
-            .enter(&sp, 0x4000_0000, page(200), Prot::RW, Prot::READ, false)
+            .enter(
+                &sp,
+                VirtAddr(0x4000_0000),
+                Mapping::new(page(200), Prot::RW).access(Prot::READ),
+            )
             .unwrap();
         assert_eq!(vm.pmap().table_pages(&sp), levels);
         assert_eq!(vm.free_pages(), free - (levels as u64 - 1));
         vm.pmap()
-            .enter(&sp, 0x4000_1000, page(201), Prot::RW, Prot::READ, false)
+            .enter(
+                &sp,
+                VirtAddr(0x4000_1000),
+                Mapping::new(page(201), Prot::RW).access(Prot::READ),
+            )
             .unwrap();
         assert_eq!(vm.pmap().table_pages(&sp), levels, "same leaf table");
-        vm.pmap().remove(&sp, 0x4000_0000, 0x4000_2000, &mut |_| {});
+        vm.pmap().remove(
+            &sp,
+            VirtAddr(0x4000_0000)..VirtAddr(0x4000_2000),
+            &mut |_| {},
+        );
         assert_eq!(vm.pmap().table_pages(&sp), 1);
         assert_eq!(vm.free_pages(), free);
     }
@@ -230,14 +253,21 @@ fn five_level_tables_reach_above_47_bits() {
     let (vm, sp) = machine(X86Pmap::new_la57());
     let va = 0x00f0_0000_0000_0000;
     vm.pmap()
-        .enter(&sp, va, page(300), Prot::READ, Prot::READ, false)
+        .enter(
+            &sp,
+            VirtAddr(va),
+            Mapping::new(page(300), Prot::READ).access(Prot::READ),
+        )
         .unwrap();
-    assert_eq!(vm.pmap().extract(&sp, va), Some(Pfn(300)));
+    assert_eq!(vm.pmap().extract(&sp, VirtAddr(va)), Some(Pfn(300)));
     let (vm4, sp4) = machine(X86Pmap::new());
     assert_eq!(
-        vm4.pmap()
-            .enter(&sp4, va, page(300), Prot::READ, Prot::READ, false),
-        Err(PmapError::BadAddress(va))
+        vm4.pmap().enter(
+            &sp4,
+            VirtAddr(va),
+            Mapping::new(page(300), Prot::READ).access(Prot::READ)
+        ),
+        Err(PmapError::BadAddress(VirtAddr(va)))
     );
 }
 
@@ -245,8 +275,14 @@ fn five_level_tables_reach_above_47_bits() {
 fn entries_carry_freebsd_bits() {
     let (vm, sp) = machine(X86Pmap::new());
     let p = vm.pmap();
-    p.enter(&sp, 0x10_0000, page(150), Prot::RW, Prot::WRITE, true)
-        .unwrap();
+    p.enter(
+        &sp,
+        VirtAddr(0x10_0000),
+        Mapping::new(page(150), Prot::RW)
+            .access(Prot::WRITE)
+            .wired(true),
+    )
+    .unwrap();
     let e = p.pte(&sp, 0x10_0000).unwrap();
     let want = PteFlags::V
         | PteFlags::RW
@@ -258,23 +294,20 @@ fn entries_carry_freebsd_bits() {
         | PteFlags::NX;
     assert_eq!(e, (150 * PAGE) | want.bits());
     // enter_quick: V, U, MANAGED, NX; never A, M or RW.
-    assert!(p.enter_quick(&sp, 0x10_1000, page(151), Prot::RW));
+    assert!(p.enter_quick(&sp, VirtAddr(0x10_1000), page(151), Prot::RW));
     assert_eq!(
         p.pte(&sp, 0x10_1000).unwrap(),
         (151 * PAGE) | (PteFlags::V | PteFlags::U | PteFlags::MANAGED | PteFlags::NX).bits()
     );
     assert!(
-        !p.enter_quick(&sp, 0x10_1000, page(152), Prot::RW),
+        !p.enter_quick(&sp, VirtAddr(0x10_1000), page(152), Prot::RW),
         "never replaces"
     );
     // Execute permission clears NX.
     p.enter(
         &sp,
-        0x10_2000,
-        page(153),
-        Prot::READ | Prot::EXECUTE,
-        Prot::READ,
-        false,
+        VirtAddr(0x10_2000),
+        Mapping::new(page(153), Prot::READ | Prot::EXECUTE).access(Prot::READ),
     )
     .unwrap();
     assert_eq!(p.pte(&sp, 0x10_2000).unwrap() & PteFlags::NX.bits(), 0);
@@ -289,7 +322,11 @@ fn device_pages_get_cache_bits_and_no_pv_entry() {
         attr: MemAttr::WriteCombining,
     };
     vm.pmap()
-        .enter(&sp, 0x20_0000, dev, Prot::RW, Prot::READ, false)
+        .enter(
+            &sp,
+            VirtAddr(0x20_0000),
+            Mapping::new(dev, Prot::RW).access(Prot::READ),
+        )
         .unwrap();
     let e = vm.pmap().pte(&sp, 0x20_0000).unwrap();
     assert_eq!(
@@ -304,7 +341,11 @@ fn device_pages_get_cache_bits_and_no_pv_entry() {
         ..dev
     };
     vm.pmap()
-        .enter(&sp, 0x20_1000, uc, Prot::RW, Prot::READ, false)
+        .enter(
+            &sp,
+            VirtAddr(0x20_1000),
+            Mapping::new(uc, Prot::RW).access(Prot::READ),
+        )
         .unwrap();
     assert_eq!(vm.pmap().pte(&sp, 0x20_1000).unwrap() & 0x98, 0x18);
 }
@@ -314,38 +355,67 @@ fn downgrades_flush_and_upgrades_from_not_present_do_not() {
     let (vm, sp) = machine(X86Pmap::new());
     let p = vm.pmap();
     let flushed = || p.tlb_stats().get().0;
-    p.enter(&sp, 0x30_0000, page(160), Prot::READ, Prot::READ, false)
-        .unwrap();
+    p.enter(
+        &sp,
+        VirtAddr(0x30_0000),
+        Mapping::new(page(160), Prot::READ).access(Prot::READ),
+    )
+    .unwrap();
     assert_eq!(flushed(), 0, "not present -> present needs no flush");
-    p.enter(&sp, 0x30_0000, page(160), Prot::RW, Prot::READ, false)
-        .unwrap();
+    p.enter(
+        &sp,
+        VirtAddr(0x30_0000),
+        Mapping::new(page(160), Prot::RW).access(Prot::READ),
+    )
+    .unwrap();
     assert_eq!(flushed(), 0, "read-only -> writable needs no flush");
-    p.protect(&sp, 0x30_0000, 0x30_1000, Prot::READ, &mut |_| {});
+    p.protect(
+        &sp,
+        VirtAddr(0x30_0000)..VirtAddr(0x30_1000),
+        Prot::READ,
+        &mut |_| {},
+    );
     assert_eq!(flushed(), 1, "writable -> read-only must flush");
-    p.enter(&sp, 0x30_0000, page(161), Prot::READ, Prot::READ, false)
-        .unwrap();
+    p.enter(
+        &sp,
+        VirtAddr(0x30_0000),
+        Mapping::new(page(161), Prot::READ).access(Prot::READ),
+    )
+    .unwrap();
     assert_eq!(flushed(), 2, "a frame change must flush");
-    p.remove(&sp, 0x30_0000, 0x30_1000, &mut |_| {});
+    p.remove(&sp, VirtAddr(0x30_0000)..VirtAddr(0x30_1000), &mut |_| {});
     assert!(flushed() >= 3, "present -> not present must flush");
     // A prefaulted mapping the CPU never used cannot be cached.
     let before = flushed();
-    assert!(p.enter_quick(&sp, 0x31_0000, page(162), Prot::READ));
-    p.enter(&sp, 0x31_1000, page(163), Prot::READ, Prot::READ, false)
-        .unwrap();
-    p.remove(&sp, 0x31_0000, 0x31_1000, &mut |_| {});
+    assert!(p.enter_quick(&sp, VirtAddr(0x31_0000), page(162), Prot::READ));
+    p.enter(
+        &sp,
+        VirtAddr(0x31_1000),
+        Mapping::new(page(163), Prot::READ).access(Prot::READ),
+    )
+    .unwrap();
+    p.remove(&sp, VirtAddr(0x31_0000)..VirtAddr(0x31_1000), &mut |_| {});
     assert_eq!(flushed(), before, "never-accessed entry: no flush owed");
     // ...but once used, it can.
-    assert!(p.enter_quick(&sp, 0x31_0000, page(162), Prot::READ));
+    assert!(p.enter_quick(&sp, VirtAddr(0x31_0000), page(162), Prot::READ));
     p.translate_access(&sp, 0x31_0000, Access::USER_READ)
         .unwrap();
-    p.remove(&sp, 0x31_0000, 0x31_1000, &mut |_| {});
+    p.remove(&sp, VirtAddr(0x31_0000)..VirtAddr(0x31_1000), &mut |_| {});
     assert_eq!(flushed(), before + 1);
     // remove_all flushes every space's mapping.
     let sp2 = p.create_space().unwrap();
-    p.enter(&sp, 0x32_0000, page(170), Prot::RW, Prot::READ, false)
-        .unwrap();
-    p.enter(&sp2, 0x32_0000, page(170), Prot::RW, Prot::READ, false)
-        .unwrap();
+    p.enter(
+        &sp,
+        VirtAddr(0x32_0000),
+        Mapping::new(page(170), Prot::RW).access(Prot::READ),
+    )
+    .unwrap();
+    p.enter(
+        &sp2,
+        VirtAddr(0x32_0000),
+        Mapping::new(page(170), Prot::RW).access(Prot::READ),
+    )
+    .unwrap();
     let before = flushed();
     let rm = p.remove_all(Pfn(170));
     assert!(rm.referenced);
@@ -360,8 +430,12 @@ fn downgrades_flush_and_upgrades_from_not_present_do_not() {
 fn referenced_and_modified_bits_reach_the_core() {
     let (vm, sp) = machine(X86Pmap::new());
     let p = vm.pmap();
-    p.enter(&sp, 0x40_0000, page(180), Prot::RW, Prot::READ, false)
-        .unwrap();
+    p.enter(
+        &sp,
+        VirtAddr(0x40_0000),
+        Mapping::new(page(180), Prot::RW).access(Prot::READ),
+    )
+    .unwrap();
     assert!(!p.is_modified(Pfn(180)));
     p.translate_access(&sp, 0x40_0000, Access::USER_WRITE)
         .unwrap();
@@ -373,7 +447,12 @@ fn referenced_and_modified_bits_reach_the_core() {
     p.translate_access(&sp, 0x40_0000, Access::USER_WRITE)
         .unwrap();
     let mut got = Vec::new();
-    p.protect(&sp, 0x40_0000, 0x40_1000, Prot::READ, &mut |d| got.push(d));
+    p.protect(
+        &sp,
+        VirtAddr(0x40_0000)..VirtAddr(0x40_1000),
+        Prot::READ,
+        &mut |d| got.push(d),
+    );
     assert_eq!(got.len(), 1);
     assert!(got[0].modified, "losing write hands M to the page");
     let rm = p.page_protect(Pfn(180), Prot::READ);
@@ -396,8 +475,12 @@ fn software_mmu_reports_the_cpu_error_codes() {
             .map(|_| ()),
         code(0x4)
     );
-    p.enter(&sp, 0x50_0000, page(190), Prot::READ, Prot::READ, false)
-        .unwrap();
+    p.enter(
+        &sp,
+        VirtAddr(0x50_0000),
+        Mapping::new(page(190), Prot::READ).access(Prot::READ),
+    )
+    .unwrap();
     assert_eq!(
         p.translate_access(&sp, 0x50_0000, Access::USER_WRITE)
             .map(|_| ()),
@@ -435,8 +518,12 @@ fn software_mmu_reports_the_cpu_error_codes() {
         Err(Fault::NonCanonical)
     );
     // A and D: a read sets A everywhere, a write sets D on the leaf.
-    p.enter(&sp, 0x51_0000, page(191), Prot::RW, Prot::NONE, false)
-        .unwrap();
+    p.enter(
+        &sp,
+        VirtAddr(0x51_0000),
+        Mapping::new(page(191), Prot::RW).access(Prot::NONE),
+    )
+    .unwrap();
     set_pte(
         &vm,
         &sp,

@@ -30,7 +30,7 @@ mod ref_pmap;
 pub mod scenarios;
 
 pub use mem_pager::{GetCall, Injected, MemPager, Pause, pattern_byte};
-pub use mocks::{MockPager, MockPmap};
+pub use mocks::{MockPager, MockPmap, Permissive};
 pub use ref_pmap::{RefPmap, RefPmapCalls, RefPte, RefSpace};
 
 use std::sync::Arc;

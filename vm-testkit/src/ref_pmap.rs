@@ -3,9 +3,11 @@
 //! fast: one lock serialises it. It lets `vm-core` run end to end without
 //! a hardware pmap, and is the model hardware pmaps are checked against.
 
+use core::ops::Range;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use vm_core::pmap::{Displaced, PageInfo, Pmap, PmapError, RefMod};
+use vm_core::VirtAddr;
+use vm_core::pmap::{Displaced, DisplacedSink, Mapping, PageInfo, Pmap, PmapError, RefMod};
 use vm_core::{Pfn, Prot};
 
 /// One mapping.
@@ -171,12 +173,10 @@ impl Pmap for RefPmap {
     fn enter(
         &self,
         space: &RefSpace,
-        va: u64,
-        page: PageInfo,
-        prot: Prot,
-        access: Prot,
-        wired: bool,
+        va: VirtAddr,
+        m: Mapping,
     ) -> Result<Option<Displaced>, PmapError> {
+        let (va, page, prot, access, wired) = (va.as_u64(), m.page, m.prot, m.access, m.wired);
         let mut st = self.lock();
         st.calls.enter += 1;
         let old = st.spaces.get(&space.id).and_then(|t| t.get(&va)).copied();
@@ -207,12 +207,13 @@ impl Pmap for RefPmap {
         }
         st.spaces
             .get_mut(&space.id)
-            .ok_or(PmapError::BadAddress(va))?
+            .ok_or(PmapError::BadAddress(VirtAddr(va)))?
             .insert(va, pte);
         Ok(out)
     }
 
-    fn enter_quick(&self, space: &RefSpace, va: u64, page: PageInfo, prot: Prot) -> bool {
+    fn enter_quick(&self, space: &RefSpace, va: VirtAddr, page: PageInfo, prot: Prot) -> bool {
+        let va = va.as_u64();
         let mut st = self.lock();
         let Some(t) = st.spaces.get_mut(&space.id) else {
             return false;
@@ -238,7 +239,8 @@ impl Pmap for RefPmap {
         true
     }
 
-    fn remove(&self, space: &RefSpace, start: u64, end: u64, sink: &mut dyn FnMut(Displaced)) {
+    fn remove(&self, space: &RefSpace, range: Range<VirtAddr>, sink: &mut DisplacedSink<'_>) {
+        let (start, end) = (range.start.as_u64(), range.end.as_u64());
         let mut st = self.lock();
         let vas: Vec<u64> = match st.spaces.get(&space.id) {
             Some(t) => t.range(start..end).map(|(&va, _)| va).collect(),
@@ -256,13 +258,13 @@ impl Pmap for RefPmap {
     fn protect(
         &self,
         space: &RefSpace,
-        start: u64,
-        end: u64,
+        range: Range<VirtAddr>,
         prot: Prot,
-        sink: &mut dyn FnMut(Displaced),
+        sink: &mut DisplacedSink<'_>,
     ) {
+        let (start, end) = (range.start.as_u64(), range.end.as_u64());
         if !prot.contains(Prot::READ) {
-            return self.remove(space, start, end, sink);
+            return self.remove(space, range, sink);
         }
         let mut st = self.lock();
         st.calls.protect += 1;
@@ -279,15 +281,18 @@ impl Pmap for RefPmap {
         }
     }
 
-    fn extract(&self, space: &RefSpace, va: u64) -> Option<Pfn> {
+    fn extract(&self, space: &RefSpace, va: VirtAddr) -> Option<Pfn> {
+        let va = va.as_u64();
         self.pte(space, va).map(|p| p.pfn)
     }
 
-    fn is_prefaultable(&self, space: &RefSpace, va: u64) -> bool {
+    fn is_prefaultable(&self, space: &RefSpace, va: VirtAddr) -> bool {
+        let va = va.as_u64();
         self.pte(space, va).is_none()
     }
 
-    fn change_wiring(&self, space: &RefSpace, va: u64, wired: bool) {
+    fn change_wiring(&self, space: &RefSpace, va: VirtAddr, wired: bool) {
+        let va = va.as_u64();
         if let Some(p) = self
             .lock()
             .spaces
@@ -298,7 +303,8 @@ impl Pmap for RefPmap {
         }
     }
 
-    fn translate(&self, space: &RefSpace, va: u64, access: Prot) -> Option<Pfn> {
+    fn translate(&self, space: &RefSpace, va: VirtAddr, access: Prot) -> Option<Pfn> {
+        let va = va.as_u64();
         let mut st = self.lock();
         let p = st.spaces.get_mut(&space.id)?.get_mut(&va)?;
         if !p.prot.contains(access) {

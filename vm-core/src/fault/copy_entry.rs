@@ -3,12 +3,13 @@
 //! copy-on-write entry gains write access (modern FreeBSD's use of the same
 //! function from `vm_map_protect`).
 
-use crate::addr::PAGE_SIZE;
+use crate::addr::{PAGE_SIZE, VirtAddr, va_range};
 use crate::error::MapError;
 use crate::map::{EntryFlags, MapEntry};
 use crate::object::VmObject;
 use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
 use crate::page_queues::AllocClass;
+use crate::pmap::Mapping;
 use crate::pmap::{MemAttr, PageInfo, Pmap, PmapError};
 use crate::prot::Prot;
 use crate::space::VmSpace;
@@ -49,7 +50,8 @@ pub(crate) fn copy_entry<P: Pmap>(
     dst.object = Some(dst_object.clone());
     let result = copy_pages(parent, child, src, &dst_object);
     if result.is_err() {
-        vm.pmap.remove(&child.pmap, src.start, src.end, &mut |_| {});
+        vm.pmap
+            .remove(&child.pmap, va_range(src.start, src.end), &mut |_| {});
         // `dst` drops with its object, and the copies with it.
         dst_object.drop_ref();
     }
@@ -91,8 +93,11 @@ fn copy_pages<P: Pmap>(
         let displaced = vm
             .retry_for_memory(
                 || {
-                    vm.pmap
-                        .enter(&child.pmap, va, info, src.protection, Prot::NONE, false)
+                    vm.pmap.enter(
+                        &child.pmap,
+                        VirtAddr(va),
+                        Mapping::new(info, src.protection).access(Prot::NONE),
+                    )
                 },
                 |e| *e == PmapError::NoMemory,
             )
@@ -182,10 +187,13 @@ pub(crate) fn upgrade_wired_entry<P: Pmap>(
         };
         // The old page is mapped here or was (it is wired), so the tables
         // exist and the replacement needs no memory.
-        match vm
-            .pmap
-            .enter(&space.pmap, va, info, e.protection, Prot::NONE, true)
-        {
+        match vm.pmap.enter(
+            &space.pmap,
+            VirtAddr(va),
+            Mapping::new(info, e.protection)
+                .access(Prot::NONE)
+                .wired(true),
+        ) {
             Ok(displaced) => displaced.into_iter().for_each(|d| vm.note_displaced(d)),
             Err(err) => debug_assert!(false, "replacing the wired page at {va:#x}: {err}"),
         }

@@ -24,13 +24,14 @@ mod prefault;
 
 pub(crate) use copy_entry::{copy_entry, copy_page, upgrade_wired_entry};
 
-use crate::addr::{Pfn, page_trunc};
+use crate::addr::{Pfn, VirtAddr, page_trunc};
 use crate::error::FaultError;
 use crate::map::{EntryFlags, LookupError, LookupMode, MapState};
 use crate::object::ObjectFlags;
 use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
 use crate::page_queues::AllocClass;
 use crate::pager::PagerError;
+use crate::pmap::Mapping;
 use crate::pmap::{PageInfo, Pmap, PmapError};
 use crate::prot::Prot;
 use crate::space::VmSpace;
@@ -689,14 +690,10 @@ impl<'a, P: Pmap> FaultState<'a, P> {
             attr: self.machine.pages.attr(m.id),
         };
         let vm = &self.space.vm;
-        match vm.pmap.enter(
-            &self.space.pmap,
-            self.va,
-            pg,
-            self.prot,
-            self.fault_type & self.prot,
-            self.wired,
-        ) {
+        let mapping = Mapping::new(pg, self.prot)
+            .access(self.fault_type & self.prot)
+            .wired(self.wired);
+        match vm.pmap.enter(&self.space.pmap, VirtAddr(self.va), mapping) {
             Ok(displaced) => {
                 if let Some(d) = displaced {
                     vm.note_displaced(d);

@@ -3,6 +3,7 @@
 
 use super::FaultState;
 use super::guard::{BusyPage, Disposal};
+use crate::addr::PhysAddr;
 use crate::map::Behavior;
 use crate::object::VmObject;
 use crate::page::{PageFlags, VM_PAGE_BITS_ALL};
@@ -223,7 +224,11 @@ impl<P: Pmap> FaultState<'_, P> {
     /// The pager answered with device memory: put a fictitious page for
     /// it in the object in place of the page allocated for the read, which
     /// is freed (FreeBSD `dev_pager_getpages`).
-    fn use_device_page(&mut self, pa: u64, attr: crate::pmap::MemAttr) -> Result<(), PagerError> {
+    fn use_device_page(
+        &mut self,
+        pa: PhysAddr,
+        attr: crate::pmap::MemAttr,
+    ) -> Result<(), PagerError> {
         let pages = &self.machine.pages;
         let ram = self.m.take().expect("page to read");
         let object = ram.object().clone();

@@ -2,7 +2,7 @@
 //! accesses need no fault (seed `vm_fault_prefault`, L934-1006).
 
 use super::FaultState;
-use crate::addr::PAGE_SIZE;
+use crate::addr::{PAGE_SIZE, VirtAddr};
 use crate::map::MapEntry;
 use crate::object::VmObject;
 use crate::page::{PageFlags, VM_PAGE_BITS_ALL};
@@ -30,7 +30,12 @@ impl<P: Pmap> FaultState<'_, P> {
             let Some(addr) = addr.filter(|a| (entry.start..entry.end).contains(a)) else {
                 continue;
             };
-            if !self.space.vm.pmap.is_prefaultable(&self.space.pmap, addr) {
+            if !self
+                .space
+                .vm
+                .pmap
+                .is_prefaultable(&self.space.pmap, VirtAddr(addr))
+            {
                 continue;
             }
             if !self.prefault_one(object, entry, addr) {
@@ -62,7 +67,7 @@ impl<P: Pmap> FaultState<'_, P> {
                     };
                     if self.space.vm.pmap.enter_quick(
                         &self.space.pmap,
-                        addr,
+                        VirtAddr(addr),
                         info,
                         entry.protection,
                     ) {

@@ -13,11 +13,13 @@
 //! * [`PanicPager`]: a pager whose `put_pages` panics on command.
 #![allow(dead_code)]
 
+use core::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::time::Duration;
-use vm_core::pmap::{Displaced, PageInfo, Pmap, PmapError, RefMod};
+use vm_core::VirtAddr;
+use vm_core::pmap::{Displaced, DisplacedSink, Mapping, PageInfo, Pmap, PmapError, RefMod};
 use vm_core::{
     Contiguity, PageOut, PageSlot, Pager, PagerError, PagerKind, Pfn, Prot, SwapProvider, Vm,
     VmSpace,
@@ -166,41 +168,38 @@ impl Pmap for HookPmap {
     fn enter(
         &self,
         space: &RefSpace,
-        va: u64,
-        page: PageInfo,
-        prot: Prot,
-        access: Prot,
-        wired: bool,
+        va: VirtAddr,
+        m: Mapping,
     ) -> Result<Option<Displaced>, PmapError> {
-        self.inner.enter(space, va, page, prot, access, wired)
+        self.inner.enter(space, va, m)
     }
-    fn enter_quick(&self, space: &RefSpace, va: u64, page: PageInfo, prot: Prot) -> bool {
+    fn enter_quick(&self, space: &RefSpace, va: VirtAddr, page: PageInfo, prot: Prot) -> bool {
         self.inner.enter_quick(space, va, page, prot)
     }
-    fn remove(&self, space: &RefSpace, start: u64, end: u64, sink: &mut dyn FnMut(Displaced)) {
-        self.inner.remove(space, start, end, sink);
+    fn remove(&self, space: &RefSpace, range: Range<VirtAddr>, sink: &mut DisplacedSink<'_>) {
+        self.inner.remove(space, range, sink);
     }
     fn protect(
         &self,
         space: &RefSpace,
-        start: u64,
-        end: u64,
+        range: Range<VirtAddr>,
         prot: Prot,
-        sink: &mut dyn FnMut(Displaced),
+        sink: &mut DisplacedSink<'_>,
     ) {
-        self.inner.protect(space, start, end, prot, sink);
+        self.inner.protect(space, range, prot, sink);
     }
-    fn extract(&self, space: &RefSpace, va: u64) -> Option<Pfn> {
+    fn extract(&self, space: &RefSpace, va: VirtAddr) -> Option<Pfn> {
         self.inner.extract(space, va)
     }
-    fn is_prefaultable(&self, space: &RefSpace, va: u64) -> bool {
+    fn is_prefaultable(&self, space: &RefSpace, va: VirtAddr) -> bool {
         self.inner.is_prefaultable(space, va)
     }
-    fn change_wiring(&self, space: &RefSpace, va: u64, wired: bool) {
+    fn change_wiring(&self, space: &RefSpace, va: VirtAddr, wired: bool) {
         self.inner.change_wiring(space, va, wired);
     }
-    fn translate(&self, space: &RefSpace, va: u64, access: Prot) -> Option<Pfn> {
+    fn translate(&self, space: &RefSpace, va: VirtAddr, access: Prot) -> Option<Pfn> {
         let r = self.inner.translate(space, va, access);
+        let va = va.as_u64();
         if r.is_some() {
             self.stop_if(|at| {
                 matches!(at, HookAt::Translate { va: v, access: a } if v == va && access.contains(a))

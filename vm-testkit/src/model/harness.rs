@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use vm_core::{
     Balloon, FaultError, FaultFlags, HeldPages, HoldError, Inheritance, MapError, MapRequest,
-    MemAttr, PageQueue, PagerKind, Pfn, Pmap, PmapError, Prot, Vm, VmObject, VmSpace,
+    MemAttr, PageQueue, PagerKind, Pfn, PhysAddr, Pmap, PmapError, Prot, Vm, VmObject, VmSpace,
 };
 use vm_pager_device::{DeviceMmap, DevicePager};
 use vm_pager_vnode::VnodePager;
@@ -97,8 +97,8 @@ struct ModelHold<P: Pmap> {
 struct Device;
 
 impl DeviceMmap for Device {
-    fn mmap(&self, offset: u64, _prot: Prot) -> Option<(u64, MemAttr)> {
-        (offset < SLOT_PAGES * PAGE).then_some((DEVICE_PA + offset, MemAttr::Uncacheable))
+    fn mmap(&self, offset: u64, _prot: Prot) -> Option<(PhysAddr, MemAttr)> {
+        (offset < SLOT_PAGES * PAGE).then_some((PhysAddr(DEVICE_PA + offset), MemAttr::Uncacheable))
     }
 }
 
@@ -553,7 +553,7 @@ impl<P: Pmap> Harness<P> {
                 ensure!(got.is_ok(), "device read {space}/{slot}/{page}: {got:?}");
                 let pa = s.extract(va).map(Pfn::phys_addr);
                 ensure!(
-                    pa == Some(DEVICE_PA + page * PAGE),
+                    pa == Some(PhysAddr(DEVICE_PA + page * PAGE)),
                     "device page {page} mapped at {pa:x?}"
                 );
             }
@@ -974,7 +974,7 @@ impl<P: Pmap> Harness<P> {
             Expect::PastEof => return Err(format!("page {page} past EOF still mapped at {pa:#x}")),
             Expect::Value(v) => v,
         };
-        let pfn = Pfn::containing(pa);
+        let pfn = Pfn::containing(PhysAddr(pa));
         let id = self
             .vm
             .page_of(pfn)
