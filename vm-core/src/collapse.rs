@@ -13,8 +13,12 @@ use core::sync::atomic::Ordering;
 impl<P: Pmap> Vm<P> {
     /// Merges into `object` each backing object that only it references:
     /// pages `object` lacks move up, the rest are freed, and `object`
-    /// adopts the backing object's own backing. Returns how many objects
-    /// were merged.
+    /// adopts the backing object's own backing; then does the same for
+    /// each object further down the chain, so that a backing object only
+    /// one shadow still references is merged into it even when `object`
+    /// itself is shared (FreeBSD reaches those from `vm_object_deallocate`,
+    /// which collapses the last shadow of an object down to one
+    /// reference). Returns how many objects were merged.
     ///
     /// Nothing is merged while a fault or a pager works on either object
     /// (paging in progress), while a page of the backing object is busy,
@@ -25,17 +29,24 @@ impl<P: Pmap> Vm<P> {
     /// one device).
     pub fn collapse(&self, object: &Arc<VmObject>) -> usize {
         let mut merged = 0;
-        while let Some(dead) = self.collapse_once(object) {
-            // The merged object dies here, outside the locks.
-            drop(dead);
-            merged += 1;
-            self.machine
-                .counters
-                .local()
-                .v_collapses
-                .fetch_add(1, Ordering::Relaxed);
+        let mut cur = object.clone();
+        loop {
+            while let Some(dead) = self.collapse_once(&cur) {
+                // The merged object dies here, outside the locks.
+                drop(dead);
+                merged += 1;
+                self.machine
+                    .counters
+                    .local()
+                    .v_collapses
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            let next = cur.lock().backing.as_ref().map(|b| b.object.clone());
+            match next {
+                Some(next) => cur = next,
+                None => return merged,
+            }
         }
-        merged
     }
 
     /// One merge step; returns the merged-away object on success.

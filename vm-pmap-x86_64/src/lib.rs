@@ -16,7 +16,7 @@
 //! assert_eq!(space.read_u8(0x40_0000).unwrap(), 0);
 //! // The CPU's view: reads work, a user write faults with P|W|U.
 //! let t = vm.pmap().translate_access(space.pmap_space(), 0x40_0000, Access::USER_READ).unwrap();
-//! assert_eq!(t.pa >> 12, space.extract(0x40_0000).unwrap().0);
+//! assert_eq!(t.pa, space.extract(0x40_0000).unwrap().phys_addr());
 //! let f = vm.pmap().translate_access(space.pmap_space(), 0x40_0000, Access::USER_WRITE).unwrap_err();
 //! assert_eq!(f, vm_pmap_x86_64::mmu::Fault::PageFault(vm_pmap_x86_64::PfErrorCode::from_bits_truncate(0x7)));
 //! ```

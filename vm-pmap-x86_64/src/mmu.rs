@@ -2,10 +2,11 @@
 //! bits, and reports the #PF error code the CPU would push.
 
 use crate::entry::{AVAIL_HIGH, PG_FRAME, PfErrorCode, PteFlags};
-use crate::paging::{PagingMode, SHIFTS, index};
+use crate::paging::{Level, PagingMode, index};
 use crate::tables::entry_at;
 use core::sync::atomic::Ordering;
 use vm_core::PhysMem;
+use vm_core::{PhysAddr, VirtAddr};
 
 /// Kind and privilege of an access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -81,21 +82,22 @@ pub enum Fault {
     NonCanonical,
     /// An entry points outside physical memory (a machine check on real
     /// hardware).
-    BadPhysical(u64),
+    BadPhysical(PhysAddr),
 }
 
 /// A successful translation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Translation {
     /// The physical address.
-    pub pa: u64,
+    pub pa: PhysAddr,
     /// The leaf entry's value after the walk set its bits.
     pub leaf: u64,
-    /// Level of the leaf (0 = 4 KiB PTE, 1 = 2 MiB PDE, 2 = 1 GiB PDPTE).
-    pub level: usize,
+    /// Level of the leaf: [`Level::PT`] for a 4 KiB page, [`Level::PD`]
+    /// for 2 MiB, [`Level::PDPT`] for 1 GiB.
+    pub level: Level,
 }
 
-fn reserved_bits(mode: &CpuMode, level: usize, e: u64) -> u64 {
+fn reserved_bits(mode: &CpuMode, level: Level, e: u64) -> u64 {
     let phys_reserved = PG_FRAME & !((1u64 << mode.maxphyaddr) - 1);
     let mut r = phys_reserved;
     if !mode.nxe {
@@ -103,9 +105,9 @@ fn reserved_bits(mode: &CpuMode, level: usize, e: u64) -> u64 {
     }
     let ps = e & PteFlags::PS.bits() != 0;
     match level {
-        3 | 4 => r |= PteFlags::PS.bits(),
+        Level::PML4 | Level::PML5 => r |= PteFlags::PS.bits(),
         // A large leaf's frame must be aligned to its size; bit 12 is PAT.
-        1 | 2 if ps => r |= ((1u64 << SHIFTS[level]) - 1) & !0x1fff,
+        Level::PD | Level::PDPT if ps => r |= (level.span() - 1) & !0x1fff,
         _ => {}
     }
     r & !AVAIL_HIGH
@@ -122,17 +124,17 @@ fn reserved_bits(mode: &CpuMode, level: usize, e: u64) -> u64 {
 pub fn translate(
     phys: &PhysMem,
     mode: &CpuMode,
-    root: u64,
-    va: u64,
+    root: PhysAddr,
+    va: VirtAddr,
     access: Access,
 ) -> Result<Translation, Fault> {
-    if !mode.paging.is_canonical(va) {
+    if !mode.paging.is_canonical(va.0) {
         return Err(Fault::NonCanonical);
     }
-    let mut table = root & PG_FRAME;
+    let mut table = PhysAddr(root.0 & PG_FRAME);
     let (mut writable, mut user, mut exec) = (true, true, true);
     let mut used = [None; 5];
-    for level in (0..mode.paging.levels()).rev() {
+    for level in mode.paging.root().down_to(Level::PT) {
         let slot = entry_at(phys, table, index(va, level)).ok_or(Fault::BadPhysical(table))?;
         let e = slot.load(Ordering::Acquire);
         if e & PteFlags::V.bits() == 0 {
@@ -143,13 +145,13 @@ pub fn translate(
                 access.code() | PfErrorCode::P | PfErrorCode::RSVD,
             ));
         }
-        used[level] = Some(slot);
+        used[level.number()] = Some(slot);
         writable &= e & PteFlags::RW.bits() != 0;
         user &= e & PteFlags::U.bits() != 0;
         exec &= !(mode.nxe && e & PteFlags::NX.bits() != 0);
-        let leaf = level == 0 || (level <= 2 && e & PteFlags::PS.bits() != 0);
+        let leaf = level == Level::PT || (level <= Level::PDPT && e & PteFlags::PS.bits() != 0);
         if !leaf {
-            table = e & PG_FRAME;
+            table = PhysAddr(e & PG_FRAME);
             continue;
         }
         let denied = (access.user && !user)
@@ -164,13 +166,13 @@ pub fn translate(
         if access.write {
             slot.fetch_or(PteFlags::M.bits(), Ordering::AcqRel);
         }
-        let offset_mask = (1u64 << SHIFTS[level]) - 1;
+        let offset_mask = level.span() - 1;
         let frame = e & PG_FRAME & !offset_mask;
         return Ok(Translation {
-            pa: frame | (va & offset_mask),
+            pa: PhysAddr(frame | (va.0 & offset_mask)),
             leaf: slot.load(Ordering::Acquire),
             level,
         });
     }
-    unreachable!("level 0 is always a leaf")
+    unreachable!("the page table is always a leaf")
 }

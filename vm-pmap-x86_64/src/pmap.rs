@@ -9,7 +9,7 @@
 
 use crate::entry::{PG_FRAME, PteFlags};
 use crate::mmu::{self, Access, CpuMode};
-use crate::paging::{ENTRIES, PagingMode, index, span};
+use crate::paging::{Level, PagingMode, TableIndex, index};
 use crate::pat::{CACHE_MASK, cache_bits};
 use crate::pv::PvTable;
 use crate::tables::entry_at;
@@ -54,6 +54,11 @@ struct SpaceInner {
     /// frame reused for data. Holds whether the space was destroyed (its
     /// root freed): a walk then stops at once.
     walk: RwLock<bool>,
+}
+
+/// The entry for `va` in the table of `level` at physical address `table`.
+fn slot_of(phys: &PhysMem, table: u64, va: u64, level: Level) -> Option<&AtomicU64> {
+    entry_at(phys, PhysAddr(table), index(VirtAddr(va), level))
 }
 
 /// One address space's tables: its root (CR3) and statistics.
@@ -167,9 +172,9 @@ impl<T: TlbHook> X86Pmap<T> {
 
     /// The raw value of the leaf entry mapping `va`, if the tables reach
     /// it.
-    pub fn pte(&self, space: &X86Space, va: u64) -> Option<u64> {
+    pub fn pte(&self, space: &X86Space, va: impl Into<VirtAddr>) -> Option<u64> {
         let _g = self.lock_space(space)?;
-        self.leaf_slot(space.0.root, va)
+        self.leaf_slot(space.0.root, va.into().as_u64())
             .map(|s| s.load(Ordering::Acquire))
     }
 
@@ -193,29 +198,30 @@ impl<T: TlbHook> X86Pmap<T> {
     pub fn translate_access(
         &self,
         space: &X86Space,
-        va: u64,
+        va: impl Into<VirtAddr>,
         access: Access,
     ) -> Result<mmu::Translation, mmu::Fault> {
-        let phys = self.phys().ok_or(mmu::Fault::BadPhysical(space.0.root))?;
+        let root = PhysAddr(space.0.root);
+        let phys = self.phys().ok_or(mmu::Fault::BadPhysical(root))?;
         let walking = space.0.walk.read();
         if *walking {
-            return Err(mmu::Fault::BadPhysical(space.0.root));
+            return Err(mmu::Fault::BadPhysical(root));
         }
-        mmu::translate(phys, &self.mode, space.0.root, va, access)
+        mmu::translate(phys, &self.mode, root, va.into(), access)
     }
 
     /// The slot of the 4 KiB leaf for `va`, without creating tables.
     fn leaf_slot(&self, root: u64, va: u64) -> Option<&AtomicU64> {
         let phys = self.phys()?;
         let mut table = root;
-        for level in (1..self.mode.paging.levels()).rev() {
-            let e = entry_at(phys, table, index(va, level))?.load(Ordering::Acquire);
+        for level in self.mode.paging.root().down_to(Level::PD) {
+            let e = slot_of(phys, table, va, level)?.load(Ordering::Acquire);
             if e & PteFlags::V.bits() == 0 || e & PteFlags::PS.bits() != 0 {
                 return None;
             }
             table = e & PG_FRAME;
         }
-        entry_at(phys, table, index(va, 0))
+        slot_of(phys, table, va, Level::PT)
     }
 
     /// The slot of the leaf for `va` and its table, making missing tables.
@@ -228,9 +234,9 @@ impl<T: TlbHook> X86Pmap<T> {
         let frames = self.frames.as_ref().ok_or(PmapError::NoMemory)?;
         let phys = frames.phys();
         let mut table = sp.root;
-        for level in (1..self.mode.paging.levels()).rev() {
-            let slot = entry_at(phys, table, index(va, level))
-                .ok_or(PmapError::BadAddress(VirtAddr(va)))?;
+        for level in self.mode.paging.root().down_to(Level::PD) {
+            let slot =
+                slot_of(phys, table, va, level).ok_or(PmapError::BadAddress(VirtAddr(va)))?;
             let e = slot.load(Ordering::Acquire);
             if e & PteFlags::V.bits() != 0 {
                 table = e & PG_FRAME;
@@ -248,7 +254,7 @@ impl<T: TlbHook> X86Pmap<T> {
             table = child;
         }
         let slot =
-            entry_at(phys, table, index(va, 0)).ok_or(PmapError::BadAddress(VirtAddr(va)))?;
+            slot_of(phys, table, va, Level::PT).ok_or(PmapError::BadAddress(VirtAddr(va)))?;
         Ok((slot, table))
     }
 
@@ -256,12 +262,11 @@ impl<T: TlbHook> X86Pmap<T> {
     /// up, retiring their frames into `flush`.
     fn prune(&self, _locked: &mut SpaceState, root: u64, va: u64, flush: &mut PendingFlush) {
         let Some(phys) = self.phys() else { return };
-        let mut path = [(0u64, 0usize); 5];
+        let mut path = [(0u64, Level::PT); 5];
         let mut table = root;
-        let levels = self.mode.paging.levels();
         let mut depth = 0;
-        for level in (1..levels).rev() {
-            let Some(slot) = entry_at(phys, table, index(va, level)) else {
+        for level in self.mode.paging.root().down_to(Level::PD) {
+            let Some(slot) = slot_of(phys, table, va, level) else {
                 return;
             };
             let e = slot.load(Ordering::Acquire);
@@ -276,7 +281,7 @@ impl<T: TlbHook> X86Pmap<T> {
         while depth > 0 && self.count(table) == 0 {
             depth -= 1;
             let (parent, level) = path[depth];
-            let slot = entry_at(phys, parent, index(va, level)).expect("walked");
+            let slot = slot_of(phys, parent, va, level).expect("walked");
             let old = slot.swap(0, Ordering::AcqRel);
             flush.note(va, old);
             flush.retire_table(table);
@@ -334,17 +339,16 @@ impl<T: TlbHook> X86Pmap<T> {
 
     /// The table pages of the tree under `table` of `level`, itself
     /// included, deepest first.
-    fn tables_under(&self, table: u64, level: usize, out: &mut alloc::vec::Vec<u64>) {
-        if level > 0 {
-            if let Some(phys) = self.phys() {
-                for idx in 0..ENTRIES {
-                    let Some(e) = entry_at(phys, table, idx).map(|s| s.load(Ordering::Acquire))
-                    else {
-                        break;
-                    };
-                    if e & PteFlags::V.bits() != 0 {
-                        self.tables_under(e & PG_FRAME, level - 1, out);
-                    }
+    fn tables_under(&self, table: u64, level: Level, out: &mut alloc::vec::Vec<u64>) {
+        if let (Some(below), Some(phys)) = (level.below(), self.phys()) {
+            for idx in TableIndex::all() {
+                let Some(e) =
+                    entry_at(phys, PhysAddr(table), idx).map(|s| s.load(Ordering::Acquire))
+                else {
+                    break;
+                };
+                if e & PteFlags::V.bits() != 0 {
+                    self.tables_under(e & PG_FRAME, below, out);
                 }
             }
         }
@@ -358,7 +362,7 @@ impl<T: TlbHook> X86Pmap<T> {
             return 0;
         };
         let mut tables = alloc::vec::Vec::new();
-        self.tables_under(space.0.root, self.mode.paging.levels() - 1, &mut tables);
+        self.tables_under(space.0.root, self.mode.paging.root(), &mut tables);
         tables.len()
     }
 
@@ -370,7 +374,7 @@ impl<T: TlbHook> X86Pmap<T> {
         &self,
         st: &mut SpaceState,
         table: u64,
-        level: usize,
+        level: Level,
         base: u64,
         start: u64,
         end: u64,
@@ -378,29 +382,32 @@ impl<T: TlbHook> X86Pmap<T> {
         f: &mut dyn FnMut(&mut SpaceState, u64, &AtomicU64) -> bool,
     ) {
         let Some(phys) = self.phys() else { return };
-        let step = span(level);
+        let step = level.span();
         let first = ((start.max(base) - base) / step) as usize;
-        let last = ((end - 1 - base) / step).min(ENTRIES as u64 - 1) as usize;
-        for idx in first..=last {
-            let va = base + idx as u64 * step;
-            let Some(slot) = entry_at(phys, table, idx) else {
+        let last = ((end - 1 - base) / step) as usize;
+        for idx in TableIndex::all()
+            .skip(first)
+            .take(last.saturating_sub(first) + 1)
+        {
+            let va = base + idx.get() as u64 * step;
+            let Some(slot) = entry_at(phys, PhysAddr(table), idx) else {
                 return;
             };
             let e = slot.load(Ordering::Acquire);
             if e & PteFlags::V.bits() == 0 {
                 continue;
             }
-            if level == 0 {
+            let Some(below) = level.below() else {
                 if f(st, va, slot) {
                     self.count_add(table, -1);
                 }
                 continue;
-            }
+            };
             let child = e & PG_FRAME;
             self.visit(
                 st,
                 child,
-                level - 1,
+                below,
                 va,
                 start.max(va),
                 end.min(va + step),
@@ -537,8 +544,8 @@ impl<T: TlbHook> X86Pmap<T> {
     fn table_of(&self, root: u64, va: u64) -> Option<u64> {
         let phys = self.phys()?;
         let mut table = root;
-        for level in (1..self.mode.paging.levels()).rev() {
-            let e = entry_at(phys, table, index(va, level))?.load(Ordering::Acquire);
+        for level in self.mode.paging.root().down_to(Level::PD) {
+            let e = slot_of(phys, table, va, level)?.load(Ordering::Acquire);
             if e & PteFlags::V.bits() == 0 {
                 return None;
             }
@@ -602,7 +609,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         };
         st.destroyed = true;
         let mut tables = alloc::vec::Vec::new();
-        self.tables_under(space.0.root, self.mode.paging.levels() - 1, &mut tables);
+        self.tables_under(space.0.root, self.mode.paging.root(), &mut tables);
         debug_assert_eq!(tables.len(), 1, "only the root is left");
         *space.0.walk.write() = true;
         for t in tables {
@@ -701,7 +708,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             return;
         };
         let mut flush = PendingFlush::new(root);
-        let top = self.mode.paging.levels() - 1;
+        let top = self.mode.paging.root();
         let mut noted = alloc::vec::Vec::new();
         self.visit(
             &mut st,
@@ -752,7 +759,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             return;
         };
         let mut flush = PendingFlush::new(root);
-        let top = self.mode.paging.levels() - 1;
+        let top = self.mode.paging.root();
         let mut changed = alloc::vec::Vec::new();
         let nx = self.mode.nxe && !prot.contains(Prot::EXECUTE);
         self.visit(
@@ -847,7 +854,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         };
         self.translate_access(space, va, a)
             .ok()
-            .map(|t| Pfn::containing(PhysAddr(t.pa)))
+            .map(|t| Pfn::containing(t.pa))
     }
 
     fn remove_all(&self, pfn: Pfn) -> RefMod {

@@ -4,22 +4,22 @@
 //! MMU) sets A and D bits concurrently with the pmap's updates, exactly as
 //! on hardware, so every access is atomic.
 
+use crate::paging::TableIndex;
 use core::sync::atomic::AtomicU64;
 use vm_core::{PAGE_SIZE, Pfn, PhysAddr, PhysMem};
 
 /// The entry `idx` of the table at physical address `table`, or `None` if
 /// the table is not in `phys`.
 #[must_use]
-pub fn entry_at(phys: &PhysMem, table: u64, idx: usize) -> Option<&AtomicU64> {
-    debug_assert!(idx < 512);
-    let base = phys.frame_ptr(Pfn::containing(PhysAddr(table)))?;
-    let off = (table % PAGE_SIZE) as usize + idx * 8;
+pub fn entry_at(phys: &PhysMem, table: PhysAddr, idx: TableIndex) -> Option<&AtomicU64> {
+    let base = phys.frame_ptr(Pfn::containing(table))?;
+    let off = table.page_offset() as usize + idx.get() * 8;
     if off + 8 > PAGE_SIZE as usize {
         return None;
     }
     // SAFETY: the frame is inside physical memory, which lives as long as
     // `phys`; `off` keeps the 8 bytes inside the frame and 8-byte aligned
-    // (frames are page aligned, `table % PAGE_SIZE` is 0 for every table
+    // (frames are page aligned, the page offset is 0 for every table
     // this crate makes and the walker masks it). Every access to table
     // memory goes through atomics, so there is no data race.
     Some(unsafe { &*(base.as_ptr().add(off) as *const AtomicU64) })

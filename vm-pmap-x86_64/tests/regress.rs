@@ -13,11 +13,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 use vm_core::pmap::{Displaced, PageInfo, Pmap};
-use vm_core::{Mapping, VirtAddr};
-use vm_core::{MemAttr, Pfn, Prot, Vm};
+use vm_core::{Mapping, MemAttr, Pfn, PhysAddr, Prot, VirtAddr, Vm};
 use vm_pmap_x86_64::entry::PG_FRAME;
 use vm_pmap_x86_64::mmu::{Access, CpuMode};
-use vm_pmap_x86_64::paging::index;
+use vm_pmap_x86_64::paging::{Level, TableIndex, index};
 use vm_pmap_x86_64::tables::entry_at;
 use vm_pmap_x86_64::{PteFlags, TlbHook, X86Pmap, X86Space};
 use vm_testkit::test_config;
@@ -37,8 +36,8 @@ fn page(pfn: u64) -> PageInfo {
 fn path_tables(vm: &Vm<impl Pmap>, root: u64, va: u64) -> Vec<u64> {
     let mut out = Vec::new();
     let mut table = root;
-    for level in (1..4).rev() {
-        let Some(slot) = entry_at(vm.phys(), table, index(va, level)) else {
+    for level in Level::PML4.down_to(Level::PD) {
+        let Some(slot) = entry_at(vm.phys(), PhysAddr(table), index(VirtAddr(va), level)) else {
             break;
         };
         let e = slot.load(Ordering::Acquire);
@@ -55,9 +54,8 @@ fn path_tables(vm: &Vm<impl Pmap>, root: u64, va: u64) -> Vec<u64> {
 /// lock (0 if the tables do not reach it).
 fn raw_leaf(vm: &Vm<impl Pmap>, root: u64, va: u64) -> u64 {
     match path_tables(vm, root, va).as_slice() {
-        [_, _, pt] => {
-            entry_at(vm.phys(), *pt, index(va, 0)).map_or(0, |s| s.load(Ordering::Acquire))
-        }
+        [_, _, pt] => entry_at(vm.phys(), PhysAddr(*pt), index(VirtAddr(va), Level::PT))
+            .map_or(0, |s| s.load(Ordering::Acquire)),
         _ => 0,
     }
 }
@@ -424,8 +422,8 @@ fn i11_8_software_mmu_never_touches_a_freed_table() {
                 std::hint::spin_loop();
             }
             'scan: for table in path_tables(&vm, s2.root(), va2) {
-                for i in 0..512 {
-                    let e = entry_at(vm.phys(), table, i)
+                for (i, idx) in TableIndex::all().enumerate() {
+                    let e = entry_at(vm.phys(), PhysAddr(table), idx)
                         .unwrap()
                         .load(Ordering::Acquire);
                     if e != 0 && e & PteFlags::V.bits() == 0 {

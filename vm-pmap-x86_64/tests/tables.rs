@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use vm_core::pmap::{PageInfo, Pmap, PmapError};
-use vm_core::{Mapping, VirtAddr};
-use vm_core::{MemAttr, Pfn, Prot, Vm};
+use vm_core::{Mapping, MemAttr, Pfn, PhysAddr, Prot, VirtAddr, Vm};
 use vm_pmap_x86_64::mmu::{Access, Fault};
+use vm_pmap_x86_64::paging::{Level, index};
 use vm_pmap_x86_64::{PfErrorCode, PteFlags, X86Pmap, X86Space, tables};
 use vm_testkit::test_config;
 
@@ -167,7 +167,7 @@ fn check(vm: &Vm<X86Pmap>, sp: &X86Space, model: &Model) {
             assert_eq!(pte & PteFlags::RW.bits() != 0, write, "RW of {va:#x}");
             assert_eq!(pte & PteFlags::W.bits() != 0, wired, "W of {va:#x}");
             let t = p.translate_access(sp, va, Access::USER_READ).unwrap();
-            assert_eq!(t.pa, pfn * PAGE);
+            assert_eq!(t.pa.as_u64(), pfn * PAGE);
         } else {
             assert!(matches!(
                 p.translate_access(sp, va, Access::USER_READ),
@@ -544,13 +544,12 @@ fn software_mmu_reports_the_cpu_error_codes() {
 
 /// Overwrites the leaf entry of `va` (tests only).
 fn set_pte(vm: &Vm<X86Pmap>, sp: &X86Space, va: u64, value: u64) {
-    let mut table = sp.root();
-    for level in (1..4).rev() {
-        let e =
-            tables::entry_at(vm.phys(), table, ((va >> (12 + 9 * level)) & 511) as usize).unwrap();
-        table = e.load(Ordering::Acquire) & 0x000f_ffff_ffff_f000;
+    let mut table = PhysAddr(sp.root());
+    for level in Level::PML4.down_to(Level::PD) {
+        let e = tables::entry_at(vm.phys(), table, index(VirtAddr(va), level)).unwrap();
+        table = PhysAddr(e.load(Ordering::Acquire) & 0x000f_ffff_ffff_f000);
     }
-    tables::entry_at(vm.phys(), table, ((va >> 12) & 511) as usize)
+    tables::entry_at(vm.phys(), table, index(VirtAddr(va), Level::PT))
         .unwrap()
         .store(value, Ordering::Release);
 }
