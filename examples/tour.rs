@@ -84,7 +84,7 @@ fn main() -> ExitCode {
     }
     println!("\ncounters (vmstat -s):\n{}", vm.counters().snapshot());
     match vm.check_consistency() {
-        Ok(r) => t.step("consistency check", true, format!("{r:?}")),
+        Ok(r) => t.step("consistency check", true, r.to_string()),
         Err(e) => t.step("consistency check", false, e),
     }
     if t.failures == 0 {
@@ -134,7 +134,7 @@ fn anonymous(vm: &Arc<Vm<X86Pmap>>, proc1: &Space, t: &mut Tour) -> Result<()> {
     t.step(
         "zero-fill write fault",
         out.kind == FaultKind::ZeroFill,
-        format!("{out:?}"),
+        out.to_string(),
     );
     proc1.write(HEAP + 100, b"hello from the parent")?;
     let mut buf = [0u8; 21];
@@ -203,7 +203,10 @@ fn file(vm: &Arc<Vm<X86Pmap>>, proc1: &Space, scratch: &Scratch, t: &mut Tour) -
     t.step(
         "end-of-file page is zero past EOF",
         tail[4..] == [0; 4],
-        format!("{tail:?}"),
+        format!(
+            "the last 4 bytes of the file, then {} zero bytes past its end",
+            tail[4..].iter().filter(|&&b| b == 0).count()
+        ),
     );
     proc1.write(FILE + 5, b"EDITED")?;
     let n = proc1.msync(FILE, 65 * PAGE)?;
@@ -293,7 +296,7 @@ fn pressure(vm: &Arc<Vm<X86Pmap>>, proc1: &Space, swap: &Swap, t: &mut Tour) -> 
         "page-out to swap and page-in back",
         ok && s.v_swappgsout > 0 && s.v_swappgsin > 0,
         format!(
-            "{} pages out, {} in, every byte back; {:?}",
+            "{} pages out, {} in, every byte back; swap: {}",
             s.v_swappgsout,
             s.v_swappgsin,
             swap.stats()

@@ -1444,7 +1444,7 @@ fn rt2_x86_page_protect_loses_dirty_bit_racing_cpu_write() {
                 std::hint::spin_loop();
             }
             let pte = vm.pmap().pte(space.pmap_space(), BASE).unwrap();
-            let m_left = pte & vm_pmap_x86_64::PteFlags::M.bits() != 0;
+            let m_left = pte & vm_pmap_x86_64::PteFlags::DIRTY.bits() != 0;
             if wrote.load(Ordering::Acquire) && !rm.modified && !m_left {
                 lost = Some(rounds);
             }

@@ -24,7 +24,8 @@ impl<P: Pmap> VmSpace<P> {
     ///
     /// The [`FaultError`] of the first page that cannot be read; bytes
     /// before it have been read into `buf`.
-    pub fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), FaultError> {
+    pub fn read(&self, va: impl Into<VirtAddr>, buf: &mut [u8]) -> Result<(), FaultError> {
+        let va = va.into().as_u64();
         let mut done = 0;
         self.each_page(va, buf.len(), Prot::READ, |pfn, off, len| {
             self.vm.phys().read(pfn, off, &mut buf[done..done + len]);
@@ -39,7 +40,8 @@ impl<P: Pmap> VmSpace<P> {
     ///
     /// The [`FaultError`] of the first page that cannot be written; bytes
     /// before it have been written.
-    pub fn write(&self, va: u64, data: &[u8]) -> Result<(), FaultError> {
+    pub fn write(&self, va: impl Into<VirtAddr>, data: &[u8]) -> Result<(), FaultError> {
+        let va = va.into().as_u64();
         let mut done = 0;
         self.each_page(va, data.len(), Prot::WRITE, |pfn, off, len| {
             self.vm.phys().write(pfn, off, &data[done..done + len]);
@@ -69,7 +71,8 @@ impl<P: Pmap> VmSpace<P> {
     /// writable or a private one that may never be (maximum protection), or
     /// the error of the fault that could not bring the page in. Bytes
     /// before the failing page have been written.
-    pub fn write_forced(&self, va: u64, data: &[u8]) -> Result<(), FaultError> {
+    pub fn write_forced(&self, va: impl Into<VirtAddr>, data: &[u8]) -> Result<(), FaultError> {
+        let va = va.into().as_u64();
         let end = va
             .checked_add(data.len() as u64)
             .ok_or(FaultError::InvalidAddress { addr: va })?;
@@ -134,7 +137,8 @@ impl<P: Pmap> VmSpace<P> {
     /// # Errors
     ///
     /// As [`read`](Self::read).
-    pub fn read_u8(&self, va: u64) -> Result<u8, FaultError> {
+    pub fn read_u8(&self, va: impl Into<VirtAddr>) -> Result<u8, FaultError> {
+        let va = va.into().as_u64();
         let mut b = [0];
         self.read(va, &mut b)?;
         Ok(b[0])
@@ -145,7 +149,8 @@ impl<P: Pmap> VmSpace<P> {
     /// # Errors
     ///
     /// As [`write`](Self::write).
-    pub fn write_u8(&self, va: u64, v: u8) -> Result<(), FaultError> {
+    pub fn write_u8(&self, va: impl Into<VirtAddr>, v: u8) -> Result<(), FaultError> {
+        let va = va.into().as_u64();
         self.write(va, &[v])
     }
 

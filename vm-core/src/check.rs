@@ -36,6 +36,24 @@ pub struct CheckReport {
     pub freed_held: u64,
 }
 
+impl core::fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "{} pages free, {} active, {} inactive, {} wired; {} in {} objects; \
+             {} held, {} freed while held",
+            self.free,
+            self.active,
+            self.inactive,
+            self.wired,
+            self.in_objects,
+            self.objects,
+            self.held,
+            self.freed_held
+        )
+    }
+}
+
 impl<P: Pmap> Vm<P> {
     /// Checks the machine at rest (no fault or map operation running, no
     /// page held).

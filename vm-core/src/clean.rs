@@ -1,7 +1,7 @@
 //! Writing dirty pages back through their pager (`msync`, FreeBSD
 //! `vm_object_page_clean`).
 
-use crate::addr::{PAGE_SIZE, page_trunc};
+use crate::addr::{PAGE_SIZE, VirtAddr, page_trunc};
 use crate::error::MapError;
 use crate::fault::guard::{BusyPage, Disposal, wait_for_page};
 use crate::object::VmObject;
@@ -47,7 +47,8 @@ impl<P: Pmap> VmSpace<P> {
     ///
     /// [`CleanError`]: a bad range, or the first pager failure (pages not
     /// written stay dirty).
-    pub fn msync(&self, start: u64, len: u64) -> Result<u64, CleanError> {
+    pub fn msync(&self, start: impl Into<VirtAddr>, len: u64) -> Result<u64, CleanError> {
+        let start = start.into().as_u64();
         let end = self.check_range(page_trunc(start), len)?;
         let targets: Vec<(Arc<VmObject>, u64, u64)> = {
             let g = self.map.read();

@@ -33,6 +33,19 @@ impl<P: Pmap> VmSpace<P> {
     /// copied entry are copied for the child now (see the
     /// [module docs](crate::fork)).
     ///
+    /// ```
+    /// use vm_core::Prot;
+    /// let (_vm, parent) = vm_testkit::machine(16);
+    /// parent.map_anon(0x10_0000, 0x1000, Prot::RW)?;
+    /// parent.write(0x10_0000, b"before")?;
+    /// let child = parent.fork()?;
+    /// child.write(0x10_0000, b"child!")?; // copy on write
+    /// let mut b = [0; 6];
+    /// parent.read(0x10_0000, &mut b)?;
+    /// assert_eq!(&b, b"before");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`MapError::Pmap`] if the child's page tables cannot be made;

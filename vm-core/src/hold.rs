@@ -173,13 +173,38 @@ impl<P: Pmap> Drop for HeldPages<P> {
 }
 
 impl<P: Pmap> VmSpace<P> {
-    /// Faults in and holds every page of `va..va+len` for `access`.
+    /// Faults in and holds every page of `va..va+len` for `access`
+    /// (`vm_fault_quick_hold_pages`): the frames stay allocated to their
+    /// pages, and a write hold's pages count as written, until the
+    /// [`HeldPages`] is dropped, whatever happens to the mapping meanwhile
+    /// (a device doing DMA, `O_DIRECT` I/O).
+    ///
+    /// ```
+    /// use vm_core::Prot;
+    /// let (vm, space) = vm_testkit::machine(16);
+    /// space.map_anon(0x10_0000, 0x2000, Prot::RW)?;
+    /// let held = space.hold(0x10_0000, 0x2000, Prot::WRITE)?;
+    /// assert_eq!(held.len(), 2);
+    /// // A device writes the first frame directly.
+    /// vm.phys().write(held.frames()[0], 0, b"dma");
+    /// drop(held);
+    /// let mut b = [0; 3];
+    /// space.read(0x10_0000, &mut b)?;
+    /// assert_eq!(&b, b"dma");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     ///
     /// # Errors
     ///
     /// The [`FaultError`] of the first page that cannot be faulted for
     /// `access`; nothing stays held then.
-    pub fn hold(&self, va: u64, len: u64, access: Prot) -> Result<HeldPages<P>, FaultError> {
+    pub fn hold(
+        &self,
+        va: impl Into<VirtAddr>,
+        len: u64,
+        access: Prot,
+    ) -> Result<HeldPages<P>, FaultError> {
+        let va = va.into().as_u64();
         let start = page_trunc(va);
         let end = va
             .checked_add(len)

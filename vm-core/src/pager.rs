@@ -339,7 +339,38 @@ impl<'a> PageSlot<'a> {
 ///
 /// Implementations must be thread-safe; the core never holds a lock while
 /// calling them, and never calls `get_pages` twice for the same page at
-/// once (the pages are busy).
+/// once (the pages are busy). Only [`kind`](Self::kind),
+/// [`has_page`](Self::has_page) and [`get_pages`](Self::get_pages) are
+/// required; a pager that can write back implements
+/// [`put_pages`](Self::put_pages).
+///
+/// ```
+/// use std::sync::Arc;
+/// use vm_core::{Contiguity, MapRequest, PageSlot, Pager, PagerError, PagerKind, Prot};
+///
+/// /// A read-only "file" of four pages, page `i` filled with byte `i`.
+/// struct Rom;
+/// impl Pager for Rom {
+///     fn kind(&self) -> PagerKind { PagerKind::FILE.with_growth(false) }
+///     fn has_page(&self, pindex: u64) -> Option<Contiguity> {
+///         (pindex < 4).then(Contiguity::default)
+///     }
+///     fn get_pages(&self, pages: &mut [PageSlot<'_>], _req: usize) -> Result<(), PagerError> {
+///         for p in pages {
+///             let byte = u8::try_from(p.pindex()).map_err(|_| PagerError::Bad)?;
+///             p.fill_from(0, byte);
+///             p.set_all_valid();
+///         }
+///         Ok(())
+///     }
+/// }
+///
+/// let (vm, space) = vm_testkit::machine(16);
+/// let rom = vm.new_object(4, Arc::new(Rom));
+/// space.map(MapRequest::object(0x10_0000, 0x4000, rom, 0, Prot::READ))?;
+/// assert_eq!(space.read_u8(0x10_2000)?, 2);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[cfg_attr(feature = "mock", mockall::automock)]
 pub trait Pager: Send + Sync + core::any::Any {
     /// What the pager's objects are: their class and the policy switches

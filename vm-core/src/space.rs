@@ -178,8 +178,9 @@ impl<P: Pmap> VmSpace<P> {
         &self.vm
     }
 
-    /// The map.
-    pub fn vm_map(&self) -> &VmMap {
+    /// The space's address map (FreeBSD's `vm_map`): its entries and
+    /// their lock. [`map`](Self::map) is `mmap`, which adds to it.
+    pub fn address_map(&self) -> &VmMap {
         &self.map
     }
 
@@ -197,7 +198,8 @@ impl<P: Pmap> VmSpace<P> {
 
     /// The frame mapped at `va` in the pmap, if any.
     #[must_use]
-    pub fn extract(&self, va: u64) -> Option<Pfn> {
+    pub fn extract(&self, va: impl Into<VirtAddr>) -> Option<Pfn> {
+        let va = va.into().as_u64();
         self.vm.pmap.extract(&self.pmap, VirtAddr(va).page_trunc())
     }
 
@@ -214,7 +216,8 @@ impl<P: Pmap> VmSpace<P> {
 
     /// The object mapped at `va` and its page index there.
     #[must_use]
-    pub fn object_at(&self, va: u64) -> Option<(Arc<VmObject>, u64)> {
+    pub fn object_at(&self, va: impl Into<VirtAddr>) -> Option<(Arc<VmObject>, u64)> {
+        let va = va.into().as_u64();
         let g = self.map.read();
         let e = g.find(va)?;
         Some((e.object.clone()?, e.pindex(va)))
@@ -242,7 +245,19 @@ impl<P: Pmap> VmSpace<P> {
         }
     }
 
-    /// Maps what `req` describes.
+    /// Maps what `req` describes (`mmap`; FreeBSD's `vm_map_find`/
+    /// `vm_map_insert`): a new entry of the [address map](Self::address_map).
+    ///
+    /// ```
+    /// use vm_core::{MapRequest, Prot};
+    /// let (vm, space) = vm_testkit::machine(16);
+    /// // Two anonymous pages, and a private (copy-on-write) view of an object.
+    /// space.map(MapRequest::anon(0x10_0000, 0x2000, Prot::RW))?;
+    /// let obj = vm.new_anon_object(1);
+    /// space.map(MapRequest::object(0x20_0000, 0x1000, obj, 0, Prot::RW).private())?;
+    /// space.write(0x20_0000, b"mine")?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -330,7 +345,13 @@ impl<P: Pmap> VmSpace<P> {
     /// # Errors
     ///
     /// As [`map`](Self::map).
-    pub fn map_anon(&self, start: u64, len: u64, prot: Prot) -> Result<(), MapError> {
+    pub fn map_anon(
+        &self,
+        start: impl Into<VirtAddr>,
+        len: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        let start = start.into().as_u64();
         self.map(MapRequest::anon(start, len, prot))
     }
 
@@ -402,7 +423,8 @@ impl<P: Pmap> VmSpace<P> {
     /// # Errors
     ///
     /// [`MapError`] for a misaligned, empty or out-of-space range.
-    pub fn unmap(&self, start: u64, len: u64) -> Result<(), MapError> {
+    pub fn unmap(&self, start: impl Into<VirtAddr>, len: u64) -> Result<(), MapError> {
+        let start = start.into().as_u64();
         let end = self.check_range(start, len)?;
         let removed = {
             let mut g = self.write_settled(start, end);
@@ -438,7 +460,13 @@ impl<P: Pmap> VmSpace<P> {
     /// fails ([`MapError::ResourceShortage`], [`MapError::MissingPage`])
     /// that entry keeps its old protection and entries before it keep the
     /// new one.
-    pub fn protect(&self, start: u64, len: u64, prot: Prot) -> Result<(), MapError> {
+    pub fn protect(
+        &self,
+        start: impl Into<VirtAddr>,
+        len: u64,
+        prot: Prot,
+    ) -> Result<(), MapError> {
+        let start = start.into().as_u64();
         let end = self.check_range(start, len)?;
         let mut g = self.write_settled(start, end);
         if !g.covers(start, end) {
@@ -511,7 +539,13 @@ impl<P: Pmap> VmSpace<P> {
     /// # Errors
     ///
     /// [`MapError`] for a bad range or one with holes.
-    pub fn set_behavior(&self, start: u64, len: u64, b: Behavior) -> Result<(), MapError> {
+    pub fn set_behavior(
+        &self,
+        start: impl Into<VirtAddr>,
+        len: u64,
+        b: Behavior,
+    ) -> Result<(), MapError> {
+        let start = start.into().as_u64();
         self.update_entries(start, len, |e| e.behavior = b)
     }
 
@@ -521,7 +555,13 @@ impl<P: Pmap> VmSpace<P> {
     /// # Errors
     ///
     /// [`MapError`] for a bad range or one with holes.
-    pub fn set_inheritance(&self, start: u64, len: u64, i: Inheritance) -> Result<(), MapError> {
+    pub fn set_inheritance(
+        &self,
+        start: impl Into<VirtAddr>,
+        len: u64,
+        i: Inheritance,
+    ) -> Result<(), MapError> {
+        let start = start.into().as_u64();
         self.update_entries(start, len, |e| {
             let device = e
                 .object

@@ -120,6 +120,18 @@ impl<P: Pmap> VmSpace<P> {
     /// wired where its pages are (a later `protect` that grants write
     /// copies them, see [`protect`](Self::protect)).
     ///
+    /// ```
+    /// use vm_core::Prot;
+    /// let (vm, space) = vm_testkit::machine(16);
+    /// space.map_anon(0x10_0000, 0x2000, Prot::RW)?;
+    /// space.wire(0x10_0000, 0x2000, true)?; // mlock
+    /// assert_eq!(vm.queue_counts().2, 2, "two wired pages");
+    /// vm.pageout(vm.total_pages()); // even under pressure they stay
+    /// assert_eq!(space.entries()[0].wired_count, 1);
+    /// space.unwire(0x10_0000, 0x2000, true)?; // munlock
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`MapError::NotMapped`] if the range has holes;
@@ -127,7 +139,8 @@ impl<P: Pmap> VmSpace<P> {
     /// nor execute (as FreeBSD's `mlock`, which skips such entries and
     /// fails); [`MapError::Fault`] with the first page that could not be
     /// faulted. Nothing this call wired stays wired after an error.
-    pub fn wire(&self, start: u64, len: u64, user: bool) -> Result<(), MapError> {
+    pub fn wire(&self, start: impl Into<VirtAddr>, len: u64, user: bool) -> Result<(), MapError> {
+        let start = start.into().as_u64();
         let end = self.check_range(start, len)?;
         let (marked, to_fault) = {
             let mut g = self.write_settled(start, end);
@@ -220,7 +233,8 @@ impl<P: Pmap> VmSpace<P> {
     ///
     /// [`MapError::NotMapped`] for holes, [`MapError::NotWired`] if part of
     /// the range is not wired in the asked way; nothing changes then.
-    pub fn unwire(&self, start: u64, len: u64, user: bool) -> Result<(), MapError> {
+    pub fn unwire(&self, start: impl Into<VirtAddr>, len: u64, user: bool) -> Result<(), MapError> {
+        let start = start.into().as_u64();
         let end = self.check_range(start, len)?;
         let mut g = self.write_settled(start, end);
         let keys = g

@@ -56,7 +56,7 @@ fn device_pages_map_the_device_address_with_exact_cache_bits_and_no_pv() {
     let pte = vm.pmap().pte(space.pmap_space(), BASE + 5 * 4096).unwrap();
     assert_eq!(pte & 0x000f_ffff_ffff_f000, DEV_PA + 5 * 4096);
     assert_eq!(
-        pte & (PteFlags::PWT | PteFlags::PCD | PteFlags::PTE_PAT).bits(),
+        pte & (PteFlags::WRITE_THROUGH | PteFlags::NO_CACHE | PteFlags::PTE_PAT).bits(),
         0x90,
         "WC"
     );

@@ -75,6 +75,23 @@ pub struct SwapStats {
     pub full: u64,
 }
 
+impl std::fmt::Display for SwapStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} blocks in use; {} pages read in {} calls, {} written in {} calls; \
+             {} page-outs refused (full)",
+            self.used,
+            self.blocks,
+            self.pages_in,
+            self.read_calls,
+            self.pages_out,
+            self.write_calls,
+            self.full
+        )
+    }
+}
+
 /// Which blocks are in use.
 struct Bitmap {
     used: Vec<bool>,

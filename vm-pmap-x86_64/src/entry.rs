@@ -3,45 +3,46 @@
 bitflags::bitflags! {
     /// Bits of a page-table entry at any level. Hardware bits at the
     /// architecture's positions; software bits where FreeBSD's amd64 pmap
-    /// keeps them.
+    /// keeps them. Names say what a bit means; FreeBSD's `PG_*` name is in
+    /// each one's docs.
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub struct PteFlags: u64 {
         /// Present (`PG_V`).
-        const V = 0x001;
+        const PRESENT = 0x001;
         /// Writable (`PG_RW`).
-        const RW = 0x002;
+        const WRITABLE = 0x002;
         /// User accessible (`PG_U`).
-        const U = 0x004;
+        const USER = 0x004;
         /// Write-through (`PG_NC_PWT`).
-        const PWT = 0x008;
+        const WRITE_THROUGH = 0x008;
         /// Cache disable (`PG_NC_PCD`).
-        const PCD = 0x010;
+        const NO_CACHE = 0x010;
         /// Accessed (`PG_A`), set by the CPU.
-        const A = 0x020;
+        const ACCESSED = 0x020;
         /// Dirty (`PG_M`), set by the CPU on writes to a leaf.
-        const M = 0x040;
+        const DIRTY = 0x040;
         /// Large page in a PDE/PDPTE (`PG_PS`); the same bit is the PAT bit
         /// of a 4 KiB PTE (`PG_PTE_PAT`).
-        const PS = 0x080;
+        const HUGE = 0x080;
         /// Global (`PG_G`).
-        const G = 0x100;
+        const GLOBAL = 0x100;
         /// Software bit 1 (`PG_AVAIL1`).
         const AVAIL1 = 0x200;
         /// Software bit 2: managed, i.e. tracked by pv lists (`PG_MANAGED`).
         const MANAGED = 0x400;
         /// Software bit 3: wired (`PG_W`). Modern FreeBSD's position; the
         /// seed's era used 0x200, which aliases EPT's M bit.
-        const W = 0x800;
+        const WIRED = 0x800;
         /// PAT bit of a 2 MiB / 1 GiB entry (`PG_PDE_PAT`).
         const PDE_PAT = 0x1000;
         /// No execute (`PG_NX`), honoured with EFER.NXE.
-        const NX = 1 << 63;
+        const NO_EXECUTE = 1 << 63;
     }
 }
 
 impl PteFlags {
-    /// PAT bit of a 4 KiB PTE (`PG_PTE_PAT`), the same bit as [`PteFlags::PS`].
-    pub const PTE_PAT: PteFlags = PteFlags::PS;
+    /// PAT bit of a 4 KiB PTE (`PG_PTE_PAT`), the same bit as [`PteFlags::HUGE`].
+    pub const PTE_PAT: PteFlags = PteFlags::HUGE;
 }
 
 /// Physical frame bits of an entry (`PG_FRAME`).
@@ -55,35 +56,36 @@ pub const PG_PS_PDP_FRAME: u64 = 0x000f_ffff_c000_0000;
 pub const AVAIL_HIGH: u64 = 0x7ff0_0000_0000_0000;
 
 const _: () = {
-    assert!(PteFlags::V.bits() == 1 << 0);
-    assert!(PteFlags::RW.bits() == 1 << 1);
-    assert!(PteFlags::U.bits() == 1 << 2);
-    assert!(PteFlags::A.bits() == 1 << 5);
-    assert!(PteFlags::M.bits() == 1 << 6);
-    assert!(PteFlags::PS.bits() == 1 << 7);
+    assert!(PteFlags::PRESENT.bits() == 1 << 0);
+    assert!(PteFlags::WRITABLE.bits() == 1 << 1);
+    assert!(PteFlags::USER.bits() == 1 << 2);
+    assert!(PteFlags::ACCESSED.bits() == 1 << 5);
+    assert!(PteFlags::DIRTY.bits() == 1 << 6);
+    assert!(PteFlags::HUGE.bits() == 1 << 7);
     assert!(PteFlags::PDE_PAT.bits() == 1 << 12);
-    assert!(PteFlags::NX.bits() == 1 << 63);
+    assert!(PteFlags::NO_EXECUTE.bits() == 1 << 63);
     assert!(PG_FRAME & PteFlags::all().bits() & !PteFlags::PDE_PAT.bits() == 0);
     assert!(PG_FRAME == ((1u64 << 52) - 1) & !0xfff);
 };
 
 bitflags::bitflags! {
-    /// The page-fault error code the CPU pushes for #PF.
+    /// The page-fault error code the CPU pushes for #PF (Intel SDM names:
+    /// P, W/R, U/S, RSVD, I/D, PK).
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub struct PfErrorCode: u64 {
         /// The fault was a protection violation (a present entry), not a
         /// missing one.
-        const P = 0x1;
+        const PRESENT = 0x1;
         /// The access was a write.
-        const W = 0x2;
+        const WRITE = 0x2;
         /// The access came from user mode (CPL 3).
-        const U = 0x4;
+        const USER = 0x4;
         /// A reserved bit was set in an entry.
-        const RSVD = 0x8;
+        const RESERVED = 0x8;
         /// The access was an instruction fetch.
-        const I = 0x10;
+        const INSTRUCTION = 0x10;
         /// Protection-key violation.
-        const PK = 0x20;
+        const PROTECTION_KEY = 0x20;
     }
 }
 
@@ -95,7 +97,7 @@ impl Entry {
     /// Present?
     #[must_use]
     pub fn present(self) -> bool {
-        self.0 & PteFlags::V.bits() != 0
+        self.0 & PteFlags::PRESENT.bits() != 0
     }
 
     /// The flag bits (frame bits masked off).
@@ -119,7 +121,7 @@ impl Entry {
 
 /// Bits that only the CPU changes on its own: a difference there alone
 /// needs no update (FreeBSD `pmap_enter`).
-pub(crate) const HW_BITS: u64 = PteFlags::A.bits() | PteFlags::M.bits();
+pub(crate) const HW_BITS: u64 = PteFlags::ACCESSED.bits() | PteFlags::DIRTY.bits();
 
 /// A page-table entry in memory, which a CPU may change under the pmap's
 /// lock (setting A and M). The pmap's own cells are atomics in physical
@@ -154,10 +156,10 @@ pub(crate) fn update_same_frame<C: EntryCell>(
     new: u64,
 ) -> Option<(u64, u64)> {
     loop {
-        let keep = if new & PteFlags::RW.bits() != 0 {
+        let keep = if new & PteFlags::WRITABLE.bits() != 0 {
             old & HW_BITS
         } else {
-            old & PteFlags::A.bits()
+            old & PteFlags::ACCESSED.bits()
         };
         let updated = new | keep;
         if (updated ^ old) & !HW_BITS == 0 {
@@ -188,27 +190,28 @@ mod loom_checks {
     }
 
     const FRAME: u64 = 0x5000;
-    const V_RW_U: u64 = PteFlags::V.bits() | PteFlags::RW.bits() | PteFlags::U.bits();
+    const V_RW_U: u64 =
+        PteFlags::PRESENT.bits() | PteFlags::WRITABLE.bits() | PteFlags::USER.bits();
 
     /// A CPU writes through the mapping (sets A and M) while the pmap
     /// changes the entry's wiring (`keep_write`) or takes write away: the
     /// M bit ends in the entry, or in the old value handed to the caller.
     fn race(new: u64) {
         loom::model(move || {
-            let slot = Arc::new(AtomicU64::new(FRAME | V_RW_U | PteFlags::A.bits()));
+            let slot = Arc::new(AtomicU64::new(FRAME | V_RW_U | PteFlags::ACCESSED.bits()));
             let cpu = {
                 let slot = slot.clone();
                 loom::thread::spawn(move || {
-                    slot.fetch_or(PteFlags::M.bits(), Ordering::AcqRel);
+                    slot.fetch_or(PteFlags::DIRTY.bits(), Ordering::AcqRel);
                 })
             };
             let old = slot.load(Ordering::Acquire);
             let result = update_same_frame(&*slot, old, new);
             cpu.join().unwrap();
             let now = slot.load(Ordering::Acquire);
-            let carried = result.is_some_and(|(prev, _)| prev & PteFlags::M.bits() != 0);
+            let carried = result.is_some_and(|(prev, _)| prev & PteFlags::DIRTY.bits() != 0);
             assert!(
-                now & PteFlags::M.bits() != 0 || carried,
+                now & PteFlags::DIRTY.bits() != 0 || carried,
                 "the CPU's M bit was lost: now {now:#x}, update {result:x?}"
             );
             if let Some((_, updated)) = result {
@@ -219,12 +222,12 @@ mod loom_checks {
 
     #[test]
     fn loom_a_wiring_change_keeps_the_cpu_dirty_bit() {
-        race(FRAME | V_RW_U | PteFlags::W.bits());
+        race(FRAME | V_RW_U | PteFlags::WIRED.bits());
     }
 
     #[test]
     fn loom_taking_write_away_hands_over_the_dirty_bit() {
-        race(FRAME | PteFlags::V.bits() | PteFlags::U.bits());
+        race(FRAME | PteFlags::PRESENT.bits() | PteFlags::USER.bits());
     }
 }
 
@@ -235,20 +238,20 @@ mod tests {
     #[test]
     fn every_flag_sits_where_the_architecture_puts_it() {
         let expect: [(PteFlags, u64); 14] = [
-            (PteFlags::V, 0x1),
-            (PteFlags::RW, 0x2),
-            (PteFlags::U, 0x4),
-            (PteFlags::PWT, 0x8),
-            (PteFlags::PCD, 0x10),
-            (PteFlags::A, 0x20),
-            (PteFlags::M, 0x40),
-            (PteFlags::PS, 0x80),
-            (PteFlags::G, 0x100),
+            (PteFlags::PRESENT, 0x1),
+            (PteFlags::WRITABLE, 0x2),
+            (PteFlags::USER, 0x4),
+            (PteFlags::WRITE_THROUGH, 0x8),
+            (PteFlags::NO_CACHE, 0x10),
+            (PteFlags::ACCESSED, 0x20),
+            (PteFlags::DIRTY, 0x40),
+            (PteFlags::HUGE, 0x80),
+            (PteFlags::GLOBAL, 0x100),
             (PteFlags::AVAIL1, 0x200),
             (PteFlags::MANAGED, 0x400),
-            (PteFlags::W, 0x800),
+            (PteFlags::WIRED, 0x800),
             (PteFlags::PDE_PAT, 0x1000),
-            (PteFlags::NX, 0x8000_0000_0000_0000),
+            (PteFlags::NO_EXECUTE, 0x8000_0000_0000_0000),
         ];
         for (f, v) in expect {
             assert_eq!(f.bits(), v, "{f:?}");
@@ -261,20 +264,26 @@ mod tests {
 
     #[test]
     fn error_code_bits() {
-        assert_eq!(PfErrorCode::P.bits(), 1);
-        assert_eq!(PfErrorCode::W.bits(), 2);
-        assert_eq!(PfErrorCode::U.bits(), 4);
-        assert_eq!(PfErrorCode::RSVD.bits(), 8);
-        assert_eq!(PfErrorCode::I.bits(), 0x10);
-        assert_eq!(PfErrorCode::PK.bits(), 0x20);
+        assert_eq!(PfErrorCode::PRESENT.bits(), 1);
+        assert_eq!(PfErrorCode::WRITE.bits(), 2);
+        assert_eq!(PfErrorCode::USER.bits(), 4);
+        assert_eq!(PfErrorCode::RESERVED.bits(), 8);
+        assert_eq!(PfErrorCode::INSTRUCTION.bits(), 0x10);
+        assert_eq!(PfErrorCode::PROTECTION_KEY.bits(), 0x20);
     }
 
     #[test]
     fn entries_split_into_frame_and_flags() {
-        let e = Entry::new(0x1234_5000, PteFlags::V | PteFlags::RW | PteFlags::NX);
+        let e = Entry::new(
+            0x1234_5000,
+            PteFlags::PRESENT | PteFlags::WRITABLE | PteFlags::NO_EXECUTE,
+        );
         assert_eq!(e.0, 0x8000_0000_1234_5003);
         assert_eq!(e.addr(), 0x1234_5000);
-        assert_eq!(e.flags(), PteFlags::V | PteFlags::RW | PteFlags::NX);
+        assert_eq!(
+            e.flags(),
+            PteFlags::PRESENT | PteFlags::WRITABLE | PteFlags::NO_EXECUTE
+        );
         assert!(e.present());
     }
 }

@@ -41,9 +41,9 @@ impl Access {
 
     fn code(self) -> PfErrorCode {
         let mut c = PfErrorCode::empty();
-        c.set(PfErrorCode::W, self.write);
-        c.set(PfErrorCode::U, self.user);
-        c.set(PfErrorCode::I, self.exec);
+        c.set(PfErrorCode::WRITE, self.write);
+        c.set(PfErrorCode::USER, self.user);
+        c.set(PfErrorCode::INSTRUCTION, self.exec);
         c
     }
 }
@@ -101,11 +101,11 @@ fn reserved_bits(mode: &CpuMode, level: Level, e: u64) -> u64 {
     let phys_reserved = PG_FRAME & !((1u64 << mode.maxphyaddr) - 1);
     let mut r = phys_reserved;
     if !mode.nxe {
-        r |= PteFlags::NX.bits();
+        r |= PteFlags::NO_EXECUTE.bits();
     }
-    let ps = e & PteFlags::PS.bits() != 0;
+    let ps = e & PteFlags::HUGE.bits() != 0;
     match level {
-        Level::PML4 | Level::PML5 => r |= PteFlags::PS.bits(),
+        Level::PML4 | Level::PML5 => r |= PteFlags::HUGE.bits(),
         // A large leaf's frame must be aligned to its size; bit 12 is PAT.
         Level::PD | Level::PDPT if ps => r |= (level.span() - 1) & !0x1fff,
         _ => {}
@@ -137,19 +137,19 @@ pub fn translate(
     for level in mode.paging.root().down_to(Level::PT) {
         let slot = entry_at(phys, table, index(va, level)).ok_or(Fault::BadPhysical(table))?;
         let e = slot.load(Ordering::Acquire);
-        if e & PteFlags::V.bits() == 0 {
+        if e & PteFlags::PRESENT.bits() == 0 {
             return Err(Fault::PageFault(access.code()));
         }
         if e & reserved_bits(mode, level, e) != 0 {
             return Err(Fault::PageFault(
-                access.code() | PfErrorCode::P | PfErrorCode::RSVD,
+                access.code() | PfErrorCode::PRESENT | PfErrorCode::RESERVED,
             ));
         }
         used[level.number()] = Some(slot);
-        writable &= e & PteFlags::RW.bits() != 0;
-        user &= e & PteFlags::U.bits() != 0;
-        exec &= !(mode.nxe && e & PteFlags::NX.bits() != 0);
-        let leaf = level == Level::PT || (level <= Level::PDPT && e & PteFlags::PS.bits() != 0);
+        writable &= e & PteFlags::WRITABLE.bits() != 0;
+        user &= e & PteFlags::USER.bits() != 0;
+        exec &= !(mode.nxe && e & PteFlags::NO_EXECUTE.bits() != 0);
+        let leaf = level == Level::PT || (level <= Level::PDPT && e & PteFlags::HUGE.bits() != 0);
         if !leaf {
             table = PhysAddr(e & PG_FRAME);
             continue;
@@ -158,13 +158,13 @@ pub fn translate(
             || (access.write && !writable && (access.user || mode.wp))
             || (access.exec && !exec);
         if denied {
-            return Err(Fault::PageFault(access.code() | PfErrorCode::P));
+            return Err(Fault::PageFault(access.code() | PfErrorCode::PRESENT));
         }
         for s in used.iter().flatten() {
-            s.fetch_or(PteFlags::A.bits(), Ordering::AcqRel);
+            s.fetch_or(PteFlags::ACCESSED.bits(), Ordering::AcqRel);
         }
         if access.write {
-            slot.fetch_or(PteFlags::M.bits(), Ordering::AcqRel);
+            slot.fetch_or(PteFlags::DIRTY.bits(), Ordering::AcqRel);
         }
         let offset_mask = level.span() - 1;
         let frame = e & PG_FRAME & !offset_mask;

@@ -387,8 +387,8 @@ impl Oracle {
     ) -> Result<(), String> {
         let (cr2, code) = (regs.rax, PfErrorCode::from_bits_truncate(regs.rdx));
         let access = Access {
-            write: code.contains(PfErrorCode::W),
-            exec: code.contains(PfErrorCode::I),
+            write: code.contains(PfErrorCode::WRITE),
+            exec: code.contains(PfErrorCode::INSTRUCTION),
             user: true,
         };
         if let Some(op) = op.filter(|op| op.va() == cr2) {

@@ -20,10 +20,10 @@ pub fn cache_bits(attr: MemAttr, large: bool) -> PteFlags {
     let i = pat_index(attr);
     let mut f = PteFlags::empty();
     if i & 1 != 0 {
-        f |= PteFlags::PWT;
+        f |= PteFlags::WRITE_THROUGH;
     }
     if i & 2 != 0 {
-        f |= PteFlags::PCD;
+        f |= PteFlags::NO_CACHE;
     }
     if i & 4 != 0 {
         f |= if large {
@@ -36,7 +36,9 @@ pub fn cache_bits(attr: MemAttr, large: bool) -> PteFlags {
 }
 
 /// The cache bits an entry may carry.
-pub(crate) const CACHE_MASK: PteFlags = PteFlags::PWT.union(PteFlags::PCD).union(PteFlags::PTE_PAT);
+pub(crate) const CACHE_MASK: PteFlags = PteFlags::WRITE_THROUGH
+    .union(PteFlags::NO_CACHE)
+    .union(PteFlags::PTE_PAT);
 
 #[cfg(test)]
 mod tests {
@@ -45,23 +47,29 @@ mod tests {
     #[test]
     fn bits_follow_freebsd_pat_layout() {
         assert_eq!(cache_bits(MemAttr::WriteBack, false), PteFlags::empty());
-        assert_eq!(cache_bits(MemAttr::WriteThrough, false), PteFlags::PWT);
-        assert_eq!(cache_bits(MemAttr::UncachedMinus, false), PteFlags::PCD);
+        assert_eq!(
+            cache_bits(MemAttr::WriteThrough, false),
+            PteFlags::WRITE_THROUGH
+        );
+        assert_eq!(
+            cache_bits(MemAttr::UncachedMinus, false),
+            PteFlags::NO_CACHE
+        );
         assert_eq!(
             cache_bits(MemAttr::Uncacheable, false),
-            PteFlags::PWT | PteFlags::PCD
+            PteFlags::WRITE_THROUGH | PteFlags::NO_CACHE
         );
         assert_eq!(
             cache_bits(MemAttr::WriteProtected, false),
-            PteFlags::PTE_PAT | PteFlags::PWT
+            PteFlags::PTE_PAT | PteFlags::WRITE_THROUGH
         );
         assert_eq!(
             cache_bits(MemAttr::WriteCombining, false),
-            PteFlags::PTE_PAT | PteFlags::PCD
+            PteFlags::PTE_PAT | PteFlags::NO_CACHE
         );
         assert_eq!(
             cache_bits(MemAttr::WriteCombining, true),
-            PteFlags::PDE_PAT | PteFlags::PCD
+            PteFlags::PDE_PAT | PteFlags::NO_CACHE
         );
         assert_eq!(cache_bits(MemAttr::WriteCombining, false).bits(), 0x90);
     }

@@ -27,11 +27,11 @@ use vm_core::{PhysAddr, VirtAddr};
 
 /// Flags of a table (non-leaf) entry for user space, as FreeBSD's
 /// `_pmap_allocpte` makes them.
-const TABLE_FLAGS: PteFlags = PteFlags::V
-    .union(PteFlags::RW)
-    .union(PteFlags::U)
-    .union(PteFlags::A)
-    .union(PteFlags::M);
+const TABLE_FLAGS: PteFlags = PteFlags::PRESENT
+    .union(PteFlags::WRITABLE)
+    .union(PteFlags::USER)
+    .union(PteFlags::ACCESSED)
+    .union(PteFlags::DIRTY);
 
 /// A space's statistics; the lock that guards it also serialises every
 /// change of the space's tables. Each table's count of valid entries lives
@@ -216,7 +216,7 @@ impl<T: TlbHook> X86Pmap<T> {
         let mut table = root;
         for level in self.mode.paging.root().down_to(Level::PD) {
             let e = slot_of(phys, table, va, level)?.load(Ordering::Acquire);
-            if e & PteFlags::V.bits() == 0 || e & PteFlags::PS.bits() != 0 {
+            if e & PteFlags::PRESENT.bits() == 0 || e & PteFlags::HUGE.bits() != 0 {
                 return None;
             }
             table = e & PG_FRAME;
@@ -238,7 +238,7 @@ impl<T: TlbHook> X86Pmap<T> {
             let slot =
                 slot_of(phys, table, va, level).ok_or(PmapError::BadAddress(VirtAddr(va)))?;
             let e = slot.load(Ordering::Acquire);
-            if e & PteFlags::V.bits() != 0 {
+            if e & PteFlags::PRESENT.bits() != 0 {
                 table = e & PG_FRAME;
                 continue;
             }
@@ -270,7 +270,7 @@ impl<T: TlbHook> X86Pmap<T> {
                 return;
             };
             let e = slot.load(Ordering::Acquire);
-            if e & PteFlags::V.bits() == 0 {
+            if e & PteFlags::PRESENT.bits() == 0 {
                 break;
             }
             path[depth] = (table, level);
@@ -347,7 +347,7 @@ impl<T: TlbHook> X86Pmap<T> {
                 else {
                     break;
                 };
-                if e & PteFlags::V.bits() != 0 {
+                if e & PteFlags::PRESENT.bits() != 0 {
                     self.tables_under(e & PG_FRAME, below, out);
                 }
             }
@@ -394,7 +394,7 @@ impl<T: TlbHook> X86Pmap<T> {
                 return;
             };
             let e = slot.load(Ordering::Acquire);
-            if e & PteFlags::V.bits() == 0 {
+            if e & PteFlags::PRESENT.bits() == 0 {
                 continue;
             }
             let Some(below) = level.below() else {
@@ -441,17 +441,19 @@ impl<T: TlbHook> X86Pmap<T> {
         flush: &mut PendingFlush,
     ) -> Option<Displaced> {
         let (prev, updated) = crate::entry::update_same_frame(slot, old, new)?;
-        let lost_write = prev & PteFlags::RW.bits() != 0 && updated & PteFlags::RW.bits() == 0;
-        let gained_nx = prev & PteFlags::NX.bits() == 0 && updated & PteFlags::NX.bits() != 0;
+        let lost_write =
+            prev & PteFlags::WRITABLE.bits() != 0 && updated & PteFlags::WRITABLE.bits() == 0;
+        let gained_nx =
+            prev & PteFlags::NO_EXECUTE.bits() == 0 && updated & PteFlags::NO_EXECUTE.bits() != 0;
         if lost_write || gained_nx || (prev ^ updated) & CACHE_MASK.bits() != 0 {
             flush.note(va, prev);
         }
-        match (prev & PteFlags::W.bits() != 0, wired) {
+        match (prev & PteFlags::WIRED.bits() != 0, wired) {
             (false, true) => st.wired += 1,
             (true, false) => st.wired -= 1,
             _ => {}
         }
-        (lost_write && prev & PteFlags::M.bits() != 0).then(|| displaced(prev))
+        (lost_write && prev & PteFlags::DIRTY.bits() != 0).then(|| displaced(prev))
     }
 
     /// The space's lock, or `None` once [`destroy_space`](Pmap::destroy_space)
@@ -471,14 +473,18 @@ impl<T: TlbHook> X86Pmap<T> {
 
     /// The leaf entry for a new mapping (FreeBSD `pmap_enter`'s `newpte`).
     fn new_pte(&self, page: PageInfo, prot: Prot, access: Prot, wired: bool) -> u64 {
-        let mut f = PteFlags::V | PteFlags::A | PteFlags::U | cache_bits(page.attr, false);
+        let mut f =
+            PteFlags::PRESENT | PteFlags::ACCESSED | PteFlags::USER | cache_bits(page.attr, false);
         f.set(
-            PteFlags::M,
+            PteFlags::DIRTY,
             access.contains(Prot::WRITE) && prot.contains(Prot::WRITE),
         );
-        f.set(PteFlags::RW, prot.contains(Prot::WRITE));
-        f.set(PteFlags::NX, self.mode.nxe && !prot.contains(Prot::EXECUTE));
-        f.set(PteFlags::W, wired);
+        f.set(PteFlags::WRITABLE, prot.contains(Prot::WRITE));
+        f.set(
+            PteFlags::NO_EXECUTE,
+            self.mode.nxe && !prot.contains(Prot::EXECUTE),
+        );
+        f.set(PteFlags::WIRED, wired);
         f.set(PteFlags::MANAGED, page.managed);
         page.pfn.phys_addr().as_u64() | f.bits()
     }
@@ -508,7 +514,7 @@ impl<T: TlbHook> X86Pmap<T> {
                 continue;
             };
             let old = slot.load(Ordering::Acquire);
-            if old & PteFlags::V.bits() == 0 || old & PG_FRAME != pfn.phys_addr().as_u64() {
+            if old & PteFlags::PRESENT.bits() == 0 || old & PG_FRAME != pfn.phys_addr().as_u64() {
                 continue;
             }
             let mut flush = PendingFlush::new(sp.root);
@@ -518,7 +524,7 @@ impl<T: TlbHook> X86Pmap<T> {
                     seen |= old;
                     self.pv.remove(pfn, id, va);
                     st.resident -= 1;
-                    if old & PteFlags::W.bits() != 0 {
+                    if old & PteFlags::WIRED.bits() != 0 {
                         st.wired -= 1;
                     }
                     flush.note(va, old);
@@ -546,7 +552,7 @@ impl<T: TlbHook> X86Pmap<T> {
         let mut table = root;
         for level in self.mode.paging.root().down_to(Level::PD) {
             let e = slot_of(phys, table, va, level)?.load(Ordering::Acquire);
-            if e & PteFlags::V.bits() == 0 {
+            if e & PteFlags::PRESENT.bits() == 0 {
                 return None;
             }
             table = e & PG_FRAME;
@@ -558,15 +564,15 @@ impl<T: TlbHook> X86Pmap<T> {
 fn displaced(old: u64) -> Displaced {
     Displaced {
         pfn: Pfn::containing(PhysAddr(old & PG_FRAME)),
-        referenced: old & PteFlags::A.bits() != 0,
-        modified: old & PteFlags::M.bits() != 0 && old & PteFlags::RW.bits() != 0,
+        referenced: old & PteFlags::ACCESSED.bits() != 0,
+        modified: old & PteFlags::DIRTY.bits() != 0 && old & PteFlags::WRITABLE.bits() != 0,
     }
 }
 
 fn refmod(bits: u64) -> RefMod {
     RefMod {
-        referenced: bits & PteFlags::A.bits() != 0,
-        modified: bits & PteFlags::M.bits() != 0,
+        referenced: bits & PteFlags::ACCESSED.bits() != 0,
+        modified: bits & PteFlags::DIRTY.bits() != 0,
     }
 }
 
@@ -632,10 +638,10 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let old = slot.load(Ordering::Acquire);
         let mut flush = PendingFlush::new(root);
         let mut out = None;
-        if old & PteFlags::V.bits() != 0 && old & PG_FRAME == new & PG_FRAME {
+        if old & PteFlags::PRESENT.bits() != 0 && old & PG_FRAME == new & PG_FRAME {
             out = self.update_same_frame(&mut st, slot, old, new, va, wired, &mut flush);
         } else {
-            if old & PteFlags::V.bits() != 0 {
+            if old & PteFlags::PRESENT.bits() != 0 {
                 // Another frame: take it out, carrying its A/M to its page,
                 // and invalidate before the new entry can be used (modern
                 // FreeBSD's order), so no CPU mixes the two.
@@ -646,7 +652,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                         .remove(Pfn::containing(PhysAddr(prev & PG_FRAME)), space.0.id, va);
                     out = Some(displaced(prev));
                 }
-                if prev & PteFlags::W.bits() != 0 {
+                if prev & PteFlags::WIRED.bits() != 0 {
                     st.wired -= 1;
                 }
                 st.resident -= 1;
@@ -679,13 +685,16 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let Ok((slot, table)) = self.leaf_slot_create(&mut st, &space.0, va) else {
             return false;
         };
-        if slot.load(Ordering::Acquire) & PteFlags::V.bits() != 0 {
+        if slot.load(Ordering::Acquire) & PteFlags::PRESENT.bits() != 0 {
             return false;
         }
         // FreeBSD `pmap_enter_quick_locked`: V, cache bits, MANAGED, NX, U;
         // never A, M or RW.
-        let mut f = PteFlags::V | PteFlags::U | cache_bits(page.attr, false);
-        f.set(PteFlags::NX, self.mode.nxe && !prot.contains(Prot::EXECUTE));
+        let mut f = PteFlags::PRESENT | PteFlags::USER | cache_bits(page.attr, false);
+        f.set(
+            PteFlags::NO_EXECUTE,
+            self.mode.nxe && !prot.contains(Prot::EXECUTE),
+        );
         f.set(PteFlags::MANAGED, page.managed);
         if page.managed {
             self.pv.add(page.pfn, space.0.id, va);
@@ -721,7 +730,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             &mut |st, va, slot| {
                 let old = slot.swap(0, Ordering::AcqRel);
                 st.resident -= 1;
-                if old & PteFlags::W.bits() != 0 {
+                if old & PteFlags::WIRED.bits() != 0 {
                     st.wired -= 1;
                 }
                 noted.push((va, old));
@@ -775,10 +784,10 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 loop {
                     let mut new = cur;
                     if !prot.contains(Prot::WRITE) {
-                        new &= !(PteFlags::RW.bits() | PteFlags::M.bits());
+                        new &= !(PteFlags::WRITABLE.bits() | PteFlags::DIRTY.bits());
                     }
                     if nx {
-                        new |= PteFlags::NX.bits();
+                        new |= PteFlags::NO_EXECUTE.bits();
                     }
                     if new == cur {
                         break;
@@ -796,8 +805,11 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         );
         for (va, old) in changed {
             flush.note(va, old);
-            let lost_write = old & PteFlags::RW.bits() != 0 && !prot.contains(Prot::WRITE);
-            if lost_write && old & PteFlags::MANAGED.bits() != 0 && old & PteFlags::M.bits() != 0 {
+            let lost_write = old & PteFlags::WRITABLE.bits() != 0 && !prot.contains(Prot::WRITE);
+            if lost_write
+                && old & PteFlags::MANAGED.bits() != 0
+                && old & PteFlags::DIRTY.bits() != 0
+            {
                 sink(displaced(old));
             }
         }
@@ -807,7 +819,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     fn extract(&self, space: &X86Space, va: VirtAddr) -> Option<Pfn> {
         let va = va.as_u64();
         let e = self.pte(space, va)?;
-        (e & PteFlags::V.bits() != 0).then(|| Pfn::containing(PhysAddr(e & PG_FRAME)))
+        (e & PteFlags::PRESENT.bits() != 0).then(|| Pfn::containing(PhysAddr(e & PG_FRAME)))
     }
 
     fn is_prefaultable(&self, space: &X86Space, va: VirtAddr) -> bool {
@@ -821,7 +833,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         self.check_va(va).is_ok()
             && self
                 .leaf_slot(space.0.root, va)
-                .is_some_and(|s| s.load(Ordering::Acquire) & PteFlags::V.bits() == 0)
+                .is_some_and(|s| s.load(Ordering::Acquire) & PteFlags::PRESENT.bits() == 0)
     }
 
     fn change_wiring(&self, space: &X86Space, va: VirtAddr, wired: bool) {
@@ -833,14 +845,14 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             return;
         };
         let old = slot.load(Ordering::Acquire);
-        if old & PteFlags::V.bits() == 0 || (old & PteFlags::W.bits() != 0) == wired {
+        if old & PteFlags::PRESENT.bits() == 0 || (old & PteFlags::WIRED.bits() != 0) == wired {
             return;
         }
         if wired {
-            slot.fetch_or(PteFlags::W.bits(), Ordering::AcqRel);
+            slot.fetch_or(PteFlags::WIRED.bits(), Ordering::AcqRel);
             st.wired += 1;
         } else {
-            slot.fetch_and(!PteFlags::W.bits(), Ordering::AcqRel);
+            slot.fetch_and(!PteFlags::WIRED.bits(), Ordering::AcqRel);
             st.wired -= 1;
         }
     }
@@ -872,7 +884,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         // a CPU write either happened before (and is reported) or faults.
         refmod(self.for_each_mapping(pfn, |slot| {
             Some(slot.fetch_and(
-                !(PteFlags::RW.bits() | PteFlags::M.bits()),
+                !(PteFlags::WRITABLE.bits() | PteFlags::DIRTY.bits()),
                 Ordering::AcqRel,
             ))
         }))
@@ -882,7 +894,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let mut any = false;
         self.for_each_mapping(pfn, |slot| {
             let e = slot.load(Ordering::Acquire);
-            any |= e & PteFlags::M.bits() != 0 && e & PteFlags::RW.bits() != 0;
+            any |= e & PteFlags::DIRTY.bits() != 0 && e & PteFlags::WRITABLE.bits() != 0;
             Some(e)
         });
         any
@@ -890,7 +902,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
 
     fn clear_modify(&self, pfn: Pfn) {
         self.for_each_mapping(pfn, |slot| {
-            Some(slot.fetch_and(!PteFlags::M.bits(), Ordering::AcqRel))
+            Some(slot.fetch_and(!PteFlags::DIRTY.bits(), Ordering::AcqRel))
         });
     }
 
@@ -898,8 +910,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let mut n = 0;
         self.for_each_mapping(pfn, |slot| {
             if n < 5 {
-                let old = slot.fetch_and(!PteFlags::A.bits(), Ordering::AcqRel);
-                if old & PteFlags::A.bits() != 0 {
+                let old = slot.fetch_and(!PteFlags::ACCESSED.bits(), Ordering::AcqRel);
+                if old & PteFlags::ACCESSED.bits() != 0 {
                     n += 1;
                 }
                 Some(old)

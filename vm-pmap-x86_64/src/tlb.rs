@@ -87,7 +87,7 @@ impl PendingFlush {
     /// Notes that the entry for `va`, whose old value was `old`, changed in
     /// a way a TLB could have cached.
     pub(crate) fn note(&mut self, va: u64, old: u64) {
-        if old & crate::entry::PteFlags::A.bits() == 0 || self.all {
+        if old & crate::entry::PteFlags::ACCESSED.bits() == 0 || self.all {
             return;
         }
         if self.pages.len() == MAX_PAGES {

@@ -41,7 +41,7 @@ fn path_tables(vm: &Vm<impl Pmap>, root: u64, va: u64) -> Vec<u64> {
             break;
         };
         let e = slot.load(Ordering::Acquire);
-        if e & PteFlags::V.bits() == 0 {
+        if e & PteFlags::PRESENT.bits() == 0 {
             break;
         }
         table = e & PG_FRAME;
@@ -195,7 +195,7 @@ fn i11_7_enter_never_loses_a_dirty_bit_set_by_the_mmu() {
         while Instant::now() < deadline && failure.is_none() {
             round += 1;
             p.clear_modify(Pfn(pfn));
-            assert_eq!(p.pte(&space, va).unwrap() & PteFlags::M.bits(), 0);
+            assert_eq!(p.pte(&space, va).unwrap() & PteFlags::DIRTY.bits(), 0);
             go.store(round, Ordering::Release);
             let out: Option<Displaced> = p
                 .enter(
@@ -215,7 +215,7 @@ fn i11_7_enter_never_loses_a_dirty_bit_set_by_the_mmu() {
                 std::hint::spin_loop();
             }
             let pte = p.pte(&space, va).unwrap();
-            let kept = pte & PteFlags::M.bits() != 0 || out.is_some_and(|d| d.modified);
+            let kept = pte & PteFlags::DIRTY.bits() != 0 || out.is_some_and(|d| d.modified);
             if !kept {
                 failure = Some(format!(
                     "round {round}: the MMU wrote through the mapping but its D bit is lost: \
@@ -266,7 +266,7 @@ fn i11_7_a_frame_change_invalidates_before_installing() {
     );
     for s in seen {
         assert_eq!(
-            s.leaf & PteFlags::V.bits(),
+            s.leaf & PteFlags::PRESENT.bits(),
             0,
             "at the invalidation of the old translation of {va:#x} the new entry {:#x} was \
              already installed",
@@ -426,7 +426,7 @@ fn i11_8_software_mmu_never_touches_a_freed_table() {
                     let e = entry_at(vm.phys(), PhysAddr(table), idx)
                         .unwrap()
                         .load(Ordering::Acquire);
-                    if e != 0 && e & PteFlags::V.bits() == 0 {
+                    if e != 0 && e & PteFlags::PRESENT.bits() == 0 {
                         failure = Some(format!(
                             "round {round}: entry {i} of a table of space 2 (frame {table:#x}) \
                              reads {e:#x}: the software MMU stored into a table frame after \

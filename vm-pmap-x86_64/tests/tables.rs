@@ -164,8 +164,8 @@ fn check(vm: &Vm<X86Pmap>, sp: &X86Space, model: &Model) {
         );
         if let Some(&(pfn, write, wired)) = want {
             let pte = p.pte(sp, va).unwrap();
-            assert_eq!(pte & PteFlags::RW.bits() != 0, write, "RW of {va:#x}");
-            assert_eq!(pte & PteFlags::W.bits() != 0, wired, "W of {va:#x}");
+            assert_eq!(pte & PteFlags::WRITABLE.bits() != 0, write, "RW of {va:#x}");
+            assert_eq!(pte & PteFlags::WIRED.bits() != 0, wired, "W of {va:#x}");
             let t = p.translate_access(sp, va, Access::USER_READ).unwrap();
             assert_eq!(t.pa.as_u64(), pfn * PAGE);
         } else {
@@ -284,20 +284,22 @@ fn entries_carry_freebsd_bits() {
     )
     .unwrap();
     let e = p.pte(&sp, 0x10_0000).unwrap();
-    let want = PteFlags::V
-        | PteFlags::RW
-        | PteFlags::U
-        | PteFlags::A
-        | PteFlags::M
-        | PteFlags::W
+    let want = PteFlags::PRESENT
+        | PteFlags::WRITABLE
+        | PteFlags::USER
+        | PteFlags::ACCESSED
+        | PteFlags::DIRTY
+        | PteFlags::WIRED
         | PteFlags::MANAGED
-        | PteFlags::NX;
+        | PteFlags::NO_EXECUTE;
     assert_eq!(e, (150 * PAGE) | want.bits());
     // enter_quick: V, U, MANAGED, NX; never A, M or RW.
     assert!(p.enter_quick(&sp, VirtAddr(0x10_1000), page(151), Prot::RW));
     assert_eq!(
         p.pte(&sp, 0x10_1000).unwrap(),
-        (151 * PAGE) | (PteFlags::V | PteFlags::U | PteFlags::MANAGED | PteFlags::NX).bits()
+        (151 * PAGE)
+            | (PteFlags::PRESENT | PteFlags::USER | PteFlags::MANAGED | PteFlags::NO_EXECUTE)
+                .bits()
     );
     assert!(
         !p.enter_quick(&sp, VirtAddr(0x10_1000), page(152), Prot::RW),
@@ -310,7 +312,10 @@ fn entries_carry_freebsd_bits() {
         Mapping::new(page(153), Prot::READ | Prot::EXECUTE).access(Prot::READ),
     )
     .unwrap();
-    assert_eq!(p.pte(&sp, 0x10_2000).unwrap() & PteFlags::NX.bits(), 0);
+    assert_eq!(
+        p.pte(&sp, 0x10_2000).unwrap() & PteFlags::NO_EXECUTE.bits(),
+        0
+    );
 }
 
 #[test]
@@ -330,7 +335,7 @@ fn device_pages_get_cache_bits_and_no_pv_entry() {
         .unwrap();
     let e = vm.pmap().pte(&sp, 0x20_0000).unwrap();
     assert_eq!(
-        e & (PteFlags::PWT | PteFlags::PCD | PteFlags::PTE_PAT).bits(),
+        e & (PteFlags::WRITE_THROUGH | PteFlags::NO_CACHE | PteFlags::PTE_PAT).bits(),
         0x90,
         "WC = PAT slot 6"
     );
@@ -528,18 +533,21 @@ fn software_mmu_reports_the_cpu_error_codes() {
         &vm,
         &sp,
         0x51_0000,
-        p.pte(&sp, 0x51_0000).unwrap() & !(PteFlags::A | PteFlags::M).bits(),
+        p.pte(&sp, 0x51_0000).unwrap() & !(PteFlags::ACCESSED | PteFlags::DIRTY).bits(),
     );
     p.translate_access(&sp, 0x51_0000, Access::USER_READ)
         .unwrap();
     let e = p.pte(&sp, 0x51_0000).unwrap();
     assert_eq!(
-        (e & PteFlags::A.bits() != 0, e & PteFlags::M.bits() != 0),
+        (
+            e & PteFlags::ACCESSED.bits() != 0,
+            e & PteFlags::DIRTY.bits() != 0
+        ),
         (true, false)
     );
     p.translate_access(&sp, 0x51_0000, Access::USER_WRITE)
         .unwrap();
-    assert_ne!(p.pte(&sp, 0x51_0000).unwrap() & PteFlags::M.bits(), 0);
+    assert_ne!(p.pte(&sp, 0x51_0000).unwrap() & PteFlags::DIRTY.bits(), 0);
 }
 
 /// Overwrites the leaf entry of `va` (tests only).

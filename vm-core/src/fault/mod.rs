@@ -123,6 +123,18 @@ pub enum FaultKind {
     CowMoved,
 }
 
+impl core::fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(match self {
+            FaultKind::Resident => "resident",
+            FaultKind::ZeroFill => "zero-filled",
+            FaultKind::PagedIn => "paged in",
+            FaultKind::CowCopy => "copied on write",
+            FaultKind::CowMoved => "moved up on write",
+        })
+    }
+}
+
 /// What a successful fault did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FaultOutcome {
@@ -135,6 +147,18 @@ pub struct FaultOutcome {
     pub major: bool,
     /// How the page was obtained (in the final attempt).
     pub kind: FaultKind,
+}
+
+impl core::fmt::Display for FaultOutcome {
+    /// `page zero-filled, frame 0x1 mapped rw- (minor)`.
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let how = if self.major { "major" } else { "minor" };
+        write!(
+            f,
+            "page {}, frame {:#x} mapped {} ({how})",
+            self.kind, self.pfn.0, self.prot
+        )
+    }
 }
 
 /// What an attempt asks of the retry loop.
@@ -176,7 +200,22 @@ impl<P: Pmap> VmSpace<P> {
     ///
     /// `va` need not be page aligned. `flags` says whether the fault wires
     /// the page and whether the access dirties it; a trap handler passes
-    /// [`FaultFlags::DIRTY`] with write faults.
+    /// [`FaultFlags::DIRTY`] with write faults. `va` is a [`VirtAddr`] or
+    /// a plain `u64`.
+    ///
+    /// ```
+    /// use vm_core::{FaultFlags, FaultKind, Prot, Signal};
+    /// let (_vm, space) = vm_testkit::machine(16);
+    /// space.map_anon(0x10_0000, 0x1000, Prot::RW)?;
+    /// // A write to untouched anonymous memory: a zero-filled page, mapped
+    /// // writable.
+    /// let out = space.fault(0x10_0123, Prot::WRITE, FaultFlags::DIRTY)?;
+    /// assert_eq!((out.kind, out.prot), (FaultKind::ZeroFill, Prot::RW));
+    /// // Nothing mapped there: the error says so, and which signal it is.
+    /// let err = space.fault(0x20_0000, Prot::READ, FaultFlags::NORMAL).unwrap_err();
+    /// assert!(matches!(err.signal(), Signal::Segv(_)));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -185,11 +224,11 @@ impl<P: Pmap> VmSpace<P> {
     /// stays busy, locked or allocated after an error.
     pub fn fault(
         &self,
-        va: u64,
+        va: impl Into<VirtAddr>,
         access: Prot,
         flags: FaultFlags,
     ) -> Result<FaultOutcome, FaultError> {
-        self.fault_with(va, access, FaultCtx::public(flags))
+        self.fault_with(va.into().as_u64(), access, FaultCtx::public(flags))
     }
 
     /// [`fault`](Self::fault) with what the core asks besides the flags.
