@@ -3,7 +3,7 @@
 
 use crate::addr::{PAGE_SIZE, VirtAddr, page_trunc};
 use crate::error::MapError;
-use crate::fault::guard::{BusyPage, Disposal, wait_for_page};
+use crate::fault::guard::{BusyPage, Disposal};
 use crate::object::VmObject;
 use crate::page::{PageId, VmPage};
 use crate::pager::{PageOut, Pager, PagerError};
@@ -157,7 +157,7 @@ impl<P: Pmap> Vm<P> {
                 if !run.is_empty() {
                     break;
                 }
-                wait_for_page(&self.machine, id, object.id().0, p);
+                self.machine.pages.wait_for_page(id, object.id().0, p);
                 continue;
             }
             let busy = BusyPage::new(&self.machine, object.clone(), id, Disposal::Release);

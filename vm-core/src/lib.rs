@@ -43,7 +43,6 @@
 
 extern crate alloc;
 
-pub mod access;
 pub mod addr;
 pub mod balloon;
 pub mod check;
@@ -54,10 +53,10 @@ pub mod error;
 pub mod fault;
 #[cfg(all(feature = "std", unix))]
 pub mod file_io;
-pub mod fork;
 pub mod frame;
-pub mod hold;
+mod frames;
 pub mod map;
+pub mod mem_attr;
 pub mod object;
 pub mod page;
 pub mod page_queues;
@@ -69,7 +68,6 @@ pub mod prot;
 pub mod space;
 pub mod sync;
 pub mod vm;
-pub mod wire;
 
 #[cfg(all(loom, test))]
 mod loom_protocols;
@@ -81,7 +79,6 @@ pub use counters::{CounterShard, CounterSnapshot, Counters};
 pub use error::{BusCode, FaultError, KernReturn, MapError, SegvCode, Signal};
 pub use fault::{FaultFlags, FaultKind, FaultOutcome};
 pub use frame::{FrameReader, FrameWriter};
-pub use hold::{HeldPages, HoldError};
 pub use map::{Behavior, EntryFlags, Inheritance, MapEntryInfo, VmMap};
 pub use object::{ObjectId, VmObject};
 pub use page::{PageFlags, PageId, PageQueue, VM_PAGE_BITS_ALL, VmPage};
@@ -92,6 +89,7 @@ pub use pager::{
 pub use phys::PhysMem;
 pub use pmap::{Displaced, DisplacedSink, Mapping, MemAttr, PageInfo, Pmap, PmapError};
 pub use prot::Prot;
+pub use space::hold::{HeldPages, HoldError};
 pub use space::{MapRequest, VmSpace};
 pub use vm::{Vm, VmConfig, VmInitError};
 

@@ -10,8 +10,8 @@
 //! like a clock hand instead of following linked lists.
 
 use crate::addr::Pfn;
+use crate::mem_attr::MemAttr;
 use crate::page::{PageFlags, PageId, PageQueue, VmPage};
-use crate::pmap::MemAttr;
 use crate::sync::ShardedCount;
 use crate::sync::{Mutex, WaitTable};
 use alloc::boxed::Box;
@@ -378,6 +378,19 @@ impl Pages {
     /// The machine's wait table: sleepers on busy pages and on memory.
     pub(crate) fn waits(&self) -> &WaitTable {
         &self.waits
+    }
+
+    /// Unbusies page `id` and wakes whoever sleeps on it
+    /// (`vm_page_wakeup`).
+    pub(crate) fn wake(&self, id: PageId) {
+        self.get(id).wake(self.waits(), u64::from(id.0));
+    }
+
+    /// Sleeps until page `id` is no longer busy or no longer the page at
+    /// (`object`, `pindex`) (`vm_page_sleep_if_busy`, seed L389-394).
+    pub(crate) fn wait_for_page(&self, id: PageId, object: u64, pindex: u64) {
+        self.get(id)
+            .sleep_while_busy(self.waits(), u64::from(id.0), object, pindex);
     }
 
     /// Sleeps until free memory is above the severe mark or `ms` elapse

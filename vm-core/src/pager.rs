@@ -238,7 +238,7 @@ pub struct PageSlot<'a> {
     pindex: u64,
     frame: FrameWriter<'a>,
     valid: u8,
-    device: Option<(PhysAddr, crate::pmap::MemAttr)>,
+    device: Option<(PhysAddr, crate::mem_attr::MemAttr)>,
 }
 
 impl<'a> PageSlot<'a> {
@@ -317,14 +317,14 @@ impl<'a> PageSlot<'a> {
     /// aligned), to be mapped with `attr`, instead of data in the buffer:
     /// the core maps a fictitious, unmanaged page for it (what FreeBSD's
     /// device pager does with `d_mmap`'s answer).
-    pub fn set_device(&mut self, pa: PhysAddr, attr: crate::pmap::MemAttr) {
+    pub fn set_device(&mut self, pa: PhysAddr, attr: crate::mem_attr::MemAttr) {
         self.device = Some((pa.page_trunc(), attr));
         self.valid = VM_PAGE_BITS_ALL;
     }
 
     /// The device frame set by [`set_device`](Self::set_device).
     #[must_use]
-    pub fn device(&self) -> Option<(PhysAddr, crate::pmap::MemAttr)> {
+    pub fn device(&self) -> Option<(PhysAddr, crate::mem_attr::MemAttr)> {
         self.device
     }
 

@@ -12,60 +12,14 @@
 //! entry.
 
 use crate::addr::{Pfn, VirtAddr};
+use crate::frames::Frames;
+pub use crate::mem_attr::MemAttr;
 use crate::page::PageFlags;
 use crate::page_queues::{AllocClass, Pages};
 use crate::phys::PhysMem;
 use crate::prot::Prot;
 use alloc::sync::Arc;
 use core::ops::Range;
-
-/// Memory (cache) type of a mapping, as the x86 PAT names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub enum MemAttr {
-    /// Write-back: ordinary RAM.
-    #[default]
-    WriteBack,
-    /// Write-through.
-    WriteThrough,
-    /// Uncacheable, overridable by MTRRs (UC-).
-    UncachedMinus,
-    /// Uncacheable (UC).
-    Uncacheable,
-    /// Write-protected.
-    WriteProtected,
-    /// Write-combining: frame buffers.
-    WriteCombining,
-}
-
-impl MemAttr {
-    /// A small number for the attribute (its PAT slot as FreeBSD programs
-    /// the PAT).
-    #[must_use]
-    pub fn index(self) -> u8 {
-        match self {
-            MemAttr::WriteBack => 0,
-            MemAttr::WriteThrough => 1,
-            MemAttr::UncachedMinus => 2,
-            MemAttr::Uncacheable => 3,
-            MemAttr::WriteProtected => 5,
-            MemAttr::WriteCombining => 6,
-        }
-    }
-
-    /// The attribute of [`index`](Self::index); unknown numbers are
-    /// uncacheable, the safe choice for device memory.
-    #[must_use]
-    pub fn from_index(i: u8) -> MemAttr {
-        match i {
-            0 => MemAttr::WriteBack,
-            1 => MemAttr::WriteThrough,
-            2 => MemAttr::UncachedMinus,
-            5 => MemAttr::WriteProtected,
-            6 => MemAttr::WriteCombining,
-            _ => MemAttr::Uncacheable,
-        }
-    }
-}
 
 /// What the pmap needs to know about a page it maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -173,7 +127,7 @@ pub enum PmapError {
 /// [`Pmap::attach`] so it can keep page tables in them.
 #[derive(Clone)]
 pub struct PhysFrames {
-    pub(crate) mem: Arc<crate::vm::Machine>,
+    pub(crate) mem: Arc<Frames>,
 }
 
 impl core::fmt::Debug for PhysFrames {
@@ -385,11 +339,10 @@ pub trait Pmap: Send + Sync + 'static {
 mod tests {
     use super::*;
     use crate::page_queues::Thresholds;
-    use crate::vm::Machine;
 
     #[test]
     fn a_table_word_is_lent_only_for_frames_allocated_as_tables() {
-        let machine = Arc::new(Machine {
+        let machine = Arc::new(Frames {
             phys: PhysMem::anonymous(8 * crate::PAGE_SIZE).unwrap(),
             pages: Pages::new(
                 0,
@@ -402,8 +355,6 @@ mod tests {
                 },
                 0,
             ),
-            counters: Default::default(),
-            objects: Default::default(),
         });
         let frames = PhysFrames { mem: machine };
         let table = frames.alloc_zeroed().unwrap();

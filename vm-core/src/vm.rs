@@ -3,6 +3,7 @@
 
 use crate::addr::{PAGE_SIZE, Pfn, va_range};
 use crate::counters::Counters;
+use crate::frames::Frames;
 use crate::object::{ObjectRegistry, VmObject};
 use crate::page::{PageId, VmPage};
 use crate::page_queues::{Pages, Thresholds};
@@ -87,10 +88,18 @@ pub enum VmInitError {
 /// The parts of a machine that do not depend on the pmap type: shared with
 /// objects and with the pmap (through [`PhysFrames`]).
 pub(crate) struct Machine {
-    pub(crate) phys: PhysMem,
-    pub(crate) pages: Pages,
+    /// Memory and page records, shared with the pmap (its `phys` and
+    /// `pages` read as the machine's own through `Deref`).
+    pub(crate) frames: Arc<Frames>,
     pub(crate) counters: Counters,
     pub(crate) objects: ObjectRegistry,
+}
+
+impl core::ops::Deref for Machine {
+    type Target = Frames;
+    fn deref(&self) -> &Frames {
+        &self.frames
+    }
 }
 
 /// A live space as the machine knows it (weakly): its map and its pmap
@@ -169,14 +178,14 @@ impl<P: Pmap> Vm<P> {
             thresholds,
             config.fictitious_pages,
         );
+        let frames = Arc::new(Frames { phys, pages });
+        pmap.attach(PhysFrames {
+            mem: frames.clone(),
+        });
         let machine = Arc::new(Machine {
-            phys,
-            pages,
+            frames,
             counters: Counters::default(),
             objects: ObjectRegistry::default(),
-        });
-        pmap.attach(PhysFrames {
-            mem: machine.clone(),
         });
         Ok(Arc::new(Vm {
             pmap,
@@ -364,7 +373,7 @@ impl<P: Pmap> Vm<P> {
             };
             let page = self.machine.pages.get(id);
             if !busied {
-                crate::fault::guard::wait_for_page(&self.machine, id, object.id().0, pindex);
+                self.machine.pages.wait_for_page(id, object.id().0, pindex);
                 continue;
             }
             let fictitious = page.flags().contains(crate::page::PageFlags::FICTITIOUS);
@@ -374,7 +383,7 @@ impl<P: Pmap> Vm<P> {
                     .phys
                     .zero_range(self.machine.pages.pfn(id), tail, PAGE_SIZE as usize);
             }
-            crate::fault::guard::wake(&self.machine, id);
+            self.machine.pages.wake(id);
             return;
         }
     }
@@ -393,7 +402,7 @@ impl<P: Pmap> Vm<P> {
                 .collect();
             if let Some(&(pindex, id)) = doomed.iter().find(|&&(_, id)| pages.get(id).is_busy()) {
                 drop(st);
-                crate::fault::guard::wait_for_page(&self.machine, id, object.id().0, pindex);
+                self.machine.pages.wait_for_page(id, object.id().0, pindex);
                 continue;
             }
             let pager = st.pager.clone();

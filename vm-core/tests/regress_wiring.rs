@@ -291,7 +291,7 @@ fn i12_5_a_read_hold_cannot_write_a_shared_file_page() {
     assert!(
         matches!(
             held.write(0, b"X"),
-            Err(vm_core::hold::HoldError::NotWritable { .. })
+            Err(vm_core::HoldError::NotWritable { .. })
         ),
         "a read hold refuses to write"
     );
@@ -325,7 +325,7 @@ fn i12_5_a_read_hold_of_a_read_only_private_file_mapping_cannot_write_the_file()
     assert!(
         matches!(
             held.write(0, b"X"),
-            Err(vm_core::hold::HoldError::NotWritable { .. })
+            Err(vm_core::HoldError::NotWritable { .. })
         ),
         "a read hold refuses to write"
     );

@@ -99,17 +99,9 @@ impl<'m> BusyPage<'m> {
     /// Unbusies the page and wakes its waiters (`vm_page_wakeup`), leaving
     /// queue placement to the caller.
     pub(crate) fn unbusy(mut self) {
-        wake(self.machine, self.id);
+        self.machine.pages.wake(self.id);
         self.disposal = Disposal::Done;
     }
-}
-
-/// Unbusies page `id` and wakes whoever sleeps on it.
-pub(crate) fn wake(machine: &Machine, id: PageId) {
-    machine
-        .pages
-        .get(id)
-        .wake(machine.pages.waits(), u64::from(id.0));
 }
 
 impl Drop for BusyPage<'_> {
@@ -121,7 +113,7 @@ impl Drop for BusyPage<'_> {
                 // Queue it while still busy: once unbusied, another thread
                 // may free it, and a free page must not be put on a queue.
                 pages.deactivate(self.id);
-                wake(self.machine, self.id);
+                self.machine.pages.wake(self.id);
             }
             Disposal::Free => {
                 let page = pages.get(self.id);
@@ -132,18 +124,9 @@ impl Drop for BusyPage<'_> {
                         st.pages.remove(&pindex);
                     }
                 }
-                wake(self.machine, self.id);
+                self.machine.pages.wake(self.id);
                 pages.free(self.id);
             }
         }
     }
-}
-
-/// Sleeps until page `id` is no longer busy or no longer the page at
-/// (`object`, `pindex`) (`vm_page_sleep_if_busy`, seed L389-394).
-pub(crate) fn wait_for_page(machine: &Machine, id: PageId, object: u64, pindex: u64) {
-    machine
-        .pages
-        .get(id)
-        .sleep_while_busy(machine.pages.waits(), u64::from(id.0), object, pindex);
 }

@@ -16,13 +16,10 @@
 //! 4. re-validate the map if its lock was dropped for I/O (L789-842);
 //! 5. dirty bookkeeping, pmap enter, queue placement, unbusy (L843-931).
 
-mod copy_entry;
 mod cow;
 pub(crate) mod guard;
 mod pagein;
 mod prefault;
-
-pub(crate) use copy_entry::{copy_entry, copy_page, upgrade_wired_entry};
 
 use crate::addr::{Pfn, VirtAddr, page_trunc};
 use crate::error::FaultError;
@@ -282,7 +279,7 @@ impl<P: Pmap> VmSpace<P> {
                         .local()
                         .v_intrans
                         .fetch_add(1, Ordering::Relaxed);
-                    guard::wait_for_page(machine, id, object, pindex);
+                    machine.pages.wait_for_page(id, object, pindex);
                 }
                 Err(Step::WaitTransition(stamp)) => self.wait_transition(stamp),
                 Err(Step::WaitMemory) => {

@@ -227,7 +227,7 @@ impl<P: Pmap> FaultState<'_, P> {
     fn use_device_page(
         &mut self,
         pa: PhysAddr,
-        attr: crate::pmap::MemAttr,
+        attr: crate::mem_attr::MemAttr,
     ) -> Result<(), PagerError> {
         let pages = &self.machine.pages;
         let ram = self.m.take().expect("page to read");

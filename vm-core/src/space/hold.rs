@@ -15,7 +15,7 @@
 //! even for a read hold, so that what the holder sees and what the space
 //! later writes cannot diverge (the class of bugs behind CVE-2020-29374);
 //! a fork of a range with held pages gives the child copies of them at once
-//! for the same reason (see [`fork`](crate::fork)).
+//! for the same reason (see [`fork`](crate::space::fork)).
 
 use crate::addr::{PAGE_SIZE, Pfn, VirtAddr, page_trunc};
 use crate::error::FaultError;

@@ -13,7 +13,7 @@ use crate::pmap::Mapping;
 use crate::pmap::{MemAttr, PageInfo, Pmap, PmapError};
 use crate::prot::Prot;
 use crate::space::VmSpace;
-use crate::wire::WireRecord;
+use crate::space::wire::WireRecord;
 use alloc::sync::Arc;
 
 /// Gives the child a private copy of every page of the wired entry `src`

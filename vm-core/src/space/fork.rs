@@ -16,7 +16,6 @@
 
 use crate::addr::{PAGE_SIZE, va_range};
 use crate::error::MapError;
-use crate::fault::guard::wait_for_page;
 use crate::map::{EntryFlags, Inheritance, MapEntry};
 use crate::object::{ObjectFlags, VmObject};
 use crate::page::PageId;
@@ -31,7 +30,7 @@ impl<P: Pmap> VmSpace<P> {
     /// shared, or left out, by its [`Inheritance`]. A wired copy entry is
     /// copied page by page now (`vm_fault_copy_entry`); held pages of a
     /// copied entry are copied for the child now (see the
-    /// [module docs](crate::fork)).
+    /// [module docs](crate::space::fork)).
     ///
     /// ```
     /// use vm_core::Prot;
@@ -91,7 +90,7 @@ impl<P: Pmap> VmSpace<P> {
                     child_entry(e)
                 }
                 Inheritance::Copy if e.wired_count != 0 => {
-                    crate::fault::copy_entry(self, &child, e)?
+                    crate::space::copy_entry::copy_entry(self, &child, e)?
                 }
                 Inheritance::Copy => {
                     let held = held.remove(&e.start).unwrap_or_default();
@@ -147,11 +146,11 @@ impl<P: Pmap> VmSpace<P> {
                 continue;
             };
             let at = pindex - first;
-            let copied = crate::fault::copy_page(self, id, &theirs, at);
+            let copied = crate::space::copy_entry::copy_page(self, id, &theirs, at);
             // The parent keeps its held page even if the child's copy could
             // not be made (the fork then fails and the child goes).
             move_up(machine, &shared, &mine, id, pindex, at);
-            crate::fault::guard::wake(machine, id);
+            machine.pages.wake(id);
             machine.pages.activate(copied?);
         }
         Ok(())
@@ -201,7 +200,7 @@ fn busy_page(machine: &crate::vm::Machine, object: &Arc<VmObject>, pindex: u64) 
         if busied {
             return Some(id);
         }
-        wait_for_page(machine, id, object.id().0, pindex);
+        machine.pages.wait_for_page(id, object.id().0, pindex);
     }
 }
 

@@ -2,6 +2,12 @@
 //! operations that build it: map, unmap, protect, advise, fork (FreeBSD
 //! `vm_map.c` / `vm_mmap.c` / `vmspace_fork`).
 
+pub mod access;
+mod copy_entry;
+pub mod fork;
+pub mod hold;
+pub mod wire;
+
 use crate::addr::{PAGE_SIZE, Pfn, VirtAddr, is_page_aligned, pages, va_range};
 use crate::error::MapError;
 use crate::map::{Behavior, EntryFlags, Inheritance, MapEntry, MapEntryInfo, MapState, VmMap};
@@ -488,7 +494,7 @@ impl<P: Pmap> VmSpace<P> {
             let old = core::mem::replace(&mut e.protection, prot);
             let user_wired_cow = EntryFlags::USER_WIRED | EntryFlags::COW;
             if e.eflags.contains(user_wired_cow) && (prot - old).contains(Prot::WRITE) {
-                if let Err(err) = crate::fault::upgrade_wired_entry(self, e) {
+                if let Err(err) = copy_entry::upgrade_wired_entry(self, e) {
                     // The copies made so far stay (each is the entry's own
                     // copy of what it showed) but not with the write
                     // permission they were entered with.
