@@ -13,9 +13,11 @@
 /// ones, or loom's when the crate is model-checked (`--cfg loom`, see the
 /// `loom_protocols` tests).
 pub(crate) mod atomic {
-    pub(crate) use core::sync::atomic::Ordering;
     #[cfg(not(loom))]
-    pub(crate) use core::sync::atomic::{AtomicU32, fence};
+    pub(crate) use core::sync::atomic::AtomicU32;
+    pub(crate) use core::sync::atomic::Ordering;
+    #[cfg(all(not(loom), feature = "std"))]
+    pub(crate) use core::sync::atomic::fence;
     #[cfg(loom)]
     pub(crate) use loom::sync::atomic::{AtomicU32, fence};
 }
@@ -277,7 +279,7 @@ pub struct WaitTable {
 impl Default for WaitTable {
     fn default() -> Self {
         WaitTable {
-            buckets: core::array::from_fn(|_| imp::Bucket::default()),
+            buckets: core::array::from_fn(|_| <imp::Bucket as Default>::default()),
         }
     }
 }
