@@ -12,7 +12,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use std::borrow::Borrow;
 use std::io::Write;
 use std::sync::Arc;
-use vm_core::{FaultFlags, MapRequest, Pmap, Prot, Vm, VmConfig, VmSpace};
+use vm_core::{FaultAround, FaultFlags, MapRequest, Pmap, Prot, Vm, VmConfig, VmSpace};
 use vm_pager_swap::Swap;
 use vm_pager_vnode::VnodePager;
 use vm_pmap_x86_64::X86Pmap;
@@ -27,7 +27,7 @@ fn machine<P: Pmap>(pmap: P) -> Arc<Vm<P>> {
         pmap,
         VmConfig {
             memory_bytes: 256 << 20,
-            prefault_pages: 0,
+            fault_around: FaultAround::Off,
             ..VmConfig::default()
         },
     )

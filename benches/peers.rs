@@ -30,7 +30,7 @@ use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vm_core::{FaultFlags, MapRequest, Prot, Vm, VmConfig};
+use vm_core::{FaultAround, FaultFlags, MapRequest, Prot, Vm, VmConfig};
 use vm_pager_swap::Swap;
 use vm_pager_vnode::VnodePager;
 use vm_pmap_x86_64::X86Pmap;
@@ -319,7 +319,7 @@ fn parallel(c: &mut Criterion) {
         X86Pmap::new(),
         VmConfig {
             memory_bytes: 96 << 20,
-            prefault_pages: 0,
+            fault_around: FaultAround::Off,
             ..VmConfig::default()
         },
     )
@@ -422,8 +422,9 @@ fn hot_file(name: &str, len: u64) -> PathBuf {
 }
 
 /// Faults on pages already in memory (the page cache / the object) but
-/// not mapped: ours through the vnode pager's object with prefault off and
-/// on (±4 pages, the default), the kernel's private file mapping of a
+/// not mapped: ours through the vnode pager's object with fault-around off,
+/// the seed's ±4 outward prefault and a 16-page window (the default, as
+/// Linux), each touch through the software MMU; the kernel's private file mapping of a
 /// page-cache-hot file (fault-around on, as shipped). One read per page
 /// touched, as a program would.
 fn soft_fault(c: &mut Criterion) {
@@ -432,15 +433,16 @@ fn soft_fault(c: &mut Criterion) {
     let path = hot_file("soft", len);
     let mut g = c.benchmark_group("soft_fault");
     g.throughput(Throughput::Elements(pages));
-    for (name, prefault) in [
-        ("ours/no_prefault", 0),
-        ("ours/prefault", VmConfig::default().prefault_pages),
+    for (name, fault_around) in [
+        ("ours/off", FaultAround::Off),
+        ("ours/outward_4", FaultAround::Outward(4)),
+        ("ours/window_16", FaultAround::Window(16)),
     ] {
         let vm = Vm::new(
             X86Pmap::new(),
             VmConfig {
                 memory_bytes: 64 << 20,
-                prefault_pages: prefault,
+                fault_around,
                 ..VmConfig::default()
             },
         )

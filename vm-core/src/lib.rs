@@ -91,7 +91,7 @@ pub use pmap::{Displaced, DisplacedSink, Mapping, MemAttr, PageInfo, Pmap, PmapE
 pub use prot::Prot;
 pub use space::hold::{HeldPages, HoldError};
 pub use space::{MapRequest, VmSpace};
-pub use vm::{Vm, VmConfig, VmInitError};
+pub use vm::{FaultAround, Vm, VmConfig, VmInitError};
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]

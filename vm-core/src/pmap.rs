@@ -11,7 +11,7 @@
 //! returns, no CPU that the implementation serves may still use the old
 //! entry.
 
-use crate::addr::{Pfn, VirtAddr};
+use crate::addr::{PAGE_SIZE, Pfn, VirtAddr};
 use crate::frames::Frames;
 pub use crate::mem_attr::MemAttr;
 use crate::page::PageFlags;
@@ -279,6 +279,34 @@ pub trait Pmap: Send + Sync + 'static {
     /// nothing is mapped there, never sleeping (`pmap_enter_quick`).
     /// Returns whether a mapping was made.
     fn enter_quick(&self, space: &Self::Space, va: VirtAddr, page: PageInfo, prot: Prot) -> bool;
+
+    /// Maps a run of pages as [`enter_quick`](Self::enter_quick) maps one:
+    /// `pages[i]`, if `Some`, at `start + i` pages, read-only or with
+    /// `prot` less write, only where nothing is mapped, never sleeping
+    /// (FreeBSD `pmap_enter_object`, for fault-around). Stops early,
+    /// without error, where the pmap cannot map (no memory for a table, an
+    /// address it cannot map). Returns how many mappings were made.
+    ///
+    /// The default calls `enter_quick` for each page; a pmap that can
+    /// enter a run with one table walk and one lock hold overrides it.
+    fn enter_quick_run(
+        &self,
+        space: &Self::Space,
+        start: VirtAddr,
+        pages: &[Option<PageInfo>],
+        prot: Prot,
+    ) -> usize {
+        let mut mapped = 0;
+        for (i, page) in (0u64..).zip(pages) {
+            let Some(va) = i.checked_mul(PAGE_SIZE).and_then(|o| start.checked_add(o)) else {
+                break;
+            };
+            if let Some(page) = page {
+                mapped += usize::from(self.enter_quick(space, va, *page, prot));
+            }
+        }
+        mapped
+    }
 
     /// Removes every mapping in `range` (`pmap_remove`), reporting each
     /// removed mapping of a managed page to `sink`.

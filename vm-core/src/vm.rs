@@ -12,6 +12,42 @@ use crate::phys::PhysMem;
 use crate::pmap::{PhysFrames, Pmap};
 use alloc::sync::Arc;
 
+/// Which resident neighbours a fault maps read-only besides its own page.
+///
+/// Only pages already resident and wholly valid are mapped, never with
+/// write access (a write to one faults as usual), only where nothing is
+/// mapped, and not after a wiring fault. A page
+/// not resident is never read in for this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FaultAround {
+    /// Only the faulting page.
+    Off,
+    /// The seed's prefault (`vm_fault_prefault`, L934-1006): up to `n`
+    /// pages on each side, visited outward (-1, +1, -2, +2, …), each mapped
+    /// alone; the walk stops at the first page not resident.
+    Outward(u32),
+    /// Linux's fault-around (`fault_around_bytes`): the naturally aligned
+    /// window of `n` pages that holds the fault (`n` rounded up to a power
+    /// of two, at most [`FaultAround::MAX_WINDOW`]), clipped to the
+    /// mapping. Every resident page of the window is mapped, holes
+    /// skipped, with one page-table walk and one lock hold for the run
+    /// ([`Pmap::enter_quick_run`]).
+    Window(u32),
+}
+
+impl FaultAround {
+    /// The largest [`Window`](FaultAround::Window), in pages (256 KiB).
+    pub const MAX_WINDOW: u32 = 64;
+}
+
+impl Default for FaultAround {
+    /// A 16-page (64 KiB) window, Linux's default.
+    fn default() -> Self {
+        FaultAround::Window(16)
+    }
+}
+
 /// Tunables of a machine.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -28,10 +64,9 @@ pub struct VmConfig {
     pub memory_retries: u32,
     /// How far a stack grows at once, in bytes (FreeBSD `sgrowsiz`).
     pub stack_growth: u64,
-    /// Resident neighbours mapped on each side of a fault (the seed's
-    /// `PFBAK`/`PFFOR`, 4); 8 resembles Linux's 16-page fault-around, 0
-    /// turns prefaulting off.
-    pub prefault_pages: u32,
+    /// Which resident neighbours a fault maps besides its own page, so the
+    /// next accesses need no fault (see [`FaultAround`]).
+    pub fault_around: FaultAround,
     /// Lowest user address.
     pub user_min: u64,
     /// One past the highest user address (x86_64: the lower canonical
@@ -60,7 +95,7 @@ impl Default for VmConfig {
             memory_wait_ms: 20,
             memory_retries: 3,
             stack_growth: 128 << 10,
-            prefault_pages: 4,
+            fault_around: FaultAround::default(),
             user_min: PAGE_SIZE,
             user_max: 0x0000_8000_0000_0000,
             fictitious_pages: 4096,

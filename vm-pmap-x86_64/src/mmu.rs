@@ -145,7 +145,7 @@ pub fn translate(
                 access.code() | PfErrorCode::PRESENT | PfErrorCode::RESERVED,
             ));
         }
-        used[level.number()] = Some(slot);
+        used[level.number()] = Some((slot, e));
         writable &= e & PteFlags::WRITABLE.bits() != 0;
         user &= e & PteFlags::USER.bits() != 0;
         exec &= !(mode.nxe && e & PteFlags::NO_EXECUTE.bits() != 0);
@@ -160,10 +160,15 @@ pub fn translate(
         if denied {
             return Err(Fault::PageFault(access.code() | PfErrorCode::PRESENT));
         }
-        for s in used.iter().flatten() {
-            s.fetch_or(PteFlags::ACCESSED.bits(), Ordering::AcqRel);
+        // As the CPU, a locked update only where a bit is still clear: a
+        // walk of entries already accessed (the common case) writes
+        // nothing, so it dirties no shared cache line.
+        for (s, seen) in used.iter().flatten() {
+            if seen & PteFlags::ACCESSED.bits() == 0 {
+                s.fetch_or(PteFlags::ACCESSED.bits(), Ordering::AcqRel);
+            }
         }
-        if access.write {
+        if access.write && e & PteFlags::DIRTY.bits() == 0 {
             slot.fetch_or(PteFlags::DIRTY.bits(), Ordering::AcqRel);
         }
         let offset_mask = level.span() - 1;

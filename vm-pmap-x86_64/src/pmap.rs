@@ -675,34 +675,68 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     }
 
     fn enter_quick(&self, space: &X86Space, va: VirtAddr, page: PageInfo, prot: Prot) -> bool {
-        let va = va.as_u64();
-        if self.check_va(va).is_err() {
-            return false;
-        }
-        let Some(mut st) = self.lock_space(space) else {
-            return false;
+        self.enter_quick_run(space, va, &[Some(page)], prot) == 1
+    }
+
+    /// One lock hold and one walk per leaf table the run crosses (FreeBSD
+    /// `pmap_enter_object`).
+    fn enter_quick_run(
+        &self,
+        space: &X86Space,
+        start: VirtAddr,
+        pages: &[Option<PageInfo>],
+        prot: Prot,
+    ) -> usize {
+        let (Some(phys), Some(mut st)) = (self.phys(), self.lock_space(space)) else {
+            return 0;
         };
-        let Ok((slot, table)) = self.leaf_slot_create(&mut st, &space.0, va) else {
-            return false;
-        };
-        if slot.load(Ordering::Acquire) & PteFlags::PRESENT.bits() != 0 {
-            return false;
-        }
         // FreeBSD `pmap_enter_quick_locked`: V, cache bits, MANAGED, NX, U;
         // never A, M or RW.
-        let mut f = PteFlags::PRESENT | PteFlags::USER | cache_bits(page.attr, false);
-        f.set(
+        let mut base = PteFlags::PRESENT | PteFlags::USER;
+        base.set(
             PteFlags::NO_EXECUTE,
             self.mode.nxe && !prot.contains(Prot::EXECUTE),
         );
-        f.set(PteFlags::MANAGED, page.managed);
-        if page.managed {
-            self.pv.add(page.pfn, space.0.id, va);
+        let mut table = None;
+        let mut mapped = 0;
+        for (i, page) in (0u64..).zip(pages) {
+            let Some(va) = i
+                .checked_mul(vm_core::PAGE_SIZE)
+                .and_then(|o| start.as_u64().checked_add(o))
+            else {
+                break;
+            };
+            if va & (Level::PD.span() - 1) == 0 {
+                table = None; // the run enters the next leaf table
+            }
+            let Some(page) = page else { continue };
+            if self.check_va(va).is_err() {
+                break;
+            }
+            let t = match table {
+                Some(t) => t,
+                None => match self.leaf_slot_create(&mut st, &space.0, va) {
+                    Ok((_, t)) => *table.insert(t),
+                    Err(_) => break,
+                },
+            };
+            let Some(slot) = slot_of(phys, t, va, Level::PT) else {
+                break;
+            };
+            if slot.load(Ordering::Acquire) & PteFlags::PRESENT.bits() != 0 {
+                continue;
+            }
+            let mut f = base | cache_bits(page.attr, false);
+            f.set(PteFlags::MANAGED, page.managed);
+            if page.managed {
+                self.pv.add(page.pfn, space.0.id, va);
+            }
+            slot.store(page.pfn.phys_addr().as_u64() | f.bits(), Ordering::Release);
+            self.count_add(t, 1);
+            st.resident += 1;
+            mapped += 1;
         }
-        slot.store(page.pfn.phys_addr().as_u64() | f.bits(), Ordering::Release);
-        self.count_add(table, 1);
-        st.resident += 1;
-        true
+        mapped
     }
 
     fn remove(&self, space: &X86Space, range: Range<VirtAddr>, sink: &mut DisplacedSink<'_>) {

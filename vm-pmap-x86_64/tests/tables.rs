@@ -561,3 +561,64 @@ fn set_pte(vm: &Vm<X86Pmap>, sp: &X86Space, va: u64, value: u64) {
         .unwrap()
         .store(value, Ordering::Release);
 }
+
+/// `enter_quick_run` (one lock, one walk per leaf table) makes exactly the
+/// entries, pv entries and counts that `enter_quick` page by page makes:
+/// across a leaf-table boundary, over holes, beside existing mappings it
+/// must not replace, and up to the end of user space, where it stops.
+#[test]
+fn a_quick_run_equals_quick_entries_one_by_one() {
+    let (vm, run_space) = machine(X86Pmap::new());
+    let p = vm.pmap();
+    let each_space = p.create_space().unwrap();
+    let user_end = p.mode().paging.user_end();
+    let mut total = 0;
+    for (start, len) in [
+        (2 * 0x20_0000 - 5 * PAGE, 12u64), // crosses into the next table
+        (0x7_0000_0000, 64),
+        (user_end - 3 * PAGE, 6), // the last three are not user addresses
+    ] {
+        // Something already mapped at the second page of the run.
+        for sp in [&run_space, &each_space] {
+            p.enter(
+                sp,
+                VirtAddr(start + PAGE),
+                Mapping::new(page(400), Prot::RW).access(Prot::WRITE),
+            )
+            .unwrap();
+        }
+        let pages: Vec<Option<PageInfo>> = (0..len)
+            .map(|i| (i % 5 != 2).then(|| page(200 + i)))
+            .collect();
+        let made = p.enter_quick_run(&run_space, VirtAddr(start), &pages, Prot::READ);
+        let mut made_each = 0;
+        for (i, pg) in (0u64..).zip(&pages) {
+            if let Some(pg) = pg {
+                made_each += usize::from(p.enter_quick(
+                    &each_space,
+                    VirtAddr(start + i * PAGE),
+                    *pg,
+                    Prot::READ,
+                ));
+            }
+        }
+        assert_eq!(made, made_each, "run at {start:#x}");
+        assert!(made > 0);
+        total += made;
+        for i in 0..len {
+            let va = start + i * PAGE;
+            assert_eq!(p.pte(&run_space, va), p.pte(&each_space, va), "{va:#x}");
+        }
+    }
+    assert_eq!(run_space.resident_count(), each_space.resident_count());
+    assert_eq!(p.table_pages(&run_space), p.table_pages(&each_space));
+    let pv: usize = (200..264).map(|pfn| p.mapping_count(Pfn(pfn))).sum();
+    assert_eq!(pv, 2 * total, "one pv entry per mapping, in each space");
+    // The entries the run made work for the MMU: read yes, write no.
+    let va = 2 * 0x20_0000 - 5 * PAGE;
+    assert_eq!(
+        p.translate(&run_space, VirtAddr(va), Prot::READ),
+        Some(Pfn(200))
+    );
+    assert_eq!(p.translate(&run_space, VirtAddr(va), Prot::WRITE), None);
+}

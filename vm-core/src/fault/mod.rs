@@ -369,6 +369,7 @@ impl<P: Pmap> VmSpace<P> {
             mode,
             fault_type,
             kind: FaultKind::Resident,
+            read_around: None,
             first: Pip::new(info.object),
         };
         fs.walk(&mut r.hard)?;
@@ -432,6 +433,10 @@ pub(crate) struct FaultState<'a, P: Pmap> {
     mode: LookupMode,
     fault_type: Prot,
     kind: FaultKind,
+    /// The addresses of the pages a pager read for this fault brought in
+    /// (the cluster), which bound fault-around (modern FreeBSD prefaults
+    /// only the pages just read, so cache-behind's work is not undone).
+    read_around: Option<core::ops::Range<u64>>,
     /// The first object, referenced and paging-in-progress.
     first: Pip,
 }

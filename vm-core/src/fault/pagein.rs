@@ -44,6 +44,8 @@ impl<P: Pmap> FaultState<'_, P> {
         let (behind, ahead) = self.cluster_window();
         let cluster = self.additional_pages(object, contig, behind, ahead);
         let count = cluster.behind.len() + 1 + cluster.ahead.len();
+        let lo = self.va - cluster.behind.len() as u64 * crate::PAGE_SIZE;
+        self.read_around = Some(lo..lo + count as u64 * crate::PAGE_SIZE);
         // lastr, "imperfectly" as the seed does (L551-558); written under
         // the read lock, hence atomic.
         if let Some(e) = self

@@ -1,26 +1,55 @@
-//! Prefault: after a fault, map resident neighbours read-only so the next
-//! accesses need no fault (seed `vm_fault_prefault`, L934-1006).
+//! Fault-around: after a fault, map resident neighbours read-only so the
+//! next accesses need no fault. Two policies ([`FaultAround`]): the seed's
+//! outward prefault (`vm_fault_prefault`, L934-1006) and Linux's aligned
+//! window, entered as one run ([`Pmap::enter_quick_run`]).
 
 use super::FaultState;
 use crate::addr::{PAGE_SIZE, VirtAddr};
 use crate::map::MapEntry;
-use crate::object::VmObject;
-use crate::page::{PageFlags, VM_PAGE_BITS_ALL};
-use crate::pmap::{MemAttr, PageInfo, Pmap};
+use crate::object::{ObjectState, VmObject};
+use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
+use crate::pmap::{PageInfo, Pmap};
+use crate::prot::Prot;
+use crate::vm::FaultAround;
 use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
 
+/// What one object of a chain says about a page index.
+enum Lookup {
+    /// A page that can be mapped.
+    Usable(PageInfo),
+    /// A page that hides the objects below but cannot be mapped now
+    /// (busy, partly valid, a device page).
+    Unusable,
+    /// No page: look below, if the object lets the walk through.
+    Absent,
+}
+
 impl<P: Pmap> FaultState<'_, P> {
-    /// Maps up to `prefault_pages` resident pages on each side of the
-    /// fault, in the seed's outward order (-1, +1, -2, +2, …), inside the
-    /// entry, where the pmap can map without replacing or allocating. Stops
-    /// at the first page that is not resident (seed L990-993).
+    /// Maps the fault's resident neighbours inside `entry` as the
+    /// machine's [`FaultAround`] policy says.
     pub(super) fn prefault(&self, entry: &MapEntry) {
         let Some(object) = entry.object.as_ref() else {
             return;
         };
-        let window = u64::from(self.space.vm.config.prefault_pages);
-        for i in 0..2 * window {
+        // A present entry can be read on x86: a mapping that allows
+        // neither read nor execute (reached by a forced access) gets no
+        // neighbours.
+        if !entry.protection.intersects(Prot::READ | Prot::EXECUTE) {
+            return;
+        }
+        match self.space.vm.config.fault_around {
+            FaultAround::Off => {}
+            FaultAround::Outward(n) => self.prefault_outward(object, entry, n),
+            FaultAround::Window(n) => self.fault_around_window(object, entry, n),
+        }
+    }
+
+    /// The seed's order: -1, +1, -2, +2, … up to `n` pages each side,
+    /// where the pmap can map without replacing, stopping at the first
+    /// page that is not resident (seed L990-993).
+    fn prefault_outward(&self, object: &Arc<VmObject>, entry: &MapEntry, n: u32) {
+        for i in 0..2 * u64::from(n) {
             let dist = (i / 2 + 1) * PAGE_SIZE;
             let addr = if i % 2 == 0 {
                 self.va.checked_sub(dist)
@@ -38,59 +67,130 @@ impl<P: Pmap> FaultState<'_, P> {
             {
                 continue;
             }
-            if !self.prefault_one(object, entry, addr) {
+            if !self.map_through_chain(object, entry, addr) {
                 break;
             }
         }
     }
 
-    /// Maps the page `addr` shows, if resident and usable; false if no
-    /// page is resident (the seed then gives up on the rest).
-    fn prefault_one(&self, object: &Arc<VmObject>, entry: &MapEntry, addr: u64) -> bool {
-        let pages = &self.machine.pages;
+    /// Every resident page of the aligned `n`-page window around the
+    /// fault, within the pages a pager read for it if it read any. Pages of the first object (the common case: one object, no
+    /// chain) are entered as one run under its lock; holes are then looked
+    /// up below, page by page, where the chain lets the walk through.
+    fn fault_around_window(&self, object: &Arc<VmObject>, entry: &MapEntry, n: u32) {
+        const MAX: usize = FaultAround::MAX_WINDOW as usize;
+        let span = u64::from(n.clamp(1, FaultAround::MAX_WINDOW).next_power_of_two()) * PAGE_SIZE;
+        let (mut lo, mut hi) = (entry.start, entry.end);
+        if let Some(read) = &self.read_around {
+            (lo, hi) = (lo.max(read.start), hi.min(read.end));
+        }
+        let start = (self.va & !(span - 1)).max(lo);
+        let end = (self.va & !(span - 1)).saturating_add(span).min(hi);
+        let mut run = [None; MAX];
+        let mut holes = 0u64; // bit i: nothing in the first object at page i
+        let st = object.lock();
+        for (i, addr) in (start..end).step_by(PAGE_SIZE as usize).enumerate() {
+            if addr == self.va {
+                continue;
+            }
+            match self.lookup(&st, entry.pindex(addr)) {
+                Lookup::Usable(info) => run[i] = Some(info),
+                Lookup::Unusable => {}
+                Lookup::Absent => holes |= 1 << i,
+            }
+        }
+        let count = usize::try_from((end - start) / PAGE_SIZE).unwrap_or(MAX);
+        let vm = &self.space.vm;
+        let mapped = vm.pmap.enter_quick_run(
+            &self.space.pmap,
+            VirtAddr(start),
+            &run[..count.min(MAX)],
+            entry.protection,
+        );
+        self.count_prefaults(mapped);
+        if holes == 0 || !Self::passes_through(&st) {
+            return;
+        }
+        drop(st);
+        // Holes in a shadow: the page may be below (a fork's or a private
+        // mapping's chain). Rare next to the run above; one at a time.
+        while holes != 0 {
+            let i = u64::from(holes.trailing_zeros());
+            holes &= holes - 1;
+            let addr = start + i * PAGE_SIZE;
+            self.map_through_chain(object, entry, addr);
+        }
+    }
+
+    /// Maps the page `addr` shows, looking down the chain from `object`;
+    /// false if no page is resident (the seed then gives up on the rest).
+    /// The lock of the page's object is held across the pmap call, so the
+    /// page cannot be freed or moved while it is mapped.
+    fn map_through_chain(&self, object: &Arc<VmObject>, entry: &MapEntry, addr: u64) -> bool {
         let mut obj = object.clone();
         let mut pindex = entry.pindex(addr);
         loop {
-            // The object lock is held across enter_quick, so the page
-            // cannot be freed or moved while it is being mapped.
             let st = obj.lock();
-            if let Some(&id) = st.pages.get(&pindex) {
-                let page = pages.get(id);
-                let usable = page.valid() == VM_PAGE_BITS_ALL
-                    && !page.is_busy()
-                    && !page.flags().contains(PageFlags::FICTITIOUS);
-                if usable {
-                    let info = PageInfo {
-                        pfn: pages.pfn(id),
-                        managed: !page.flags().contains(PageFlags::UNMANAGED),
-                        attr: MemAttr::WriteBack,
-                    };
-                    if self.space.vm.pmap.enter_quick(
-                        &self.space.pmap,
-                        VirtAddr(addr),
-                        info,
-                        entry.protection,
-                    ) {
-                        self.machine
-                            .counters
-                            .local()
-                            .v_prefaults
-                            .fetch_add(1, Ordering::Relaxed);
-                    }
+            match self.lookup(&st, pindex) {
+                Lookup::Usable(info) => {
+                    let pmap = &self.space.vm.pmap;
+                    let mapped =
+                        pmap.enter_quick(&self.space.pmap, VirtAddr(addr), info, entry.protection);
+                    self.count_prefaults(usize::from(mapped));
+                    return true;
                 }
-                return true;
+                Lookup::Unusable => return true,
+                Lookup::Absent => {}
             }
-            // Only anonymous chains are followed (seed L977-986).
-            // An anonymous object without a pager has nothing more to say
-            // about the page than its backing object.
-            let next = match &st.backing {
-                Some(b) if st.kind.is_anonymous() && st.pager.is_none() => {
-                    (b.object.clone(), pindex + b.offset)
-                }
+            let next = match st.backing.as_ref() {
+                Some(b) if Self::passes_through(&st) => (b.object.clone(), pindex + b.offset),
                 _ => return false,
             };
             drop(st);
             (obj, pindex) = next;
+        }
+    }
+
+    /// Whether a lookup that finds nothing in the object `st` locks may go
+    /// on to its backing object: only anonymous chains are followed (seed
+    /// L977-986), and an anonymous object with a pager may hold the page
+    /// in its pager, so it has the last word.
+    fn passes_through(st: &ObjectState) -> bool {
+        st.kind.is_anonymous() && st.pager.is_none() && st.backing.is_some()
+    }
+
+    /// What the object `st` locks holds at `pindex`.
+    fn lookup(&self, st: &ObjectState, pindex: u64) -> Lookup {
+        let pages = &self.machine.pages;
+        let Some(&id) = st.pages.get(&pindex) else {
+            return Lookup::Absent;
+        };
+        let page = pages.get(id);
+        let usable = page.valid() == VM_PAGE_BITS_ALL
+            && !page.is_busy()
+            && !page.flags().contains(PageFlags::FICTITIOUS);
+        if !usable {
+            return Lookup::Unusable;
+        }
+        Lookup::Usable(self.page_info(id))
+    }
+
+    fn page_info(&self, id: PageId) -> PageInfo {
+        let pages = &self.machine.pages;
+        PageInfo {
+            pfn: pages.pfn(id),
+            managed: !pages.get(id).flags().contains(PageFlags::UNMANAGED),
+            attr: pages.attr(id),
+        }
+    }
+
+    fn count_prefaults(&self, mapped: usize) {
+        if mapped > 0 {
+            self.machine
+                .counters
+                .local()
+                .v_prefaults
+                .fetch_add(mapped as u64, Ordering::Relaxed);
         }
     }
 }
