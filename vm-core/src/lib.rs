@@ -36,7 +36,9 @@
 //! * `std` (default): physical memory backed by an anonymous mapping of the
 //!   host, blocking locks and sleeping waits. Without it the crate is
 //!   `#![no_std]` + `alloc`: the embedder hands in its own physical memory
-//!   ([`PhysMem::from_raw_parts`]) and waits spin.
+//!   ([`PhysMem::from_raw_parts`]) and, if it has a scheduler, the way
+//!   threads block and wake ([`sync::set_parker`]); the locks are
+//!   [`lock_api`] locks, and without a parker waits spin.
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]

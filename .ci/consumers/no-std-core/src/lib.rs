@@ -6,7 +6,8 @@ extern crate alloc;
 
 use core::ops::Range;
 use core::ptr::NonNull;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use vm_core::sync::{Parker, set_parker};
 use vm_core::pmap::{Displaced, DisplacedSink, Mapping, PageInfo, Pmap, PmapError, RefMod};
 use vm_core::{FaultFlags, Pfn, PhysMem, Prot, VirtAddr, Vm, VmConfig};
 
@@ -60,10 +61,25 @@ impl Pmap for NullPmap {
 struct Ram(#[expect(dead_code, reason = "only its address is used")] [u8; 64 * 4096]);
 static mut RAM: Ram = Ram([0; 64 * 4096]);
 
+/// The embedder's scheduler, as vm-core's locks see it: here a machine
+/// with one thread, where a waiter can only yield the CPU.
+struct Yield;
+impl Parker for Yield {
+    fn park(&self, _: &AtomicU32, _: u32) {
+        core::hint::spin_loop();
+    }
+    fn park_timeout(&self, _: &AtomicU32, _: u32, _: u64) {
+        core::hint::spin_loop();
+    }
+    fn unpark_all(&self, _: &AtomicU32) {}
+}
+static YIELD: Yield = Yield;
+
 /// Faults one page of anonymous memory in; returns its frame number, or
 /// `u64::MAX` on failure.
 #[unsafe(no_mangle)]
 pub extern "C" fn consumer_fault_once() -> u64 {
+    set_parker(&YIELD);
     // SAFETY: the static is page aligned, 64 pages long, and used only
     // through this PhysMem (this function is the only user of RAM).
     let phys =

@@ -1,9 +1,11 @@
 //! The locking primitives of the crate, in one place.
 //!
 //! With the `std` feature these are the standard library's blocking locks
-//! and condition variables; without it they spin (an embedder that has a
-//! scheduler replaces this module's bodies). Nothing else in the crate names
-//! a lock type directly.
+//! and condition variables. Without it they are [`lock_api`] locks over
+//! vm-core's own lock words ([`RawMutex`], [`RawRwLock`]) that spin
+//! briefly and then park through the embedder's scheduler, installed once
+//! with [`set_parker`] (see [`Parker`]); with no parker they spin. Nothing
+//! else in the crate names a lock type directly.
 //!
 //! Lock poisoning is ignored: the data the locks guard is kept consistent by
 //! the code that holds them, and a panic elsewhere must not wedge the
@@ -16,13 +18,13 @@ pub(crate) mod atomic {
     #[cfg(not(loom))]
     pub(crate) use core::sync::atomic::AtomicU32;
     pub(crate) use core::sync::atomic::Ordering;
-    #[cfg(all(not(loom), feature = "std"))]
+    #[cfg(all(not(loom), feature = "std", not(vm_parked_locks)))]
     pub(crate) use core::sync::atomic::fence;
     #[cfg(loom)]
     pub(crate) use loom::sync::atomic::{AtomicU32, fence};
 }
 
-#[cfg(feature = "std")]
+#[cfg(all(feature = "std", not(vm_parked_locks)))]
 mod imp {
     use super::atomic::{AtomicU32, Ordering, fence};
     #[cfg(loom)]
@@ -151,62 +153,18 @@ mod imp {
     }
 }
 
-#[cfg(not(feature = "std"))]
+// `--cfg vm_parked_locks` selects these with std too, so the whole test
+// suite can run on the no_std locks (CI does).
+#[cfg(any(not(feature = "std"), vm_parked_locks))]
 mod imp {
-    /// A mutual-exclusion lock (spinning).
-    pub type Mutex<T> = spin::Mutex<T>;
-    /// Guard of a [`Mutex`].
-    pub type MutexGuard<'a, T> = spin::MutexGuard<'a, T>;
-
-    /// A reader/writer lock (spinning).
-    #[derive(Debug, Default)]
-    pub struct RwLock<T>(spin::RwLock<T>);
-    /// Shared guard of a [`RwLock`].
-    pub type ReadGuard<'a, T> = spin::RwLockReadGuard<'a, T>;
-    /// Exclusive guard of a [`RwLock`].
-    pub type WriteGuard<'a, T> = spin::RwLockWriteGuard<'a, T>;
-
-    impl<T> RwLock<T> {
-        /// A new unlocked lock.
-        pub const fn new(v: T) -> Self {
-            RwLock(spin::RwLock::new(v))
-        }
-        /// Locks shared, spinning.
-        pub fn read(&self) -> ReadGuard<'_, T> {
-            self.0.read()
-        }
-        /// Locks shared if that needs no waiting.
-        pub fn try_read(&self) -> Option<ReadGuard<'_, T>> {
-            self.0.try_read()
-        }
-        /// Locks exclusive, spinning.
-        pub fn write(&self) -> WriteGuard<'_, T> {
-            self.0.write()
-        }
-    }
-
-    #[derive(Debug, Default)]
-    pub(super) struct Bucket;
-
-    impl Bucket {
-        pub(super) fn wait_while(&self, mut blocked: impl FnMut() -> bool) {
-            while blocked() {
-                core::hint::spin_loop();
-            }
-        }
-        pub(super) fn wait_timeout(&self, mut blocked: impl FnMut() -> bool, ms: u64) {
-            // No clock without std: spin a bounded number of rounds instead.
-            let mut rounds = ms.saturating_mul(10_000);
-            while rounds > 0 && blocked() {
-                core::hint::spin_loop();
-                rounds -= 1;
-            }
-        }
-        pub(super) fn notify(&self) {}
-    }
+    pub(super) use super::parked::Bucket;
+    pub use super::parked::{Mutex, MutexGuard, ReadGuard, RwLock, WriteGuard};
 }
 
 pub use imp::{Mutex, MutexGuard, ReadGuard, RwLock, WriteGuard};
+#[cfg_attr(all(feature = "std", not(vm_parked_locks)), allow(dead_code))]
+mod parked;
+pub use parked::{Parker, RawMutex, RawRwLock, set_parker};
 
 /// How many ways per-thread statistics are split.
 pub const SHARDS: usize = 16;
