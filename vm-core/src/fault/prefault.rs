@@ -10,6 +10,7 @@ use crate::object::{ObjectState, VmObject};
 use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
 use crate::pmap::{PageInfo, Pmap};
 use crate::prot::Prot;
+use crate::sync::MutexGuard;
 use crate::vm::FaultAround;
 use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
@@ -49,7 +50,12 @@ impl<P: Pmap> FaultState<'_, P> {
     /// where the pmap can map without replacing, stopping at the first
     /// page that is not resident (seed L990-993).
     fn prefault_outward(&self, object: &Arc<VmObject>, entry: &MapEntry, n: u32) {
-        for i in 0..2 * u64::from(n) {
+        // No further than the entry reaches on its longer side: the cost is
+        // bounded by the entry, whatever `n` says.
+        let back = (self.va - entry.start) / PAGE_SIZE;
+        let ahead = (entry.end - self.va) / PAGE_SIZE - 1;
+        let n = u64::from(n).min(back.max(ahead));
+        for i in 0..2 * n {
             let dist = (i / 2 + 1) * PAGE_SIZE;
             let addr = if i % 2 == 0 {
                 self.va.checked_sub(dist)
@@ -124,31 +130,45 @@ impl<P: Pmap> FaultState<'_, P> {
 
     /// Maps the page `addr` shows, looking down the chain from `object`;
     /// false if no page is resident (the seed then gives up on the rest).
+    fn map_through_chain(&self, object: &Arc<VmObject>, entry: &MapEntry, addr: u64) -> bool {
+        self.map_from(object.lock(), entry.pindex(addr), entry, addr)
+    }
+
+    /// [`map_through_chain`](Self::map_through_chain) from the object `st`
+    /// locks, at `pindex` of it. Locks are taken hand over hand (a shadow's
+    /// before its backing object's, the crate's order, as FreeBSD's
+    /// prefault does): while the walk looks below, the page cannot appear
+    /// above it, so a page found below is still the one the address shows.
     /// The lock of the page's object is held across the pmap call, so the
     /// page cannot be freed or moved while it is mapped.
-    fn map_through_chain(&self, object: &Arc<VmObject>, entry: &MapEntry, addr: u64) -> bool {
-        let mut obj = object.clone();
-        let mut pindex = entry.pindex(addr);
-        loop {
-            let st = obj.lock();
-            match self.lookup(&st, pindex) {
-                Lookup::Usable(info) => {
-                    let pmap = &self.space.vm.pmap;
-                    let mapped =
-                        pmap.enter_quick(&self.space.pmap, VirtAddr(addr), info, entry.protection);
-                    self.count_prefaults(usize::from(mapped));
-                    return true;
-                }
-                Lookup::Unusable => return true,
-                Lookup::Absent => {}
+    fn map_from(
+        &self,
+        st: MutexGuard<'_, ObjectState>,
+        pindex: u64,
+        entry: &MapEntry,
+        addr: u64,
+    ) -> bool {
+        match self.lookup(&st, pindex) {
+            Lookup::Usable(info) => {
+                let pmap = &self.space.vm.pmap;
+                let mapped =
+                    pmap.enter_quick(&self.space.pmap, VirtAddr(addr), info, entry.protection);
+                self.count_prefaults(usize::from(mapped));
+                return true;
             }
-            let next = match st.backing.as_ref() {
-                Some(b) if Self::passes_through(&st) => (b.object.clone(), pindex + b.offset),
-                _ => return false,
-            };
-            drop(st);
-            (obj, pindex) = next;
+            Lookup::Unusable => return true,
+            Lookup::Absent => {}
         }
+        let next = match st.backing.as_ref() {
+            Some(b) if Self::passes_through(&st) => (b.object.clone(), pindex + b.offset),
+            _ => return false,
+        };
+        let (below, below_pindex) = next;
+        let lower = below.lock();
+        drop(st);
+        // One frame per object of the chain: `below` lives here while the
+        // next level holds its lock.
+        self.map_from(lower, below_pindex, entry, addr)
     }
 
     /// Whether a lookup that finds nothing in the object `st` locks may go
