@@ -3,13 +3,13 @@
 use crate::sync::SHARDS;
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
+use crossbeam_utils::CachePadded;
 
 macro_rules! counters {
     ($($(#[doc = $doc:literal])* $name:ident),* $(,)?) => {
         /// One thread's share of the counters: bump these (through
         /// [`Counters::local`]); read totals with [`Counters::snapshot`].
         #[derive(Debug, Default)]
-        #[repr(align(64))]
         pub struct CounterShard {
             $($(#[doc = $doc])* pub $name: AtomicU64,)*
         }
@@ -54,7 +54,7 @@ macro_rules! counters {
 /// FreeBSD's `counter(9)` does per CPU).
 #[derive(Debug, Default)]
 pub struct Counters {
-    shards: [CounterShard; SHARDS],
+    shards: [CachePadded<CounterShard>; SHARDS],
 }
 
 impl Counters {

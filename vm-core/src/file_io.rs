@@ -5,6 +5,13 @@
 //! buffers: frame bytes are never lent as Rust slices (see
 //! [`frame`](crate::frame)), so the `iovec`s that point the kernel at them
 //! are built here, from the windows' raw pointers.
+//!
+//! Why `libc` and not `rustix`: rustix's `preadv` takes
+//! `&mut [IoSliceMut]`, that is `&mut [u8]` references to frame bytes that
+//! other threads may read or write at the same time (a frame is shared
+//! memory), which is undefined behaviour however briefly it lives. Raw
+//! `iovec`s built from pointers avoid making such a reference; the FFI
+//! stays in this module.
 
 use crate::addr::PAGE_SIZE;
 use crate::pager::{PageOut, PageSlot};

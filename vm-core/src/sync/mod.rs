@@ -166,6 +166,8 @@ pub use imp::{Mutex, MutexGuard, ReadGuard, RwLock, WriteGuard};
 mod parked;
 pub use parked::{Parker, RawMutex, RawRwLock, set_parker};
 
+use crossbeam_utils::CachePadded;
+
 /// How many ways per-thread statistics are split.
 pub const SHARDS: usize = 16;
 
@@ -196,19 +198,13 @@ pub fn thread_shard() -> usize {
 /// approximate while others change it).
 #[derive(Debug, Default)]
 pub struct ShardedCount {
-    cells: [PaddedCell; SHARDS],
+    cells: [CachePadded<core::sync::atomic::AtomicI64>; SHARDS],
 }
-
-#[derive(Debug, Default)]
-#[repr(align(64))]
-struct PaddedCell(core::sync::atomic::AtomicI64);
 
 impl ShardedCount {
     /// Adds `n` (may be negative).
     pub fn add(&self, n: i64) {
-        self.cells[thread_shard() % SHARDS]
-            .0
-            .fetch_add(n, core::sync::atomic::Ordering::Relaxed);
+        self.cells[thread_shard() % SHARDS].fetch_add(n, core::sync::atomic::Ordering::Relaxed);
     }
 
     /// The total (never below zero).
@@ -217,7 +213,7 @@ impl ShardedCount {
         let sum: i64 = self
             .cells
             .iter()
-            .map(|c| c.0.load(core::sync::atomic::Ordering::Relaxed))
+            .map(|c| c.load(core::sync::atomic::Ordering::Relaxed))
             .sum();
         u64::try_from(sum).unwrap_or(0)
     }
