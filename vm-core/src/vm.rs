@@ -32,7 +32,9 @@ pub enum FaultAround {
     /// of two, at most [`FaultAround::MAX_WINDOW`]), clipped to the
     /// mapping. Every resident page of the window is mapped, holes
     /// skipped, with one page-table walk and one lock hold for the run
-    /// ([`Pmap::enter_quick_run`]).
+    /// ([`Pmap::enter_quick_run`]). As in Linux, only faults that read or
+    /// execute map a window: after a write fault the next write to a
+    /// neighbour would fault anyway.
     Window(u32),
 }
 

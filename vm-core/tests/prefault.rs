@@ -234,10 +234,19 @@ fn a_window_finds_pages_below_a_shadow_and_never_lets_a_write_through() {
         parent.write_u8(BASE + p * PAGE, p as u8).unwrap();
     }
     let child = parent.fork().unwrap();
-    // The child's write makes its shadow; the window then maps the
-    // parent's pages from below, read-only.
+    // The child's write makes its shadow (a write maps no window); a
+    // read then maps the parent's pages from below, read-only.
     child.write_u8(BASE + 5 * PAGE, 0xff).unwrap();
+    assert_eq!(mapped(&vm, &child), [5].into_iter().collect());
+    child
+        .fault(BASE + 6 * PAGE, Prot::READ, FaultFlags::NORMAL)
+        .unwrap();
     assert_eq!(mapped(&vm, &child), (0..16).collect());
+    assert_eq!(
+        child.read_u8(BASE + 5 * PAGE).unwrap(),
+        0xff,
+        "its own copy"
+    );
     let pte = vm.pmap().pte(child.pmap_space(), BASE + 9 * PAGE).unwrap();
     assert_eq!(Some(pte.pfn), parent.extract(BASE + 9 * PAGE), "shared");
     assert!(!pte.prot.contains(Prot::WRITE));
@@ -280,4 +289,28 @@ fn a_window_is_off_for_wiring_faults() {
     let (vm, s, _o) = setup(FaultAround::Window(16), 0..16);
     s.wire(BASE + 8 * PAGE, PAGE, true).unwrap();
     assert_eq!(mapped(&vm, &s), [8].into_iter().collect());
+}
+
+#[test]
+fn a_write_fault_maps_no_window() {
+    // Linux's rule: the neighbours would be read-only, and the next write
+    // to one faults anyway (zero-fill and copy-on-write runs).
+    let (vm, s, _o) = setup(FaultAround::Window(16), 0..16);
+    let before = vm.counters().snapshot();
+    s.fault(BASE + 8 * PAGE, Prot::WRITE, FaultFlags::DIRTY)
+        .unwrap();
+    assert_eq!(mapped(&vm, &s), [8].into_iter().collect());
+    assert_eq!(vm.counters().snapshot().since(&before).v_prefaults, 0);
+    // The seed's walk does map after a write, read-only.
+    let (vm, s, _o) = setup(FaultAround::Outward(2), 0..16);
+    s.fault(BASE + 8 * PAGE, Prot::WRITE, FaultFlags::DIRTY)
+        .unwrap();
+    assert_eq!(mapped(&vm, &s), (6..=10).collect());
+    assert!(
+        !vm.pmap()
+            .pte(s.pmap_space(), BASE + 9 * PAGE)
+            .unwrap()
+            .prot
+            .contains(Prot::WRITE)
+    );
 }

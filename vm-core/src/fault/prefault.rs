@@ -42,7 +42,14 @@ impl<P: Pmap> FaultState<'_, P> {
         match self.space.vm.config.fault_around {
             FaultAround::Off => {}
             FaultAround::Outward(n) => self.prefault_outward(object, entry, n),
-            FaultAround::Window(n) => self.fault_around_window(object, entry, n),
+            // As Linux, only after a read or execute: the neighbours are
+            // mapped read-only, so after a write (a zero-fill or a
+            // copy-on-write run, typically) the next write to one faults
+            // anyway and the look-ups would be wasted.
+            FaultAround::Window(n) if !self.fault_type.contains(Prot::WRITE) => {
+                self.fault_around_window(object, entry, n);
+            }
+            FaultAround::Window(_) => {}
         }
     }
 
