@@ -178,6 +178,20 @@ impl PhysMem {
         self.writer_of(pfn).fill(0, PAGE_SIZE as usize, 0);
     }
 
+    /// Whether every byte of frame `pfn` is zero (false outside memory).
+    /// Reads the frame once, a chunk at a time.
+    #[must_use]
+    pub fn is_zero(&self, pfn: Pfn) -> bool {
+        let Some(frame) = self.reader(pfn) else {
+            return false;
+        };
+        let mut chunk = [0u8; 512];
+        (0..PAGE_SIZE as usize).step_by(chunk.len()).all(|off| {
+            frame.read(off, &mut chunk);
+            chunk.iter().all(|&b| b == 0)
+        })
+    }
+
     /// Copies frame `src` to frame `dst` (FreeBSD `pmap_copy_page`).
     ///
     /// # Panics

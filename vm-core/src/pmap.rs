@@ -205,10 +205,35 @@ impl PhysFrames {
     /// (outside memory, a page of an object, or freed already): a bug of
     /// the pmap, refused without touching the page.
     pub unsafe fn free(&self, pfn: Pfn) -> Result<(), PmapError> {
+        self.release(pfn, false)
+    }
+
+    /// [`free`](Self::free) for a frame whose bytes are all zero (a table
+    /// whose entries were all cleared): it joins the pool of known-zero
+    /// frames, so the next table allocation or zero-fill fault that takes
+    /// it skips zeroing it (page-table pages from the pre-zeroed pool).
+    ///
+    /// # Safety
+    ///
+    /// As [`free`](Self::free), and every byte of the frame is zero: a
+    /// later user of the frame trusts that without looking.
+    ///
+    /// # Errors
+    ///
+    /// As [`free`](Self::free).
+    pub unsafe fn free_zeroed(&self, pfn: Pfn) -> Result<(), PmapError> {
+        self.release(pfn, true)
+    }
+
+    fn release(&self, pfn: Pfn, zeroed: bool) -> Result<(), PmapError> {
         let (id, page) = self.table(pfn).ok_or(PmapError::BadFrame(pfn))?;
         // Only one caller can clear the flag: a racing double free loses.
         if !page.take_flag(PageFlags::TABLE) {
             return Err(PmapError::BadFrame(pfn));
+        }
+        if zeroed {
+            debug_assert!(self.phys().is_zero(pfn), "a frame freed as zero is not");
+            page.set_flags(PageFlags::ZERO);
         }
         self.pages().unwire(id, false);
         self.pages().free(id);

@@ -305,13 +305,27 @@ impl<T: TlbHook> X86Pmap<T> {
 
     fn free_table(&self, table: u64) {
         if let Some(f) = &self.frames {
+            let pfn = Pfn::containing(PhysAddr(table));
+            // An emptied table is all zeros (every entry was cleared as it
+            // was counted out): it goes back to the pool of zeroed frames,
+            // so the next table or zero-fill page taken from it is not
+            // zeroed on the fault path. Checked, not assumed: one read.
+            let zero = self.count(table) == 0 && f.phys().is_zero(pfn);
             // Our own table frame: a refusal would be a bug here, and the
             // frame then stays allocated, which loses nothing.
             // SAFETY: `table` was unlinked from its parent, the flush that
             // retired it has completed (no CPU caches a path through it),
             // and the caller holds the space's walk lock for writing, so no
-            // software walker is inside it; nothing refers to it again.
-            let freed = unsafe { f.free(Pfn::containing(PhysAddr(table))) };
+            // software walker is inside it; nothing refers to it again. For
+            // `free_zeroed`, its bytes were just seen to be zero, and no one
+            // writes them any more.
+            let freed = unsafe {
+                if zero {
+                    f.free_zeroed(pfn)
+                } else {
+                    f.free(pfn)
+                }
+            };
             debug_assert!(freed.is_ok(), "freeing table {table:#x}: {freed:?}");
         }
     }

@@ -622,3 +622,55 @@ fn a_quick_run_equals_quick_entries_one_by_one() {
     );
     assert_eq!(p.translate(&run_space, VirtAddr(va), Prot::WRITE), None);
 }
+
+/// Page-table pages come back to the pool of known-zero frames when they
+/// are emptied, so the next table (or zero-fill page) taken from it needs
+/// no zeroing on the fault path; the pool never gets a frame that is not
+/// zero.
+#[test]
+fn emptied_tables_return_to_the_zeroed_pool() {
+    let (vm, sp) = machine(X86Pmap::new());
+    let p = vm.pmap();
+    let va = 0x55_4000_3000u64; // a fresh PDPT, PD and PT
+    let zeroed_before = vm.free_zeroed_pages();
+    p.enter(
+        &sp,
+        VirtAddr(va),
+        Mapping::new(page(300), Prot::RW).access(Prot::WRITE),
+    )
+    .unwrap();
+    assert_eq!(
+        vm.free_zeroed_pages(),
+        zeroed_before - 3,
+        "three tables taken"
+    );
+    p.remove(&sp, VirtAddr(va)..VirtAddr(va + PAGE), &mut |_| {});
+    assert_eq!(
+        vm.free_zeroed_pages(),
+        zeroed_before,
+        "the three emptied tables are back as zeroed frames"
+    );
+    // The root goes back zeroed too; a new space's tables read as zeros.
+    p.destroy_space(&sp);
+    assert_eq!(vm.free_zeroed_pages(), zeroed_before + 1);
+    let again = p.create_space().unwrap();
+    p.enter(
+        &again,
+        VirtAddr(va),
+        Mapping::new(page(301), Prot::READ).access(Prot::READ),
+    )
+    .unwrap();
+    let root = Pfn(again.root() >> 12);
+    let nonzero = (0..512usize)
+        .filter(|i| {
+            let mut b = [0u8; 8];
+            vm.phys().read(root, i * 8, &mut b);
+            u64::from_le_bytes(b) != 0
+        })
+        .count();
+    assert_eq!(nonzero, 1, "the new root holds exactly its one entry");
+    assert_eq!(
+        p.translate(&again, VirtAddr(va), Prot::READ),
+        Some(Pfn(301))
+    );
+}
