@@ -131,6 +131,24 @@ pub fn translate(
     if !mode.paging.is_canonical(va.0) {
         return Err(Fault::NonCanonical);
     }
+    loop {
+        if let Some(t) = walk(phys, mode, root, va, access)? {
+            return Ok(t);
+        }
+        // An entry changed between its load and the A/D update: walk
+        // again, as the CPU does when its locked update finds the entry
+        // changed.
+    }
+}
+
+/// One walk; `None` if an entry changed before its A/D bits could be set.
+fn walk(
+    phys: &PhysMem,
+    mode: &CpuMode,
+    root: PhysAddr,
+    va: VirtAddr,
+    access: Access,
+) -> Result<Option<Translation>, Fault> {
     let mut table = PhysAddr(root.0 & PG_FRAME);
     let (mut writable, mut user, mut exec) = (true, true, true);
     let mut used = [None; 5];
@@ -160,24 +178,34 @@ pub fn translate(
         if denied {
             return Err(Fault::PageFault(access.code() | PfErrorCode::PRESENT));
         }
-        // As the CPU, a locked update only where a bit is still clear: a
-        // walk of entries already accessed (the common case) writes
-        // nothing, so it dirties no shared cache line.
+        // As the CPU: a locked update only where a bit is still clear (a
+        // walk of entries already accessed writes nothing), and only into
+        // the entry as it was read, so a bit never lands in an entry the
+        // pmap cleared meanwhile (a stray A in an empty slot would make a
+        // non-zero "empty" table).
+        let a = PteFlags::ACCESSED.bits();
         for (s, seen) in used.iter().flatten() {
-            if seen & PteFlags::ACCESSED.bits() == 0 {
-                s.fetch_or(PteFlags::ACCESSED.bits(), Ordering::AcqRel);
+            if seen & a == 0 && !set_bits(s, *seen, a) {
+                return Ok(None);
             }
         }
-        if access.write && e & PteFlags::DIRTY.bits() == 0 {
-            slot.fetch_or(PteFlags::DIRTY.bits(), Ordering::AcqRel);
+        let d = PteFlags::DIRTY.bits();
+        if access.write && e & d == 0 && !set_bits(slot, e | a, d) {
+            return Ok(None);
         }
         let offset_mask = level.span() - 1;
         let frame = e & PG_FRAME & !offset_mask;
-        return Ok(Translation {
+        return Ok(Some(Translation {
             pa: PhysAddr(frame | (va.0 & offset_mask)),
             leaf: slot.load(Ordering::Acquire),
             level,
-        });
+        }));
     }
     unreachable!("the page table is always a leaf")
+}
+
+/// Sets `bits` in `slot` if it still holds `seen`.
+fn set_bits(slot: &core::sync::atomic::AtomicU64, seen: u64, bits: u64) -> bool {
+    slot.compare_exchange(seen, seen | bits, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
 }

@@ -514,3 +514,56 @@ fn a_destroyed_space_is_left_alone() {
         "the new space's 4 tables, nothing freed twice"
     );
 }
+
+/// The software MMU sets A only in the entry it read, as the CPU's locked
+/// update does: a walk that read a present entry without A, racing its
+/// removal, must not OR A into the now-empty slot (the table would be
+/// non-zero while counting no entries, and would go back to the pool of
+/// zeroed frames with a stray byte in it).
+#[test]
+fn the_software_mmu_never_sets_a_bit_in_a_cleared_entry() {
+    let vm = Vm::new(X86Pmap::new(), test_config(64)).unwrap();
+    let p = vm.pmap();
+    let s1 = p.create_space().unwrap();
+    let va = 0x0000_0040_0000_5000u64;
+    // A neighbour keeps the leaf table alive while `va` comes and goes.
+    p.enter(
+        &s1,
+        VirtAddr(va + PAGE),
+        Mapping::new(page(9), Prot::RW).access(Prot::READ),
+    )
+    .unwrap();
+    let walks = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let root = s1.root();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = p.translate_access(&s1, va, Access::USER_READ);
+                walks.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let mut rounds = 0u64;
+        while Instant::now() < deadline {
+            rounds += 1;
+            // enter_quick maps without A, so the walker has A to set.
+            assert!(p.enter_quick(&s1, VirtAddr(va), page(7), Prot::READ));
+            for _ in 0..(rounds % 64) {
+                std::hint::spin_loop();
+            }
+            p.remove(&s1, VirtAddr(va)..VirtAddr(va + PAGE), &mut |_| {});
+            // Wait out the walk in flight, then look at the slot.
+            let seen = walks.load(Ordering::SeqCst);
+            while walks.load(Ordering::SeqCst) < seen + 2 {
+                std::hint::spin_loop();
+            }
+            let left = raw_leaf(&vm, root, va);
+            if left != 0 {
+                stop.store(true, Ordering::Relaxed);
+                panic!("round {rounds}: {left:#x} left in a cleared entry");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+}
