@@ -5,15 +5,19 @@
 //!   `VmSpace::fault` on the x86_64 pmap vs `mmap` + touch.
 //! * `fork_cow/{ours,kernel}` — write faults on 4 MiB shared copy-on-write
 //!   with a parent after `fork`.
-//! * `file_seq/{ours,pread}` — sequential fault-in of a 16 MiB file with
-//!   read-ahead (vnode pager) vs `pread` in 64 KiB chunks.
-//! * `swap/{ours,raw}` — 16 MiB written and read back through 8 MiB of
-//!   RAM (page-out and page-in) vs a raw sequential write and read of the
-//!   same amount to a file.
-//! * `soft_fault/{ours/no_prefault,ours/prefault,kernel}` — read faults on
-//!   pages resident in a file object (page cache) but not mapped, per page
-//!   touched: ours with prefault off and on vs the kernel's private file
-//!   mapping with fault-around.
+//! * `file_seq/{ours,pread_64k,pread_1m,pread_64k_hot_buffer}` —
+//!   sequential fault-in of a cached 16 MiB file with read-ahead (vnode
+//!   pager) vs `pread` of the same bytes into 16 MiB of distinct memory of
+//!   our frames' kind (the floor), in 64 KiB and 1 MiB requests; and, no
+//!   floor, into one hot 64 KiB buffer.
+//! * `swap/{ours,raw,raw_hot_buffer}` — 16 MiB written and read back
+//!   through 8 MiB of RAM (page-out and page-in) vs writing the same bytes
+//!   from, and reading them back into, 16 MiB of distinct memory (the
+//!   floor); and, no floor, through one hot buffer.
+//! * `soft_fault/{ours/off,ours/outward_4,ours/window_16,kernel}` — read
+//!   faults on pages resident in a file object (page cache) but not mapped,
+//!   per page touched: ours with fault-around off, the seed's ±4 and a
+//!   16-page window vs the kernel's private file mapping with fault-around.
 //! * `parallel/{disjoint,shared,soft}/{1,2}` — zero-fill faults on disjoint
 //!   mappings of one space, zero-fill faults interleaved over one shared
 //!   mapping, and soft faults on disjoint mappings, from one and two
@@ -232,8 +236,22 @@ fn file_seq(c: &mut Criterion) {
         );
     });
     let file = std::fs::File::open(&path).unwrap();
+    // The fair floor: the same bytes into the same amount of distinct
+    // memory of the kind our frames are, in 64 KiB and 1 MiB requests.
+    let mut dest = host_memory(len);
+    for (name, request) in [("pread_64k", 64usize << 10), ("pread_1m", 1 << 20)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                for at in (0..len as usize).step_by(request) {
+                    file.read_exact_at(&mut dest[at..at + request], at as u64)
+                        .unwrap();
+                }
+            });
+        });
+    }
+    // The old line, kept for comparison: one hot 64 KiB buffer (no floor).
     let mut buf = vec![0u8; 64 << 10];
-    g.bench_function("pread", |b| {
+    g.bench_function("pread_64k_hot_buffer", |b| {
         b.iter(|| {
             let mut off = 0;
             while off < len {
@@ -242,6 +260,17 @@ fn file_seq(c: &mut Criterion) {
         });
     });
     g.finish();
+}
+
+/// `bytes` of host memory made the way `vm_core::PhysMem` makes the
+/// machine's (an anonymous mapping with huge-page advice), touched once,
+/// so a floor writes memory of the same kind as our frames.
+fn host_memory(bytes: u64) -> memmap2::MmapMut {
+    let mut m = memmap2::MmapMut::map_anon(bytes as usize).unwrap();
+    #[cfg(target_os = "linux")]
+    let _ = m.advise(memmap2::Advice::HugePage);
+    m.fill(1);
+    m
 }
 
 fn swap(c: &mut Criterion) {
@@ -280,8 +309,24 @@ fn swap(c: &mut Criterion) {
         .write(true)
         .open(scratch("raw"))
         .unwrap();
-    let mut buf = vec![3u8; 64 << 10];
+    // The fair floor: the same bytes written from and read back into
+    // distinct memory of our frames' kind, in 64 KiB requests.
+    let mut mem = host_memory(len);
     g.bench_function("raw", |b| {
+        b.iter(|| {
+            for at in (0..len as usize).step_by(64 << 10) {
+                raw.write_all_at(&mem[at..at + (64 << 10)], at as u64)
+                    .unwrap();
+            }
+            for at in (0..len as usize).step_by(64 << 10) {
+                raw.read_exact_at(&mut mem[at..at + (64 << 10)], at as u64)
+                    .unwrap();
+            }
+        });
+    });
+    // The old line: one hot 64 KiB buffer (no floor).
+    let mut buf = vec![3u8; 64 << 10];
+    g.bench_function("raw_hot_buffer", |b| {
         b.iter(|| {
             let mut off = 0;
             while off < len {
