@@ -34,6 +34,9 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod blocks;
+
+use blocks::BlockMap;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -92,57 +95,9 @@ impl std::fmt::Display for SwapStats {
     }
 }
 
-/// Which blocks are in use.
-struct Bitmap {
-    used: Vec<bool>,
-    in_use: u64,
-    hint: usize,
-}
-
-impl Bitmap {
-    /// A run of up to `want` free blocks, the longest first-fit from the
-    /// hint, halving the request when no run that long exists.
-    fn alloc(&mut self, want: usize) -> Option<(u64, usize)> {
-        let n = self.used.len();
-        let mut want = want.min(n);
-        while want > 0 {
-            let mut run = 0;
-            for k in 0..n {
-                let b = (self.hint + k) % n;
-                if b == 0 {
-                    run = 0; // runs do not wrap around
-                }
-                if self.used[b] {
-                    run = 0;
-                    continue;
-                }
-                run += 1;
-                if run == want {
-                    let start = b + 1 - want;
-                    self.used[start..=b].iter_mut().for_each(|u| *u = true);
-                    self.in_use += want as u64;
-                    self.hint = (b + 1) % n;
-                    return Some((start as u64, want));
-                }
-            }
-            want /= 2;
-        }
-        None
-    }
-
-    fn free(&mut self, block: u64) {
-        if let Some(u) = self.used.get_mut(block as usize) {
-            if *u {
-                *u = false;
-                self.in_use -= 1;
-            }
-        }
-    }
-}
-
 struct Device {
     file: File,
-    map: Mutex<Bitmap>,
+    map: Mutex<BlockMap>,
     read_calls: AtomicU64,
     pages_in: AtomicU64,
     write_calls: AtomicU64,
@@ -190,11 +145,7 @@ impl Swap {
         Ok(Swap {
             dev: Arc::new(Device {
                 file,
-                map: Mutex::new(Bitmap {
-                    used: vec![false; blocks as usize],
-                    in_use: 0,
-                    hint: 0,
-                }),
+                map: Mutex::new(BlockMap::new(blocks as usize)),
                 read_calls: AtomicU64::new(0),
                 pages_in: AtomicU64::new(0),
                 write_calls: AtomicU64::new(0),
@@ -210,8 +161,8 @@ impl Swap {
         let d = &self.dev;
         let map = lock(&d.map);
         SwapStats {
-            blocks: map.used.len() as u64,
-            used: map.in_use,
+            blocks: map.blocks(),
+            used: map.in_use(),
             read_calls: d.read_calls.load(Ordering::Relaxed),
             pages_in: d.pages_in.load(Ordering::Relaxed),
             write_calls: d.write_calls.load(Ordering::Relaxed),
@@ -447,27 +398,6 @@ impl Pager for SwapPager {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn runs_halve_when_fragmented_and_never_wrap() {
-        let mut m = Bitmap {
-            used: vec![false; 16],
-            in_use: 0,
-            hint: 0,
-        };
-        assert_eq!(m.alloc(4), Some((0, 4)));
-        assert_eq!(m.alloc(4), Some((4, 4)));
-        for b in [9, 11, 13, 15] {
-            m.used[b] = true;
-            m.in_use += 1;
-        }
-        // 8, 10, 12, 14 free, alone: a run of 4 halves down to 1.
-        assert_eq!(m.alloc(4), Some((8, 1)));
-        m.free(2);
-        m.free(2);
-        assert_eq!(m.in_use, 12);
-        assert_eq!(m.alloc(2).map(|r| r.1), Some(1));
-    }
 
     #[test]
     fn runs_group_consecutive_blocks() {
