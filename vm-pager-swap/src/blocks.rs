@@ -1,28 +1,103 @@
 //! The swap device's block allocator: one bit per block in 64-bit words,
-//! searched from a next-fit cursor for a run of blocks, skipping a full
-//! or a wholly free word in one step (the role of FreeBSD's `blist`, in a
-//! flat bitmap: a 64 GiB device is 2 MiB of bits).
+//! and over them a summary tree (the role of FreeBSD's `blist`): for each
+//! group of words, the free run at its start, at its end and the longest
+//! inside, combined upwards. An allocation looks near a next-fit cursor
+//! first (the device fills in order, so runs written together lie
+//! together), then asks the tree for the leftmost run of the length wanted
+//! or, if there is none, of the longest there is: O(log n), however
+//! fragmented the device. A 64 GiB device is 2 MiB of bits and as much of
+//! tree.
+
+/// Words per leaf of the summary tree.
+const GROUP: usize = 8;
+/// Blocks the cursor look covers before the tree is asked.
+const NEAR: usize = 64 * GROUP;
+
+/// Free runs of a span of blocks: at its start, at its end, the longest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Runs {
+    len: usize,
+    pre: usize,
+    suf: usize,
+    best: usize,
+}
+
+impl Runs {
+    /// A span wholly in use.
+    fn used(len: usize) -> Runs {
+        Runs {
+            len,
+            ..Runs::default()
+        }
+    }
+
+    /// The runs of one word (1 = in use).
+    fn of_word(w: u64) -> Runs {
+        let free = !w;
+        let (mut x, mut best) = (free, 0);
+        while x != 0 {
+            x &= x << 1;
+            best += 1;
+        }
+        Runs {
+            len: 64,
+            pre: free.trailing_ones() as usize,
+            suf: free.leading_ones() as usize,
+            best,
+        }
+    }
+
+    /// The runs of `l` followed by `r`.
+    fn join(l: Runs, r: Runs) -> Runs {
+        Runs {
+            len: l.len + r.len,
+            pre: if l.pre == l.len { l.len + r.pre } else { l.pre },
+            suf: if r.suf == r.len { r.len + l.suf } else { r.suf },
+            best: l.best.max(r.best).max(l.suf + r.pre),
+        }
+    }
+}
 
 /// Which blocks are in use.
 pub(crate) struct BlockMap {
-    /// Bit `b % 64` of word `b / 64`: block `b` is in use.
+    /// Bit `b % 64` of word `b / 64`: block `b` is in use. Bits past the
+    /// last block are set, so they never look free.
     words: Vec<u64>,
+    /// The summary tree: node 1 is the root, node `i`'s children are `2i`
+    /// and `2i + 1`, leaves (from `leaves`) cover `GROUP` words each.
+    tree: Vec<Runs>,
+    leaves: usize,
     blocks: usize,
     in_use: u64,
-    /// Where the next search starts (next fit): allocations march through
-    /// the device, so runs written together lie together.
+    /// Where the next search starts (next fit).
     cursor: usize,
 }
 
 impl BlockMap {
     /// A map of `blocks` free blocks.
     pub(crate) fn new(blocks: usize) -> BlockMap {
-        BlockMap {
-            words: vec![0; blocks.div_ceil(64)],
+        let mut words = vec![0; blocks.div_ceil(64)];
+        if blocks % 64 != 0 {
+            if let Some(last) = words.last_mut() {
+                *last = !0 << (blocks % 64);
+            }
+        }
+        let leaves = words.len().div_ceil(GROUP).next_power_of_two();
+        let mut m = BlockMap {
+            words,
+            tree: vec![Runs::used(64 * GROUP); 2 * leaves],
+            leaves,
             blocks,
             in_use: 0,
             cursor: 0,
+        };
+        for leaf in 0..m.words.len().div_ceil(GROUP) {
+            m.tree[leaves + leaf] = m.leaf_runs(leaf);
         }
+        for node in (1..leaves).rev() {
+            m.tree[node] = Runs::join(m.tree[2 * node], m.tree[2 * node + 1]);
+        }
+        m
     }
 
     /// Blocks on the device.
@@ -39,38 +114,77 @@ impl BlockMap {
         self.words[b / 64] >> (b % 64) & 1 != 0
     }
 
-    /// A run of up to `want` free blocks: the first run of `want` from the
-    /// cursor, else from the start (runs do not wrap around the end), else
-    /// the longest shorter run; `(first block, length)`, marked in use.
-    /// `None` when the device is full.
+    fn leaf_runs(&self, leaf: usize) -> Runs {
+        (leaf * GROUP..(leaf + 1) * GROUP)
+            .map(|w| {
+                self.words
+                    .get(w)
+                    .map_or(Runs::used(64), |&w| Runs::of_word(w))
+            })
+            .reduce(Runs::join)
+            .unwrap_or_default()
+    }
+
+    /// Brings the tree up to date after word `w` changed.
+    fn update(&mut self, w: usize) {
+        let mut node = self.leaves + w / GROUP;
+        self.tree[node] = self.leaf_runs(w / GROUP);
+        while node > 1 {
+            node /= 2;
+            self.tree[node] = Runs::join(self.tree[2 * node], self.tree[2 * node + 1]);
+        }
+    }
+
+    /// A run of up to `want` free blocks: near the cursor if a run of
+    /// `want` is there, else the leftmost run of `want`, else the leftmost
+    /// of the longest run there is (runs do not wrap around the end);
+    /// `(first block, length)`, marked in use. `None` when the device is
+    /// full.
     pub(crate) fn alloc(&mut self, want: usize) -> Option<(u64, usize)> {
         let want = want.min(self.blocks);
         if want == 0 || self.in_use == self.blocks as u64 {
             return None;
         }
-        // From the cursor on; failing that, from the start up to where a
-        // run straddling the cursor would end.
-        let mut best = (0, 0);
-        let straddle = (self.cursor + want).min(self.blocks);
-        for (lo, hi) in [(self.cursor, self.blocks), (0, straddle)] {
-            let (start, len) = self.search(lo, hi, want);
-            if len > best.1 {
-                best = (start, len);
+        let near = (self.cursor + NEAR).min(self.blocks);
+        let (start, len) = match self.search(self.cursor, near, want) {
+            (start, len) if len == want => (start, len),
+            _ => {
+                let len = self.tree[1].best.min(want);
+                if len == 0 {
+                    return None;
+                }
+                (self.leftmost(len), len)
             }
-            if best.1 == want {
-                break;
-            }
-        }
-        let (start, len) = best;
-        if len == 0 {
-            return None;
-        }
+        };
         for b in start..start + len {
             self.words[b / 64] |= 1 << (b % 64);
+        }
+        for w in start / 64..=(start + len - 1) / 64 {
+            self.update(w);
         }
         self.in_use += len as u64;
         self.cursor = (start + len) % self.blocks;
         Some((start as u64, len))
+    }
+
+    /// The first block of the leftmost free run of at least `k` blocks;
+    /// one exists (the root's longest run is at least `k`).
+    fn leftmost(&self, k: usize) -> usize {
+        let (mut node, mut base, mut span) = (1, 0, self.leaves * GROUP * 64);
+        while node < self.leaves {
+            let (l, r) = (self.tree[2 * node], self.tree[2 * node + 1]);
+            span /= 2;
+            if l.best >= k {
+                node *= 2;
+            } else if l.suf + r.pre >= k {
+                return base + span - l.suf;
+            } else {
+                node = 2 * node + 1;
+                base += span;
+            }
+        }
+        let end = (base + GROUP * 64).min(self.blocks);
+        self.search(base, end, k).0
     }
 
     /// The first run of `want` free blocks in `lo..hi`, or the longest
@@ -118,6 +232,7 @@ impl BlockMap {
         };
         if b < self.blocks && self.used(b) {
             self.words[b / 64] &= !(1 << (b % 64));
+            self.update(b / 64);
             self.in_use -= 1;
         }
     }
@@ -129,6 +244,7 @@ mod tests {
 
     fn take(m: &mut BlockMap, b: usize) {
         m.words[b / 64] |= 1 << (b % 64);
+        m.update(b / 64);
         m.in_use += 1;
     }
 
@@ -152,7 +268,12 @@ mod tests {
         let mut w = BlockMap::new(4);
         assert_eq!(w.alloc(3), Some((0, 3)));
         w.free(0);
-        assert_eq!(w.alloc(2), Some((3, 1)), "3 alone, not 3 and 0");
+        let first = w.alloc(2).unwrap();
+        assert_eq!(first.1, 1, "3 and 0 are not one run");
+        let second = w.alloc(2).unwrap();
+        let mut got = [first.0, second.0];
+        got.sort_unstable();
+        assert_eq!(got, [0, 3]);
     }
 
     #[test]
@@ -167,6 +288,24 @@ mod tests {
         assert_eq!(m.alloc(4), Some((129, 1)));
     }
 
+    #[test]
+    fn the_summary_finds_a_far_run_and_the_longest_when_none_is_long_enough() {
+        let blocks = 1 << 20;
+        let mut m = BlockMap::new(blocks);
+        assert_eq!(m.alloc(blocks), Some((0, blocks)));
+        // Free 16 blocks far from the cursor (0) and a run of 5 before it.
+        for b in 900_000..900_016 {
+            m.free(b);
+        }
+        for b in 10..15 {
+            m.free(b);
+        }
+        assert_eq!(m.alloc(16), Some((900_000, 16)));
+        assert_eq!(m.alloc(16), Some((10, 5)), "the longest left");
+        assert_eq!(m.alloc(1), None);
+        assert_eq!(m.tree[1].best, 0);
+    }
+
     /// Against a plain model: every allocation is free blocks, marked; no
     /// block is handed out twice; a run of `want` is found whenever one
     /// exists; counts agree.
@@ -179,7 +318,7 @@ mod tests {
             x ^= x << 17;
             x
         };
-        for blocks in [1usize, 63, 64, 65, 200, 1000] {
+        for blocks in [1usize, 63, 64, 65, 200, 1000, 9000] {
             let mut m = BlockMap::new(blocks);
             let mut model = vec![false; blocks];
             for _ in 0..4000 {
