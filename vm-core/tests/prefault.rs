@@ -187,25 +187,7 @@ fn a_window_maps_every_resident_page_of_its_aligned_block() {
 #[test]
 fn a_window_is_rounded_to_a_power_of_two_and_clipped_to_the_entry() {
     // 5 rounds up to 8; the entry starts at page 2 of the object's block.
-    let config = VmConfig {
-        fault_around: FaultAround::Window(5),
-        ..vm_testkit::test_config(128)
-    };
-    let vm = Vm::new(RefPmap::new(), config).unwrap();
-    let obj = vm.new_anon_object(16);
-    let writer = vm.new_space().unwrap();
-    writer
-        .map(MapRequest::object(
-            BASE,
-            16 * PAGE,
-            obj.clone(),
-            0,
-            Prot::RW,
-        ))
-        .unwrap();
-    for p in 0..16 {
-        writer.write_u8(BASE + p * PAGE, p as u8).unwrap();
-    }
+    let (vm, _whole, obj) = setup(FaultAround::Window(5), 0..16);
     let reader = vm.new_space().unwrap();
     reader
         .map(MapRequest::object(
