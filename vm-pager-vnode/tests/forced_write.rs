@@ -198,12 +198,21 @@ fn dirty_cow_race_never_writes_the_file() {
                         }
                     }
                     n += 1;
+                    // Give the writer a turn where threads take turns.
+                    std::thread::yield_now();
                 }
             })
         };
         // The file as other mappings see it never changes.
+        // Run for `run_for`, and on until the writer has landed some
+        // forced writes (a slow host, valgrind's one-thread-at-a-time
+        // scheduling) within a bound.
+        let bound = deadline + Duration::from_secs(120);
         let mut leaked = None;
-        while leaked.is_none() && Instant::now() < deadline {
+        while leaked.is_none()
+            && (Instant::now() < deadline
+                || (forced.load(Ordering::Relaxed) < 16 && Instant::now() < bound))
+        {
             std::thread::sleep(Duration::from_millis(20));
             for p in 0..PAGES {
                 let mut b = vec![0u8; PAGE as usize];
