@@ -34,10 +34,13 @@ impl Runs {
     /// The runs of one word (1 = in use).
     fn of_word(w: u64) -> Runs {
         let free = !w;
+        // One step per run of free blocks, not per block.
         let (mut x, mut best) = (free, 0);
         while x != 0 {
-            x &= x << 1;
-            best += 1;
+            x >>= x.trailing_zeros();
+            let run = x.trailing_ones();
+            best = best.max(run as usize);
+            x = x.checked_shr(run).unwrap_or(0);
         }
         Runs {
             len: 64,
@@ -224,16 +227,39 @@ impl BlockMap {
         best
     }
 
+    /// Marks `blocks` free, bringing the summary up to date once per word
+    /// touched rather than once per block.
+    pub(crate) fn free_many(&mut self, blocks: impl Iterator<Item = u64>) {
+        let mut last = None;
+        for b in blocks {
+            let Some(w) = self.clear(b) else { continue };
+            if last.is_some_and(|l| l != w) {
+                self.update(last.unwrap_or(w));
+            }
+            last = Some(w);
+        }
+        if let Some(w) = last {
+            self.update(w);
+        }
+    }
+
+    /// Clears `block`'s bit; the word it is in, if it changed.
+    fn clear(&mut self, block: u64) -> Option<usize> {
+        let b = usize::try_from(block).ok()?;
+        if b >= self.blocks || !self.used(b) {
+            return None;
+        }
+        self.words[b / 64] &= !(1 << (b % 64));
+        self.in_use -= 1;
+        Some(b / 64)
+    }
+
     /// Marks `block` free; a block already free (or past the end) is left
     /// alone.
-    pub(crate) fn free(&mut self, block: u64) {
-        let Ok(b) = usize::try_from(block) else {
-            return;
-        };
-        if b < self.blocks && self.used(b) {
-            self.words[b / 64] &= !(1 << (b % 64));
-            self.update(b / 64);
-            self.in_use -= 1;
+    #[cfg(test)]
+    fn free(&mut self, block: u64) {
+        if let Some(w) = self.clear(block) {
+            self.update(w);
         }
     }
 }
@@ -326,6 +352,18 @@ mod tests {
                     let b = (rnd() % blocks as u64) as usize;
                     m.free(b as u64);
                     model[b] = false;
+                    continue;
+                }
+                if rnd() % 7 == 0 {
+                    // A run of frees, some twice, some past the end.
+                    let first = rnd() % (blocks as u64 + 8);
+                    let list: Vec<u64> = (first..first + 70).chain([first, first + 3]).collect();
+                    m.free_many(list.iter().copied());
+                    for &b in &list {
+                        if let Some(u) = model.get_mut(b as usize) {
+                            *u = false;
+                        }
+                    }
                     continue;
                 }
                 let want = 1 + (rnd() % 40) as usize;

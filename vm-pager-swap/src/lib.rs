@@ -230,8 +230,7 @@ impl SwapPager {
     }
 
     fn free_blocks(&self, blocks: impl Iterator<Item = u64>) {
-        let mut map = lock(&self.dev.map);
-        blocks.for_each(|b| map.free(b));
+        lock(&self.dev.map).free_many(blocks);
     }
 }
 
