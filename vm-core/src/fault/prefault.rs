@@ -87,9 +87,10 @@ impl<P: Pmap> FaultState<'_, P> {
     }
 
     /// Every resident page of the aligned `n`-page window around the
-    /// fault, within the pages a pager read for it if it read any. Pages of the first object (the common case: one object, no
-    /// chain) are entered as one run under its lock; holes are then looked
-    /// up below, page by page, where the chain lets the walk through.
+    /// fault, within the pages a pager read for it if it read any. Pages
+    /// of the first object (the common case: one object, no chain) are
+    /// entered as one run under its lock; holes are then looked up below,
+    /// page by page, where the chain lets the walk through.
     fn fault_around_window(&self, object: &Arc<VmObject>, entry: &MapEntry, n: u32) {
         const MAX: usize = FaultAround::MAX_WINDOW as usize;
         let span = u64::from(n.clamp(1, FaultAround::MAX_WINDOW).next_power_of_two()) * PAGE_SIZE;
@@ -112,12 +113,13 @@ impl<P: Pmap> FaultState<'_, P> {
                 Lookup::Absent => holes |= 1 << i,
             }
         }
-        let count = usize::try_from((end - start) / PAGE_SIZE).unwrap_or(MAX);
+        // At most MAX pages: the window is aligned and no larger.
+        let count = ((end - start) / PAGE_SIZE) as usize;
         let vm = &self.space.vm;
         let mapped = vm.pmap.enter_quick_run(
             &self.space.pmap,
             VirtAddr(start),
-            &run[..count.min(MAX)],
+            &run[..count],
             entry.protection,
         );
         self.count_prefaults(mapped);
