@@ -25,10 +25,11 @@
 //! ```
 
 use crate::addr::Pfn;
+use crate::object::Machine;
 use crate::page::PageId;
 use crate::page_queues::AllocClass;
 use crate::pmap::Pmap;
-use crate::vm::{Machine, Vm};
+use crate::vm::Vm;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 

@@ -208,11 +208,7 @@ impl<P: Pmap> Vm<P> {
                         if e.wiring.is_some() { "a" } else { "no" }
                     )));
                 }
-                for (_, id) in e
-                    .wiring
-                    .iter()
-                    .flat_map(crate::space::wire::WireRecord::held)
-                {
+                for (_, id) in e.wiring.iter().flat_map(crate::map::WireRecord::held) {
                     *count.entry(id.0).or_insert(0) += 1;
                 }
             }

@@ -1,18 +1,15 @@
 //! Writing dirty pages back through their pager (`msync`, FreeBSD
 //! `vm_object_page_clean`).
 
-use crate::addr::{PAGE_SIZE, VirtAddr, page_trunc};
 use crate::error::MapError;
-use crate::fault::guard::{BusyPage, Disposal};
 use crate::object::VmObject;
+use crate::object::busy::{BusyPage, Disposal};
 use crate::page::{PageId, VmPage};
 use crate::pager::{PageOut, Pager, PagerError};
 use crate::pmap::Pmap;
 use crate::prot::Prot;
-use crate::space::VmSpace;
 use crate::vm::Vm;
 use alloc::sync::Arc;
-use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 use smallvec::SmallVec;
 
@@ -38,40 +35,6 @@ pub enum CleanError {
     },
 }
 
-impl<P: Pmap> VmSpace<P> {
-    /// Writes the dirty pages that `start..start+len` maps from objects
-    /// with a pager back to it (`msync(MS_SYNC)`). Returns the number of
-    /// pages written.
-    ///
-    /// # Errors
-    ///
-    /// [`CleanError`]: a bad range, or the first pager failure (pages not
-    /// written stay dirty).
-    pub fn msync(&self, start: impl Into<VirtAddr>, len: u64) -> Result<u64, CleanError> {
-        let start = start.into().as_u64();
-        let end = self.check_range(page_trunc(start), len)?;
-        let targets: Vec<(Arc<VmObject>, u64, u64)> = {
-            let g = self.map.read();
-            g.entries
-                .range(..end)
-                .map(|(_, e)| e)
-                .filter(|e| e.end > start)
-                .filter_map(|e| {
-                    let o = e.object.clone()?;
-                    let s = e.pindex(e.start.max(start));
-                    let t = e.pindex(e.end.min(end) - PAGE_SIZE) + 1;
-                    Some((o, s, t))
-                })
-                .collect()
-        };
-        let mut written = 0;
-        for (o, s, t) in targets {
-            written += self.vm.clean_object(&o, s, t)?;
-        }
-        Ok(written)
-    }
-}
-
 impl<P: Pmap> Vm<P> {
     /// Writes the dirty resident pages `start..end` of `object` to its
     /// pager, in runs of contiguous pages. Returns the pages written.
@@ -90,7 +53,7 @@ impl<P: Pmap> Vm<P> {
         };
         // Paging in progress for the whole write-back, as FreeBSD's
         // `vm_pageout_flush` takes it: a termination or collapse waits.
-        let _pip = crate::fault::guard::Pip::new(object.clone());
+        let _pip = crate::object::busy::Pip::new(object.clone());
         let mut written = 0;
         // Only resident pages can be dirty: walk those, not every index of
         // the range (a 64 GiB mapping with one page resident costs one).
@@ -212,7 +175,7 @@ impl<P: Pmap> Vm<P> {
 /// again if it fails or panics (see [`Vm::clean_object`]'s write-back
 /// order).
 pub(crate) fn write_clean<'a, 'm: 'a>(
-    machine: &crate::vm::Machine,
+    machine: &crate::object::Machine,
     pager: &dyn Pager,
     run: impl Iterator<Item = (&'a BusyPage<'m>, u64)>,
 ) -> Result<(), PagerError> {

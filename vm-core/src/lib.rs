@@ -31,6 +31,25 @@
 //! assert_eq!(vm.counters().snapshot().v_zfod, 1);
 //! ```
 //!
+//! ## Layers
+//!
+//! The modules read bottom-up; each uses only those below it
+//! (`tests/layering.rs` checks this):
+//!
+//! 1. vocabulary — [`addr`], [`prot`], [`mem_attr`], [`frame`], [`sync`];
+//!    then [`page`] and [`counters`];
+//! 2. physical memory — [`phys`], [`page_queues`];
+//! 3. the plug-in traits — [`pmap`], [`pager`] (and [`file_io`] for pagers
+//!    on host files);
+//! 4. [`object`] (with the machine-wide state objects share and the guards
+//!    for busy pages), [`error`], [`map`];
+//! 5. the machine, [`vm`], and its operations on objects: [`collapse`],
+//!    [`clean`], [`balloon`], [`pageout`];
+//! 6. the fault handler, [`fault`], over a machine, a map and a pmap
+//!    space;
+//! 7. address spaces, [`space`] (map, protect, wire, hold, fork, msync,
+//!    and the [`VmSpace::fault`] entry point); [`check`] on top.
+//!
 //! ## Features
 //!
 //! * `std` (default): physical memory backed by an anonymous mapping of the

@@ -12,8 +12,8 @@
 //! inactive ones are freed or laundered. Wired, held and busy pages are
 //! never touched.
 
-use crate::fault::guard::{BusyPage, Disposal};
 use crate::object::VmObject;
+use crate::object::busy::{BusyPage, Disposal};
 use crate::page::{PageFlags, PageId, PageQueue};
 use crate::pager::ObjectClass;
 use crate::pager::Pager;
@@ -252,7 +252,7 @@ impl<P: Pmap> Vm<P> {
             (st.pager.clone(), st.kind.class())
         };
         let pager: Arc<dyn Pager> = pager.ok_or(())?;
-        let _pip = crate::fault::guard::Pip::new(object.clone());
+        let _pip = crate::object::busy::Pip::new(object.clone());
         crate::clean::write_clean(&self.machine, &*pager, run.iter().map(|(b, p)| (b, *p)))
             .map_err(|_| ())?;
         let c = match class {

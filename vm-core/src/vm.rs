@@ -4,7 +4,7 @@
 use crate::addr::{PAGE_SIZE, Pfn, va_range};
 use crate::counters::Counters;
 use crate::frames::Frames;
-use crate::object::{ObjectRegistry, VmObject};
+use crate::object::{Machine, ObjectRegistry, VmObject};
 use crate::page::{PageId, VmPage};
 use crate::page_queues::{Pages, Thresholds};
 use crate::pager::Pager;
@@ -120,23 +120,6 @@ pub enum VmInitError {
     /// The configuration is inconsistent.
     #[error("bad configuration: {0}")]
     Config(&'static str),
-}
-
-/// The parts of a machine that do not depend on the pmap type: shared with
-/// objects and with the pmap (through [`PhysFrames`]).
-pub(crate) struct Machine {
-    /// Memory and page records, shared with the pmap (its `phys` and
-    /// `pages` read as the machine's own through `Deref`).
-    pub(crate) frames: Arc<Frames>,
-    pub(crate) counters: Counters,
-    pub(crate) objects: ObjectRegistry,
-}
-
-impl core::ops::Deref for Machine {
-    type Target = Frames;
-    fn deref(&self) -> &Frames {
-        &self.frames
-    }
 }
 
 /// A live space as the machine knows it (weakly): its map and its pmap

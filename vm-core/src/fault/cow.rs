@@ -47,7 +47,7 @@ impl<P: Pmap> FaultState<'_, P> {
             // so no new ones appear (FreeBSD-SA-21:08.vm; the seed lacks
             // this). In a private object pmap_enter replaces our own.
             if !first.lock().flags.contains(ObjectFlags::ONEMAPPING) {
-                let refmod = self.space.vm.pmap.remove_all(m.pfn());
+                let refmod = self.target.vm.pmap.remove_all(m.pfn());
                 if refmod.modified {
                     m.page().dirty_all();
                 }
@@ -71,7 +71,7 @@ impl<P: Pmap> FaultState<'_, P> {
         &self,
         first: &Arc<VmObject>,
         backing: &Arc<VmObject>,
-        m: &super::guard::BusyPage<'_>,
+        m: &crate::object::busy::BusyPage<'_>,
     ) -> bool {
         let page = m.page();
         if backing.ref_count() != 1 || page.hold_count() != 0 || page.wire_count() != 0 {

@@ -1,6 +1,8 @@
 //! The fault handler: seed `vm_fault()` (L206-932) as a retry loop.
 //!
-//! [`VmSpace::fault`] resolves one fault. Each attempt builds a
+//! [`VmSpace::fault`](crate::VmSpace::fault) resolves one fault through a
+//! `FaultTarget`: the machine, one map and the pmap space that shows it
+//! (this layer knows nothing of spaces). Each attempt builds a
 //! `FaultState` that owns everything the attempt holds — the map read
 //! lock, paging-in-progress references, busy pages — so that giving up,
 //! retrying and succeeding all release exactly what is held. The attempt
@@ -17,25 +19,24 @@
 //! 5. dirty bookkeeping, pmap enter, queue placement, unbusy (L843-931).
 
 mod cow;
-pub(crate) mod guard;
 mod pagein;
 mod prefault;
 
 use crate::addr::{Pfn, VirtAddr, page_trunc};
 use crate::error::FaultError;
-use crate::map::{EntryFlags, LookupError, LookupMode, MapState};
+use crate::map::{EntryFlags, LookupError, LookupMode, MapState, VmMap};
+use crate::object::Machine;
 use crate::object::ObjectFlags;
+use crate::object::busy::{BusyPage, Disposal, Pip};
 use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
 use crate::page_queues::AllocClass;
 use crate::pager::PagerError;
 use crate::pmap::Mapping;
 use crate::pmap::{PageInfo, Pmap, PmapError};
 use crate::prot::Prot;
-use crate::space::VmSpace;
 use crate::sync::ReadGuard;
-use crate::vm::Machine;
+use crate::vm::Vm;
 use core::sync::atomic::Ordering;
-use guard::{BusyPage, Disposal, Pip};
 
 bitflags::bitflags! {
     /// How a fault is being asked for (FreeBSD `VM_FAULT_*`, same values).
@@ -192,45 +193,29 @@ struct Retries {
     reclaims: u32,
 }
 
-impl<P: Pmap> VmSpace<P> {
-    /// Resolves a fault at `va` for `access` (seed `vm_fault`).
-    ///
-    /// `va` need not be page aligned. `flags` says whether the fault wires
-    /// the page and whether the access dirties it; a trap handler passes
-    /// [`FaultFlags::DIRTY`] with write faults. `va` is a [`VirtAddr`] or
-    /// a plain `u64`.
-    ///
-    /// ```
-    /// use vm_core::{FaultFlags, FaultKind, Prot, Signal};
-    /// let (_vm, space) = vm_testkit::machine(16);
-    /// space.map_anon(0x10_0000, 0x1000, Prot::RW)?;
-    /// // A write to untouched anonymous memory: a zero-filled page, mapped
-    /// // writable.
-    /// let out = space.fault(0x10_0123, Prot::WRITE, FaultFlags::DIRTY)?;
-    /// assert_eq!((out.kind, out.prot), (FaultKind::ZeroFill, Prot::RW));
-    /// // Nothing mapped there: the error says so, and which signal it is.
-    /// let err = space.fault(0x20_0000, Prot::READ, FaultFlags::NORMAL).unwrap_err();
-    /// assert!(matches!(err.signal(), Signal::Segv(_)));
-    /// # Ok::<(), Box<dyn std::error::Error>>(())
-    /// ```
-    ///
-    /// # Errors
-    ///
-    /// [`FaultError`] with the facts of why the fault cannot be resolved;
-    /// [`FaultError::signal`] names the signal a kernel would send. Nothing
-    /// stays busy, locked or allocated after an error.
-    pub fn fault(
-        &self,
-        va: impl Into<VirtAddr>,
-        access: Prot,
-        flags: FaultFlags,
-    ) -> Result<FaultOutcome, FaultError> {
-        self.fault_with(va.into().as_u64(), access, FaultCtx::public(flags))
-    }
+/// What one fault works on: the machine, a map, and the pmap space that
+/// shows the map. A [`VmSpace`](crate::VmSpace) lends its three parts.
+pub(crate) struct FaultTarget<'a, P: Pmap> {
+    pub(crate) vm: &'a Vm<P>,
+    pub(crate) map: &'a VmMap,
+    pub(crate) pmap: &'a P::Space,
+}
 
-    /// [`fault`](Self::fault) with what the core asks besides the flags.
-    pub(crate) fn fault_with(
-        &self,
+impl<P: Pmap> Clone for FaultTarget<'_, P> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<P: Pmap> Copy for FaultTarget<'_, P> {}
+
+impl<'a, P: Pmap> FaultTarget<'a, P> {
+    /// Resolves a fault at page-truncated or unaligned `va` for `access`
+    /// (seed `vm_fault`), as [`VmSpace::fault`](crate::VmSpace::fault)
+    /// documents, with what the core asks besides the flags. The outcome's
+    /// `major` says whether a pager was asked.
+    pub(crate) fn resolve(
+        self,
         va: u64,
         access: Prot,
         ctx: FaultCtx,
@@ -267,8 +252,6 @@ impl<P: Pmap> VmSpace<P> {
                         self.vm.collapse(&first);
                     }
                     out.major = r.hard;
-                    let count = if r.hard { &self.majflt } else { &self.minflt };
-                    count.add(1);
                     return Ok(out);
                 }
                 Err(Step::Retry) => {}
@@ -281,7 +264,9 @@ impl<P: Pmap> VmSpace<P> {
                         .fetch_add(1, Ordering::Relaxed);
                     machine.pages.wait_for_page(id, object, pindex);
                 }
-                Err(Step::WaitTransition(stamp)) => self.wait_transition(stamp),
+                Err(Step::WaitTransition(stamp)) => {
+                    self.map.wait_changed(machine.pages.waits(), stamp)
+                }
                 Err(Step::WaitMemory) => {
                     machine
                         .counters
@@ -317,7 +302,7 @@ impl<P: Pmap> VmSpace<P> {
 
     /// One pass of the seed's `RetryFault` body.
     fn fault_attempt(
-        &self,
+        self,
         va: u64,
         access: Prot,
         ctx: FaultCtx,
@@ -352,7 +337,7 @@ impl<P: Pmap> VmSpace<P> {
             fault_type |= Prot::WRITE;
         }
         let mut fs = FaultState {
-            space: self,
+            target: self,
             machine: &self.vm.machine,
             va,
             m: None,
@@ -390,11 +375,16 @@ impl<P: Pmap> VmSpace<P> {
     /// once. (The seed's forced copy for a user wiring the lookup refused,
     /// L247-270, served entries without read access; wiring refuses those
     /// up front, as modern FreeBSD's `mlock` does.)
-    fn lookup_failed(&self, va: u64, e: FaultError, r: &mut Retries) -> Step {
+    fn lookup_failed(self, va: u64, e: FaultError, r: &mut Retries) -> Step {
         match e {
             FaultError::InvalidAddress { .. } if r.growstack => {
                 r.growstack = false;
-                if self.grow_stack(va) {
+                if self.map.grow_stack(va, self.vm.config.stack_growth) {
+                    self.vm
+                        .counters()
+                        .local()
+                        .v_stack_growths
+                        .fetch_add(1, Ordering::Relaxed);
                     Step::Retry
                 } else {
                     Step::Fail(e)
@@ -408,7 +398,7 @@ impl<P: Pmap> VmSpace<P> {
 /// Everything one fault attempt holds (the seed's `struct faultstate`).
 /// Dropping it is `unlock_and_deallocate` plus `release_page`.
 pub(crate) struct FaultState<'a, P: Pmap> {
-    space: &'a VmSpace<P>,
+    target: FaultTarget<'a, P>,
     machine: &'a Machine,
     va: u64,
     /// The page found or allocated in the current object.
@@ -643,7 +633,7 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         if self.map.is_some() {
             return Ok(());
         }
-        let map = &self.space.map;
+        let map = &self.target.map;
         let Some(g) = map.try_read() else {
             return Err(Step::Retry);
         };
@@ -730,11 +720,11 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                 .intersects(PageFlags::FICTITIOUS | PageFlags::UNMANAGED),
             attr: self.machine.pages.attr(m.id),
         };
-        let vm = &self.space.vm;
+        let vm = &self.target.vm;
         let mapping = Mapping::new(pg, self.prot)
             .access(self.fault_type & self.prot)
             .wired(self.wired);
-        match vm.pmap.enter(&self.space.pmap, VirtAddr(self.va), mapping) {
+        match vm.pmap.enter(self.target.pmap, VirtAddr(self.va), mapping) {
             Ok(displaced) => {
                 if let Some(d) = displaced {
                     vm.note_displaced(d);

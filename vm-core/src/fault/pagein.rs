@@ -2,10 +2,10 @@
 //! `vm_fault_additional_pages` (L1203-1343).
 
 use super::FaultState;
-use super::guard::{BusyPage, Disposal};
 use crate::addr::PhysAddr;
 use crate::map::Behavior;
 use crate::object::VmObject;
+use crate::object::busy::{BusyPage, Disposal};
 use crate::page::{PageFlags, VM_PAGE_BITS_ALL};
 use crate::page_queues::AllocClass;
 use crate::pager::ObjectClass;
@@ -97,7 +97,7 @@ impl<P: Pmap> FaultState<'_, P> {
     fn cache_behind(&self) {
         let first = self.first.object();
         let pages = &self.machine.pages;
-        let vm = &self.space.vm;
+        let vm = &self.target.vm;
         let lowest = self.first_pindex.saturating_sub(2 * READ_MAX);
         let st = first.lock();
         for p in (lowest..self.first_pindex).rev() {

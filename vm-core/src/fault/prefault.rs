@@ -39,7 +39,7 @@ impl<P: Pmap> FaultState<'_, P> {
         if !entry.protection.intersects(Prot::READ | Prot::EXECUTE) {
             return;
         }
-        match self.space.vm.config.fault_around {
+        match self.target.vm.config.fault_around {
             FaultAround::Off => {}
             FaultAround::Outward(n) => self.prefault_outward(object, entry, n),
             // As Linux, only after a read or execute: the neighbours are
@@ -73,10 +73,10 @@ impl<P: Pmap> FaultState<'_, P> {
                 continue;
             };
             if !self
-                .space
+                .target
                 .vm
                 .pmap
-                .is_prefaultable(&self.space.pmap, VirtAddr(addr))
+                .is_prefaultable(self.target.pmap, VirtAddr(addr))
             {
                 continue;
             }
@@ -115,9 +115,9 @@ impl<P: Pmap> FaultState<'_, P> {
         }
         // At most MAX pages: the window is aligned and no larger.
         let count = ((end - start) / PAGE_SIZE) as usize;
-        let vm = &self.space.vm;
+        let vm = &self.target.vm;
         let mapped = vm.pmap.enter_quick_run(
-            &self.space.pmap,
+            self.target.pmap,
             VirtAddr(start),
             &run[..count],
             entry.protection,
@@ -159,9 +159,9 @@ impl<P: Pmap> FaultState<'_, P> {
     ) -> bool {
         match self.lookup(&st, pindex) {
             Lookup::Usable(info) => {
-                let pmap = &self.space.vm.pmap;
+                let pmap = &self.target.vm.pmap;
                 let mapped =
-                    pmap.enter_quick(&self.space.pmap, VirtAddr(addr), info, entry.protection);
+                    pmap.enter_quick(self.target.pmap, VirtAddr(addr), info, entry.protection);
                 self.count_prefaults(usize::from(mapped));
                 return true;
             }

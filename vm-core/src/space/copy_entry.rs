@@ -5,6 +5,7 @@
 
 use crate::addr::{PAGE_SIZE, VirtAddr, va_range};
 use crate::error::MapError;
+use crate::map::WireRecord;
 use crate::map::{EntryFlags, MapEntry};
 use crate::object::VmObject;
 use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
@@ -13,7 +14,6 @@ use crate::pmap::Mapping;
 use crate::pmap::{MemAttr, PageInfo, Pmap, PmapError};
 use crate::prot::Prot;
 use crate::space::VmSpace;
-use crate::space::wire::WireRecord;
 use alloc::sync::Arc;
 
 /// Gives the child a private copy of every page of the wired entry `src`

@@ -189,7 +189,11 @@ fn held_pages(e: &MapEntry) -> Vec<u64> {
 
 /// Busies the page at `pindex` of `object`, waiting out whoever has it
 /// busy; `None` if it is gone meanwhile.
-fn busy_page(machine: &crate::vm::Machine, object: &Arc<VmObject>, pindex: u64) -> Option<PageId> {
+fn busy_page(
+    machine: &crate::object::Machine,
+    object: &Arc<VmObject>,
+    pindex: u64,
+) -> Option<PageId> {
     loop {
         // Busied under the object's lock, which page removal holds.
         let (id, busied) = {
@@ -207,7 +211,7 @@ fn busy_page(machine: &crate::vm::Machine, object: &Arc<VmObject>, pindex: u64) 
 /// Moves busy page `id` from `pindex` of `backing` to `at` of its shadow
 /// `shadow` (the copy-on-write rename, FreeBSD `vm_page_rename`).
 fn move_up(
-    machine: &crate::vm::Machine,
+    machine: &crate::object::Machine,
     backing: &Arc<VmObject>,
     shadow: &Arc<VmObject>,
     id: PageId,

@@ -4,8 +4,10 @@
 
 pub mod access;
 mod copy_entry;
+mod fault;
 pub mod fork;
 pub mod hold;
+mod msync;
 pub mod wire;
 
 use crate::addr::{PAGE_SIZE, Pfn, VirtAddr, is_page_aligned, pages, va_range};
@@ -17,7 +19,6 @@ use crate::prot::Prot;
 use crate::vm::Vm;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering;
 
 /// What to map: built with [`MapRequest::anon`] or [`MapRequest::object`]
 /// and refined with the builder methods.
@@ -380,47 +381,6 @@ impl<P: Pmap> VmSpace<P> {
             e.avail_ssize = max - initial;
         }
         Ok(())
-    }
-
-    /// Grows the stack entry above `va` down to cover it
-    /// (`vm_map_growstack`); false if `va` is not within a stack's growth
-    /// room (then it is simply unmapped, as FreeBSD treats it).
-    pub(crate) fn grow_stack(&self, va: u64) -> bool {
-        let va = crate::addr::page_trunc(va);
-        let mut g = self.map.write();
-        let Some((&start, e)) = g.entries.range(va..).next() else {
-            return false;
-        };
-        if !e.eflags.contains(EntryFlags::GROWS_DOWN) || start - va > e.avail_ssize {
-            return false;
-        }
-        // The entry above `va` is the stack, so the one below ends at or
-        // below `va`: growing down to `va` always fits. Grow by at least
-        // the configured step, within the room left and the gap.
-        let floor = g
-            .entries
-            .range(..start)
-            .next_back()
-            .map_or(self.map.min_addr(), |(_, p)| p.end);
-        let grow = (start - va)
-            .max(self.vm.config.stack_growth)
-            .min(e.avail_ssize)
-            .min(start - floor);
-        let new_start = start - grow;
-        let mut below = MapEntry::new(new_start, start, e.protection, e.max_protection);
-        below.eflags = EntryFlags::GROWS_DOWN | (e.eflags & EntryFlags::NOSYNC);
-        below.avail_ssize = e.avail_ssize - grow;
-        below.inheritance = e.inheritance;
-        let e = g.entries.get_mut(&start).expect("entry found above");
-        e.eflags.remove(EntryFlags::GROWS_DOWN);
-        e.avail_ssize = 0;
-        g.entries.insert(new_start, below);
-        self.vm
-            .counters()
-            .local()
-            .v_stack_growths
-            .fetch_add(1, Ordering::Relaxed);
-        true
     }
 
     /// Removes every mapping in `start..start+len` (`munmap`). Holes in the

@@ -1,11 +1,12 @@
-//! Owned guards for what a fault holds: busy pages and paging-in-progress
-//! references. Dropping one releases it, so every exit path of the fault —
-//! error, retry or success — releases exactly what it holds (the seed's
-//! `release_page` / `unlock_and_deallocate`, seed L133-177).
+//! Owned guards for busy pages and paging-in-progress references, as a
+//! fault, a write-back or the pageout scan holds them. Dropping one
+//! releases it, so every exit path — error, retry or success — releases
+//! exactly what it holds (the seed's `release_page` /
+//! `unlock_and_deallocate`, seed L133-177).
 
+use crate::object::Machine;
 use crate::object::VmObject;
 use crate::page::PageId;
-use crate::vm::Machine;
 use alloc::sync::Arc;
 
 /// A paging-in-progress reference: keeps the object alive and its pages

@@ -14,11 +14,15 @@
 //!
 //! Lock order: a shadow's lock before its backing object's.
 
+pub(crate) mod busy;
+mod machine;
+
+pub(crate) use machine::{Machine, ObjectRegistry};
+
 use crate::page::{PageId, VmPage};
 use crate::pager::{Pager, PagerKind};
 use crate::sync::{Mutex, MutexGuard};
-use crate::vm::Machine;
-use alloc::sync::{Arc, Weak};
+use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU32, Ordering};
 use hashbrown::HashMap;
 
@@ -99,45 +103,6 @@ impl core::fmt::Debug for VmObject {
                 &st.backing.as_ref().map(|b| (b.object.id, b.offset)),
             )
             .finish()
-    }
-}
-
-/// The machine's table of live objects, so a page's owner id leads back to
-/// its object. Sharded; touched on object creation and destruction only.
-pub(crate) struct ObjectRegistry {
-    next: core::sync::atomic::AtomicU64,
-    shards: [Mutex<HashMap<u64, Weak<VmObject>>>; 8],
-}
-
-impl Default for ObjectRegistry {
-    fn default() -> Self {
-        ObjectRegistry {
-            next: core::sync::atomic::AtomicU64::new(1),
-            shards: core::array::from_fn(|_| Mutex::new(HashMap::new())),
-        }
-    }
-}
-
-impl ObjectRegistry {
-    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Weak<VmObject>>> {
-        &self.shards[(id % 8) as usize]
-    }
-
-    pub(crate) fn get(&self, id: u64) -> Option<Arc<VmObject>> {
-        self.shard(id).lock().get(&id).and_then(Weak::upgrade)
-    }
-
-    /// Every live object (for checks and scans).
-    pub(crate) fn all(&self) -> alloc::vec::Vec<Arc<VmObject>> {
-        self.shards
-            .iter()
-            .flat_map(|s| {
-                s.lock()
-                    .values()
-                    .filter_map(Weak::upgrade)
-                    .collect::<alloc::vec::Vec<_>>()
-            })
-            .collect()
     }
 }
 

@@ -5,13 +5,16 @@
 //! write lock bumps the timestamp, so a fault that dropped the lock for I/O
 //! can tell whether to look its entry up again (seed L789-842).
 
+mod wire_record;
+
+pub(crate) use wire_record::WireRecord;
+
 use crate::addr::{PAGE_SHIFT, pages};
 use crate::error::FaultError;
+use crate::object::Machine;
 use crate::object::{Backing, ObjectFlags, VmObject};
 use crate::prot::Prot;
-use crate::space::wire::WireRecord;
-use crate::sync::{ReadGuard, RwLock, WriteGuard};
-use crate::vm::Machine;
+use crate::sync::{ReadGuard, RwLock, WaitTable, WriteGuard};
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -536,6 +539,47 @@ impl VmMap {
                 Err(e) => return Err((e, stamp)),
             }
         }
+    }
+
+    /// Grows the stack entry above `va` down to cover it
+    /// (`vm_map_growstack`); false if `va` is not within a stack's growth
+    /// room (then it is simply unmapped, as FreeBSD treats it). It grows by
+    /// at least `step` bytes (FreeBSD `sgrowsiz`) where there is room.
+    pub(crate) fn grow_stack(&self, va: u64, step: u64) -> bool {
+        let va = crate::addr::page_trunc(va);
+        let mut g = self.write();
+        let Some((&start, e)) = g.entries.range(va..).next() else {
+            return false;
+        };
+        if !e.eflags.contains(EntryFlags::GROWS_DOWN) || start - va > e.avail_ssize {
+            return false;
+        }
+        // The entry above `va` is the stack, so the one below ends at or
+        // below `va`: growing down to `va` always fits. Grow by at least
+        // the configured step, within the room left and the gap.
+        let floor = g
+            .entries
+            .range(..start)
+            .next_back()
+            .map_or(self.min_addr(), |(_, p)| p.end);
+        let grow = (start - va).max(step).min(e.avail_ssize).min(start - floor);
+        let new_start = start - grow;
+        let mut below = MapEntry::new(new_start, start, e.protection, e.max_protection);
+        below.eflags = EntryFlags::GROWS_DOWN | (e.eflags & EntryFlags::NOSYNC);
+        below.avail_ssize = e.avail_ssize - grow;
+        below.inheritance = e.inheritance;
+        let e = g.entries.get_mut(&start).expect("entry found above");
+        e.eflags.remove(EntryFlags::GROWS_DOWN);
+        e.avail_ssize = 0;
+        g.entries.insert(new_start, below);
+        true
+    }
+
+    /// Sleeps in `waits` until the map changes after `stamp` (an entry in
+    /// transition: the wiring that ends takes the write lock, which moves
+    /// the timestamp, then wakes the map's key).
+    pub(crate) fn wait_changed(&self, waits: &WaitTable, stamp: u64) {
+        waits.wait_while(self.wait_key(), || self.timestamp() == stamp);
     }
 
     /// The key this map's waiters sleep on in the machine's wait table.
