@@ -22,7 +22,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Vectors kept on the stack: a read-ahead cluster or write-back run.
-type Iovecs = SmallVec<[libc::iovec; 16]>;
+type Iovecs = SmallVec<[libc::iovec; 64]>;
 
 /// The first `len` bytes of consecutive pages, as vectors.
 fn vectors(pages: impl Iterator<Item = *mut u8>, mut len: usize) -> Iovecs {

@@ -69,6 +69,13 @@ pub struct VmConfig {
     /// Which resident neighbours a fault maps besides its own page, so the
     /// next accesses need no fault (see [`FaultAround`]).
     pub fault_around: FaultAround,
+    /// The largest read-ahead window, in pages after the faulting one
+    /// (FreeBSD `VM_FAULT_READ_AHEAD_MAX`, at most 255): sequential faults
+    /// on a mapping double its window up to this, from the seed's 15;
+    /// `MADV_SEQUENTIAL` mappings use it from the first fault. Windows of
+    /// up to 63 pages are built on the stack; a larger one costs one heap
+    /// allocation per pager call.
+    pub read_ahead_max: u32,
     /// Lowest user address.
     pub user_min: u64,
     /// One past the highest user address (x86_64: the lower canonical
@@ -98,6 +105,7 @@ impl Default for VmConfig {
             memory_retries: 3,
             stack_growth: 128 << 10,
             fault_around: FaultAround::default(),
+            read_ahead_max: 63,
             user_min: PAGE_SIZE,
             user_max: 0x0000_8000_0000_0000,
             fictitious_pages: 4096,
@@ -187,6 +195,9 @@ impl<P: Pmap> Vm<P> {
             return Err(VmInitError::Config(
                 "user_min..user_max must be a non-empty page-aligned range",
             ));
+        }
+        if config.read_ahead_max > 255 {
+            return Err(VmInitError::Config("read_ahead_max must be at most 255"));
         }
         let thresholds = config
             .thresholds

@@ -83,15 +83,128 @@ fn a_fault_in_the_lastr_window_reads_ahead_only_and_deactivates_pages_behind() {
 }
 
 #[test]
-fn sequential_behaviour_reads_ahead_from_the_first_fault() {
+fn sequential_behaviour_reads_the_largest_window_from_the_first_fault() {
     let (vm, space) = machine(256);
     let (pager, obj) = file(&vm, PagerKind::FILE);
     map(&space, &obj, Behavior::Sequential);
     space
         .fault(BASE + 40 * PAGE, Prot::READ, FaultFlags::NORMAL)
         .unwrap();
-    assert_eq!(pager.calls(), vec![call(40, 55, 0)]);
+    // The window is 63 pages; the pager can read 16 ahead.
+    assert_eq!(pager.calls(), vec![call(40, 56, 0)]);
+    assert_eq!(space.entries()[0].read_ahead, 63);
     consistent(&vm);
+}
+
+/// A machine with `read_ahead_max` and a `pages`-page file whose pager
+/// reads up to 255 pages around any page.
+fn big_file(
+    read_ahead_max: u32,
+    pages: u64,
+) -> (Arc<Vm<RefPmap>>, VmSpace<RefPmap>, Arc<MemPager>) {
+    let config = vm_core::VmConfig {
+        read_ahead_max,
+        ..vm_testkit::test_config(2048)
+    };
+    let vm = Vm::new(RefPmap::new(), config).unwrap();
+    let space = vm.new_space().unwrap();
+    let pager = Arc::new(MemPager::with_pattern(PagerKind::FILE, pages));
+    pager.set_contiguity(Contiguity {
+        behind: 255,
+        ahead: 255,
+    });
+    let obj = vm.new_object(pages, pager.clone());
+    space
+        .map(MapRequest::object(BASE, pages * PAGE, obj, 0, Prot::READ))
+        .unwrap();
+    (vm, space, pager)
+}
+
+/// Reads every page of `first..end` in order, checking the bytes.
+fn scan(space: &VmSpace<RefPmap>, first: u64, end: u64) {
+    for p in first..end {
+        assert_eq!(
+            space.read_u8(BASE + p * PAGE + 9).unwrap(),
+            vm_testkit::pattern_byte(p, 9)
+        );
+    }
+}
+
+#[test]
+fn a_sequential_scan_doubles_the_window_up_to_the_maximum() {
+    let (vm, space, pager) = big_file(63, 1024);
+    scan(&space, 0, 1024);
+    let sizes: Vec<usize> = pager.calls().iter().map(|c| c.pindexes.len()).collect();
+    // A fault at page 0 is in the window after `lastr` = 0, so sequential
+    // from the start (as in the seed): 16 pages, then each sequential
+    // fault doubles, 32, then 64 pages a call.
+    assert_eq!(&sizes[..3], &[16, 32, 64]);
+    assert!(
+        sizes[3..sizes.len() - 1].iter().all(|&n| n == 64),
+        "{sizes:?}"
+    );
+    assert_eq!(sizes.iter().sum::<usize>(), 1024, "each page read once");
+    assert!(
+        pager.calls().iter().skip(1).all(|c| c.reqpage == 0),
+        "ahead only"
+    );
+    assert_eq!(space.entries()[0].read_ahead, 63);
+    consistent(&vm);
+}
+
+#[test]
+fn a_stray_fault_halves_the_window_and_the_scan_regrows_it() {
+    let (vm, space, pager) = big_file(255, 2048);
+    scan(&space, 0, 600);
+    assert_eq!(space.entries()[0].read_ahead, 255);
+    let before = pager.calls().len();
+    // A fault far from the scan reads around itself and halves the window.
+    scan(&space, 1500, 1501);
+    assert_eq!(pager.calls()[before], call(1493, 1508, 7));
+    assert_eq!(space.entries()[0].read_ahead, 127);
+    // The scan resumes where its last read ended: not in the window after
+    // the stray read, so it is a miss too (the window halves again) ...
+    let resume = pager.calls()[before - 1].pindexes.last().unwrap() + 1;
+    scan(&space, resume, resume + 1);
+    assert_eq!(space.entries()[0].read_ahead, 63);
+    // ... and the next sequential fault doubles from there, not from 15.
+    let next = pager.calls().last().unwrap().pindexes.last().unwrap() + 1;
+    scan(&space, next, next + 1);
+    assert_eq!(space.entries()[0].read_ahead, 127);
+    assert_eq!(pager.calls().last().unwrap().pindexes.len(), 128);
+    consistent(&vm);
+}
+
+#[test]
+fn a_window_past_the_inline_size_reads_whole_and_right() {
+    // 255 pages ahead: the cluster spills from the stack to the heap.
+    let (vm, space, pager) = big_file(255, 2048);
+    scan(&space, 0, 2048);
+    let sizes: Vec<usize> = pager.calls().iter().map(|c| c.pindexes.len()).collect();
+    assert!(sizes.contains(&256), "{sizes:?}");
+    assert_eq!(sizes.iter().sum::<usize>(), 2048);
+    consistent(&vm);
+}
+
+#[test]
+fn random_access_keeps_the_seed_cluster_and_no_window() {
+    let (vm, space, pager) = big_file(63, 1024);
+    for p in [500, 100, 900, 300, 700] {
+        scan(&space, p, p + 1);
+    }
+    assert!(pager.calls().iter().all(|c| c.pindexes.len() == 16));
+    assert_eq!(space.entries()[0].read_ahead, 0);
+    consistent(&vm);
+}
+
+#[test]
+fn a_read_ahead_maximum_past_255_is_refused() {
+    let config = vm_core::VmConfig {
+        read_ahead_max: 256,
+        ..vm_testkit::test_config(64)
+    };
+    let err = Vm::new(RefPmap::new(), config).unwrap_err();
+    assert!(err.to_string().contains("read_ahead_max"), "{err}");
 }
 
 #[test]

@@ -39,9 +39,11 @@ use vm_core::{
     VmObject,
 };
 
-/// Pages a cluster may reach on each side (FreeBSD's vnode pager reads at
-/// most `MAXBSIZE`-ish runs; 16 pages is the fault path's own limit).
-const MAX_CONTIG: u64 = 16;
+/// Pages a cluster may reach on each side: the fault path's largest
+/// read-ahead window ([`VmConfig::read_ahead_max`](vm_core::VmConfig)),
+/// so one `preadv` serves a whole window (FreeBSD's vnode pager reads up
+/// to `maxphys`, 1 MiB).
+const MAX_CONTIG: u64 = 255;
 
 /// Counts of what the pager did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -52,11 +52,12 @@ fn reads_match_the_file_and_the_eof_page_is_zero_past_eof() {
     assert!(buf[data.len()..].iter().all(|&b| b == 0), "zero past EOF");
     // Clustered: fewer read calls than pages.
     let st = pager.stats();
-    // Pages 0..=8 in one call, 9..=10 in a second; the EOF page came in
-    // as a neighbour, partially valid, so its own fault reads it again
-    // (seed L422-424) and then zero-fills past EOF for good (L882-885).
+    // Pages 0..=10 in one call (a fault at 0 is sequential: 15 ahead,
+    // clipped to the mapping); the EOF page came in as a neighbour,
+    // partially valid, so its own fault reads it again (seed L422-424) and
+    // then zero-fills past EOF for good (L882-885).
     assert_eq!(st.pages_in, 12, "{st:?}");
-    assert_eq!(st.read_calls, 3, "one system call per contiguous run");
+    assert_eq!(st.read_calls, 2, "one system call per contiguous run");
     assert_eq!(vm.counters().snapshot().v_pager_calls, st.read_calls);
     vm.check_consistency().unwrap();
 }
@@ -267,5 +268,27 @@ fn a_file_mapped_past_its_end_faults_sigbus_there_until_it_grows() {
     );
     assert_eq!(space.msync(BASE, 4 * PAGE).unwrap(), 1);
     assert_eq!(std::fs::read(&f.0).unwrap()[2 * PAGE as usize], b'x');
+    vm.check_consistency().unwrap();
+}
+
+#[test]
+fn a_sequential_scan_of_a_real_file_reads_in_growing_runs() {
+    let pages = 1024u64;
+    let data = content((pages * PAGE) as usize);
+    let f = TempFile::with(&data);
+    let (vm, space) = vm_testkit::machine(2048);
+    let pager = VnodePager::open(&f.0, false).unwrap();
+    let obj = pager.object(&vm);
+    space
+        .map(MapRequest::object(BASE, pages * PAGE, obj, 0, Prot::READ))
+        .unwrap();
+    let mut buf = vec![0u8; (pages * PAGE) as usize];
+    space.read(BASE, &mut buf).unwrap();
+    assert!(buf == data, "the scan reads the file");
+    let st = pager.stats();
+    assert_eq!(st.pages_in, pages, "every page read once: {st:?}");
+    // 16 + 32 + 64 pages, then 64 a call (the default window, 63 ahead):
+    // 18 system calls where the seed's fixed cluster made 64.
+    assert_eq!(st.read_calls, 18, "{st:?}");
     vm.check_consistency().unwrap();
 }

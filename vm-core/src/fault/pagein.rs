@@ -19,13 +19,20 @@ use smallvec::SmallVec;
 pub const READ_AHEAD: u64 = 8;
 /// Pages read behind a fault (`VM_FAULT_READ_BEHIND`).
 pub const READ_BEHIND: u64 = 7;
-/// Largest cluster (`VM_FAULT_READ`).
+/// The seed's cluster (`VM_FAULT_READ`): the width of the window in
+/// which a fault counts as sequential, and the first sequential window.
 pub const READ_MAX: u64 = READ_AHEAD + READ_BEHIND + 1;
+/// Pages ahead a cluster holds on the stack (the default
+/// [`read_ahead_max`](crate::VmConfig::read_ahead_max)); a larger window
+/// spills to the heap.
+const INLINE_AHEAD: usize = 63;
+/// Pages of a cluster held on the stack.
+const INLINE: usize = INLINE_AHEAD + 1 + READ_BEHIND as usize;
 
 /// The pages of one pager call, in index order, with the requested one.
 struct Cluster<'m> {
     behind: SmallVec<[BusyPage<'m>; READ_BEHIND as usize]>,
-    ahead: SmallVec<[BusyPage<'m>; READ_MAX as usize]>,
+    ahead: SmallVec<[BusyPage<'m>; INLINE_AHEAD]>,
 }
 
 impl<P: Pmap> FaultState<'_, P> {
@@ -64,8 +71,15 @@ impl<P: Pmap> FaultState<'_, P> {
         Ok(())
     }
 
-    /// Seed L469-528: how far behind and ahead to read, switching to
-    /// ahead-only (and dropping the pages behind) on a sequential pattern.
+    /// Seed L469-528 with modern FreeBSD's adaptive window
+    /// (`vm_fault_readahead`): how far behind and ahead to read. A fault
+    /// in the window after the last read (`lastr`) is sequential: it reads
+    /// ahead only, drops the pages behind the scan (cache-behind), and
+    /// doubles the entry's window, from the seed's 15 pages up to
+    /// [`read_ahead_max`](crate::VmConfig::read_ahead_max). Any other fault
+    /// reads the seed's cluster around the page and halves the window, so
+    /// one stray fault does not undo a long scan. `MADV_SEQUENTIAL` reads
+    /// the largest window at once; `MADV_RANDOM` reads one page.
     fn cluster_window(&self) -> (u64, u64) {
         let Some(entry) = self
             .map
@@ -78,17 +92,30 @@ impl<P: Pmap> FaultState<'_, P> {
         if behavior == Behavior::Random {
             return (0, 0);
         }
-        let mut behind = ((self.va - entry.start) >> crate::PAGE_SHIFT).min(READ_BEHIND);
-        let mut ahead = (((entry.end - self.va) >> crate::PAGE_SHIFT) - 1).min(READ_AHEAD);
+        let max = u64::from(self.target.vm.config.read_ahead_max);
+        let room_behind = (self.va - entry.start) >> crate::PAGE_SHIFT;
+        let room_ahead = ((entry.end - self.va) >> crate::PAGE_SHIFT) - 1;
+        let era = u64::from(entry.read_ahead.load(Ordering::Relaxed));
         let lastr = entry.lastr.load(Ordering::Relaxed);
-        let sequential = behavior == Behavior::Sequential
-            || (self.pindex >= lastr && self.pindex < lastr + READ_MAX);
-        if sequential && self.first.object().kind().clusters() {
-            self.cache_behind();
-            ahead += behind;
-            behind = 0;
+        let in_window = self.pindex >= lastr && self.pindex < lastr + READ_MAX;
+        let clusters = self.first.object().kind().clusters();
+        let (nera, window) = if behavior == Behavior::Sequential && clusters {
+            (max, (0, max))
+        } else if in_window && clusters {
+            let grown = if era == 0 { READ_MAX - 1 } else { 2 * era + 1 };
+            (grown.min(max), (0, grown.min(max)))
+        } else {
+            (era / 2, (READ_BEHIND, READ_AHEAD))
+        };
+        if nera != era {
+            // Under the map's read lock, as `lastr`: a racing fault's
+            // store may win, which only changes the next window's size.
+            entry.read_ahead.store(nera as u32, Ordering::Relaxed);
         }
-        (behind, ahead)
+        if window.0 == 0 && clusters {
+            self.cache_behind();
+        }
+        (window.0.min(room_behind), window.1.min(room_ahead))
     }
 
     /// Seed L493-525: on a sequential scan, the pages behind it in the
@@ -255,7 +282,7 @@ impl<P: Pmap> FaultState<'_, P> {
         let m = self.m.as_mut().expect("page to read");
         let reqpage = cluster.behind.len();
         let phys = &self.machine.phys;
-        let mut slots: SmallVec<[PageSlot<'_>; READ_MAX as usize]> = SmallVec::new();
+        let mut slots: SmallVec<[PageSlot<'_>; INLINE]> = SmallVec::new();
         for b in cluster
             .behind
             .iter()
@@ -270,7 +297,7 @@ impl<P: Pmap> FaultState<'_, P> {
         let counters = self.machine.counters.local();
         counters.v_pager_calls.fetch_add(1, Ordering::Relaxed);
         pager.get_pages(&mut slots, reqpage)?;
-        let valid: SmallVec<[u8; READ_MAX as usize]> = slots.iter().map(PageSlot::valid).collect();
+        let valid: SmallVec<[u8; INLINE]> = slots.iter().map(PageSlot::valid).collect();
         let device = slots[reqpage].device();
         drop(slots);
         if let Some((pa, attr)) = device {

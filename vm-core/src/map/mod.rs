@@ -18,7 +18,7 @@ use crate::sync::{ReadGuard, RwLock, WaitTable, WriteGuard};
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 bitflags::bitflags! {
     /// Map entry flags (FreeBSD `MAP_ENTRY_*`, same values).
@@ -100,6 +100,9 @@ pub(crate) struct MapEntry {
     /// Last read-ahead page index; written by faults under the read lock,
     /// hence atomic (the seed notes the same at L555-558).
     pub(crate) lastr: AtomicU64,
+    /// The read-ahead window, in pages after the faulting one: grown by
+    /// sequential faults, halved by others (FreeBSD's `read_ahead`).
+    pub(crate) read_ahead: AtomicU32,
     /// Room the stack may still grow below `start`, in bytes.
     pub(crate) avail_ssize: u64,
 }
@@ -119,6 +122,7 @@ impl MapEntry {
             wired_count: 0,
             wiring: None,
             lastr: AtomicU64::new(0),
+            read_ahead: AtomicU32::new(0),
             avail_ssize: 0,
         }
     }
@@ -142,6 +146,7 @@ impl MapEntry {
             wired_count: self.wired_count,
             wiring: None,
             lastr: AtomicU64::new(self.lastr.load(Ordering::Relaxed)),
+            read_ahead: AtomicU32::new(self.read_ahead.load(Ordering::Relaxed)),
             avail_ssize: self.avail_ssize,
         }
     }
@@ -260,6 +265,8 @@ pub struct MapEntryInfo {
     pub wired_count: u32,
     /// Last read-ahead index.
     pub lastr: u64,
+    /// The read-ahead window sequential faults have grown, in pages.
+    pub read_ahead: u32,
 }
 
 impl From<&MapEntry> for MapEntryInfo {
@@ -276,6 +283,7 @@ impl From<&MapEntry> for MapEntryInfo {
             inheritance: e.inheritance,
             wired_count: e.wired_count,
             lastr: e.lastr.load(Ordering::Relaxed),
+            read_ahead: e.read_ahead.load(Ordering::Relaxed),
         }
     }
 }
