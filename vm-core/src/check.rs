@@ -77,6 +77,8 @@ impl<P: Pmap> Vm<P> {
     }
 
     fn check(&self, holds: bool) -> Result<CheckReport, ConsistencyError> {
+        // Pages a background read holds busy settle first.
+        self.wait_for_background_io();
         let err = |s: String| Err(ConsistencyError(s));
         let pages = &self.machine.pages;
         let mut r = CheckReport::default();

@@ -82,6 +82,8 @@ counters! {
     v_io_faults,
     /// pager get_pages calls
     v_pager_calls,
+    /// read-ahead windows read in the background (of those calls)
+    v_async_reads,
     /// pages read in by pagers
     v_pager_pages,
     /// pages a pager returned only partially valid (zero-filled)

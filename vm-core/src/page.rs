@@ -45,6 +45,11 @@ bitflags::bitflags! {
         /// A page-table frame of the pmap's, from
         /// [`PhysFrames::alloc_zeroed`](crate::pmap::PhysFrames::alloc_zeroed).
         const TABLE = 1 << 24;
+        /// A read-ahead marker (Linux's `PG_readahead`): the first fault
+        /// that reaches this page starts reading the next window in the
+        /// background, so a sequential reader finds it resident.
+        /// Fault-around leaves it unmapped so that the access faults.
+        const READAHEAD = 1 << 25;
     }
 }
 

@@ -4,6 +4,7 @@
 use crate::addr::{PAGE_SIZE, Pfn, va_range};
 use crate::counters::Counters;
 use crate::frames::Frames;
+use crate::io_executor::IoExecutor;
 use crate::object::{Machine, ObjectRegistry, VmObject};
 use crate::page::{PageId, VmPage};
 use crate::page_queues::{Pages, Thresholds};
@@ -76,6 +77,13 @@ pub struct VmConfig {
     /// up to 63 pages are built on the stack; a larger one costs one heap
     /// allocation per pager call.
     pub read_ahead_max: u32,
+    /// Whether sequential read-ahead reads the next window in the
+    /// background (Linux's asynchronous read-ahead): a read-ahead window
+    /// marks a page in its second half, and the fault that reaches it
+    /// starts the next window's read on the machine's
+    /// [`IoExecutor`](crate::IoExecutor) and goes on. Off, or with no
+    /// executor, every read is made by the fault that needs it.
+    pub async_read_ahead: bool,
     /// Lowest user address.
     pub user_min: u64,
     /// One past the highest user address (x86_64: the lower canonical
@@ -106,6 +114,7 @@ impl Default for VmConfig {
             stack_growth: 128 << 10,
             fault_around: FaultAround::default(),
             read_ahead_max: 63,
+            async_read_ahead: true,
             user_min: PAGE_SIZE,
             user_max: 0x0000_8000_0000_0000,
             fictitious_pages: 4096,
@@ -149,6 +158,9 @@ pub struct Vm<P: Pmap> {
     pub(crate) hand: core::sync::atomic::AtomicU32,
     /// Every live address space (weakly).
     pub(crate) spaces: crate::sync::Mutex<alloc::vec::Vec<SpaceRef<P>>>,
+    /// Where background paging I/O runs; `None` until first needed (then
+    /// the default) or set.
+    io: crate::sync::Mutex<Option<Option<Arc<dyn IoExecutor>>>>,
 }
 
 impl<P: Pmap> core::fmt::Debug for Vm<P> {
@@ -217,6 +229,7 @@ impl<P: Pmap> Vm<P> {
             frames,
             counters: Counters::default(),
             objects: ObjectRegistry::default(),
+            background: crate::sync::Gate::default(),
         });
         Ok(Arc::new(Vm {
             pmap,
@@ -225,7 +238,30 @@ impl<P: Pmap> Vm<P> {
             swap: crate::sync::Mutex::new(None),
             hand: core::sync::atomic::AtomicU32::new(0),
             spaces: crate::sync::Mutex::new(alloc::vec::Vec::new()),
+            io: crate::sync::Mutex::new(None),
         }))
+    }
+
+    /// Sets where background paging I/O (asynchronous read-ahead) runs;
+    /// `None` makes every read synchronous. Under `std` the default is an
+    /// [`IoThreads`](crate::io_executor::IoThreads) pool of two threads,
+    /// started at the first background read; without `std` there is none.
+    pub fn set_io_executor(&self, executor: Option<Arc<dyn IoExecutor>>) {
+        *self.io.lock() = Some(executor);
+    }
+
+    /// Waits until every background read (asynchronous read-ahead) that
+    /// was started has finished and its pages are settled: resident and
+    /// idle, or freed. Useful before a consistency check or a measurement.
+    pub fn wait_for_background_io(&self) {
+        self.machine.background_wait();
+    }
+
+    /// The executor for background reads, starting the default if none
+    /// was set.
+    pub(crate) fn io_executor(&self) -> Option<Arc<dyn IoExecutor>> {
+        let mut io = self.io.lock();
+        io.get_or_insert_with(default_executor).clone()
     }
 
     /// The pmap.
@@ -374,8 +410,12 @@ impl<P: Pmap> Vm<P> {
     /// end are unmapped from every pmap and freed, waiting for any that are
     /// busy; later faults there are out of bounds.
     pub fn resize_object(&self, object: &VmObject, pages: u64) {
-        self.page_remove(object, pages, u64::MAX);
+        // The size first (FreeBSD `vnode_pager_setsize`): a fault checks it
+        // under the object's lock before it allocates, so from here on no
+        // page past the end is added, and those already there (busy in a
+        // read, or resident) are removed below.
         object.lock().size = pages;
+        self.page_remove(object, pages, u64::MAX);
     }
 
     /// Sets the size of `object` to `bytes` (a file truncated or extended
@@ -483,6 +523,17 @@ impl<P: Pmap> Vm<P> {
         }
         done
     }
+}
+
+/// A pool of two threads under `std`; none without.
+fn default_executor() -> Option<Arc<dyn IoExecutor>> {
+    #[cfg(feature = "std")]
+    {
+        let pool = crate::io_executor::IoThreads::new(2).ok()?;
+        Some(Arc::new(pool))
+    }
+    #[cfg(not(feature = "std"))]
+    None
 }
 
 impl<P: Pmap> Vm<P> {

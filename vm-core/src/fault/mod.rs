@@ -355,9 +355,13 @@ impl<'a, P: Pmap> FaultTarget<'a, P> {
             fault_type,
             kind: FaultKind::Resident,
             read_around: None,
+            marker_hit: false,
             first: Pip::new(info.object),
         };
         fs.walk(&mut r.hard)?;
+        if fs.marker_hit {
+            fs.read_ahead_async();
+        }
         if fs.object.is_some() {
             if fs.fault_type.contains(Prot::WRITE) {
                 fs.cow();
@@ -427,6 +431,9 @@ pub(crate) struct FaultState<'a, P: Pmap> {
     /// (the cluster), which bound fault-around (modern FreeBSD prefaults
     /// only the pages just read, so cache-behind's work is not undone).
     read_around: Option<core::ops::Range<u64>>,
+    /// The page found was a read-ahead marker: the next window is to be
+    /// read in the background.
+    marker_hit: bool,
     /// The first object, referenced and paging-in-progress.
     first: Pip,
 }
@@ -482,6 +489,10 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                         });
                     }
                     self.machine.pages.dequeue(id);
+                    if page.flags().contains(PageFlags::READAHEAD) {
+                        page.clear_flags(PageFlags::READAHEAD);
+                        self.marker_hit = page.valid() == VM_PAGE_BITS_ALL;
+                    }
                     self.m = Some(BusyPage::new(
                         self.machine,
                         obj.clone(),

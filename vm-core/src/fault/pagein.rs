@@ -5,12 +5,13 @@ use super::FaultState;
 use crate::addr::PhysAddr;
 use crate::map::Behavior;
 use crate::object::VmObject;
-use crate::object::busy::{BusyPage, Disposal};
-use crate::page::{PageFlags, VM_PAGE_BITS_ALL};
+use crate::object::busy::{BusyPage, Disposal, Pip};
+use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
 use crate::page_queues::AllocClass;
 use crate::pager::ObjectClass;
 use crate::pager::{Contiguity, PageSlot, Pager, PagerError};
 use crate::pmap::Pmap;
+use alloc::boxed::Box;
 use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
 use smallvec::SmallVec;
@@ -50,6 +51,9 @@ impl<P: Pmap> FaultState<'_, P> {
         };
         let (behind, ahead) = self.cluster_window();
         let cluster = self.additional_pages(object, contig, behind, ahead);
+        // A window read ahead only (a sequential one) gets a marker for
+        // the next window's background read.
+        let mark = behind == 0 && cluster.ahead.len() >= 2 && self.background_reads();
         let count = cluster.behind.len() + 1 + cluster.ahead.len();
         let lo = self.va - cluster.behind.len() as u64 * crate::PAGE_SIZE;
         self.read_around = Some(lo..lo + count as u64 * crate::PAGE_SIZE);
@@ -67,8 +71,15 @@ impl<P: Pmap> FaultState<'_, P> {
         }
         // Unlock the map for the I/O (L565).
         self.map = None;
-        self.read_cluster(&*pager, cluster)?;
+        self.read_cluster(&*pager, cluster, mark)?;
         Ok(())
+    }
+
+    /// Whether read-ahead may go to the background: configured so, and an
+    /// executor is there.
+    fn background_reads(&self) -> bool {
+        let vm = self.target.vm;
+        vm.config.async_read_ahead && vm.io_executor().is_some()
     }
 
     /// Seed L469-528 with modern FreeBSD's adaptive window
@@ -113,19 +124,24 @@ impl<P: Pmap> FaultState<'_, P> {
             entry.read_ahead.store(nera as u32, Ordering::Relaxed);
         }
         if window.0 == 0 && clusters {
-            self.cache_behind();
+            self.cache_behind(era);
         }
         (window.0.min(room_behind), window.1.min(room_ahead))
     }
 
     /// Seed L493-525: on a sequential scan, the pages behind it in the
     /// first object are unmapped and deactivated, so a large scan does not
-    /// push out everything else; a later fault on one is still soft.
-    fn cache_behind(&self) {
+    /// push out everything else; a later fault on one is still soft. The
+    /// seed looked back two clusters; here two windows of the scan's size
+    /// `era` (the window read before this fault), so a window of any size
+    /// is covered.
+    fn cache_behind(&self, era: u64) {
         let first = self.first.object();
         let pages = &self.machine.pages;
         let vm = &self.target.vm;
-        let lowest = self.first_pindex.saturating_sub(2 * READ_MAX);
+        let lowest = self
+            .first_pindex
+            .saturating_sub(2 * (era + 1).max(READ_MAX));
         let st = first.lock();
         for p in (lowest..self.first_pindex).rev() {
             let Some(&id) = st.pages.get(&p) else { break };
@@ -158,6 +174,18 @@ impl<P: Pmap> FaultState<'_, P> {
         }
     }
 
+    /// Cuts the entry's read-ahead window to at most `pages`.
+    fn shrink_window(&self, pages: u64) {
+        if let Some(e) = self
+            .map
+            .as_ref()
+            .and_then(|g| g.entries.get(&self.entry_start))
+        {
+            let cut = u32::try_from(pages).unwrap_or(u32::MAX);
+            e.read_ahead.fetch_min(cut, Ordering::Relaxed);
+        }
+    }
+
     /// Seed `vm_fault_additional_pages`: allocates busy neighbours of the
     /// requested page that the pager can read in the same operation,
     /// bounded by what it reports contiguous, by resident pages, by the
@@ -181,18 +209,25 @@ impl<P: Pmap> FaultState<'_, P> {
         if !st.kind.clusters() || (contig.behind == 0 && contig.ahead == 0) {
             return cluster;
         }
-        let rahead = ahead.min(u64::from(contig.ahead));
-        let rbehind = behind.min(u64::from(contig.behind)).min(self.pindex);
+        let mut rahead = ahead.min(u64::from(contig.ahead));
+        let mut rbehind = behind.min(u64::from(contig.behind)).min(self.pindex);
         let spare = pages.free_count().saturating_sub(pages.thresholds.reserved);
         if rahead + rbehind > spare {
-            // Short of memory: read one page (the seed wakes the pageout
-            // daemon here).
             self.machine
                 .counters
                 .local()
                 .v_cluster_short
                 .fetch_add(1, Ordering::Relaxed);
-            return cluster;
+            // Short of memory: the seed read one page; a window larger
+            // than what is spare is cut to it instead, and the entry's
+            // window with it, so that a large window on a small machine
+            // does not turn a scan into single-page reads for good.
+            self.shrink_window(spare);
+            if spare == 0 {
+                return cluster;
+            }
+            rbehind = rbehind.min(spare / 2);
+            rahead = rahead.min(spare - rbehind);
         }
         // Behind: stop above the nearest resident page.
         let mut start = self.pindex - rbehind;
@@ -278,7 +313,12 @@ impl<P: Pmap> FaultState<'_, P> {
     }
 
     /// Calls the pager on the whole cluster and settles each page.
-    fn read_cluster(&mut self, pager: &dyn Pager, cluster: Cluster<'_>) -> Result<(), PagerError> {
+    fn read_cluster(
+        &mut self,
+        pager: &dyn Pager,
+        cluster: Cluster<'_>,
+        mark: bool,
+    ) -> Result<(), PagerError> {
         let m = self.m.as_mut().expect("page to read");
         let reqpage = cluster.behind.len();
         let phys = &self.machine.phys;
@@ -320,6 +360,11 @@ impl<P: Pmap> FaultState<'_, P> {
             ObjectClass::Device => None,
         };
         let mut read = 1;
+        let marker = mark.then(|| cluster.ahead.len() / 2);
+        if let Some(b) = marker.and_then(|i| cluster.ahead.get(i)) {
+            // Busy still: whoever sees the page sees the marker.
+            b.page().set_flags(PageFlags::READAHEAD);
+        }
         for (mut b, v) in cluster
             .behind
             .into_iter()
@@ -340,5 +385,159 @@ impl<P: Pmap> FaultState<'_, P> {
         }
         counters.v_io_faults.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The fault found a read-ahead marker (Linux's asynchronous
+    /// read-ahead): allocates the window after the resident run that holds
+    /// the marker, busy, doubles the entry's window as a sequential fault
+    /// does, marks the new window's middle page, and hands the read to the
+    /// machine's [`IoExecutor`](crate::IoExecutor). The fault goes on; a
+    /// fault on one of the pages waits for the read as for any busy page.
+    pub(super) fn read_ahead_async(&self) {
+        let object = self.current().clone();
+        let Some(entry) = self
+            .map
+            .as_ref()
+            .and_then(|g| g.entries.get(&self.entry_start))
+        else {
+            return;
+        };
+        let Some(pager) = object.lock().pager.clone() else {
+            return;
+        };
+        if entry.behavior == Behavior::Random || !object.kind().clusters() {
+            return;
+        }
+        let vm = self.target.vm;
+        let Some(executor) = vm.io_executor() else {
+            return;
+        };
+        let max = u64::from(vm.config.read_ahead_max);
+        // The last page of this object the entry maps.
+        let last = self.pindex + ((entry.end - self.va) >> crate::PAGE_SHIFT) - 1;
+        let (limit, start) = {
+            let st = object.lock();
+            let limit = last.min(st.size.saturating_sub(1));
+            let start = (self.pindex + 1..=limit)
+                .take(max as usize + 1)
+                .find(|p| !st.pages.contains_key(p));
+            (limit, start)
+        };
+        let Some(start) = start else { return };
+        let Some(contig) = pager.has_page(start) else {
+            return;
+        };
+        let era = u64::from(entry.read_ahead.load(Ordering::Relaxed));
+        let nera = if era == 0 { READ_MAX - 1 } else { 2 * era + 1 }.min(max);
+        entry.read_ahead.store(nera as u32, Ordering::Relaxed);
+        self.cache_behind(era);
+        let mut end = (start + 1 + nera.min(u64::from(contig.ahead))).min(limit + 1);
+        let pages = &self.machine.pages;
+        let spare = pages.free_count().saturating_sub(pages.thresholds.reserved);
+        if end - start > spare {
+            self.machine
+                .counters
+                .local()
+                .v_cluster_short
+                .fetch_add(1, Ordering::Relaxed);
+            self.shrink_window(spare);
+            end = start + spare;
+        }
+        let mut ids: SmallVec<[PageId; INLINE]> = SmallVec::new();
+        {
+            let mut st = object.lock();
+            for p in start..end {
+                // The size again: a truncation may have come since.
+                if p >= st.size || st.pages.contains_key(&p) {
+                    break;
+                }
+                match self.alloc_into(&object, &mut st, p) {
+                    Some(b) => ids.push(b.hand_over()),
+                    None => break,
+                }
+            }
+        }
+        let Some(&first) = ids.first() else { return };
+        entry.lastr.store(
+            pages.get(first).pindex() + ids.len() as u64,
+            Ordering::Relaxed,
+        );
+        if ids.len() >= 2 {
+            pages
+                .get(ids[ids.len() / 2])
+                .set_flags(PageFlags::READAHEAD);
+        }
+        let pip = Pip::new(object);
+        self.machine.background_enter();
+        let done = BackgroundDone(pip.object().machine.clone());
+        executor.execute(Box::new(move || {
+            // Dropped in reverse: the pages, the paging reference, then
+            // the count a waiter for background reads watches (even if
+            // the pager panics).
+            let _done = done;
+            let pip = pip;
+            read_in_background(&*pager, &pip, &ids);
+        }));
+    }
+}
+
+/// Counts a background read as done when dropped.
+struct BackgroundDone(Arc<crate::object::Machine>);
+
+impl Drop for BackgroundDone {
+    fn drop(&mut self) {
+        self.0.background_leave();
+    }
+}
+
+/// A background read of the busy pages `ids` of `pip`'s object, as the
+/// fault path's [`read_cluster`](FaultState::read_cluster) settles a
+/// cluster: pages the pager filled (even in part) stay, on the inactive
+/// queue; the rest, or all on an error, are freed. Each is unbusied, which
+/// wakes the faults waiting for it.
+fn read_in_background(pager: &dyn Pager, pip: &Pip, ids: &[PageId]) {
+    let object = pip.object();
+    let machine = &*object.machine;
+    let busy: SmallVec<[BusyPage<'_>; INLINE]> = ids
+        .iter()
+        .map(|&id| BusyPage::new(machine, object.clone(), id, Disposal::Free))
+        .collect();
+    let mut slots: SmallVec<[PageSlot<'_>; INLINE]> = busy
+        .iter()
+        .map(|b| {
+            // The pager writes the frame: it is no longer known zero, even
+            // if the read fails and the page goes back free.
+            b.page().clear_flags(PageFlags::ZERO);
+            PageSlot::new(b.page().pindex(), machine.phys.writer_of(b.pfn()))
+        })
+        .collect();
+    let counters = machine.counters.local();
+    counters.v_pager_calls.fetch_add(1, Ordering::Relaxed);
+    counters.v_async_reads.fetch_add(1, Ordering::Relaxed);
+    let result = pager.get_pages(&mut slots, 0);
+    let device = slots.iter().any(|s| s.device().is_some());
+    let valid: SmallVec<[u8; INLINE]> = slots.iter().map(PageSlot::valid).collect();
+    drop(slots);
+    if result.is_err() || device {
+        // Dropped busy with `Free`: out of the object, freed, waiters woken
+        // (they retry and read the page themselves).
+        return;
+    }
+    let mut read = 0;
+    for (mut b, v) in busy.into_iter().zip(valid) {
+        if v != 0 {
+            b.page().set_valid(v);
+            b.keep();
+            read += 1;
+        }
+    }
+    counters.v_pager_pages.fetch_add(read, Ordering::Relaxed);
+    let by_type = match object.kind().class() {
+        ObjectClass::Anonymous => Some(&counters.v_swappgsin),
+        ObjectClass::File => Some(&counters.v_vnodepgsin),
+        ObjectClass::Device => None,
+    };
+    if let Some(c) = by_type {
+        c.fetch_add(read, Ordering::Relaxed);
     }
 }

@@ -195,9 +195,13 @@ impl<P: Pmap> FaultState<'_, P> {
             return Lookup::Absent;
         };
         let page = pages.get(id);
+        // A read-ahead marker stays unmapped: its access must fault to
+        // start the next window.
         let usable = page.valid() == VM_PAGE_BITS_ALL
             && !page.is_busy()
-            && !page.flags().contains(PageFlags::FICTITIOUS);
+            && !page
+                .flags()
+                .intersects(PageFlags::FICTITIOUS | PageFlags::READAHEAD);
         if !usable {
             return Lookup::Unusable;
         }

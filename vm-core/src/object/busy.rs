@@ -97,6 +97,13 @@ impl<'m> BusyPage<'m> {
         self.disposal = Disposal::Free;
     }
 
+    /// Lets go of the page without releasing it: it stays busy, for a
+    /// guard made elsewhere (a background read) to take over.
+    pub(crate) fn hand_over(mut self) -> PageId {
+        self.disposal = Disposal::Done;
+        self.id
+    }
+
     /// Unbusies the page and wakes its waiters (`vm_page_wakeup`), leaving
     /// queue placement to the caller.
     pub(crate) fn unbusy(mut self) {

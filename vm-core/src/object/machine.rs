@@ -7,7 +7,7 @@
 use super::VmObject;
 use crate::counters::Counters;
 use crate::frames::Frames;
-use crate::sync::Mutex;
+use crate::sync::{Gate, Mutex};
 use alloc::sync::{Arc, Weak};
 use hashbrown::HashMap;
 
@@ -20,6 +20,32 @@ pub(crate) struct Machine {
     pub(crate) frames: Arc<Frames>,
     pub(crate) counters: Counters,
     pub(crate) objects: ObjectRegistry,
+    /// Background reads in flight (asynchronous read-ahead).
+    pub(crate) background: Gate,
+}
+
+impl Machine {
+    /// The key waiters for background reads sleep on.
+    fn background_key(&self) -> u64 {
+        core::ptr::from_ref(&self.background) as u64
+    }
+
+    /// A background read is handed to an executor.
+    pub(crate) fn background_enter(&self) {
+        self.background.enter();
+    }
+
+    /// A background read is done.
+    pub(crate) fn background_leave(&self) {
+        self.background
+            .leave(self.pages.waits(), self.background_key());
+    }
+
+    /// Sleeps until no background read is in flight.
+    pub(crate) fn background_wait(&self) {
+        self.background
+            .wait_idle(self.pages.waits(), self.background_key());
+    }
 }
 
 impl core::ops::Deref for Machine {
