@@ -5,11 +5,17 @@
 //!   `VmSpace::fault` on the x86_64 pmap vs `mmap` + touch.
 //! * `fork_cow/{ours,kernel}` — write faults on 4 MiB shared copy-on-write
 //!   with a parent after `fork`.
-//! * `file_seq/{ours,pread_64k,pread_1m,pread_64k_hot_buffer}` —
+//! * `file_seq/{ours,ours_sync,pread_64k,pread_1m,pread_64k_hot_buffer}` —
 //!   sequential fault-in of a cached 16 MiB file with read-ahead (vnode
-//!   pager) vs `pread` of the same bytes into 16 MiB of distinct memory of
-//!   our frames' kind (the floor), in 64 KiB and 1 MiB requests; and, no
-//!   floor, into one hot 64 KiB buffer.
+//!   pager; asynchronous, and all in the faulting thread) vs `pread` of the
+//!   same bytes into 16 MiB of distinct memory of our frames' kind (the
+//!   floor), in 64 KiB and 1 MiB requests; and, no floor, into one hot
+//!   64 KiB buffer.
+//! * `file_cold/{ours,ours_sync,pread_1m}` — the same for a 64 MiB file
+//!   dropped from the host's page cache before each sample.
+//! * `file_slow/{ours,ours_sync}` — sequential reads (every byte) of an
+//!   object whose pager takes 100 µs a call: asynchronous against
+//!   synchronous read-ahead.
 //! * `swap/{ours,raw,raw_hot_buffer}` — 16 MiB written and read back
 //!   through 8 MiB of RAM (page-out and page-in) vs writing the same bytes
 //!   from, and reading them back into, 16 MiB of distinct memory (the
@@ -210,31 +216,45 @@ fn file_seq(c: &mut Criterion) {
     let path = hot_file("file", len);
     let mut g = c.benchmark_group("file_seq");
     g.throughput(Throughput::Bytes(len));
-    let vm = machine(64 << 20);
-    g.bench_function("ours", |b| {
-        b.iter_batched(
-            || {
-                let pager = VnodePager::open(&path, false).unwrap();
-                let s = vm.new_space().unwrap();
-                s.map(MapRequest::object(
-                    BASE,
-                    len,
-                    pager.object(&vm),
-                    0,
-                    Prot::READ,
-                ))
-                .unwrap();
-                s
+    // Asynchronous read-ahead (the default) and every read made by the
+    // fault that needs it; each sample waits for the background reads it
+    // started, so no work spills out of it.
+    for (name, background) in [("ours", true), ("ours_sync", false)] {
+        let vm = Vm::new(
+            X86Pmap::new(),
+            VmConfig {
+                memory_bytes: 64 << 20,
+                async_read_ahead: background,
+                ..VmConfig::default()
             },
-            |s| {
-                for i in 0..len / PAGE {
-                    black_box(s.read_u8(BASE + i * PAGE).unwrap());
-                }
-                s
-            },
-            BatchSize::PerIteration,
-        );
-    });
+        )
+        .unwrap();
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    let pager = VnodePager::open(&path, false).unwrap();
+                    let s = vm.new_space().unwrap();
+                    s.map(MapRequest::object(
+                        BASE,
+                        len,
+                        pager.object(&vm),
+                        0,
+                        Prot::READ,
+                    ))
+                    .unwrap();
+                    s
+                },
+                |s| {
+                    for i in 0..len / PAGE {
+                        black_box(s.read_u8(BASE + i * PAGE).unwrap());
+                    }
+                    vm.wait_for_background_io();
+                    s
+                },
+                BatchSize::PerIteration,
+            );
+        });
+    }
     let file = std::fs::File::open(&path).unwrap();
     // The fair floor: the same bytes into the same amount of distinct
     // memory of the kind our frames are, in 64 KiB and 1 MiB requests.
@@ -259,6 +279,136 @@ fn file_seq(c: &mut Criterion) {
             }
         });
     });
+    g.finish();
+}
+
+/// Sequential fault-in of a 64 MiB file that is not in the host's page
+/// cache (dropped with `posix_fadvise(DONTNEED)` before each sample), with
+/// asynchronous and synchronous read-ahead, beside `pread` of it in 1 MiB
+/// requests into distinct memory.
+fn file_cold(c: &mut Criterion) {
+    use std::os::fd::AsRawFd;
+    let len = 64u64 << 20;
+    let path = hot_file("cold", len);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    file.sync_all().unwrap();
+    let drop_cache = || {
+        // SAFETY: a plain advice call on an open descriptor.
+        let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0, "posix_fadvise");
+    };
+    let mut g = c.benchmark_group("file_cold");
+    g.throughput(Throughput::Bytes(len));
+    g.sample_size(10);
+    for (name, background) in [("ours", true), ("ours_sync", false)] {
+        let vm = Vm::new(
+            X86Pmap::new(),
+            VmConfig {
+                memory_bytes: 128 << 20,
+                async_read_ahead: background,
+                ..VmConfig::default()
+            },
+        )
+        .unwrap();
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    drop_cache();
+                    let pager = VnodePager::open(&path, false).unwrap();
+                    let s = vm.new_space().unwrap();
+                    s.map(MapRequest::object(
+                        BASE,
+                        len,
+                        pager.object(&vm),
+                        0,
+                        Prot::READ,
+                    ))
+                    .unwrap();
+                    s
+                },
+                |s| {
+                    for i in 0..len / PAGE {
+                        black_box(s.read_u8(BASE + i * PAGE).unwrap());
+                    }
+                    vm.wait_for_background_io();
+                    s
+                },
+                BatchSize::PerIteration,
+            );
+        });
+    }
+    let mut dest = host_memory(len);
+    g.bench_function("pread_1m", |b| {
+        b.iter_batched(
+            drop_cache,
+            |()| {
+                for at in (0..len as usize).step_by(1 << 20) {
+                    file.read_exact_at(&mut dest[at..at + (1 << 20)], at as u64)
+                        .unwrap();
+                }
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    g.finish();
+}
+
+/// Sequential reads of a 16 MiB object whose pager answers after 100 µs a
+/// call (a network or disk device; `MemPager` with a delay), the reader
+/// summing every byte of each page: asynchronous read-ahead overlaps the
+/// device's latency with the reading, synchronous read-ahead waits for it.
+fn file_slow(c: &mut Criterion) {
+    let pages = (16u64 << 20) / PAGE;
+    let pager = Arc::new(vm_testkit::MemPager::with_pattern(
+        vm_core::PagerKind::FILE,
+        pages,
+    ));
+    pager.set_contiguity(vm_core::Contiguity {
+        behind: 255,
+        ahead: 255,
+    });
+    pager.set_delay(Some(Duration::from_micros(100)));
+    let mut g = c.benchmark_group("file_slow");
+    g.throughput(Throughput::Bytes(pages * PAGE));
+    g.sample_size(10);
+    for (name, background) in [("ours", true), ("ours_sync", false)] {
+        let vm = Vm::new(
+            X86Pmap::new(),
+            VmConfig {
+                memory_bytes: 64 << 20,
+                async_read_ahead: background,
+                ..VmConfig::default()
+            },
+        )
+        .unwrap();
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    let s = vm.new_space().unwrap();
+                    let obj = vm.new_object(pages, pager.clone());
+                    s.map(MapRequest::object(BASE, pages * PAGE, obj, 0, Prot::READ))
+                        .unwrap();
+                    s
+                },
+                |s| {
+                    let mut buf = vec![0u8; PAGE as usize];
+                    let mut sum = 0u64;
+                    for i in 0..pages {
+                        s.read(BASE + i * PAGE, &mut buf).unwrap();
+                        sum += buf.iter().map(|&b| u64::from(b)).sum::<u64>();
+                    }
+                    vm.wait_for_background_io();
+                    black_box(sum);
+                    s
+                },
+                BatchSize::PerIteration,
+            );
+        });
+    }
     g.finish();
 }
 
@@ -570,6 +720,8 @@ criterion_group!(
     anon_fault,
     fork_cow,
     file_seq,
+    file_cold,
+    file_slow,
     swap,
     soft_fault,
     parallel,

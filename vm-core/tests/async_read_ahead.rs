@@ -1,5 +1,5 @@
-//! Asynchronous read-ahead: a sequential window marks a page in its second
-//! half; the fault that reaches it starts the next window's read on the
+//! Asynchronous read-ahead: a sequential window marks its first page read
+//! ahead; the fault that reaches it starts the next window's read on the
 //! machine's I/O executor and goes on. A fault on a page still being read
 //! waits for it as for any busy page; a failed background read leaves
 //! nothing behind and the fault that needs the page reads it itself.
@@ -24,7 +24,7 @@ fn file(
     Arc<MemPager>,
     Arc<VmObject>,
 ) {
-    let vm = Vm::new(RefPmap::new(), vm_testkit::test_config(4096)).unwrap();
+    let vm = Vm::new(RefPmap::new(), background(4096)).unwrap();
     let space = vm.new_space().unwrap();
     let pager = Arc::new(MemPager::with_pattern(PagerKind::FILE, pages));
     pager.set_contiguity(Contiguity {
@@ -50,6 +50,14 @@ fn byte_ok(space: &VmSpace<RefPmap>, p: u64) {
         vm_testkit::pattern_byte(p, 3),
         "page {p}"
     );
+}
+
+/// A machine of `pages` pages with asynchronous read-ahead on.
+fn background(pages: u64) -> VmConfig {
+    VmConfig {
+        async_read_ahead: true,
+        ..vm_testkit::test_config(pages)
+    }
 }
 
 /// An executor that keeps jobs until the test runs them.
@@ -98,9 +106,9 @@ fn a_fault_on_a_page_being_read_waits_for_the_read() {
     let (vm, space, pager, obj) = file(256);
     let manual = Arc::new(Manual::default());
     vm.set_io_executor(Some(manual.clone()));
-    byte_ok(&space, 0); // reads 0..=15, marks page 8
+    byte_ok(&space, 0); // reads 0..=15, marks page 1
     assert_eq!(manual.run_all(), 0);
-    byte_ok(&space, 8); // the marker: 16..=47 go to the executor
+    byte_ok(&space, 1); // the marker: 16..=47 go to the executor
     assert_eq!(pager.calls().len(), 1, "nothing read yet");
     let id = obj.resident_page(20).expect("allocated for the read");
     assert!(vm.page(id).is_busy(), "and busy while in flight");
@@ -129,7 +137,7 @@ fn a_failed_background_read_leaves_nothing_and_the_fault_reads_the_page() {
     let manual = Arc::new(Manual::default());
     vm.set_io_executor(Some(manual.clone()));
     byte_ok(&space, 0);
-    byte_ok(&space, 8);
+    byte_ok(&space, 1);
     pager.inject(Injected::Fail(MemPager::io_error()));
     assert_eq!(manual.run_all(), 1);
     assert!((16..48).all(|p| obj.resident_page(p).is_none()), "freed");
@@ -151,7 +159,7 @@ fn a_background_read_in_flight_while_the_reader_faults_on_a_real_pool() {
     let (vm, space, pager, _obj) = file(256);
     byte_ok(&space, 0);
     let pause = pager.pause_next();
-    byte_ok(&space, 8);
+    byte_ok(&space, 1);
     assert_eq!(pause.wait_started(), 16, "the background read started");
     let space = Arc::new(space);
     let s = space.clone();
@@ -172,6 +180,7 @@ fn off_or_without_an_executor_every_read_is_the_faults_own() {
             async_read_ahead: how != "config",
             ..vm_testkit::test_config(4096)
         };
+        assert!(!VmConfig::default().async_read_ahead, "off by default");
         let vm = Vm::new(RefPmap::new(), config).unwrap();
         if how == "executor" {
             vm.set_io_executor(None);
@@ -202,7 +211,7 @@ fn truncation_and_termination_wait_for_a_read_in_flight() {
     let manual = Arc::new(Manual::default());
     vm.set_io_executor(Some(manual.clone()));
     byte_ok(&space, 0);
-    byte_ok(&space, 8);
+    byte_ok(&space, 1);
     // Truncating into the window in flight waits for its busy pages.
     let vm2 = vm.clone();
     let obj2 = obj.clone();
@@ -252,7 +261,7 @@ fn frames_a_failed_background_read_wrote_are_zeroed_before_reuse() {
     // Every free frame is pre-zeroed, so the background read's pages come
     // from the zeroed pool; the pager writes them and fails. When those
     // frames serve zero-fill faults they must be zeroed again.
-    let vm = Vm::new(RefPmap::new(), vm_testkit::test_config(256)).unwrap();
+    let vm = Vm::new(RefPmap::new(), background(256)).unwrap();
     let manual = Arc::new(Manual::default());
     vm.set_io_executor(Some(manual.clone()));
     let space = vm.new_space().unwrap();
@@ -271,7 +280,7 @@ fn frames_a_failed_background_read_wrote_are_zeroed_before_reuse() {
         .unwrap();
     vm.zero_free_pages(u64::MAX);
     byte_ok(&space, 0);
-    byte_ok(&space, 8); // 16..=47 handed to the executor
+    byte_ok(&space, 1); // 16..=47 handed to the executor
     pager.armed.store(true, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(manual.run_all(), 1);
     // Zero-fill every free frame there is, and look at each.

@@ -1,7 +1,6 @@
 //! Red team of the adaptive read-ahead (commit a3fc515: per-entry
 //! `read_ahead` window, `VmConfig::read_ahead_max`, heap-spilled clusters,
-//! vnode contiguity of 255). Since asynchronous read-ahead landed, the
-//! same tests run with background reads on (the default).
+//! vnode contiguity of 255); read-ahead synchronous (the default).
 //!
 //! Failed on a3fc515, fixed since: `cache_behind_covers_*` (cache-behind
 //! looked back a fixed 32 pages, windows are now up to 256),

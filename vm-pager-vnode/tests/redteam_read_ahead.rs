@@ -1,6 +1,6 @@
 //! Red team of the adaptive read-ahead on real files (commit a3fc515: the
 //! vnode pager reports 255 pages of contiguity, windows up to 255 ahead),
-//! run with asynchronous read-ahead on (the default).
+//! run with asynchronous read-ahead on.
 //! `set_len_during_big_window_scans` found that a background read did not
 //! clear its pages' pre-zeroed flag: a failed read's frames went back to
 //! the free lists marked zero, and a later zero-fill showed file bytes
@@ -49,6 +49,7 @@ fn vm(pages: u64, read_ahead_max: u32) -> Arc<Vm<RefPmap>> {
         RefPmap::new(),
         VmConfig {
             read_ahead_max,
+            async_read_ahead: true,
             memory_wait_ms: 1,
             memory_retries: 200,
             ..vm_testkit::test_config(pages)

@@ -360,8 +360,9 @@ impl<P: Pmap> FaultState<'_, P> {
             ObjectClass::Device => None,
         };
         let mut read = 1;
-        let marker = mark.then(|| cluster.ahead.len() / 2);
-        if let Some(b) = marker.and_then(|i| cluster.ahead.get(i)) {
+        // The marker is the first page read ahead: the next access starts
+        // the next window while the reader goes through this one.
+        if let Some(b) = cluster.ahead.first().filter(|_| mark) {
             // Busy still: whoever sees the page sees the marker.
             b.page().set_flags(PageFlags::READAHEAD);
         }
@@ -390,7 +391,7 @@ impl<P: Pmap> FaultState<'_, P> {
     /// The fault found a read-ahead marker (Linux's asynchronous
     /// read-ahead): allocates the window after the resident run that holds
     /// the marker, busy, doubles the entry's window as a sequential fault
-    /// does, marks the new window's middle page, and hands the read to the
+    /// does, marks the new window's first page, and hands the read to the
     /// machine's [`IoExecutor`](crate::IoExecutor). The fault goes on; a
     /// fault on one of the pages waits for the read as for any busy page.
     pub(super) fn read_ahead_async(&self) {
@@ -462,10 +463,11 @@ impl<P: Pmap> FaultState<'_, P> {
             pages.get(first).pindex() + ids.len() as u64,
             Ordering::Relaxed,
         );
+        // The next marker is this window's first page: when the reader
+        // gets there, the window after it starts, a whole window ahead
+        // (Linux marks the start of the asynchronous part the same way).
         if ids.len() >= 2 {
-            pages
-                .get(ids[ids.len() / 2])
-                .set_flags(PageFlags::READAHEAD);
+            pages.get(first).set_flags(PageFlags::READAHEAD);
         }
         let pip = Pip::new(object);
         self.machine.background_enter();
