@@ -13,8 +13,8 @@ use alloc::sync::Arc;
 use core::sync::atomic::Ordering;
 use smallvec::SmallVec;
 
-/// Pages written per pager call at most.
-const RUN: usize = 16;
+/// Pages written per pager call at most (as the pageout's clusters).
+const RUN: usize = 32;
 
 /// Why write-back failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

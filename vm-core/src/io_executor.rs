@@ -12,10 +12,12 @@ pub type IoJob = Box<dyn FnOnce() + Send + 'static>;
 
 /// Runs paging I/O jobs off the faulting thread.
 ///
-/// A job must run eventually (the pages it reads stay busy until it has,
-/// and a fault on one waits for it); it may run on any thread, including
-/// the caller's, but [`execute`](Self::execute) must not wait for jobs
-/// submitted before (the caller holds a fault's locks).
+/// A job should run soon (the pages it reads stay busy until it has, and a
+/// fault on one waits for it); it may run on any thread, including the
+/// caller's, but [`execute`](Self::execute) must not wait for jobs
+/// submitted before (the caller holds a fault's locks). A job dropped
+/// without running releases its pages (they are read again by the faults
+/// that need them), so an executor may discard jobs it cannot run.
 pub trait IoExecutor: Send + Sync {
     /// Runs `job`, now or later.
     fn execute(&self, job: IoJob);
@@ -59,7 +61,14 @@ mod threads {
                             // The lock is held only to take one job.
                             let job = rx.lock().unwrap_or_else(PoisonError::into_inner).recv();
                             match job {
-                                Ok(job) => job(),
+                                // A pager that panics takes its own job
+                                // down (its pages are released as the job
+                                // unwinds), not the thread: the jobs
+                                // queued behind it still run.
+                                Ok(job) => {
+                                    let _ =
+                                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                                }
                                 Err(mpsc::RecvError) => return,
                             }
                         }

@@ -45,8 +45,9 @@ pub struct PageoutReport {
 pub(crate) const MAX_RECLAIMS: u32 = 64;
 /// Sweeps over the page array one call makes at most.
 const SWEEPS: usize = 3;
-/// Pages laundered in one pager call at most.
-const CLUSTER: usize = 16;
+/// Pages laundered in one pager call at most (FreeBSD
+/// `vm_pageout_page_count`).
+const CLUSTER: usize = 32;
 
 impl<P: Pmap> Vm<P> {
     /// Installs the swap that anonymous memory is paged out to.
@@ -174,8 +175,7 @@ impl<P: Pmap> Vm<P> {
         if page.dirty() != 0 {
             self.gather(&object, &mut run);
             if self.launder(&object, &run).is_err() {
-                r.failed += run.len() as u64;
-                return;
+                run = self.launder_one_by_one(&object, run, r);
             }
             r.laundered += run.len() as u64;
         }
@@ -184,6 +184,32 @@ impl<P: Pmap> Vm<P> {
             busy.discard();
             r.freed += 1;
         }
+    }
+
+    /// A run the pager refused whole (a swap device with less room than
+    /// the run, a bad block) goes page by page, as FreeBSD's pagers answer
+    /// per page: returns the pages written; the others go back, dirty, to
+    /// the inactive queue.
+    fn launder_one_by_one<'m>(
+        &self,
+        object: &Arc<VmObject>,
+        run: Run<'m>,
+        r: &mut PageoutReport,
+    ) -> Run<'m> {
+        let mut written: Run<'m> = SmallVec::new();
+        if run.len() == 1 {
+            r.failed += 1;
+            return written;
+        }
+        for page in run {
+            let one: Run<'m> = smallvec::smallvec![page];
+            if self.launder(object, &one).is_ok() {
+                written.extend(one);
+            } else {
+                r.failed += 1;
+            }
+        }
+        written
     }
 
     /// Busies inactive page `id` of `object` at `pindex` and removes every
@@ -218,22 +244,35 @@ impl<P: Pmap> Vm<P> {
         Some(busy)
     }
 
-    /// Extends `run` with the dirty inactive pages that follow it.
+    /// Extends `run` with the dirty inactive pages around it in its object,
+    /// those before it first (FreeBSD's `vm_pageout_cluster`): the scan
+    /// meets an object's pages in frame order, not index order, so the
+    /// page it found is often not the first of a dirty run.
     fn gather<'m>(&'m self, object: &Arc<VmObject>, run: &mut Run<'m>) {
-        let pages = &self.machine.pages;
+        while run.len() < CLUSTER {
+            let Some(prev) = run[0].1.checked_sub(1) else {
+                break;
+            };
+            let Some(busy) = self.claim_dirty(object, prev) else {
+                break;
+            };
+            run.insert(0, (busy, prev));
+        }
         while run.len() < CLUSTER {
             let next = run[run.len() - 1].1 + 1;
-            let Some(id) = object.lock().pages.get(&next).copied() else {
+            let Some(busy) = self.claim_dirty(object, next) else {
                 return;
             };
-            let Some(busy) = self.claim(object, id, next) else {
-                return;
-            };
-            if pages.get(id).dirty() == 0 {
-                return;
-            }
             run.push((busy, next));
         }
+    }
+
+    /// [`claim`](Self::claim)s the page at `pindex` of `object` if it is
+    /// there and dirty.
+    fn claim_dirty<'m>(&'m self, object: &Arc<VmObject>, pindex: u64) -> Option<BusyPage<'m>> {
+        let id = object.lock().pages.get(&pindex).copied()?;
+        let busy = self.claim(object, id, pindex)?;
+        (self.machine.pages.get(id).dirty() != 0).then_some(busy)
     }
 
     /// Writes the busy, unmapped pages of `run` (contiguous indexes) to

@@ -300,3 +300,26 @@ fn frames_a_failed_background_read_wrote_are_zeroed_before_reuse() {
     }
     consistent(&vm);
 }
+
+/// An executor that cannot run anything and drops the job.
+struct Discard;
+
+impl IoExecutor for Discard {
+    fn execute(&self, job: IoJob) {
+        drop(job);
+    }
+}
+
+#[test]
+fn a_job_dropped_without_running_releases_its_pages() {
+    let (vm, space, pager, obj) = file(256);
+    vm.set_io_executor(Some(Arc::new(Discard)));
+    byte_ok(&space, 0);
+    byte_ok(&space, 1); // the marker: the window's job is dropped
+    assert!((16..48).all(|p| obj.resident_page(p).is_none()), "freed");
+    vm.wait_for_background_io(); // and counted done
+    byte_ok(&space, 20); // read by the fault itself
+    assert_eq!(vm.counters().snapshot().v_async_reads, 0);
+    assert_eq!(pager.calls().len(), 2);
+    consistent(&vm);
+}

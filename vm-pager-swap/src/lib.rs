@@ -49,9 +49,10 @@ use vm_core::{
     WantedPages,
 };
 
-/// Neighbours `has_page` reports at most on each side (FreeBSD's
-/// `SWAP_META_PAGES / 2`).
-const MAX_CONTIG: u64 = 8;
+/// Neighbours `has_page` reports at most on each side: a 32-page run
+/// either way (FreeBSD's `SWAP_META_PAGES`), so a growing read-ahead window
+/// swaps in whole runs the pageout wrote together.
+const MAX_CONTIG: u64 = 31;
 /// `ENOSPC`.
 const ENOSPC: i32 = 28;
 

@@ -469,17 +469,48 @@ impl<P: Pmap> FaultState<'_, P> {
         if ids.len() >= 2 {
             pages.get(first).set_flags(PageFlags::READAHEAD);
         }
-        let pip = Pip::new(object);
         self.machine.background_enter();
-        let done = BackgroundDone(pip.object().machine.clone());
-        executor.execute(Box::new(move || {
-            // Dropped in reverse: the pages, the paging reference, then
-            // the count a waiter for background reads watches (even if
-            // the pager panics).
-            let _done = done;
-            let pip = pip;
-            read_in_background(&*pager, &pip, &ids);
-        }));
+        let read = PendingRead {
+            pager,
+            ids,
+            _done: BackgroundDone(object.machine.clone()),
+            pip: Pip::new(object),
+        };
+        executor.execute(Box::new(move || read.run()));
+    }
+}
+
+/// A background read handed to an executor: the window's busy pages and
+/// the paging reference on their object. Dropped without running (an
+/// executor that discards it), it frees the pages, as a failed read does.
+/// Fields drop in order after that: the paging reference, then the count
+/// a waiter for background reads watches, so the waiter finds every page
+/// settled (even if the pager panics).
+struct PendingRead {
+    pager: Arc<dyn Pager>,
+    ids: SmallVec<[PageId; INLINE]>,
+    pip: Pip,
+    _done: BackgroundDone,
+}
+
+impl PendingRead {
+    fn run(mut self) {
+        let ids = core::mem::take(&mut self.ids);
+        read_in_background(&*self.pager, &self.pip, &ids);
+    }
+}
+
+impl Drop for PendingRead {
+    fn drop(&mut self) {
+        let object = self.pip.object();
+        for &id in &self.ids {
+            drop(BusyPage::new(
+                &object.machine,
+                object.clone(),
+                id,
+                Disposal::Free,
+            ));
+        }
     }
 }
 
