@@ -16,6 +16,9 @@
 //! * `file_slow/{ours,ours_sync}` — sequential reads (every byte) of an
 //!   object whose pager takes 100 µs a call: asynchronous against
 //!   synchronous read-ahead.
+//! * `file_random/{ours,pread_4k}` — 4096 random page reads of a cached
+//!   64 MiB file through a fresh mapping vs `pread` of 4 KiB each into
+//!   distinct memory.
 //! * `swap/{ours,raw,raw_hot_buffer}` — 16 MiB written and read back
 //!   through 8 MiB of RAM (page-out and page-in) vs writing the same bytes
 //!   from, and reading them back into, 16 MiB of distinct memory (the
@@ -412,6 +415,63 @@ fn file_slow(c: &mut Criterion) {
     g.finish();
 }
 
+/// Random 4 KiB reads of a cached 64 MiB file through a fresh mapping:
+/// 4096 distinct pages in a scrambled order, one byte each, beside `pread`
+/// of the same pages, 4 KiB each, into cold distinct memory (the floor;
+/// the goal adds one soft fault, `soft_fault/ours/off`, per page).
+fn file_random(c: &mut Criterion) {
+    let len = 64u64 << 20;
+    let pages = len / PAGE;
+    let touched = 4096u64;
+    let path = hot_file("random", len);
+    // Distinct pages, scattered: i * a prime stride modulo the file.
+    let order: Vec<u64> = (0..touched).map(|i| (i * 7919) % pages).collect();
+    let mut g = c.benchmark_group("file_random");
+    g.throughput(Throughput::Elements(touched));
+    let vm = machine(128 << 20);
+    g.bench_function("ours", |b| {
+        b.iter_batched(
+            || {
+                let pager = VnodePager::open(&path, false).unwrap();
+                let s = vm.new_space().unwrap();
+                s.map(MapRequest::object(
+                    BASE,
+                    len,
+                    pager.object(&vm),
+                    0,
+                    Prot::READ,
+                ))
+                .unwrap();
+                s
+            },
+            |s| {
+                for &p in &order {
+                    black_box(s.read_u8(BASE + p * PAGE).unwrap());
+                }
+                s
+            },
+            BatchSize::PerIteration,
+        );
+    });
+    let file = std::fs::File::open(&path).unwrap();
+    // Cold frames, as ours: the destination walks through memory the size
+    // of our machine's, so a page is not written again for 8 samples.
+    let mut dest = host_memory(128 << 20);
+    let dest_pages = dest.len() / PAGE as usize;
+    let mut cursor = 0usize;
+    g.bench_function("pread_4k", |b| {
+        b.iter(|| {
+            for &p in &order {
+                let at = cursor * PAGE as usize;
+                cursor = (cursor + 1) % dest_pages;
+                file.read_exact_at(&mut dest[at..at + PAGE as usize], p * PAGE)
+                    .unwrap();
+            }
+        });
+    });
+    g.finish();
+}
+
 /// `bytes` of host memory made the way `vm_core::PhysMem` makes the
 /// machine's (an anonymous mapping with huge-page advice), touched once,
 /// so a floor writes memory of the same kind as our frames.
@@ -722,6 +782,7 @@ criterion_group!(
     file_seq,
     file_cold,
     file_slow,
+    file_random,
     swap,
     soft_fault,
     parallel,

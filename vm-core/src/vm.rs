@@ -81,7 +81,7 @@ pub struct VmConfig {
     /// background (Linux's asynchronous read-ahead; default off): a
     /// read-ahead window marks its first page read ahead, and the fault
     /// that reaches it starts the next window's read on the machine's
-    /// [`IoExecutor`](crate::IoExecutor) and goes on. It pays where the
+    /// [`IoExecutor`] and goes on. It pays where the
     /// pager is slow and the reader works on each page (a pager taking
     /// 100 µs a call, a reader summing every byte: 16 % faster); on a page
     /// cache that answers at memory speed the reader catches up with each

@@ -321,3 +321,62 @@ fn short_memory_cuts_the_cluster_to_what_is_spare() {
     assert_eq!(vm.counters().snapshot().v_cluster_short, 1);
     consistent(&vm);
 }
+
+/// A machine of 8192 pages and a 4096-page file mapped with synchronous
+/// read-ahead, the pager able to read 16 pages around any page.
+fn random_file() -> (Arc<Vm<RefPmap>>, VmSpace<RefPmap>, Arc<MemPager>) {
+    let vm = Vm::new(RefPmap::new(), vm_testkit::test_config(8192)).unwrap();
+    let space = vm.new_space().unwrap();
+    let pager = Arc::new(MemPager::with_pattern(PagerKind::FILE, 4096));
+    pager.set_contiguity(Contiguity {
+        behind: 16,
+        ahead: 16,
+    });
+    let obj = vm.new_object(4096, pager.clone());
+    space
+        .map(MapRequest::object(BASE, 4096 * PAGE, obj, 0, Prot::READ))
+        .unwrap();
+    (vm, space, pager)
+}
+
+/// `n` pages 32 apart, in a scrambled order, from page 16 up.
+fn scattered(n: u64) -> Vec<u64> {
+    (0..n).map(|i| 16 + 32 * ((i * 53) % n)).collect()
+}
+
+#[test]
+fn past_the_miss_limit_random_faults_read_only_their_page() {
+    let (vm, space, pager) = random_file();
+    let pages = scattered(120);
+    for &p in &pages {
+        scan(&space, p, p + 1);
+    }
+    let sizes: Vec<usize> = pager.calls().iter().map(|c| c.pindexes.len()).collect();
+    // Linux's MMAP_LOTSAMISS: 100 read-arounds nobody used, then one page
+    // a fault.
+    assert!(sizes[..100].iter().all(|&n| n == 16), "{sizes:?}");
+    assert!(sizes[100..].iter().all(|&n| n == 1), "{sizes:?}");
+    consistent(&vm);
+}
+
+#[test]
+fn pages_found_resident_take_misses_back() {
+    let (vm, space, pager) = random_file();
+    let pages = scattered(120);
+    for &p in &pages[..100] {
+        scan(&space, p, p + 1);
+    }
+    // The program now uses what was read around: soft faults (and the
+    // pages fault-around maps with them) count as hits.
+    for &p in &pages[..10] {
+        scan(&space, p - 7, p + 9);
+    }
+    let before = pager.calls().len();
+    scan(&space, pages[100], pages[100] + 1);
+    assert_eq!(
+        pager.calls()[before].pindexes.len(),
+        16,
+        "read-around again"
+    );
+    consistent(&vm);
+}

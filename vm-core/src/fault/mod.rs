@@ -770,6 +770,9 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                 None => debug_assert!(false, "a wired entry without its record"),
             }
         } else {
+            if self.kind == FaultKind::Resident {
+                entry.note_read_hits(1);
+            }
             self.prefault(entry);
             // The page goes where the pageout daemon can find it.
             pages.activate(id);

@@ -20,6 +20,9 @@ use smallvec::SmallVec;
 pub const READ_AHEAD: u64 = 8;
 /// Pages read behind a fault (`VM_FAULT_READ_BEHIND`).
 pub const READ_BEHIND: u64 = 7;
+/// Read-around misses after which a mapping is taken as randomly accessed
+/// and a miss reads only its page (Linux's `MMAP_LOTSAMISS`).
+const MISS_LIMIT: u32 = 100;
 /// The seed's cluster (`VM_FAULT_READ`): the width of the window in
 /// which a fault counts as sequential, and the first sequential window.
 pub const READ_MAX: u64 = READ_AHEAD + READ_BEHIND + 1;
@@ -89,8 +92,11 @@ impl<P: Pmap> FaultState<'_, P> {
     /// doubles the entry's window, from the seed's 15 pages up to
     /// [`read_ahead_max`](crate::VmConfig::read_ahead_max). Any other fault
     /// reads the seed's cluster around the page and halves the window, so
-    /// one stray fault does not undo a long scan. `MADV_SEQUENTIAL` reads
-    /// the largest window at once; `MADV_RANDOM` reads one page.
+    /// one stray fault does not undo a long scan; after [`MISS_LIMIT`] such
+    /// misses that later faults did not take back by finding pages
+    /// resident (Linux's `mmap_miss`), a miss reads only its page.
+    /// `MADV_SEQUENTIAL` reads the largest window at once; `MADV_RANDOM`
+    /// reads one page.
     fn cluster_window(&self) -> (u64, u64) {
         let Some(entry) = self
             .map
@@ -110,12 +116,20 @@ impl<P: Pmap> FaultState<'_, P> {
         let lastr = entry.lastr.load(Ordering::Relaxed);
         let in_window = self.pindex >= lastr && self.pindex < lastr + READ_MAX;
         let clusters = self.first.object().kind().clusters();
+        let misses = entry.read_misses.load(Ordering::Relaxed);
         let (nera, window) = if behavior == Behavior::Sequential && clusters {
             (max, (0, max))
         } else if in_window && clusters {
+            if misses != 0 {
+                entry.read_misses.store(0, Ordering::Relaxed);
+            }
             let grown = if era == 0 { READ_MAX - 1 } else { 2 * era + 1 };
             (grown.min(max), (0, grown.min(max)))
+        } else if misses >= MISS_LIMIT {
+            // Random access: what was read around went unused.
+            (era / 2, (0, 0))
         } else {
+            entry.read_misses.store(misses + 1, Ordering::Relaxed);
             (era / 2, (READ_BEHIND, READ_AHEAD))
         };
         if nera != era {

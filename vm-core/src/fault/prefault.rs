@@ -3,7 +3,7 @@
 //! outward prefault (`vm_fault_prefault`, L934-1006) and Linux's aligned
 //! window, entered as one run ([`Pmap::enter_quick_run`]).
 
-use super::FaultState;
+use super::{FaultKind, FaultState};
 use crate::addr::{PAGE_SIZE, VirtAddr};
 use crate::map::MapEntry;
 use crate::object::{ObjectState, VmObject};
@@ -122,7 +122,7 @@ impl<P: Pmap> FaultState<'_, P> {
             &run[..count],
             entry.protection,
         );
-        self.count_prefaults(mapped);
+        self.count_prefaults(entry, mapped);
         if holes == 0 || !Self::passes_through(&st) {
             return;
         }
@@ -162,7 +162,7 @@ impl<P: Pmap> FaultState<'_, P> {
                 let pmap = &self.target.vm.pmap;
                 let mapped =
                     pmap.enter_quick(self.target.pmap, VirtAddr(addr), info, entry.protection);
-                self.count_prefaults(usize::from(mapped));
+                self.count_prefaults(entry, usize::from(mapped));
                 return true;
             }
             Lookup::Unusable => return true,
@@ -217,13 +217,19 @@ impl<P: Pmap> FaultState<'_, P> {
         }
     }
 
-    fn count_prefaults(&self, mapped: usize) {
+    /// Counts pages fault-around mapped; after a soft fault they are also
+    /// read-around hits of the entry (pages mapped right after a read are
+    /// not: nobody has asked for them yet).
+    fn count_prefaults(&self, entry: &MapEntry, mapped: usize) {
         if mapped > 0 {
             self.machine
                 .counters
                 .local()
                 .v_prefaults
                 .fetch_add(mapped as u64, Ordering::Relaxed);
+            if self.kind == FaultKind::Resident {
+                entry.note_read_hits(u32::try_from(mapped).unwrap_or(u32::MAX));
+            }
         }
     }
 }

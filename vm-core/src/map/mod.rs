@@ -103,6 +103,10 @@ pub(crate) struct MapEntry {
     /// The read-ahead window, in pages after the faulting one: grown by
     /// sequential faults, halved by others (FreeBSD's `read_ahead`).
     pub(crate) read_ahead: AtomicU32,
+    /// Faults that read around a page that was not sequential, less the
+    /// resident pages found since (Linux's `mmap_miss`): past a limit the
+    /// access is taken as random and a miss reads only its page.
+    pub(crate) read_misses: AtomicU32,
     /// Room the stack may still grow below `start`, in bytes.
     pub(crate) avail_ssize: u64,
 }
@@ -123,6 +127,7 @@ impl MapEntry {
             wiring: None,
             lastr: AtomicU64::new(0),
             read_ahead: AtomicU32::new(0),
+            read_misses: AtomicU32::new(0),
             avail_ssize: 0,
         }
     }
@@ -147,7 +152,19 @@ impl MapEntry {
             wiring: None,
             lastr: AtomicU64::new(self.lastr.load(Ordering::Relaxed)),
             read_ahead: AtomicU32::new(self.read_ahead.load(Ordering::Relaxed)),
+            read_misses: AtomicU32::new(self.read_misses.load(Ordering::Relaxed)),
             avail_ssize: self.avail_ssize,
+        }
+    }
+
+    /// Counts `n` resident pages found or mapped by faults: evidence of
+    /// locality that takes back read-around misses. A plain load first, so
+    /// an entry with no misses is never written by a soft fault.
+    pub(crate) fn note_read_hits(&self, n: u32) {
+        let misses = self.read_misses.load(Ordering::Relaxed);
+        if misses > 0 {
+            self.read_misses
+                .store(misses.saturating_sub(n), Ordering::Relaxed);
         }
     }
 
