@@ -33,6 +33,16 @@ use vm_testkit::{Injected, MemPager, RefPmap, pattern_byte};
 
 // ---------------------------------------------------------------- helpers
 
+/// `n` seconds, times `VM_TEST_TIME_SCALE` when set (CI's valgrind step
+/// sets it: everything runs tens of times slower there), for watchdogs.
+fn scaled_secs(n: u64) -> Duration {
+    let scale = std::env::var("VM_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(1);
+    Duration::from_secs(n * scale.max(1))
+}
+
 /// Runs `f` on a thread and fails the test if it does not finish within
 /// `secs` seconds (a deadlock), propagating its panic otherwise.
 fn bounded<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
@@ -41,7 +51,7 @@ fn bounded<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
         f();
         let _ = tx.send(());
     });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
+    match rx.recv_timeout(scaled_secs(secs)) {
         Ok(()) => h.join().unwrap(),
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
             // The body panicked: re-raise its panic.
@@ -60,7 +70,7 @@ fn join_within<T: Send + 'static>(h: std::thread::JoinHandle<T>, secs: u64, what
     let t0 = Instant::now();
     while !h.is_finished() {
         assert!(
-            t0.elapsed() < Duration::from_secs(secs),
+            t0.elapsed() < scaled_secs(secs),
             "deadlock: {what} did not finish within {secs} s"
         );
         std::thread::sleep(Duration::from_millis(2));
@@ -593,7 +603,7 @@ fn whole_vm_dropped_while_the_pool_reads() {
         // owner again (the job dropped its clone).
         let t0 = Instant::now();
         while Arc::strong_count(&pager) > 1 {
-            assert!(t0.elapsed() < Duration::from_secs(5), "job never ended");
+            assert!(t0.elapsed() < scaled_secs(5), "job never ended");
             std::thread::sleep(Duration::from_millis(2));
         }
     });
@@ -1273,7 +1283,7 @@ fn pool_threads_killed_by_a_panicking_pager_strand_queued_reads() {
     // Give both threads time to take their job (they then block).
     let t0 = Instant::now();
     while vm.counters().snapshot().v_async_reads < 2 {
-        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert!(t0.elapsed() < scaled_secs(5));
         std::thread::sleep(Duration::from_millis(1));
     }
     // A good background read is queued behind them.
@@ -1287,7 +1297,7 @@ fn pool_threads_killed_by_a_panicking_pager_strand_queued_reads() {
     let sp = space.clone();
     let reader = std::thread::spawn(move || page_ok_at(&sp, gbase, 20, 0));
     let t0 = Instant::now();
-    while !reader.is_finished() && t0.elapsed() < Duration::from_secs(5) {
+    while !reader.is_finished() && t0.elapsed() < scaled_secs(5) {
         std::thread::sleep(Duration::from_millis(5));
     }
     let busy = vm.page(queued).is_busy();

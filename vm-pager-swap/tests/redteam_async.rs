@@ -36,13 +36,23 @@ impl Drop for TempPath {
     }
 }
 
+/// `n` seconds, times `VM_TEST_TIME_SCALE` when set (CI's valgrind step
+/// sets it: everything runs tens of times slower there), for watchdogs.
+fn scaled_secs(n: u64) -> Duration {
+    let scale = std::env::var("VM_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(1);
+    Duration::from_secs(n * scale.max(1))
+}
+
 fn bounded<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
     let (tx, rx) = std::sync::mpsc::channel();
     let h = std::thread::spawn(move || {
         f();
         let _ = tx.send(());
     });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
+    match rx.recv_timeout(scaled_secs(secs)) {
         Ok(()) => h.join().unwrap(),
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
             if let Err(e) = h.join() {
@@ -296,7 +306,7 @@ fn unmap_the_middle_of_a_window_in_flight_and_map_fresh_memory() {
         manual.run_all();
         let t0 = Instant::now();
         while !un.is_finished() {
-            assert!(t0.elapsed() < Duration::from_secs(5), "unmap stuck");
+            assert!(t0.elapsed() < scaled_secs(5), "unmap stuck");
             manual.run_all();
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -362,7 +372,7 @@ fn space_dropped_with_a_swap_in_in_flight() {
         let d = std::thread::spawn(move || drop(space));
         let t0 = Instant::now();
         while !d.is_finished() {
-            assert!(t0.elapsed() < Duration::from_secs(5), "drop stuck");
+            assert!(t0.elapsed() < scaled_secs(5), "drop stuck");
             manual.run_all();
             std::thread::sleep(Duration::from_millis(1));
         }

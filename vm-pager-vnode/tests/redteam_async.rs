@@ -37,6 +37,16 @@ impl Drop for TempFile {
     }
 }
 
+/// `n` seconds, times `VM_TEST_TIME_SCALE` when set (CI's valgrind step
+/// sets it: everything runs tens of times slower there), for watchdogs.
+fn scaled_secs(n: u64) -> Duration {
+    let scale = std::env::var("VM_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(1);
+    Duration::from_secs(n * scale.max(1))
+}
+
 fn content(len: usize) -> Vec<u8> {
     (0..len).map(|i| ((i / 7) % 253) as u8 + 1).collect()
 }
@@ -66,7 +76,7 @@ fn bounded<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
         f();
         let _ = tx.send(());
     });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
+    match rx.recv_timeout(scaled_secs(secs)) {
         Ok(()) => h.join().unwrap(),
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
             if let Err(e) = h.join() {
@@ -151,7 +161,7 @@ fn truncate_a_real_file_inside_a_window_in_flight_and_extend() {
         manual.run_all();
         let t0 = Instant::now();
         while !t.is_finished() {
-            assert!(t0.elapsed() < Duration::from_secs(5), "set_len stuck");
+            assert!(t0.elapsed() < scaled_secs(5), "set_len stuck");
             manual.run_all();
             std::thread::sleep(Duration::from_millis(1));
         }
