@@ -214,49 +214,65 @@ fn kernel_cow(pages: u64) -> Duration {
     }
 }
 
+/// Sequential fault-in of the file at `path` (`len` bytes) through a
+/// fresh mapping on a machine of `machine.0` bytes with asynchronous
+/// read-ahead `machine.1`, one byte read a page; each sample waits for the
+/// background reads it started, so no work spills out of it. `before`
+/// runs before each sample, untimed.
+fn fault_in_file(
+    g: &mut Group<'_>,
+    name: &str,
+    machine: (u64, bool),
+    path: &std::path::Path,
+    len: u64,
+    before: impl Fn(),
+) {
+    let vm = Vm::new(
+        X86Pmap::new(),
+        VmConfig {
+            memory_bytes: machine.0,
+            async_read_ahead: machine.1,
+            ..VmConfig::default()
+        },
+    )
+    .unwrap();
+    g.bench_function(name, |b| {
+        b.iter_batched(
+            || {
+                before();
+                let pager = VnodePager::open(path, false).unwrap();
+                let s = vm.new_space().unwrap();
+                s.map(MapRequest::object(
+                    BASE,
+                    len,
+                    pager.object(&vm),
+                    0,
+                    Prot::READ,
+                ))
+                .unwrap();
+                s
+            },
+            |s| {
+                for i in 0..len / PAGE {
+                    black_box(s.read_u8(BASE + i * PAGE).unwrap());
+                }
+                vm.wait_for_background_io();
+                s
+            },
+            BatchSize::PerIteration,
+        );
+    });
+}
+
 fn file_seq(c: &mut Criterion) {
     let len = 16u64 << 20;
     let path = hot_file("file", len);
     let mut g = c.benchmark_group("file_seq");
     g.throughput(Throughput::Bytes(len));
-    // Asynchronous read-ahead (the default) and every read made by the
-    // fault that needs it; each sample waits for the background reads it
-    // started, so no work spills out of it.
+    // Asynchronous read-ahead, and every read made by the fault that
+    // needs it (the default).
     for (name, background) in [("ours", true), ("ours_sync", false)] {
-        let vm = Vm::new(
-            X86Pmap::new(),
-            VmConfig {
-                memory_bytes: 64 << 20,
-                async_read_ahead: background,
-                ..VmConfig::default()
-            },
-        )
-        .unwrap();
-        g.bench_function(name, |b| {
-            b.iter_batched(
-                || {
-                    let pager = VnodePager::open(&path, false).unwrap();
-                    let s = vm.new_space().unwrap();
-                    s.map(MapRequest::object(
-                        BASE,
-                        len,
-                        pager.object(&vm),
-                        0,
-                        Prot::READ,
-                    ))
-                    .unwrap();
-                    s
-                },
-                |s| {
-                    for i in 0..len / PAGE {
-                        black_box(s.read_u8(BASE + i * PAGE).unwrap());
-                    }
-                    vm.wait_for_background_io();
-                    s
-                },
-                BatchSize::PerIteration,
-            );
-        });
+        fault_in_file(&mut g, name, (64 << 20, background), &path, len, || {});
     }
     let file = std::fs::File::open(&path).unwrap();
     // The fair floor: the same bytes into the same amount of distinct
@@ -308,41 +324,14 @@ fn file_cold(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(len));
     g.sample_size(10);
     for (name, background) in [("ours", true), ("ours_sync", false)] {
-        let vm = Vm::new(
-            X86Pmap::new(),
-            VmConfig {
-                memory_bytes: 128 << 20,
-                async_read_ahead: background,
-                ..VmConfig::default()
-            },
-        )
-        .unwrap();
-        g.bench_function(name, |b| {
-            b.iter_batched(
-                || {
-                    drop_cache();
-                    let pager = VnodePager::open(&path, false).unwrap();
-                    let s = vm.new_space().unwrap();
-                    s.map(MapRequest::object(
-                        BASE,
-                        len,
-                        pager.object(&vm),
-                        0,
-                        Prot::READ,
-                    ))
-                    .unwrap();
-                    s
-                },
-                |s| {
-                    for i in 0..len / PAGE {
-                        black_box(s.read_u8(BASE + i * PAGE).unwrap());
-                    }
-                    vm.wait_for_background_io();
-                    s
-                },
-                BatchSize::PerIteration,
-            );
-        });
+        fault_in_file(
+            &mut g,
+            name,
+            (128 << 20, background),
+            &path,
+            len,
+            drop_cache,
+        );
     }
     let mut dest = host_memory(len);
     g.bench_function("pread_1m", |b| {

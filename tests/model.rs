@@ -16,11 +16,11 @@
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
-use std::path::PathBuf;
 use vm_core::{Vm, VmConfig, VmSpace};
 use vm_pager_swap::Swap;
 use vm_pmap_x86_64::X86Pmap;
 use vm_testkit::model::{HOLDS, Harness, MAPPABLE, Op, SLOT_PAGES, SLOTS, SPACES};
+use vm_testkit::support::TempPath;
 
 fn op() -> impl Strategy<Value = Op> {
     let (sp, sl, pg) = (0..SPACES, 0..SLOTS, 0..SLOT_PAGES);
@@ -56,14 +56,6 @@ fn probe(vm: &Vm<X86Pmap>, s: &VmSpace<X86Pmap>, va: u64) -> Option<(u64, bool)>
     (pte & 1 != 0).then_some((pte & 0x000f_ffff_ffff_f000, pte & 2 != 0))
 }
 
-struct TempPath(PathBuf);
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 fn config() -> Config {
     let cases = std::env::var("PROPTEST_CASES")
         .ok()
@@ -86,7 +78,7 @@ proptest! {
 
     #[test]
     fn the_system_agrees_with_the_model(ops in prop::collection::vec(op(), 20..80)) {
-        let path = TempPath(std::env::temp_dir().join(format!("vm-model-swap-{}-{:?}", std::process::id(), std::thread::current().id())));
+        let path = TempPath::new();
         let vm = Vm::new(X86Pmap::new(), VmConfig { memory_wait_ms: 1, ..vm_testkit::test_config(80) }).unwrap();
         let swap = Swap::create(&path.0, 4 << 20).unwrap();
         vm.set_swap(swap.provider());

@@ -29,41 +29,10 @@ use vm_core::{
     Contiguity, FaultAround, IoExecutor, MapRequest, PageFlags, PagerKind, Prot, Signal, Vm,
     VmConfig, VmObject, VmSpace,
 };
+use vm_testkit::support::{bounded, scaled_secs};
 use vm_testkit::{Injected, MemPager, RefPmap, pattern_byte};
 
 // ---------------------------------------------------------------- helpers
-
-/// `n` seconds, times `VM_TEST_TIME_SCALE` when set (CI's valgrind step
-/// sets it: everything runs tens of times slower there), for watchdogs.
-fn scaled_secs(n: u64) -> Duration {
-    let scale = std::env::var("VM_TEST_TIME_SCALE")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or(1);
-    Duration::from_secs(n * scale.max(1))
-}
-
-/// Runs `f` on a thread and fails the test if it does not finish within
-/// `secs` seconds (a deadlock), propagating its panic otherwise.
-fn bounded<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        f();
-        let _ = tx.send(());
-    });
-    match rx.recv_timeout(scaled_secs(secs)) {
-        Ok(()) => h.join().unwrap(),
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-            // The body panicked: re-raise its panic.
-            if let Err(e) = h.join() {
-                std::panic::resume_unwind(e);
-            }
-        }
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            panic!("deadlock: the test body did not finish within {secs} s")
-        }
-    }
-}
 
 /// Joins `h` within `secs` seconds or panics.
 fn join_within<T: Send + 'static>(h: std::thread::JoinHandle<T>, secs: u64, what: &str) -> T {

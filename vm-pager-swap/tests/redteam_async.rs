@@ -5,65 +5,17 @@
 //! in flight. Every byte read is checked.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use vm_core::io_executor::IoJob;
 use vm_core::{IoExecutor, Prot, Vm, VmConfig, VmSpace};
 use vm_pager_swap::Swap;
 use vm_testkit::RefPmap;
+use vm_testkit::support::{TempPath, bounded, scaled_secs};
 
 const PAGE: u64 = 4096;
 const BASE: u64 = 0x1000_0000;
-
-struct TempPath(PathBuf);
-
-impl TempPath {
-    fn new() -> TempPath {
-        static N: AtomicU32 = AtomicU32::new(0);
-        TempPath(std::env::temp_dir().join(format!(
-            "vm-rtswap-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        )))
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// `n` seconds, times `VM_TEST_TIME_SCALE` when set (CI's valgrind step
-/// sets it: everything runs tens of times slower there), for watchdogs.
-fn scaled_secs(n: u64) -> Duration {
-    let scale = std::env::var("VM_TEST_TIME_SCALE")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or(1);
-    Duration::from_secs(n * scale.max(1))
-}
-
-fn bounded<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        f();
-        let _ = tx.send(());
-    });
-    match rx.recv_timeout(scaled_secs(secs)) {
-        Ok(()) => h.join().unwrap(),
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-            if let Err(e) = h.join() {
-                std::panic::resume_unwind(e);
-            }
-        }
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-            panic!("deadlock: the test body did not finish within {secs} s")
-        }
-    }
-}
 
 fn vm(pages: u64) -> Arc<Vm<RefPmap>> {
     Vm::new(

@@ -1,34 +1,14 @@
 //! Memory pressure end to end: the pageout scan launders anonymous memory
 //! to a swap file and faults read it back.
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use vm_core::{FaultError, Prot, Vm, VmConfig};
 use vm_pager_swap::Swap;
 use vm_testkit::RefPmap;
+use vm_testkit::support::TempPath;
 
 const PAGE: u64 = 4096;
 const BASE: u64 = 0x1000_0000;
-
-struct TempPath(PathBuf);
-
-impl TempPath {
-    fn new() -> TempPath {
-        static N: AtomicU32 = AtomicU32::new(0);
-        TempPath(std::env::temp_dir().join(format!(
-            "vm-swap-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        )))
-    }
-}
-
-impl Drop for TempPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn machine(pages: u64) -> Arc<Vm<RefPmap>> {
     Vm::new(RefPmap::new(), vm_testkit::test_config(pages)).unwrap()

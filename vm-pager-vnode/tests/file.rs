@@ -1,35 +1,12 @@
 //! The vnode pager on real temporary files.
 
 use std::fs::OpenOptions;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
 use vm_core::{BusCode, FaultError, FaultFlags, MapRequest, Prot, Signal};
 use vm_pager_vnode::VnodePager;
+use vm_testkit::support::TempPath as TempFile;
 
 const PAGE: u64 = 4096;
 const BASE: u64 = 0x1000_0000;
-
-/// A fresh file under the system temp directory, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn with(content: &[u8]) -> TempFile {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "vm-vnode-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&p, content).unwrap();
-        TempFile(p)
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn content(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8 + 1).collect()

@@ -3,39 +3,17 @@
 //! never reaches the file, even racing page-out, msync, collapse and unmap
 //! and map again on other threads (the Dirty COW race, CVE-2016-5195).
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use vm_core::{FaultError, MapRequest, Prot, Vm, VmObject, VmSpace};
 use vm_pager_vnode::VnodePager;
 use vm_testkit::RefPmap;
+use vm_testkit::support::TempPath as TempFile;
 
 const PAGE: u64 = 4096;
 const BASE: u64 = 0x1000_0000;
 const PAGES: u64 = 4;
-
-/// A fresh file under the system temp directory, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn with(content: &[u8]) -> TempFile {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "vm-forced-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&p, content).unwrap();
-        TempFile(p)
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn file_object(vm: &Arc<Vm<RefPmap>>, f: &TempFile) -> Arc<VmObject> {
     VnodePager::open(&f.0, true).unwrap().object(vm)

@@ -8,37 +8,16 @@
 //! `frames_a_failed_background_read_wrote_are_zeroed_before_reuse`).
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vm_core::{Behavior, BusCode, FaultError, MapRequest, Prot, Signal, Vm, VmConfig};
 use vm_pager_vnode::VnodePager;
 use vm_testkit::RefPmap;
+use vm_testkit::support::TempPath as TempFile;
 
 const PAGE: u64 = 4096;
 const BASE: u64 = 0x1000_0000;
-
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn with(content: &[u8]) -> TempFile {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!(
-            "vm-rtra-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&p, content).unwrap();
-        TempFile(p)
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn content(len: usize) -> Vec<u8> {
     (0..len).map(|i| ((i / 7) % 253) as u8 + 1).collect()
@@ -317,12 +296,7 @@ fn swapped_anonymous_memory_read_back_in_big_windows() {
         .map(MapRequest::anon(BASE, n * PAGE, Prot::RW).behavior(Behavior::Normal))
         .unwrap();
     let val = |who: u64, p: u64| ((p * 7 + who * 3) % 251) as u8 + 1;
-    // Ten seconds, times VM_TEST_TIME_SCALE (CI's valgrind step sets it).
-    let scale = std::env::var("VM_TEST_TIME_SCALE")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or(1);
-    let deadline = Instant::now() + Duration::from_secs(10 * scale.max(1));
+    let deadline = Instant::now() + vm_testkit::support::scaled_secs(10);
     for p in 0..n {
         space.write_u8(BASE + p * PAGE + 5, val(0, p)).unwrap();
         if vm.free_pages() < 64 {

@@ -28,6 +28,7 @@ mod mocks;
 pub mod model;
 mod ref_pmap;
 pub mod scenarios;
+pub mod support;
 
 pub use mem_pager::{GetCall, Injected, MemPager, Pause, pattern_byte};
 pub use mocks::{MockPager, MockPmap, Permissive};

@@ -1,0 +1,84 @@
+//! Helpers for tests on real files and threads: temporary files removed on
+//! drop, and watchdogs that give slow runs (valgrind) more time.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// A unique path under the system temp directory; the file there, if any,
+/// is removed on drop.
+#[derive(Debug)]
+pub struct TempPath(pub PathBuf);
+
+impl TempPath {
+    /// A fresh path, nothing created yet.
+    #[must_use]
+    pub fn new() -> TempPath {
+        static N: AtomicU32 = AtomicU32::new(0);
+        TempPath(std::env::temp_dir().join(format!(
+            "vm-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        )))
+    }
+
+    /// A fresh file holding `content`.
+    ///
+    /// # Panics
+    ///
+    /// If the file cannot be written.
+    #[must_use]
+    pub fn with(content: &[u8]) -> TempPath {
+        let t = TempPath::new();
+        std::fs::write(&t.0, content).expect("write a temporary file");
+        t
+    }
+}
+
+impl Default for TempPath {
+    fn default() -> Self {
+        TempPath::new()
+    }
+}
+
+impl Drop for TempPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `n` seconds, times `VM_TEST_TIME_SCALE` when it is set (CI's valgrind
+/// step sets it: everything runs tens of times slower there).
+#[must_use]
+pub fn scaled_secs(n: u64) -> Duration {
+    let scale = std::env::var("VM_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(1);
+    Duration::from_secs(n * scale.max(1))
+}
+
+/// Runs `f` on a thread and fails if it does not finish within
+/// [`scaled_secs`]`(secs)` (a deadlock), re-raising its panic otherwise.
+///
+/// # Panics
+///
+/// On a timeout, or with `f`'s panic.
+pub fn bounded<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    match rx.recv_timeout(scaled_secs(secs)) {
+        Ok(()) => h.join().expect("finished"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(e) = h.join() {
+                std::panic::resume_unwind(e);
+            }
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("deadlock: the test body did not finish within {secs} s (scaled)")
+        }
+    }
+}
