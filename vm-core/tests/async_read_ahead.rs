@@ -6,12 +6,13 @@
 
 mod common;
 use common::*;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use vm_core::io_executor::IoJob;
 use vm_core::{
     Contiguity, IoExecutor, MapRequest, PagerKind, Prot, Signal, Vm, VmConfig, VmObject, VmSpace,
 };
+use vm_testkit::support::ManualExecutor as Manual;
 use vm_testkit::{Injected, MemPager, RefPmap};
 
 /// A machine and a `pages`-page file mapped at `BASE`, its pager able to
@@ -57,27 +58,6 @@ fn background(pages: u64) -> VmConfig {
     VmConfig {
         async_read_ahead: true,
         ..vm_testkit::test_config(pages)
-    }
-}
-
-/// An executor that keeps jobs until the test runs them.
-#[derive(Default)]
-struct Manual(Mutex<Vec<IoJob>>);
-
-impl IoExecutor for Manual {
-    fn execute(&self, job: IoJob) {
-        self.0.lock().unwrap().push(job);
-    }
-}
-
-impl Manual {
-    fn run_all(&self) -> usize {
-        let jobs: Vec<IoJob> = std::mem::take(&mut *self.0.lock().unwrap());
-        let n = jobs.len();
-        for j in jobs {
-            j();
-        }
-        n
     }
 }
 

@@ -29,6 +29,7 @@ use vm_core::{
     Contiguity, FaultAround, IoExecutor, MapRequest, PageFlags, PagerKind, Prot, Signal, Vm,
     VmConfig, VmObject, VmSpace,
 };
+use vm_testkit::support::ManualExecutor as Manual;
 use vm_testkit::support::{bounded, scaled_secs};
 use vm_testkit::{Injected, MemPager, RefPmap, pattern_byte};
 
@@ -47,30 +48,6 @@ fn join_within<T: Send + 'static>(h: std::thread::JoinHandle<T>, secs: u64, what
     match h.join() {
         Ok(v) => v,
         Err(e) => std::panic::resume_unwind(e),
-    }
-}
-
-/// An executor that keeps jobs until the test runs them.
-#[derive(Default)]
-struct Manual(Mutex<Vec<IoJob>>);
-
-impl IoExecutor for Manual {
-    fn execute(&self, job: IoJob) {
-        self.0.lock().unwrap().push(job);
-    }
-}
-
-impl Manual {
-    fn pending(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-    fn run_all(&self) -> usize {
-        let jobs: Vec<IoJob> = std::mem::take(&mut *self.0.lock().unwrap());
-        let n = jobs.len();
-        for j in jobs {
-            j();
-        }
-        n
     }
 }
 

@@ -5,13 +5,13 @@
 //! in flight. Every byte read is checked.
 #![allow(clippy::unwrap_used)]
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use vm_core::io_executor::IoJob;
-use vm_core::{IoExecutor, Prot, Vm, VmConfig, VmSpace};
+use vm_core::{Prot, Vm, VmConfig, VmSpace};
 use vm_pager_swap::Swap;
 use vm_testkit::RefPmap;
+use vm_testkit::support::ManualExecutor as Manual;
 use vm_testkit::support::{TempPath, bounded, scaled_secs};
 
 const PAGE: u64 = 4096;
@@ -56,29 +56,6 @@ fn check_page(space: &VmSpace<RefPmap>, base: u64, p: u64, tag: u8, who: &str) {
             byte(p, o, tag),
             "{who}: page {p} byte {o} (expected tag {tag:#x})"
         );
-    }
-}
-
-#[derive(Default)]
-struct Manual(Mutex<Vec<IoJob>>);
-
-impl IoExecutor for Manual {
-    fn execute(&self, job: IoJob) {
-        self.0.lock().unwrap().push(job);
-    }
-}
-
-impl Manual {
-    fn pending(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-    fn run_all(&self) -> usize {
-        let jobs: Vec<IoJob> = std::mem::take(&mut *self.0.lock().unwrap());
-        let n = jobs.len();
-        for j in jobs {
-            j();
-        }
-        n
     }
 }
 

@@ -4,12 +4,12 @@
 //! msync'ed while background reads run on the default pool.
 #![allow(clippy::unwrap_used)]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use vm_core::io_executor::IoJob;
-use vm_core::{BusCode, IoExecutor, MapRequest, Prot, Signal, Vm, VmConfig};
+use vm_core::{BusCode, MapRequest, Prot, Signal, Vm, VmConfig};
 use vm_pager_vnode::VnodePager;
 use vm_testkit::RefPmap;
+use vm_testkit::support::ManualExecutor as Manual;
 use vm_testkit::support::{TempPath as TempFile, bounded, scaled_secs};
 
 const PAGE: u64 = 4096;
@@ -35,29 +35,6 @@ fn vm(pages: u64) -> Arc<Vm<RefPmap>> {
 fn consistent(vm: &Vm<RefPmap>) {
     if let Err(e) = vm.check_consistency() {
         panic!("inconsistent: {e}");
-    }
-}
-
-#[derive(Default)]
-struct Manual(Mutex<Vec<IoJob>>);
-
-impl IoExecutor for Manual {
-    fn execute(&self, job: IoJob) {
-        self.0.lock().unwrap().push(job);
-    }
-}
-
-impl Manual {
-    fn pending(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-    fn run_all(&self) -> usize {
-        let jobs: Vec<IoJob> = std::mem::take(&mut *self.0.lock().unwrap());
-        let n = jobs.len();
-        for j in jobs {
-            j();
-        }
-        n
     }
 }
 

@@ -82,3 +82,44 @@ pub fn bounded<F: FnOnce() + Send + 'static>(secs: u64, f: F) {
         }
     }
 }
+
+/// An [`IoExecutor`](vm_core::IoExecutor) that keeps background reads
+/// until the test runs them, so a test chooses the moment a read "lands".
+#[derive(Default)]
+pub struct ManualExecutor(std::sync::Mutex<Vec<vm_core::io_executor::IoJob>>);
+
+impl core::fmt::Debug for ManualExecutor {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "ManualExecutor({} pending)", self.pending())
+    }
+}
+
+impl vm_core::IoExecutor for ManualExecutor {
+    fn execute(&self, job: vm_core::io_executor::IoJob) {
+        self.jobs().push(job);
+    }
+}
+
+impl ManualExecutor {
+    fn jobs(&self) -> std::sync::MutexGuard<'_, Vec<vm_core::io_executor::IoJob>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Jobs waiting.
+    #[must_use]
+    pub fn pending(&self) -> usize {
+        self.jobs().len()
+    }
+
+    /// Runs every waiting job (not those they queue); returns how many.
+    pub fn run_all(&self) -> usize {
+        let jobs = std::mem::take(&mut *self.jobs());
+        let n = jobs.len();
+        for j in jobs {
+            j();
+        }
+        n
+    }
+}
