@@ -367,37 +367,23 @@ impl<P: Pmap> FaultState<'_, P> {
         // What the pager left invalid in the requested page is zeroed now,
         // before anything (a copy-on-write copy) can see the frame.
         self.settle_partial();
-        let m = self.m.as_ref().expect("page to read");
-        let by_type = match m.object().kind().class() {
-            ObjectClass::Anonymous => Some(&counters.v_swappgsin),
-            ObjectClass::File => Some(&counters.v_vnodepgsin),
-            ObjectClass::Device => None,
-        };
-        let mut read = 1;
+        let class = self
+            .m
+            .as_ref()
+            .expect("page to read")
+            .object()
+            .kind()
+            .class();
         // The marker is the first page read ahead: the next access starts
         // the next window while the reader goes through this one.
         if let Some(b) = cluster.ahead.first().filter(|_| mark) {
             // Busy still: whoever sees the page sees the marker.
             b.page().set_flags(PageFlags::READAHEAD);
         }
-        for (mut b, v) in cluster
-            .behind
-            .into_iter()
-            .chain(cluster.ahead)
-            .zip(valid[..reqpage].iter().chain(&valid[reqpage + 1..]))
-        {
-            // A neighbour the pager filled stays (inactive); one it left
-            // invalid is freed as the guard drops.
-            if *v != 0 {
-                b.page().set_valid(*v);
-                b.keep();
-                read += 1;
-            }
-        }
-        counters.v_pager_pages.fetch_add(read, Ordering::Relaxed);
-        if let Some(c) = by_type {
-            c.fetch_add(read, Ordering::Relaxed);
-        }
+        let neighbours = cluster.behind.into_iter().chain(cluster.ahead);
+        let valid = valid[..reqpage].iter().chain(&valid[reqpage + 1..]);
+        let read = 1 + keep_filled(neighbours.zip(valid.copied()));
+        count_pages_in(counters, class, read);
         counters.v_io_faults.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -570,21 +556,32 @@ fn read_in_background(pager: &dyn Pager, pip: &Pip, ids: &[PageId]) {
         // (they retry and read the page themselves).
         return;
     }
-    let mut read = 0;
-    for (mut b, v) in busy.into_iter().zip(valid) {
+    let read = keep_filled(busy.into_iter().zip(valid));
+    count_pages_in(counters, object.kind().class(), read);
+}
+
+/// Settles read pages with the validity the pager gave them: a page it
+/// filled, even in part, stays (inactive, as the guard drops); one it left
+/// invalid is freed. Returns the pages kept.
+fn keep_filled<'m>(pages: impl Iterator<Item = (BusyPage<'m>, u8)>) -> u64 {
+    let mut kept = 0;
+    for (mut b, v) in pages {
         if v != 0 {
             b.page().set_valid(v);
             b.keep();
-            read += 1;
+            kept += 1;
         }
     }
+    kept
+}
+
+/// Counts `read` pages brought in by a pager of `class`.
+fn count_pages_in(counters: &crate::counters::CounterShard, class: ObjectClass, read: u64) {
     counters.v_pager_pages.fetch_add(read, Ordering::Relaxed);
-    let by_type = match object.kind().class() {
-        ObjectClass::Anonymous => Some(&counters.v_swappgsin),
-        ObjectClass::File => Some(&counters.v_vnodepgsin),
-        ObjectClass::Device => None,
+    let by_type = match class {
+        ObjectClass::Anonymous => &counters.v_swappgsin,
+        ObjectClass::File => &counters.v_vnodepgsin,
+        ObjectClass::Device => return,
     };
-    if let Some(c) = by_type {
-        c.fetch_add(read, Ordering::Relaxed);
-    }
+    by_type.fetch_add(read, Ordering::Relaxed);
 }
