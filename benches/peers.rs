@@ -6,9 +6,9 @@
 //! * `fork_cow/{ours,kernel}` — write faults on 4 MiB shared copy-on-write
 //!   with a parent after `fork`.
 //! * `file_seq/{ours,ours_sync,pread_64k,pread_1m,pread_64k_hot_buffer}` —
-//!   sequential fault-in of a cached 16 MiB file with read-ahead (vnode
+//!   sequential fault-in of a cached 64 MiB file with read-ahead (vnode
 //!   pager; asynchronous, and all in the faulting thread) vs `pread` of the
-//!   same bytes into 16 MiB of distinct memory of our frames' kind (the
+//!   same bytes into 64 MiB of distinct memory of our frames' kind (the
 //!   floor), in 64 KiB and 1 MiB requests; and, no floor, into one hot
 //!   64 KiB buffer.
 //! * `file_cold/{ours,ours_sync,pread_1m}` — the same for a 64 MiB file
@@ -19,10 +19,15 @@
 //! * `file_random/{ours,pread_4k}` — 4096 random page reads of a cached
 //!   64 MiB file through a fresh mapping vs `pread` of 4 KiB each into
 //!   distinct memory.
-//! * `swap/{ours,raw,raw_hot_buffer}` — 16 MiB written and read back
-//!   through 8 MiB of RAM (page-out and page-in) vs writing the same bytes
-//!   from, and reading them back into, 16 MiB of distinct memory (the
+//! * `swap/{ours,raw,raw_hot_buffer}` — 64 MiB written and read back
+//!   through 16 MiB of RAM (page-out and page-in) vs writing the same bytes
+//!   from, and reading them back into, 64 MiB of distinct memory (the
 //!   floor); and, no floor, through one hot buffer.
+//!
+//! Before the sequential, cold and swap benches each line prints, from one
+//! untimed pass, its read/write system calls per MiB (`/proc/self/io`)
+//! and, for ours, how many faults waited for I/O (read in the faulting
+//! thread or slept on a page in flight).
 //! * `soft_fault/{ours/off,ours/outward_4,ours/window_16,kernel}` — read
 //!   faults on pages resident in a file object (page cache) but not mapped,
 //!   per page touched: ours with fault-around off, the seed's ±4 and a
@@ -214,6 +219,32 @@ fn kernel_cow(pages: u64) -> Duration {
     }
 }
 
+/// Read and write system calls this process made so far, every thread's
+/// (Linux `/proc/self/io`: `syscr` + `syscw`); `None` elsewhere.
+fn io_syscalls() -> Option<u64> {
+    let io = std::fs::read_to_string("/proc/self/io").ok()?;
+    let field = |key: &str| {
+        io.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some(field("syscr:")? + field("syscw:")?)
+}
+
+/// Runs `pass` once, untimed, and prints the read and write system calls
+/// it made per MiB of `bytes`.
+fn report_io(label: &str, bytes: u64, pass: impl FnOnce()) {
+    let before = io_syscalls();
+    pass();
+    if let (Some(a), Some(b)) = (before, io_syscalls()) {
+        let mib = bytes as f64 / f64::from(1u32 << 20);
+        eprintln!(
+            "{label}: {:.1} read/write system calls per MiB",
+            (b - a) as f64 / mib
+        );
+    }
+}
+
 /// Sequential fault-in of the file at `path` (`len` bytes) through a
 /// fresh mapping on a machine of `machine.0` bytes with asynchronous
 /// read-ahead `machine.1`, one byte read a page; each sample waits for the
@@ -221,7 +252,7 @@ fn kernel_cow(pages: u64) -> Duration {
 /// runs before each sample, untimed.
 fn fault_in_file(
     g: &mut Group<'_>,
-    name: &str,
+    (group, name): (&str, &str),
     machine: (u64, bool),
     path: &std::path::Path,
     len: u64,
@@ -236,27 +267,46 @@ fn fault_in_file(
         },
     )
     .unwrap();
+    let setup = || {
+        let pager = VnodePager::open(path, false).unwrap();
+        let s = vm.new_space().unwrap();
+        s.map(MapRequest::object(
+            BASE,
+            len,
+            pager.object(&vm),
+            0,
+            Prot::READ,
+        ))
+        .unwrap();
+        s
+    };
+    let scan = |s: &vm_core::VmSpace<X86Pmap>| {
+        for i in 0..len / PAGE {
+            black_box(s.read_u8(BASE + i * PAGE).unwrap());
+        }
+        vm.wait_for_background_io();
+    };
+    // One untimed pass, counted: system calls and faults that waited.
+    before();
+    let s = setup();
+    let counts = vm.counters().snapshot();
+    report_io(&format!("{group}/{name}"), len, || scan(&s));
+    let c = vm.counters().snapshot().since(&counts);
+    eprintln!(
+        "{group}/{name}: the faulting thread waited for I/O on {} of {} faults (1 in {:.1})",
+        c.v_io_faults + c.v_intrans,
+        c.v_vm_faults,
+        c.v_vm_faults as f64 / (c.v_io_faults + c.v_intrans).max(1) as f64
+    );
+    drop(s);
     g.bench_function(name, |b| {
         b.iter_batched(
             || {
                 before();
-                let pager = VnodePager::open(path, false).unwrap();
-                let s = vm.new_space().unwrap();
-                s.map(MapRequest::object(
-                    BASE,
-                    len,
-                    pager.object(&vm),
-                    0,
-                    Prot::READ,
-                ))
-                .unwrap();
-                s
+                setup()
             },
             |s| {
-                for i in 0..len / PAGE {
-                    black_box(s.read_u8(BASE + i * PAGE).unwrap());
-                }
-                vm.wait_for_background_io();
+                scan(&s);
                 s
             },
             BatchSize::PerIteration,
@@ -265,28 +315,36 @@ fn fault_in_file(
 }
 
 fn file_seq(c: &mut Criterion) {
-    let len = 16u64 << 20;
+    let len = 64u64 << 20;
     let path = hot_file("file", len);
     let mut g = c.benchmark_group("file_seq");
     g.throughput(Throughput::Bytes(len));
+    g.sample_size(20);
     // Asynchronous read-ahead, and every read made by the fault that
     // needs it (the default).
     for (name, background) in [("ours", true), ("ours_sync", false)] {
-        fault_in_file(&mut g, name, (64 << 20, background), &path, len, || {});
+        fault_in_file(
+            &mut g,
+            ("file_seq", name),
+            (128 << 20, background),
+            &path,
+            len,
+            || {},
+        );
     }
     let file = std::fs::File::open(&path).unwrap();
     // The fair floor: the same bytes into the same amount of distinct
     // memory of the kind our frames are, in 64 KiB and 1 MiB requests.
     let mut dest = host_memory(len);
     for (name, request) in [("pread_64k", 64usize << 10), ("pread_1m", 1 << 20)] {
-        g.bench_function(name, |b| {
-            b.iter(|| {
-                for at in (0..len as usize).step_by(request) {
-                    file.read_exact_at(&mut dest[at..at + request], at as u64)
-                        .unwrap();
-                }
-            });
-        });
+        let mut pass = || {
+            for at in (0..len as usize).step_by(request) {
+                file.read_exact_at(&mut dest[at..at + request], at as u64)
+                    .unwrap();
+            }
+        };
+        report_io(&format!("file_seq/{name}"), len, &mut pass);
+        g.bench_function(name, |b| b.iter(&mut pass));
     }
     // The old line, kept for comparison: one hot 64 KiB buffer (no floor).
     let mut buf = vec![0u8; 64 << 10];
@@ -326,7 +384,7 @@ fn file_cold(c: &mut Criterion) {
     for (name, background) in [("ours", true), ("ours_sync", false)] {
         fault_in_file(
             &mut g,
-            name,
+            ("file_cold", name),
             (128 << 20, background),
             &path,
             len,
@@ -334,17 +392,16 @@ fn file_cold(c: &mut Criterion) {
         );
     }
     let mut dest = host_memory(len);
+    let mut pass = || {
+        for at in (0..len as usize).step_by(1 << 20) {
+            file.read_exact_at(&mut dest[at..at + (1 << 20)], at as u64)
+                .unwrap();
+        }
+    };
+    drop_cache();
+    report_io("file_cold/pread_1m", len, &mut pass);
     g.bench_function("pread_1m", |b| {
-        b.iter_batched(
-            drop_cache,
-            |()| {
-                for at in (0..len as usize).step_by(1 << 20) {
-                    file.read_exact_at(&mut dest[at..at + (1 << 20)], at as u64)
-                        .unwrap();
-                }
-            },
-            BatchSize::PerIteration,
-        );
+        b.iter_batched(drop_cache, |()| pass(), BatchSize::PerIteration);
     });
     g.finish();
 }
@@ -473,29 +530,34 @@ fn host_memory(bytes: u64) -> memmap2::MmapMut {
 }
 
 fn swap(c: &mut Criterion) {
-    let len = 16u64 << 20;
+    let len = 64u64 << 20;
     let mut g = c.benchmark_group("swap");
     g.throughput(Throughput::Bytes(2 * len));
     g.sample_size(10);
-    let vm = machine(8 << 20);
+    let vm = machine(16 << 20);
     let sw = Swap::create(&scratch("swap"), 2 * len).unwrap();
     vm.set_swap(sw.provider());
+    let setup = || {
+        let s = vm.new_space().unwrap();
+        s.map_anon(BASE, len, Prot::RW).unwrap();
+        s
+    };
+    let out_and_back = |s: &vm_core::VmSpace<X86Pmap>| {
+        let page = [3u8; PAGE as usize];
+        let mut back = [0u8; PAGE as usize];
+        for i in 0..len / PAGE {
+            s.write(BASE + i * PAGE, &page).unwrap();
+        }
+        for i in 0..len / PAGE {
+            s.read(BASE + i * PAGE, &mut back).unwrap();
+        }
+    };
+    report_io("swap/ours", 2 * len, || out_and_back(&setup()));
     g.bench_function("ours", |b| {
         b.iter_batched(
-            || {
-                let s = vm.new_space().unwrap();
-                s.map_anon(BASE, len, Prot::RW).unwrap();
-                s
-            },
+            setup,
             |s| {
-                let page = [3u8; PAGE as usize];
-                let mut back = [0u8; PAGE as usize];
-                for i in 0..len / PAGE {
-                    s.write(BASE + i * PAGE, &page).unwrap();
-                }
-                for i in 0..len / PAGE {
-                    s.read(BASE + i * PAGE, &mut back).unwrap();
-                }
+                out_and_back(&s);
                 s
             },
             BatchSize::PerIteration,
@@ -511,18 +573,18 @@ fn swap(c: &mut Criterion) {
     // The fair floor: the same bytes written from and read back into
     // distinct memory of our frames' kind, in 64 KiB requests.
     let mut mem = host_memory(len);
-    g.bench_function("raw", |b| {
-        b.iter(|| {
-            for at in (0..len as usize).step_by(64 << 10) {
-                raw.write_all_at(&mem[at..at + (64 << 10)], at as u64)
-                    .unwrap();
-            }
-            for at in (0..len as usize).step_by(64 << 10) {
-                raw.read_exact_at(&mut mem[at..at + (64 << 10)], at as u64)
-                    .unwrap();
-            }
-        });
-    });
+    let mut raw_pass = || {
+        for at in (0..len as usize).step_by(64 << 10) {
+            raw.write_all_at(&mem[at..at + (64 << 10)], at as u64)
+                .unwrap();
+        }
+        for at in (0..len as usize).step_by(64 << 10) {
+            raw.read_exact_at(&mut mem[at..at + (64 << 10)], at as u64)
+                .unwrap();
+        }
+    };
+    report_io("swap/raw", 2 * len, &mut raw_pass);
+    g.bench_function("raw", |b| b.iter(&mut raw_pass));
     // The old line: one hot 64 KiB buffer (no floor).
     let mut buf = vec![3u8; 64 << 10];
     g.bench_function("raw_hot_buffer", |b| {
