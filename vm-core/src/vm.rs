@@ -73,9 +73,13 @@ pub struct VmConfig {
     /// The largest read-ahead window, in pages after the faulting one
     /// (FreeBSD `VM_FAULT_READ_AHEAD_MAX`, at most 255): sequential faults
     /// on a mapping double its window up to this, from the seed's 15;
-    /// `MADV_SEQUENTIAL` mappings use it from the first fault. Windows of
-    /// up to 63 pages are built on the stack; a larger one costs one heap
-    /// allocation per pager call.
+    /// `MADV_SEQUENTIAL` mappings use it from the first fault. The default,
+    /// 255, is modern FreeBSD's (`maxphys` of 1 MiB): a scan reads 1 MiB a
+    /// pager call, as many system calls per MiB as `pread` of 1 MiB, and on
+    /// a cold file measured 0.83× that floor against 0.76× at 63. Windows
+    /// of up to 63 pages are built on the stack; a larger one keeps its
+    /// page list on the heap (a few allocations per pager call of up to
+    /// 1 MiB, none per page); 63 keeps every cluster on the stack.
     pub read_ahead_max: u32,
     /// Whether sequential read-ahead reads the next window in the
     /// background (Linux's asynchronous read-ahead; default off): a
@@ -118,7 +122,7 @@ impl Default for VmConfig {
             memory_retries: 3,
             stack_growth: 128 << 10,
             fault_around: FaultAround::default(),
-            read_ahead_max: 63,
+            read_ahead_max: 255,
             async_read_ahead: false,
             user_min: PAGE_SIZE,
             user_max: 0x0000_8000_0000_0000,

@@ -73,7 +73,8 @@ fn a_sequential_scan_reads_every_window_after_the_first_in_the_background() {
     // Only the first window is read by a fault; every later one was
     // started by the marker of the one before.
     assert_eq!(c.v_io_faults, 1, "{c:?}");
-    assert!(c.v_async_reads >= 2048 / 64, "{c:?}");
+    // Windows double to 256 pages (the default `read_ahead_max`, 255).
+    assert!(c.v_async_reads >= 2048 / 256, "{c:?}");
     assert_eq!(c.v_pager_calls, c.v_async_reads + 1);
     let calls = pager.calls();
     let total: usize = calls.iter().map(|c| c.pindexes.len()).sum();

@@ -90,9 +90,9 @@ fn sequential_behaviour_reads_the_largest_window_from_the_first_fault() {
     space
         .fault(BASE + 40 * PAGE, Prot::READ, FaultFlags::NORMAL)
         .unwrap();
-    // The window is 63 pages; the pager can read 16 ahead.
+    // The window is the largest (255 pages ahead); the pager can read 16.
     assert_eq!(pager.calls(), vec![call(40, 56, 0)]);
-    assert_eq!(space.entries()[0].read_ahead, 63);
+    assert_eq!(space.entries()[0].read_ahead, 255);
     consistent(&vm);
 }
 
