@@ -32,10 +32,11 @@
 //!   faults on pages resident in a file object (page cache) but not mapped,
 //!   per page touched: ours with fault-around off, the seed's ±4 and a
 //!   16-page window vs the kernel's private file mapping with fault-around.
-//! * `parallel/{disjoint,shared,soft}/{1,2}` — zero-fill faults on disjoint
-//!   mappings of one space, zero-fill faults interleaved over one shared
-//!   mapping, and soft faults on disjoint mappings, from one and two
-//!   threads.
+//! * `parallel/{disjoint,mixed,shared,soft}/{1,2,4,8}` — zero-fill faults
+//!   on disjoint mappings of one space (alone, and with one more thread
+//!   mapping, faulting and unmapping beside them), zero-fill faults
+//!   interleaved over one shared mapping, and soft faults on disjoint
+//!   mappings, from 1 to 8 threads.
 //! * `region_size/{ours,kernel}/{1,4,16,64}` — zero-fill cost per fault
 //!   against region size (MiB), plotted by `scripts/plot_region_size.py`.
 //!
@@ -631,9 +632,10 @@ fn on_threads(threads: u64, work: impl Fn(u64) + Sync) {
     });
 }
 
-/// 1 and 2 threads: zero-fill faults on disjoint mappings, zero-fill
-/// faults interleaved over one shared mapping (one object), and soft
-/// faults on disjoint mappings of resident objects. Prefault is off so
+/// 1, 2, 4 and 8 threads: zero-fill faults on disjoint mappings (alone,
+/// and mixed with a thread that maps, faults and unmaps beside them),
+/// zero-fill faults interleaved over one shared mapping (one object), and
+/// soft faults on disjoint mappings of resident objects. Prefault is off so
 /// every page touched is a fault.
 fn parallel(c: &mut Criterion) {
     let pages = (16 << 20) / PAGE;
@@ -652,22 +654,51 @@ fn parallel(c: &mut Criterion) {
         s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
             .unwrap();
     };
-    for threads in [1u64, 2] {
+    for threads in [1u64, 2, 4, 8] {
         let per = pages / threads;
+        // One mapping (so one object) per thread's region.
+        let disjoint_space = || {
+            let s = vm.new_space().unwrap();
+            for t in 0..threads {
+                s.map_anon(BASE + t * per * PAGE, per * PAGE, Prot::RW)
+                    .unwrap();
+            }
+            s
+        };
+        let disjoint_faults = |s: &vm_core::VmSpace<X86Pmap>| {
+            on_threads(threads, |t| {
+                (t * per..(t + 1) * per).for_each(|i| fault(s, i));
+            });
+        };
         g.bench_function(format!("disjoint/{threads}"), |b| {
             b.iter_batched(
-                || {
-                    // One mapping (so one object) per thread's region.
-                    let s = vm.new_space().unwrap();
-                    for t in 0..threads {
-                        s.map_anon(BASE + t * per * PAGE, per * PAGE, Prot::RW)
-                            .unwrap();
-                    }
+                disjoint_space,
+                |s| {
+                    disjoint_faults(&s);
                     s
                 },
+                BatchSize::PerIteration,
+            );
+        });
+        // The same while one more thread maps, faults and unmaps a small
+        // region of the same space over and over (map writers against
+        // faulting readers).
+        g.bench_function(format!("mixed/{threads}"), |b| {
+            b.iter_batched(
+                disjoint_space,
                 |s| {
-                    on_threads(threads, |t| {
-                        (t * per..(t + 1) * per).for_each(|i| fault(&s, i))
+                    let done = std::sync::atomic::AtomicBool::new(false);
+                    std::thread::scope(|sc| {
+                        sc.spawn(|| {
+                            let far = BASE + (1 << 36);
+                            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                                s.map_anon(far, 16 * PAGE, Prot::RW).unwrap();
+                                fault(&s, (far - BASE) / PAGE);
+                                s.unmap(far, 16 * PAGE).unwrap();
+                            }
+                        });
+                        disjoint_faults(&s);
+                        done.store(true, std::sync::atomic::Ordering::Relaxed);
                     });
                     s
                 },

@@ -6,7 +6,7 @@ use crate::addr::PhysAddr;
 use crate::map::Behavior;
 use crate::object::VmObject;
 use crate::object::busy::{BusyPage, Disposal, Pip};
-use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
+use crate::page::{PageFlags, PageId, PageQueue, VM_PAGE_BITS_ALL};
 use crate::page_queues::AllocClass;
 use crate::pager::ObjectClass;
 use crate::pager::{Contiguity, PageSlot, Pager, PagerError};
@@ -148,7 +148,9 @@ impl<P: Pmap> FaultState<'_, P> {
     /// push out everything else; a later fault on one is still soft. The
     /// seed looked back two clusters; here two windows of the scan's size
     /// `era` (the window read before this fault), so a window of any size
-    /// is covered.
+    /// is covered. The look-back stops at a page an earlier pass already
+    /// left inactive and unmapped: the scan handled everything behind it
+    /// (a page fault-around mapped again since is mapped, so not a stop).
     fn cache_behind(&self, era: u64) {
         let first = self.first.object();
         let pages = &self.machine.pages;
@@ -161,6 +163,9 @@ impl<P: Pmap> FaultState<'_, P> {
             let Some(&id) = st.pages.get(&p) else { break };
             let page = pages.get(id);
             if page.valid() != VM_PAGE_BITS_ALL {
+                break;
+            }
+            if page.queue() == PageQueue::Inactive && vm.pmap.mapping_count(pages.pfn(id)) == 0 {
                 break;
             }
             if page.is_busy()
