@@ -6,7 +6,7 @@ use crate::addr::PhysAddr;
 use crate::map::Behavior;
 use crate::object::VmObject;
 use crate::object::busy::{BusyPage, Disposal, Pip};
-use crate::page::{PageFlags, PageId, PageQueue, VM_PAGE_BITS_ALL};
+use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
 use crate::page_queues::AllocClass;
 use crate::pager::ObjectClass;
 use crate::pager::{Contiguity, PageSlot, Pager, PagerError};
@@ -148,9 +148,7 @@ impl<P: Pmap> FaultState<'_, P> {
     /// push out everything else; a later fault on one is still soft. The
     /// seed looked back two clusters; here two windows of the scan's size
     /// `era` (the window read before this fault), so a window of any size
-    /// is covered. The look-back stops at a page an earlier pass already
-    /// left inactive and unmapped: the scan handled everything behind it
-    /// (a page fault-around mapped again since is mapped, so not a stop).
+    /// is covered.
     fn cache_behind(&self, era: u64) {
         let first = self.first.object();
         let pages = &self.machine.pages;
@@ -163,9 +161,6 @@ impl<P: Pmap> FaultState<'_, P> {
             let Some(&id) = st.pages.get(&p) else { break };
             let page = pages.get(id);
             if page.valid() != VM_PAGE_BITS_ALL {
-                break;
-            }
-            if page.queue() == PageQueue::Inactive && vm.pmap.mapping_count(pages.pfn(id)) == 0 {
                 break;
             }
             if page.is_busy()
@@ -414,6 +409,11 @@ impl<P: Pmap> FaultState<'_, P> {
         if entry.behavior == Behavior::Random || !object.kind().clusters() {
             return;
         }
+        let era = u64::from(entry.read_ahead.load(Ordering::Relaxed));
+        // The scan reached the marker: what lies behind it is done with,
+        // whether or not a next window is left to read (the last window
+        // of an entry has none).
+        self.cache_behind(era);
         let vm = self.target.vm;
         let Some(executor) = vm.io_executor() else {
             return;
@@ -433,10 +433,8 @@ impl<P: Pmap> FaultState<'_, P> {
         let Some(contig) = pager.has_page(start) else {
             return;
         };
-        let era = u64::from(entry.read_ahead.load(Ordering::Relaxed));
         let nera = if era == 0 { READ_MAX - 1 } else { 2 * era + 1 }.min(max);
         entry.read_ahead.store(nera as u32, Ordering::Relaxed);
-        self.cache_behind(era);
         let mut end = (start + 1 + nera.min(u64::from(contig.ahead))).min(limit + 1);
         let pages = &self.machine.pages;
         let spare = pages.free_count().saturating_sub(pages.thresholds.reserved);
