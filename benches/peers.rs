@@ -16,9 +16,10 @@
 //! * `file_slow/{ours,ours_sync}` — sequential reads (every byte) of an
 //!   object whose pager takes 100 µs a call: asynchronous against
 //!   synchronous read-ahead.
-//! * `file_random/{ours,pread_4k}` — 4096 random page reads of a cached
-//!   64 MiB file through a fresh mapping vs `pread` of 4 KiB each into
-//!   distinct memory.
+//! * `file_random/{ours,ours_madv_random,pread_4k}` — 4096 random page
+//!   reads of a cached 64 MiB file through a fresh mapping (default
+//!   behaviour, and `MADV_RANDOM`) vs `pread` of 4 KiB each into distinct
+//!   memory.
 //! * `swap/{ours,raw,raw_hot_buffer}` — 64 MiB written and read back
 //!   through 16 MiB of RAM (page-out and page-in) vs writing the same bytes
 //!   from, and reading them back into, 64 MiB of distinct memory (the
@@ -486,30 +487,31 @@ fn file_random(c: &mut Criterion) {
     let mut g = c.benchmark_group("file_random");
     g.throughput(Throughput::Elements(touched));
     let vm = machine(128 << 20);
-    g.bench_function("ours", |b| {
-        b.iter_batched(
-            || {
-                let pager = VnodePager::open(&path, false).unwrap();
-                let s = vm.new_space().unwrap();
-                s.map(MapRequest::object(
-                    BASE,
-                    len,
-                    pager.object(&vm),
-                    0,
-                    Prot::READ,
-                ))
-                .unwrap();
-                s
-            },
-            |s| {
-                for &p in &order {
-                    black_box(s.read_u8(BASE + p * PAGE).unwrap());
-                }
-                s
-            },
-            BatchSize::PerIteration,
-        );
-    });
+    // The default behaviour, and `MADV_RANDOM` (no read-around from the
+    // first fault: one page read per fault).
+    for (name, behavior) in [
+        ("ours", vm_core::Behavior::Normal),
+        ("ours_madv_random", vm_core::Behavior::Random),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    let pager = VnodePager::open(&path, false).unwrap();
+                    let s = vm.new_space().unwrap();
+                    let req = MapRequest::object(BASE, len, pager.object(&vm), 0, Prot::READ);
+                    s.map(req.behavior(behavior)).unwrap();
+                    s
+                },
+                |s| {
+                    for &p in &order {
+                        black_box(s.read_u8(BASE + p * PAGE).unwrap());
+                    }
+                    s
+                },
+                BatchSize::PerIteration,
+            );
+        });
+    }
     let file = std::fs::File::open(&path).unwrap();
     // Cold frames, as ours: the destination walks through memory the size
     // of our machine's, so a page is not written again for 8 samples.

@@ -53,7 +53,13 @@ impl<P: Pmap> FaultState<'_, P> {
             return Err(PagerError::Fail);
         };
         let (behind, ahead) = self.cluster_window();
-        let cluster = self.additional_pages(object, contig, behind, ahead);
+        // Filled in place: the cluster's inline arrays are kilobytes, and
+        // moving them costs a copy per fault.
+        let mut cluster = Cluster {
+            behind: SmallVec::new(),
+            ahead: SmallVec::new(),
+        };
+        self.additional_pages(object, contig, (behind, ahead), &mut cluster);
         // A window read ahead only (a sequential one) gets a marker for
         // the next window's background read.
         let mark = behind == 0 && cluster.ahead.len() >= 2 && self.background_reads();
@@ -74,7 +80,7 @@ impl<P: Pmap> FaultState<'_, P> {
         }
         // Unlock the map for the I/O (L565).
         self.map = None;
-        self.read_cluster(&*pager, cluster, mark)?;
+        self.read_cluster(&*pager, &mut cluster, mark)?;
         Ok(())
     }
 
@@ -203,25 +209,20 @@ impl<P: Pmap> FaultState<'_, P> {
     /// Seed `vm_fault_additional_pages`: allocates busy neighbours of the
     /// requested page that the pager can read in the same operation,
     /// bounded by what it reports contiguous, by resident pages, by the
-    /// object's end and by free memory.
+    /// object's end and by free memory, into `cluster` (empty).
     fn additional_pages<'m>(
         &self,
         object: &Arc<VmObject>,
         contig: Contiguity,
-        behind: u64,
-        ahead: u64,
-    ) -> Cluster<'m>
-    where
+        (behind, ahead): (u64, u64),
+        cluster: &mut Cluster<'m>,
+    ) where
         Self: 'm,
     {
-        let mut cluster = Cluster {
-            behind: SmallVec::new(),
-            ahead: SmallVec::new(),
-        };
         let pages = &self.machine.pages;
         let mut st = object.lock();
         if !st.kind.clusters() || (contig.behind == 0 && contig.ahead == 0) {
-            return cluster;
+            return;
         }
         let mut rahead = ahead.min(u64::from(contig.ahead));
         let mut rbehind = behind.min(u64::from(contig.behind)).min(self.pindex);
@@ -238,7 +239,7 @@ impl<P: Pmap> FaultState<'_, P> {
             // does not turn a scan into single-page reads for good.
             self.shrink_window(spare);
             if spare == 0 {
-                return cluster;
+                return;
             }
             rbehind = rbehind.min(spare / 2);
             rahead = rahead.min(spare - rbehind);
@@ -258,7 +259,7 @@ impl<P: Pmap> FaultState<'_, P> {
                     // All or nothing behind (seed L1296-1306).
                     drop(st);
                     cluster.behind.clear();
-                    return cluster;
+                    return;
                 }
             }
         }
@@ -273,7 +274,6 @@ impl<P: Pmap> FaultState<'_, P> {
                 None => break,
             }
         }
-        cluster
     }
 
     /// A new busy page inserted at `pindex` of `object` (locked as `st`).
@@ -330,7 +330,7 @@ impl<P: Pmap> FaultState<'_, P> {
     fn read_cluster(
         &mut self,
         pager: &dyn Pager,
-        cluster: Cluster<'_>,
+        cluster: &mut Cluster<'_>,
         mark: bool,
     ) -> Result<(), PagerError> {
         let m = self.m.as_mut().expect("page to read");
@@ -380,7 +380,7 @@ impl<P: Pmap> FaultState<'_, P> {
             // Busy still: whoever sees the page sees the marker.
             b.page().set_flags(PageFlags::READAHEAD);
         }
-        let neighbours = cluster.behind.into_iter().chain(cluster.ahead);
+        let neighbours = cluster.behind.drain(..).chain(cluster.ahead.drain(..));
         let valid = valid[..reqpage].iter().chain(&valid[reqpage + 1..]);
         let read = 1 + keep_filled(neighbours.zip(valid.copied()));
         count_pages_in(counters, class, read);
