@@ -15,12 +15,13 @@
 //! concurrent ones) and ends with `check_consistency`.
 #![allow(clippy::unwrap_used, clippy::needless_range_loop, dead_code)]
 
+mod common;
+use common::wide_file;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use vm_core::{
-    Behavior, Contiguity, FaultError, MapRequest, PageQueue, PagerKind, Pmap, Prot, Vm, VmConfig,
-    VmObject, VmSpace,
+    Behavior, FaultError, MapRequest, PageQueue, Pmap, Prot, Vm, VmConfig, VmObject, VmSpace,
 };
 use vm_testkit::{Injected, MemPager, RefPmap, pattern_byte};
 
@@ -44,17 +45,6 @@ fn config(pages: u64, read_ahead_max: u32) -> VmConfig {
 
 fn vm_with(pages: u64, read_ahead_max: u32) -> Arc<Vm<RefPmap>> {
     Vm::new(RefPmap::new(), config(pages, read_ahead_max)).unwrap()
-}
-
-/// A `pages`-page pattern file whose pager reads 255 pages either side.
-fn file<P: Pmap>(vm: &Arc<Vm<P>>, pages: u64) -> (Arc<MemPager>, Arc<VmObject>) {
-    let pager = Arc::new(MemPager::with_pattern(PagerKind::FILE, pages));
-    pager.set_contiguity(Contiguity {
-        behind: 255,
-        ahead: 255,
-    });
-    let obj = vm.new_object(pages, pager.clone());
-    (pager, obj)
 }
 
 fn map_ro<P: Pmap>(space: &VmSpace<P>, obj: &Arc<VmObject>, pages: u64, b: Behavior) {
@@ -92,7 +82,7 @@ fn calls_in(pager: &MemPager) -> Vec<Vec<u64>> {
 fn cache_behind_covers_a_scan_with_the_seed_window() {
     let vm = vm_with(4096, 15);
     let space = vm.new_space().unwrap();
-    let (_pager, obj) = file(&vm, 1024);
+    let (_pager, obj) = wide_file(&vm, 1024);
     map_ro(&space, &obj, 1024, Behavior::Normal);
     scan(&space, 0, 1024);
     let left: Vec<u64> = (0..768)
@@ -110,7 +100,7 @@ fn cache_behind_covers_a_scan_with_the_seed_window() {
 fn cache_behind_covers_a_scan_with_the_default_window() {
     let vm = vm_with(4096, 63);
     let space = vm.new_space().unwrap();
-    let (_pager, obj) = file(&vm, 1024);
+    let (_pager, obj) = wide_file(&vm, 1024);
     map_ro(&space, &obj, 1024, Behavior::Normal);
     scan(&space, 0, 1024);
     let left: Vec<u64> = (0..768)
@@ -136,7 +126,7 @@ fn cache_behind_covers_a_scan_with_the_default_window() {
 fn cache_behind_covers_a_madv_sequential_scan_at_255() {
     let vm = vm_with(4096, 255);
     let space = vm.new_space().unwrap();
-    let (_pager, obj) = file(&vm, 2048);
+    let (_pager, obj) = wide_file(&vm, 2048);
     map_ro(&space, &obj, 2048, Behavior::Sequential);
     scan(&space, 0, 2048);
     let left = (0..1536)
@@ -161,7 +151,7 @@ fn a_larger_maximum_never_reads_in_smaller_runs_on_a_small_machine() {
         // are read: no pageout needed either way.
         let vm = vm_with(320, max);
         let space = vm.new_space().unwrap();
-        let (pager, obj) = file(&vm, 1024);
+        let (pager, obj) = wide_file(&vm, 1024);
         map_ro(&space, &obj, 1024, Behavior::Normal);
         scan(&space, 0, 290);
         consistent(&vm);
@@ -184,7 +174,7 @@ fn a_larger_maximum_never_reads_in_smaller_runs_on_a_small_machine() {
 #[test]
 fn big_windows_under_memory_pressure_with_pageout() {
     let vm = vm_with(160, 255);
-    let (_pager, obj) = file(&vm, 2048);
+    let (_pager, obj) = wide_file(&vm, 2048);
     let stop = Arc::new(AtomicBool::new(false));
     let pageout = {
         let (vm, stop) = (vm.clone(), stop.clone());
@@ -241,7 +231,7 @@ fn big_windows_under_memory_pressure_with_pageout() {
 fn an_io_error_in_a_255_page_cluster_leaves_nothing_and_a_retry_reads() {
     let vm = vm_with(2048, 255);
     let space = vm.new_space().unwrap();
-    let (pager, obj) = file(&vm, 1024);
+    let (pager, obj) = wide_file(&vm, 1024);
     map_ro(&space, &obj, 1024, Behavior::Sequential);
     scan(&space, 0, 10);
     let first = calls_in(&pager);
@@ -270,7 +260,7 @@ fn an_io_error_in_a_255_page_cluster_leaves_nothing_and_a_retry_reads() {
 fn holes_in_a_big_window_are_freed_and_read_later() {
     let vm = vm_with(2048, 255);
     let space = vm.new_space().unwrap();
-    let (pager, obj) = file(&vm, 1024);
+    let (pager, obj) = wide_file(&vm, 1024);
     // Holes the pager cannot fill, in the middle of the first big window.
     for p in [100u64, 101, 180] {
         pager.forget(p);
@@ -307,7 +297,7 @@ fn holes_in_a_big_window_are_freed_and_read_later() {
 #[test]
 fn the_window_never_reads_outside_the_mapped_object_range() {
     let vm = vm_with(4096, 255);
-    let (pager, obj) = file(&vm, 2048);
+    let (pager, obj) = wide_file(&vm, 2048);
     let space = vm.new_space().unwrap();
     // Object pages 300..400 at BASE, 1000..1010 at BASE + 1 GiB.
     space
@@ -348,7 +338,7 @@ fn the_window_never_reads_outside_the_mapped_object_range() {
 #[test]
 fn the_window_stops_at_the_objects_end_and_past_it_is_sigbus() {
     let vm = vm_with(4096, 255);
-    let (pager, obj) = file(&vm, 2048);
+    let (pager, obj) = wide_file(&vm, 2048);
     // The object is shorter than the mapping (a file shorter than mmap).
     vm.resize_object(&obj, 300);
     let space = vm.new_space().unwrap();
@@ -371,7 +361,7 @@ fn the_window_stops_at_the_objects_end_and_past_it_is_sigbus() {
 #[test]
 fn a_window_never_overwrites_a_resident_dirty_page() {
     let vm = vm_with(8192, 255);
-    let (_pager, obj) = file(&vm, 2048);
+    let (_pager, obj) = wide_file(&vm, 2048);
     let writer = vm.new_space().unwrap();
     writer
         .map(MapRequest::object(
@@ -436,7 +426,7 @@ fn a_window_never_overwrites_a_resident_dirty_page() {
 #[test]
 fn clipping_the_entry_mid_scan_bounds_the_window_to_each_half() {
     let vm = vm_with(4096, 255);
-    let (pager, obj) = file(&vm, 1024);
+    let (pager, obj) = wide_file(&vm, 1024);
     let space = vm.new_space().unwrap();
     space
         .map(
@@ -474,7 +464,7 @@ fn clipping_the_entry_mid_scan_bounds_the_window_to_each_half() {
 #[test]
 fn wiring_a_range_of_a_sequential_mapping() {
     let vm = vm_with(4096, 255);
-    let (_pager, obj) = file(&vm, 1024);
+    let (_pager, obj) = wide_file(&vm, 1024);
     let space = vm.new_space().unwrap();
     map_ro(&space, &obj, 1024, Behavior::Sequential);
     scan(&space, 0, 50);
@@ -505,7 +495,7 @@ fn wiring_a_range_of_a_sequential_mapping() {
 #[test]
 fn fork_during_a_scan_of_a_private_file_mapping() {
     let vm = vm_with(8192, 255);
-    let (pager, obj) = file(&vm, 1024);
+    let (pager, obj) = wide_file(&vm, 1024);
     let parent = vm.new_space().unwrap();
     parent
         .map(
@@ -572,7 +562,7 @@ fn fork_during_a_scan_of_a_private_file_mapping() {
 #[test]
 fn concurrent_fork_and_sequential_scan() {
     let vm = vm_with(8192, 255);
-    let (_pager, obj) = file(&vm, 1024);
+    let (_pager, obj) = wide_file(&vm, 1024);
     let parent = Arc::new(vm.new_space().unwrap());
     parent
         .map(
@@ -630,7 +620,7 @@ fn concurrent_fork_and_sequential_scan() {
 #[test]
 fn truncation_during_sequential_scans() {
     let vm = vm_with(8192, 255);
-    let (_pager, obj) = file(&vm, 2048);
+    let (_pager, obj) = wide_file(&vm, 2048);
     let stop = Arc::new(AtomicBool::new(false));
     let oob = Arc::new(AtomicU64::new(0));
     let mut hs = Vec::new();
@@ -706,7 +696,7 @@ fn truncation_during_sequential_scans() {
 #[test]
 fn many_scanners_on_one_object() {
     let vm = vm_with(1024, 255);
-    let (_pager, obj) = file(&vm, 1536);
+    let (_pager, obj) = wide_file(&vm, 1536);
     let shared = Arc::new(vm.new_space().unwrap());
     map_ro(&shared, &obj, 1536, Behavior::Normal);
     let stop = Arc::new(AtomicBool::new(false));
@@ -776,7 +766,7 @@ fn many_scanners_on_one_object() {
 #[test]
 fn the_window_is_per_entry_after_fork_and_clip() {
     let vm = vm_with(4096, 255);
-    let (_pager, obj) = file(&vm, 1024);
+    let (_pager, obj) = wide_file(&vm, 1024);
     let space = vm.new_space().unwrap();
     map_ro(&space, &obj, 1024, Behavior::Normal);
     scan(&space, 0, 200);
@@ -800,7 +790,7 @@ fn the_window_is_per_entry_after_fork_and_clip() {
 #[test]
 fn windows_at_the_entry_edges() {
     let vm = vm_with(4096, 255);
-    let (pager, obj) = file(&vm, 600);
+    let (pager, obj) = wide_file(&vm, 600);
     let space = vm.new_space().unwrap();
     map_ro(&space, &obj, 600, Behavior::Sequential);
     assert_eq!(
@@ -825,7 +815,7 @@ fn windows_at_the_entry_edges() {
 /// already reading holds busy pages, which the removal waits for).
 fn truncation_race(read_ahead_max: u32) {
     let vm = vm_with(8192, read_ahead_max);
-    let (_pager, obj) = file(&vm, 2048);
+    let (_pager, obj) = wide_file(&vm, 2048);
     let stop = Arc::new(AtomicBool::new(false));
     let scanner = {
         let (vm, obj, stop) = (vm.clone(), obj.clone(), stop.clone());

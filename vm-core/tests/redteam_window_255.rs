@@ -18,14 +18,13 @@
 #![allow(clippy::unwrap_used, clippy::needless_range_loop, dead_code)]
 
 mod common;
-use common::{BASE, PAGE, consistent};
+use common::{BASE, PAGE, consistent, wide_file};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 use vm_core::io_executor::IoJob;
 use vm_core::{
-    Behavior, Contiguity, FaultAround, IoExecutor, MapRequest, PageQueue, PagerKind, Prot, Vm,
-    VmConfig, VmObject, VmSpace,
+    Behavior, FaultAround, IoExecutor, MapRequest, PageQueue, Prot, Vm, VmConfig, VmObject, VmSpace,
 };
 use vm_testkit::support::bounded;
 use vm_testkit::{MemPager, RefPmap, pattern_byte};
@@ -60,17 +59,6 @@ fn vm_of(config: VmConfig) -> Arc<Vm<RefPmap>> {
         vm.set_io_executor(Some(Arc::new(Inline)));
     }
     vm
-}
-
-/// A `pages`-page pattern file whose pager reads 255 pages either side.
-fn file(vm: &Arc<Vm<RefPmap>>, pages: u64) -> (Arc<MemPager>, Arc<VmObject>) {
-    let pager = Arc::new(MemPager::with_pattern(PagerKind::FILE, pages));
-    pager.set_contiguity(Contiguity {
-        behind: 255,
-        ahead: 255,
-    });
-    let obj = vm.new_object(pages, pager.clone());
-    (pager, obj)
 }
 
 fn map(
@@ -159,6 +147,31 @@ fn drain(vm: &Vm<RefPmap>, obj: &VmObject) {
     }
 }
 
+/// A read-only 2048-page file mapped whole with `behavior` on a 4096-page
+/// machine, read (and checked) at `pages` in order; returns once the
+/// background reads are done.
+fn scanned(
+    async_ra: bool,
+    fa: FaultAround,
+    behavior: Behavior,
+    pages: impl IntoIterator<Item = u64>,
+) -> (
+    Arc<Vm<RefPmap>>,
+    VmSpace<RefPmap>,
+    Arc<MemPager>,
+    Arc<VmObject>,
+) {
+    let vm = vm_of(cfg(4096, async_ra, fa));
+    let space = vm.new_space().unwrap();
+    let (pager, obj) = wide_file(&vm, 2048);
+    map(&space, &obj, 2048, Prot::READ, false, behavior);
+    for p in pages {
+        read_ok(&space, p);
+    }
+    vm.wait_for_background_io();
+    (vm, space, pager, obj)
+}
+
 // ------------------------------------------------- purely sequential scans
 
 /// Control: a purely sequential read of a 2048-page file with the default
@@ -175,14 +188,7 @@ fn purely_sequential_scan_at_255_unmaps_everything_behind() {
                 FaultAround::Window(16),
                 FaultAround::Window(64),
             ] {
-                let vm = vm_of(cfg(4096, async_ra, fa));
-                let space = vm.new_space().unwrap();
-                let (pager, obj) = file(&vm, 2048);
-                map(&space, &obj, 2048, Prot::READ, false, Behavior::Normal);
-                for p in 0..2048 {
-                    read_ok(&space, p);
-                }
-                vm.wait_for_background_io();
+                let (vm, space, pager, _obj) = scanned(async_ra, fa, Behavior::Normal, 0..2048);
                 assert_eq!(space.entries()[0].read_ahead, 255, "window grew to 255");
                 let behind: Vec<u64> = (0..2048 - 3 * 256).collect();
                 assert_unmapped(
@@ -202,14 +208,12 @@ fn purely_sequential_scan_at_255_unmaps_everything_behind() {
 fn madv_sequential_scan_unmaps_everything_behind() {
     bounded(20, || {
         for async_ra in [false, true] {
-            let vm = vm_of(cfg(4096, async_ra, FaultAround::default()));
-            let space = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 2048);
-            map(&space, &obj, 2048, Prot::READ, false, Behavior::Sequential);
-            for p in 0..2048 {
-                read_ok(&space, p);
-            }
-            vm.wait_for_background_io();
+            let (vm, space, pager, _obj) = scanned(
+                async_ra,
+                FaultAround::default(),
+                Behavior::Sequential,
+                0..2048,
+            );
             let behind: Vec<u64> = (0..2048 - 3 * 256).collect();
             assert_unmapped(
                 &space,
@@ -228,22 +232,20 @@ fn madv_sequential_scan_unmaps_everything_behind() {
 /// blocks). The VM itself takes it as sequential: each hard fault lands
 /// in the `lastr` window, the window doubles to 255 and cache-behind
 /// runs. But the pages the scan skipped were read ahead and never mapped,
-/// so they are inactive and unmapped, and the new early stop breaks at
-/// the first of them: the pages the scan *did* read behind it stay mapped
-/// and active. (Before the early stop, the look-back walked over the
-/// skipped pages and unmapped the read ones.)
+/// so they are inactive and unmapped, like pages an earlier pass took:
+/// the look-back must walk over them and unmap the pages the scan did
+/// read (3c407d0's early stop broke at the first and left every read
+/// page mapped and active).
 #[test]
 fn stride_two_scan_unmaps_the_pages_it_read_behind() {
     bounded(20, || {
         for async_ra in [false, true] {
-            let vm = vm_of(cfg(4096, async_ra, FaultAround::Off));
-            let space = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 2048);
-            map(&space, &obj, 2048, Prot::READ, false, Behavior::Normal);
-            for p in (0..2048).step_by(2) {
-                read_ok(&space, p);
-            }
-            vm.wait_for_background_io();
+            let (vm, space, pager, obj) = scanned(
+                async_ra,
+                FaultAround::Off,
+                Behavior::Normal,
+                (0..2048).step_by(2),
+            );
             assert_eq!(
                 space.entries()[0].read_ahead,
                 255,
@@ -280,21 +282,19 @@ fn stride_two_scan_unmaps_the_pages_it_read_behind() {
 fn half_block_scan_with_default_fault_around_unmaps_behind() {
     bounded(20, || {
         for async_ra in [false, true] {
-            let vm = vm_of(cfg(4096, async_ra, FaultAround::default()));
-            let space = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 2048);
-            map(&space, &obj, 2048, Prot::READ, false, Behavior::Normal);
-            for p in (0..2048).filter(|p| p % 32 < 16) {
-                read_ok(&space, p);
-            }
-            vm.wait_for_background_io();
+            let (vm, space, pager, _obj) = scanned(
+                async_ra,
+                FaultAround::default(),
+                Behavior::Normal,
+                (0..2048).filter(|p| p % 32 < 16),
+            );
             assert_eq!(space.entries()[0].read_ahead, 255, "taken as sequential");
             calls_within(&pager, 2048);
             consistent(&vm);
             // From page 64 on: the first blocks go through a read-around
             // miss (the 16-page gap after the first window is wider than
             // the sequential window), which leaves 0..15 and 41..47 mapped
-            // with or without the early stop.
+            // whatever the look-back does.
             let read_behind: Vec<u64> = (64..2048 - 3 * 256).filter(|p| p % 32 < 16).collect();
             assert_unmapped(
                 &space,
@@ -313,14 +313,12 @@ fn half_block_scan_with_default_fault_around_unmaps_behind() {
 fn one_skip_then_sequential_unmaps_behind() {
     bounded(20, || {
         for async_ra in [false, true] {
-            let vm = vm_of(cfg(4096, async_ra, FaultAround::Off));
-            let space = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 2048);
-            map(&space, &obj, 2048, Prot::READ, false, Behavior::Normal);
-            for p in (0..4).chain(10..2048) {
-                read_ok(&space, p);
-            }
-            vm.wait_for_background_io();
+            let (vm, space, pager, _obj) = scanned(
+                async_ra,
+                FaultAround::Off,
+                Behavior::Normal,
+                (0..4).chain(10..2048),
+            );
             calls_within(&pager, 2048);
             consistent(&vm);
             let behind: Vec<u64> = (10..2048 - 3 * 256).collect();
@@ -341,7 +339,7 @@ fn gapped_write_scan_msync_writes_every_written_page() {
         for async_ra in [false, true] {
             let vm = vm_of(cfg(4096, async_ra, FaultAround::Off));
             let space = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 1024);
+            let (pager, obj) = wide_file(&vm, 1024);
             map(&space, &obj, 1024, Prot::RW, false, Behavior::Normal);
             for p in (0..1024).step_by(2) {
                 // Read first (a read fault: the scan reads ahead), then
@@ -384,7 +382,8 @@ fn gapped_write_scan_msync_writes_every_written_page() {
 
 /// A purely sequential write scan of a shared file mapping on a small
 /// machine with a pageout daemon (cache-behind, pageout laundering and
-/// the early stop all at once): every write reaches the file.
+/// a look-back that skips pages all at once): every write reaches the
+/// file.
 #[test]
 fn write_scan_under_pressure_keeps_every_write() {
     bounded(25, || {
@@ -398,7 +397,7 @@ fn write_scan_under_pressure_keeps_every_write() {
             let vm = vm_of(c);
             let daemon = vm.spawn_pageout_daemon(Duration::from_micros(300));
             let space = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 1536);
+            let (pager, obj) = wide_file(&vm, 1536);
             map(&space, &obj, 1536, Prot::RW, false, Behavior::Normal);
             for p in 0..1536 {
                 read_ok(&space, p);
@@ -447,7 +446,7 @@ fn reader_scan_behind_a_writer_keeps_the_writes() {
             let vm = vm_of(cfg(4096, async_ra, FaultAround::Off));
             let writer = vm.new_space().unwrap();
             let reader = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 1024);
+            let (pager, obj) = wide_file(&vm, 1024);
             map(&writer, &obj, 1024, Prot::RW, false, Behavior::Random);
             map(&reader, &obj, 1024, Prot::READ, false, Behavior::Normal);
             // The writer dirties pages scattered over the file (random
@@ -502,7 +501,7 @@ fn fork_during_a_shared_read_scan() {
         for async_ra in [false, true] {
             let vm = vm_of(cfg(4096, async_ra, FaultAround::default()));
             let parent = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 2048);
+            let (pager, obj) = wide_file(&vm, 2048);
             map(&parent, &obj, 2048, Prot::READ, false, Behavior::Normal);
             for p in 0..700 {
                 read_ok(&parent, p);
@@ -534,7 +533,7 @@ fn fork_during_a_private_write_scan() {
         for async_ra in [false, true] {
             let vm = vm_of(cfg(8192, async_ra, FaultAround::default()));
             let parent = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 1024);
+            let (pager, obj) = wide_file(&vm, 1024);
             map(&parent, &obj, 1024, Prot::RW, true, Behavior::Normal);
             for p in 0..1024u64 {
                 read_ok(&parent, p);
@@ -592,7 +591,7 @@ fn wired_stretch_inside_a_scan() {
         for async_ra in [false, true] {
             let vm = vm_of(cfg(4096, async_ra, FaultAround::default()));
             let space = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 2048);
+            let (pager, obj) = wide_file(&vm, 2048);
             map(&space, &obj, 2048, Prot::READ, false, Behavior::Normal);
             space.wire(BASE + 300 * PAGE, 40 * PAGE, true).unwrap();
             for p in 0..2048 {
@@ -638,7 +637,7 @@ fn wire_behind_a_running_scan() {
         for async_ra in [false, true] {
             let vm = vm_of(cfg(4096, async_ra, FaultAround::Off));
             let space = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 2048);
+            let (pager, obj) = wide_file(&vm, 2048);
             map(&space, &obj, 2048, Prot::READ, false, Behavior::Normal);
             for p in 0..600 {
                 read_ok(&space, p);
@@ -680,7 +679,7 @@ fn truncate_inside_the_window_mid_scan_then_regrow() {
             for cut in [300u64, 511, 512, 513, 700] {
                 let vm = vm_of(cfg(4096, async_ra, FaultAround::default()));
                 let space = vm.new_space().unwrap();
-                let (pager, obj) = file(&vm, 1024);
+                let (pager, obj) = wide_file(&vm, 1024);
                 map(&space, &obj, 1024, Prot::READ, false, Behavior::Normal);
                 for p in 0..cut - 20 {
                     read_ok(&space, p);
@@ -739,7 +738,7 @@ fn truncation_racing_a_big_window_scan() {
         for async_ra in [false, true] {
             let vm = vm_of(cfg(4096, async_ra, FaultAround::default()));
             let space = Arc::new(vm.new_space().unwrap());
-            let (pager, obj) = file(&vm, 2048);
+            let (pager, obj) = wide_file(&vm, 2048);
             pager.set_delay(Some(Duration::from_micros(300)));
             map(&space, &obj, 2048, Prot::READ, false, Behavior::Normal);
             let stop = Arc::new(AtomicBool::new(false));
@@ -798,7 +797,7 @@ fn big_windows_on_a_tiny_machine() {
                 let vm = vm_of(c);
                 let daemon = vm.spawn_pageout_daemon(Duration::from_micros(200));
                 let space = vm.new_space().unwrap();
-                let (pager, obj) = file(&vm, 1536);
+                let (pager, obj) = wide_file(&vm, 1536);
                 map(&space, &obj, 1536, Prot::READ, false, b);
                 let n = if b == Behavior::Random { 400 } else { 1536 };
                 for p in 0..n {
@@ -834,7 +833,7 @@ fn threads_scan_one_object_under_pressure() {
             let vm = Vm::new(RefPmap::new(), c).unwrap();
             // The real pool for the async case.
             let daemon = vm.spawn_pageout_daemon(Duration::from_micros(300));
-            let (pager, obj) = file(&vm, 2048);
+            let (pager, obj) = wide_file(&vm, 2048);
             pager.set_delay(Some(Duration::from_micros(50)));
             let shared = Arc::new(vm.new_space().unwrap());
             map(&shared, &obj, 2048, Prot::READ, false, Behavior::Normal);
@@ -884,17 +883,16 @@ fn threads_scan_one_object_under_pressure() {
 /// window — behind the first. The follower's faults are soft (re-mapping
 /// pages the leader's cache-behind had unmapped); only the leader's hard
 /// faults run cache-behind. The follower's re-mapped trail lies below the
-/// inactive, unmapped top of the window before, where the early stop now
-/// breaks, so nothing the follower reads is ever unmapped again. (Without
-/// the early stop the look-back reached two windows and took most of it:
-/// 176 of 0..1024 left mapped; with it, all 1024.)
+/// inactive, unmapped top of the window before; the two-window look-back
+/// reaches it and takes most of it (176 of 0..1024 left mapped; with
+/// 3c407d0's early stop at that top, all 1024).
 #[test]
 fn a_follower_lagging_more_than_a_window_is_still_cached_behind() {
     bounded(20, || {
         for fa in [FaultAround::Off, FaultAround::default()] {
             let vm = vm_of(cfg(4096, false, fa));
             let space = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 2048);
+            let (pager, obj) = wide_file(&vm, 2048);
             map(&space, &obj, 2048, Prot::READ, false, Behavior::Normal);
             let lag = 300;
             for i in 0..2048 + lag {
@@ -931,7 +929,7 @@ fn backward_forward_and_rescan() {
         for async_ra in [false, true] {
             let vm = vm_of(cfg(4096, async_ra, FaultAround::default()));
             let space = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 1536);
+            let (pager, obj) = wide_file(&vm, 1536);
             map(&space, &obj, 1536, Prot::READ, false, Behavior::Normal);
             for p in (768..1536).rev() {
                 read_ok(&space, p);
@@ -963,7 +961,7 @@ fn rescan_then_continue_unmaps_the_fresh_part_behind() {
         for async_ra in [false, true] {
             let vm = vm_of(cfg(4096, async_ra, FaultAround::default()));
             let space = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 2560);
+            let (pager, obj) = wide_file(&vm, 2560);
             map(&space, &obj, 2560, Prot::READ, false, Behavior::Normal);
             for p in 0..700 {
                 read_ok(&space, p);
@@ -998,7 +996,7 @@ fn window_edges_at_the_end_of_the_file_and_mapping() {
                     for mapped in [size, size.div_ceil(2)] {
                         let vm = vm_of(cfg(2048, async_ra, FaultAround::default()));
                         let space = vm.new_space().unwrap();
-                        let (pager, obj) = file(&vm, size);
+                        let (pager, obj) = wide_file(&vm, size);
                         space
                             .map(
                                 MapRequest::object(BASE, mapped * PAGE, obj.clone(), 0, Prot::READ)
@@ -1028,7 +1026,7 @@ fn partial_pages_in_a_heap_spilled_window() {
         for async_ra in [false, true] {
             let vm = vm_of(cfg(4096, async_ra, FaultAround::default()));
             let space = vm.new_space().unwrap();
-            let (pager, obj) = file(&vm, 1024);
+            let (pager, obj) = wide_file(&vm, 1024);
             map(&space, &obj, 1024, Prot::READ, false, Behavior::Sequential);
             pager.set_valid_mask(Some(0b0000_0001));
             for p in 0..1024 {
@@ -1061,7 +1059,7 @@ fn the_last_marker_of_an_async_scan_still_takes_the_pages_behind() {
     bounded(20, || {
         let vm = vm_of(cfg(4096, true, FaultAround::default()));
         let space = vm.new_space().unwrap();
-        let (_pager, obj) = file(&vm, 1024);
+        let (_pager, obj) = wide_file(&vm, 1024);
         map(&space, &obj, 1024, Prot::READ, false, Behavior::Normal);
         for p in 0..1024 {
             read_ok(&space, p);

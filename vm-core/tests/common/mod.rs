@@ -46,3 +46,15 @@ pub fn consistent(vm: &Vm<RefPmap>) {
         panic!("{e}");
     }
 }
+
+/// A `pages`-page pattern file whose pager reads 255 pages either side
+/// (the widest read-ahead window).
+pub fn wide_file<P: vm_core::Pmap>(vm: &Arc<Vm<P>>, pages: u64) -> (Arc<MemPager>, Arc<VmObject>) {
+    let pager = Arc::new(MemPager::with_pattern(PagerKind::FILE, pages));
+    pager.set_contiguity(vm_core::Contiguity {
+        behind: 255,
+        ahead: 255,
+    });
+    let obj = vm.new_object(pages, pager.clone());
+    (pager, obj)
+}
