@@ -1,10 +1,16 @@
 //! Fault-path benches, each beside its floor measured in the same run.
 //!
-//! * `zero_fill/{ref_pmap,x86_64}` — a zero-fill write fault per 4 KiB
-//!   page on each pmap (pages that must be zeroed), against
-//!   `zero_fill/memset`, zeroing 4 KiB pages of a 16 MiB working set.
-//! * `cow/{ref_pmap,x86_64}` — a copy-on-write fault after fork, against
-//!   `cow/memcpy`.
+//! * `zero_fill/{ref_pmap,x86_64,x86_64_256m}` — a zero-fill write fault
+//!   per 4 KiB page on each pmap (pages that must be zeroed; machines of
+//!   16 MiB, and of 256 MiB for the last), against
+//!   `zero_fill/memset`, zeroing 4 KiB pages of a 16 MiB working set (the
+//!   machine's size), and `zero_fill/memset_cold`, of a 256 MiB one
+//!   (several times the last-level cache: every page cold).
+//! * `cow/{ref_pmap,x86_64,x86_64_256m}` — a copy-on-write fault after
+//!   fork (16 MiB and 256 MiB machines), against
+//!   `cow/memcpy` (the same 4 MiB copied each sample, cache-warm) and
+//!   `cow/memcpy_cold` (4 KiB pages of a 256 MiB source into a 256 MiB
+//!   destination, every page cold).
 //!
 //! The floors run on host memory of the same kind as the machine's
 //! physical memory (see `host_memory`).
@@ -19,6 +25,8 @@ use vm_pmap_x86_64::X86Pmap;
 use vm_testkit::{RefPmap, test_config};
 
 const PAGES: u64 = 1024;
+/// Pages of the cold floors' working sets (256 MiB).
+const COLD_PAGES: u64 = 65536;
 const BASE: u64 = 0x1000_0000;
 const PAGE: u64 = vm_core::PAGE_SIZE;
 
@@ -38,12 +46,13 @@ fn setup<P: Pmap>(vm: &Arc<Vm<P>>) -> VmSpace<P> {
     space
 }
 
+/// Faults on a machine of `machine_pages` pages.
 fn zero_fill_on<P: Pmap>(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
-    pmap: P,
+    (pmap, machine_pages): (P, u64),
 ) {
-    let vm = Vm::new(pmap, test_config(4 * PAGES)).unwrap();
+    let vm = Vm::new(pmap, test_config(machine_pages)).unwrap();
     g.bench_function(name, |b| {
         b.iter_batched(
             || setup(&vm),
@@ -63,8 +72,10 @@ fn zero_fill_on<P: Pmap>(
 fn zero_fill(c: &mut Criterion) {
     let mut g = c.benchmark_group("zero_fill");
     g.throughput(Throughput::Elements(PAGES));
-    zero_fill_on(&mut g, "ref_pmap", RefPmap::new());
-    zero_fill_on(&mut g, "x86_64", X86Pmap::new());
+    zero_fill_on(&mut g, "ref_pmap", (RefPmap::new(), 4 * PAGES));
+    zero_fill_on(&mut g, "x86_64", (X86Pmap::new(), 4 * PAGES));
+    // On a 256 MiB machine, beside the cold floor of the same size.
+    zero_fill_on(&mut g, "x86_64_256m", (X86Pmap::new(), COLD_PAGES));
     let mut cold = host_memory(4 * PAGES);
     cold.fill(1);
     let mut next = 0usize;
@@ -77,15 +88,28 @@ fn zero_fill(c: &mut Criterion) {
             }
         });
     });
+    let mut colder = host_memory(COLD_PAGES);
+    colder.fill(1);
+    let mut next = 0usize;
+    g.bench_function("memset_cold", |b| {
+        b.iter(|| {
+            for _ in 0..PAGES {
+                let at = next % colder.len();
+                black_box(&mut colder[at..at + PAGE as usize]).fill(0);
+                next += PAGE as usize;
+            }
+        });
+    });
     g.finish();
 }
 
+/// Faults on a machine of `machine_pages` pages.
 fn cow_on<P: Pmap>(
     g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     name: &str,
-    pmap: P,
+    (pmap, machine_pages): (P, u64),
 ) {
-    let vm = Vm::new(pmap, test_config(4 * PAGES)).unwrap();
+    let vm = Vm::new(pmap, test_config(machine_pages)).unwrap();
     g.bench_function(name, |b| {
         b.iter_batched(
             || {
@@ -112,8 +136,9 @@ fn cow_on<P: Pmap>(
 fn cow(c: &mut Criterion) {
     let mut g = c.benchmark_group("cow");
     g.throughput(Throughput::Elements(PAGES));
-    cow_on(&mut g, "ref_pmap", RefPmap::new());
-    cow_on(&mut g, "x86_64", X86Pmap::new());
+    cow_on(&mut g, "ref_pmap", (RefPmap::new(), 4 * PAGES));
+    cow_on(&mut g, "x86_64", (X86Pmap::new(), 4 * PAGES));
+    cow_on(&mut g, "x86_64_256m", (X86Pmap::new(), COLD_PAGES));
     let mut src = host_memory(PAGES);
     src.fill(1);
     let mut dst = host_memory(PAGES);
@@ -123,6 +148,21 @@ fn cow(c: &mut Criterion) {
             for i in 0..PAGES as usize {
                 let r = i * PAGE as usize..(i + 1) * PAGE as usize;
                 black_box(&mut dst[r.clone()]).copy_from_slice(&src[r]);
+            }
+        });
+    });
+    let mut src = host_memory(COLD_PAGES);
+    src.fill(1);
+    let mut dst = host_memory(COLD_PAGES);
+    dst.fill(0);
+    let mut next = 0usize;
+    g.bench_function("memcpy_cold", |b| {
+        b.iter(|| {
+            for _ in 0..PAGES {
+                let at = next % src.len();
+                let r = at..at + PAGE as usize;
+                black_box(&mut dst[r.clone()]).copy_from_slice(&src[r]);
+                next += PAGE as usize;
             }
         });
     });
