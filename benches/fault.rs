@@ -76,30 +76,8 @@ fn zero_fill(c: &mut Criterion) {
     zero_fill_on(&mut g, "x86_64", (X86Pmap::new(), 4 * PAGES));
     // On a 256 MiB machine, beside the cold floor of the same size.
     zero_fill_on(&mut g, "x86_64_256m", (X86Pmap::new(), COLD_PAGES));
-    let mut cold = host_memory(4 * PAGES);
-    cold.fill(1);
-    let mut next = 0usize;
-    g.bench_function("memset", |b| {
-        b.iter(|| {
-            for _ in 0..PAGES {
-                let at = next % cold.len();
-                black_box(&mut cold[at..at + PAGE as usize]).fill(0);
-                next += PAGE as usize;
-            }
-        });
-    });
-    let mut colder = host_memory(COLD_PAGES);
-    colder.fill(1);
-    let mut next = 0usize;
-    g.bench_function("memset_cold", |b| {
-        b.iter(|| {
-            for _ in 0..PAGES {
-                let at = next % colder.len();
-                black_box(&mut colder[at..at + PAGE as usize]).fill(0);
-                next += PAGE as usize;
-            }
-        });
-    });
+    memset_floor(&mut g, "memset", 4 * PAGES);
+    memset_floor(&mut g, "memset_cold", COLD_PAGES);
     g.finish();
 }
 
@@ -139,24 +117,40 @@ fn cow(c: &mut Criterion) {
     cow_on(&mut g, "ref_pmap", (RefPmap::new(), 4 * PAGES));
     cow_on(&mut g, "x86_64", (X86Pmap::new(), 4 * PAGES));
     cow_on(&mut g, "x86_64_256m", (X86Pmap::new(), COLD_PAGES));
-    let mut src = host_memory(PAGES);
-    src.fill(1);
-    let mut dst = host_memory(PAGES);
-    dst.fill(0);
-    g.bench_function("memcpy", |b| {
+    memcpy_floor(&mut g, "memcpy", PAGES);
+    memcpy_floor(&mut g, "memcpy_cold", COLD_PAGES);
+    g.finish();
+}
+
+type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
+
+/// Zeroes `PAGES` 4 KiB pages a sample, walking in order through a region
+/// of `region_pages` pages (wrapping), so a region several times the
+/// last-level cache gives cold pages and a small one warm pages.
+fn memset_floor(g: &mut Group<'_>, name: &str, region_pages: u64) {
+    let mut mem = host_memory(region_pages);
+    mem.fill(1);
+    let mut next = 0usize;
+    g.bench_function(name, |b| {
         b.iter(|| {
-            for i in 0..PAGES as usize {
-                let r = i * PAGE as usize..(i + 1) * PAGE as usize;
-                black_box(&mut dst[r.clone()]).copy_from_slice(&src[r]);
+            for _ in 0..PAGES {
+                let at = next % mem.len();
+                black_box(&mut mem[at..at + PAGE as usize]).fill(0);
+                next += PAGE as usize;
             }
         });
     });
-    let mut src = host_memory(COLD_PAGES);
+}
+
+/// Copies `PAGES` 4 KiB pages a sample between two regions of
+/// `region_pages` pages, walking in order (wrapping), as `memset_floor`.
+fn memcpy_floor(g: &mut Group<'_>, name: &str, region_pages: u64) {
+    let mut src = host_memory(region_pages);
     src.fill(1);
-    let mut dst = host_memory(COLD_PAGES);
+    let mut dst = host_memory(region_pages);
     dst.fill(0);
     let mut next = 0usize;
-    g.bench_function("memcpy_cold", |b| {
+    g.bench_function(name, |b| {
         b.iter(|| {
             for _ in 0..PAGES {
                 let at = next % src.len();
@@ -166,7 +160,6 @@ fn cow(c: &mut Criterion) {
             }
         });
     });
-    g.finish();
 }
 
 criterion_group!(benches, zero_fill, cow);
