@@ -34,7 +34,7 @@ use crate::pager::PagerError;
 use crate::pmap::Mapping;
 use crate::pmap::{PageInfo, Pmap, PmapError};
 use crate::prot::Prot;
-use crate::sync::ReadGuard;
+use crate::sync::ShardedReadGuard;
 use crate::vm::Vm;
 use core::sync::atomic::Ordering;
 
@@ -414,7 +414,7 @@ pub(crate) struct FaultState<'a, P: Pmap> {
     object: Option<Pip>,
     /// The map read lock; `None` once dropped for I/O
     /// (`lookup_still_valid`).
-    map: Option<ReadGuard<'a, MapState>>,
+    map: Option<ShardedReadGuard<'a, MapState>>,
     stamp: u64,
     entry_start: u64,
     pindex: u64,

@@ -14,7 +14,7 @@ use crate::error::FaultError;
 use crate::object::Machine;
 use crate::object::{Backing, ObjectFlags, VmObject};
 use crate::prot::Prot;
-use crate::sync::{ReadGuard, RwLock, WaitTable, WriteGuard};
+use crate::sync::{ShardedReadGuard, ShardedRwLock, ShardedWriteGuard, WaitTable};
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -490,7 +490,7 @@ impl MapState {
 /// of addresses it may hold.
 #[derive(Debug)]
 pub struct VmMap {
-    pub(crate) state: RwLock<MapState>,
+    pub(crate) state: ShardedRwLock<MapState>,
     timestamp: AtomicU64,
     min: u64,
     max: u64,
@@ -499,7 +499,7 @@ pub struct VmMap {
 impl VmMap {
     pub(crate) fn new(min: u64, max: u64) -> VmMap {
         VmMap {
-            state: RwLock::new(MapState::default()),
+            state: ShardedRwLock::new(MapState::default()),
             timestamp: AtomicU64::new(0),
             min,
             max,
@@ -524,17 +524,17 @@ impl VmMap {
         self.timestamp.load(Ordering::Acquire)
     }
 
-    pub(crate) fn read(&self) -> ReadGuard<'_, MapState> {
+    pub(crate) fn read(&self) -> ShardedReadGuard<'_, MapState> {
         self.state.read()
     }
 
-    pub(crate) fn try_read(&self) -> Option<ReadGuard<'_, MapState>> {
+    pub(crate) fn try_read(&self) -> Option<ShardedReadGuard<'_, MapState>> {
         self.state.try_read()
     }
 
     /// Write-locks the map; the timestamp is bumped now, before any change
     /// is visible (FreeBSD bumps it on every exclusive lock).
-    pub(crate) fn write(&self) -> WriteGuard<'_, MapState> {
+    pub(crate) fn write(&self) -> ShardedWriteGuard<'_, MapState> {
         let g = self.state.write();
         self.timestamp.fetch_add(1, Ordering::AcqRel);
         g
@@ -551,7 +551,7 @@ impl VmMap {
         va: u64,
         access: Prot,
         mode: LookupMode,
-    ) -> Result<(ReadGuard<'_, MapState>, LookupInfo, u64), (LookupError, u64)> {
+    ) -> Result<(ShardedReadGuard<'_, MapState>, LookupInfo, u64), (LookupError, u64)> {
         loop {
             let g = self.read();
             let stamp = self.timestamp();

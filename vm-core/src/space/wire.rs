@@ -41,7 +41,7 @@ use crate::map::{EntryFlags, MapEntry, MapState, WireRecord};
 use crate::pmap::Pmap;
 use crate::prot::Prot;
 use crate::space::VmSpace;
-use crate::sync::WriteGuard;
+use crate::sync::ShardedWriteGuard;
 use alloc::vec::Vec;
 
 impl<P: Pmap> VmSpace<P> {
@@ -106,7 +106,7 @@ impl<P: Pmap> VmSpace<P> {
     #[allow(clippy::type_complexity)]
     fn mark_wiring(
         &self,
-        g: &mut WriteGuard<'_, MapState>,
+        g: &mut ShardedWriteGuard<'_, MapState>,
         keys: &[u64],
         user: bool,
     ) -> Result<(Vec<(u64, bool)>, Vec<(u64, u64, Prot)>), MapError> {
@@ -227,7 +227,7 @@ impl<P: Pmap> VmSpace<P> {
 
     /// Write-locks the map once no entry overlapping `start..end` is in
     /// transition (every change of the map waits so for a wiring).
-    pub(crate) fn write_settled(&self, start: u64, end: u64) -> WriteGuard<'_, MapState> {
+    pub(crate) fn write_settled(&self, start: u64, end: u64) -> ShardedWriteGuard<'_, MapState> {
         loop {
             let g = self.map.write();
             if !g.in_transition(start, end) {

@@ -168,6 +168,76 @@ pub use parked::{Parker, RawMutex, RawRwLock, set_parker};
 
 use crossbeam_utils::CachePadded;
 
+/// A reader/writer lock for data every fault reads and few operations
+/// change (an address space's map): each reader takes the read side of its
+/// own thread's shard, so concurrent faults do not bounce one lock word
+/// between CPUs; a writer takes every shard. With `std` it is
+/// crossbeam's [`ShardedLock`](crossbeam_utils::sync::ShardedLock) (eight
+/// cache-padded shards, one per running thread index); without `std` it is
+/// the plain [`RwLock`] (correct, one shared word).
+#[derive(Debug, Default)]
+pub struct ShardedRwLock<T>(sharded::Inner<T>);
+
+/// Shared guard of a [`ShardedRwLock`].
+pub type ShardedReadGuard<'a, T> = sharded::ReadGuard<'a, T>;
+/// Exclusive guard of a [`ShardedRwLock`].
+pub type ShardedWriteGuard<'a, T> = sharded::WriteGuard<'a, T>;
+
+#[cfg(all(feature = "std", not(vm_parked_locks)))]
+mod sharded {
+    pub(super) type Inner<T> = crossbeam_utils::sync::ShardedLock<T>;
+    pub type ReadGuard<'a, T> = crossbeam_utils::sync::ShardedLockReadGuard<'a, T>;
+    pub type WriteGuard<'a, T> = crossbeam_utils::sync::ShardedLockWriteGuard<'a, T>;
+}
+
+#[cfg(any(not(feature = "std"), vm_parked_locks))]
+mod sharded {
+    pub(super) type Inner<T> = super::RwLock<T>;
+    pub type ReadGuard<'a, T> = super::ReadGuard<'a, T>;
+    pub type WriteGuard<'a, T> = super::WriteGuard<'a, T>;
+}
+
+impl<T> ShardedRwLock<T> {
+    /// A new unlocked lock.
+    pub fn new(v: T) -> Self {
+        ShardedRwLock(sharded::Inner::new(v))
+    }
+
+    /// Locks shared (this thread's shard), blocking while a writer holds it.
+    pub fn read(&self) -> ShardedReadGuard<'_, T> {
+        #[cfg(all(feature = "std", not(vm_parked_locks)))]
+        return self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        #[cfg(any(not(feature = "std"), vm_parked_locks))]
+        return self.0.read();
+    }
+
+    /// Locks shared if that needs no waiting.
+    pub fn try_read(&self) -> Option<ShardedReadGuard<'_, T>> {
+        #[cfg(all(feature = "std", not(vm_parked_locks)))]
+        return match self.0.try_read() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        #[cfg(any(not(feature = "std"), vm_parked_locks))]
+        return self.0.try_read();
+    }
+
+    /// Locks exclusive: every shard, in order.
+    pub fn write(&self) -> ShardedWriteGuard<'_, T> {
+        #[cfg(all(feature = "std", not(vm_parked_locks)))]
+        return self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        #[cfg(any(not(feature = "std"), vm_parked_locks))]
+        return self.0.write();
+    }
+}
+
 /// How many ways per-thread statistics are split.
 pub const SHARDS: usize = 16;
 
