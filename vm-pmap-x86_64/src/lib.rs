@@ -36,6 +36,7 @@ pub mod oracle;
 pub mod paging;
 pub mod pat;
 mod pmap;
+mod ptlock;
 mod pv;
 pub mod tables;
 pub mod tlb;

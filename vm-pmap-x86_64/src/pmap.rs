@@ -2,15 +2,44 @@
 //!
 //! Tables are frames of the machine's physical memory, laid out as the CPU
 //! reads them; a space's root is a physical address to load into CR3.
-//! Each space has a lock; each frame's pv list has one; the lock order is
-//! space, then pv list. Per-page operations (`remove_all` and friends) read the
-//! pv list, drop its lock, and take each space's lock in turn, checking
-//! that the mapping is still the one they saw.
+//!
+//! # Locking protocol
+//!
+//! Three locks, always taken in this order:
+//!
+//! 1. **The space's table-tree lock** (`SpaceInner::tables`, a
+//!    [`ShardedRwLock`]: a reader writes only its own thread's shard).
+//!    *Shared* by everything that adds or changes entries or walks the
+//!    tree without freeing tables: `enter`, `enter_quick_run`,
+//!    `change_wiring`, the per-page pv operations, the software MMU, `pte`
+//!    and `table_pages`. *Exclusive* for whatever unlinks and frees table
+//!    frames: `remove`, `protect`, `destroy_space` and pruning emptied
+//!    tables. So no table a shared holder reached is freed under it, and a
+//!    freed frame is never written through a stale path.
+//! 2. **The leaf table's lock** (bit 63 of the table frame's word, see
+//!    `ptlock`; Linux's split PTE locks). Guards the table's leaf entries
+//!    against other pmap writers and its count of valid entries. Upper
+//!    tables are made without it: a missing table is installed by
+//!    compare-and-swap on the parent entry, and the loser frees its unused
+//!    frame. Exclusive holders of (1) need no table lock: nobody else is
+//!    inside.
+//! 3. **A frame's pv list lock** (`PvTable`), held only inside its own
+//!    calls.
+//!
+//! The CPU and the software MMU take none of these: they set A and D bits
+//! with atomic operations, and every pmap change of an entry is one atomic
+//! step that keeps or reports them. Per-page operations (`remove_all` and
+//! friends) read the pv list, drop its lock, and take each space's locks in
+//! turn, checking that the mapping is still the one they saw; a leaf table
+//! they empty is pruned afterwards under the exclusive lock. Resident and
+//! wired counts are split per thread ([`ShardedCount`]), so two faults in
+//! one space on different leaf tables share no written cache line here.
 
-use crate::entry::{PG_FRAME, PteFlags};
+use crate::entry::{EntryCell, PG_FRAME, PteFlags};
 use crate::mmu::{self, Access, CpuMode};
 use crate::paging::{Level, PagingMode, TableIndex, index};
 use crate::pat::{CACHE_MASK, cache_bits};
+use crate::ptlock::{TableLock, count_of};
 use crate::pv::PvTable;
 use crate::tables::entry_at;
 use crate::tlb::{NoTlb, PendingFlush, TlbHook, TlbStats};
@@ -21,7 +50,7 @@ use hashbrown::HashMap;
 use vm_core::pmap::{
     Displaced, DisplacedSink, Mapping, PageInfo, PhysFrames, Pmap, PmapError, RefMod,
 };
-use vm_core::sync::{Mutex, MutexGuard, RwLock};
+use vm_core::sync::{Mutex, ShardedCount, ShardedReadGuard, ShardedRwLock, ShardedWriteGuard};
 use vm_core::{Pfn, PhysMem, Prot};
 use vm_core::{PhysAddr, VirtAddr};
 
@@ -33,27 +62,20 @@ const TABLE_FLAGS: PteFlags = PteFlags::PRESENT
     .union(PteFlags::ACCESSED)
     .union(PteFlags::DIRTY);
 
-/// A space's statistics; the lock that guards it also serialises every
-/// change of the space's tables. Each table's count of valid entries lives
-/// in its frame's table word ([`PhysFrames::table_word`]).
-struct SpaceState {
-    resident: u64,
-    wired: u64,
-    /// Set by `destroy_space` before it frees the tables: a per-page
-    /// operation that found the space through a pv entry leaves it alone.
-    destroyed: bool,
-}
-
+/// One space's tables and statistics. Each table's count of valid entries
+/// (and a leaf table's lock) lives in its frame's table word
+/// ([`PhysFrames::table_word`]).
 struct SpaceInner {
     id: u64,
     root: u64,
-    state: Mutex<SpaceState>,
-    /// Held shared by every software-MMU walk of the space, and exclusive
-    /// while emptied table frames are freed: a walk that read a parent
-    /// entry before it was cleared finishes in the old table, never in a
-    /// frame reused for data. Holds whether the space was destroyed (its
-    /// root freed): a walk then stops at once.
-    walk: RwLock<bool>,
+    /// The table-tree lock (see the module's locking protocol). Holds
+    /// whether `destroy_space` freed the tables: every operation then
+    /// leaves the space alone, and a software walk stops at once.
+    tables: ShardedRwLock<bool>,
+    /// Mapped pages (`pm_stats.resident_count`).
+    resident: ShardedCount,
+    /// Wired mappings (`pm_stats.wired_count`).
+    wired: ShardedCount,
 }
 
 /// The entry for `va` in the table of `level` at physical address `table`.
@@ -89,13 +111,13 @@ impl X86Space {
     /// Mapped pages (`pm_stats.resident_count`).
     #[must_use]
     pub fn resident_count(&self) -> u64 {
-        self.0.state.lock().resident
+        self.0.resident.get()
     }
 
     /// Wired mappings (`pm_stats.wired_count`).
     #[must_use]
     pub fn wired_count(&self) -> u64 {
-        self.0.state.lock().wired
+        self.0.wired.get()
     }
 }
 
@@ -173,7 +195,7 @@ impl<T: TlbHook> X86Pmap<T> {
     /// The raw value of the leaf entry mapping `va`, if the tables reach
     /// it.
     pub fn pte(&self, space: &X86Space, va: impl Into<VirtAddr>) -> Option<u64> {
-        let _g = self.lock_space(space)?;
+        let _g = self.share(&space.0)?;
         self.leaf_slot(space.0.root, va.into().as_u64())
             .map(|s| s.load(Ordering::Acquire))
     }
@@ -182,10 +204,16 @@ impl<T: TlbHook> X86Pmap<T> {
     /// (the KVM oracle undoes its predictions this way).
     #[cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
     pub(crate) fn set_pte_for_oracle(&self, space: &X86Space, va: u64, value: u64) {
-        let Some(_g) = self.lock_space(space) else {
+        let Some(_g) = self.share(&space.0) else {
             return;
         };
-        if let Some(slot) = self.leaf_slot(space.0.root, va) {
+        let Some(table) = self.table_of(space.0.root, va) else {
+            return;
+        };
+        let (Some(phys), Some(_l)) = (self.phys(), self.table_lock(table)) else {
+            return;
+        };
+        if let Some(slot) = slot_of(phys, table, va, Level::PT) {
             slot.store(value, Ordering::Release);
         }
     }
@@ -203,7 +231,7 @@ impl<T: TlbHook> X86Pmap<T> {
     ) -> Result<mmu::Translation, mmu::Fault> {
         let root = PhysAddr(space.0.root);
         let phys = self.phys().ok_or(mmu::Fault::BadPhysical(root))?;
-        let walking = space.0.walk.read();
+        let walking = space.0.tables.read();
         if *walking {
             return Err(mmu::Fault::BadPhysical(root));
         }
@@ -224,13 +252,12 @@ impl<T: TlbHook> X86Pmap<T> {
         slot_of(phys, table, va, Level::PT)
     }
 
-    /// The slot of the leaf for `va` and its table, making missing tables.
-    fn leaf_slot_create(
-        &self,
-        st: &mut SpaceState,
-        sp: &SpaceInner,
-        va: u64,
-    ) -> Result<(&AtomicU64, u64), PmapError> {
+    /// The slot of the leaf for `va` and its table, making missing tables;
+    /// the caller holds the table-tree lock (shared will do). A table
+    /// is installed by compare-and-swap: if another thread installed one
+    /// first, ours (never seen) goes back and theirs is used. On failure the
+    /// tables made so far stay, empty, for [`prune_path`](Self::prune_path).
+    fn leaf_slot_create(&self, sp: &SpaceInner, va: u64) -> Result<(&AtomicU64, u64), PmapError> {
         let frames = self.frames.as_ref().ok_or(PmapError::NoMemory)?;
         let phys = frames.phys();
         let mut table = sp.root;
@@ -242,16 +269,23 @@ impl<T: TlbHook> X86Pmap<T> {
                 table = e & PG_FRAME;
                 continue;
             }
-            let Some(pfn) = frames.alloc_zeroed() else {
-                let mut flush = PendingFlush::new(sp.root);
-                self.prune(st, sp.root, va, &mut flush);
-                self.complete(sp, flush);
-                return Err(PmapError::NoMemory);
-            };
+            let pfn = frames.alloc_zeroed().ok_or(PmapError::NoMemory)?;
             let child = pfn.phys_addr().as_u64();
-            slot.store(child | TABLE_FLAGS.bits(), Ordering::Release);
-            self.count_add(table, 1);
-            table = child;
+            // Checked under loom: `ptlock`'s `loom_racing_table_installs_link_one_table`.
+            match EntryCell::compare_exchange(slot, e, child | TABLE_FLAGS.bits()) {
+                Ok(_) => {
+                    self.count_add(table, 1);
+                    table = child;
+                }
+                Err(theirs) => {
+                    // SAFETY: `pfn` came from `alloc_zeroed` just now and
+                    // was never linked, so no walker can reach it, and it
+                    // is still all zeros.
+                    let freed = unsafe { frames.free_zeroed(pfn) };
+                    debug_assert!(freed.is_ok(), "unused table {child:#x}: {freed:?}");
+                    table = theirs & PG_FRAME;
+                }
+            }
         }
         let slot =
             slot_of(phys, table, va, Level::PT).ok_or(PmapError::BadAddress(VirtAddr(va)))?;
@@ -259,8 +293,9 @@ impl<T: TlbHook> X86Pmap<T> {
     }
 
     /// Unlinks the tables on the path to `va` that hold nothing, bottom
-    /// up, retiring their frames into `flush`.
-    fn prune(&self, _locked: &mut SpaceState, root: u64, va: u64, flush: &mut PendingFlush) {
+    /// up, retiring their frames into `flush`. `_exclusive` is the
+    /// table-tree lock, held exclusive.
+    fn prune(&self, _exclusive: &mut bool, root: u64, va: u64, flush: &mut PendingFlush) {
         let Some(phys) = self.phys() else { return };
         let mut path = [(0u64, Level::PT); 5];
         let mut table = root;
@@ -291,16 +326,44 @@ impl<T: TlbHook> X86Pmap<T> {
     }
 
     /// Finishes an operation's `flush`: invalidates what it owes, then
-    /// frees the table frames it retired, once no software walk of `sp` is
-    /// still in them.
-    fn complete(&self, sp: &SpaceInner, flush: PendingFlush) {
-        let tables = flush.finish(&self.tlb, &self.stats);
-        if !tables.is_empty() {
-            let _quiet = sp.walk.write();
-            for t in tables {
-                self.free_table(t);
-            }
+    /// frees the table frames it retired. A flush that retired tables
+    /// comes from an exclusive holder of the table-tree lock, so no walker
+    /// (pmap or software MMU) is in them.
+    fn complete(&self, flush: PendingFlush) {
+        for t in flush.finish(&self.tlb, &self.stats) {
+            self.free_table(t);
         }
+    }
+
+    /// Prunes the emptied tables on the path to `va` under the exclusive
+    /// table-tree lock (after a failed table allocation, or a per-page
+    /// removal that emptied a leaf table under the shared lock).
+    fn prune_path(&self, sp: &SpaceInner, va: u64) {
+        let Some(mut x) = self.exclusive(sp) else {
+            return;
+        };
+        let mut flush = PendingFlush::new(sp.root);
+        self.prune(&mut x, sp.root, va, &mut flush);
+        self.complete(flush);
+    }
+
+    /// The table-tree lock, shared, or `None` once the space is destroyed.
+    fn share<'a>(&self, sp: &'a SpaceInner) -> Option<ShardedReadGuard<'a, bool>> {
+        let g = sp.tables.read();
+        (!*g).then_some(g)
+    }
+
+    /// The table-tree lock, exclusive, or `None` once the space is
+    /// destroyed: every operation on a destroyed space then does nothing
+    /// (or fails), never touching frames that are no longer its.
+    fn exclusive<'a>(&self, sp: &'a SpaceInner) -> Option<ShardedWriteGuard<'a, bool>> {
+        let g = sp.tables.write();
+        (!*g).then_some(g)
+    }
+
+    /// The lock of the leaf table at `table` (see `ptlock`).
+    fn table_lock(&self, table: u64) -> Option<TableLock<'_>> {
+        self.table_word(table).map(TableLock::lock)
     }
 
     fn free_table(&self, table: u64) {
@@ -315,8 +378,9 @@ impl<T: TlbHook> X86Pmap<T> {
             // frame then stays allocated, which loses nothing.
             // SAFETY: `table` was unlinked from its parent, the flush that
             // retired it has completed (no CPU caches a path through it),
-            // and the caller holds the space's walk lock for writing, so no
-            // software walker is inside it; nothing refers to it again. For
+            // and the caller holds the space's table-tree lock exclusive,
+            // so no pmap or software walker is inside it; nothing refers to
+            // it again. For
             // `free_zeroed`, its bytes were just seen to be zero, and no one
             // writes them any more.
             let freed = unsafe {
@@ -333,15 +397,19 @@ impl<T: TlbHook> X86Pmap<T> {
     /// The valid entries of `table` (kept in its frame's table word).
     fn count(&self, table: u64) -> u64 {
         self.table_word(table)
-            .map_or(0, |w| w.load(Ordering::Relaxed))
+            .map_or(0, |w| count_of(w.load(Ordering::Relaxed)))
     }
 
-    /// Changes `table`'s count of valid entries; the space's lock is held.
+    /// Changes `table`'s count of valid entries: under the leaf table's
+    /// lock, or for an upper table by whoever installed or unlinked a child
+    /// (atomic: children of one table are installed concurrently).
     fn count_add(&self, table: u64, delta: i64) {
         if let Some(w) = self.table_word(table) {
-            let old = w.load(Ordering::Relaxed);
-            debug_assert!(old.checked_add_signed(delta).is_some(), "table count");
-            w.store(old.wrapping_add_signed(delta), Ordering::Relaxed);
+            let old = w.fetch_add(delta as u64, Ordering::Relaxed);
+            debug_assert!(
+                count_of(old).checked_add_signed(delta).is_some(),
+                "table count"
+            );
         }
     }
 
@@ -372,7 +440,7 @@ impl<T: TlbHook> X86Pmap<T> {
     /// Table pages `space` uses, the root included.
     #[must_use]
     pub fn table_pages(&self, space: &X86Space) -> usize {
-        let Some(_st) = self.lock_space(space) else {
+        let Some(_g) = self.share(&space.0) else {
             return 0;
         };
         let mut tables = alloc::vec::Vec::new();
@@ -383,17 +451,18 @@ impl<T: TlbHook> X86Pmap<T> {
     /// Visits every present 4 KiB leaf in `start..end` under `table` of
     /// `level`; `f` returns whether it cleared the entry. Tables left empty
     /// are freed (their parent entries noted in `flush`).
+    /// The caller holds the table-tree lock exclusive (`_exclusive`).
     #[allow(clippy::too_many_arguments)]
     fn visit(
         &self,
-        st: &mut SpaceState,
+        _exclusive: &mut bool,
         table: u64,
         level: Level,
         base: u64,
         start: u64,
         end: u64,
         flush: &mut PendingFlush,
-        f: &mut dyn FnMut(&mut SpaceState, u64, &AtomicU64) -> bool,
+        f: &mut dyn FnMut(u64, &AtomicU64) -> bool,
     ) {
         let Some(phys) = self.phys() else { return };
         let step = level.span();
@@ -412,14 +481,14 @@ impl<T: TlbHook> X86Pmap<T> {
                 continue;
             }
             let Some(below) = level.below() else {
-                if f(st, va, slot) {
+                if f(va, slot) {
                     self.count_add(table, -1);
                 }
                 continue;
             };
             let child = e & PG_FRAME;
             self.visit(
-                st,
+                _exclusive,
                 child,
                 below,
                 va,
@@ -446,7 +515,7 @@ impl<T: TlbHook> X86Pmap<T> {
     #[allow(clippy::too_many_arguments)]
     fn update_same_frame(
         &self,
-        st: &mut SpaceState,
+        sp: &SpaceInner,
         slot: &AtomicU64,
         old: u64,
         new: u64,
@@ -463,19 +532,11 @@ impl<T: TlbHook> X86Pmap<T> {
             flush.note(va, prev);
         }
         match (prev & PteFlags::WIRED.bits() != 0, wired) {
-            (false, true) => st.wired += 1,
-            (true, false) => st.wired -= 1,
+            (false, true) => sp.wired.add(1),
+            (true, false) => sp.wired.add(-1),
             _ => {}
         }
         (lost_write && prev & PteFlags::DIRTY.bits() != 0).then(|| displaced(prev))
-    }
-
-    /// The space's lock, or `None` once [`destroy_space`](Pmap::destroy_space)
-    /// freed its tables: every operation on a destroyed space then does
-    /// nothing (or fails), never touching frames that are no longer its.
-    fn lock_space<'a>(&self, space: &'a X86Space) -> Option<MutexGuard<'a, SpaceState>> {
-        let st = space.0.state.lock();
-        (!st.destroyed).then_some(st)
     }
 
     fn check_va(&self, va: u64) -> Result<(), PmapError> {
@@ -508,56 +569,75 @@ impl<T: TlbHook> X86Pmap<T> {
     }
 
     /// Applies `f` to every mapping of `pfn` that still maps it, under its
-    /// space's lock. `f` either asks for the mapping's removal (`None`) or
-    /// changes the entry with one atomic step and returns the value it
-    /// replaced (`Some`), so a bit the CPU set up to that step is seen
-    /// and one set after it stays in the entry. Returns the OR of the old
-    /// entries' bits.
+    /// leaf table's lock. `f` either asks for the mapping's removal
+    /// (`None`) or changes the entry with one atomic step and returns the
+    /// value it replaced (`Some`), so a bit the CPU set up to that step is
+    /// seen and one set after it stays in the entry. Returns the OR of the
+    /// old entries' bits.
     fn for_each_mapping(&self, pfn: Pfn, mut f: impl FnMut(&AtomicU64) -> Option<u64>) -> u64 {
         let mut seen = 0;
         for (id, va) in self.pv.list(pfn) {
             let Some(sp) = self.space_by_id(id) else {
                 continue;
             };
-            let mut st = sp.state.lock();
-            if st.destroyed {
-                // Its tables are being freed (`destroy_space`).
-                continue;
+            let (bits, emptied) = self.on_mapping(&sp, va, pfn, &mut f);
+            seen |= bits;
+            if emptied {
+                self.prune_path(&sp, va);
             }
-            let Some(slot) = self.leaf_slot(sp.root, va) else {
-                continue;
-            };
-            let old = slot.load(Ordering::Acquire);
-            if old & PteFlags::PRESENT.bits() == 0 || old & PG_FRAME != pfn.phys_addr().as_u64() {
-                continue;
-            }
-            let mut flush = PendingFlush::new(sp.root);
-            match f(slot) {
-                None => {
-                    let old = slot.swap(0, Ordering::AcqRel);
-                    seen |= old;
-                    self.pv.remove(pfn, id, va);
-                    st.resident -= 1;
-                    if old & PteFlags::WIRED.bits() != 0 {
-                        st.wired -= 1;
-                    }
-                    flush.note(va, old);
-                    let table = self.table_of(sp.root, va);
-                    if let Some(t) = table {
-                        self.count_add(t, -1);
-                    }
-                    self.prune(&mut st, sp.root, va, &mut flush);
-                }
-                Some(replaced) => {
-                    seen |= replaced;
-                    if slot.load(Ordering::Acquire) != replaced {
-                        flush.note(va, replaced);
-                    }
-                }
-            }
-            self.complete(&sp, flush);
         }
         seen
+    }
+
+    /// [`for_each_mapping`](Self::for_each_mapping) for one pv entry:
+    /// the OR of the old entry's bits, and whether its leaf table is left
+    /// empty.
+    fn on_mapping(
+        &self,
+        sp: &SpaceInner,
+        va: u64,
+        pfn: Pfn,
+        f: &mut impl FnMut(&AtomicU64) -> Option<u64>,
+    ) -> (u64, bool) {
+        // `None` once destroyed: its tables are being freed.
+        let Some(_g) = self.share(sp) else {
+            return (0, false);
+        };
+        let (Some(phys), Some(table)) = (self.phys(), self.table_of(sp.root, va)) else {
+            return (0, false);
+        };
+        let (Some(slot), Some(_l)) = (slot_of(phys, table, va, Level::PT), self.table_lock(table))
+        else {
+            return (0, false);
+        };
+        let old = slot.load(Ordering::Acquire);
+        if old & PteFlags::PRESENT.bits() == 0 || old & PG_FRAME != pfn.phys_addr().as_u64() {
+            return (0, false);
+        }
+        let mut flush = PendingFlush::new(sp.root);
+        let (seen, emptied) = match f(slot) {
+            None => {
+                let old = slot.swap(0, Ordering::AcqRel);
+                self.pv.remove(pfn, sp.id, va);
+                sp.resident.add(-1);
+                if old & PteFlags::WIRED.bits() != 0 {
+                    sp.wired.add(-1);
+                }
+                flush.note(va, old);
+                self.count_add(table, -1);
+                (old, self.count(table) == 0)
+            }
+            Some(replaced) => {
+                if slot.load(Ordering::Acquire) != replaced {
+                    flush.note(va, replaced);
+                }
+                (replaced, false)
+            }
+        };
+        // Invalidated before the table is unlocked: an `enter` at `va`
+        // that follows cannot be shadowed by a stale translation.
+        self.complete(flush);
+        (seen, emptied)
     }
 
     /// The leaf table holding `va`'s entry.
@@ -609,12 +689,9 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let inner = Arc::new(SpaceInner {
             id,
             root,
-            state: Mutex::new(SpaceState {
-                resident: 0,
-                wired: 0,
-                destroyed: false,
-            }),
-            walk: RwLock::new(false),
+            tables: ShardedRwLock::new(false),
+            resident: ShardedCount::default(),
+            wired: ShardedCount::default(),
         });
         self.spaces.lock().insert(id, Arc::downgrade(&inner));
         Ok(X86Space(inner))
@@ -624,14 +701,13 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let user = VirtAddr(0)..VirtAddr(self.mode.paging.user_end());
         self.remove(space, user, &mut |_| {});
         self.spaces.lock().remove(&space.0.id);
-        let Some(mut st) = self.lock_space(space) else {
+        let Some(mut destroyed) = self.exclusive(&space.0) else {
             return; // destroyed already: its root is not ours to free again
         };
-        st.destroyed = true;
+        *destroyed = true;
         let mut tables = alloc::vec::Vec::new();
         self.tables_under(space.0.root, self.mode.paging.root(), &mut tables);
         debug_assert_eq!(tables.len(), 1, "only the root is left");
-        *space.0.walk.write() = true;
         for t in tables {
             self.free_table(t);
         }
@@ -645,15 +721,23 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     ) -> Result<Option<Displaced>, PmapError> {
         let (va, page, prot, access, wired) = (va.as_u64(), m.page, m.prot, m.access, m.wired);
         self.check_va(va)?;
-        let root = space.0.root;
-        let mut st = self.lock_space(space).ok_or(PmapError::SpaceDestroyed)?;
-        let (slot, table) = self.leaf_slot_create(&mut st, &space.0, va)?;
+        let sp = &*space.0;
+        let g = self.share(sp).ok_or(PmapError::SpaceDestroyed)?;
+        let (slot, table) = match self.leaf_slot_create(sp, va) {
+            Ok(found) => found,
+            Err(e) => {
+                drop(g);
+                self.prune_path(sp, va);
+                return Err(e);
+            }
+        };
+        let _l = self.table_lock(table).ok_or(PmapError::NoMemory)?;
         let new = self.new_pte(page, prot, access, wired);
         let old = slot.load(Ordering::Acquire);
-        let mut flush = PendingFlush::new(root);
+        let mut flush = PendingFlush::new(sp.root);
         let mut out = None;
         if old & PteFlags::PRESENT.bits() != 0 && old & PG_FRAME == new & PG_FRAME {
-            out = self.update_same_frame(&mut st, slot, old, new, va, wired, &mut flush);
+            out = self.update_same_frame(sp, slot, old, new, va, wired, &mut flush);
         } else {
             if old & PteFlags::PRESENT.bits() != 0 {
                 // Another frame: take it out, carrying its A/M to its page,
@@ -663,28 +747,27 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 flush.note(va, prev);
                 if prev & PteFlags::MANAGED.bits() != 0 {
                     self.pv
-                        .remove(Pfn::containing(PhysAddr(prev & PG_FRAME)), space.0.id, va);
+                        .remove(Pfn::containing(PhysAddr(prev & PG_FRAME)), sp.id, va);
                     out = Some(displaced(prev));
                 }
                 if prev & PteFlags::WIRED.bits() != 0 {
-                    st.wired -= 1;
+                    sp.wired.add(-1);
                 }
-                st.resident -= 1;
+                sp.resident.add(-1);
                 self.count_add(table, -1);
-                let owed = core::mem::replace(&mut flush, PendingFlush::new(root));
-                self.complete(&space.0, owed);
+                self.complete(core::mem::replace(&mut flush, PendingFlush::new(sp.root)));
             }
             if page.managed {
-                self.pv.add(page.pfn, space.0.id, va);
+                self.pv.add(page.pfn, sp.id, va);
             }
             slot.store(new, Ordering::Release);
             self.count_add(table, 1);
-            st.resident += 1;
+            sp.resident.add(1);
             if wired {
-                st.wired += 1;
+                sp.wired.add(1);
             }
         }
-        self.complete(&space.0, flush);
+        self.complete(flush);
         Ok(out)
     }
 
@@ -692,7 +775,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         self.enter_quick_run(space, va, &[Some(page)], prot) == 1
     }
 
-    /// One lock hold and one walk per leaf table the run crosses (FreeBSD
+    /// One walk and one table lock per leaf table the run crosses (FreeBSD
     /// `pmap_enter_object`).
     fn enter_quick_run(
         &self,
@@ -701,7 +784,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         pages: &[Option<PageInfo>],
         prot: Prot,
     ) -> usize {
-        let (Some(phys), Some(mut st)) = (self.phys(), self.lock_space(space)) else {
+        let sp = &*space.0;
+        let (Some(phys), Some(g)) = (self.phys(), self.share(sp)) else {
             return 0;
         };
         // FreeBSD `pmap_enter_quick_locked`: V, cache bits, MANAGED, NX, U;
@@ -711,8 +795,9 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             PteFlags::NO_EXECUTE,
             self.mode.nxe && !prot.contains(Prot::EXECUTE),
         );
-        let mut table = None;
+        let mut held: Option<(u64, TableLock<'_>)> = None;
         let mut mapped = 0;
+        let mut failed_at = None;
         for (i, page) in (0u64..).zip(pages) {
             let Some(va) = i
                 .checked_mul(vm_core::PAGE_SIZE)
@@ -721,17 +806,24 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 break;
             };
             if va & (Level::PD.span() - 1) == 0 {
-                table = None; // the run enters the next leaf table
+                held = None; // the run enters the next leaf table
             }
             let Some(page) = page else { continue };
             if self.check_va(va).is_err() {
                 break;
             }
-            let t = match table {
-                Some(t) => t,
-                None => match self.leaf_slot_create(&mut st, &space.0, va) {
-                    Ok((_, t)) => *table.insert(t),
-                    Err(_) => break,
+            let t = match &held {
+                Some((t, _)) => *t,
+                None => match self.leaf_slot_create(sp, va) {
+                    Ok((_, t)) => {
+                        let Some(l) = self.table_lock(t) else { break };
+                        held = Some((t, l));
+                        t
+                    }
+                    Err(_) => {
+                        failed_at = Some(va);
+                        break;
+                    }
                 },
             };
             let Some(slot) = slot_of(phys, t, va, Level::PT) else {
@@ -743,12 +835,17 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             let mut f = base | cache_bits(page.attr, false);
             f.set(PteFlags::MANAGED, page.managed);
             if page.managed {
-                self.pv.add(page.pfn, space.0.id, va);
+                self.pv.add(page.pfn, sp.id, va);
             }
             slot.store(page.pfn.phys_addr().as_u64() | f.bits(), Ordering::Release);
             self.count_add(t, 1);
-            st.resident += 1;
+            sp.resident.add(1);
             mapped += 1;
+        }
+        drop(held);
+        drop(g);
+        if let Some(va) = failed_at {
+            self.prune_path(sp, va);
         }
         mapped
     }
@@ -759,41 +856,43 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         if start >= end {
             return;
         }
-        let root = space.0.root;
-        let id = space.0.id;
-        let Some(mut st) = self.lock_space(space) else {
+        let sp = &*space.0;
+        let Some(mut x) = self.exclusive(sp) else {
             return;
         };
-        let mut flush = PendingFlush::new(root);
+        let mut flush = PendingFlush::new(sp.root);
         let top = self.mode.paging.root();
         let mut noted = alloc::vec::Vec::new();
+        let (mut resident, mut wired) = (0, 0);
         self.visit(
-            &mut st,
-            root,
+            &mut x,
+            sp.root,
             top,
             0,
             start,
             end,
             &mut flush,
-            &mut |st, va, slot| {
+            &mut |va, slot| {
                 let old = slot.swap(0, Ordering::AcqRel);
-                st.resident -= 1;
+                resident += 1;
                 if old & PteFlags::WIRED.bits() != 0 {
-                    st.wired -= 1;
+                    wired += 1;
                 }
                 noted.push((va, old));
                 true
             },
         );
+        sp.resident.add(-resident);
+        sp.wired.add(-wired);
         for (va, old) in noted {
             flush.note(va, old);
             if old & PteFlags::MANAGED.bits() != 0 {
                 self.pv
-                    .remove(Pfn::containing(PhysAddr(old & PG_FRAME)), id, va);
+                    .remove(Pfn::containing(PhysAddr(old & PG_FRAME)), sp.id, va);
                 sink(displaced(old));
             }
         }
-        self.complete(&space.0, flush);
+        self.complete(flush);
     }
 
     fn protect(
@@ -811,23 +910,23 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         if start >= end {
             return;
         }
-        let root = space.0.root;
-        let Some(mut st) = self.lock_space(space) else {
+        let sp = &*space.0;
+        let Some(mut x) = self.exclusive(sp) else {
             return;
         };
-        let mut flush = PendingFlush::new(root);
+        let mut flush = PendingFlush::new(sp.root);
         let top = self.mode.paging.root();
         let mut changed = alloc::vec::Vec::new();
         let nx = self.mode.nxe && !prot.contains(Prot::EXECUTE);
         self.visit(
-            &mut st,
-            root,
+            &mut x,
+            sp.root,
             top,
             0,
             start,
             end,
             &mut flush,
-            &mut |_, va, slot| {
+            &mut |va, slot| {
                 let mut cur = slot.load(Ordering::Acquire);
                 loop {
                     let mut new = cur;
@@ -861,7 +960,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 sink(displaced(old));
             }
         }
-        self.complete(&space.0, flush);
+        self.complete(flush);
     }
 
     fn extract(&self, space: &X86Space, va: VirtAddr) -> Option<Pfn> {
@@ -886,10 +985,15 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
 
     fn change_wiring(&self, space: &X86Space, va: VirtAddr, wired: bool) {
         let va = va.as_u64();
-        let Some(mut st) = self.lock_space(space) else {
+        let sp = &*space.0;
+        let Some(_g) = self.share(sp) else {
             return;
         };
-        let Some(slot) = self.leaf_slot(space.0.root, va) else {
+        let (Some(phys), Some(table)) = (self.phys(), self.table_of(sp.root, va)) else {
+            return;
+        };
+        let (Some(slot), Some(_l)) = (slot_of(phys, table, va, Level::PT), self.table_lock(table))
+        else {
             return;
         };
         let old = slot.load(Ordering::Acquire);
@@ -898,10 +1002,10 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         }
         if wired {
             slot.fetch_or(PteFlags::WIRED.bits(), Ordering::AcqRel);
-            st.wired += 1;
+            sp.wired.add(1);
         } else {
             slot.fetch_and(!PteFlags::WIRED.bits(), Ordering::AcqRel);
-            st.wired -= 1;
+            sp.wired.add(-1);
         }
     }
 
