@@ -1,6 +1,9 @@
 //! Shadow-chain collapse (FreeBSD `vm_object_collapse`): a backing object
 //! that only its one shadow references is merged into that shadow, so
-//! repeated fork and exit do not grow chains without bound.
+//! repeated fork and exit do not grow chains without bound; and a backing
+//! object whose every page the shadow covers is bypassed (the shadow backs
+//! onto the object below it) even while other shadows keep it, so repeated
+//! fork with children alive does not either.
 
 use crate::object::{Backing, ObjectFlags, VmObject};
 use crate::page::PageId;
@@ -18,7 +21,14 @@ impl<P: Pmap> Vm<P> {
     /// one shadow still references is merged into it even when `object`
     /// itself is shared (FreeBSD reaches those from `vm_object_deallocate`,
     /// which collapses the last shadow of an object down to one
-    /// reference). Returns how many objects were merged.
+    /// reference). Returns how many objects were merged or bypassed.
+    ///
+    /// A backing object other shadows still share is bypassed instead
+    /// (FreeBSD's `object_bypasses`) when nothing of it shows through
+    /// `object`: each of its pages is one `object` has its own copy of. Only
+    /// where it cannot gain pages `object` would have to see: it is
+    /// anonymous, nameless, held by no handle, referenced by shadows only
+    /// and has no swap copies, and `object` is nameless.
     ///
     /// Nothing is merged while a fault or a pager works on either object
     /// (paging in progress), while a page of the backing object is busy,
@@ -31,15 +41,20 @@ impl<P: Pmap> Vm<P> {
         let mut merged = 0;
         let mut cur = object.clone();
         loop {
-            while let Some(dead) = self.collapse_once(&cur) {
-                // The merged object dies here, outside the locks.
-                drop(dead);
+            loop {
+                let counters = self.machine.counters.local();
+                if let Some(dead) = self.collapse_once(&cur) {
+                    // The merged object dies here, outside the locks.
+                    drop(dead);
+                    counters.v_collapses.fetch_add(1, Ordering::Relaxed);
+                } else if let Some(left) = Self::bypass(&cur) {
+                    // Others still hold it: only our reference goes.
+                    drop(left);
+                    counters.v_bypasses.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    break;
+                }
                 merged += 1;
-                self.machine
-                    .counters
-                    .local()
-                    .v_collapses
-                    .fetch_add(1, Ordering::Relaxed);
             }
             let next = cur.lock().backing.as_ref().map(|b| b.object.clone());
             match next {
@@ -47,6 +62,59 @@ impl<P: Pmap> Vm<P> {
                 None => return merged,
             }
         }
+    }
+
+    /// Makes `object` back onto its backing object's backing object when
+    /// nothing of the backing object shows through `object`: each of its
+    /// pages is outside `object`'s range or at an index where `object` has
+    /// its own page (resident or on its pager). Returns the backing link
+    /// `object` gave up, for the caller to drop outside the locks.
+    ///
+    /// Only where the backing object cannot gain a page `object` would
+    /// have to see, and `object` cannot lose one it covers: `object` is
+    /// nameless (no handle to resize it through); the backing object is
+    /// anonymous, nameless and held by no handle (none to map or write it
+    /// through), every reference to it is a shadow's (no map
+    /// entry zero-fills into it or writes it), it has no pager (swap
+    /// copies not resident would have to be counted too), and no fault or
+    /// pager works on either object (a fault in `object`'s chain may be
+    /// between the two).
+    fn bypass(object: &Arc<VmObject>) -> Option<Backing> {
+        let mut st = object.lock();
+        let b = st.backing.clone()?;
+        let mut bst = b.object.lock();
+        let eligible = !st.flags.contains(ObjectFlags::NAMED)
+            && b.object.ref_count() == bst.shadow_count
+            && no_handles(&b)
+            && !bst.flags.contains(ObjectFlags::NAMED)
+            && bst.kind.is_anonymous()
+            && bst.pager.is_none()
+            && b.object.paging_in_progress() == 0
+            && object.paging_in_progress() == 0;
+        let covered = |bp: u64| {
+            bp.checked_sub(b.offset).is_none_or(|p| {
+                p >= st.size
+                    || st.pages.contains_key(&p)
+                    || st.pager.as_ref().is_some_and(|pg| pg.has_page(p).is_some())
+            })
+        };
+        if !eligible || !bst.pages.keys().all(|&bp| covered(bp)) {
+            return None;
+        }
+        let below = bst.backing.clone().map(|bb| {
+            bb.object.lock().shadow_count += 1;
+            bb.object.add_ref();
+            Backing {
+                offset: bb.offset + b.offset,
+                object: bb.object,
+            }
+        });
+        bst.shadow_count -= 1;
+        b.object.drop_ref();
+        drop(bst);
+        let left = core::mem::replace(&mut st.backing, below);
+        drop(st);
+        left
     }
 
     /// One merge step; returns the merged-away object on success.
@@ -69,6 +137,7 @@ impl<P: Pmap> Vm<P> {
         // may be between the shadow and the backing object at any index
         // (its placeholder in the shadow is not a page to keep).
         let private = b.object.ref_count() == 1
+            && no_handles(&b)
             && bst.shadow_count == 1
             && !bst.flags.contains(ObjectFlags::NAMED)
             && bst.kind.is_anonymous()
@@ -145,4 +214,13 @@ impl<P: Pmap> Vm<P> {
         drop(st);
         Some(b)
     }
+}
+
+/// Whether only the VM holds `b`'s object: its entries and shadows (its
+/// `ref_count`) and `b` itself, the caller's clone of the link. A user's
+/// handle ([`VmSpace::object_at`](crate::VmSpace::object_at),
+/// [`VmObject::backing`]) shows the object's pages, so it keeps them; a
+/// transient holder (a scan) just puts the merge off to the next call.
+fn no_handles(b: &Backing) -> bool {
+    Arc::strong_count(&b.object) <= b.object.ref_count() as usize + 1
 }

@@ -104,6 +104,8 @@ counters! {
     v_cluster_short,
     /// backing objects merged into their only shadow
     v_collapses,
+    /// fully shadowed backing objects a shadow stopped going through
+    v_bypasses,
     /// dirty pages written back by their pager
     v_pages_cleaned,
     /// pages read from swap

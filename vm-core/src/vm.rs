@@ -367,11 +367,7 @@ impl<P: Pmap> Vm<P> {
     /// An object the caller holds a handle to can be mapped again later:
     /// it is never "mapped by one entry only", and its pages stay its own.
     fn named(object: Arc<VmObject>) -> Arc<VmObject> {
-        {
-            let mut st = object.lock();
-            st.flags.remove(crate::object::ObjectFlags::ONEMAPPING);
-            st.flags.insert(crate::object::ObjectFlags::NAMED);
-        }
+        object.mark_named();
         object
     }
 

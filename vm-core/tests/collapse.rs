@@ -125,3 +125,114 @@ fn collapse_merges_below_a_shared_shadow() {
     assert_eq!(b, [0; 4], "the child's later write stays the child's");
     consistent(&vm);
 }
+
+/// Issue 16 item 3: a parent that forks again and again while its
+/// children live (each writes its page 0, so no collapse can merge) leaves
+/// a shadow per fork between it and its memory. Each of those backing
+/// objects holds only a page the parent's next shadow has its own copy
+/// of, so the parent's shadow bypasses it (FreeBSD's `object_bypasses`):
+/// the parent's chain stays short and its faults do not walk 64 objects,
+/// while every child still reads what the parent held when it forked.
+#[test]
+fn forks_with_children_alive_keep_the_parents_chain_short() {
+    let (vm, parent) = machine(512);
+    parent.map_anon(BASE, 16 * PAGE, Prot::RW).unwrap();
+    parent.write_u8(BASE, 0xaa).unwrap();
+    let mut kids = Vec::new();
+    for round in 0..64u8 {
+        let child = parent.fork().unwrap();
+        child.write_u8(BASE, round).unwrap();
+        parent.write_u8(BASE, 0x80 | round).unwrap();
+        kids.push(child);
+    }
+    let (obj, _) = parent.object_at(BASE).unwrap();
+    assert!(obj.chain_depth() <= 2, "chain of {}", obj.chain_depth());
+    drop(obj);
+    assert!(vm.counters().snapshot().v_bypasses >= 60);
+    assert_eq!(parent.read_u8(BASE).unwrap(), 0x80 | 63);
+    for (round, child) in (0u8..).zip(&kids) {
+        assert_eq!(child.read_u8(BASE).unwrap(), round, "child {round}");
+        assert_eq!(child.read_u8(BASE + 5 * PAGE).unwrap(), 0);
+    }
+    vm.check_consistency().unwrap();
+    drop(kids);
+    drop(parent);
+    assert_eq!(vm.free_pages(), vm.total_pages());
+}
+
+/// Bypassing must not hide what a backing object holds for the parent:
+/// each round the parent writes one of four pages before forking, so some
+/// backing objects hold pages the parent's shadow lacks (those stay in its
+/// chain) and others are fully covered (those are bypassed). Every child
+/// reads exactly the parent's memory at its fork, plus its own write.
+#[test]
+fn bypassed_and_kept_backing_objects_leave_every_view_intact() {
+    let (vm, parent) = machine(1024);
+    parent.map_anon(BASE, 4 * PAGE, Prot::RW).unwrap();
+    let mut now = [0u8; 4];
+    let mut kids = Vec::new();
+    for round in 0..48u8 {
+        let at = u64::from(round) * 7 % 4;
+        parent.write_u8(BASE + at * PAGE, round).unwrap();
+        now[at as usize] = round;
+        let child = parent.fork().unwrap();
+        child
+            .write_u8(BASE + PAGE * u64::from(round % 4) + 1, 0xee)
+            .unwrap();
+        kids.push((child, now, round % 4));
+        // The parent writes page 0 after each fork: its shadow covers it.
+        parent.write_u8(BASE, 0x40 | round).unwrap();
+        now[0] = 0x40 | round;
+    }
+    for (k, (child, seen, mine)) in kids.iter().enumerate() {
+        for p in 0..4u64 {
+            assert_eq!(
+                child.read_u8(BASE + p * PAGE).unwrap(),
+                seen[p as usize],
+                "child {k} page {p}"
+            );
+            let own = if p == u64::from(*mine) { 0xee } else { 0 };
+            assert_eq!(
+                child.read_u8(BASE + p * PAGE + 1).unwrap(),
+                own,
+                "child {k} page {p}+1"
+            );
+        }
+    }
+    for p in 0..4u64 {
+        assert_eq!(parent.read_u8(BASE + p * PAGE).unwrap(), now[p as usize]);
+    }
+    assert!(vm.counters().snapshot().v_bypasses > 0);
+    vm.check_consistency().unwrap();
+    drop(kids);
+    drop(parent);
+    assert_eq!(vm.free_pages(), vm.total_pages());
+}
+
+/// A handle to a backing object (from `object_at` before the fork) shows
+/// its pages: collapse must not merge them into the shadow and free the
+/// ones the shadow covers while the handle lives. Mapped again, the object
+/// still holds what was written before the fork.
+#[test]
+fn a_handle_keeps_its_object_from_being_collapsed_away() {
+    let (vm, parent) = machine(64);
+    parent.map_anon(BASE, PAGE, Prot::RW).unwrap();
+    parent.write(BASE, b"before").unwrap();
+    let (held, _) = parent.object_at(BASE).unwrap();
+    let child = parent.fork().unwrap();
+    parent.write(BASE, b"after!").unwrap();
+    drop(child);
+    // The child's exit leaves the old object to the parent's shadow alone.
+    let (top, _) = parent.object_at(BASE).unwrap();
+    vm.collapse(&top);
+    drop(top);
+    let other = vm.new_space().unwrap();
+    other
+        .map(vm_core::MapRequest::object(BASE, PAGE, held, 0, Prot::READ))
+        .unwrap();
+    let mut buf = [0u8; 6];
+    other.read(BASE, &mut buf).unwrap();
+    assert_eq!(&buf, b"before", "the handle's page was collapsed away");
+    parent.read(BASE, &mut buf).unwrap();
+    assert_eq!(&buf, b"after!");
+}

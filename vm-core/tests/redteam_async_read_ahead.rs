@@ -611,6 +611,8 @@ fn collapse_with_a_background_swap_in_in_flight() {
         assert!(r.laundered >= n, "{r:?}");
         let (anon, _) = space.object_at(BASE).unwrap();
         assert!(anon.resident_between(0, u64::MAX).is_empty());
+        // A live handle would keep the object from being merged.
+        drop(anon);
         let child = space.fork().unwrap();
         // Both write a page: each gets a shadow over the swap-backed object.
         write_anon(&space, BASE, 0, 0x80);

@@ -214,12 +214,24 @@ impl VmObject {
     }
 
     /// The backing object and the page offset into it.
+    ///
+    /// While the handle lives, collapse leaves the backing object whole
+    /// (it neither merges it into its shadow nor lets a shadow bypass it),
+    /// so what the handle shows stays what the chain held.
     #[must_use]
     pub fn backing(&self) -> Option<(Arc<VmObject>, u64)> {
         self.lock()
             .backing
             .as_ref()
             .map(|b| (b.object.clone(), b.offset))
+    }
+
+    /// Marks the object as found from outside the VM (a handle was given
+    /// out): [`ObjectFlags::NAMED`], and no longer one mapping's own.
+    pub(crate) fn mark_named(&self) {
+        let mut st = self.lock();
+        st.flags.remove(ObjectFlags::ONEMAPPING);
+        st.flags.insert(ObjectFlags::NAMED);
     }
 
     /// Length of the shadow chain from this object down (1 = no backing).

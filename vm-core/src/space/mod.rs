@@ -222,6 +222,11 @@ impl<P: Pmap> VmSpace<P> {
     }
 
     /// The object mapped at `va` and its page index there.
+    ///
+    /// While the handle lives, collapse does not empty the object into a
+    /// shadow (it keeps the pages the handle shows); mapping it with
+    /// [`MapRequest::object`](crate::MapRequest::object) makes it shared
+    /// memory for good ([`ObjectFlags::NAMED`]).
     #[must_use]
     pub fn object_at(&self, va: impl Into<VirtAddr>) -> Option<(Arc<VmObject>, u64)> {
         let va = va.into().as_u64();
@@ -328,15 +333,11 @@ impl<P: Pmap> VmSpace<P> {
                 e.inheritance = Inheritance::Share.min_with(e.inheritance);
             }
             obj.add_ref();
-            {
-                // An object the caller hands in (from `new_anon_object`, a
-                // pager, or another space's `object_at`) is one someone
-                // outside the map can find: it keeps its pages, and its
-                // mappings are shared memory.
-                let mut st = obj.lock();
-                st.flags.insert(ObjectFlags::NAMED);
-                st.flags.remove(ObjectFlags::ONEMAPPING);
-            }
+            // An object the caller hands in (from `new_anon_object`, a
+            // pager, or another space's `object_at`) is one someone outside
+            // the map can find: it keeps its pages, and its mappings are
+            // shared memory.
+            obj.mark_named();
             e.object = Some(obj);
             e.offset = offset;
             if req.private {
