@@ -86,31 +86,44 @@ fn shadow_depth(c: &mut Criterion) {
     let mut g = c.benchmark_group("shadow_depth");
     g.throughput(Throughput::Elements(FAULTS));
     let vm = machine(X86Pmap::new());
-    for depth in [1u64, 8, 64] {
+    // `covered`: after each fork the parent rewrites page 0, which is all
+    // the object below holds, so its shadow bypasses it and the chain
+    // stays short. `kept`: the parent writes a new page each time, so each
+    // object below holds a page the parent still reads through it and
+    // stays in its chain (the first fault at an index walks them all).
+    for (kind, depth) in [
+        ("covered", 1u64),
+        ("covered", 8),
+        ("covered", 64),
+        ("kept", 64),
+    ] {
         let vm = vm.clone();
         // The children of the previous sample, dropped when the next one
         // is set up.
         let children = std::sync::Mutex::new(Vec::new());
+        let page_of = move |round: u64| if kind == "kept" { round } else { 0 };
         faults(
             &mut g,
-            &depth.to_string(),
+            &format!("{kind}/{depth}"),
             move || {
                 // Each fork leaves the parent one shadow deeper when a
                 // child that wrote stays alive (collapse cannot merge).
                 let mut kids = children.lock().unwrap();
                 kids.clear();
                 let s = vm.new_space().unwrap();
-                s.map_anon(BASE, FAULTS * PAGE, Prot::RW).unwrap();
+                s.map_anon(BASE, 2 * FAULTS * PAGE, Prot::RW).unwrap();
                 s.write_u8(BASE, 1).unwrap();
-                for _ in 1..depth {
+                for round in 1..depth {
                     let child = s.fork().unwrap();
                     child.write_u8(BASE, 2).unwrap();
-                    s.write_u8(BASE, 3).unwrap();
+                    s.write_u8(BASE + page_of(round) * PAGE, 3).unwrap();
                     kids.push(child);
                 }
                 s
             },
-            |i| BASE + i * PAGE,
+            // Pages no object of the chain holds: each fault looks through
+            // the chain, then zero-fills.
+            |i| BASE + (FAULTS + i) * PAGE,
         );
     }
     g.finish();

@@ -37,7 +37,9 @@
 //!   on disjoint mappings of one space (alone, and with one more thread
 //!   mapping, faulting and unmapping beside them), zero-fill faults
 //!   interleaved over one shared mapping, and soft faults on disjoint
-//!   mappings, from 1 to 8 threads.
+//!   mappings, from 1 to 8 threads; `memset_floor` zeroes the same 16 MiB
+//!   of 4 KiB pages (of a 96 MiB region, the machine's size) with as many
+//!   threads: how far zeroing itself scales on the machine.
 //! * `region_size/{ours,kernel}/{1,4,16,64}` — zero-fill cost per fault
 //!   against region size (MiB), plotted by `scripts/plot_region_size.py`.
 //!
@@ -656,6 +658,10 @@ fn parallel(c: &mut Criterion) {
         s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
             .unwrap();
     };
+    // The memset floor's memory: as much as the machine has (a multiple
+    // of the 16 MiB a sample zeroes).
+    let mut floor = host_memory(96 << 20);
+    let mut floor_next = 0usize;
     for threads in [1u64, 2, 4, 8] {
         let per = pages / threads;
         // One mapping (so one object) per thread's region.
@@ -724,6 +730,25 @@ fn parallel(c: &mut Criterion) {
                 },
                 BatchSize::PerIteration,
             );
+        });
+        // The floor of a zero-fill fault: the same 16 MiB of 4 KiB pages
+        // zeroed by as many threads (spawned per sample, as above), walking
+        // a region the machine's size, as our faults zero its frames.
+        g.bench_function(format!("memset_floor/{threads}"), |b| {
+            b.iter(|| {
+                let at = floor_next;
+                floor_next = (floor_next + pages as usize * PAGE as usize) % floor.len();
+                let span = &mut floor[at..at + (pages * PAGE) as usize];
+                std::thread::scope(|sc| {
+                    for part in span.chunks_mut(span.len() / threads as usize) {
+                        sc.spawn(move || {
+                            for page in part.chunks_mut(PAGE as usize) {
+                                black_box(page).fill(0);
+                            }
+                        });
+                    }
+                });
+            });
         });
         // Resident objects, one per thread's region, filled once.
         let objects: Vec<_> = (0..threads)

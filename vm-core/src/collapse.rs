@@ -38,8 +38,18 @@ impl<P: Pmap> Vm<P> {
     /// the copies of into its own ([`Pager::absorb`](crate::Pager::absorb): two swap pagers of
     /// one device).
     pub fn collapse(&self, object: &Arc<VmObject>) -> usize {
+        // The caller's `object` may be a user's handle: it is counted as one.
+        self.collapse_chain(object, 0)
+    }
+
+    /// [`collapse`](Self::collapse) for the VM's own callers, which hold
+    /// `clones` `Arc`s of `object` besides its references (a fault's
+    /// first object: one).
+    pub(crate) fn collapse_chain(&self, object: &Arc<VmObject>, clones: usize) -> usize {
         let mut merged = 0;
         let mut cur = object.clone();
+        // `cur`'s own clone, and the caller's on the first object.
+        let mut held = clones + 1;
         loop {
             loop {
                 let counters = self.machine.counters.local();
@@ -47,7 +57,7 @@ impl<P: Pmap> Vm<P> {
                     // The merged object dies here, outside the locks.
                     drop(dead);
                     counters.v_collapses.fetch_add(1, Ordering::Relaxed);
-                } else if let Some(left) = Self::bypass(&cur) {
+                } else if let Some(left) = Self::bypass(&cur, held) {
                     // Others still hold it: only our reference goes.
                     drop(left);
                     counters.v_bypasses.fetch_add(1, Ordering::Relaxed);
@@ -58,7 +68,10 @@ impl<P: Pmap> Vm<P> {
             }
             let next = cur.lock().backing.as_ref().map(|b| b.object.clone());
             match next {
-                Some(next) => cur = next,
+                Some(next) => {
+                    cur = next;
+                    held = 1;
+                }
                 None => return merged,
             }
         }
@@ -72,20 +85,30 @@ impl<P: Pmap> Vm<P> {
     ///
     /// Only where the backing object cannot gain a page `object` would
     /// have to see, and `object` cannot lose one it covers: `object` is
-    /// nameless (no handle to resize it through); the backing object is
+    /// nameless and held by no handle (none to resize or map it through:
+    /// unmapping its last mapping frees its pages); the backing object is
     /// anonymous, nameless and held by no handle (none to map or write it
     /// through), every reference to it is a shadow's (no map
     /// entry zero-fills into it or writes it), it has no pager (swap
     /// copies not resident would have to be counted too), and no fault or
     /// pager works on either object (a fault in `object`'s chain may be
     /// between the two).
-    fn bypass(object: &Arc<VmObject>) -> Option<Backing> {
+    /// As in FreeBSD, a page `object` later gives up (its last mapping of
+    /// the index unmapped, or the object shrunk through a handle taken
+    /// after the bypass) then shows what lies below the bypassed object.
+    ///
+    /// `clones`: the `Arc`s of `object` the caller holds besides its
+    /// references (see [`VmObject::unexposed`]).
+    fn bypass(object: &Arc<VmObject>, clones: usize) -> Option<Backing> {
+        if !object.unexposed(clones) {
+            return None; // a handle could take pages it covers away
+        }
         let mut st = object.lock();
         let b = st.backing.clone()?;
         let mut bst = b.object.lock();
         let eligible = !st.flags.contains(ObjectFlags::NAMED)
             && b.object.ref_count() == bst.shadow_count
-            && no_handles(&b)
+            && b.object.unexposed(1)
             && !bst.flags.contains(ObjectFlags::NAMED)
             && bst.kind.is_anonymous()
             && bst.pager.is_none()
@@ -137,7 +160,7 @@ impl<P: Pmap> Vm<P> {
         // may be between the shadow and the backing object at any index
         // (its placeholder in the shadow is not a page to keep).
         let private = b.object.ref_count() == 1
-            && no_handles(&b)
+            && b.object.unexposed(1)
             && bst.shadow_count == 1
             && !bst.flags.contains(ObjectFlags::NAMED)
             && bst.kind.is_anonymous()
@@ -214,13 +237,4 @@ impl<P: Pmap> Vm<P> {
         drop(st);
         Some(b)
     }
-}
-
-/// Whether only the VM holds `b`'s object: its entries and shadows (its
-/// `ref_count`) and `b` itself, the caller's clone of the link. A user's
-/// handle ([`VmSpace::object_at`](crate::VmSpace::object_at),
-/// [`VmObject::backing`]) shows the object's pages, so it keeps them; a
-/// transient holder (a scan) just puts the merge off to the next call.
-fn no_handles(b: &Backing) -> bool {
-    Arc::strong_count(&b.object) <= b.object.ref_count() as usize + 1
 }

@@ -64,7 +64,8 @@ impl<P: Pmap> FaultState<'_, P> {
 
     /// Seed L717-755: moves `m` from `backing` into `first` if `backing` has
     /// one shadow and one reference, is anonymous with no handle (nobody
-    /// can look it up: a named object keeps its pages), and is directly
+    /// can look it up: a named object, or one a user holds, keeps its
+    /// pages), and is directly
     /// behind `first`. Unlike the seed, a held or wired page is never
     /// moved: its holder would be left looking at another object's page.
     fn try_rename(
@@ -87,10 +88,13 @@ impl<P: Pmap> FaultState<'_, P> {
             return false;
         }
         let mut bst = backing.lock();
+        // Held here three times: `backing`, the walk's paging-in-progress
+        // and the busy page `m`; a fourth `Arc` is a user's handle.
         if bst.shadow_count != 1
             || !bst.kind.is_anonymous()
             || bst.flags.contains(ObjectFlags::NAMED)
             || backing.ref_count() != 1
+            || !backing.unexposed(3)
         {
             return false;
         }

@@ -249,7 +249,7 @@ impl<'a, P: Pmap> FaultTarget<'a, P> {
                         // A copy-on-write just used the chain: merge what
                         // exited forks left private, now that this fault no
                         // longer holds the objects.
-                        self.vm.collapse(&first);
+                        self.vm.collapse_chain(&first, 1);
                     }
                     out.major = r.hard;
                     return Ok(out);

@@ -226,6 +226,19 @@ impl VmObject {
             .map(|b| (b.object.clone(), b.offset))
     }
 
+    /// Whether nobody outside the VM holds the object: its strong count is
+    /// its entries' and shadows' references ([`ref_count`](Self::ref_count))
+    /// plus `clones`, the `Arc`s the caller itself holds. A user's handle
+    /// ([`VmSpace::object_at`](crate::VmSpace::object_at),
+    /// [`backing`](Self::backing), [`Vm::live_objects`](crate::Vm::live_objects))
+    /// shows the object's pages, so while one lives they stay in it: no
+    /// collapse, bypass, copy-on-write rename or fork move takes them out.
+    /// A transient holder elsewhere in the VM (a scan) makes the answer
+    /// false too, which only puts such an optimisation off.
+    pub(crate) fn unexposed(self: &Arc<Self>, clones: usize) -> bool {
+        Arc::strong_count(self) <= self.ref_count() as usize + clones
+    }
+
     /// Marks the object as found from outside the VM (a handle was given
     /// out): [`ObjectFlags::NAMED`], and no longer one mapping's own.
     pub(crate) fn mark_named(&self) {
