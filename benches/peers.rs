@@ -626,14 +626,11 @@ fn swap(c: &mut Criterion) {
     g.finish();
 }
 
-/// Runs `work(thread)` on `threads` threads of one scope.
-fn on_threads(threads: u64, work: impl Fn(u64) + Sync) {
-    std::thread::scope(|sc| {
-        for t in 0..threads {
-            let work = &work;
-            sc.spawn(move || work(t));
-        }
-    });
+/// Runs `work(thread)` once on each of `pool`'s threads, which live
+/// across samples (spawning them per sample timed thread start-up, a
+/// quarter of an 8-thread sample).
+fn on_threads(pool: &rayon::ThreadPool, work: impl Fn(u64) + Sync) {
+    pool.broadcast(|ctx| work(ctx.index() as u64));
 }
 
 /// 1, 2, 4 and 8 threads: zero-fill faults on disjoint mappings (alone,
@@ -664,6 +661,10 @@ fn parallel(c: &mut Criterion) {
     let mut floor_next = 0usize;
     for threads in [1u64, 2, 4, 8] {
         let per = pages / threads;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads as usize)
+            .build()
+            .unwrap();
         // One mapping (so one object) per thread's region.
         let disjoint_space = || {
             let s = vm.new_space().unwrap();
@@ -674,7 +675,7 @@ fn parallel(c: &mut Criterion) {
             s
         };
         let disjoint_faults = |s: &vm_core::VmSpace<X86Pmap>| {
-            on_threads(threads, |t| {
+            on_threads(&pool, |t| {
                 (t * per..(t + 1) * per).for_each(|i| fault(s, i));
             });
         };
@@ -721,7 +722,7 @@ fn parallel(c: &mut Criterion) {
                     s
                 },
                 |s| {
-                    on_threads(threads, |t| {
+                    on_threads(&pool, |t| {
                         (t..pages)
                             .step_by(threads as usize)
                             .for_each(|i| fault(&s, i));
@@ -732,20 +733,21 @@ fn parallel(c: &mut Criterion) {
             );
         });
         // The floor of a zero-fill fault: the same 16 MiB of 4 KiB pages
-        // zeroed by as many threads (spawned per sample, as above), walking
+        // zeroed by as many threads (the same pool), walking
         // a region the machine's size, as our faults zero its frames.
         g.bench_function(format!("memset_floor/{threads}"), |b| {
             b.iter(|| {
                 let at = floor_next;
                 floor_next = (floor_next + pages as usize * PAGE as usize) % floor.len();
                 let span = &mut floor[at..at + (pages * PAGE) as usize];
-                std::thread::scope(|sc| {
-                    for part in span.chunks_mut(span.len() / threads as usize) {
-                        sc.spawn(move || {
-                            for page in part.chunks_mut(PAGE as usize) {
-                                black_box(page).fill(0);
-                            }
-                        });
+                let parts: Vec<std::sync::Mutex<&mut [u8]>> = span
+                    .chunks_mut(span.len() / threads as usize)
+                    .map(std::sync::Mutex::new)
+                    .collect();
+                on_threads(&pool, |t| {
+                    let mut part = parts[t as usize].lock().unwrap();
+                    for page in part.chunks_mut(PAGE as usize) {
+                        black_box(page).fill(0);
                     }
                 });
             });
@@ -778,7 +780,7 @@ fn parallel(c: &mut Criterion) {
                     s
                 },
                 |s| {
-                    on_threads(threads, |t| {
+                    on_threads(&pool, |t| {
                         for i in t * per..(t + 1) * per {
                             s.fault(BASE + i * PAGE, Prot::READ, FaultFlags::NORMAL)
                                 .unwrap();

@@ -606,7 +606,8 @@ impl<T: TlbHook> X86Pmap<T> {
         let (Some(phys), Some(table)) = (self.phys(), self.table_of(sp.root, va)) else {
             return (0, false);
         };
-        let (Some(slot), Some(_l)) = (slot_of(phys, table, va, Level::PT), self.table_lock(table))
+        let (Some(slot), Some(locked)) =
+            (slot_of(phys, table, va, Level::PT), self.table_lock(table))
         else {
             return (0, false);
         };
@@ -624,8 +625,8 @@ impl<T: TlbHook> X86Pmap<T> {
                     sp.wired.add(-1);
                 }
                 flush.note(va, old);
-                self.count_add(table, -1);
-                (old, self.count(table) == 0)
+                locked.count_add(-1);
+                (old, locked.count() == 0)
             }
             Some(replaced) => {
                 if slot.load(Ordering::Acquire) != replaced {
@@ -731,7 +732,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 return Err(e);
             }
         };
-        let _l = self.table_lock(table).ok_or(PmapError::NoMemory)?;
+        let locked = self.table_lock(table).ok_or(PmapError::NoMemory)?;
         let new = self.new_pte(page, prot, access, wired);
         let old = slot.load(Ordering::Acquire);
         let mut flush = PendingFlush::new(sp.root);
@@ -754,14 +755,14 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                     sp.wired.add(-1);
                 }
                 sp.resident.add(-1);
-                self.count_add(table, -1);
+                locked.count_add(-1);
                 self.complete(core::mem::replace(&mut flush, PendingFlush::new(sp.root)));
             }
             if page.managed {
                 self.pv.add(page.pfn, sp.id, va);
             }
             slot.store(new, Ordering::Release);
-            self.count_add(table, 1);
+            locked.count_add(1);
             sp.resident.add(1);
             if wired {
                 sp.wired.add(1);
@@ -797,6 +798,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         );
         let mut held: Option<(u64, TableLock<'_>)> = None;
         let mut mapped = 0;
+        // Counted per run of entries in one table, not per page.
+        let mut entered = 0i64;
         let mut failed_at = None;
         for (i, page) in (0u64..).zip(pages) {
             let Some(va) = i
@@ -806,6 +809,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 break;
             };
             if va & (Level::PD.span() - 1) == 0 {
+                sp.resident.add(core::mem::take(&mut entered));
                 held = None; // the run enters the next leaf table
             }
             let Some(page) = page else { continue };
@@ -838,10 +842,13 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 self.pv.add(page.pfn, sp.id, va);
             }
             slot.store(page.pfn.phys_addr().as_u64() | f.bits(), Ordering::Release);
-            self.count_add(t, 1);
-            sp.resident.add(1);
+            if let Some((_, l)) = &held {
+                l.count_add(1);
+            }
+            entered += 1;
             mapped += 1;
         }
+        sp.resident.add(entered);
         drop(held);
         drop(g);
         if let Some(va) = failed_at {

@@ -69,6 +69,22 @@ impl<'a, W: TableWord> TableLock<'a, W> {
     }
 }
 
+impl TableLock<'_, AtomicU64> {
+    /// Changes the locked table's count of valid entries.
+    pub(crate) fn count_add(&self, delta: i64) {
+        let old = self.0.fetch_add(delta as u64, Ordering::Relaxed);
+        debug_assert!(
+            count_of(old).checked_add_signed(delta).is_some(),
+            "table count"
+        );
+    }
+
+    /// The locked table's count of valid entries.
+    pub(crate) fn count(&self) -> u64 {
+        count_of(self.0.load(Ordering::Relaxed))
+    }
+}
+
 impl<W: TableWord> Drop for TableLock<'_, W> {
     fn drop(&mut self) {
         self.0.unlock();
