@@ -121,7 +121,15 @@ impl<P: Pmap> Vm<P> {
                     || st.pager.as_ref().is_some_and(|pg| pg.has_page(p).is_some())
             })
         };
-        if !eligible || !bst.pages.keys().all(|&bp| covered(bp)) {
+        // A fault's collapse tries this after every copy-on-write: a
+        // shadow without a pager that sees the whole backing object and
+        // has fewer pages than it cannot cover it, and is told so without
+        // a scan.
+        let too_few = st.pager.is_none()
+            && b.offset == 0
+            && st.size >= bst.size
+            && st.pages.len() < bst.pages.len();
+        if !eligible || too_few || !bst.pages.keys().all(|&bp| covered(bp)) {
             return None;
         }
         let below = bst.backing.clone().map(|bb| {
