@@ -1054,6 +1054,8 @@ fn marker_paged_out_and_read_back() {
                 "a zero-fill page carries a stale read-ahead marker"
             );
         }
+        // A live handle would keep the pages (and the memory) after unmap.
+        drop(aobj);
         s.space.unmap(anon, n * PAGE).unwrap();
         for p in 0..256 {
             page_ok(&s.space, p);

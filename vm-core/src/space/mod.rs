@@ -223,8 +223,9 @@ impl<P: Pmap> VmSpace<P> {
 
     /// The object mapped at `va` and its page index there.
     ///
-    /// While the handle lives, collapse does not empty the object into a
-    /// shadow (it keeps the pages the handle shows); mapping it with
+    /// While the handle lives the object keeps the pages it shows: collapse
+    /// does not empty it into a shadow, and unmapping (or dropping) the
+    /// space does not free them; mapping it with
     /// [`MapRequest::object`](crate::MapRequest::object) makes it shared
     /// memory for good ([`ObjectFlags::NAMED`]).
     #[must_use]
@@ -546,11 +547,13 @@ impl<P: Pmap> VmSpace<P> {
 impl<P: Pmap> VmSpace<P> {
     /// Drops removed entries' object references. Pages of an anonymous
     /// object that only this entry mapped can never be seen again: they
-    /// are freed now, not when the object dies (FreeBSD `vm_map_delete`).
+    /// are freed now, not when the object dies (FreeBSD `vm_map_delete`) —
+    /// unless a user holds the object ([`object_at`](Self::object_at)):
+    /// mapped again through that handle, they are its contents.
     fn release_entries(&self, entries: Vec<MapEntry>) {
         for e in entries {
             let Some(o) = &e.object else { continue };
-            let private = {
+            let private = o.unexposed(0) && {
                 let st = o.lock();
                 st.flags.contains(ObjectFlags::ONEMAPPING)
                     && st.kind.is_anonymous()
