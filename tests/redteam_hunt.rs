@@ -927,12 +927,10 @@ fn fork_after_truncate_extend<P: Pmap>(vm: &Arc<Vm<P>>) {
 }
 
 #[test]
-#[ignore = "known, not fixed: after a file under a user-wired private mapping is truncated and regrown, fork and mprotect(RW) of the wired entry fail with MissingPage (truncation frees the wired pages; FreeBSD keeps them, invalid, in the object). See the #16 note."]
 fn hunt_bug_fork_after_wired_file_truncate_extend_ref() {
     fork_after_truncate_extend(&Vm::new(RefPmap::new(), config(64)).unwrap());
 }
 #[test]
-#[ignore = "known, not fixed: after a file under a user-wired private mapping is truncated and regrown, fork and mprotect(RW) of the wired entry fail with MissingPage (truncation frees the wired pages; FreeBSD keeps them, invalid, in the object). See the #16 note."]
 fn hunt_bug_fork_after_wired_file_truncate_extend_x86() {
     fork_after_truncate_extend(&Vm::new(X86Pmap::new(), config(64)).unwrap());
 }
@@ -967,7 +965,6 @@ fn upgrade_after_truncate_extend<P: Pmap>(vm: &Arc<Vm<P>>) {
 }
 
 #[test]
-#[ignore = "known, not fixed: after a file under a user-wired private mapping is truncated and regrown, fork and mprotect(RW) of the wired entry fail with MissingPage (truncation frees the wired pages; FreeBSD keeps them, invalid, in the object). See the #16 note."]
 fn hunt_bug_mprotect_after_wired_file_truncate_extend_ref() {
     upgrade_after_truncate_extend(&Vm::new(RefPmap::new(), config(64)).unwrap());
 }
@@ -1108,4 +1105,55 @@ fn hunt_shared_concurrent_ref() {
 #[test]
 fn hunt_shared_concurrent_x86() {
     shared_concurrent(X86Pmap::new(), 64);
+}
+
+/// The same, with data written into the regrown file before the fork: the
+/// wired entry's pages are faulted back from the file (the new bytes), and
+/// the child's copy is taken from them.
+fn fork_after_truncate_extend_write<P: Pmap>(vm: &Arc<Vm<P>>) {
+    use std::os::unix::fs::FileExt;
+    let f = temp("trextw");
+    std::fs::write(&f.0, vec![0x5au8; 2 * PAGE as usize]).unwrap();
+    let pager = VnodePager::open(&f.0, true).unwrap();
+    let obj = pager.object(&**vm);
+    let base = 0x4000_0000;
+    let s = vm.new_space().unwrap();
+    s.map(MapRequest::object(base, 2 * PAGE, obj.clone(), 0, Prot::READ).private())
+        .unwrap();
+    s.wire(base, 2 * PAGE, true).unwrap();
+    pager.set_len(&**vm, &obj, 0).unwrap();
+    pager.set_len(&**vm, &obj, 2 * PAGE).unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&f.0).unwrap();
+    file.write_all_at(&[0x77u8; PAGE as usize], PAGE).unwrap();
+    let child = s.fork().unwrap();
+    // The file changes again after the fork: the child's copy does not.
+    file.write_all_at(&[0x99u8; PAGE as usize], PAGE).unwrap();
+    assert_eq!(rd64(&child, base), Ok(0), "child page 0 (a hole)");
+    assert_eq!(
+        rd64(&child, base + PAGE),
+        Ok(0x7777_7777_7777_7777),
+        "child page 1"
+    );
+    s.protect(base, 2 * PAGE, Prot::RW).unwrap();
+    assert_eq!(
+        rd64(&s, base + PAGE),
+        Ok(0x7777_7777_7777_7777),
+        "parent page 1"
+    );
+    drop(child);
+    s.unwire(base, 2 * PAGE, true).unwrap();
+    drop(s);
+    drop(obj);
+    consistent(vm, "end");
+    assert_eq!(vm.free_pages(), vm.total_pages());
+}
+
+#[test]
+fn wired_file_regrown_with_data_forks_a_snapshot_ref() {
+    fork_after_truncate_extend_write(&Vm::new(RefPmap::new(), config(64)).unwrap());
+}
+
+#[test]
+fn wired_file_regrown_with_data_forks_a_snapshot_x86() {
+    fork_after_truncate_extend_write(&Vm::new(X86Pmap::new(), config(64)).unwrap());
 }

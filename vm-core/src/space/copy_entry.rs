@@ -202,6 +202,39 @@ pub(crate) fn upgrade_wired_entry<P: Pmap>(
     Ok(())
 }
 
+/// Faults back, as their owner would, the pages wired entries of
+/// `start..end` show but no longer have resident: a file truncated under a
+/// wired mapping and grown again (truncation frees the wired pages; the
+/// wire record keeps them until unwired). Copying such an entry (fork, or
+/// a wired copy-on-write entry gaining write) needs every page, and must
+/// not read them under the map's write lock. Best effort, before that lock
+/// is taken: a page still missing then is the copy's error
+/// ([`MapError::MissingPage`]).
+pub(crate) fn refault_missing_wired<P: Pmap>(space: &VmSpace<P>, start: u64, end: u64) {
+    let missing: alloc::vec::Vec<u64> = {
+        let g = space.map.read();
+        g.entries
+            .range(..end)
+            .map(|(_, e)| e)
+            .filter(|e| e.end > start && e.wired_count != 0)
+            .flat_map(|e| {
+                let first = e.object.clone();
+                (e.start.max(start)..e.end.min(end))
+                    .step_by(PAGE_SIZE as usize)
+                    .filter(move |&va| {
+                        first
+                            .as_ref()
+                            .is_some_and(|o| matches!(shown_page(o, e.pindex(va)), Shown::Missing))
+                    })
+            })
+            .collect()
+    };
+    for va in missing {
+        // A fault on a wired entry moves the wiring to the page it maps.
+        let _ = space.fault(va, Prot::READ, crate::fault::FaultFlags::NORMAL);
+    }
+}
+
 /// Where the page an entry shows at `pindex` of its first object is.
 enum Shown {
     /// In the first object itself.

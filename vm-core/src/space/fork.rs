@@ -55,7 +55,9 @@ impl<P: Pmap> VmSpace<P> {
         let child = vm
             .retry_for_memory(|| vm.new_space(), |e| *e == PmapError::NoMemory)
             .map_err(MapError::Pmap)?;
-        let mut pg = self.write_settled(self.map.min_addr(), self.map.max_addr());
+        let (min, max) = (self.map.min_addr(), self.map.max_addr());
+        super::copy_entry::refault_missing_wired(self, min, max);
+        let mut pg = self.write_settled(min, max);
         let mut cg = child.map.write();
         let machine = &vm.machine;
         // Which held pages are the parent's own is decided before any entry

@@ -436,6 +436,10 @@ impl<P: Pmap> VmSpace<P> {
     ) -> Result<(), MapError> {
         let start = start.into().as_u64();
         let end = self.check_range(start, len)?;
+        if prot.contains(Prot::WRITE) {
+            // A wired copy-on-write entry gaining write copies its pages.
+            copy_entry::refault_missing_wired(self, start, end);
+        }
         let mut g = self.write_settled(start, end);
         if !g.covers(start, end) {
             return Err(MapError::NotMapped { start, end });
