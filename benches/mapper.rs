@@ -94,6 +94,37 @@ unsafe impl FrameAllocator<Size4KiB> for Bump {
     }
 }
 
+/// The `x86_64` crate's mapper over tables in `mem` (fresh and zeroed, so
+/// frame 0 is an empty root), with `vas` mapped as our bench maps them.
+fn crate_mapped<'a>(mem: &'a PhysMem, vas: &[u64]) -> OffsetPageTable<'a> {
+    let (base, len) = mem.host_region();
+    // SAFETY: frame 0 of the fresh region is the root table; the mapper
+    // reaches every other table through the offset, inside the region the
+    // bump allocator hands out, and the region outlives the mapper ('a).
+    let mut mapper = unsafe {
+        OffsetPageTable::new(
+            &mut *(base.as_ptr() as *mut PageTable),
+            VirtAddr::new(base.as_ptr() as u64),
+        )
+    };
+    let mut alloc = Bump {
+        next: 4096,
+        end: len,
+    };
+    let flags =
+        PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::USER_ACCESSIBLE;
+    for (i, &va) in vas.iter().enumerate() {
+        let page = Page::<Size4KiB>::containing_address(VirtAddr::new(va));
+        let frame = PhysFrame::containing_address(PhysAddr::new((0x10_0000 + i as u64) << 12));
+        // SAFETY: the frames mapped are never accessed; only the tables are
+        // written.
+        unsafe { mapper.map_to(page, frame, flags, &mut alloc) }
+            .unwrap()
+            .ignore();
+    }
+    mapper
+}
+
 fn peer(c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>, vas: &[u64]) {
     c.bench_function("x86_64_crate", |b| {
         b.iter_batched(
@@ -109,33 +140,7 @@ fn peer(c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
                 mem
             },
             |mem| {
-                let (base, len) = mem.host_region();
-                // SAFETY: frame 0 of the fresh region is the root table;
-                // the mapper reaches every other table through the offset,
-                // inside the region the bump allocator hands out.
-                let mut mapper = unsafe {
-                    OffsetPageTable::new(
-                        &mut *(base.as_ptr() as *mut PageTable),
-                        VirtAddr::new(base.as_ptr() as u64),
-                    )
-                };
-                let mut alloc = Bump {
-                    next: 4096,
-                    end: len,
-                };
-                let flags = PageTableFlags::PRESENT
-                    | PageTableFlags::WRITABLE
-                    | PageTableFlags::USER_ACCESSIBLE;
-                for (i, &va) in vas.iter().enumerate() {
-                    let page = Page::<Size4KiB>::containing_address(VirtAddr::new(va));
-                    let frame =
-                        PhysFrame::containing_address(PhysAddr::new((0x10_0000 + i as u64) << 12));
-                    // SAFETY: the frames mapped are never accessed; only the
-                    // tables are written.
-                    unsafe { mapper.map_to(page, frame, flags, &mut alloc) }
-                        .unwrap()
-                        .ignore();
-                }
+                let mapper = crate_mapped(&mem, vas);
                 for &va in vas {
                     black_box(mapper.translate_addr(VirtAddr::new(va)));
                 }
@@ -163,9 +168,7 @@ fn translate(c: &mut Criterion) {
             attr: MemAttr::WriteBack,
         };
         let m = Mapping::new(page, Prot::RW).access(Prot::READ);
-        vm.pmap()
-            .enter(&owned.1, vm_core::VirtAddr(va), m)
-            .unwrap();
+        vm.pmap().enter(&owned.1, vm_core::VirtAddr(va), m).unwrap();
     }
     g.bench_function("ours_software_mmu", |b| {
         b.iter(|| {
@@ -183,31 +186,7 @@ fn translate(c: &mut Criterion) {
         });
     });
     let mem = PhysMem::anonymous(64 << 20).unwrap();
-    let (base, len) = mem.host_region();
-    // SAFETY: frame 0 of the fresh (zeroed) region is the root table; the
-    // mapper reaches every other table through the offset, inside the
-    // region the bump allocator hands out.
-    let mut mapper = unsafe {
-        OffsetPageTable::new(
-            &mut *(base.as_ptr() as *mut PageTable),
-            VirtAddr::new(base.as_ptr() as u64),
-        )
-    };
-    let mut alloc = Bump {
-        next: 4096,
-        end: len,
-    };
-    let flags =
-        PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::USER_ACCESSIBLE;
-    for (i, &va) in vas.iter().enumerate() {
-        let page = Page::<Size4KiB>::containing_address(VirtAddr::new(va));
-        let frame = PhysFrame::containing_address(PhysAddr::new((0x10_0000 + i as u64) << 12));
-        // SAFETY: the frames mapped are never accessed; only the tables are
-        // written.
-        unsafe { mapper.map_to(page, frame, flags, &mut alloc) }
-            .unwrap()
-            .ignore();
-    }
+    let mapper = crate_mapped(&mem, &vas);
     g.bench_function("x86_64_crate", |b| {
         b.iter(|| {
             for &va in &vas {
