@@ -210,13 +210,20 @@ pub(crate) fn upgrade_wired_entry<P: Pmap>(
 /// not read them under the map's write lock. Best effort, before that lock
 /// is taken: a page still missing then is the copy's error
 /// ([`MapError::MissingPage`]).
-pub(crate) fn refault_missing_wired<P: Pmap>(space: &VmSpace<P>, start: u64, end: u64) {
+///
+/// `copied` picks the wired entries the caller will copy.
+pub(crate) fn refault_missing_wired<P: Pmap>(
+    space: &VmSpace<P>,
+    start: u64,
+    end: u64,
+    copied: impl Fn(&MapEntry) -> bool,
+) {
     let missing: alloc::vec::Vec<u64> = {
         let g = space.map.read();
         g.entries
             .range(..end)
             .map(|(_, e)| e)
-            .filter(|e| e.end > start && e.wired_count != 0)
+            .filter(|e| e.end > start && e.wired_count != 0 && copied(e))
             .flat_map(|e| {
                 let first = e.object.clone();
                 (e.start.max(start)..e.end.min(end))

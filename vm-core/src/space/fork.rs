@@ -56,7 +56,9 @@ impl<P: Pmap> VmSpace<P> {
             .retry_for_memory(|| vm.new_space(), |e| *e == PmapError::NoMemory)
             .map_err(MapError::Pmap)?;
         let (min, max) = (self.map.min_addr(), self.map.max_addr());
-        super::copy_entry::refault_missing_wired(self, min, max);
+        super::copy_entry::refault_missing_wired(self, min, max, |e| {
+            e.inheritance == Inheritance::Copy
+        });
         let mut pg = self.write_settled(min, max);
         let mut cg = child.map.write();
         let machine = &vm.machine;

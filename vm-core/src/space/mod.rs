@@ -438,7 +438,9 @@ impl<P: Pmap> VmSpace<P> {
         let end = self.check_range(start, len)?;
         if prot.contains(Prot::WRITE) {
             // A wired copy-on-write entry gaining write copies its pages.
-            copy_entry::refault_missing_wired(self, start, end);
+            copy_entry::refault_missing_wired(self, start, end, |e| {
+                e.eflags.contains(EntryFlags::USER_WIRED | EntryFlags::COW)
+            });
         }
         let mut g = self.write_settled(start, end);
         if !g.covers(start, end) {
