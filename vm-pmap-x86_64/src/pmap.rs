@@ -980,10 +980,10 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let va = va.as_u64();
         // The page directory entry exists and is not a superpage, and the
         // PTE is empty (FreeBSD `pmap_is_prefaultable`).
-        // A hint, read without the space lock (entries are atomics and
-        // table frames stay inside physical memory even if freed
-        // meanwhile): enter_quick checks again under the lock and never
-        // replaces anything.
+        // A hint, read without the table-tree lock (entries are atomics
+        // and table frames stay inside physical memory even if freed
+        // meanwhile): enter_quick checks again under the leaf table's lock
+        // and never replaces anything.
         self.check_va(va).is_ok()
             && self
                 .leaf_slot(space.0.root, va)

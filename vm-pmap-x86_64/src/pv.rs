@@ -6,7 +6,8 @@
 //! list is an index, not a hash lookup, and two faults contend only when
 //! they map the same frame. A head holds one mapping inline, the common
 //! case; a frame mapped more widely spills to the heap. A list lock is
-//! always taken after a space's lock.
+//! always taken last, after a space's table locks (see the `pmap` module's
+//! locking protocol).
 
 use alloc::boxed::Box;
 use smallvec::SmallVec;
