@@ -349,7 +349,8 @@ impl<P: Pmap> Vm<P> {
     /// Every live object of the machine (a snapshot, in no order).
     #[must_use]
     pub fn live_objects(&self) -> alloc::vec::Vec<Arc<VmObject>> {
-        self.machine.objects.all()
+        let all = self.machine.objects.all();
+        all.into_iter().map(VmObject::hand_out).collect()
     }
 
     /// A new anonymous (zero-fill) object of `size` pages.
@@ -368,7 +369,7 @@ impl<P: Pmap> Vm<P> {
     /// it is never "mapped by one entry only", and its pages stay its own.
     fn named(object: Arc<VmObject>) -> Arc<VmObject> {
         object.mark_named();
-        object
+        object.hand_out()
     }
 
     /// Destroys `object` now (a revoked device, a reclaimed vnode): removes
@@ -467,9 +468,25 @@ impl<P: Pmap> Vm<P> {
     /// Removes the resident pages `start..end` of `object` from every pmap
     /// and frees them, sleeping on busy ones (`vm_object_page_remove`).
     pub(crate) fn page_remove(&self, object: &VmObject, start: u64, end: u64) {
+        self.page_remove_unless(object, start, end, || false);
+    }
+
+    /// [`page_remove`](Self::page_remove), unless `keep()` says otherwise
+    /// under the object's lock (each time it is taken): a caller's test
+    /// that nothing else can change while the pages go.
+    pub(crate) fn page_remove_unless(
+        &self,
+        object: &VmObject,
+        start: u64,
+        end: u64,
+        keep: impl Fn() -> bool,
+    ) {
         let pages = &self.machine.pages;
         loop {
             let mut st = object.lock();
+            if keep() {
+                return;
+            }
             let doomed: alloc::vec::Vec<(u64, PageId)> = st
                 .pages
                 .iter()

@@ -95,7 +95,9 @@ fn a_full_swap_device_keeps_pages_in_memory_and_reports_the_shortage() {
         }
     }
     vm.check_consistency().unwrap();
-    // Unmapping gives the swap space back and the machine recovers.
+    // Unmapping gives the swap space back and the machine recovers (once
+    // the handle, which would keep the object's contents, is gone).
+    drop(obj);
     space.unmap(BASE, 64 * PAGE).unwrap();
     assert_eq!(swap.stats().used, 0);
     space.map_anon(BASE, 4 * PAGE, Prot::RW).unwrap();

@@ -83,6 +83,9 @@ pub struct VmObject {
     id: ObjectId,
     pub(crate) machine: Arc<Machine>,
     ref_count: AtomicU32,
+    /// Whether the VM ever gave a user a handle to the object (see
+    /// [`unexposed`](Self::unexposed)).
+    handed_out: core::sync::atomic::AtomicBool,
     pip: crate::sync::Gate,
     state: Mutex<ObjectState>,
 }
@@ -120,6 +123,7 @@ impl VmObject {
             id: ObjectId(id),
             machine: machine.clone(),
             ref_count: AtomicU32::new(0),
+            handed_out: core::sync::atomic::AtomicBool::new(false),
             pip: crate::sync::Gate::default(),
             state: Mutex::new(ObjectState {
                 pages: HashMap::new(),
@@ -220,10 +224,29 @@ impl VmObject {
     /// so what the handle shows stays what the chain held.
     #[must_use]
     pub fn backing(&self) -> Option<(Arc<VmObject>, u64)> {
+        let (object, offset) = self.backing_link()?;
+        Some((object.hand_out(), offset))
+    }
+
+    /// [`backing`](Self::backing) for the VM's own walks.
+    pub(crate) fn backing_link(&self) -> Option<(Arc<VmObject>, u64)> {
         self.lock()
             .backing
             .as_ref()
             .map(|b| (b.object.clone(), b.offset))
+    }
+
+    /// A handle for a user: the object is marked as handed out (see
+    /// [`unexposed`](Self::unexposed)) under its lock, so a caller that
+    /// asks `unexposed` under the lock and acts before unlocking sees the
+    /// handle either wholly before or wholly after.
+    pub(crate) fn hand_out(self: Arc<Self>) -> Arc<Self> {
+        {
+            let _st = self.lock();
+            self.handed_out
+                .store(true, core::sync::atomic::Ordering::Release);
+        }
+        self
     }
 
     /// Whether nobody outside the VM holds the object: its strong count is
@@ -232,11 +255,19 @@ impl VmObject {
     /// ([`VmSpace::object_at`](crate::VmSpace::object_at),
     /// [`backing`](Self::backing), [`Vm::live_objects`](crate::Vm::live_objects))
     /// shows the object's pages, so while one lives they stay in it: no
-    /// collapse, bypass, copy-on-write rename or fork move takes them out.
-    /// A transient holder elsewhere in the VM (a scan) makes the answer
-    /// false too, which only puts such an optimisation off.
+    /// collapse, bypass or copy-on-write rename takes them out, and an
+    /// unmap does not free them. (A page held across a fork still moves
+    /// with the parent: the hold's guarantee comes first.) A transient
+    /// holder elsewhere in the VM (a scan) makes the answer false too,
+    /// which only puts an optimisation off (or, for an object once handed
+    /// out, leaves an unmapped range's pages to the object's death).
+    ///
+    /// An object the VM never handed to a user (the common case: private
+    /// memory nobody asked about) is unexposed whoever else holds it for a
+    /// moment; only for one that was handed out do the counts decide.
     pub(crate) fn unexposed(self: &Arc<Self>, clones: usize) -> bool {
-        Arc::strong_count(self) <= self.ref_count() as usize + clones
+        !self.handed_out.load(core::sync::atomic::Ordering::Acquire)
+            || Arc::strong_count(self) <= self.ref_count() as usize + clones
     }
 
     /// Marks the object as found from outside the VM (a handle was given
@@ -251,10 +282,10 @@ impl VmObject {
     #[must_use]
     pub fn chain_depth(&self) -> usize {
         let mut depth = 1;
-        let mut cur = self.backing();
+        let mut cur = self.backing_link();
         while let Some((o, _)) = cur {
             depth += 1;
-            cur = o.backing();
+            cur = o.backing_link();
         }
         depth
     }

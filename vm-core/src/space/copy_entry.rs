@@ -75,6 +75,9 @@ fn copy_pages<P: Pmap>(
             // Past the end of a truncated file: nothing to copy, as the
             // parent's access there faults.
             Shown::Beyond => continue,
+            // Lost to a truncation and not faulted back because nothing
+            // may access the entry (`PROT_NONE`): nothing to copy either.
+            Shown::Missing if src.protection.is_empty() => continue,
             Shown::Missing => None,
         }
         .ok_or(MapError::MissingPage { addr: va })?;
@@ -152,7 +155,6 @@ pub(crate) fn copy_page<P: Pmap>(
 ///
 /// # Errors
 ///
-/// [`MapError::MissingPage`] if a page of the wired entry is not resident,
 /// [`MapError::ResourceShortage`] if no memory can be had; the pages copied
 /// up to then stay (each is the entry's private copy of what it showed).
 pub(crate) fn upgrade_wired_entry<P: Pmap>(
@@ -176,7 +178,11 @@ pub(crate) fn upgrade_wired_entry<P: Pmap>(
         let va = e.start + index * PAGE_SIZE;
         let src = match shown_page(&first, base + index) {
             Shown::Own(_) | Shown::Beyond => continue,
-            Shown::Missing => return Err(MapError::MissingPage { addr: va }),
+            // Lost to a truncation and not faulted back (the entry allowed
+            // no access before this change): the entry's first write
+            // there copies what the object holds then, as for any page it
+            // has not copied.
+            Shown::Missing => continue,
             Shown::Below(id) => id,
         };
         let dst = copy_page(space, src, &first, base + index)?;
@@ -208,8 +214,11 @@ pub(crate) fn upgrade_wired_entry<P: Pmap>(
 /// wire record keeps them until unwired). Copying such an entry (fork, or
 /// a wired copy-on-write entry gaining write) needs every page, and must
 /// not read them under the map's write lock. Best effort, before that lock
-/// is taken: a page still missing then is the copy's error
-/// ([`MapError::MissingPage`]).
+/// is taken, with an access the entry allows (none for `PROT_NONE`, whose
+/// copy leaves such a page out): a page of an accessible entry still
+/// missing then (a truncation racing the fork) is fork's
+/// [`MapError::MissingPage`]; a wired entry gaining write leaves it to its
+/// first write fault.
 ///
 /// `copied` picks the wired entries the caller will copy.
 pub(crate) fn refault_missing_wired<P: Pmap>(
@@ -218,7 +227,7 @@ pub(crate) fn refault_missing_wired<P: Pmap>(
     end: u64,
     copied: impl Fn(&MapEntry) -> bool,
 ) {
-    let missing: alloc::vec::Vec<u64> = {
+    let missing: alloc::vec::Vec<(u64, Prot)> = {
         let g = space.map.read();
         g.entries
             .range(..end)
@@ -226,6 +235,11 @@ pub(crate) fn refault_missing_wired<P: Pmap>(
             .filter(|e| e.end > start && e.wired_count != 0 && copied(e))
             .flat_map(|e| {
                 let first = e.object.clone();
+                // A fault needs an access the entry allows now; a
+                // `PROT_NONE` entry's missing pages are left to the copy.
+                let access = [Prot::READ, Prot::WRITE, Prot::EXECUTE]
+                    .into_iter()
+                    .find(|&a| e.protection.contains(a));
                 (e.start.max(start)..e.end.min(end))
                     .step_by(PAGE_SIZE as usize)
                     .filter(move |&va| {
@@ -233,12 +247,13 @@ pub(crate) fn refault_missing_wired<P: Pmap>(
                             .as_ref()
                             .is_some_and(|o| matches!(shown_page(o, e.pindex(va)), Shown::Missing))
                     })
+                    .filter_map(move |va| Some((va, access?)))
             })
             .collect()
     };
-    for va in missing {
+    for (va, access) in missing {
         // A fault on a wired entry moves the wiring to the page it maps.
-        let _ = space.fault(va, Prot::READ, crate::fault::FaultFlags::NORMAL);
+        let _ = space.fault(va, access, crate::fault::FaultFlags::NORMAL);
     }
 }
 

@@ -163,20 +163,21 @@ impl<P: Pmap> VmSpace<P> {
 
 /// The indexes (in `e`'s object) of the held pages of `e`'s range, when
 /// they are the parent's own: its object is private anonymous memory
-/// (mapped by this space's entries only, each at its own indexes, no
-/// handle of a user's, not awaiting a copy). Held pages of shared or named
-/// objects are not the parent's to give away.
+/// (mapped by this space's entries only, each at its own indexes, not
+/// named, not awaiting a copy). Held pages of shared or named objects are
+/// not the parent's to give away.
 fn held_pages(e: &MapEntry) -> Vec<u64> {
     let Some(object) = &e.object else {
         return Vec::new();
     };
-    // A user's handle (`object_at`) shows the object's pages: they stay.
-    let unexposed = object.unexposed(0);
+    // No handle test here (unlike collapse's): the held page must move
+    // with the parent whoever else holds the object, or the holder and the
+    // parent part (CVE-2020-29374); a handle to the object taken before
+    // the fork then no longer shows that page.
     let st = object.lock();
     let own = st.kind.is_anonymous()
         && st.flags.contains(ObjectFlags::ONEMAPPING)
         && !st.flags.contains(ObjectFlags::NAMED)
-        && unexposed
         && !e.eflags.contains(EntryFlags::NEEDS_COPY);
     if !own {
         return Vec::new();

@@ -233,7 +233,7 @@ impl<P: Pmap> VmSpace<P> {
         let va = va.into().as_u64();
         let g = self.map.read();
         let e = g.find(va)?;
-        Some((e.object.clone()?, e.pindex(va)))
+        Some((e.object.clone()?.hand_out(), e.pindex(va)))
     }
 
     /// Checks `start..start+len` and returns its end.
@@ -425,9 +425,8 @@ impl<P: Pmap> VmSpace<P> {
     /// [`MapError::ProtectionExceedsMax`] if `prot` exceeds an entry's
     /// maximum; nothing changes then. A user-wired copy-on-write entry
     /// that gains write gets its own wired copies of its pages; if that
-    /// fails ([`MapError::ResourceShortage`], [`MapError::MissingPage`])
-    /// that entry keeps its old protection and entries before it keep the
-    /// new one.
+    /// fails ([`MapError::ResourceShortage`]) that entry keeps its old
+    /// protection and entries before it keep the new one.
     pub fn protect(
         &self,
         start: impl Into<VirtAddr>,
@@ -559,7 +558,7 @@ impl<P: Pmap> VmSpace<P> {
     fn release_entries(&self, entries: Vec<MapEntry>) {
         for e in entries {
             let Some(o) = &e.object else { continue };
-            let private = o.unexposed(0) && {
+            let private = {
                 let st = o.lock();
                 st.flags.contains(ObjectFlags::ONEMAPPING)
                     && st.kind.is_anonymous()
@@ -567,7 +566,11 @@ impl<P: Pmap> VmSpace<P> {
             };
             if private {
                 let first = e.offset / PAGE_SIZE;
-                self.vm.page_remove(o, first, first + e.pages());
+                // Asked under the object's lock, which handing a handle out
+                // takes too: a handle either exists now (the pages stay)
+                // or comes after they are gone.
+                self.vm
+                    .page_remove_unless(o, first, first + e.pages(), || !o.unexposed(0));
             }
             o.drop_ref();
         }
