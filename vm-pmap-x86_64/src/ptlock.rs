@@ -31,18 +31,31 @@ pub(crate) trait TableWord {
     fn unlock(&self);
 }
 
-impl TableWord for AtomicU64 {
-    fn peek(&self) -> u64 {
-        self.load(Ordering::Relaxed)
-    }
-    fn try_lock(&self, seen: u64) -> bool {
-        self.compare_exchange_weak(seen, seen | LOCKED, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-    }
-    fn unlock(&self) {
-        self.fetch_and(!LOCKED, Ordering::Release);
-    }
+/// [`TableWord`] for an atomic type with the core atomics' methods (the
+/// core one here, loom's in the model check): one body for both.
+macro_rules! table_word_for {
+    ($atomic:ty) => {
+        impl TableWord for $atomic {
+            fn peek(&self) -> u64 {
+                self.load(Ordering::Relaxed)
+            }
+            fn try_lock(&self, seen: u64) -> bool {
+                self.compare_exchange_weak(
+                    seen,
+                    seen | LOCKED,
+                    Ordering::Acquire,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            }
+            fn unlock(&self) {
+                self.fetch_and(!LOCKED, Ordering::Release);
+            }
+        }
+    };
 }
+
+table_word_for!(AtomicU64);
 
 /// A held table lock; dropping it unlocks.
 #[must_use = "the table is unlocked when the guard goes"]
@@ -102,18 +115,7 @@ mod loom_checks {
     use loom::sync::Arc;
     use loom::sync::atomic::AtomicU64 as LoomU64;
 
-    impl TableWord for LoomU64 {
-        fn peek(&self) -> u64 {
-            self.load(Ordering::Relaxed)
-        }
-        fn try_lock(&self, seen: u64) -> bool {
-            self.compare_exchange_weak(seen, seen | LOCKED, Ordering::Acquire, Ordering::Relaxed)
-                .is_ok()
-        }
-        fn unlock(&self) {
-            self.fetch_and(!LOCKED, Ordering::Release);
-        }
-    }
+    table_word_for!(LoomU64);
 
     #[test]
     fn loom_table_lock_excludes_and_keeps_counts() {
