@@ -19,23 +19,9 @@ use vm_pager_swap::Swap;
 use vm_pager_vnode::VnodePager;
 use vm_pmap_x86_64::X86Pmap;
 use vm_testkit::RefPmap;
+use vm_testkit::support::TempPath;
 
 const PAGE: u64 = 4096;
-
-struct Temp(PathBuf);
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-fn temp(tag: &str) -> Temp {
-    static N: AtomicU64 = AtomicU64::new(0);
-    Temp(std::env::temp_dir().join(format!(
-        "vm-hunt-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )))
-}
 
 fn config(pages: u64) -> VmConfig {
     VmConfig {
@@ -783,8 +769,8 @@ fn fuzz_run<P: Pmap>(pmap: P, mem_pages: u64, seed: u64, steps: usize, wire_ok: 
         .and_then(|v| v.parse().ok())
         .unwrap_or(steps);
     eprintln!("seed {seed} steps {steps}");
-    let swap_t = temp("swap");
-    let file_t = temp("file");
+    let swap_t = TempPath::new();
+    let file_t = TempPath::new();
     let mut bytes = vec![0u8; (FILE_PAGES * PAGE) as usize];
     for p in 0..FILE_PAGES {
         let v = 0x1_0000 + p;
@@ -894,7 +880,7 @@ fn hunt_model_x86() {
 /// succeed (FreeBSD's fork never fails on a wired entry) and the child must
 /// read what the parent reads.
 fn fork_after_truncate_extend<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let f = temp("trext");
+    let f = TempPath::new();
     std::fs::write(&f.0, vec![0x5au8; 2 * PAGE as usize]).unwrap();
     let pager = VnodePager::open(&f.0, true).unwrap();
     let obj = pager.object(&**vm);
@@ -939,7 +925,7 @@ fn hunt_bug_fork_after_wired_file_truncate_extend_x86() {
 /// mapping, then `mprotect(RW)`: the upgrade of a user-wired COW entry
 /// (upgrade_wired_entry) meets the same non-resident page.
 fn upgrade_after_truncate_extend<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let f = temp("trext-up");
+    let f = TempPath::new();
     std::fs::write(&f.0, vec![0x5au8; 2 * PAGE as usize]).unwrap();
     let pager = VnodePager::open(&f.0, true).unwrap();
     let obj = pager.object(&**vm);
@@ -976,7 +962,7 @@ fn hunt_bug_mprotect_after_wired_file_truncate_extend_ref() {
 
 fn shared_concurrent<P: Pmap + 'static>(pmap: P, mem: u64) {
     use std::sync::atomic::AtomicBool;
-    let swap_t = temp("cswap");
+    let swap_t = TempPath::new();
     let vm = Vm::new(pmap, config(mem)).unwrap();
     let swap = Swap::create(&swap_t.0, 8 << 20).unwrap();
     vm.set_swap(swap.provider());
@@ -1112,7 +1098,7 @@ fn hunt_shared_concurrent_x86() {
 /// the child's copy is taken from them.
 fn fork_after_truncate_extend_write<P: Pmap>(vm: &Arc<Vm<P>>) {
     use std::os::unix::fs::FileExt;
-    let f = temp("trextw");
+    let f = TempPath::new();
     std::fs::write(&f.0, vec![0x5au8; 2 * PAGE as usize]).unwrap();
     let pager = VnodePager::open(&f.0, true).unwrap();
     let obj = pager.object(&**vm);

@@ -5,32 +5,17 @@
 //! regrown file: `copy_entry::refault_missing_wired`).
 #![allow(clippy::unwrap_used, dead_code)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use vm_core::{Inheritance, MapError, MapRequest, Pmap, Prot, Vm, VmConfig, VmSpace};
 use vm_pager_swap::Swap;
 use vm_pager_vnode::VnodePager;
 use vm_pmap_x86_64::X86Pmap;
 use vm_testkit::RefPmap;
+use vm_testkit::support::TempPath;
 
 const PAGE: u64 = 4096;
-
-struct Temp(PathBuf);
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-fn temp(tag: &str) -> Temp {
-    static N: AtomicU64 = AtomicU64::new(0);
-    Temp(std::env::temp_dir().join(format!(
-        "vm-latest-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )))
-}
 
 fn config(pages: u64) -> VmConfig {
     VmConfig {
@@ -102,11 +87,10 @@ fn wrpage<P: Pmap>(s: &VmSpace<P>, va: u64, v: u64) -> Result<(), String> {
 /// A file of `pages` pages of byte `fill`, its pager and object.
 fn file<P: Pmap>(
     vm: &Arc<Vm<P>>,
-    tag: &str,
     pages: u64,
     fill: u8,
-) -> (Temp, Arc<VnodePager>, Arc<vm_core::VmObject>) {
-    let f = temp(tag);
+) -> (TempPath, Arc<VnodePager>, Arc<vm_core::VmObject>) {
+    let f = TempPath::new();
     std::fs::write(&f.0, vec![fill; (pages * PAGE) as usize]).unwrap();
     let pager = VnodePager::open(&f.0, true).unwrap();
     let obj = pager.object(&**vm);
@@ -142,7 +126,7 @@ macro_rules! both {
 /// "FreeBSD never fails there"); the refault reads with Prot::READ, which a
 /// PROT_NONE entry refuses.
 fn prot_none_wired_fork<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let (_f, pager, obj) = file(vm, "none", 2, 0x5a);
+    let (_f, pager, obj) = file(vm, 2, 0x5a);
     let s = vm.new_space().unwrap();
     s.map(MapRequest::object(FB, 2 * PAGE, obj.clone(), 0, Prot::READ).private())
         .unwrap();
@@ -174,7 +158,7 @@ both!(prot_none_wired_fork_after_regrow, prot_none_wired_fork, 64);
 /// The same PROT_NONE wired private file mapping, then mprotect(RW) after
 /// truncate + regrow: the upgrade copies every page the entry shows.
 fn prot_none_wired_upgrade<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let (_f, pager, obj) = file(vm, "noneup", 2, 0x5a);
+    let (_f, pager, obj) = file(vm, 2, 0x5a);
     let s = vm.new_space().unwrap();
     s.map(MapRequest::object(FB, 2 * PAGE, obj.clone(), 0, Prot::READ).private())
         .unwrap();
@@ -204,7 +188,7 @@ both!(
 /// Write-only wired private file mapping: wired while readable, made
 /// write-only (no upgrade copies happen: RW -> W), truncate + regrow, fork.
 fn write_only_wired_fork<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let (_f, pager, obj) = file(vm, "wo", 2, 0x5a);
+    let (_f, pager, obj) = file(vm, 2, 0x5a);
     let s = vm.new_space().unwrap();
     // Shared file mapping, minherit(COPY): copy_entry copies it at fork.
     s.map(MapRequest::object(FB, 2 * PAGE, obj.clone(), 0, Prot::RW))
@@ -235,7 +219,7 @@ both!(
 
 /// PROT_NONE wired shared file mapping with inheritance Copy.
 fn prot_none_shared_copy_fork<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let (_f, pager, obj) = file(vm, "nonesh", 2, 0x5a);
+    let (_f, pager, obj) = file(vm, 2, 0x5a);
     let s = vm.new_space().unwrap();
     s.map(MapRequest::object(FB, 2 * PAGE, obj.clone(), 0, Prot::RW))
         .unwrap();
@@ -266,7 +250,7 @@ both!(
 /// and regrown with new data: fork copies what the file holds at fork.
 fn shared_copy_fork_regrown_data<P: Pmap>(vm: &Arc<Vm<P>>) {
     use std::os::unix::fs::FileExt;
-    let (f, pager, obj) = file(vm, "shcp", 2, 0x5a);
+    let (f, pager, obj) = file(vm, 2, 0x5a);
     let s = vm.new_space().unwrap();
     s.map(MapRequest::object(FB, 2 * PAGE, obj.clone(), 0, Prot::RW))
         .unwrap();
@@ -298,7 +282,7 @@ both!(shared_copy_fork_regrown, shared_copy_fork_regrown_data, 64);
 /// Truncated, not regrown: pages past EOF stay "Beyond"; fork succeeds;
 /// both read SIGBUS there.
 fn truncated_not_regrown<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let (_f, pager, obj) = file(vm, "trunc", 3, 0x5a);
+    let (_f, pager, obj) = file(vm, 3, 0x5a);
     let s = vm.new_space().unwrap();
     s.map(MapRequest::object(FB, 3 * PAGE, obj.clone(), 0, Prot::READ).private())
         .unwrap();
@@ -334,7 +318,7 @@ both!(truncated_not_regrown_fork, truncated_not_regrown, 64);
 /// wired private mapping, then fork: the child sees the data up to EOF and
 /// zeros after it, as the parent does.
 fn truncated_mid_page<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let (_f, pager, obj) = file(vm, "mid", 2, 0x5a);
+    let (_f, pager, obj) = file(vm, 2, 0x5a);
     let s = vm.new_space().unwrap();
     s.map(MapRequest::object(FB, 2 * PAGE, obj.clone(), 0, Prot::READ).private())
         .unwrap();
@@ -367,7 +351,7 @@ both!(truncated_mid_page_fork, truncated_mid_page, 64);
 /// mprotect(RW) of only the middle page of a 3-page wired private file
 /// mapping after truncate + regrow.
 fn partial_upgrade<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let (_f, pager, obj) = file(vm, "part", 3, 0x5a);
+    let (_f, pager, obj) = file(vm, 3, 0x5a);
     let s = vm.new_space().unwrap();
     s.map(MapRequest::object(FB, 3 * PAGE, obj.clone(), 0, Prot::READ).private())
         .unwrap();
@@ -402,7 +386,7 @@ both!(partial_upgrade_after_regrow, partial_upgrade, 64);
 /// mapping; unwire leaves no wired page.
 fn share_none_inheritance<P: Pmap>(vm: &Arc<Vm<P>>) {
     use std::os::unix::fs::FileExt;
-    let (f, pager, obj) = file(vm, "shnone", 2, 0x5a);
+    let (f, pager, obj) = file(vm, 2, 0x5a);
     let s = vm.new_space().unwrap();
     s.map(MapRequest::object(FB, 2 * PAGE, obj.clone(), 0, Prot::RW))
         .unwrap();
@@ -468,7 +452,7 @@ both!(wired_anon_fork_protect, wired_anon, 64);
 /// Truncation racing fork from another thread: fork may fail with
 /// MissingPage (documented) but must not hang, corrupt or leak.
 fn truncate_races_fork<P: Pmap + 'static>(vm: &Arc<Vm<P>>) {
-    let (_f, pager, obj) = file(vm, "race", 4, 0x5a);
+    let (_f, pager, obj) = file(vm, 4, 0x5a);
     let s = Arc::new(vm.new_space().unwrap());
     s.map(MapRequest::object(FB, 4 * PAGE, obj.clone(), 0, Prot::READ).private())
         .unwrap();
@@ -660,7 +644,7 @@ both!(backing_handle_t, backing_handle, 64);
 /// Handle held across unmap, then pageout to swap while nothing maps the
 /// object, then remapped: data intact; after dropping all: no leaks.
 fn handle_unmap_swap<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let sw = temp("swap");
+    let sw = TempPath::new();
     let swap = Swap::create(&sw.0, 4 << 20).unwrap();
     vm.set_swap(swap.provider());
     let s = vm.new_space().unwrap();
@@ -1068,7 +1052,7 @@ both!(live_objects_races_unmap, live_objects_vs_unmap, 64);
 /// third truncates and regrows the file: no hang, fork fails only with
 /// MissingPage, nothing leaks.
 fn fork_wire_truncate_storm<P: Pmap + 'static>(vm: &Arc<Vm<P>>) {
-    let (_f, pager, obj) = file(vm, "storm", 4, 0x5a);
+    let (_f, pager, obj) = file(vm, 4, 0x5a);
     let s = Arc::new(vm.new_space().unwrap());
     s.map(MapRequest::object(FB, 4 * PAGE, obj.clone(), 0, Prot::READ).private())
         .unwrap();
@@ -1161,7 +1145,7 @@ both!(fork_wire_truncate_storm_t, fork_wire_truncate_storm, 96);
 /// handle_blocks_rename with the backing object's pages on swap: the COW
 /// fault pages them in from the backing object first.
 fn handle_blocks_rename_swapped<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let sw = temp("swr");
+    let sw = TempPath::new();
     let swap = Swap::create(&sw.0, 4 << 20).unwrap();
     vm.set_swap(swap.provider());
     let s = vm.new_space().unwrap();

@@ -3,23 +3,16 @@
 //! passed on the code they were written against.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use vm_core::{Pmap, Prot, Vm, VmConfig, VmSpace};
 use vm_pager_swap::Swap;
 use vm_testkit::RefPmap;
+use vm_testkit::support::TempPath;
 
 const PAGE: u64 = 4096;
 const BASE: u64 = 0x1000_0000;
 const N: u64 = 8;
-
-struct Temp(PathBuf);
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 /// The parent forks 40 times with up to 10 children alive (each round's
 /// covering write makes the parent's shadow bypass the previous one),
@@ -30,8 +23,7 @@ impl Drop for Temp {
 /// write; the parent its last writes; at the end every frame (pages and
 /// page tables) is free again.
 fn forks_bypass_and_faults_under_pressure<P: Pmap>(tag: &str, pmap: P) {
-    let swap_path =
-        Temp(std::env::temp_dir().join(format!("rt-ptl-swap-{tag}-{}", std::process::id())));
+    let swap_path = TempPath::new();
     let config = VmConfig {
         memory_wait_ms: 2,
         memory_retries: 100,
