@@ -66,17 +66,28 @@ struct FreeShard {
     plain: u32,
 }
 
+/// Free-page counts and the count of threads waiting for free memory.
+#[derive(Debug, Default)]
+struct FreeCounts {
+    free: AtomicU64,
+    free_zeroed: AtomicU64,
+    mem_waiters: AtomicU32,
+}
+
 /// The page array plus queues.
 pub(crate) struct Pages {
     pages: Box<[VmPage]>,
     base_pfn: u64,
-    shards: Box<[Mutex<FreeShard>]>,
-    free: AtomicU64,
-    free_zeroed: AtomicU64,
+    /// The free lists, each on a cache line of its own (four unpadded
+    /// shards share one, and their threads would bounce it).
+    shards: Box<[crossbeam_utils::CachePadded<Mutex<FreeShard>>]>,
+    /// The free counts, which every allocation and free changes, on a
+    /// cache line of their own: beside the read-only fields above, every
+    /// page lookup on every CPU would miss after each allocation.
+    counts: crossbeam_utils::CachePadded<FreeCounts>,
     active: ShardedCount,
     inactive: ShardedCount,
     wired: ShardedCount,
-    mem_waiters: AtomicU32,
     waits: WaitTable,
     pub(crate) thresholds: Thresholds,
     /// Records for device (fictitious) pages, ids after the RAM pages.
@@ -102,10 +113,10 @@ impl Pages {
             .into();
         let shards = (0..SHARDS)
             .map(|_| {
-                Mutex::new(FreeShard {
+                crossbeam_utils::CachePadded::new(Mutex::new(FreeShard {
                     zeroed: NIL,
                     plain: NIL,
-                })
+                }))
             })
             .collect::<Vec<_>>()
             .into();
@@ -113,12 +124,10 @@ impl Pages {
             pages,
             base_pfn,
             shards,
-            free: AtomicU64::new(0),
-            free_zeroed: AtomicU64::new(0),
+            counts: crossbeam_utils::CachePadded::new(FreeCounts::default()),
             active: ShardedCount::default(),
             inactive: ShardedCount::default(),
             wired: ShardedCount::default(),
-            mem_waiters: AtomicU32::new(0),
             waits: WaitTable::default(),
             thresholds,
             fict: (0..fictitious)
@@ -197,11 +206,11 @@ impl Pages {
     }
 
     pub(crate) fn free_count(&self) -> u64 {
-        self.free.load(Ordering::Acquire)
+        self.counts.free.load(Ordering::Acquire)
     }
 
     pub(crate) fn free_zeroed_count(&self) -> u64 {
-        self.free_zeroed.load(Ordering::Acquire)
+        self.counts.free_zeroed.load(Ordering::Acquire)
     }
 
     pub(crate) fn queue_count(&self, q: PageQueue) -> u64 {
@@ -237,9 +246,9 @@ impl Pages {
         page.set_free_link(*head);
         *head = id.0;
         if zeroed {
-            self.free_zeroed.fetch_add(1, Ordering::AcqRel);
+            self.counts.free_zeroed.fetch_add(1, Ordering::AcqRel);
         }
-        self.free.fetch_add(1, Ordering::AcqRel);
+        self.counts.free.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Allocates a free page, preferring a known-zero one when `zero` (the
@@ -310,9 +319,9 @@ impl Pages {
                 let page = self.get(id);
                 *head = page.free_link();
                 drop(shard);
-                self.free.fetch_sub(1, Ordering::AcqRel);
+                self.counts.free.fetch_sub(1, Ordering::AcqRel);
                 if want_zero {
-                    self.free_zeroed.fetch_sub(1, Ordering::AcqRel);
+                    self.counts.free_zeroed.fetch_sub(1, Ordering::AcqRel);
                 }
                 page.set_queue(PageQueue::None);
                 page.set_identity(crate::page::NO_OBJECT, 0);
@@ -348,7 +357,7 @@ impl Pages {
     fn release_pending(&self, id: PageId) {
         if self.get(id).claim_pending_free() {
             self.push_free(id);
-            if self.mem_waiters.load(Ordering::Acquire) != 0 {
+            if self.counts.mem_waiters.load(Ordering::Acquire) != 0 {
                 self.waits().notify(MEMORY_KEY);
             }
         }
@@ -396,10 +405,10 @@ impl Pages {
     /// Sleeps until free memory is above the severe mark or `ms` elapse
     /// (FreeBSD `VM_WAITPFAULT`). Returns whether memory is now available.
     pub(crate) fn wait_for_memory(&self, ms: u64) -> bool {
-        self.mem_waiters.fetch_add(1, Ordering::AcqRel);
+        self.counts.mem_waiters.fetch_add(1, Ordering::AcqRel);
         self.waits()
             .wait_timeout(MEMORY_KEY, || self.count_severe(), ms);
-        self.mem_waiters.fetch_sub(1, Ordering::AcqRel);
+        self.counts.mem_waiters.fetch_sub(1, Ordering::AcqRel);
         !self.count_severe()
     }
 

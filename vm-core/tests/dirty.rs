@@ -74,3 +74,34 @@ fn nosync_entries_mark_clean_pages_nosync() {
     );
     consistent(&vm);
 }
+
+/// The first object's "written" marks (`OBJ_WRITEABLE`, `OBJ_MIGHTBEDIRTY`)
+/// come with the first writable mapping of one of its pages, and only
+/// then: the fault reads them in its walk and locks the object again only
+/// to set them.
+#[test]
+fn written_marks_come_with_the_first_writable_mapping() {
+    use vm_core::object::ObjectFlags;
+    let marks = ObjectFlags::WRITEABLE | ObjectFlags::MIGHTBEDIRTY;
+    let (vm, space) = machine(32);
+    let obj = vm.new_anon_object(4);
+    let req = MapRequest::object(BASE, 4 * PAGE, obj.clone(), 0, Prot::READ);
+    space.map(req).unwrap();
+    space.fault(BASE, Prot::READ, FaultFlags::NORMAL).unwrap();
+    assert!(!obj.flags().intersects(marks), "a read-only mapping");
+    let other = vm.new_space().unwrap();
+    let req = MapRequest::object(BASE, 4 * PAGE, obj.clone(), 0, Prot::RW);
+    other.map(req).unwrap();
+    // A read through a writable mapping of a resident anonymous page maps
+    // it writable: marked.
+    other.fault(BASE, Prot::READ, FaultFlags::NORMAL).unwrap();
+    let pte = vm.pmap().pte(other.pmap_space(), BASE).unwrap();
+    assert!(pte.prot.contains(Prot::WRITE));
+    assert!(obj.flags().contains(marks));
+    // Later faults find the marks set and keep them.
+    other
+        .fault(BASE + PAGE, Prot::WRITE, FaultFlags::DIRTY)
+        .unwrap();
+    assert!(obj.flags().contains(marks));
+    consistent(&vm);
+}

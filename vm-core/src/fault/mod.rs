@@ -357,6 +357,7 @@ impl<'a, P: Pmap> FaultTarget<'a, P> {
             read_around: None,
             marker_hit: false,
             first: Pip::new(info.object),
+            first_info: FirstInfo::default(),
         };
         fs.walk(&mut r.hard)?;
         if fs.marker_hit {
@@ -436,6 +437,23 @@ pub(crate) struct FaultState<'a, P: Pmap> {
     marker_hit: bool,
     /// The first object, referenced and paging-in-progress.
     first: Pip,
+    /// What the walk read of the first object for `finish`.
+    first_info: FirstInfo,
+}
+
+/// What `finish` needs of the first object, read under its lock by the
+/// walk's first step. Pageout may give an anonymous object swap meanwhile
+/// (a pager, a kind that maps clean pages read-only), but it cannot have
+/// written the page this fault holds busy, so that page has no copy there
+/// to protect or free: what was read still decides for it.
+#[derive(Clone, Copy, Debug, Default)]
+struct FirstInfo {
+    /// It has a pager (which may hold a copy of the page).
+    pager: bool,
+    /// Its pager's kind maps clean pages read-only.
+    clean_read_only: bool,
+    /// It is already marked written (the marks are never taken back).
+    written: bool,
 }
 
 impl<P: Pmap> Drop for FaultState<'_, P> {
@@ -459,11 +477,19 @@ impl<'a, P: Pmap> FaultState<'a, P> {
     }
 
     /// Seed L317-686: find the page, leaving it busy in `self.m`.
+    ///
+    /// Each object of the chain is locked once: what the walk needs of it
+    /// later (its backing link; of the first object, what `finish` needs)
+    /// is read in that one hold. The backing link stays as read while this
+    /// fault holds the object paging-in-progress (collapse and bypass, its
+    /// only writers, leave such objects alone); see [`FirstInfo`] for the
+    /// rest.
     fn walk(&mut self, hard: &mut bool) -> Result<(), Step> {
         loop {
             let obj = self.current().clone();
             let trypager;
             let resident;
+            let below;
             {
                 let mut st = obj.lock();
                 if st.flags.contains(ObjectFlags::DEAD) {
@@ -478,7 +504,20 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                 // under the map lock; here the entry is in transition, and
                 // a page a pager holds is never zero-filled over.
                 trypager = st.pager.is_some();
+                if self.object.is_none() {
+                    self.first_info = FirstInfo {
+                        pager: trypager,
+                        clean_read_only: trypager && st.kind.maps_clean_read_only(),
+                        written: st
+                            .flags
+                            .contains(ObjectFlags::WRITEABLE | ObjectFlags::MIGHTBEDIRTY),
+                    };
+                }
                 resident = st.pages.get(&self.pindex).copied();
+                below = match resident {
+                    Some(_) => None,
+                    None => st.backing.clone(),
+                };
                 if let Some(id) = resident {
                     let page = self.machine.pages.get(id);
                     if !page.try_busy() {
@@ -568,8 +607,7 @@ impl<'a, P: Pmap> FaultState<'a, P> {
             } else {
                 self.m = None;
             }
-            let backing = obj.lock().backing.clone();
-            match backing {
+            match below {
                 None => return self.zero_fill(),
                 Some(b) => {
                     self.pindex += b.offset;
@@ -684,19 +722,20 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         let m = self.m.as_ref().expect("page found");
         let page = m.page();
         let dirtying = self.prot.contains(Prot::WRITE) && ctx.flags.contains(FaultFlags::DIRTY);
-        // One look at the first object: its type, its pager, and the
-        // "written" flags when the mapping is writable.
-        let (clean_read_only, pager) = {
+        // The first object is locked again only to mark it written the
+        // first time, or to tell its pager about a page this fault dirties.
+        let info = self.first_info;
+        let mark = self.prot.contains(Prot::WRITE) && !info.written;
+        let pager = if mark || (dirtying && info.pager) {
             let mut st = self.first.object().lock();
-            if self.prot.contains(Prot::WRITE) {
+            if mark {
                 st.flags |= ObjectFlags::WRITEABLE | ObjectFlags::MIGHTBEDIRTY;
             }
-            // The pager is only told about pages dirtied by this fault.
-            (
-                st.pager.is_some() && st.kind.maps_clean_read_only(),
-                if dirtying { st.pager.clone() } else { None },
-            )
+            if dirtying { st.pager.clone() } else { None }
+        } else {
+            None
         };
+        let clean_read_only = info.clean_read_only;
         // A clean page with a copy on swap is mapped read-only by a read
         // fault, so that the first write faults and frees the swap block
         // (`page_unswapped`) instead of leaving a stale copy allocated.
