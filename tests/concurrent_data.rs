@@ -10,7 +10,6 @@
 //! pmaps, under a watchdog, for a bounded time (`DATA_TEST_MS`, default
 //! 1500 ms each).
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +17,7 @@ use vm_core::{MapRequest, Pmap, Prot, Vm, VmConfig};
 use vm_pager_swap::Swap;
 use vm_pager_vnode::VnodePager;
 use vm_testkit::RefPmap;
+use vm_testkit::support::TempPath;
 
 const PAGE: u64 = 4096;
 /// Pages of each region.
@@ -29,18 +29,6 @@ const REGIONS: [u64; 4] = [0x1000_0000, 0x2000_0000, 0x3000_0000, 0x4000_0000];
 /// Where each writer's record lives in a page, and how long it is.
 const AT: usize = 100;
 const LEN: usize = 16;
-
-struct Temp(PathBuf);
-
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn temp(tag: &str) -> Temp {
-    Temp(std::env::temp_dir().join(format!("vm-data-{tag}-{}", std::process::id())))
-}
 
 /// A writer's record for a page: who, which page, which write.
 fn record(writer: u64, region: usize, page: u64, seq: u64) -> [u8; LEN] {
@@ -54,23 +42,23 @@ fn record(writer: u64, region: usize, page: u64, seq: u64) -> [u8; LEN] {
 
 #[test]
 fn every_byte_is_what_its_writer_wrote_reference_pmap() {
-    run("ref", RefPmap::new());
+    run(RefPmap::new());
 }
 
 #[test]
 fn every_byte_is_what_its_writer_wrote_x86_64_pmap() {
-    run("x86", vm_pmap_x86_64::X86Pmap::new());
+    run(vm_pmap_x86_64::X86Pmap::new());
 }
 
 #[allow(clippy::too_many_lines)]
-fn run<P: Pmap>(tag: &str, pmap: P) {
+fn run<P: Pmap>(pmap: P) {
     let run_for = Duration::from_millis(
         std::env::var("DATA_TEST_MS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(1500),
     );
-    let (swap_path, file_path) = (temp(&format!("swap-{tag}")), temp(&format!("file-{tag}")));
+    let (swap_path, file_path) = (TempPath::new(), TempPath::new());
     std::fs::write(&file_path.0, vec![0u8; (PAGES * PAGE) as usize]).unwrap();
     let config = VmConfig {
         memory_wait_ms: 2,

@@ -3,8 +3,7 @@
 //! the symptom and the suspected cause.
 #![allow(clippy::unwrap_used, dead_code)]
 
-use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::path::PathBuf;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
@@ -14,40 +13,11 @@ use vm_core::{
 };
 use vm_pager_vnode::VnodePager;
 use vm_pmap_x86_64::X86Pmap;
+use vm_testkit::support::{TempPath, bounded};
 use vm_testkit::{MemPager, RefPmap};
 
 const PAGE: u64 = 4096;
 const BASE: u64 = 0x1000_0000;
-
-/// Runs `f` on its own thread; fails if it has not returned after `secs`.
-fn watchdog(secs: u64, what: &str, f: impl FnOnce() + Send + 'static) {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let r = catch_unwind(AssertUnwindSafe(f));
-        let _ = tx.send(r);
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(Ok(())) => {}
-        Ok(Err(panic)) => resume_unwind(panic),
-        Err(_) => panic!("{what}: still running after {secs} s (hang)"),
-    }
-}
-
-struct Temp(PathBuf);
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-fn temp(tag: &str) -> Temp {
-    use std::sync::atomic::AtomicU64;
-    static N: AtomicU64 = AtomicU64::new(0);
-    Temp(std::env::temp_dir().join(format!(
-        "vm-rt-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )))
-}
 
 fn ref_vm(pages: u64) -> Arc<Vm<RefPmap>> {
     Vm::new(RefPmap::new(), vm_testkit::test_config(pages)).unwrap()
@@ -138,7 +108,7 @@ impl Pager for GatePager {
 /// frees) a frame that may already belong to someone else.
 #[test]
 fn rt_terminate_object_frees_page_busy_in_writeback() {
-    watchdog(30, "terminate during msync", || {
+    bounded(30, || {
         let vm = ref_vm(64);
         let space = Arc::new(vm.new_space().unwrap());
         let (pager, entered, release) = GatePager::new(4);
@@ -231,7 +201,7 @@ fn fork_wired_prot_none_ref_pmap() {
 fn rt_fork_fails_after_wired_file_truncated() {
     let vm = ref_vm(128);
     let space = vm.new_space().unwrap();
-    let f = temp("trunc");
+    let f = TempPath::new();
     std::fs::write(&f.0, vec![0x5au8; 4 * PAGE as usize]).unwrap();
     let pager = VnodePager::open(&f.0, true).unwrap();
     let obj = pager.object(&vm);
@@ -432,10 +402,10 @@ fn rt_write_forced_refuses_private_anon_until_fork() {
 /// lock. Racy: bounded to a few seconds, fails within ~0.1-1 s here.
 #[test]
 fn rt_truncate_racing_msync_regrows_file() {
-    watchdog(60, "truncate vs msync", || {
+    bounded(60, || {
         let vm = ref_vm(256);
         let space = Arc::new(vm.new_space().unwrap());
-        let f = temp("regrow");
+        let f = TempPath::new();
         const N: u64 = 16;
         std::fs::write(&f.0, vec![0u8; (N * PAGE) as usize]).unwrap();
         let pager = VnodePager::open(&f.0, true).unwrap();
@@ -481,7 +451,7 @@ fn rt_truncate_racing_msync_regrows_file() {
 fn rt_write_forced_refuses_child_copy_of_wired_private_file() {
     let vm = ref_vm(64);
     let space = vm.new_space().unwrap();
-    let f = temp("wfchild");
+    let f = TempPath::new();
     std::fs::write(&f.0, vec![0x11u8; 2 * PAGE as usize]).unwrap();
     let obj = VnodePager::open(&f.0, true).unwrap().object(&vm);
     space
@@ -520,7 +490,7 @@ fn rt_write_forced_refuses_child_copy_of_wired_private_file() {
 #[test]
 fn rt_swap_and_chain_grow_without_bound_under_fork_pageout() {
     let vm = ref_vm(128);
-    let f = temp("swapgrow");
+    let f = TempPath::new();
     let swap = vm_pager_swap::Swap::create(&f.0, 4 << 20).unwrap();
     vm.set_swap(swap.provider());
     let space = vm.new_space().unwrap();
@@ -570,7 +540,7 @@ fn secs() -> u64 {
 fn rt_map_offset_overflow_panics_or_maps_wrong_page() {
     let vm = ref_vm(64);
     let space = vm.new_space().unwrap();
-    let f = temp("ovf");
+    let f = TempPath::new();
     std::fs::write(&f.0, vec![0x77u8; PAGE as usize]).unwrap();
     let obj = VnodePager::open(&f.0, true).unwrap().object(&vm);
     let offset = !(PAGE - 1);
@@ -703,7 +673,7 @@ impl vm_core::SwapProvider for KeepSwap {
 /// is paused (MemPager::pause_next) while the fork runs.
 #[test]
 fn rt_read_hold_racing_fork_pins_shared_page() {
-    watchdog(30, "hold vs fork", || {
+    bounded(30, || {
         let vm = ref_vm(64);
         let swap = Arc::new(KeepSwap::default());
         vm.set_swap(swap.clone());
@@ -745,7 +715,7 @@ fn rt_read_hold_racing_fork_pins_shared_page() {
 fn rt_mprotect_upgrade_fails_after_wired_file_truncated() {
     let vm = ref_vm(128);
     let space = vm.new_space().unwrap();
-    let f = temp("trunc2");
+    let f = TempPath::new();
     std::fs::write(&f.0, vec![0x5au8; 4 * PAGE as usize]).unwrap();
     let pager = VnodePager::open(&f.0, true).unwrap();
     let obj = pager.object(&vm);
@@ -765,7 +735,7 @@ fn rt_mprotect_upgrade_fails_after_wired_file_truncated() {
 #[test]
 fn wired_file_truncate_extend_refault() {
     for x86 in [false, true] {
-        let f = temp("trunc3");
+        let f = TempPath::new();
         std::fs::write(&f.0, vec![0x5au8; 4 * PAGE as usize]).unwrap();
         let pager = VnodePager::open(&f.0, true).unwrap();
         let check = |vm: &dyn Fn() -> Result<(), String>| vm().unwrap();

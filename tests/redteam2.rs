@@ -4,10 +4,9 @@
 //! that held up, kept as regression checks.
 #![allow(clippy::unwrap_used, dead_code)]
 
-use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
-use std::path::PathBuf;
+use std::panic::resume_unwind;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 use vm_core::{
     FaultFlags, Inheritance, MapRequest, MemAttr, PagerKind, Pmap, Prot, Vm, VmConfig, VmSpace,
@@ -17,39 +16,11 @@ use vm_pager_device::{DeviceMmap, DevicePager};
 use vm_pager_swap::Swap;
 use vm_pager_vnode::VnodePager;
 use vm_pmap_x86_64::X86Pmap;
+use vm_testkit::support::{TempPath, bounded};
 use vm_testkit::{MemPager, RefPmap};
 
 const PAGE: u64 = 4096;
 const BASE: u64 = 0x1000_0000;
-
-/// Runs `f` on its own thread; fails if it has not returned after `secs`.
-fn watchdog(secs: u64, what: &str, f: impl FnOnce() + Send + 'static) {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let r = catch_unwind(AssertUnwindSafe(f));
-        let _ = tx.send(r);
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(Ok(())) => {}
-        Ok(Err(panic)) => resume_unwind(panic),
-        Err(_) => panic!("{what}: still running after {secs} s (hang)"),
-    }
-}
-
-struct Temp(PathBuf);
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-fn temp(tag: &str) -> Temp {
-    static N: AtomicU64 = AtomicU64::new(0);
-    Temp(std::env::temp_dir().join(format!(
-        "vm-rt2-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )))
-}
 
 fn config(pages: u64) -> VmConfig {
     VmConfig {
@@ -100,8 +71,8 @@ fn all_free<P: Pmap>(vm: &Vm<P>, swap: Option<&Swap>, what: &str) {
     );
 }
 
-fn with_swap<P: Pmap>(vm: &Vm<P>, tag: &str) -> (Swap, Temp) {
-    let t = temp(tag);
+fn with_swap<P: Pmap>(vm: &Vm<P>) -> (Swap, TempPath) {
+    let t = TempPath::new();
     let s = Swap::create(&t.0, 4 << 20).unwrap();
     vm.set_swap(s.provider());
     (s, t)
@@ -123,7 +94,7 @@ fn squeeze<P: Pmap>(vm: &Vm<P>) {
 /// next copy-on-write collapses (merging two swap pagers). Every page must
 /// read what was last written there, and all swap must come back.
 fn collapse_merge<P: Pmap>(vm: &Arc<Vm<P>>, offset_pages: u64) {
-    let (swap, _t) = with_swap(&**vm, "merge");
+    let (swap, _t) = with_swap(&**vm);
     let n = 8;
     {
         let parent = vm.new_space().unwrap();
@@ -208,7 +179,7 @@ fn collapse_merge_swap_x86() {
 #[test]
 fn fork_pageout_loop_returns_all_swap() {
     let vm = ref_vm(128);
-    let (swap, _t) = with_swap(&*vm, "loop");
+    let (swap, _t) = with_swap(&*vm);
     {
         let parent = vm.new_space().unwrap();
         parent.map_anon(BASE, 16 * PAGE, Prot::RW).unwrap();
@@ -330,7 +301,7 @@ fn wired_device_x86() {
 // ---------------------------------------------------------------------
 
 fn hold_outlives_space<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let (swap, _t) = with_swap(&**vm, "hold");
+    let (swap, _t) = with_swap(&**vm);
     {
         let space = vm.new_space().unwrap();
         space.map_anon(BASE, 4 * PAGE, Prot::RW).unwrap();
@@ -363,7 +334,7 @@ fn hold_outlives_space_x86() {
 // ---------------------------------------------------------------------
 
 fn forced_everywhere<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let file_t = temp("forced-file");
+    let file_t = TempPath::new();
     let bytes: Vec<u8> = (0..8 * PAGE).map(|i| (i / PAGE) as u8 | 0x80).collect();
     std::fs::write(&file_t.0, &bytes).unwrap();
     {
@@ -610,16 +581,12 @@ fn wiring_fails_while_others_wait<P: Pmap + 'static>(vm: Arc<Vm<P>>) {
 
 #[test]
 fn wiring_fails_while_others_wait_ref() {
-    watchdog(30, "wiring fails (ref)", || {
-        wiring_fails_while_others_wait(ref_vm(128))
-    });
+    bounded(30, || wiring_fails_while_others_wait(ref_vm(128)));
 }
 
 #[test]
 fn wiring_fails_while_others_wait_x86() {
-    watchdog(30, "wiring fails (x86)", || {
-        wiring_fails_while_others_wait(x86_vm(128))
-    });
+    bounded(30, || wiring_fails_while_others_wait(x86_vm(128)));
 }
 
 // ---------------------------------------------------------------------
@@ -642,7 +609,7 @@ fn sig(w: u64, seq: u64, child: bool) -> u64 {
 }
 
 fn swap_storm<P: Pmap + 'static>(vm: Arc<Vm<P>>, tag: &str) {
-    let (swap, _t) = with_swap(&*vm, tag);
+    let (swap, _t) = with_swap(&*vm);
     const N: u64 = 32;
     {
         let space = Arc::new(vm.new_space().unwrap());
@@ -925,7 +892,7 @@ fn rt2_write_forced_into_object_mapped_shared_elsewhere_x86() {
 
 fn wire_vs_truncate<P: Pmap + 'static>(vm: Arc<Vm<P>>, tag: &str) {
     const N: u64 = 16;
-    let file_t = temp(tag);
+    let file_t = TempPath::new();
     std::fs::write(&file_t.0, vec![0x5a; (N * PAGE) as usize]).unwrap();
     let pager = VnodePager::open(&file_t.0, true).unwrap();
     let obj = pager.object(&*vm);
@@ -1072,7 +1039,7 @@ fn wire_vs_truncate_x86() {
 /// without re-protecting the pmap range (or `upgrade_wired_entry` should
 /// enter the copies with the old protection until it has finished).
 fn upgrade_fails_leaves_writable<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let file_t = temp("upg");
+    let file_t = TempPath::new();
     std::fs::write(&file_t.0, vec![0x5a; (4 * PAGE) as usize]).unwrap();
     let obj = VnodePager::open(&file_t.0, true).unwrap().object(&**vm);
     let space = vm.new_space().unwrap();
@@ -1128,7 +1095,7 @@ fn rt2_failed_wired_upgrade_leaves_writable_ptes_x86() {
 // ---------------------------------------------------------------------
 
 fn fork_fails_no_leak<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let (swap, _t) = with_swap(&**vm, "forkfail");
+    let (swap, _t) = with_swap(&**vm);
     {
         let space = vm.new_space().unwrap();
         // Wired memory spread over several tables, plus plain memory.
@@ -1230,7 +1197,7 @@ fn rt2_terminated_device_object_stays_mapped_x86() {
 // ---------------------------------------------------------------------
 
 fn long_hold<P: Pmap>(vm: &Arc<Vm<P>>) {
-    let (swap, _t) = with_swap(&**vm, "longhold");
+    let (swap, _t) = with_swap(&**vm);
     {
         let parent = vm.new_space().unwrap();
         parent.map_anon(BASE, 4 * PAGE, Prot::RW).unwrap();
@@ -1372,7 +1339,7 @@ fn rt2_failed_fork_strands_hold_x86() {
 /// rounds); it can pass by luck.
 #[test]
 fn rt2_x86_page_protect_loses_dirty_bit_racing_cpu_write() {
-    watchdog(60, "page_protect race", || {
+    bounded(60, || {
         use vm_pmap_x86_64::mmu::Access;
         let vm = x86_vm(64);
         let space = Arc::new(vm.new_space().unwrap());

@@ -5,7 +5,6 @@
 //! collapse, msync and a balloon squeezing memory, on both pmaps.
 #![allow(clippy::unwrap_used, dead_code)]
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,6 +12,7 @@ use vm_core::{FaultError, MapError, MapRequest, Pmap, Prot, Vm, VmConfig};
 use vm_pager_swap::Swap;
 use vm_pager_vnode::VnodePager;
 use vm_testkit::RefPmap;
+use vm_testkit::support::TempPath;
 
 const PAGE: u64 = 4096;
 const A: u64 = 0x1000_0000; // anon private, 16 pages
@@ -20,24 +20,14 @@ const B: u64 = 0x2000_0000; // file private, read-only (write_forced), 16 pages
 const C: u64 = 0x3000_0000; // named object shared, 8 pages
 const N: u64 = 16;
 
-struct Temp(PathBuf);
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-fn temp(tag: &str) -> Temp {
-    Temp(std::env::temp_dir().join(format!("vm-rtc-{tag}-{}", std::process::id())))
-}
-
-fn run<P: Pmap + 'static>(tag: &str, pmap: P, pages: u64, balloon: bool) {
+fn run<P: Pmap + 'static>(pmap: P, pages: u64, balloon: bool) {
     let run_for = Duration::from_millis(
         std::env::var("RT_MS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(2000),
     );
-    let (swap_path, file_path) = (temp(&format!("swap-{tag}")), temp(&format!("file-{tag}")));
+    let (swap_path, file_path) = (TempPath::new(), TempPath::new());
     let file_bytes: Vec<u8> = (0..N * PAGE).map(|i| (i / PAGE) as u8 ^ 0x5a).collect();
     std::fs::write(&file_path.0, &file_bytes).unwrap();
     let config = VmConfig {
@@ -293,22 +283,22 @@ fn balloon_enabled(b: &Option<vm_core::Balloon>) -> bool {
 
 #[test]
 fn concurrent_combo_ref() {
-    run("ref", RefPmap::new(), 160, false);
+    run(RefPmap::new(), 160, false);
 }
 
 #[test]
 fn concurrent_combo_x86() {
-    run("x86", vm_pmap_x86_64::X86Pmap::new(), 160, false);
+    run(vm_pmap_x86_64::X86Pmap::new(), 160, false);
 }
 
 #[test]
 fn concurrent_combo_ref_small_balloon() {
-    run("refsmall", RefPmap::new(), 120, true);
+    run(RefPmap::new(), 120, true);
 }
 
 #[test]
 fn concurrent_combo_x86_small_balloon() {
-    run("x86small", vm_pmap_x86_64::X86Pmap::new(), 120, true);
+    run(vm_pmap_x86_64::X86Pmap::new(), 120, true);
 }
 
 #[allow(unused)]
@@ -339,6 +329,6 @@ fn rt_queue_counts_drift_under_concurrency() {
         .unwrap_or(90);
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(secs) {
-        run("drift", RefPmap::new(), 120, true);
+        run(RefPmap::new(), 120, true);
     }
 }

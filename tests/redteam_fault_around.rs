@@ -10,7 +10,6 @@
 //! against private-over-shared readers, on both pmaps.
 #![allow(clippy::unwrap_used, clippy::needless_range_loop, dead_code)]
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,25 +19,11 @@ use vm_core::{
 use vm_pager_swap::Swap;
 use vm_pmap_x86_64::X86Pmap;
 use vm_testkit::model::{HOLDS, Harness, MAPPABLE, Op, SLOT_PAGES, SLOTS, SPACES};
+use vm_testkit::support::TempPath;
 use vm_testkit::{MemPager, RefPmap};
 
 const PAGE: u64 = 4096;
 const BASE: u64 = 0x1000_0000;
-
-struct Temp(PathBuf);
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-fn temp(tag: &str) -> Temp {
-    static N: AtomicU64 = AtomicU64::new(0);
-    Temp(std::env::temp_dir().join(format!(
-        "vm-rtfa-{tag}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )))
-}
 
 fn config(pages: u64, fa: FaultAround) -> VmConfig {
     VmConfig {
@@ -195,7 +180,7 @@ fn model_run<P: Pmap>(
         }
         let fa = POLICIES[(case % POLICIES.len() as u64) as usize];
         let ops: Vec<Op> = (0..20 + r.below(60)).map(|_| random_op(&mut r)).collect();
-        let path = temp("model");
+        let path = TempPath::new();
         let vm = make(fa);
         let swap = Swap::create(&path.0, 4 << 20).unwrap();
         vm.set_swap(swap.provider());
@@ -287,10 +272,10 @@ fn differential_run<P: Pmap>(
     steps: usize,
     exec_only: bool,
 ) -> Vec<String> {
-    let swap_path = temp("dswap");
+    let swap_path = TempPath::new();
     let swap = Swap::create(&swap_path.0, 4 << 20).unwrap();
     vm.set_swap(swap.provider());
-    let file_path = temp("dfile");
+    let file_path = TempPath::new();
     {
         let data: Vec<u8> = (0..FILE_PAGES * PAGE)
             .map(|i| (i / PAGE) as u8 ^ 0x5a)
@@ -558,7 +543,7 @@ const CPAGES: u64 = 64;
 /// goes back, while pages go out and in, B's chain is collapsed and
 /// msynced, and B's range is wired and unwired.
 fn private_over_shared_writer<P: Pmap>(vm: Arc<Vm<P>>, run_for: Duration) {
-    let swap_path = temp("cswap");
+    let swap_path = TempPath::new();
     let swap = Swap::create(&swap_path.0, 8 << 20).unwrap();
     vm.set_swap(swap.provider());
     let obj = vm.new_anon_object(CPAGES);
@@ -702,7 +687,7 @@ fn concurrent_private_over_shared_writer_ref() {
 /// forks children that write their own values and exit: neither side may
 /// ever read the other's values.
 fn fork_storm<P: Pmap>(vm: Arc<Vm<P>>, run_for: Duration) {
-    let swap_path = temp("fswap");
+    let swap_path = TempPath::new();
     let swap = Swap::create(&swap_path.0, 8 << 20).unwrap();
     vm.set_swap(swap.provider());
     let parent = Arc::new(vm.new_space().unwrap());
@@ -804,7 +789,7 @@ fn concurrent_fork_storm_ref() {
 /// second space): a read that starts after generation `g` is mapped must
 /// never see an older generation (a mapping that outlived its unmap).
 fn unmap_remap<P: Pmap>(vm: Arc<Vm<P>>, run_for: Duration) {
-    let swap_path = temp("uswap");
+    let swap_path = TempPath::new();
     let swap = Swap::create(&swap_path.0, 8 << 20).unwrap();
     vm.set_swap(swap.provider());
     let s = Arc::new(vm.new_space().unwrap());
@@ -894,7 +879,7 @@ fn concurrent_unmap_remap_ref() {
 /// pages around it. Odd pages were never written privately: they follow
 /// the shared writer.
 fn shadow_swapped_backing_resident<P: Pmap>(vm: Arc<Vm<P>>) {
-    let swap_path = temp("sswap");
+    let swap_path = TempPath::new();
     let swap = Swap::create(&swap_path.0, 4 << 20).unwrap();
     vm.set_swap(swap.provider());
     let n = 32u64;
@@ -1024,7 +1009,7 @@ fn write_through_window_mapping_after_fork_ref() {
 /// mid-page, then grown again: nothing past the end may be readable, and
 /// after growing the old bytes must not come back through a window.
 fn truncated_file<P: Pmap>(vm: Arc<Vm<P>>) {
-    let path = temp("trunc");
+    let path = TempPath::new();
     let n = 32u64;
     std::fs::write(&path.0, vec![0xEEu8; (n * PAGE) as usize]).unwrap();
     let pager = vm_pager_vnode::VnodePager::open(&path.0, true).unwrap();
