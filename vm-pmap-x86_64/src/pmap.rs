@@ -732,7 +732,12 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 return Err(e);
             }
         };
-        let locked = self.table_lock(table).ok_or(PmapError::NoMemory)?;
+        // The walk just found (or made) this table, so it has a lock; a
+        // frame that is not a table here would be a broken pmap, reported
+        // as the frame it is rather than as a shortage.
+        let locked = self
+            .table_lock(table)
+            .ok_or(PmapError::BadFrame(Pfn::containing(PhysAddr(table))))?;
         let new = self.new_pte(page, prot, access, wired);
         let old = slot.load(Ordering::Acquire);
         let mut flush = PendingFlush::new(sp.root);

@@ -13,6 +13,18 @@ use smallvec::SmallVec;
 /// The embedder's translation-cache invalidation (`invlpg`, a shootdown
 /// IPI, `KVM_REQ_TLB_FLUSH`…). Called before the pmap operation that owes
 /// it returns.
+///
+/// # Calling context
+///
+/// The pmap may call the hook while it holds the space's table-tree lock
+/// (shared or exclusive) and, from `enter`, the spin lock of one leaf
+/// table (as Linux flushes under its page-table lock). So the hook must
+/// not call back into the pmap for the same space, and a shootdown that
+/// waits for other CPUs to acknowledge must be acknowledged by CPUs that
+/// are themselves spinning on a lock of this pmap (a kernel keeps
+/// interrupts enabled while it spins, or answers the request from its
+/// spin loop); a hook that waits for a thread which in turn waits for
+/// this pmap deadlocks.
 pub trait TlbHook: Send + Sync {
     /// Invalidates the translation of `va` in the space whose root is
     /// `root`.
