@@ -637,7 +637,9 @@ fn on_threads(pool: &rayon::ThreadPool, work: impl Fn(u64) + Sync) {
 /// and mixed with a thread that maps, faults and unmaps beside them),
 /// zero-fill faults interleaved over one shared mapping (one object), and
 /// soft faults on disjoint mappings of resident objects. Prefault is off so
-/// every page touched is a fault.
+/// every page touched is a fault. Each kind runs its thread counts back to
+/// back, so that the ratios between them come from one stretch of the
+/// machine's time (its speed drifts by a third over minutes).
 fn parallel(c: &mut Criterion) {
     let pages = (16 << 20) / PAGE;
     let mut g = c.benchmark_group("parallel");
@@ -655,46 +657,53 @@ fn parallel(c: &mut Criterion) {
         s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
             .unwrap();
     };
-    // The memset floor's memory: as much as the machine has (a multiple
-    // of the 16 MiB a sample zeroes).
-    let mut floor = host_memory(96 << 20);
-    let mut floor_next = 0usize;
-    for threads in [1u64, 2, 4, 8] {
+    let pools: Vec<(u64, rayon::ThreadPool)> = [1u64, 2, 4, 8]
+        .into_iter()
+        .map(|threads| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads as usize)
+                .build()
+                .unwrap();
+            (threads, pool)
+        })
+        .collect();
+    // One mapping (so one object) per thread's region.
+    let disjoint_space = |threads: u64| {
         let per = pages / threads;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads as usize)
-            .build()
-            .unwrap();
-        // One mapping (so one object) per thread's region.
-        let disjoint_space = || {
-            let s = vm.new_space().unwrap();
-            for t in 0..threads {
-                s.map_anon(BASE + t * per * PAGE, per * PAGE, Prot::RW)
-                    .unwrap();
-            }
-            s
-        };
-        let disjoint_faults = |s: &vm_core::VmSpace<X86Pmap>| {
-            on_threads(&pool, |t| {
-                (t * per..(t + 1) * per).for_each(|i| fault(s, i));
-            });
-        };
+        let s = vm.new_space().unwrap();
+        for t in 0..threads {
+            s.map_anon(BASE + t * per * PAGE, per * PAGE, Prot::RW)
+                .unwrap();
+        }
+        s
+    };
+    let disjoint_faults = |s: &vm_core::VmSpace<X86Pmap>, threads: u64, pool| {
+        let per = pages / threads;
+        on_threads(pool, |t| {
+            (t * per..(t + 1) * per).for_each(|i| fault(s, i));
+        });
+    };
+    for (threads, pool) in &pools {
+        let threads = *threads;
         g.bench_function(format!("disjoint/{threads}"), |b| {
             b.iter_batched(
-                disjoint_space,
+                || disjoint_space(threads),
                 |s| {
-                    disjoint_faults(&s);
+                    disjoint_faults(&s, threads, pool);
                     s
                 },
                 BatchSize::PerIteration,
             );
         });
-        // The same while one more thread maps, faults and unmaps a small
-        // region of the same space over and over (map writers against
-        // faulting readers).
+    }
+    // The same while one more thread maps, faults and unmaps a small
+    // region of the same space over and over (map writers against
+    // faulting readers).
+    for (threads, pool) in &pools {
+        let threads = *threads;
         g.bench_function(format!("mixed/{threads}"), |b| {
             b.iter_batched(
-                disjoint_space,
+                || disjoint_space(threads),
                 |s| {
                     let done = std::sync::atomic::AtomicBool::new(false);
                     std::thread::scope(|sc| {
@@ -706,7 +715,7 @@ fn parallel(c: &mut Criterion) {
                                 s.unmap(far, 16 * PAGE).unwrap();
                             }
                         });
-                        disjoint_faults(&s);
+                        disjoint_faults(&s, threads, pool);
                         done.store(true, std::sync::atomic::Ordering::Relaxed);
                     });
                     s
@@ -714,6 +723,9 @@ fn parallel(c: &mut Criterion) {
                 BatchSize::PerIteration,
             );
         });
+    }
+    for (threads, pool) in &pools {
+        let threads = *threads;
         g.bench_function(format!("shared/{threads}"), |b| {
             b.iter_batched(
                 || {
@@ -722,7 +734,7 @@ fn parallel(c: &mut Criterion) {
                     s
                 },
                 |s| {
-                    on_threads(&pool, |t| {
+                    on_threads(pool, |t| {
                         (t..pages)
                             .step_by(threads as usize)
                             .for_each(|i| fault(&s, i));
@@ -732,9 +744,15 @@ fn parallel(c: &mut Criterion) {
                 BatchSize::PerIteration,
             );
         });
-        // The floor of a zero-fill fault: the same 16 MiB of 4 KiB pages
-        // zeroed by as many threads (the same pool), walking
-        // a region the machine's size, as our faults zero its frames.
+    }
+    // The floor of a zero-fill fault: the same 16 MiB of 4 KiB pages
+    // zeroed by as many threads (the same pool), walking a region the
+    // machine's size (a multiple of the 16 MiB a sample zeroes), as our
+    // faults zero its frames.
+    let mut floor = host_memory(96 << 20);
+    let mut floor_next = 0usize;
+    for (threads, pool) in &pools {
+        let threads = *threads;
         g.bench_function(format!("memset_floor/{threads}"), |b| {
             b.iter(|| {
                 let at = floor_next;
@@ -744,7 +762,7 @@ fn parallel(c: &mut Criterion) {
                     .chunks_mut(span.len() / threads as usize)
                     .map(std::sync::Mutex::new)
                     .collect();
-                on_threads(&pool, |t| {
+                on_threads(pool, |t| {
                     let mut part = parts[t as usize].lock().unwrap();
                     for page in part.chunks_mut(PAGE as usize) {
                         black_box(page).fill(0);
@@ -752,7 +770,12 @@ fn parallel(c: &mut Criterion) {
                 });
             });
         });
-        // Resident objects, one per thread's region, filled once.
+    }
+    for (threads, pool) in &pools {
+        let threads = *threads;
+        let per = pages / threads;
+        // Resident objects, one per thread's region, filled once (and
+        // freed before the next thread count's).
         let objects: Vec<_> = (0..threads)
             .map(|_| {
                 let o = vm.new_anon_object(per);
@@ -780,7 +803,7 @@ fn parallel(c: &mut Criterion) {
                     s
                 },
                 |s| {
-                    on_threads(&pool, |t| {
+                    on_threads(pool, |t| {
                         for i in t * per..(t + 1) * per {
                             s.fault(BASE + i * PAGE, Prot::READ, FaultFlags::NORMAL)
                                 .unwrap();
