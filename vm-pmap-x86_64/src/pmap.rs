@@ -369,11 +369,20 @@ impl<T: TlbHook> X86Pmap<T> {
     fn free_table(&self, table: u64) {
         if let Some(f) = &self.frames {
             let pfn = Pfn::containing(PhysAddr(table));
-            // An emptied table is all zeros (every entry was cleared as it
-            // was counted out): it goes back to the pool of zeroed frames,
-            // so the next table or zero-fill page taken from it is not
-            // zeroed on the fault path. Checked, not assumed: one read.
-            let zero = self.count(table) == 0 && f.phys().is_zero(pfn);
+            // An emptied table is all zeros: an entry is counted in when it
+            // is written non-zero and cleared to zero as it is counted out
+            // (the CPU sets A/D only in present entries). So it goes back
+            // to the pool of zeroed frames, and the next table or
+            // zero-fill page taken from it is not zeroed on the fault path
+            // (FreeBSD's amd64 pmap frees unwired page-table pages with
+            // `PG_ZERO` the same way). Trusted, not re-read: reading a
+            // cold 4 KiB frame was a quarter of an unmap; debug builds
+            // check it (here and in `PhysFrames::free_zeroed`).
+            let zero = self.count(table) == 0;
+            debug_assert!(
+                !zero || f.phys().is_zero(pfn),
+                "an emptied table is not zero"
+            );
             // Our own table frame: a refusal would be a bug here, and the
             // frame then stays allocated, which loses nothing.
             // SAFETY: `table` was unlinked from its parent, the flush that
@@ -381,8 +390,8 @@ impl<T: TlbHook> X86Pmap<T> {
             // and the caller holds the space's table-tree lock exclusive,
             // so no pmap or software walker is inside it; nothing refers to
             // it again. For
-            // `free_zeroed`, its bytes were just seen to be zero, and no one
-            // writes them any more.
+            // `free_zeroed`, its bytes are zero (above), and no one writes
+            // them any more.
             let freed = unsafe {
                 if zero {
                     f.free_zeroed(pfn)
