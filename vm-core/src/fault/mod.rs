@@ -486,7 +486,12 @@ impl<'a, P: Pmap> FaultState<'a, P> {
     /// rest.
     fn walk(&mut self, hard: &mut bool) -> Result<(), Step> {
         loop {
-            let obj = self.current().clone();
+            // Borrowed from the field that holds it (not cloned: on a
+            // shared object every count change is a contended write).
+            let obj = match &self.object {
+                Some(p) => p.object(),
+                None => self.first.object(),
+            };
             let trypager;
             let resident;
             let below;
@@ -568,6 +573,7 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                 }
             }
             if trypager && self.m.is_some() {
+                let obj = obj.clone();
                 match self.page_in(&obj) {
                     Ok(()) => {
                         *hard = true;
