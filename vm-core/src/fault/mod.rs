@@ -550,11 +550,11 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                     // the end by a truncation): read the rest, within the
                     // object only.
                     if self.pindex >= st.size {
-                        return Err(self.out_of_bounds(&obj, st.size));
+                        return Err(self.out_of_bounds(obj, st.size));
                     }
                 } else if trypager || self.object.is_none() {
                     if self.pindex >= st.size {
-                        return Err(self.out_of_bounds(&obj, st.size));
+                        return Err(self.out_of_bounds(obj, st.size));
                     }
                     if self.machine.pages.count_severe() {
                         return Err(Step::WaitMemory);
