@@ -33,9 +33,11 @@
 //!   faults on pages resident in a file object (page cache) but not mapped,
 //!   per page touched: ours with fault-around off, the seed's ±4 and a
 //!   16-page window vs the kernel's private file mapping with fault-around.
-//! * `parallel/{disjoint,mixed,shared,soft}/{1,2,4,8}` — zero-fill faults
-//!   on disjoint mappings of one space (alone, and with one more thread
-//!   mapping, faulting and unmapping beside them), zero-fill faults
+//! * `parallel/{disjoint,mixed,beside_reader,shared,soft}/{1,2,4,8}` —
+//!   zero-fill faults on disjoint mappings of one space (alone; with one
+//!   more thread mapping, faulting and unmapping beside them; and, the
+//!   baseline of that, with one more thread only faulting beside them),
+//!   zero-fill faults
 //!   interleaved over one shared mapping, and soft faults on disjoint
 //!   mappings, from 1 to 8 threads; `memset_floor` zeroes the same 16 MiB
 //!   of 4 KiB pages (of a 96 MiB region, the machine's size) with as many
@@ -698,31 +700,46 @@ fn parallel(c: &mut Criterion) {
     }
     // The same while one more thread maps, faults and unmaps a small
     // region of the same space over and over (map writers against
-    // faulting readers).
-    for (threads, pool) in &pools {
-        let threads = *threads;
-        g.bench_function(format!("mixed/{threads}"), |b| {
-            b.iter_batched(
-                || disjoint_space(threads),
-                |s| {
-                    let done = std::sync::atomic::AtomicBool::new(false);
-                    std::thread::scope(|sc| {
-                        sc.spawn(|| {
-                            let far = BASE + (1 << 36);
-                            while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                                s.map_anon(far, 16 * PAGE, Prot::RW).unwrap();
-                                fault(&s, (far - BASE) / PAGE);
-                                s.unmap(far, 16 * PAGE).unwrap();
-                            }
+    // faulting readers); and, as its baseline, while one more thread only
+    // faults in the same space (a reader of the map beside them, which
+    // also keeps the other CPU as busy).
+    let far = BASE + (1 << 36);
+    for (kind, writes) in [("mixed", true), ("beside_reader", false)] {
+        for (threads, pool) in &pools {
+            let threads = *threads;
+            g.bench_function(format!("{kind}/{threads}"), |b| {
+                b.iter_batched(
+                    || {
+                        let s = disjoint_space(threads);
+                        if !writes {
+                            s.map_anon(far, 16 * PAGE, Prot::RW).unwrap();
+                            fault(&s, (far - BASE) / PAGE);
+                        }
+                        s
+                    },
+                    |s| {
+                        let done = std::sync::atomic::AtomicBool::new(false);
+                        std::thread::scope(|sc| {
+                            sc.spawn(|| {
+                                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                                    if writes {
+                                        s.map_anon(far, 16 * PAGE, Prot::RW).unwrap();
+                                    }
+                                    fault(&s, (far - BASE) / PAGE);
+                                    if writes {
+                                        s.unmap(far, 16 * PAGE).unwrap();
+                                    }
+                                }
+                            });
+                            disjoint_faults(&s, threads, pool);
+                            done.store(true, std::sync::atomic::Ordering::Relaxed);
                         });
-                        disjoint_faults(&s, threads, pool);
-                        done.store(true, std::sync::atomic::Ordering::Relaxed);
-                    });
-                    s
-                },
-                BatchSize::PerIteration,
-            );
-        });
+                        s
+                    },
+                    BatchSize::PerIteration,
+                );
+            });
+        }
     }
     for (threads, pool) in &pools {
         let threads = *threads;
