@@ -5,7 +5,7 @@
 //! onto the object below it) even while other shadows keep it, so repeated
 //! fork with children alive does not either.
 
-use crate::object::{Backing, ObjectFlags, VmObject};
+use crate::object::{Backing, ObjectFlags, ObjectState, VmObject};
 use crate::page::PageId;
 use crate::pmap::Pmap;
 use crate::vm::Vm;
@@ -51,30 +51,50 @@ impl<P: Pmap> Vm<P> {
         // `cur`'s own clone, and the caller's on the first object.
         let mut held = clones + 1;
         loop {
-            loop {
-                let counters = self.machine.counters.local();
-                if let Some(dead) = self.collapse_once(&cur) {
+            let counters = self.machine.counters.local();
+            match self.collapse_link(&cur, held) {
+                Link::Merged(dead) => {
                     // The merged object dies here, outside the locks.
                     drop(dead);
                     counters.v_collapses.fetch_add(1, Ordering::Relaxed);
-                } else if let Some(left) = Self::bypass(&cur, held) {
+                }
+                Link::Bypassed(left) => {
                     // Others still hold it: only our reference goes.
                     drop(left);
                     counters.v_bypasses.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    break;
                 }
-                merged += 1;
-            }
-            let next = cur.lock().backing.as_ref().map(|b| b.object.clone());
-            match next {
-                Some(next) => {
+                Link::Kept(Some(next)) => {
                     cur = next;
                     held = 1;
+                    continue;
                 }
-                None => return merged,
+                Link::Kept(None) => return merged,
             }
+            merged += 1;
         }
+    }
+
+    /// Looks at `object` and its backing object under one hold of both
+    /// locks: merges the backing object into it, or bypasses it, or hands
+    /// back the next object down. `held`: the `Arc`s of `object` the
+    /// caller holds besides its references.
+    fn collapse_link(&self, object: &Arc<VmObject>, held: usize) -> Link {
+        let mut st = object.lock();
+        let Some(b) = st.backing.clone() else {
+            return Link::Kept(None);
+        };
+        let mut bst = b.object.lock();
+        if self.merge_locked(object, &mut st, &b, &mut bst) {
+            drop(bst);
+            drop(st);
+            return Link::Merged(b);
+        }
+        if let Some(left) = Self::bypass_locked(object, held, &mut st, &b, &mut bst) {
+            return Link::Bypassed(left);
+        }
+        drop(bst);
+        drop(st);
+        Link::Kept(Some(b.object))
     }
 
     /// Makes `object` back onto its backing object's backing object when
@@ -99,13 +119,16 @@ impl<P: Pmap> Vm<P> {
     ///
     /// `clones`: the `Arc`s of `object` the caller holds besides its
     /// references (see [`VmObject::unexposed`]).
-    fn bypass(object: &Arc<VmObject>, clones: usize) -> Option<Backing> {
+    fn bypass_locked(
+        object: &Arc<VmObject>,
+        clones: usize,
+        st: &mut ObjectState,
+        b: &Backing,
+        bst: &mut ObjectState,
+    ) -> Option<Backing> {
         if !object.unexposed(clones) {
             return None; // a handle could take pages it covers away
         }
-        let mut st = object.lock();
-        let b = st.backing.clone()?;
-        let mut bst = b.object.lock();
         let eligible = !st.flags.contains(ObjectFlags::NAMED)
             && b.object.ref_count() == bst.shadow_count
             && b.object.unexposed(1)
@@ -142,18 +165,20 @@ impl<P: Pmap> Vm<P> {
         });
         bst.shadow_count -= 1;
         b.object.drop_ref();
-        drop(bst);
-        let left = core::mem::replace(&mut st.backing, below);
-        drop(st);
-        left
+        core::mem::replace(&mut st.backing, below)
     }
 
-    /// One merge step; returns the merged-away object on success.
-    fn collapse_once(&self, object: &Arc<VmObject>) -> Option<Backing> {
+    /// One merge step, `object` (locked: `st`) taking in its backing
+    /// object `b` (locked: `bst`); returns whether it merged (the caller
+    /// drops the merged-away object outside the locks).
+    fn merge_locked(
+        &self,
+        object: &VmObject,
+        st: &mut ObjectState,
+        b: &Backing,
+        bst: &mut ObjectState,
+    ) -> bool {
         let pages = &self.machine.pages;
-        let mut st = object.lock();
-        let b = st.backing.clone()?;
-        let mut bst = b.object.lock();
         // A swap-backed backing object can hand its pager to a shadow that
         // has none and sees it at the same page indexes, or have its copies
         // moved into the shadow's own pager (when that pager can take them:
@@ -176,7 +201,7 @@ impl<P: Pmap> Vm<P> {
             && b.object.paging_in_progress() == 0
             && object.paging_in_progress() == 0;
         if !private {
-            return None;
+            return false;
         }
         // Where each backing page would go: into the shadow, if the shadow
         // has nothing there (resident or on its pager), else nowhere.
@@ -194,7 +219,7 @@ impl<P: Pmap> Vm<P> {
         // A busy, held or wired page of the backing object stays where
         // its user expects it.
         if bst.pages.values().any(|&id| pinned(id)) {
-            return None;
+            return false;
         }
         let plan: Vec<(PageId, Option<u64>)> = bst
             .pages
@@ -207,10 +232,10 @@ impl<P: Pmap> Vm<P> {
             let (size, offset) = (st.size, b.offset);
             let mut wanted = |p: u64| p < size && !st.pages.contains_key(&p);
             let (Some(mine), Some(theirs)) = (st.pager.clone(), bst.pager.clone()) else {
-                return None;
+                return false;
             };
             if !mine.absorb(&*theirs, offset, &mut wanted) {
-                return None;
+                return false;
             }
         }
         bst.pages.clear();
@@ -227,7 +252,7 @@ impl<P: Pmap> Vm<P> {
         }
         for (id, to) in plan {
             match to {
-                Some(p) => object.insert_page(&mut st, id, pages.get(id), p),
+                Some(p) => object.insert_page(st, id, pages.get(id), p),
                 None => {
                     // Shadowed or outside the shadow: no one can see it.
                     if self.pmap.remove_all(pages.pfn(id)).referenced {
@@ -241,8 +266,17 @@ impl<P: Pmap> Vm<P> {
             offset: bb.offset + b.offset,
             object: bb.object,
         });
-        drop(bst);
-        drop(st);
-        Some(b)
+        true
     }
+}
+
+/// What one look at a link of a shadow chain did.
+enum Link {
+    /// The backing object was merged into the shadow; its link, to be
+    /// dropped outside the locks.
+    Merged(Backing),
+    /// The shadow now backs onto what lay below; the link it gave up.
+    Bypassed(Backing),
+    /// Neither: the next object down, `None` at the chain's end.
+    Kept(Option<Arc<VmObject>>),
 }
