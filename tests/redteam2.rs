@@ -4,6 +4,8 @@
 //! that held up, kept as regression checks.
 #![allow(clippy::unwrap_used, dead_code)]
 
+mod common;
+use common::squeeze;
 use std::panic::resume_unwind;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -76,13 +78,6 @@ fn with_swap<P: Pmap>(vm: &Vm<P>) -> (Swap, TempPath) {
     let s = Swap::create(&t.0, 4 << 20).unwrap();
     vm.set_swap(s.provider());
     (s, t)
-}
-
-/// Pages everything out that can be.
-fn squeeze<P: Pmap>(vm: &Vm<P>) {
-    for _ in 0..4 {
-        vm.pageout(vm.total_pages());
-    }
 }
 
 // ---------------------------------------------------------------------

@@ -18,16 +18,17 @@
 //! zero-filled user pages read as zeros.
 #![allow(clippy::unwrap_used, dead_code)]
 
+mod common;
+use common::{config, consistent, ref_vm, squeeze, x86_vm};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use vm_core::object::ObjectFlags;
 use vm_core::{
     MapRequest, Mapping, MemAttr, PageFlags, PageId, PageInfo, PageQueue, Pmap, Prot, VirtAddr, Vm,
-    VmConfig, VmSpace,
+    VmSpace,
 };
 use vm_pager_swap::Swap;
 use vm_pmap_x86_64::X86Pmap;
-use vm_testkit::RefPmap;
 use vm_testkit::support::{TempPath, bounded};
 
 const PAGE: u64 = 4096;
@@ -35,27 +36,8 @@ const TWO_MB: u64 = 2 << 20;
 const ONE_GB: u64 = 1 << 30;
 const BASE: u64 = 0x1000_0000;
 
-fn config(pages: u64) -> VmConfig {
-    VmConfig {
-        memory_wait_ms: 2,
-        memory_retries: 100,
-        ..vm_testkit::test_config(pages)
-    }
-}
-fn ref_vm(pages: u64) -> Arc<Vm<RefPmap>> {
-    Vm::new(RefPmap::new(), config(pages)).unwrap()
-}
-fn x86_vm(pages: u64) -> Arc<Vm<X86Pmap>> {
-    Vm::new(X86Pmap::new(), config(pages)).unwrap()
-}
 fn x86_la57_vm(pages: u64) -> Arc<Vm<X86Pmap>> {
     Vm::new(X86Pmap::new_la57(), config(pages)).unwrap()
-}
-
-fn consistent<P: Pmap>(vm: &Vm<P>, what: &str) {
-    if let Err(e) = vm.check_consistency() {
-        panic!("{what}: inconsistent: {e}");
-    }
 }
 
 fn with_swap<P: Pmap>(vm: &Vm<P>) -> (Swap, TempPath) {
@@ -63,12 +45,6 @@ fn with_swap<P: Pmap>(vm: &Vm<P>) -> (Swap, TempPath) {
     let s = Swap::create(&t.0, 8 << 20).unwrap();
     vm.set_swap(s.provider());
     (s, t)
-}
-
-fn squeeze<P: Pmap>(vm: &Vm<P>) {
-    for _ in 0..4 {
-        vm.pageout(vm.total_pages());
-    }
 }
 
 fn all_free<P: Pmap>(vm: &Vm<P>, swap: Option<&Swap>, what: &str) {

@@ -8,13 +8,15 @@
 //! behaviour and fail on the code they were written against.
 #![allow(clippy::unwrap_used, dead_code)]
 
+mod common;
+use common::{config, consistent};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use vm_core::{Inheritance, MapRequest, Pmap, Prot, Vm, VmConfig, VmObject, VmSpace};
+use vm_core::{Inheritance, MapRequest, Pmap, Prot, Vm, VmObject, VmSpace};
 use vm_pager_swap::Swap;
 use vm_pager_vnode::VnodePager;
 use vm_pmap_x86_64::X86Pmap;
@@ -22,20 +24,6 @@ use vm_testkit::RefPmap;
 use vm_testkit::support::TempPath;
 
 const PAGE: u64 = 4096;
-
-fn config(pages: u64) -> VmConfig {
-    VmConfig {
-        memory_wait_ms: 2,
-        memory_retries: 100,
-        ..vm_testkit::test_config(pages)
-    }
-}
-
-fn consistent<P: Pmap>(vm: &Vm<P>, what: &str) {
-    if let Err(e) = vm.check_consistency() {
-        panic!("{what}: inconsistent: {e}");
-    }
-}
 
 fn rd64<P: Pmap>(s: &VmSpace<P>, va: u64) -> Result<u64, String> {
     let mut b = [0u8; 8];

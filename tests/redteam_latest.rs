@@ -5,38 +5,17 @@
 //! regrown file: `copy_entry::refault_missing_wired`).
 #![allow(clippy::unwrap_used, dead_code)]
 
+mod common;
+use common::{consistent, ref_vm, x86_vm};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use vm_core::{Inheritance, MapError, MapRequest, Pmap, Prot, Vm, VmConfig, VmSpace};
+use vm_core::{Inheritance, MapError, MapRequest, Pmap, Prot, Vm, VmSpace};
 use vm_pager_swap::Swap;
 use vm_pager_vnode::VnodePager;
-use vm_pmap_x86_64::X86Pmap;
-use vm_testkit::RefPmap;
 use vm_testkit::support::TempPath;
 
 const PAGE: u64 = 4096;
-
-fn config(pages: u64) -> VmConfig {
-    VmConfig {
-        memory_wait_ms: 2,
-        memory_retries: 100,
-        ..vm_testkit::test_config(pages)
-    }
-}
-
-fn ref_vm(pages: u64) -> Arc<Vm<RefPmap>> {
-    Vm::new(RefPmap::new(), config(pages)).unwrap()
-}
-fn x86_vm(pages: u64) -> Arc<Vm<X86Pmap>> {
-    Vm::new(X86Pmap::new(), config(pages)).unwrap()
-}
-
-fn consistent<P: Pmap>(vm: &Vm<P>, what: &str) {
-    if let Err(e) = vm.check_consistency() {
-        panic!("{what}: inconsistent: {e}");
-    }
-}
 
 fn all_free<P: Pmap>(vm: &Vm<P>, what: &str) {
     consistent(vm, what);
