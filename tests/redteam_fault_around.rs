@@ -10,6 +10,8 @@
 //! against private-over-shared readers, on both pmaps.
 #![allow(clippy::unwrap_used, clippy::needless_range_loop, dead_code)]
 
+mod common;
+use common::Rng;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -51,21 +53,6 @@ struct MemSwap;
 impl SwapProvider for MemSwap {
     fn pager_for(&self, _pages: u64) -> Option<Arc<dyn vm_core::Pager>> {
         Some(Arc::new(MemPager::new(PagerKind::ANONYMOUS)))
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

@@ -6,6 +6,8 @@
 //! Oracle: per space, the 8 bytes at offset 64 of every page.
 #![allow(clippy::unwrap_used, dead_code)]
 
+mod common;
+use common::Rng;
 use std::sync::Arc;
 use vm_core::{
     FaultError, HeldPages, MapError, MapRequest, Pager, PagerKind, Pmap, Prot, SwapProvider, Vm,
@@ -26,21 +28,6 @@ struct MemSwap;
 impl SwapProvider for MemSwap {
     fn pager_for(&self, _pages: u64) -> Option<Arc<dyn Pager>> {
         Some(Arc::new(MemPager::new(PagerKind::ANONYMOUS)))
-    }
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
     }
 }
 

@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used, dead_code)]
 
 mod common;
-use common::{config, consistent};
+use common::{Rng, config, consistent, rd64, rdpage, wrpage};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,28 +24,6 @@ use vm_testkit::RefPmap;
 use vm_testkit::support::TempPath;
 
 const PAGE: u64 = 4096;
-
-fn rd64<P: Pmap>(s: &VmSpace<P>, va: u64) -> Result<u64, String> {
-    let mut b = [0u8; 8];
-    s.read(va, &mut b).map_err(|e| e.to_string())?;
-    Ok(u64::from_le_bytes(b))
-}
-
-/// Reads the tag at both ends of the page.
-fn rdpage<P: Pmap>(s: &VmSpace<P>, va: u64) -> Result<u64, String> {
-    let a = rd64(s, va)?;
-    let b = rd64(s, va + PAGE - 8)?;
-    if a != b {
-        return Err(format!("torn page: head {a:#x} tail {b:#x}"));
-    }
-    Ok(a)
-}
-
-fn wrpage<P: Pmap>(s: &VmSpace<P>, va: u64, v: u64) -> Result<(), String> {
-    s.write(va, &v.to_le_bytes()).map_err(|e| e.to_string())?;
-    s.write(va + PAGE - 8, &v.to_le_bytes())
-        .map_err(|e| format!("second half: {e}"))
-}
 
 // ---------------------------------------------------------------------
 // Targeted: a handle from object_at survives the unmapping of the range
@@ -191,24 +169,6 @@ struct Sp<P: Pmap> {
     s: VmSpace<P>,
     pages: BTreeMap<u64, Pg>,
     id: u32,
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pct(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
 }
 
 struct World<P: Pmap> {

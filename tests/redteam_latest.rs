@@ -6,11 +6,11 @@
 #![allow(clippy::unwrap_used, dead_code)]
 
 mod common;
-use common::{consistent, ref_vm, x86_vm};
+use common::{consistent, rd64, rdpage, ref_vm, wrpage, x86_vm};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use vm_core::{Inheritance, MapError, MapRequest, Pmap, Prot, Vm, VmSpace};
+use vm_core::{Inheritance, MapError, MapRequest, Pmap, Prot, Vm};
 use vm_pager_swap::Swap;
 use vm_pager_vnode::VnodePager;
 use vm_testkit::support::TempPath;
@@ -40,27 +40,6 @@ fn wired_object_pages<P: Pmap>(vm: &Vm<P>) -> usize {
         })
         .filter(|&id| vm.page(id).wire_count() != 0)
         .count()
-}
-
-fn rd64<P: Pmap>(s: &VmSpace<P>, va: u64) -> Result<u64, String> {
-    let mut b = [0u8; 8];
-    s.read(va, &mut b).map_err(|e| e.to_string())?;
-    Ok(u64::from_le_bytes(b))
-}
-
-fn rdpage<P: Pmap>(s: &VmSpace<P>, va: u64) -> Result<u64, String> {
-    let a = rd64(s, va)?;
-    let b = rd64(s, va + PAGE - 8)?;
-    if a != b {
-        return Err(format!("torn page: head {a:#x} tail {b:#x}"));
-    }
-    Ok(a)
-}
-
-fn wrpage<P: Pmap>(s: &VmSpace<P>, va: u64, v: u64) -> Result<(), String> {
-    s.write(va, &v.to_le_bytes()).map_err(|e| e.to_string())?;
-    s.write(va + PAGE - 8, &v.to_le_bytes())
-        .map_err(|e| format!("second half: {e}"))
 }
 
 /// A file of `pages` pages of byte `fill`, its pager and object.

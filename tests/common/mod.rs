@@ -40,3 +40,54 @@ pub fn squeeze<P: Pmap>(vm: &Vm<P>) {
         vm.pageout(vm.total_pages());
     }
 }
+
+/// A xorshift generator: scenarios reproducible from their seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    /// True `p` times in 100.
+    pub fn pct(&mut self, p: u64) -> bool {
+        self.below(100) < p
+    }
+}
+
+const PAGE: u64 = vm_core::PAGE_SIZE;
+
+/// The 8-byte tag at `va`.
+pub fn rd64<P: Pmap>(s: &vm_core::VmSpace<P>, va: u64) -> Result<u64, String> {
+    let mut b = [0u8; 8];
+    s.read(va, &mut b).map_err(|e| e.to_string())?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// The tag at both ends of the page at `va`, which must agree.
+pub fn rdpage<P: Pmap>(s: &vm_core::VmSpace<P>, va: u64) -> Result<u64, String> {
+    let a = rd64(s, va)?;
+    let b = rd64(s, va + PAGE - 8)?;
+    if a != b {
+        return Err(format!("torn page: head {a:#x} tail {b:#x}"));
+    }
+    Ok(a)
+}
+
+/// Writes tag `v` at both ends of the page at `va`.
+pub fn wrpage<P: Pmap>(s: &vm_core::VmSpace<P>, va: u64, v: u64) -> Result<(), String> {
+    s.write(va, &v.to_le_bytes()).map_err(|e| e.to_string())?;
+    s.write(va + PAGE - 8, &v.to_le_bytes())
+        .map_err(|e| format!("second half: {e}"))
+}

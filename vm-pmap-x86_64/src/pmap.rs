@@ -830,21 +830,20 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             if self.check_va(va).is_err() {
                 break;
             }
-            let t = match &held {
-                Some((t, _)) => *t,
-                None => match self.leaf_slot_create(sp, va) {
+            if held.is_none() {
+                match self.leaf_slot_create(sp, va) {
                     Ok((_, t)) => {
                         let Some(l) = self.table_lock(t) else { break };
                         held = Some((t, l));
-                        t
                     }
                     Err(_) => {
                         failed_at = Some(va);
                         break;
                     }
-                },
-            };
-            let Some(slot) = slot_of(phys, t, va, Level::PT) else {
+                }
+            }
+            let Some((t, locked)) = &held else { break };
+            let Some(slot) = slot_of(phys, *t, va, Level::PT) else {
                 break;
             };
             if slot.load(Ordering::Acquire) & PteFlags::PRESENT.bits() != 0 {
@@ -856,9 +855,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                 self.pv.add(page.pfn, sp.id, va);
             }
             slot.store(page.pfn.phys_addr().as_u64() | f.bits(), Ordering::Release);
-            if let Some((_, l)) = &held {
-                l.count_add(1);
-            }
+            locked.count_add(1);
             entered += 1;
             mapped += 1;
         }
