@@ -38,6 +38,7 @@ pub mod pat;
 mod pmap;
 mod ptlock;
 mod pv;
+mod superpage;
 pub mod tables;
 pub mod tlb;
 
@@ -45,6 +46,7 @@ pub use entry::{Entry, PfErrorCode, PteFlags};
 pub use paging::PagingMode;
 pub use pmap::{X86Pmap, X86Space};
 pub use pv::PV_HEAD_BYTES;
+pub use superpage::SuperpageStats;
 pub use tlb::{NoTlb, TlbHook, TlbStats};
 
 /// The README's examples, compiled and run as doctests.

@@ -12,10 +12,13 @@
 //!    *Shared* by everything that adds or changes entries or walks the
 //!    tree without freeing tables: `enter`, `enter_quick_run`,
 //!    `change_wiring`, the per-page pv operations, the software MMU, `pte`
-//!    and `table_pages`. *Exclusive* for whatever unlinks and frees table
-//!    frames: `remove`, `protect`, `destroy_space` and pruning emptied
-//!    tables. So no table a shared holder reached is freed under it, and a
-//!    freed frame is never written through a stale path.
+//!    and `table_pages`. *Exclusive* for whatever unlinks, replaces or
+//!    frees table frames: `remove`, `protect`, `destroy_space`, pruning
+//!    emptied tables, and a superpage's promotion and demotion (see
+//!    `superpage`; a shared holder that meets a superpage where it needs a
+//!    4 KiB entry lets go, demotes under the exclusive lock, and starts
+//!    again). So no table a shared holder reached is freed or replaced
+//!    under it, and a freed frame is never written through a stale path.
 //! 2. **The leaf table's lock** (bit 63 of the table frame's word, see
 //!    `ptlock`; Linux's split PTE locks). Guards the table's leaf entries
 //!    against other pmap writers and its count of valid entries. Upper
@@ -35,13 +38,14 @@
 //! wired counts are split per thread ([`ShardedCount`]), so two faults in
 //! one space on different leaf tables share no written cache line here.
 
-use crate::entry::{EntryCell, PG_FRAME, PteFlags};
+use crate::entry::{EntryCell, PG_FRAME, PG_PS_FRAME, PteFlags};
 use crate::mmu::{self, Access, CpuMode};
 use crate::paging::{Level, PagingMode, TableIndex, index};
 use crate::pat::{CACHE_MASK, cache_bits};
 use crate::ptlock::{TableLock, count_of};
 use crate::pv::PvTable;
-use crate::tables::entry_at;
+use crate::superpage::{self, SUPERPAGE, SuperpageStats};
+use crate::tables::{entry_at, table_at};
 use crate::tlb::{NoTlb, PendingFlush, TlbHook, TlbStats};
 use alloc::sync::{Arc, Weak};
 use core::ops::Range;
@@ -68,14 +72,36 @@ const TABLE_FLAGS: PteFlags = PteFlags::PRESENT
 struct SpaceInner {
     id: u64,
     root: u64,
-    /// The table-tree lock (see the module's locking protocol). Holds
-    /// whether `destroy_space` freed the tables: every operation then
-    /// leaves the space alone, and a software walk stops at once.
-    tables: ShardedRwLock<bool>,
+    /// The table-tree lock (see the module's locking protocol) and what
+    /// only its exclusive holders change.
+    tables: ShardedRwLock<Tree>,
     /// Mapped pages (`pm_stats.resident_count`).
     resident: ShardedCount,
     /// Wired mappings (`pm_stats.wired_count`).
     wired: ShardedCount,
+}
+
+/// What the table-tree lock guards besides the tree itself.
+#[derive(Default)]
+struct Tree {
+    /// `destroy_space` freed the tables: every operation then leaves the
+    /// space alone, and a software walk stops at once.
+    destroyed: bool,
+    /// The leaf table each superpage replaced, by the superpage's address,
+    /// kept for its demotion (FreeBSD keeps it in the pmap's radix tree):
+    /// demotion then needs no memory and cannot fail.
+    spare: HashMap<u64, u64>,
+}
+
+/// What a walk to a leaf entry found on its way.
+enum Walk<'a> {
+    /// The 4 KiB entry's slot and its leaf table.
+    Leaf(&'a AtomicU64, u64),
+    /// A 2 MiB entry maps the address.
+    Superpage,
+    /// No table reaches the address (or a walk that creates tables
+    /// failed with this error).
+    Missing(Option<PmapError>),
 }
 
 /// The entry for `va` in the table of `level` at physical address `table`.
@@ -131,6 +157,8 @@ pub struct X86Pmap<T: TlbHook = NoTlb> {
     pv: PvTable,
     spaces: Mutex<HashMap<u64, Weak<SpaceInner>>>,
     next_id: AtomicU64,
+    superpages: bool,
+    superpage_stats: SuperpageStats,
 }
 
 impl X86Pmap<NoTlb> {
@@ -170,6 +198,8 @@ impl<T: TlbHook> X86Pmap<T> {
             pv: PvTable::default(),
             spaces: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            superpages: true,
+            superpage_stats: SuperpageStats::default(),
         }
     }
 
@@ -192,12 +222,36 @@ impl<T: TlbHook> X86Pmap<T> {
         self.frames.as_ref().map(PhysFrames::phys)
     }
 
-    /// The raw value of the leaf entry mapping `va`, if the tables reach
-    /// it.
+    /// The raw value of the leaf entry for `va`, if the tables reach it:
+    /// a 4 KiB entry, or the 2 MiB entry (with [`PteFlags::HUGE`]) of a
+    /// superpage.
     pub fn pte(&self, space: &X86Space, va: impl Into<VirtAddr>) -> Option<u64> {
         let _g = self.share(&space.0)?;
-        self.leaf_slot(space.0.root, va.into().as_u64())
-            .map(|s| s.load(Ordering::Acquire))
+        self.leaf(space.0.root, va.into().as_u64()).map(|(e, _)| e)
+    }
+
+    /// The leaf entry for `va` and its level (PT, or PD for a superpage).
+    /// The caller holds the table-tree lock.
+    fn leaf(&self, root: u64, va: u64) -> Option<(u64, Level)> {
+        match self.table_of(root, va) {
+            Walk::Leaf(slot, _) => Some((slot.load(Ordering::Acquire), Level::PT)),
+            Walk::Superpage => Some((self.pd_slot(root, va)?.load(Ordering::Acquire), Level::PD)),
+            Walk::Missing(_) => None,
+        }
+    }
+
+    /// Superpage promotions and demotions so far.
+    pub fn superpage_stats(&self) -> &SuperpageStats {
+        &self.superpage_stats
+    }
+
+    /// Turns promotion to 2 MiB superpages on or off (FreeBSD's
+    /// `vm.pmap.pg_ps_enabled`; on by default). Superpages made while it
+    /// was on are demoted as usual when an operation needs it.
+    #[must_use]
+    pub fn with_superpages(mut self, on: bool) -> Self {
+        self.superpages = on;
+        self
     }
 
     /// Restores a leaf entry to a value read earlier with [`pte`](Self::pte)
@@ -207,13 +261,10 @@ impl<T: TlbHook> X86Pmap<T> {
         let Some(_g) = self.share(&space.0) else {
             return;
         };
-        let Some(table) = self.table_of(space.0.root, va) else {
+        let Walk::Leaf(slot, table) = self.table_of(space.0.root, va) else {
             return;
         };
-        let (Some(phys), Some(_l)) = (self.phys(), self.table_lock(table)) else {
-            return;
-        };
-        if let Some(slot) = slot_of(phys, table, va, Level::PT) {
+        if let Some(_l) = self.table_lock(table) {
             slot.store(value, Ordering::Release);
         }
     }
@@ -232,24 +283,25 @@ impl<T: TlbHook> X86Pmap<T> {
         let root = PhysAddr(space.0.root);
         let phys = self.phys().ok_or(mmu::Fault::BadPhysical(root))?;
         let walking = space.0.tables.read();
-        if *walking {
+        if walking.destroyed {
             return Err(mmu::Fault::BadPhysical(root));
         }
         mmu::translate(phys, &self.mode, root, va.into(), access)
     }
 
-    /// The slot of the 4 KiB leaf for `va`, without creating tables.
-    fn leaf_slot(&self, root: u64, va: u64) -> Option<&AtomicU64> {
+    /// The slot of the page-directory entry for `va`, if the tables
+    /// reach it. The caller holds the table-tree lock.
+    fn pd_slot(&self, root: u64, va: u64) -> Option<&AtomicU64> {
         let phys = self.phys()?;
         let mut table = root;
-        for level in self.mode.paging.root().down_to(Level::PD) {
+        for level in self.mode.paging.root().down_to(Level::PDPT) {
             let e = slot_of(phys, table, va, level)?.load(Ordering::Acquire);
-            if e & PteFlags::PRESENT.bits() == 0 || e & PteFlags::HUGE.bits() != 0 {
+            if e & PteFlags::PRESENT.bits() == 0 {
                 return None;
             }
             table = e & PG_FRAME;
         }
-        slot_of(phys, table, va, Level::PT)
+        slot_of(phys, table, va, Level::PD)
     }
 
     /// The slot of the leaf for `va` and its table, making missing tables;
@@ -257,19 +309,30 @@ impl<T: TlbHook> X86Pmap<T> {
     /// is installed by compare-and-swap: if another thread installed one
     /// first, ours (never seen) goes back and theirs is used. On failure the
     /// tables made so far stay, empty, for [`prune_path`](Self::prune_path).
-    fn leaf_slot_create(&self, sp: &SpaceInner, va: u64) -> Result<(&AtomicU64, u64), PmapError> {
-        let frames = self.frames.as_ref().ok_or(PmapError::NoMemory)?;
+    /// A superpage on the way is reported, not entered: the caller
+    /// demotes it first.
+    fn leaf_slot_create(&self, sp: &SpaceInner, va: u64) -> Walk<'_> {
+        let Some(frames) = self.frames.as_ref() else {
+            return Walk::Missing(Some(PmapError::NoMemory));
+        };
         let phys = frames.phys();
         let mut table = sp.root;
+        let bad = Walk::Missing(Some(PmapError::BadAddress(VirtAddr(va))));
         for level in self.mode.paging.root().down_to(Level::PD) {
-            let slot =
-                slot_of(phys, table, va, level).ok_or(PmapError::BadAddress(VirtAddr(va)))?;
+            let Some(slot) = slot_of(phys, table, va, level) else {
+                return bad;
+            };
             let e = slot.load(Ordering::Acquire);
+            if level == Level::PD && superpage::is_superpage(e) {
+                return Walk::Superpage;
+            }
             if e & PteFlags::PRESENT.bits() != 0 {
                 table = e & PG_FRAME;
                 continue;
             }
-            let pfn = frames.alloc_zeroed().ok_or(PmapError::NoMemory)?;
+            let Some(pfn) = frames.alloc_zeroed() else {
+                return Walk::Missing(Some(PmapError::NoMemory));
+            };
             let child = pfn.phys_addr().as_u64();
             // Checked under loom: `ptlock`'s `loom_racing_table_installs_link_one_table`.
             match EntryCell::compare_exchange(slot, e, child | TABLE_FLAGS.bits()) {
@@ -283,19 +346,22 @@ impl<T: TlbHook> X86Pmap<T> {
                     // is still all zeros.
                     let freed = unsafe { frames.free_zeroed(pfn) };
                     debug_assert!(freed.is_ok(), "unused table {child:#x}: {freed:?}");
+                    // Theirs is a table: a superpage replaces only a
+                    // full table, under the exclusive lock we exclude.
                     table = theirs & PG_FRAME;
                 }
             }
         }
-        let slot =
-            slot_of(phys, table, va, Level::PT).ok_or(PmapError::BadAddress(VirtAddr(va)))?;
-        Ok((slot, table))
+        match slot_of(phys, table, va, Level::PT) {
+            Some(slot) => Walk::Leaf(slot, table),
+            None => bad,
+        }
     }
 
     /// Unlinks the tables on the path to `va` that hold nothing, bottom
     /// up, retiring their frames into `flush`. `_exclusive` is the
     /// table-tree lock, held exclusive.
-    fn prune(&self, _exclusive: &mut bool, root: u64, va: u64, flush: &mut PendingFlush) {
+    fn prune(&self, _exclusive: &mut Tree, root: u64, va: u64, flush: &mut PendingFlush) {
         let Some(phys) = self.phys() else { return };
         let mut path = [(0u64, Level::PT); 5];
         let mut table = root;
@@ -305,7 +371,9 @@ impl<T: TlbHook> X86Pmap<T> {
                 return;
             };
             let e = slot.load(Ordering::Acquire);
-            if e & PteFlags::PRESENT.bits() == 0 {
+            if e & PteFlags::PRESENT.bits() == 0
+                || (level == Level::PD && e & PteFlags::HUGE.bits() != 0)
+            {
                 break;
             }
             path[depth] = (table, level);
@@ -348,17 +416,17 @@ impl<T: TlbHook> X86Pmap<T> {
     }
 
     /// The table-tree lock, shared, or `None` once the space is destroyed.
-    fn share<'a>(&self, sp: &'a SpaceInner) -> Option<ShardedReadGuard<'a, bool>> {
+    fn share<'a>(&self, sp: &'a SpaceInner) -> Option<ShardedReadGuard<'a, Tree>> {
         let g = sp.tables.read();
-        (!*g).then_some(g)
+        (!g.destroyed).then_some(g)
     }
 
     /// The table-tree lock, exclusive, or `None` once the space is
     /// destroyed: every operation on a destroyed space then does nothing
     /// (or fails), never touching frames that are no longer its.
-    fn exclusive<'a>(&self, sp: &'a SpaceInner) -> Option<ShardedWriteGuard<'a, bool>> {
+    fn exclusive<'a>(&self, sp: &'a SpaceInner) -> Option<ShardedWriteGuard<'a, Tree>> {
         let g = sp.tables.write();
-        (!*g).then_some(g)
+        (!g.destroyed).then_some(g)
     }
 
     /// The lock of the leaf table at `table` (see `ptlock`).
@@ -438,7 +506,8 @@ impl<T: TlbHook> X86Pmap<T> {
                 else {
                     break;
                 };
-                if e & PteFlags::PRESENT.bits() != 0 {
+                let huge = level == Level::PD && e & PteFlags::HUGE.bits() != 0;
+                if e & PteFlags::PRESENT.bits() != 0 && !huge {
                     self.tables_under(e & PG_FRAME, below, out);
                 }
             }
@@ -446,25 +515,27 @@ impl<T: TlbHook> X86Pmap<T> {
         out.push(table);
     }
 
-    /// Table pages `space` uses, the root included.
+    /// Table pages `space` uses, the root and the tables kept for
+    /// superpages' demotion included.
     #[must_use]
     pub fn table_pages(&self, space: &X86Space) -> usize {
-        let Some(_g) = self.share(&space.0) else {
+        let Some(g) = self.share(&space.0) else {
             return 0;
         };
         let mut tables = alloc::vec::Vec::new();
         self.tables_under(space.0.root, self.mode.paging.root(), &mut tables);
-        tables.len()
+        tables.len() + g.spare.len()
     }
 
     /// Visits every present 4 KiB leaf in `start..end` under `table` of
-    /// `level`; `f` returns whether it cleared the entry. Tables left empty
-    /// are freed (their parent entries noted in `flush`).
-    /// The caller holds the table-tree lock exclusive (`_exclusive`).
+    /// `level`, demoting superpages on the way; `f` returns whether it
+    /// cleared the entry. Tables left empty are freed (their parent
+    /// entries noted in `flush`).
+    /// The caller holds the table-tree lock exclusive (`tree`).
     #[allow(clippy::too_many_arguments)]
     fn visit(
         &self,
-        _exclusive: &mut bool,
+        tree: &mut Tree,
         table: u64,
         level: Level,
         base: u64,
@@ -485,9 +556,18 @@ impl<T: TlbHook> X86Pmap<T> {
             let Some(slot) = entry_at(phys, PhysAddr(table), idx) else {
                 return;
             };
-            let e = slot.load(Ordering::Acquire);
+            let mut e = slot.load(Ordering::Acquire);
             if e & PteFlags::PRESENT.bits() == 0 {
                 continue;
+            }
+            if level == Level::PD && superpage::is_superpage(e) {
+                // Whole or in part: the 4 KiB entries carry each page's
+                // removal or change (FreeBSD removes a whole superpage in
+                // one step; not done here).
+                match self.demote(tree, slot, va, flush) {
+                    Some(table) => e = table,
+                    None => continue,
+                }
             }
             let Some(below) = level.below() else {
                 if f(va, slot) {
@@ -497,7 +577,7 @@ impl<T: TlbHook> X86Pmap<T> {
             };
             let child = e & PG_FRAME;
             self.visit(
-                _exclusive,
+                tree,
                 child,
                 below,
                 va,
@@ -608,16 +688,7 @@ impl<T: TlbHook> X86Pmap<T> {
         pfn: Pfn,
         f: &mut impl FnMut(&AtomicU64) -> Option<u64>,
     ) -> (u64, bool) {
-        // `None` once destroyed: its tables are being freed.
-        let Some(_g) = self.share(sp) else {
-            return (0, false);
-        };
-        let (Some(phys), Some(table)) = (self.phys(), self.table_of(sp.root, va)) else {
-            return (0, false);
-        };
-        let (Some(slot), Some(locked)) =
-            (slot_of(phys, table, va, Level::PT), self.table_lock(table))
-        else {
+        let Some((_g, slot, locked)) = self.leaf_locked(sp, va) else {
             return (0, false);
         };
         let old = slot.load(Ordering::Acquire);
@@ -650,18 +721,179 @@ impl<T: TlbHook> X86Pmap<T> {
         (seen, emptied)
     }
 
-    /// The leaf table holding `va`'s entry.
-    fn table_of(&self, root: u64, va: u64) -> Option<u64> {
-        let phys = self.phys()?;
+    /// The table-tree lock (shared), `va`'s 4 KiB entry and its leaf
+    /// table's lock, demoting a superpage that maps `va` first; `None` if
+    /// no table reaches `va` (or the space is destroyed).
+    #[allow(clippy::type_complexity)]
+    fn leaf_locked<'a>(
+        &'a self,
+        sp: &'a SpaceInner,
+        va: u64,
+    ) -> Option<(ShardedReadGuard<'a, Tree>, &'a AtomicU64, TableLock<'a>)> {
+        loop {
+            // `None` once destroyed: its tables are being freed.
+            let g = self.share(sp)?;
+            match self.table_of(sp.root, va) {
+                Walk::Leaf(slot, table) => return Some((g, slot, self.table_lock(table)?)),
+                Walk::Superpage => {
+                    drop(g);
+                    if !self.demote_at(sp, va) {
+                        return None;
+                    }
+                }
+                Walk::Missing(_) => return None,
+            }
+        }
+    }
+
+    /// The leaf entry's slot for `va` and its table, without making
+    /// tables. The caller holds the table-tree lock.
+    fn table_of(&self, root: u64, va: u64) -> Walk<'_> {
+        let Some(phys) = self.phys() else {
+            return Walk::Missing(None);
+        };
         let mut table = root;
         for level in self.mode.paging.root().down_to(Level::PD) {
-            let e = slot_of(phys, table, va, level)?.load(Ordering::Acquire);
+            let Some(slot) = slot_of(phys, table, va, level) else {
+                return Walk::Missing(None);
+            };
+            let e = slot.load(Ordering::Acquire);
             if e & PteFlags::PRESENT.bits() == 0 {
-                return None;
+                return Walk::Missing(None);
+            }
+            if level == Level::PD && e & PteFlags::HUGE.bits() != 0 {
+                return Walk::Superpage;
             }
             table = e & PG_FRAME;
         }
-        Some(table)
+        match slot_of(phys, table, va, Level::PT) {
+            Some(slot) => Walk::Leaf(slot, table),
+            None => Walk::Missing(None),
+        }
+    }
+
+    /// Whether the leaf table `table`, just given entry `slot` for `va`
+    /// and full, looks like a superpage (the cheap test before
+    /// [`promote`](Self::promote)).
+    fn promotable(&self, table: u64, va: u64, slot: &AtomicU64) -> bool {
+        let Some(first) = self
+            .phys()
+            .and_then(|p| slot_of(p, table, va & !(SUPERPAGE - 1), Level::PT))
+        else {
+            return false;
+        };
+        superpage::may_promote(
+            first.load(Ordering::Acquire),
+            index(VirtAddr(va), Level::PT).get(),
+            slot.load(Ordering::Acquire),
+        )
+    }
+
+    /// Replaces the full leaf table holding `va` with one 2 MiB entry if
+    /// its entries make a superpage (FreeBSD `pmap_promote_pde`); the
+    /// table is kept for the demotion. Takes the table-tree lock
+    /// exclusive; the caller holds none of the pmap's locks.
+    fn promote(&self, sp: &SpaceInner, va: u64) {
+        let Some(mut tree) = self.exclusive(sp) else {
+            return;
+        };
+        let (Some(phys), Some(pd)) = (self.phys(), self.pd_slot(sp.root, va)) else {
+            return;
+        };
+        let e = pd.load(Ordering::Acquire);
+        if e & PteFlags::PRESENT.bits() == 0 || e & PteFlags::HUGE.bits() != 0 {
+            return;
+        }
+        let table = e & PG_FRAME;
+        let Some(ptes) = table_at(phys, PhysAddr(table)) else {
+            return;
+        };
+        if self.count(table) != ptes.len() as u64 {
+            return; // an entry went meanwhile
+        }
+        let Some(pde) = superpage::promote(ptes) else {
+            self.superpage_stats
+                .failures
+                .fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let base = va & !(SUPERPAGE - 1);
+        // The CPU sets nothing in a table entry that has A and M, so a
+        // store would do; the swap is for the flush.
+        let old = pd.swap(pde, Ordering::AcqRel);
+        tree.spare.insert(base, table);
+        // Stale 4 KiB translations map the same frames with the same
+        // attributes, or were write-protected while clean (a CPU writing
+        // through one walks the tables to set M and faults); FreeBSD
+        // invalidates the one page the same way.
+        let mut flush = PendingFlush::new(sp.root);
+        flush.note(base, old);
+        self.complete(flush);
+        self.superpage_stats
+            .promotions
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Splits the superpage whose entry is `pd` (mapping `va`) back into
+    /// its leaf table, entry for entry (FreeBSD `pmap_demote_pde`). The
+    /// caller holds the table-tree lock exclusive (`tree`). Returns the
+    /// new page-directory entry, or `None` if no table frame could be had
+    /// (only if the table kept at promotion is missing: a bug).
+    fn demote(
+        &self,
+        tree: &mut Tree,
+        pd: &AtomicU64,
+        va: u64,
+        flush: &mut PendingFlush,
+    ) -> Option<u64> {
+        let phys = self.phys()?;
+        let base = va & !(SUPERPAGE - 1);
+        debug_assert!(
+            tree.spare.contains_key(&base),
+            "superpage {base:#x} without its table"
+        );
+        let table = match tree.spare.remove(&base) {
+            Some(t) => t,
+            None => {
+                let t = self.frames.as_ref()?.alloc_zeroed()?.phys_addr().as_u64();
+                self.count_add(t, crate::paging::ENTRIES as i64);
+                t
+            }
+        };
+        let ptes = table_at(phys, PhysAddr(table))?;
+        // A superpage's entry is still (see `superpage`): what is read
+        // here is what the table gets.
+        let pde = pd.load(Ordering::Acquire);
+        for (i, pte) in ptes.iter().enumerate() {
+            pte.store(superpage::pte_of(pde, i), Ordering::Relaxed);
+        }
+        let new = table | TABLE_FLAGS.bits();
+        // Release: a walker that sees the table sees its entries.
+        let old = pd.swap(new, Ordering::AcqRel);
+        debug_assert_eq!(old, pde, "a superpage's entry changed");
+        flush.note(base, old);
+        self.superpage_stats
+            .demotions
+            .fetch_add(1, Ordering::Relaxed);
+        Some(new)
+    }
+
+    /// Demotes the superpage mapping `va`, if one still does, under the
+    /// table-tree lock taken exclusive. `false` if it could not.
+    fn demote_at(&self, sp: &SpaceInner, va: u64) -> bool {
+        let Some(mut tree) = self.exclusive(sp) else {
+            return true; // destroyed: the caller finds out under its lock
+        };
+        let Some(pd) = self.pd_slot(sp.root, va) else {
+            return true;
+        };
+        if !superpage::is_superpage(pd.load(Ordering::Acquire)) {
+            return true;
+        }
+        let mut flush = PendingFlush::new(sp.root);
+        let done = self.demote(&mut tree, pd, va, &mut flush).is_some();
+        self.complete(flush);
+        done
     }
 }
 
@@ -699,7 +931,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let inner = Arc::new(SpaceInner {
             id,
             root,
-            tables: ShardedRwLock::new(false),
+            tables: ShardedRwLock::new(Tree::default()),
             resident: ShardedCount::default(),
             wired: ShardedCount::default(),
         });
@@ -714,10 +946,13 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let Some(mut destroyed) = self.exclusive(&space.0) else {
             return; // destroyed already: its root is not ours to free again
         };
-        *destroyed = true;
+        destroyed.destroyed = true;
         let mut tables = alloc::vec::Vec::new();
         self.tables_under(space.0.root, self.mode.paging.root(), &mut tables);
         debug_assert_eq!(tables.len(), 1, "only the root is left");
+        // `remove` demoted every superpage, taking its kept table.
+        debug_assert!(destroyed.spare.is_empty(), "a superpage's table is left");
+        tables.extend(destroyed.spare.drain().map(|(_, t)| t));
         for t in tables {
             self.free_table(t);
         }
@@ -732,13 +967,24 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let (va, page, prot, access, wired) = (va.as_u64(), m.page, m.prot, m.access, m.wired);
         self.check_va(va)?;
         let sp = &*space.0;
-        let g = self.share(sp).ok_or(PmapError::SpaceDestroyed)?;
-        let (slot, table) = match self.leaf_slot_create(sp, va) {
-            Ok(found) => found,
-            Err(e) => {
-                drop(g);
-                self.prune_path(sp, va);
-                return Err(e);
+        let (g, slot, table) = loop {
+            let g = self.share(sp).ok_or(PmapError::SpaceDestroyed)?;
+            match self.leaf_slot_create(sp, va) {
+                Walk::Leaf(slot, table) => break (g, slot, table),
+                // Another frame or other attributes inside a superpage
+                // (FreeBSD `pmap_enter` demotes too); promoted again when
+                // the table is full and in line once more.
+                Walk::Superpage => {
+                    drop(g);
+                    if !self.demote_at(sp, va) {
+                        return Err(PmapError::NoMemory);
+                    }
+                }
+                Walk::Missing(e) => {
+                    drop(g);
+                    self.prune_path(sp, va);
+                    return Err(e.unwrap_or(PmapError::NoMemory));
+                }
             }
         };
         // The walk just found (or made) this table, so it has a lock; a
@@ -783,6 +1029,12 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             }
         }
         self.complete(flush);
+        let full = locked.count() == crate::paging::ENTRIES as u64;
+        let promote = self.superpages && full && self.promotable(table, va, slot);
+        drop((locked, g));
+        if promote {
+            self.promote(sp, va);
+        }
         Ok(out)
     }
 
@@ -811,6 +1063,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             self.mode.nxe && !prot.contains(Prot::EXECUTE),
         );
         let mut held: Option<(u64, TableLock<'_>)> = None;
+        // The run is inside a superpage: every page there is mapped.
+        let mut in_superpage = false;
         let mut mapped = 0;
         // Counted per run of entries in one table, not per page.
         let mut entered = 0i64;
@@ -825,18 +1079,26 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             if va & (Level::PD.span() - 1) == 0 {
                 sp.resident.add(core::mem::take(&mut entered));
                 held = None; // the run enters the next leaf table
+                in_superpage = false;
             }
             let Some(page) = page else { continue };
             if self.check_va(va).is_err() {
                 break;
             }
+            if in_superpage {
+                continue;
+            }
             if held.is_none() {
                 match self.leaf_slot_create(sp, va) {
-                    Ok((_, t)) => {
+                    Walk::Leaf(_, t) => {
                         let Some(l) = self.table_lock(t) else { break };
                         held = Some((t, l));
                     }
-                    Err(_) => {
+                    Walk::Superpage => {
+                        in_superpage = true;
+                        continue;
+                    }
+                    Walk::Missing(_) => {
                         failed_at = Some(va);
                         break;
                     }
@@ -983,8 +1245,17 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
 
     fn extract(&self, space: &X86Space, va: VirtAddr) -> Option<Pfn> {
         let va = va.as_u64();
-        let e = self.pte(space, va)?;
-        (e & PteFlags::PRESENT.bits() != 0).then(|| Pfn::containing(PhysAddr(e & PG_FRAME)))
+        let _g = self.share(&space.0)?;
+        let (e, level) = self.leaf(space.0.root, va)?;
+        if e & PteFlags::PRESENT.bits() == 0 {
+            return None;
+        }
+        let frame = if level == Level::PD {
+            (e & PG_PS_FRAME) + (va & (SUPERPAGE - 1) & !(vm_core::PAGE_SIZE - 1))
+        } else {
+            e & PG_FRAME
+        };
+        Some(Pfn::containing(PhysAddr(frame)))
     }
 
     fn is_prefaultable(&self, space: &X86Space, va: VirtAddr) -> bool {
@@ -996,22 +1267,16 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         // meanwhile): enter_quick checks again under the leaf table's lock
         // and never replaces anything.
         self.check_va(va).is_ok()
-            && self
-                .leaf_slot(space.0.root, va)
-                .is_some_and(|s| s.load(Ordering::Acquire) & PteFlags::PRESENT.bits() == 0)
+            && matches!(self.table_of(space.0.root, va),
+                Walk::Leaf(s, _) if s.load(Ordering::Acquire) & PteFlags::PRESENT.bits() == 0)
     }
 
     fn change_wiring(&self, space: &X86Space, va: VirtAddr, wired: bool) {
         let va = va.as_u64();
         let sp = &*space.0;
-        let Some(_g) = self.share(sp) else {
-            return;
-        };
-        let (Some(phys), Some(table)) = (self.phys(), self.table_of(sp.root, va)) else {
-            return;
-        };
-        let (Some(slot), Some(_l)) = (slot_of(phys, table, va, Level::PT), self.table_lock(table))
-        else {
+        // Per page: a superpage is demoted first (FreeBSD keeps one whole
+        // when all of it is wired; not done here).
+        let Some((_g, slot, _l)) = self.leaf_locked(sp, va) else {
             return;
         };
         let old = slot.load(Ordering::Acquire);

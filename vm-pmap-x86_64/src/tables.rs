@@ -24,3 +24,17 @@ pub fn entry_at(phys: &PhysMem, table: PhysAddr, idx: TableIndex) -> Option<&Ato
     // memory goes through atomics, so there is no data race.
     Some(unsafe { &*(base.as_ptr().add(off) as *const AtomicU64) })
 }
+
+/// The 512 entries of the table at physical address `table`, or `None` if
+/// the frame is not in `phys`.
+#[must_use]
+pub fn table_at(phys: &PhysMem, table: PhysAddr) -> Option<&[AtomicU64]> {
+    let base = phys.frame_ptr(Pfn::containing(table))?;
+    // SAFETY: the frame is inside physical memory, which lives as long as
+    // `phys`, page aligned and 4 KiB long: 512 aligned 8-byte entries.
+    // Every access to table memory goes through atomics, so there is no
+    // data race.
+    Some(unsafe {
+        core::slice::from_raw_parts(base.as_ptr() as *const AtomicU64, PAGE_SIZE as usize / 8)
+    })
+}

@@ -83,6 +83,14 @@ mod imp {
         pub fn write(&self) -> WriteGuard<'_, T> {
             self.0.write().unwrap_or_else(PoisonError::into_inner)
         }
+        /// Locks exclusive if that needs no waiting.
+        pub fn try_write(&self) -> Option<WriteGuard<'_, T>> {
+            match self.0.try_write() {
+                Ok(g) => Some(g),
+                Err(sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(sync::TryLockError::WouldBlock) => None,
+            }
+        }
     }
 
     /// One bucket of the wait table: a mutex, a condition variable and a
@@ -235,6 +243,19 @@ impl<T> ShardedRwLock<T> {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         #[cfg(any(not(feature = "std"), vm_parked_locks))]
         return self.0.write();
+    }
+
+    /// Locks exclusive if that needs no waiting (for work that may be
+    /// skipped, such as a superpage promotion).
+    pub fn try_write(&self) -> Option<ShardedWriteGuard<'_, T>> {
+        #[cfg(all(feature = "std", not(vm_parked_locks)))]
+        return match self.0.try_write() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        #[cfg(any(not(feature = "std"), vm_parked_locks))]
+        return self.0.try_write();
     }
 }
 

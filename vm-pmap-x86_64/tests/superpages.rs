@@ -1,0 +1,431 @@
+//! Issue 13 item 2, the pmap's part: 2 MiB superpages.
+//!
+//! A leaf table that `enter` fills with 512 frames in physical order from
+//! a 2 MiB-aligned frame, with equal flags, becomes one page-directory
+//! entry with PS; anything that needs a 4 KiB entry inside demotes it
+//! first. These tests check each way in and out, that no A or M bit, pv
+//! entry, count or frame is lost on the way, and that walkers racing the
+//! changes always see one of the two equivalent forms.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use vm_core::pmap::{PageInfo, Pmap, RefMod};
+use vm_core::{Mapping, MemAttr, Pfn, Prot, VirtAddr, Vm};
+use vm_pmap_x86_64::mmu::Access;
+use vm_pmap_x86_64::{PteFlags, X86Pmap, X86Space};
+use vm_testkit::test_config;
+
+const PAGE: u64 = 4096;
+const SUPER: u64 = 2 << 20;
+const PAGES: u64 = 512;
+/// A 2 MiB-aligned run of frames high in a 4096-frame machine, away from
+/// the low frames the pmap takes for its tables.
+const BASE_PFN: u64 = 3072;
+const VA: u64 = 0x40_0000_0000;
+
+fn page(pfn: u64, attr: MemAttr) -> PageInfo {
+    PageInfo {
+        pfn: Pfn(pfn),
+        managed: true,
+        attr,
+    }
+}
+
+fn machine() -> std::sync::Arc<Vm<X86Pmap>> {
+    Vm::new(X86Pmap::new(), test_config(4096)).unwrap()
+}
+
+/// Enters frame `BASE_PFN + i` at `VA + i * PAGE` for each `i`, as a write
+/// fault (so the entries are writable and dirty) unless `access` says
+/// otherwise.
+fn fill(p: &X86Pmap, space: &X86Space, prot: Prot, access: Prot, attr: MemAttr) {
+    for i in 0..PAGES {
+        let m = Mapping::new(page(BASE_PFN + i, attr), prot).access(access);
+        p.enter(space, VirtAddr(VA + i * PAGE), m).unwrap();
+    }
+}
+
+fn is_super(p: &X86Pmap, space: &X86Space, va: u64) -> bool {
+    p.pte(space, va)
+        .is_some_and(|e| e & PteFlags::HUGE.bits() != 0 && e & 1 != 0)
+}
+
+/// Every page of the run still maps its own frame, for the pmap and for
+/// the software MMU.
+fn assert_maps_run(p: &X86Pmap, space: &X86Space, what: &str) {
+    for i in 0..PAGES {
+        let va = VA + i * PAGE;
+        assert_eq!(
+            p.extract(space, VirtAddr(va)),
+            Some(Pfn(BASE_PFN + i)),
+            "{what}: page {i}"
+        );
+        let t = p
+            .translate_access(space, va + 8, Access::USER_READ)
+            .unwrap_or_else(|e| panic!("{what}: page {i}: {e:?}"));
+        assert_eq!(t.pa.as_u64(), (BASE_PFN + i) * PAGE + 8, "{what}: page {i}");
+    }
+}
+
+#[test]
+fn a_full_table_of_frames_in_order_becomes_a_superpage() {
+    let vm = machine();
+    let p = vm.pmap();
+    let space = p.create_space().unwrap();
+    fill(p, &space, Prot::RW, Prot::WRITE, MemAttr::WriteBack);
+    assert!(is_super(p, &space, VA), "{:#x?}", p.pte(&space, VA));
+    assert_eq!(p.superpage_stats().get().0, 1);
+    let pde = p.pte(&space, VA + 77 * PAGE).unwrap();
+    let want = PteFlags::PRESENT | PteFlags::WRITABLE | PteFlags::USER | PteFlags::ACCESSED;
+    assert!(PteFlags::from_bits_truncate(pde).contains(want | PteFlags::DIRTY));
+    assert_eq!(pde & 0x000f_ffff_ffe0_0000, BASE_PFN * PAGE);
+    assert_maps_run(p, &space, "promoted");
+    let t = p
+        .translate_access(&space, VA + 5 * PAGE, Access::USER_WRITE)
+        .unwrap();
+    assert_eq!(t.level, vm_pmap_x86_64::paging::Level::PD);
+    assert_eq!(space.resident_count(), PAGES);
+    // Root, PDPT, PD and the leaf table kept for demotion.
+    assert_eq!(p.table_pages(&space), 4);
+    for i in [0, 300, 511] {
+        assert_eq!(p.mapping_count(Pfn(BASE_PFN + i)), 1);
+    }
+    assert!(!p.is_prefaultable(&space, VirtAddr(VA + PAGE)));
+}
+
+#[test]
+fn frames_out_of_line_stay_4k() {
+    type Case = (&'static str, fn(u64) -> (u64, Prot, MemAttr));
+    let cases: [Case; 4] = [
+        ("unaligned", |i| {
+            (BASE_PFN + 1 + i, Prot::RW, MemAttr::WriteBack)
+        }),
+        ("two swapped", |i| {
+            let f = match i {
+                8 => 9,
+                9 => 8,
+                i => i,
+            };
+            (BASE_PFN + f, Prot::RW, MemAttr::WriteBack)
+        }),
+        ("one read-only", |i| {
+            let prot = if i == 100 { Prot::READ } else { Prot::RW };
+            (BASE_PFN + i, prot, MemAttr::WriteBack)
+        }),
+        ("one uncached", |i| {
+            let attr = if i == 511 {
+                MemAttr::Uncacheable
+            } else {
+                MemAttr::WriteBack
+            };
+            (BASE_PFN + i, Prot::RW, attr)
+        }),
+    ];
+    for (what, frame) in cases {
+        let vm = machine();
+        let p = vm.pmap();
+        let space = p.create_space().unwrap();
+        for i in 0..PAGES {
+            let (pfn, prot, attr) = frame(i);
+            let m = Mapping::new(page(pfn, attr), prot).access(prot);
+            p.enter(&space, VirtAddr(VA + i * PAGE), m).unwrap();
+        }
+        assert!(!is_super(p, &space, VA), "{what}");
+        assert_eq!(p.superpage_stats().get().0, 0, "{what}");
+        for i in 0..PAGES {
+            let e = p.pte(&space, VA + i * PAGE).unwrap();
+            assert_eq!(e & 0x000f_ffff_ffff_f000, frame(i).0 * PAGE, "{what}: {i}");
+        }
+    }
+}
+
+#[test]
+fn promotion_can_be_turned_off() {
+    let vm = Vm::new(X86Pmap::new().with_superpages(false), test_config(4096)).unwrap();
+    let p = vm.pmap();
+    let space = p.create_space().unwrap();
+    fill(p, &space, Prot::RW, Prot::WRITE, MemAttr::WriteBack);
+    assert!(!is_super(p, &space, VA));
+    assert_eq!(p.superpage_stats().get(), (0, 0, 0));
+}
+
+#[test]
+fn a_clean_writable_run_is_promoted_read_only_so_a_write_is_seen() {
+    let vm = machine();
+    let p = vm.pmap();
+    let space = p.create_space().unwrap();
+    // Writable, but entered by read faults: no M anywhere.
+    fill(p, &space, Prot::RW, Prot::READ, MemAttr::WriteBack);
+    assert!(is_super(p, &space, VA));
+    let pde = p.pte(&space, VA).unwrap();
+    assert_eq!(pde & (PteFlags::WRITABLE | PteFlags::DIRTY).bits(), 0);
+    // A write must fault (and so reach the fault handler, which enters the
+    // page writable again) rather than land in a clean superpage unseen.
+    let f = p.translate_access(&space, VA + 3 * PAGE, Access::USER_WRITE);
+    assert!(f.is_err(), "{f:?}");
+    for i in [0, 3, 511] {
+        assert!(!p.is_modified(Pfn(BASE_PFN + i)), "page {i}");
+    }
+    // The fault handler's answer: the page entered writable and dirty.
+    let m = Mapping::new(page(BASE_PFN + 3, MemAttr::WriteBack), Prot::RW).access(Prot::WRITE);
+    p.enter(&space, VirtAddr(VA + 3 * PAGE), m).unwrap();
+    assert!(!is_super(p, &space, VA), "demoted for the write");
+    assert!(p.is_modified(Pfn(BASE_PFN + 3)));
+    assert!(!p.is_modified(Pfn(BASE_PFN + 4)));
+    assert_maps_run(p, &space, "after the write");
+}
+
+/// Each operation that needs one 4 KiB entry inside a superpage demotes
+/// it and does exactly its own part: the other 511 pages keep their
+/// frames, their dirty bits and their pv entries.
+#[test]
+fn every_per_page_operation_demotes_and_keeps_the_other_pages() {
+    type Op = (&'static str, fn(&X86Pmap, &X86Space) -> RefMod);
+    const K: u64 = 200;
+    const PFN_K: Pfn = Pfn(BASE_PFN + K);
+    const VA_K: u64 = VA + K * PAGE;
+    let ops: [Op; 8] = [
+        ("remove one page", |p, s| {
+            let mut out = RefMod::default();
+            p.remove(s, VirtAddr(VA_K)..VirtAddr(VA_K + PAGE), &mut |d| {
+                out.modified |= d.modified;
+            });
+            out
+        }),
+        ("protect one page", |p, s| {
+            let mut out = RefMod::default();
+            p.protect(
+                s,
+                VirtAddr(VA_K)..VirtAddr(VA_K + PAGE),
+                Prot::READ,
+                &mut |d| {
+                    out.modified |= d.modified;
+                },
+            );
+            out
+        }),
+        ("wire one page", |p, s| {
+            p.change_wiring(s, VirtAddr(VA_K), true);
+            RefMod::default()
+        }),
+        ("another frame at one page", |p, s| {
+            let m = Mapping::new(page(100, MemAttr::WriteBack), Prot::RW).access(Prot::WRITE);
+            let d = p.enter(s, VirtAddr(VA_K), m).unwrap().unwrap();
+            RefMod {
+                referenced: d.referenced,
+                modified: d.modified,
+            }
+        }),
+        ("remove_all", |p, _| p.remove_all(PFN_K)),
+        ("page_protect", |p, _| p.page_protect(PFN_K, Prot::READ)),
+        ("clear_modify", |p, _| {
+            p.clear_modify(PFN_K);
+            RefMod {
+                referenced: false,
+                modified: true,
+            }
+        }),
+        ("ts_referenced", |p, _| {
+            assert_eq!(p.ts_referenced(PFN_K), 1);
+            RefMod {
+                referenced: true,
+                modified: true,
+            }
+        }),
+    ];
+    for (what, op) in ops {
+        let vm = machine();
+        let p = vm.pmap();
+        let space = p.create_space().unwrap();
+        fill(p, &space, Prot::RW, Prot::WRITE, MemAttr::WriteBack);
+        assert!(is_super(p, &space, VA), "{what}");
+        let tables = p.table_pages(&space);
+        let got = op(p, &space);
+        assert!(!is_super(p, &space, VA), "{what}: still a superpage");
+        assert_eq!(p.superpage_stats().get().1, 1, "{what}: one demotion");
+        // The page the operation was about lost no M on the way.
+        if what != "wire one page" {
+            assert!(got.modified, "{what}: page {K}'s M bit");
+        }
+        for i in (0..PAGES).filter(|&i| i != K) {
+            let va = VA + i * PAGE;
+            let e = p.pte(&space, va).unwrap();
+            let f = PteFlags::from_bits_truncate(e);
+            assert_eq!(
+                e & 0x000f_ffff_ffff_f000,
+                (BASE_PFN + i) * PAGE,
+                "{what}: {i}"
+            );
+            assert!(
+                f.contains(PteFlags::WRITABLE | PteFlags::DIRTY | PteFlags::ACCESSED),
+                "{what}: page {i}: {f:?}"
+            );
+            assert!(!f.contains(PteFlags::HUGE), "{what}: page {i}: {f:?}");
+            assert_eq!(p.mapping_count(Pfn(BASE_PFN + i)), 1, "{what}: pv of {i}");
+            assert!(p.is_modified(Pfn(BASE_PFN + i)), "{what}: page {i} clean");
+        }
+        let resident = if what.starts_with("remove") {
+            PAGES - 1
+        } else {
+            PAGES
+        };
+        assert_eq!(space.resident_count(), resident, "{what}");
+        assert_eq!(
+            space.wired_count(),
+            u64::from(what == "wire one page"),
+            "{what}"
+        );
+        // The kept table became the leaf table again: no frame more or less.
+        assert_eq!(p.table_pages(&space), tables, "{what}");
+        p.destroy_space(&space);
+    }
+}
+
+#[test]
+fn removing_or_protecting_the_whole_superpage_keeps_count_and_frames() {
+    let vm = machine();
+    let p = vm.pmap();
+    let free = vm.free_pages();
+    let space = p.create_space().unwrap();
+    fill(p, &space, Prot::RW, Prot::WRITE, MemAttr::WriteBack);
+    assert!(is_super(p, &space, VA));
+    let mut dirty = 0;
+    p.protect(
+        &space,
+        VirtAddr(VA)..VirtAddr(VA + SUPER),
+        Prot::READ,
+        &mut |d| {
+            dirty += u64::from(d.modified);
+        },
+    );
+    assert_eq!(dirty, PAGES, "every page of a dirty superpage is dirty");
+    assert!(p.translate_access(&space, VA, Access::USER_WRITE).is_err());
+    assert_maps_run(p, &space, "read-only");
+    let mut gone = Vec::new();
+    p.remove(&space, VirtAddr(VA)..VirtAddr(VA + SUPER), &mut |d| {
+        gone.push(d.pfn.0)
+    });
+    gone.sort_unstable();
+    assert_eq!(gone, (BASE_PFN..BASE_PFN + PAGES).collect::<Vec<_>>());
+    assert_eq!(space.resident_count(), 0);
+    assert_eq!(p.table_pages(&space), 1, "only the root left");
+    for i in [0, 511] {
+        assert_eq!(p.mapping_count(Pfn(BASE_PFN + i)), 0);
+    }
+    p.destroy_space(&space);
+    assert_eq!(vm.free_pages(), free, "a table frame leaked");
+}
+
+#[test]
+fn destroying_a_space_with_superpages_frees_every_table() {
+    let vm = machine();
+    let p = vm.pmap();
+    let free = vm.free_pages();
+    let space = p.create_space().unwrap();
+    fill(p, &space, Prot::RW, Prot::WRITE, MemAttr::WriteBack);
+    assert!(is_super(p, &space, VA));
+    p.destroy_space(&space);
+    assert_eq!(vm.free_pages(), free);
+    for i in [0, 511] {
+        assert_eq!(p.mapping_count(Pfn(BASE_PFN + i)), 0);
+    }
+}
+
+#[test]
+fn an_uncached_run_keeps_its_pat_bits_through_both_changes() {
+    for attr in [
+        MemAttr::WriteCombining,
+        MemAttr::Uncacheable,
+        MemAttr::WriteProtected,
+    ] {
+        let vm = machine();
+        let p = vm.pmap();
+        let space = p.create_space().unwrap();
+        fill(p, &space, Prot::RW, Prot::WRITE, attr);
+        let small = {
+            let s2 = p.create_space().unwrap();
+            let m = Mapping::new(page(BASE_PFN, attr), Prot::RW).access(Prot::WRITE);
+            p.enter(&s2, VirtAddr(VA), m).unwrap();
+            p.pte(&s2, VA).unwrap()
+        };
+        assert!(is_super(p, &space, VA), "{attr:?}");
+        let t = p.translate_access(&space, VA, Access::USER_READ).unwrap();
+        assert_eq!(t.pa.as_u64(), BASE_PFN * PAGE, "{attr:?}");
+        p.change_wiring(&space, VirtAddr(VA + PAGE), true);
+        assert_eq!(p.pte(&space, VA).unwrap(), small, "{attr:?}: demoted entry");
+    }
+}
+
+/// Promotion and demotion race software-MMU walks and other faults in the
+/// same space: a walker must never see a mapped page unmapped or mapped
+/// to another frame, and no count may drift.
+#[test]
+fn walkers_and_faults_race_promotion_and_demotion() {
+    let vm = machine();
+    let p = vm.pmap();
+    let free = vm.free_pages();
+    let space = p.create_space().unwrap();
+    let stop = AtomicBool::new(false);
+    fill(p, &space, Prot::RW, Prot::WRITE, MemAttr::WriteBack);
+    std::thread::scope(|s| {
+        // Demote and promote again, over and over: a wiring change splits
+        // the superpage, the change back and one more `enter` restore it.
+        s.spawn(|| {
+            for round in 0..300u64 {
+                let k = round % PAGES;
+                let va = VirtAddr(VA + k * PAGE);
+                p.change_wiring(&space, va, true);
+                p.change_wiring(&space, va, false);
+                let m = Mapping::new(page(BASE_PFN + k, MemAttr::WriteBack), Prot::RW)
+                    .access(Prot::WRITE);
+                p.enter(&space, va, m).unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        // Walkers: every page, every time, its own frame.
+        for t in 0..2u64 {
+            let (space, stop) = (&space, &stop);
+            s.spawn(move || {
+                let mut i = t * 97;
+                while !stop.load(Ordering::Relaxed) {
+                    i = (i + 13) % PAGES;
+                    let va = VA + i * PAGE;
+                    let a = if i % 2 == 0 {
+                        Access::USER_WRITE
+                    } else {
+                        Access::USER_READ
+                    };
+                    let got = p.translate_access(space, va, a).map(|t| t.pa.as_u64());
+                    assert_eq!(got, Ok((BASE_PFN + i) * PAGE), "page {i}");
+                    assert_eq!(p.extract(space, VirtAddr(va)), Some(Pfn(BASE_PFN + i)));
+                }
+            });
+        }
+        // Faults next door, in the same page directory.
+        s.spawn(|| {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let va = VA + SUPER + (n % 64) * PAGE;
+                let m = Mapping::new(page(100 + n % 64, MemAttr::WriteBack), Prot::RW);
+                p.enter(&space, VirtAddr(va), m).unwrap();
+                if n % 64 == 63 {
+                    p.remove(
+                        &space,
+                        VirtAddr(VA + SUPER)..VirtAddr(VA + 2 * SUPER),
+                        &mut |_| {},
+                    );
+                }
+                n += 1;
+            }
+        });
+    });
+    let (promoted, demoted, _) = p.superpage_stats().get();
+    assert!(promoted >= 2 && demoted >= 1, "{promoted} / {demoted}");
+    assert_eq!(promoted, demoted + 1, "the last promotion stands");
+    assert!(is_super(p, &space, VA));
+    assert_maps_run(p, &space, "after the race");
+    assert_eq!(space.wired_count(), 0);
+    p.remove(&space, VirtAddr(0)..VirtAddr(1 << 47), &mut |_| {});
+    assert_eq!(space.resident_count(), 0);
+    p.destroy_space(&space);
+    assert_eq!(vm.free_pages(), free, "frames leaked");
+}
