@@ -50,6 +50,9 @@ bitflags::bitflags! {
         /// background, so a sequential reader finds it resident.
         /// Fault-around leaves it unmapped so that the access faults.
         const READAHEAD = 1 << 25;
+        /// On a free list (set and cleared under the list's lock): only
+        /// such a page may be taken off a list by its id.
+        const LISTED = 1 << 26;
     }
 }
 
@@ -87,7 +90,8 @@ pub struct VmPage {
     soft_busy: AtomicU32,
     /// Owning object's id, [`NO_OBJECT`] when free.
     object: AtomicU64,
-    /// Index in the owning object; while free, the next free page's id.
+    /// Index in the owning object; while free, the free list's links
+    /// (next | previous << 32).
     pindex: AtomicU64,
 }
 
@@ -349,12 +353,15 @@ impl VmPage {
         self.pindex.store(pindex, Ordering::Release);
     }
 
-    pub(crate) fn free_link(&self) -> u32 {
-        self.pindex.load(Ordering::Relaxed) as u32
+    /// The free list's links of a free page: (next, previous) page ids.
+    pub(crate) fn free_links(&self) -> (u32, u32) {
+        let w = self.pindex.load(Ordering::Relaxed);
+        (w as u32, (w >> 32) as u32)
     }
 
-    pub(crate) fn set_free_link(&self, next: u32) {
-        self.pindex.store(u64::from(next), Ordering::Relaxed);
+    pub(crate) fn set_free_links(&self, next: u32, prev: u32) {
+        self.pindex
+            .store(u64::from(next) | u64::from(prev) << 32, Ordering::Relaxed);
     }
 
     /// Resets state to "free" in one atomic step: flags cleared except

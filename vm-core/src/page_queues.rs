@@ -2,11 +2,15 @@
 //! accounting and the free-page thresholds (FreeBSD `vm_page.c`,
 //! `vm_pageq.c`).
 //!
-//! Free pages sit on intrusive lists (the link lives in the free page's
-//! `pindex`), split over shards with a lock each, so allocation needs no heap
-//! and no machine-wide lock. Each shard keeps known-zero pages apart so a
-//! zero-fill fault can skip the zeroing (`v_ozfod`). Active and inactive are
-//! queue bits on the page plus counters: the pageout scan walks the array
+//! Free pages sit on intrusive doubly linked lists (the links live in the
+//! free page's `pindex`), split over shards with a lock each, so allocation
+//! needs no heap and no machine-wide lock, and a given free frame can be
+//! taken off its list by its id (`Pages::alloc_at`). Each aligned 2 MiB
+//! run of frames counts its free pages, so a wholly free run can be found
+//! and claimed for a superpage reservation (`Pages::claim_run`). Each
+//! shard keeps known-zero pages apart so a zero-fill fault can skip the
+//! zeroing (`v_ozfod`). Active and inactive are queue bits on the page
+//! plus counters: the pageout scan walks the array
 //! like a clock hand instead of following linked lists.
 
 use crate::addr::Pfn;
@@ -20,6 +24,13 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 const NIL: u32 = u32::MAX;
 const SHARDS: usize = 16;
+/// Frames in an aligned run: a 2 MiB superpage's worth (FreeBSD
+/// `VM_LEVEL_0_NPAGES`).
+pub(crate) const RUN_PAGES: u64 = 512;
+/// No run: a reservation that found no wholly free run.
+pub(crate) const NO_RUN: u32 = u32::MAX;
+/// A run's word: its free pages, and whether a reservation claimed it.
+const RUN_CLAIMED: u32 = 1 << 31;
 /// Wait-table key of "free memory appeared".
 const MEMORY_KEY: u64 = u64::MAX;
 
@@ -95,6 +106,14 @@ pub(crate) struct Pages {
     /// Frame number | memory attribute << 56 of each fictitious page.
     fict_frame: Box<[AtomicU64]>,
     fict_free: Mutex<Vec<u32>>,
+    /// Per aligned run of [`RUN_PAGES`] frames: free pages on the lists |
+    /// [`RUN_CLAIMED`]. Runs that memory covers only in part never reach
+    /// a full count.
+    runs: Box<[AtomicU32]>,
+    /// Where [`claim_run`](Self::claim_run) looks next (it goes down from
+    /// the top of memory, away from the low frames the lists hand out
+    /// first).
+    run_cursor: AtomicU32,
 }
 
 const ATTR_SHIFT: u32 = 56;
@@ -139,6 +158,11 @@ impl Pages {
                 .collect::<Vec<_>>()
                 .into(),
             fict_free: Mutex::new((0..fictitious).rev().collect()),
+            runs: (0..Self::runs_for(base_pfn, frames))
+                .map(|_| AtomicU32::new(0))
+                .collect::<Vec<_>>()
+                .into(),
+            run_cursor: AtomicU32::new(0),
         };
         // Push in reverse so low frames are handed out first.
         for i in (0..frames).rev() {
@@ -152,6 +176,61 @@ impl Pages {
 
     pub(crate) fn len(&self) -> u32 {
         self.pages.len() as u32
+    }
+
+    /// Aligned runs that frames `base_pfn..base_pfn + frames` touch.
+    fn runs_for(base_pfn: u64, frames: u32) -> u64 {
+        let end = base_pfn + u64::from(frames);
+        end.div_ceil(RUN_PAGES) - base_pfn / RUN_PAGES
+    }
+
+    /// The run holding page `id` (RAM only).
+    fn run_of(&self, id: PageId) -> usize {
+        ((self.base_pfn + u64::from(id.0)) / RUN_PAGES - self.base_pfn / RUN_PAGES) as usize
+    }
+
+    /// The first page of run `run`, if memory holds the whole run.
+    pub(crate) fn run_first(&self, run: u32) -> Option<PageId> {
+        let pfn = (self.base_pfn / RUN_PAGES + u64::from(run)) * RUN_PAGES;
+        let id = pfn.checked_sub(self.base_pfn)?;
+        (id + RUN_PAGES <= self.pages.len() as u64).then_some(PageId(id as u32))
+    }
+
+    /// Counts page `id` onto (`+1`) or off (`-1`) its run's free pages. A
+    /// run whole again is free to be claimed again.
+    fn run_count(&self, id: PageId, delta: i32) {
+        let run = &self.runs[self.run_of(id)];
+        let old = run.fetch_add(delta as u32, Ordering::AcqRel);
+        if delta > 0 && u64::from((old & !RUN_CLAIMED) + 1) == RUN_PAGES {
+            run.fetch_and(!RUN_CLAIMED, Ordering::AcqRel);
+        }
+    }
+
+    /// Claims a wholly free run not claimed yet, for a reservation: its
+    /// frames stay on the free lists (any allocation may still take them,
+    /// so a shortage never waits on a reservation), but no other
+    /// reservation is given the run until it is whole again. Looks from
+    /// the top of memory down. `None` if no run is whole.
+    pub(crate) fn claim_run(&self) -> Option<u32> {
+        let n = self.runs.len() as u32;
+        let start = self.run_cursor.load(Ordering::Relaxed) % n.max(1);
+        for k in 0..n {
+            let r = (n - 1 - (start + k) % n) as usize;
+            let whole = RUN_PAGES as u32;
+            if self.runs[r]
+                .compare_exchange(
+                    whole,
+                    whole | RUN_CLAIMED,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+            {
+                self.run_cursor.store(start + k + 1, Ordering::Relaxed);
+                return Some(r as u32);
+            }
+        }
+        None
     }
 
     pub(crate) fn get(&self, id: PageId) -> &VmPage {
@@ -243,8 +322,15 @@ impl Pages {
         } else {
             &mut shard.plain
         };
-        page.set_free_link(*head);
+        page.set_free_links(*head, NIL);
+        if *head != NIL {
+            self.set_prev(PageId(*head), id.0);
+        }
         *head = id.0;
+        page.set_flags(PageFlags::LISTED);
+        // Counted while the page is on the list and the list locked, so
+        // no one takes it (and counts it out) before it is counted in.
+        self.run_count(id, 1);
         if zeroed {
             self.counts.free_zeroed.fetch_add(1, Ordering::AcqRel);
         }
@@ -257,11 +343,7 @@ impl Pages {
     /// over the shards. The page comes back off every queue, not busy, with
     /// only `ZERO` possibly set.
     pub(crate) fn alloc(&self, hint: u64, class: AllocClass, zero: bool) -> Option<PageId> {
-        let floor = match class {
-            AllocClass::Normal => self.thresholds.reserved,
-            AllocClass::System => 0,
-        };
-        if self.free_count() <= floor {
+        if self.free_count() <= self.floor(class) {
             return None;
         }
         // First the kind asked for, on any shard (skipped when the counts
@@ -316,19 +398,81 @@ impl Pages {
                     continue;
                 }
                 let id = PageId(*head);
-                let page = self.get(id);
-                *head = page.free_link();
+                self.unlink(&mut shard, id);
                 drop(shard);
-                self.counts.free.fetch_sub(1, Ordering::AcqRel);
-                if want_zero {
-                    self.counts.free_zeroed.fetch_sub(1, Ordering::AcqRel);
-                }
-                page.set_queue(PageQueue::None);
-                page.set_identity(crate::page::NO_OBJECT, 0);
+                self.taken(id, want_zero);
                 return Some(id);
             }
         }
         None
+    }
+
+    /// Allocates free page `id` itself, if it is free (on its list) and the
+    /// free count allows `class` an allocation: a frame of a reservation.
+    pub(crate) fn alloc_at(&self, id: PageId, class: AllocClass) -> Option<PageId> {
+        if id.0 as usize >= self.pages.len() || self.free_count() <= self.floor(class) {
+            return None;
+        }
+        let page = self.get(id);
+        let mut shard = self.shards[id.0 as usize % SHARDS].lock();
+        // Set and cleared under this lock: a page on its way onto the
+        // list (marked free, not linked yet) is not taken.
+        if !page.flags().contains(PageFlags::LISTED) {
+            return None;
+        }
+        let zeroed = page.flags().contains(PageFlags::ZERO);
+        self.unlink(&mut shard, id);
+        drop(shard);
+        self.taken(id, zeroed);
+        Some(id)
+    }
+
+    /// The free count `class` may not allocate below.
+    fn floor(&self, class: AllocClass) -> u64 {
+        match class {
+            AllocClass::Normal => self.thresholds.reserved,
+            AllocClass::System => 0,
+        }
+    }
+
+    /// Takes listed page `id` off its list in `shard` (the zeroed list if
+    /// it is a known-zero page, the plain one otherwise).
+    fn unlink(&self, shard: &mut FreeShard, id: PageId) {
+        let page = self.get(id);
+        let (next, prev) = page.free_links();
+        if prev == NIL {
+            if page.flags().contains(PageFlags::ZERO) {
+                shard.zeroed = next;
+            } else {
+                shard.plain = next;
+            }
+        } else {
+            let p = self.get(PageId(prev));
+            p.set_free_links(next, p.free_links().1);
+        }
+        if next != NIL {
+            self.set_prev(PageId(next), prev);
+        }
+        page.clear_flags(PageFlags::LISTED);
+    }
+
+    /// Sets listed page `id`'s previous link; under its shard's lock.
+    fn set_prev(&self, id: PageId, prev: u32) {
+        let page = self.get(id);
+        page.set_free_links(page.free_links().0, prev);
+    }
+
+    /// Settles the counts for page `id`, just taken off a list, and hands
+    /// it out: off every queue, in no object.
+    fn taken(&self, id: PageId, zeroed: bool) {
+        self.counts.free.fetch_sub(1, Ordering::AcqRel);
+        if zeroed {
+            self.counts.free_zeroed.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.run_count(id, -1);
+        let page = self.get(id);
+        page.set_queue(PageQueue::None);
+        page.set_identity(crate::page::NO_OBJECT, 0);
     }
 
     /// Frees a page: the caller has removed it from its object and from
@@ -565,6 +709,69 @@ mod tests {
             p.alloc_fictitious(Pfn(1), MemAttr::Uncacheable).is_none(),
             "all four records in use"
         );
+    }
+
+    /// Takes every page the lists give, checking none comes twice.
+    fn drain(p: &Pages) -> std::collections::BTreeSet<u32> {
+        let mut got = std::collections::BTreeSet::new();
+        while let Some(id) = p.alloc(got.len() as u64, AllocClass::System, false) {
+            assert!(got.insert(id.0), "page {} handed out twice", id.0);
+        }
+        got
+    }
+
+    #[test]
+    fn a_free_page_is_taken_by_its_id_and_the_lists_stay_whole() {
+        let p = pages(64, false, 0);
+        // Zeroed and plain pages, heads, tails and middles of lists.
+        for id in [5u32, 21, 37] {
+            p.alloc_at(PageId(id), AllocClass::Normal).unwrap();
+            p.get(PageId(id)).set_flags(PageFlags::ZERO);
+            p.free(PageId(id));
+        }
+        assert_eq!((p.free_count(), p.free_zeroed_count()), (64, 3));
+        for id in [21u32, 0, 63, 16, 48, 5] {
+            assert_eq!(p.alloc_at(PageId(id), AllocClass::Normal), Some(PageId(id)));
+            assert_eq!(
+                p.alloc_at(PageId(id), AllocClass::Normal),
+                None,
+                "taken twice"
+            );
+            assert!(!p.get(PageId(id)).flags().contains(PageFlags::LISTED));
+        }
+        assert_eq!((p.free_count(), p.free_zeroed_count()), (58, 1));
+        assert_eq!(
+            p.alloc_at(PageId(64), AllocClass::Normal),
+            None,
+            "past the end"
+        );
+        let rest = drain(&p);
+        assert_eq!(rest.len(), 58);
+        assert!(
+            [21u32, 0, 63, 16, 48, 5]
+                .iter()
+                .all(|id| !rest.contains(id))
+        );
+        assert_eq!((p.free_count(), p.free_zeroed_count()), (0, 0));
+    }
+
+    #[test]
+    fn a_whole_run_is_claimed_once_until_it_is_whole_again() {
+        // Two whole runs and part of a third (runs are aligned to frames,
+        // so memory starting at frame 100 covers 412 frames of the first).
+        let p = Pages::new(100, 412 + 2 * 512 + 7, false, Thresholds::for_frames(0), 0);
+        let mut claimed = vec![p.claim_run().unwrap(), p.claim_run().unwrap()];
+        claimed.sort_unstable();
+        assert_eq!(claimed, vec![1, 2], "the partial runs are never whole");
+        assert_eq!(p.run_first(0), None);
+        assert_eq!(p.run_first(1), Some(PageId(412)));
+        assert_eq!(p.claim_run(), None, "both claimed");
+        // Taking and giving back a page makes run 1 whole again: claimable.
+        let id = p.alloc_at(PageId(412 + 9), AllocClass::Normal).unwrap();
+        assert_eq!(p.claim_run(), None);
+        p.free(id);
+        assert_eq!(p.claim_run(), Some(1));
+        assert_eq!(drain(&p).len(), 412 + 2 * 512 + 7);
     }
 
     #[test]

@@ -100,6 +100,15 @@ pub struct VmConfig {
     pub user_max: u64,
     /// Records for device (fictitious) pages resident at once.
     pub fictitious_pages: u32,
+    /// Superpage reservations (FreeBSD `vm_reserv`, on by default): the
+    /// first zero-fill fault in an aligned 2 MiB of an anonymous object,
+    /// where the mapping covers all of it, claims a wholly free, aligned
+    /// run of 512 frames, and each page of those 2 MiB then gets the
+    /// frame at its own offset in the run while it is free. A pmap that
+    /// promotes (the x86_64 one) maps the run with one 2 MiB entry once
+    /// every page is in. The run's frames stay free for anyone until
+    /// taken, so a reservation never holds memory back from a shortage.
+    pub superpage_reservations: bool,
 }
 
 impl VmConfig {
@@ -127,6 +136,7 @@ impl Default for VmConfig {
             user_min: PAGE_SIZE,
             user_max: 0x0000_8000_0000_0000,
             fictitious_pages: 4096,
+            superpage_reservations: true,
         }
     }
 }

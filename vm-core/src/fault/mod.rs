@@ -21,6 +21,7 @@
 mod cow;
 mod pagein;
 mod prefault;
+mod reserve;
 
 use crate::addr::{Pfn, VirtAddr, page_trunc};
 use crate::error::FaultError;
@@ -563,7 +564,16 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                     // but zeros (seed L445-446).
                     let zero = st.pager.is_none() && st.backing.is_none();
                     let hint = obj.id().0 ^ self.pindex;
-                    let Some(id) = self.machine.pages.alloc(hint, AllocClass::Normal, zero) else {
+                    // An anonymous first object's page: its reservation's
+                    // frame if it has one (see `reserve`).
+                    let reserved = if zero && self.object.is_none() {
+                        self.reserved_frame(&mut st)
+                    } else {
+                        None
+                    };
+                    let Some(id) = reserved
+                        .or_else(|| self.machine.pages.alloc(hint, AllocClass::Normal, zero))
+                    else {
                         return Err(Step::WaitMemory);
                     };
                     let page = self.machine.pages.get(id);

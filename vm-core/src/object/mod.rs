@@ -76,6 +76,11 @@ pub(crate) struct ObjectState {
     /// swap).
     pub(crate) kind: PagerKind,
     pub(crate) pager: Option<Arc<dyn Pager>>,
+    /// Superpage reservations: for the first page index of an aligned
+    /// 2 MiB of the object, the run of frames claimed for it
+    /// ([`NO_RUN`](crate::page_queues::NO_RUN) if none was whole); see
+    /// `fault::reserve`.
+    pub(crate) reservations: HashMap<u64, u32>,
 }
 
 /// A VM object. See the [module docs](self).
@@ -127,6 +132,7 @@ impl VmObject {
             pip: crate::sync::Gate::default(),
             state: Mutex::new(ObjectState {
                 pages: HashMap::new(),
+                reservations: HashMap::new(),
                 size,
                 backing,
                 shadow_count: 0,

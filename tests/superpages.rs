@@ -1,0 +1,321 @@
+//! Issue 13 item 2 end to end: superpage reservations in vm-core and
+//! promotion in the x86_64 pmap, under what programs do to memory.
+//!
+//! A zero-fill of an aligned 2 MiB of anonymous memory gets the frames of
+//! one aligned run in order, and the pmap maps them with one 2 MiB entry.
+//! Everything that later needs a 4 KiB page inside — unmap, mprotect,
+//! mlock, fork's copy-on-write, pageout with its dirty-bit harvest —
+//! demotes it, and no byte may be lost or shown to the wrong space on the
+//! way. Each scenario also runs on the reference pmap (no superpages, the
+//! same reservations), whose results must be the same.
+
+mod common;
+
+use common::{Rng, config, consistent, rdpage, ref_vm, squeeze, wrpage, x86_vm};
+use std::sync::Arc;
+use vm_core::{Pmap, Prot, Vm, VmConfig, VmSpace};
+use vm_pager_swap::Swap;
+use vm_pmap_x86_64::{PteFlags, X86Pmap};
+use vm_testkit::support::TempPath;
+
+const PAGE: u64 = 4096;
+const SUPER: u64 = 2 << 20;
+const BASE: u64 = 0x4000_0000;
+const PAGES: u64 = SUPER / PAGE;
+
+/// A round whose pages were never written: they read as zeros.
+const ZEROS: u64 = u64::MAX;
+
+fn tag(va: u64, round: u64) -> u64 {
+    if round == ZEROS {
+        return 0;
+    }
+    (va << 8) | (round & 0xff) | 1
+}
+
+fn write_all<P: Pmap>(s: &VmSpace<P>, base: u64, pages: u64, round: u64) {
+    for i in 0..pages {
+        let va = base + i * PAGE;
+        wrpage(s, va, tag(va, round)).unwrap();
+    }
+}
+
+/// Every page of `base..` holds its tag of `round(i)`.
+fn check_all<P: Pmap>(
+    s: &VmSpace<P>,
+    base: u64,
+    pages: u64,
+    round: impl Fn(u64) -> u64,
+    what: &str,
+) {
+    for i in 0..pages {
+        let va = base + i * PAGE;
+        let want = tag(va, round(i));
+        let got = rdpage(s, va).unwrap_or_else(|e| panic!("{what}: page {i}: {e}"));
+        assert_eq!(got, want, "{what}: page {i} at {va:#x}");
+    }
+}
+
+fn is_super(vm: &Vm<X86Pmap>, s: &VmSpace<X86Pmap>, va: u64) -> bool {
+    vm.pmap()
+        .pte(s.pmap_space(), va)
+        .is_some_and(|e| e & 1 != 0 && e & PteFlags::HUGE.bits() != 0)
+}
+
+fn with_swap<P: Pmap>(vm: &Vm<P>) -> (Swap, TempPath) {
+    let t = TempPath::new();
+    let s = Swap::create(&t.0, 16 << 20).unwrap();
+    vm.set_swap(s.provider());
+    (s, t)
+}
+
+#[test]
+fn a_zero_filled_aligned_2mib_is_one_superpage_of_frames_in_order() {
+    let vm = x86_vm(4096);
+    let s = vm.new_space().unwrap();
+    s.map_anon(BASE, 2 * SUPER, Prot::RW).unwrap();
+    write_all(&s, BASE, 2 * PAGES, 0);
+    for sp in [BASE, BASE + SUPER] {
+        assert!(
+            is_super(&vm, &s, sp),
+            "{sp:#x}: {:#x?}",
+            vm.pmap().pte(s.pmap_space(), sp)
+        );
+        let first = s.extract(sp).unwrap().0;
+        assert_eq!(first % PAGES, 0, "aligned run");
+        for i in 0..PAGES {
+            assert_eq!(s.extract(sp + i * PAGE).unwrap().0, first + i);
+        }
+    }
+    assert_eq!(vm.pmap().superpage_stats().get().0, 2);
+    check_all(&s, BASE, 2 * PAGES, |_| 0, "promoted");
+    consistent(&vm, "promoted");
+    drop(s);
+    assert_eq!(vm.free_pages(), vm.total_pages(), "frames leaked");
+}
+
+#[test]
+fn reservations_need_the_whole_2mib_inside_one_mapping_and_can_be_turned_off() {
+    // Off: frames in allocation order, no superpage.
+    let off = Vm::new(
+        X86Pmap::new(),
+        VmConfig {
+            superpage_reservations: false,
+            ..config(4096)
+        },
+    )
+    .unwrap();
+    // On, but the mapping starts 4 KiB past the boundary: no aligned 2 MiB
+    // lies inside it except none.
+    let on = x86_vm(4096);
+    for (vm, start, what) in [
+        (&off, BASE, "reservations off"),
+        (&on, BASE + PAGE, "unaligned mapping"),
+    ] {
+        let s = vm.new_space().unwrap();
+        s.map_anon(start, SUPER, Prot::RW).unwrap();
+        write_all(&s, start, PAGES, 0);
+        assert_eq!(vm.pmap().superpage_stats().get().0, 0, "{what}");
+        check_all(&s, start, PAGES, |_| 0, what);
+        consistent(vm, what);
+    }
+}
+
+#[test]
+fn read_faults_promote_read_only_and_writes_bring_it_back_writable() {
+    let vm = x86_vm(4096);
+    let s = vm.new_space().unwrap();
+    s.map_anon(BASE, SUPER, Prot::RW).unwrap();
+    for i in 0..PAGES {
+        assert_eq!(s.read_u8(BASE + i * PAGE).unwrap(), 0);
+    }
+    assert!(is_super(&vm, &s, BASE));
+    let pde = vm.pmap().pte(s.pmap_space(), BASE).unwrap();
+    assert_eq!(pde & PteFlags::WRITABLE.bits(), 0, "clean: write-protected");
+    write_all(&s, BASE, PAGES, 1);
+    let (promoted, demoted, _) = vm.pmap().superpage_stats().get();
+    assert_eq!(
+        (promoted, demoted),
+        (2, 1),
+        "read-only, split by the first write, writable again"
+    );
+    assert!(is_super(&vm, &s, BASE));
+    check_all(&s, BASE, PAGES, |_| 1, "written");
+    // Dirty now: a pageout must write every page out, not drop it.
+    let (swap, _t) = with_swap(&vm);
+    squeeze(&vm);
+    assert!(swap.stats().used > 0, "nothing paged out: {}", swap.stats());
+    check_all(&s, BASE, PAGES, |_| 1, "after pageout");
+    consistent(&vm, "after pageout");
+}
+
+type Change = (
+    &'static str,
+    fn(&VmSpace<X86Pmap>) -> Option<VmSpace<X86Pmap>>,
+);
+
+/// One change inside a promoted 2 MiB at a time; after it every page the
+/// change left alone still holds its data, the changed ones behave as the
+/// change says, and a final write and read-back of everything agrees.
+#[test]
+fn every_change_inside_a_superpage_keeps_every_byte() {
+    const K: u64 = 77;
+    let changes: [Change; 7] = [
+        ("unmap one page", |s| {
+            s.unmap(BASE + K * PAGE, PAGE).unwrap();
+            s.map_anon(BASE + K * PAGE, PAGE, Prot::RW).unwrap();
+            None
+        }),
+        ("mprotect one page read-only", |s| {
+            s.protect(BASE + K * PAGE, PAGE, Prot::READ).unwrap();
+            assert!(
+                s.write_u8(BASE + K * PAGE, 1).is_err(),
+                "write to read-only"
+            );
+            s.protect(BASE + K * PAGE, PAGE, Prot::RW).unwrap();
+            None
+        }),
+        ("mprotect all read-only", |s| {
+            s.protect(BASE, SUPER, Prot::READ).unwrap();
+            assert!(s.write_u8(BASE + 300 * PAGE, 1).is_err());
+            s.protect(BASE, SUPER, Prot::RW).unwrap();
+            None
+        }),
+        ("mlock three pages", |s| {
+            s.wire(BASE + K * PAGE, 3 * PAGE, true).unwrap();
+            s.unwire(BASE + K * PAGE, 3 * PAGE, true).unwrap();
+            None
+        }),
+        ("mlock all", |s| {
+            s.wire(BASE, SUPER, true).unwrap();
+            s.unwire(BASE, SUPER, true).unwrap();
+            None
+        }),
+        ("fork", |s| Some(s.fork().unwrap())),
+        ("pageout", |s| {
+            squeeze(s.vm());
+            None
+        }),
+    ];
+    for (what, change) in changes {
+        let vm = x86_vm(4096);
+        let (_swap, _t) = with_swap(&vm);
+        let s = vm.new_space().unwrap();
+        s.map_anon(BASE, SUPER, Prot::RW).unwrap();
+        write_all(&s, BASE, PAGES, 1);
+        assert!(is_super(&vm, &s, BASE), "{what}");
+        let child = change(&s);
+        let unmapped = what == "unmap one page";
+        check_all(
+            &s,
+            BASE,
+            PAGES,
+            |i| if unmapped && i == K { ZEROS } else { 1 },
+            what,
+        );
+        if let Some(c) = &child {
+            // The child sees the parent's data; writes on either side stay
+            // on that side.
+            check_all(c, BASE, PAGES, |_| 1, "child");
+            wrpage(c, BASE + K * PAGE, tag(BASE + K * PAGE, 2)).unwrap();
+            wrpage(&s, BASE + (K + 1) * PAGE, tag(BASE + (K + 1) * PAGE, 3)).unwrap();
+            check_all(
+                c,
+                BASE,
+                PAGES,
+                |i| if i == K { 2 } else { 1 },
+                "child after writes",
+            );
+            check_all(
+                &s,
+                BASE,
+                PAGES,
+                |i| if i == K + 1 { 3 } else { 1 },
+                "parent after writes",
+            );
+        }
+        assert!(
+            !is_super(&vm, &s, BASE),
+            "{what}: the change needs 4 KiB entries"
+        );
+        write_all(&s, BASE, PAGES, 4);
+        check_all(&s, BASE, PAGES, |_| 4, what);
+        if let Some(c) = &child {
+            check_all(
+                c,
+                BASE,
+                PAGES,
+                |i| if i == K { 2 } else { 1 },
+                "child at the end",
+            );
+        }
+        consistent(&vm, what);
+        drop(child);
+        drop(s);
+        assert_eq!(vm.free_pages(), vm.total_pages(), "{what}: frames leaked");
+    }
+}
+
+/// Threads fault interleaved pages of the same aligned 2 MiBs while
+/// another forks, writes through the child and pages out; at the end every
+/// byte is where its writer put it, in each space.
+#[test]
+fn threads_fill_superpages_beside_fork_and_pageout() {
+    fn run<P: Pmap>(vm: Arc<Vm<P>>, seed: u64) {
+        let (_swap, _t) = with_swap(&vm);
+        let s = vm.new_space().unwrap();
+        s.map_anon(BASE, 2 * SUPER, Prot::RW).unwrap();
+        let child = std::thread::scope(|sc| {
+            for t in 0..2u64 {
+                let s = &s;
+                sc.spawn(move || {
+                    for i in (t..2 * PAGES).step_by(2) {
+                        let va = BASE + i * PAGE;
+                        wrpage(s, va, tag(va, 1)).unwrap();
+                    }
+                });
+            }
+            let s = &s;
+            let other = sc.spawn(move || {
+                let mut rng = Rng(seed);
+                let mut child = None;
+                for _ in 0..20 {
+                    match rng.below(3) {
+                        0 => squeeze(s.vm()),
+                        1 => child = Some(s.fork().unwrap()),
+                        _ => {
+                            if let Some(c) = &child {
+                                let va = BASE + rng.below(2 * PAGES) * PAGE;
+                                // The child's own page: its tag round 9.
+                                wrpage(c, va, tag(va, 9)).unwrap();
+                            }
+                        }
+                    }
+                }
+                child
+            });
+            other.join().unwrap()
+        });
+        check_all(&s, BASE, 2 * PAGES, |_| 1, "parent");
+        if let Some(c) = &child {
+            for i in 0..2 * PAGES {
+                let va = BASE + i * PAGE;
+                let got = rdpage(c, va).unwrap();
+                // Forked before, during or after the page's write; or the
+                // child wrote it.
+                assert!(
+                    got == 0 || got == tag(va, 1) || got == tag(va, 9),
+                    "child page {i}: {got:#x}"
+                );
+            }
+        }
+        consistent(&vm, "threads");
+        drop(child);
+        drop(s);
+        assert_eq!(vm.free_pages(), vm.total_pages(), "frames leaked");
+    }
+    for seed in 1..=4 {
+        run(x86_vm(4096), seed);
+        run(ref_vm(4096), seed);
+    }
+}
