@@ -44,6 +44,17 @@
 //!   threads: how far zeroing itself scales on the machine.
 //! * `region_size/{ours,kernel}/{1,4,16,64}` — zero-fill cost per fault
 //!   against region size (MiB), plotted by `scripts/plot_region_size.py`.
+//! * `superpage/{ours,ours_4k,kernel_thp,kernel_4k}` — 64 MiB of aligned
+//!   anonymous memory filled by a write to every page: ours with
+//!   reservations and promotion (the default) and with 4 KiB pages only,
+//!   the kernel with `MADV_HUGEPAGE` (transparent huge pages: one fault
+//!   per 2 MiB) and `MADV_NOHUGEPAGE`. Each line prints, from one untimed
+//!   pass, the 2 MiB mappings it made.
+//! * `superpage_pmap/{promote,no_promote,demote,no_demote}` — the x86_64
+//!   pmap alone: the `enter` that fills a leaf table with frames in order
+//!   (and so promotes it, or not with promotion off), and a wiring change
+//!   of one page inside a superpage (which demotes it) or inside a 4 KiB
+//!   table.
 //!
 //! `cargo bench --bench peers`
 
@@ -104,6 +115,12 @@ fn zero_fill_ours(g: &mut Group<'_>, name: &str, vm: &Arc<Vm<X86Pmap>>, pages: u
 
 /// The kernel's zero-fill faults: `mmap` then touch every page.
 fn zero_fill_kernel(g: &mut Group<'_>, name: &str, pages: u64) {
+    zero_fill_kernel_as(g, name, pages, false);
+}
+
+/// [`zero_fill_kernel`], with transparent huge pages asked for (`huge`:
+/// `MADV_HUGEPAGE` on a 2 MiB-aligned region) or refused.
+fn zero_fill_kernel_as(g: &mut Group<'_>, name: &str, pages: u64, huge: bool) {
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let len = (pages * PAGE) as usize;
@@ -111,13 +128,13 @@ fn zero_fill_kernel(g: &mut Group<'_>, name: &str, pages: u64) {
             for _ in 0..iters {
                 // SAFETY: touched within `len`, unmapped right after.
                 unsafe {
-                    let p = kernel_anon(len);
+                    let (p, whole) = kernel_anon_as(len, huge);
                     let t = Instant::now();
                     for i in 0..pages as usize {
                         p.add(i * PAGE as usize).write_volatile(1);
                     }
                     total += t.elapsed();
-                    libc::munmap(p.cast(), len);
+                    libc::munmap(whole.0.cast(), whole.1);
                 }
             }
             total
@@ -172,20 +189,162 @@ fn fork_cow(c: &mut Criterion) {
 ///
 /// The caller unmaps it (`munmap`) and touches only `len` bytes.
 unsafe fn kernel_anon(len: usize) -> *mut u8 {
-    // SAFETY: plain mmap/madvise on a new mapping.
+    // SAFETY: as the caller's contract.
+    unsafe { kernel_anon_as(len, false).0 }
+}
+
+/// [`kernel_anon`], 2 MiB-aligned and with `MADV_HUGEPAGE` when `huge`.
+/// Returns the `len` bytes to use and the whole mapping to unmap.
+///
+/// # Safety
+///
+/// As [`kernel_anon`], unmapping the whole mapping returned.
+unsafe fn kernel_anon_as(len: usize, huge: bool) -> (*mut u8, (*mut u8, usize)) {
+    const TWO_MIB: usize = 2 << 20;
+    let whole = len + TWO_MIB;
+    // SAFETY: plain mmap/madvise on a new mapping, used within `whole`.
     unsafe {
         let p = libc::mmap(
             std::ptr::null_mut(),
-            len,
+            whole,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
             -1,
             0,
         ) as *mut u8;
         assert!(p as isize != -1, "mmap failed");
-        libc::madvise(p.cast(), len, libc::MADV_NOHUGEPAGE);
-        p
+        let aligned = p.add((TWO_MIB - p as usize % TWO_MIB) % TWO_MIB);
+        let advice = if huge {
+            libc::MADV_HUGEPAGE
+        } else {
+            libc::MADV_NOHUGEPAGE
+        };
+        libc::madvise(aligned.cast(), len, advice);
+        (aligned, (p, whole))
     }
+}
+
+/// The process's anonymous memory in transparent huge pages, in KiB
+/// (`AnonHugePages` of `/proc/self/smaps_rollup`).
+fn anon_huge_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let line = s.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The superpage group: see the module docs.
+fn superpage(c: &mut Criterion) {
+    let pages = (64 << 20) / PAGE;
+    let mut g = c.benchmark_group("superpage");
+    g.sample_size(10);
+    g.throughput(Throughput::Elements(pages));
+    let ours = machine(160 << 20);
+    let small = Vm::new(
+        X86Pmap::new().with_superpages(false),
+        VmConfig {
+            memory_bytes: 160 << 20,
+            superpage_reservations: false,
+            ..VmConfig::default()
+        },
+    )
+    .unwrap();
+    for (name, vm) in [("ours", &ours), ("ours_4k", &small)] {
+        let before = vm.pmap().superpage_stats().get().0;
+        let s = vm.new_space().unwrap();
+        s.map_anon(BASE, pages * PAGE, Prot::RW).unwrap();
+        for i in 0..pages {
+            s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
+                .unwrap();
+        }
+        let made = vm.pmap().superpage_stats().get().0 - before;
+        println!(
+            "superpage/{name}: {made} of {} 2 MiB mapped by one entry",
+            pages / 512
+        );
+        drop(s);
+        zero_fill_ours(&mut g, name, vm, pages);
+    }
+    for (name, huge) in [("kernel_thp", true), ("kernel_4k", false)] {
+        let len = (pages * PAGE) as usize;
+        let before = anon_huge_kib().unwrap_or(0);
+        // SAFETY: touched within `len`, unmapped right after.
+        unsafe {
+            let (p, whole) = kernel_anon_as(len, huge);
+            for i in 0..pages as usize {
+                p.add(i * PAGE as usize).write_volatile(1);
+            }
+            let kib = anon_huge_kib().unwrap_or(0).saturating_sub(before);
+            println!(
+                "superpage/{name}: {} of {} 2 MiB in huge pages",
+                kib / 2048,
+                pages / 512
+            );
+            libc::munmap(whole.0.cast(), whole.1);
+        }
+        zero_fill_kernel_as(&mut g, name, pages, huge);
+    }
+    g.finish();
+}
+
+/// The pmap's own promotion and demotion cost: see the module docs.
+fn superpage_pmap(c: &mut Criterion) {
+    use vm_core::pmap::{Mapping, PageInfo, Pmap};
+    use vm_core::{MemAttr, Pfn, VirtAddr};
+    const VA: u64 = 0x40_0000_0000;
+    let mut g = c.benchmark_group("superpage_pmap");
+    for (name, promote) in [("promote", true), ("no_promote", false)] {
+        let vm = Vm::new(
+            X86Pmap::new().with_superpages(promote),
+            VmConfig::with_memory(16 << 20),
+        )
+        .unwrap();
+        let p = vm.pmap();
+        // The top 2 MiB of frames, entered directly (never written).
+        let first = vm.phys().base_pfn() + vm.phys().frames() - 512;
+        let m = |i: u64| {
+            let page = PageInfo {
+                pfn: Pfn(first + i),
+                managed: true,
+                attr: MemAttr::WriteBack,
+            };
+            Mapping::new(page, Prot::RW).access(Prot::WRITE)
+        };
+        let filled = |last: bool| {
+            let s = p.create_space().unwrap();
+            for i in 0..if last { 512 } else { 511 } {
+                p.enter(&s, VirtAddr(VA + i * PAGE), m(i)).unwrap();
+            }
+            s
+        };
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let s = filled(false);
+                    let t = Instant::now();
+                    p.enter(&s, VirtAddr(VA + 511 * PAGE), m(511)).unwrap();
+                    total += t.elapsed();
+                    p.destroy_space(&s);
+                }
+                total
+            });
+        });
+        let name = if promote { "demote" } else { "no_demote" };
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let s = filled(true);
+                    let t = Instant::now();
+                    p.change_wiring(&s, VirtAddr(VA + 7 * PAGE), true);
+                    total += t.elapsed();
+                    p.destroy_space(&s);
+                }
+                total
+            });
+        });
+    }
+    g.finish();
 }
 
 /// The kernel's COW: the child of a fork writes every page the parent
@@ -955,6 +1114,8 @@ criterion_group!(
     swap,
     soft_fault,
     parallel,
-    region_size
+    region_size,
+    superpage,
+    superpage_pmap
 );
 criterion_main!(benches);

@@ -17,7 +17,6 @@
 //! just means those 2 MiB stay 4 KiB pages. The offset comes from the
 //! address, not the page index, so an object mapped at an address whose
 //! 2 MiB alignment differs from its offset's still lines up.
-//!
 
 use super::FaultState;
 use crate::object::ObjectState;
