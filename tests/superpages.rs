@@ -319,3 +319,139 @@ fn threads_fill_superpages_beside_fork_and_pageout() {
         run(ref_vm(4096), seed);
     }
 }
+
+/// What one space should read: the tag of each written page (absent:
+/// zeros), and which pages are read-only now.
+#[derive(Clone, Default)]
+struct Model {
+    tags: std::collections::HashMap<u64, u64>,
+    read_only: std::collections::HashSet<u64>,
+}
+
+/// Random sequences over two aligned 2 MiB mappings per space — fill
+/// whole (promotes), write, unmap and map again, mprotect, mlock, fork,
+/// exit, pageout — checked against a plain model after every step, on
+/// both pmaps: every page reads what the model says, and a write to a
+/// read-only page fails.
+#[test]
+fn random_changes_to_superpages_agree_with_a_model() {
+    const SLOTS: [u64; 2] = [BASE, BASE + 2 * SUPER];
+    fn run<P: Pmap>(vm: Arc<Vm<P>>, seed: u64) {
+        let (_swap, _t) = with_swap(&vm);
+        let mut rng = Rng(seed);
+        let mut spaces = vec![vm.new_space().unwrap()];
+        let mut models = vec![Model::default()];
+        for &b in &SLOTS {
+            spaces[0].map_anon(b, SUPER, Prot::RW).unwrap();
+        }
+        for step in 0..60u64 {
+            let s = rng.below(spaces.len() as u64) as usize;
+            let slot = SLOTS[rng.below(2) as usize];
+            let whole = rng.pct(30);
+            let k = if whole { 0 } else { rng.below(PAGES) };
+            let most = if rng.pct(50) { 8 } else { PAGES - k };
+            let n = if whole {
+                PAGES
+            } else {
+                1 + rng.below(most.min(PAGES - k))
+            };
+            let what = format!("seed {seed} step {step}");
+            match rng.below(10) {
+                0..=2 => {
+                    for i in 0..PAGES {
+                        let va = slot + i * PAGE;
+                        let ok = wrpage(&spaces[s], va, tag(va, step)).is_ok();
+                        assert_eq!(
+                            ok,
+                            !models[s].read_only.contains(&va),
+                            "{what}: fill {va:#x}"
+                        );
+                        if ok {
+                            models[s].tags.insert(va, step);
+                        }
+                    }
+                }
+                3 => {
+                    let va = slot + k * PAGE;
+                    let ok = wrpage(&spaces[s], va, tag(va, step)).is_ok();
+                    assert_eq!(
+                        ok,
+                        !models[s].read_only.contains(&va),
+                        "{what}: write {va:#x}"
+                    );
+                    if ok {
+                        models[s].tags.insert(va, step);
+                    }
+                }
+                4 => {
+                    let va = slot + k * PAGE;
+                    spaces[s].unmap(va, n * PAGE).unwrap();
+                    spaces[s].map_anon(va, n * PAGE, Prot::RW).unwrap();
+                    for i in 0..n {
+                        models[s].tags.remove(&(va + i * PAGE));
+                        models[s].read_only.remove(&(va + i * PAGE));
+                    }
+                }
+                5 => {
+                    let va = slot + k * PAGE;
+                    let ro = rng.pct(50);
+                    let prot = if ro { Prot::READ } else { Prot::RW };
+                    spaces[s].protect(va, n * PAGE, prot).unwrap();
+                    for i in 0..n {
+                        if ro {
+                            models[s].read_only.insert(va + i * PAGE);
+                        } else {
+                            models[s].read_only.remove(&(va + i * PAGE));
+                        }
+                    }
+                }
+                6 => {
+                    let va = slot + k * PAGE;
+                    spaces[s].wire(va, n * PAGE, true).unwrap();
+                    if rng.pct(70) {
+                        spaces[s].unwire(va, n * PAGE, true).unwrap();
+                    }
+                }
+                7 if spaces.len() < 3 => {
+                    let child = spaces[s].fork().unwrap();
+                    spaces.push(child);
+                    models.push(models[s].clone());
+                }
+                7 if s > 0 => {
+                    spaces.swap_remove(s);
+                    models.swap_remove(s);
+                }
+                _ => squeeze(&vm),
+            }
+            for (sp, m) in spaces.iter().zip(&models) {
+                for &b in &SLOTS {
+                    for i in (step % 7..PAGES).step_by(7) {
+                        let va = b + i * PAGE;
+                        let want = m.tags.get(&va).map_or(0, |&r| tag(va, r));
+                        assert_eq!(rdpage(sp, va), Ok(want), "{what}: {va:#x}");
+                    }
+                }
+            }
+            consistent(&vm, &what);
+        }
+        drop(spaces);
+        assert_eq!(
+            vm.free_pages(),
+            vm.total_pages(),
+            "seed {seed}: frames leaked"
+        );
+    }
+    let mut seen = (0, 0);
+    for seed in 1..=6u64 {
+        let vm = x86_vm(4096);
+        run(vm.clone(), seed * 7919);
+        let (p, d, _) = vm.pmap().superpage_stats().get();
+        seen = (seen.0 + p, seen.1 + d);
+        run(ref_vm(4096), seed * 7919);
+    }
+    eprintln!("superpages made and split: {seen:?}");
+    assert!(
+        seen.0 > 0 && seen.1 > 0,
+        "no superpage made and split: {seen:?}"
+    );
+}
