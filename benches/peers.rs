@@ -44,9 +44,11 @@
 //!   threads: how far zeroing itself scales on the machine.
 //! * `region_size/{ours,kernel}/{1,4,16,64}` — zero-fill cost per fault
 //!   against region size (MiB), plotted by `scripts/plot_region_size.py`.
-//! * `superpage/{ours,ours_4k,kernel_thp,kernel_4k}` — 64 MiB of aligned
-//!   anonymous memory filled by a write to every page: ours with
-//!   reservations and promotion (the default) and with 4 KiB pages only,
+//! * `superpage/{ours,ours_4k,ours_always,kernel_thp,kernel_4k}` — 64 MiB
+//!   of aligned anonymous memory filled by a write to every page: ours
+//!   with reservations and promotion (the default), with 4 KiB pages
+//!   only, and with `SuperpagePolicy::Always` (one fault per 2 MiB, which
+//!   maps all of it: the faults a CPU touching every page would take),
 //!   the kernel with `MADV_HUGEPAGE` (transparent huge pages: one fault
 //!   per 2 MiB) and `MADV_NOHUGEPAGE`. Each line prints, from one untimed
 //!   pass, the 2 MiB mappings it made.
@@ -94,6 +96,18 @@ type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>
 
 /// Zero-fill write faults over `pages` fresh pages of a new space.
 fn zero_fill_ours(g: &mut Group<'_>, name: &str, vm: &Arc<Vm<X86Pmap>>, pages: u64) {
+    zero_fill_ours_every(g, name, vm, pages, 1);
+}
+
+/// [`zero_fill_ours`], faulting every `stride`th page only: what a CPU
+/// that touches every page faults on when each fault maps `stride` pages.
+fn zero_fill_ours_every(
+    g: &mut Group<'_>,
+    name: &str,
+    vm: &Arc<Vm<X86Pmap>>,
+    pages: u64,
+    stride: u64,
+) {
     g.bench_function(name, |b| {
         b.iter_batched(
             || {
@@ -102,7 +116,7 @@ fn zero_fill_ours(g: &mut Group<'_>, name: &str, vm: &Arc<Vm<X86Pmap>>, pages: u
                 s
             },
             |s| {
-                for i in 0..pages {
+                for i in (0..pages).step_by(stride as usize) {
                     s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
                         .unwrap();
                 }
@@ -243,26 +257,44 @@ fn superpage(c: &mut Criterion) {
         X86Pmap::new().with_superpages(false),
         VmConfig {
             memory_bytes: 160 << 20,
-            superpage_reservations: false,
+            superpages: vm_core::SuperpagePolicy::Never,
             ..VmConfig::default()
         },
     )
     .unwrap();
-    for (name, vm) in [("ours", &ours), ("ours_4k", &small)] {
+    let always = Vm::new(
+        X86Pmap::new(),
+        VmConfig {
+            memory_bytes: 160 << 20,
+            superpages: vm_core::SuperpagePolicy::Always,
+            ..VmConfig::default()
+        },
+    )
+    .unwrap();
+    // `ours_always` faults once per 2 MiB: that fault maps all of it.
+    let ours_kinds = [
+        ("ours", &ours, 1),
+        ("ours_4k", &small, 1),
+        ("ours_always", &always, 512),
+    ];
+    for (name, vm, stride) in ours_kinds {
         let before = vm.pmap().superpage_stats().get().0;
         let s = vm.new_space().unwrap();
         s.map_anon(BASE, pages * PAGE, Prot::RW).unwrap();
-        for i in 0..pages {
+        for i in (0..pages).step_by(stride) {
             s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
                 .unwrap();
         }
         let made = vm.pmap().superpage_stats().get().0 - before;
+        let mapped = (0..pages)
+            .filter(|&i| s.extract(BASE + i * PAGE).is_some())
+            .count();
         println!(
-            "superpage/{name}: {made} of {} 2 MiB mapped by one entry",
+            "superpage/{name}: {made} of {} 2 MiB mapped by one entry, {mapped} of {pages} pages mapped",
             pages / 512
         );
         drop(s);
-        zero_fill_ours(&mut g, name, vm, pages);
+        zero_fill_ours_every(&mut g, name, vm, pages, stride as u64);
     }
     for (name, huge) in [("kernel_thp", true), ("kernel_4k", false)] {
         let len = (pages * PAGE) as usize;

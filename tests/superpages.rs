@@ -13,7 +13,7 @@ mod common;
 
 use common::{Rng, config, consistent, rdpage, ref_vm, squeeze, wrpage, x86_vm};
 use std::sync::Arc;
-use vm_core::{Pmap, Prot, Vm, VmConfig, VmSpace};
+use vm_core::{Pmap, Prot, SuperpageAdvice, SuperpagePolicy, Vm, VmConfig, VmSpace};
 use vm_pager_swap::Swap;
 use vm_pmap_x86_64::{PteFlags, X86Pmap};
 use vm_testkit::support::TempPath;
@@ -62,6 +62,18 @@ fn is_super(vm: &Vm<X86Pmap>, s: &VmSpace<X86Pmap>, va: u64) -> bool {
         .is_some_and(|e| e & 1 != 0 && e & PteFlags::HUGE.bits() != 0)
 }
 
+/// [`x86_vm`] with superpage policy `policy`.
+fn policy_vm(policy: SuperpagePolicy) -> Arc<Vm<X86Pmap>> {
+    Vm::new(
+        X86Pmap::new(),
+        VmConfig {
+            superpages: policy,
+            ..config(4096)
+        },
+    )
+    .unwrap()
+}
+
 fn with_swap<P: Pmap>(vm: &Vm<P>) -> (Swap, TempPath) {
     let t = TempPath::new();
     let s = Swap::create(&t.0, 16 << 20).unwrap();
@@ -100,7 +112,7 @@ fn reservations_need_the_whole_2mib_inside_one_mapping_and_can_be_turned_off() {
     let off = Vm::new(
         X86Pmap::new(),
         VmConfig {
-            superpage_reservations: false,
+            superpages: vm_core::SuperpagePolicy::Never,
             ..config(4096)
         },
     )
@@ -197,11 +209,23 @@ fn every_change_inside_a_superpage_keeps_every_byte() {
             None
         }),
     ];
-    for (what, change) in changes {
-        let vm = x86_vm(4096);
+    // Filled page by page (reservation, promotion at the last), and whole
+    // at the first write (`Always`).
+    let runs = changes
+        .iter()
+        .flat_map(|c| [(c, SuperpagePolicy::Reserve), (c, SuperpagePolicy::Always)]);
+    for (&(what, change), policy) in runs {
+        let vm = policy_vm(policy);
         let (_swap, _t) = with_swap(&vm);
         let s = vm.new_space().unwrap();
         s.map_anon(BASE, SUPER, Prot::RW).unwrap();
+        if policy == SuperpagePolicy::Always {
+            s.write_u8(BASE + 5 * PAGE, 1).unwrap();
+            assert!(
+                is_super(&vm, &s, BASE),
+                "{what}: one fault maps the whole 2 MiB"
+            );
+        }
         write_all(&s, BASE, PAGES, 1);
         assert!(is_super(&vm, &s, BASE), "{what}");
         let child = change(&s);
@@ -454,4 +478,151 @@ fn random_changes_to_superpages_agree_with_a_model() {
         seen.0 > 0 && seen.1 > 0,
         "no superpage made and split: {seen:?}"
     );
+}
+
+/// Whole superpages at the first write fault: `Always` everywhere a 2 MiB
+/// fits, `Reserve` where advised `Huge`; never where advised `NoHuge`, for
+/// a read, or where the mapping does not cover the 2 MiB. The one fault
+/// maps every page, zeroed, writable; the faulting write is there.
+#[test]
+fn one_write_fault_maps_a_whole_superpage_where_asked() {
+    type Case = (
+        &'static str,
+        SuperpagePolicy,
+        Option<SuperpageAdvice>,
+        u64,
+        bool,
+    );
+    let cases: [Case; 6] = [
+        ("always", SuperpagePolicy::Always, None, BASE, true),
+        (
+            "advised",
+            SuperpagePolicy::Reserve,
+            Some(SuperpageAdvice::Huge),
+            BASE,
+            true,
+        ),
+        ("not advised", SuperpagePolicy::Reserve, None, BASE, false),
+        (
+            "advised none",
+            SuperpagePolicy::Always,
+            Some(SuperpageAdvice::NoHuge),
+            BASE,
+            false,
+        ),
+        (
+            "never",
+            SuperpagePolicy::Never,
+            Some(SuperpageAdvice::Huge),
+            BASE,
+            false,
+        ),
+        (
+            "unaligned mapping",
+            SuperpagePolicy::Always,
+            None,
+            BASE + PAGE,
+            false,
+        ),
+    ];
+    for (what, policy, advice, start, whole) in cases {
+        let vm = policy_vm(policy);
+        let s = vm.new_space().unwrap();
+        s.map_anon(start, SUPER, Prot::RW).unwrap();
+        if let Some(a) = advice {
+            s.advise_superpages(start, SUPER, a).unwrap();
+        }
+        let faults = vm.counters().snapshot().v_vm_faults;
+        wrpage(&s, start + 9 * PAGE, tag(start + 9 * PAGE, 1)).unwrap();
+        let resident = (0..PAGES)
+            .filter(|i| s.extract(start + i * PAGE).is_some())
+            .count();
+        assert_eq!(resident as u64, if whole { PAGES } else { 1 }, "{what}");
+        assert_eq!(is_super(&vm, &s, BASE + SUPER / 2), whole, "{what}");
+        // The rest reads zeros and takes writes without a fault.
+        for i in (0..PAGES).filter(|&i| i != 9) {
+            assert_eq!(rdpage(&s, start + i * PAGE), Ok(0), "{what}: page {i}");
+        }
+        assert_eq!(
+            rdpage(&s, start + 9 * PAGE),
+            Ok(tag(start + 9 * PAGE, 1)),
+            "{what}"
+        );
+        write_all(&s, start, PAGES, 2);
+        let taken = vm.counters().snapshot().v_vm_faults - faults;
+        if whole {
+            assert_eq!(taken, 1, "{what}: one fault for the whole 2 MiB");
+        } else {
+            assert!(taken >= PAGES - 1, "{what}: {taken} faults");
+        }
+        check_all(&s, start, PAGES, |_| 2, what);
+        consistent(&vm, what);
+        drop(s);
+        assert_eq!(vm.free_pages(), vm.total_pages(), "{what}: frames leaked");
+    }
+    // A read fault does not fill: it maps the zero-filled page alone.
+    let vm = policy_vm(SuperpagePolicy::Always);
+    let s = vm.new_space().unwrap();
+    s.map_anon(BASE, SUPER, Prot::RW).unwrap();
+    assert_eq!(s.read_u8(BASE).unwrap(), 0);
+    assert!(
+        s.extract(BASE + PAGE).is_none(),
+        "read fault filled the 2 MiB"
+    );
+}
+
+/// Threads write the same fresh 2 MiBs at once under `Always`: one fault
+/// claims and fills each, the others' pages (made before the filler
+/// inserts its own) win over the filler's; no write is lost, in any
+/// interleaving, beside pageout.
+#[test]
+fn racing_writers_of_one_fresh_superpage_keep_their_writes() {
+    for round in 0..20u64 {
+        let vm = policy_vm(SuperpagePolicy::Always);
+        let (_swap, _t) = with_swap(&vm);
+        let s = vm.new_space().unwrap();
+        s.map_anon(BASE, 2 * SUPER, Prot::RW).unwrap();
+        let written: std::collections::HashSet<u64> = std::thread::scope(|sc| {
+            let writers: Vec<_> = (0..3u64)
+                .map(|t| {
+                    let s = &s;
+                    sc.spawn(move || {
+                        let mut rng = Rng(round * 31 + t + 1);
+                        let mut mine = Vec::new();
+                        for _ in 0..64 {
+                            // Each thread owns pages i with i % 3 == t.
+                            let i = rng.below(2 * PAGES / 3) * 3 + t;
+                            let va = BASE + i * PAGE;
+                            wrpage(s, va, tag(va, round)).unwrap();
+                            mine.push(i);
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            if round % 4 == 0 {
+                sc.spawn(|| squeeze(&vm));
+            }
+            writers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        });
+        for i in 0..2 * PAGES {
+            let va = BASE + i * PAGE;
+            let want = if written.contains(&i) {
+                tag(va, round)
+            } else {
+                0
+            };
+            assert_eq!(rdpage(&s, va), Ok(want), "round {round}: page {i}");
+        }
+        consistent(&vm, "racing writers");
+        drop(s);
+        assert_eq!(
+            vm.free_pages(),
+            vm.total_pages(),
+            "round {round}: frames leaked"
+        );
+    }
 }

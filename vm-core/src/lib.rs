@@ -102,7 +102,7 @@ pub use error::{BusCode, FaultError, KernReturn, MapError, SegvCode, Signal};
 pub use fault::{FaultFlags, FaultKind, FaultOutcome};
 pub use frame::{FrameReader, FrameWriter};
 pub use io_executor::IoExecutor;
-pub use map::{Behavior, EntryFlags, Inheritance, MapEntryInfo, VmMap};
+pub use map::{Behavior, EntryFlags, Inheritance, MapEntryInfo, SuperpageAdvice, VmMap};
 pub use object::{ObjectId, VmObject};
 pub use page::{PageFlags, PageId, PageQueue, VM_PAGE_BITS_ALL, VmPage};
 pub use pager::{
@@ -114,7 +114,7 @@ pub use pmap::{Displaced, DisplacedSink, Mapping, MemAttr, PageInfo, Pmap, PmapE
 pub use prot::Prot;
 pub use space::hold::{HeldPages, HoldError};
 pub use space::{MapRequest, VmSpace};
-pub use vm::{FaultAround, Vm, VmConfig, VmInitError};
+pub use vm::{FaultAround, SuperpagePolicy, Vm, VmConfig, VmInitError};
 
 /// The README's examples, compiled and run as doctests.
 #[doc = include_str!("../README.md")]

@@ -100,15 +100,37 @@ pub struct VmConfig {
     pub user_max: u64,
     /// Records for device (fictitious) pages resident at once.
     pub fictitious_pages: u32,
-    /// Superpage reservations (FreeBSD `vm_reserv`, on by default): the
-    /// first zero-fill fault in an aligned 2 MiB of an anonymous object,
-    /// where the mapping covers all of it, claims a wholly free, aligned
-    /// run of 512 frames, and each page of those 2 MiB then gets the
-    /// frame at its own offset in the run while it is free. A pmap that
-    /// promotes (the x86_64 one) maps the run with one 2 MiB entry once
-    /// every page is in. The run's frames stay free for anyone until
-    /// taken, so a reservation never holds memory back from a shortage.
-    pub superpage_reservations: bool,
+    /// Superpages for anonymous memory: see [`SuperpagePolicy`].
+    pub superpages: SuperpagePolicy,
+}
+
+/// How anonymous memory gets superpages (Linux's transparent huge page
+/// `enabled` setting; FreeBSD's `vm_reserv` for the reservations).
+///
+/// With reservations, the first zero-fill fault in an aligned 2 MiB of an
+/// anonymous object, where one mapping covers all of it, claims a wholly
+/// free, aligned run of 512 frames, and each page of those 2 MiB then gets
+/// the frame at its own offset in the run while it is free. A pmap that
+/// promotes (the x86_64 one) maps the run with one 2 MiB entry once every
+/// page is in. The run's frames stay free for anyone until taken, so a
+/// reservation never holds memory back from a shortage.
+///
+/// Per range, [`VmSpace::advise_superpages`](crate::VmSpace::advise_superpages)
+/// asks for whole superpages or for none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum SuperpagePolicy {
+    /// No reservations: frames in allocation order, 4 KiB pages (`never`).
+    Never,
+    /// Reservations, the 2 MiB mapped whole once every page of it has
+    /// faulted; ranges advised [`Huge`](crate::map::SuperpageAdvice::Huge)
+    /// get the whole 2 MiB, zeroed and mapped, at their first write fault
+    /// (`madvise`). The default.
+    #[default]
+    Reserve,
+    /// The whole 2 MiB at the first write fault wherever it fits, unless
+    /// advised [`NoHuge`](crate::map::SuperpageAdvice::NoHuge) (`always`):
+    /// fewer faults, more memory for sparse use.
+    Always,
 }
 
 impl VmConfig {
@@ -136,7 +158,7 @@ impl Default for VmConfig {
             user_min: PAGE_SIZE,
             user_max: 0x0000_8000_0000_0000,
             fictitious_pages: 4096,
-            superpage_reservations: true,
+            superpages: SuperpagePolicy::Reserve,
         }
     }
 }

@@ -240,6 +240,37 @@ impl<T: TlbHook> X86Pmap<T> {
         }
     }
 
+    /// Whether the superpage mapping `va` maps it exactly as the 4 KiB
+    /// entry `new` would (A and M aside: a superpage has both, or A alone
+    /// if read-only). The caller holds the table-tree lock.
+    fn superpage_maps(&self, root: u64, va: u64, new: u64) -> bool {
+        self.pd_slot(root, va).is_some_and(|pd| {
+            let cur = superpage::pte_of(
+                pd.load(Ordering::Acquire),
+                index(VirtAddr(va), Level::PT).get(),
+            );
+            (cur ^ new) & !crate::entry::HW_BITS == 0
+        })
+    }
+
+    /// Whether a mapping of `pfn` at `va` in space `id` is dirty, read
+    /// without demoting a superpage (FreeBSD's `pmap_is_modified` reads a
+    /// 2 MiB mapping's M bit the same way).
+    fn maps_dirty(&self, id: u64, va: u64, pfn: Pfn) -> bool {
+        let Some(sp) = self.space_by_id(id) else {
+            return false;
+        };
+        let Some(_g) = self.share(&sp) else {
+            return false;
+        };
+        let dirty = PteFlags::DIRTY.bits() | PteFlags::WRITABLE.bits();
+        self.leaf(sp.root, va).is_some_and(|(e, level)| {
+            e & PteFlags::PRESENT.bits() != 0
+                && leaf_frame(e, level, va) == pfn.phys_addr().as_u64()
+                && e & dirty == dirty
+        })
+    }
+
     /// Superpage promotions and demotions so far.
     pub fn superpage_stats(&self) -> &SuperpageStats {
         &self.superpage_stats
@@ -595,6 +626,51 @@ impl<T: TlbHook> X86Pmap<T> {
         }
     }
 
+    /// `remove` of `start..end` under the table-tree lock held exclusive
+    /// (`tree`).
+    fn remove_locked(
+        &self,
+        tree: &mut Tree,
+        sp: &SpaceInner,
+        start: u64,
+        end: u64,
+        sink: &mut DisplacedSink<'_>,
+    ) {
+        let mut flush = PendingFlush::new(sp.root);
+        let top = self.mode.paging.root();
+        let mut noted = alloc::vec::Vec::new();
+        let (mut resident, mut wired) = (0, 0);
+        self.visit(
+            tree,
+            sp.root,
+            top,
+            0,
+            start,
+            end,
+            &mut flush,
+            &mut |va, slot| {
+                let old = slot.swap(0, Ordering::AcqRel);
+                resident += 1;
+                if old & PteFlags::WIRED.bits() != 0 {
+                    wired += 1;
+                }
+                noted.push((va, old));
+                true
+            },
+        );
+        sp.resident.add(-resident);
+        sp.wired.add(-wired);
+        for (va, old) in noted {
+            flush.note(va, old);
+            if old & PteFlags::MANAGED.bits() != 0 {
+                self.pv
+                    .remove(Pfn::containing(PhysAddr(old & PG_FRAME)), sp.id, va);
+                sink(displaced(old));
+            }
+        }
+        self.complete(flush);
+    }
+
     /// `pmap_enter` on a slot that already maps the frame: a change of
     /// protection or wiring. What the CPU set (A, M) is kept unless write
     /// permission goes, when M goes to the page instead. The entry is
@@ -897,6 +973,15 @@ impl<T: TlbHook> X86Pmap<T> {
     }
 }
 
+/// The frame leaf entry `e` of `level` maps at `va`.
+fn leaf_frame(e: u64, level: Level, va: u64) -> u64 {
+    if level == Level::PD {
+        (e & PG_PS_FRAME) + (va & (SUPERPAGE - 1) & !(vm_core::PAGE_SIZE - 1))
+    } else {
+        e & PG_FRAME
+    }
+}
+
 fn displaced(old: u64) -> Displaced {
     Displaced {
         pfn: Pfn::containing(PhysAddr(old & PG_FRAME)),
@@ -940,13 +1025,17 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     }
 
     fn destroy_space(&self, space: &X86Space) {
-        let user = VirtAddr(0)..VirtAddr(self.mode.paging.user_end());
-        self.remove(space, user, &mut |_| {});
-        self.spaces.lock().remove(&space.0.id);
+        // One exclusive hold from the removal to the mark: an `enter`
+        // racing the destruction either maps before it (and is removed
+        // here) or finds the space destroyed, never maps into tables about
+        // to be freed.
         let Some(mut destroyed) = self.exclusive(&space.0) else {
             return; // destroyed already: its root is not ours to free again
         };
+        let user = self.mode.paging.user_end();
+        self.remove_locked(&mut destroyed, &space.0, 0, user, &mut |_| {});
         destroyed.destroyed = true;
+        self.spaces.lock().remove(&space.0.id);
         let mut tables = alloc::vec::Vec::new();
         self.tables_under(space.0.root, self.mode.paging.root(), &mut tables);
         debug_assert_eq!(tables.len(), 1, "only the root is left");
@@ -967,10 +1056,14 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let (va, page, prot, access, wired) = (va.as_u64(), m.page, m.prot, m.access, m.wired);
         self.check_va(va)?;
         let sp = &*space.0;
+        let new = self.new_pte(page, prot, access, wired);
         let (g, slot, table) = loop {
             let g = self.share(sp).ok_or(PmapError::SpaceDestroyed)?;
             match self.leaf_slot_create(sp, va) {
                 Walk::Leaf(slot, table) => break (g, slot, table),
+                // What the superpage maps there already (a fault two
+                // threads took at once): nothing to change.
+                Walk::Superpage if self.superpage_maps(sp.root, va, new) => return Ok(None),
                 // Another frame or other attributes inside a superpage
                 // (FreeBSD `pmap_enter` demotes too); promoted again when
                 // the table is full and in line once more.
@@ -993,7 +1086,6 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let locked = self
             .table_lock(table)
             .ok_or(PmapError::BadFrame(Pfn::containing(PhysAddr(table))))?;
-        let new = self.new_pte(page, prot, access, wired);
         let old = slot.load(Ordering::Acquire);
         let mut flush = PendingFlush::new(sp.root);
         let mut out = None;
@@ -1137,42 +1229,9 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             return;
         }
         let sp = &*space.0;
-        let Some(mut x) = self.exclusive(sp) else {
-            return;
-        };
-        let mut flush = PendingFlush::new(sp.root);
-        let top = self.mode.paging.root();
-        let mut noted = alloc::vec::Vec::new();
-        let (mut resident, mut wired) = (0, 0);
-        self.visit(
-            &mut x,
-            sp.root,
-            top,
-            0,
-            start,
-            end,
-            &mut flush,
-            &mut |va, slot| {
-                let old = slot.swap(0, Ordering::AcqRel);
-                resident += 1;
-                if old & PteFlags::WIRED.bits() != 0 {
-                    wired += 1;
-                }
-                noted.push((va, old));
-                true
-            },
-        );
-        sp.resident.add(-resident);
-        sp.wired.add(-wired);
-        for (va, old) in noted {
-            flush.note(va, old);
-            if old & PteFlags::MANAGED.bits() != 0 {
-                self.pv
-                    .remove(Pfn::containing(PhysAddr(old & PG_FRAME)), sp.id, va);
-                sink(displaced(old));
-            }
+        if let Some(mut x) = self.exclusive(sp) {
+            self.remove_locked(&mut x, sp, start, end, sink);
         }
-        self.complete(flush);
     }
 
     fn protect(
@@ -1247,15 +1306,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let va = va.as_u64();
         let _g = self.share(&space.0)?;
         let (e, level) = self.leaf(space.0.root, va)?;
-        if e & PteFlags::PRESENT.bits() == 0 {
-            return None;
-        }
-        let frame = if level == Level::PD {
-            (e & PG_PS_FRAME) + (va & (SUPERPAGE - 1) & !(vm_core::PAGE_SIZE - 1))
-        } else {
-            e & PG_FRAME
-        };
-        Some(Pfn::containing(PhysAddr(frame)))
+        (e & PteFlags::PRESENT.bits() != 0)
+            .then(|| Pfn::containing(PhysAddr(leaf_frame(e, level, va))))
     }
 
     fn is_prefaultable(&self, space: &X86Space, va: VirtAddr) -> bool {
@@ -1326,13 +1378,10 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     }
 
     fn is_modified(&self, pfn: Pfn) -> bool {
-        let mut any = false;
-        self.for_each_mapping(pfn, |slot| {
-            let e = slot.load(Ordering::Acquire);
-            any |= e & PteFlags::DIRTY.bits() != 0 && e & PteFlags::WRITABLE.bits() != 0;
-            Some(e)
-        });
-        any
+        self.pv
+            .list(pfn)
+            .into_iter()
+            .any(|(id, va)| self.maps_dirty(id, va, pfn))
     }
 
     fn clear_modify(&self, pfn: Pfn) {

@@ -429,3 +429,41 @@ fn walkers_and_faults_race_promotion_and_demotion() {
     p.destroy_space(&space);
     assert_eq!(vm.free_pages(), free, "frames leaked");
 }
+
+/// Questions and no-op changes leave a superpage whole: `is_modified`
+/// reads its M bit (FreeBSD reads a 2 MiB mapping's the same way), and an
+/// `enter` of what it already maps (two threads faulting one page) changes
+/// nothing; an `enter` that does change something still demotes.
+#[test]
+fn queries_and_repeated_enters_do_not_split_a_superpage() {
+    let vm = machine();
+    let p = vm.pmap();
+    let dirty = p.create_space().unwrap();
+    fill(p, &dirty, Prot::RW, Prot::WRITE, MemAttr::WriteBack);
+    for i in [0, 200, 511] {
+        assert!(p.is_modified(Pfn(BASE_PFN + i)), "page {i}");
+        let m = Mapping::new(page(BASE_PFN + i, MemAttr::WriteBack), Prot::RW).access(Prot::READ);
+        assert_eq!(p.enter(&dirty, VirtAddr(VA + i * PAGE), m).unwrap(), None);
+    }
+    assert!(is_super(p, &dirty, VA));
+    assert_eq!(p.superpage_stats().get().1, 0, "nothing demoted");
+    // Wired is a change: it demotes.
+    let m = Mapping::new(page(BASE_PFN + 3, MemAttr::WriteBack), Prot::RW)
+        .access(Prot::READ)
+        .wired(true);
+    p.enter(&dirty, VirtAddr(VA + 3 * PAGE), m).unwrap();
+    assert!(!is_super(p, &dirty, VA));
+    assert_eq!(dirty.wired_count(), 1);
+    p.destroy_space(&dirty);
+
+    let clean = p.create_space().unwrap();
+    fill(p, &clean, Prot::RW, Prot::READ, MemAttr::WriteBack);
+    assert!(is_super(p, &clean, VA));
+    assert!(!p.is_modified(Pfn(BASE_PFN + 9)));
+    // The same read fault again: the read-only superpage already maps it.
+    let m = Mapping::new(page(BASE_PFN + 9, MemAttr::WriteBack), Prot::READ).access(Prot::READ);
+    assert_eq!(p.enter(&clean, VirtAddr(VA + 9 * PAGE), m).unwrap(), None);
+    assert!(is_super(p, &clean, VA));
+    assert_eq!(p.superpage_stats().get().1, 1, "only the wiring demoted");
+    p.destroy_space(&clean);
+}

@@ -359,6 +359,8 @@ impl<'a, P: Pmap> FaultTarget<'a, P> {
             marker_hit: false,
             first: Pip::new(info.object),
             first_info: FirstInfo::default(),
+            populate: None,
+            populated: alloc::vec::Vec::new(),
         };
         fs.walk(&mut r.hard)?;
         if fs.marker_hit {
@@ -440,6 +442,13 @@ pub(crate) struct FaultState<'a, P: Pmap> {
     first: Pip,
     /// What the walk read of the first object for `finish`.
     first_info: FirstInfo,
+    /// A superpage run this fault claimed and is to fill whole
+    /// (`reserve`).
+    populate: Option<reserve::Populate>,
+    /// The frames `reserve::populate` took and zeroed beside the fault's
+    /// own, by address and page index, for `finish` to insert and map;
+    /// freed if the attempt ends otherwise.
+    populated: alloc::vec::Vec<(u64, u64, PageId)>,
 }
 
 /// What `finish` needs of the first object, read under its lock by the
@@ -463,6 +472,7 @@ impl<P: Pmap> Drop for FaultState<'_, P> {
         // object, then the map; the first object goes last.
         drop(self.m.take());
         drop(self.first_m.take());
+        self.release_populated();
         drop(self.object.take());
         drop(self.map.take());
     }
@@ -571,7 +581,11 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                     } else {
                         None
                     };
+                    if let Some((_, whole)) = reserved {
+                        self.populate = whole;
+                    }
                     let Some(id) = reserved
+                        .map(|(id, _)| id)
                         .or_else(|| self.machine.pages.alloc(hint, AllocClass::Normal, zero))
                     else {
                         return Err(Step::WaitMemory);
@@ -688,6 +702,9 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         m.keep();
         self.kind = FaultKind::ZeroFill;
         self.m = Some(m);
+        if let Some(p) = self.populate.take() {
+            self.populate(p);
+        }
         Ok(())
     }
 
@@ -828,6 +845,8 @@ impl<'a, P: Pmap> FaultState<'a, P> {
             if self.kind == FaultKind::Resident {
                 entry.note_read_hits(1);
             }
+            let populated = core::mem::take(&mut self.populated);
+            self.map_populated(populated, entry, mapping);
             self.prefault(entry);
             // The page goes where the pageout daemon can find it.
             pages.activate(id);

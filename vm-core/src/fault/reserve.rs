@@ -1,5 +1,7 @@
-//! Superpage reservations on the fault path (FreeBSD `vm_reserv`, in a
-//! lighter form).
+//! Superpage reservations and whole superpages on the fault path (FreeBSD
+//! `vm_reserv`, in a lighter form; Linux's transparent huge pages for the
+//! whole-superpage fault). Policy: [`SuperpagePolicy`] and the entry's
+//! [`SuperpageAdvice`](crate::map::SuperpageAdvice) flags.
 //!
 //! The first zero-fill fault in an aligned 2 MiB of addresses that one map
 //! entry covers whole, in an anonymous object, claims a wholly free,
@@ -11,6 +13,13 @@
 //! 512 are in, the pages sit in physical order at superpage-aligned
 //! addresses, and a pmap that promotes maps them with one entry.
 //!
+//! Where the policy asks for whole superpages, the write fault that claims
+//! the run takes all 512 frames at once ([`populate`](FaultState::populate)):
+//! the other 511 are zeroed outside every lock, and `finish` inserts them
+//! into the object and maps them, writable and dirty like the faulting
+//! page, under one hold of the object's lock (so no pageout can take one
+//! between its insertion and its mapping); the last `enter` promotes.
+//!
 //! Unlike FreeBSD's, a reservation keeps nothing off the free lists: a
 //! frame of the run is free for any allocation until its page comes, so
 //! there is nothing to break under a shortage, and a run taken in part
@@ -19,42 +28,173 @@
 //! 2 MiB alignment differs from its offset's still lines up.
 
 use super::FaultState;
-use crate::object::ObjectState;
-use crate::page::PageId;
+use crate::map::{EntryFlags, MapEntry};
+use crate::object::{ObjectFlags, ObjectState};
+use crate::page::{PageFlags, PageId, VM_PAGE_BITS_ALL};
 use crate::page_queues::{AllocClass, NO_RUN, RUN_PAGES};
-use crate::pmap::Pmap;
-use crate::{PAGE_SHIFT, PAGE_SIZE};
+use crate::pmap::{Mapping, PageInfo, Pmap};
+use crate::prot::Prot;
+use crate::vm::SuperpagePolicy;
+use crate::{PAGE_SHIFT, PAGE_SIZE, VirtAddr};
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+
+/// A run just claimed whose whole 2 MiB the fault fills.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Populate {
+    /// The object's page index at the start of the 2 MiB.
+    start: u64,
+    /// The run's first page.
+    first: PageId,
+    /// The faulting page's offset in the 2 MiB.
+    offset: u64,
+}
 
 impl<P: Pmap> FaultState<'_, P> {
     /// The frame of this page's reservation in the first object `st`
     /// (locked), claiming a run on the first fault of its 2 MiB; `None`
-    /// when reservations are off, the 2 MiB are not all inside the entry,
-    /// no run was whole, or the page's frame is taken.
-    pub(super) fn reserved_frame(&self, st: &mut ObjectState) -> Option<PageId> {
-        if !self.target.vm.config.superpage_reservations {
+    /// when the policy says none, the 2 MiB are not all inside the entry,
+    /// no run was whole, or the page's frame is taken. With it, whether
+    /// the fault is to fill the whole 2 MiB.
+    pub(super) fn reserved_frame(
+        &self,
+        st: &mut ObjectState,
+    ) -> Option<(PageId, Option<Populate>)> {
+        let policy = self.target.vm.config.superpages;
+        let entry = self.map.as_ref()?.entries.get(&self.entry_start)?;
+        if policy == SuperpagePolicy::Never || entry.eflags.contains(EntryFlags::NOHUGEPAGE) {
             return None;
         }
         let offset = (self.va >> PAGE_SHIFT) & (RUN_PAGES - 1);
         let start = self.pindex.checked_sub(offset)?;
+        let mut fresh = false;
         let run = match st.reservations.get(&start) {
             Some(&run) => run,
             None => {
                 let va0 = self.va - offset * PAGE_SIZE;
-                let end = self
-                    .map
-                    .as_ref()
-                    .and_then(|g| g.entries.get(&self.entry_start))
-                    .map(|e| e.end)?;
-                if va0 < self.entry_start || va0 + RUN_PAGES * PAGE_SIZE > end {
+                if va0 < entry.start || va0 + RUN_PAGES * PAGE_SIZE > entry.end {
                     return None;
                 }
                 let run = self.machine.pages.claim_run().unwrap_or(NO_RUN);
                 st.reservations.insert(start, run);
+                fresh = true;
                 run
             }
         };
         let first = self.machine.pages.run_first(run)?;
-        let id = PageId(first.0 + offset as u32);
-        self.machine.pages.alloc_at(id, AllocClass::Normal)
+        let id = self
+            .machine
+            .pages
+            .alloc_at(PageId(first.0 + offset as u32), AllocClass::Normal)?;
+        let whole = match policy {
+            SuperpagePolicy::Always => true,
+            _ => entry.eflags.contains(EntryFlags::HUGEPAGE),
+        };
+        let populate = (fresh && whole && self.fault_type.contains(Prot::WRITE) && !self.wired)
+            .then_some(Populate {
+                start,
+                first,
+                offset,
+            });
+        Some((id, populate))
+    }
+
+    /// Takes and zeroes the other 511 frames of a run just claimed, for
+    /// `finish` to insert and map (`self.populated`); takes none if one
+    /// is gone or memory is short (the fault then maps its page alone).
+    pub(super) fn populate(&mut self, p: Populate) {
+        let pages = &self.machine.pages;
+        if pages.free_count() < pages.thresholds.severe + RUN_PAGES {
+            return;
+        }
+        let va0 = self.va - p.offset * PAGE_SIZE;
+        self.populated.reserve_exact(RUN_PAGES as usize - 1);
+        for i in (0..RUN_PAGES).filter(|&i| i != p.offset) {
+            let Some(id) = pages.alloc_at(PageId(p.first.0 + i as u32), AllocClass::Normal) else {
+                self.release_populated();
+                return;
+            };
+            self.populated.push((va0 + i * PAGE_SIZE, p.start + i, id));
+        }
+        let counters = self.machine.counters.local();
+        for &(_, _, id) in &self.populated {
+            let page = pages.get(id);
+            if page.flags().contains(PageFlags::ZERO) {
+                counters.v_ozfod.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.machine.phys.zero(pages.pfn(id));
+            }
+            page.clear_flags(PageFlags::ZERO);
+            page.set_valid(VM_PAGE_BITS_ALL);
+            page.dirty_all();
+        }
+    }
+
+    /// Frees frames `populate` took that no object holds.
+    pub(super) fn release_populated(&mut self) {
+        let frames = core::mem::take(&mut self.populated);
+        self.free_frames(frames);
+    }
+
+    fn free_frames(&self, frames: Vec<(u64, u64, PageId)>) {
+        for (_, _, id) in frames {
+            self.machine.pages.free(id);
+        }
+    }
+
+    /// Inserts the pages `populate` zeroed into the first object and maps
+    /// them as the faulting page was (`mapping`'s protection and access),
+    /// under one hold of the object's lock; each goes on the active queue.
+    /// A page whose index is resident already (or past the object's end)
+    /// is freed instead.
+    pub(super) fn map_populated(
+        &self,
+        populated: Vec<(u64, u64, PageId)>,
+        entry: &MapEntry,
+        like: Mapping,
+    ) {
+        if populated.is_empty() {
+            return;
+        }
+        let first = self.first.object();
+        let mut st = first.lock();
+        if st.flags.contains(ObjectFlags::DEAD) {
+            drop(st);
+            return self.free_frames(populated);
+        }
+        let (vm, pages) = (&self.target.vm, &self.machine.pages);
+        let mut inserted = 0;
+        for (va, pindex, id) in populated {
+            let page = pages.get(id);
+            // The entry is the one the run was claimed in unless the map
+            // lock was dropped meanwhile; then check it still maps here.
+            let here = (entry.start..entry.end).contains(&va) && entry.pindex(va) == pindex;
+            if !here || pindex >= st.size || st.pages.contains_key(&pindex) {
+                pages.free(id);
+                continue;
+            }
+            first.insert_page(&mut st, id, page, pindex);
+            inserted += 1;
+            let pg = PageInfo {
+                pfn: pages.pfn(id),
+                managed: true,
+                attr: pages.attr(id),
+            };
+            // A failure (no memory for a table) leaves the page resident
+            // and unmapped: the next access faults it in.
+            if let Ok(Some(d)) =
+                vm.pmap
+                    .enter(self.target.pmap, VirtAddr(va), Mapping { page: pg, ..like })
+            {
+                vm.note_displaced(d);
+            }
+            pages.activate(id);
+        }
+        drop(st);
+        self.machine
+            .counters
+            .local()
+            .v_zfod
+            .fetch_add(inserted, Ordering::Relaxed);
     }
 }

@@ -42,7 +42,28 @@ bitflags::bitflags! {
         /// that inherited the entry shared: never private again, whatever
         /// the inheritance becomes.
         const SHARED = 0x1_0000;
+        /// (Not FreeBSD's; Linux's `VM_HUGEPAGE`.) Advised to be mapped
+        /// by whole superpages ([`SuperpageAdvice::Huge`]).
+        const HUGEPAGE = 0x2_0000;
+        /// (Not FreeBSD's; Linux's `VM_NOHUGEPAGE`.) Advised never to be
+        /// mapped by superpages ([`SuperpageAdvice::NoHuge`]).
+        const NOHUGEPAGE = 0x4_0000;
     }
+}
+
+/// Superpage advice for a range (Linux `MADV_HUGEPAGE` /
+/// `MADV_NOHUGEPAGE`), see [`SuperpagePolicy`](crate::SuperpagePolicy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum SuperpageAdvice {
+    /// The machine's policy decides.
+    #[default]
+    Default,
+    /// Give each aligned 2 MiB its whole superpage at the first write
+    /// fault, unless the machine's policy is
+    /// [`Never`](crate::SuperpagePolicy::Never).
+    Huge,
+    /// No reservations and no superpages here.
+    NoHuge,
 }
 
 /// Expected access pattern (`madvise`; FreeBSD `MAP_ENTRY_BEHAV_*`).

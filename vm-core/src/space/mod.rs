@@ -522,6 +522,33 @@ impl<P: Pmap> VmSpace<P> {
         self.update_entries(start, len, |e| e.behavior = b)
     }
 
+    /// Advises superpages for a range (Linux `madvise` with
+    /// `MADV_HUGEPAGE` / `MADV_NOHUGEPAGE`; see
+    /// [`SuperpagePolicy`](crate::SuperpagePolicy)). Pages already there
+    /// stay as they are.
+    ///
+    /// # Errors
+    ///
+    /// [`MapError`] for a bad range or one with holes.
+    pub fn advise_superpages(
+        &self,
+        start: impl Into<VirtAddr>,
+        len: u64,
+        advice: crate::map::SuperpageAdvice,
+    ) -> Result<(), MapError> {
+        use crate::map::SuperpageAdvice;
+        let start = start.into().as_u64();
+        self.update_entries(start, len, |e| {
+            e.eflags
+                .remove(EntryFlags::HUGEPAGE | EntryFlags::NOHUGEPAGE);
+            match advice {
+                SuperpageAdvice::Default => {}
+                SuperpageAdvice::Huge => e.eflags.insert(EntryFlags::HUGEPAGE),
+                SuperpageAdvice::NoHuge => e.eflags.insert(EntryFlags::NOHUGEPAGE),
+            }
+        })
+    }
+
     /// Sets what a fork does with a range (`minherit`). Device mappings
     /// stay shared (or none): a copy of device memory is not possible.
     ///
