@@ -48,7 +48,9 @@
 //!   of aligned anonymous memory filled by a write to every page: ours
 //!   with reservations and promotion (the default), with 4 KiB pages
 //!   only, and with `SuperpagePolicy::Always` (one fault per 2 MiB, which
-//!   maps all of it: the faults a CPU touching every page would take),
+//!   maps all of it: the faults a CPU touching every page would take) —
+//!   also with the free frames zeroed before each sample, outside the
+//!   timing (`ours_always_prezeroed`, idle-time zeroing),
 //!   the kernel with `MADV_HUGEPAGE` (transparent huge pages: one fault
 //!   per 2 MiB) and `MADV_NOHUGEPAGE`. Each line prints, from one untimed
 //!   pass, the 2 MiB mappings it made.
@@ -96,21 +98,27 @@ type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>
 
 /// Zero-fill write faults over `pages` fresh pages of a new space.
 fn zero_fill_ours(g: &mut Group<'_>, name: &str, vm: &Arc<Vm<X86Pmap>>, pages: u64) {
-    zero_fill_ours_every(g, name, vm, pages, 1);
+    zero_fill_ours_as(g, name, vm, pages, 1, false);
 }
 
 /// [`zero_fill_ours`], faulting every `stride`th page only: what a CPU
-/// that touches every page faults on when each fault maps `stride` pages.
-fn zero_fill_ours_every(
+/// that touches every page faults on when each fault maps `stride` pages;
+/// with `prezero`, the free frames are zeroed before each sample, outside
+/// the timing.
+fn zero_fill_ours_as(
     g: &mut Group<'_>,
     name: &str,
     vm: &Arc<Vm<X86Pmap>>,
     pages: u64,
     stride: u64,
+    prezero: bool,
 ) {
     g.bench_function(name, |b| {
         b.iter_batched(
             || {
+                if prezero {
+                    vm.zero_free_pages(u64::MAX);
+                }
                 let s = vm.new_space().unwrap();
                 s.map_anon(BASE, pages * PAGE, Prot::RW).unwrap();
                 s
@@ -294,8 +302,12 @@ fn superpage(c: &mut Criterion) {
             pages / 512
         );
         drop(s);
-        zero_fill_ours_every(&mut g, name, vm, pages, stride as u64);
+        zero_fill_ours_as(&mut g, name, vm, pages, stride as u64, false);
     }
+    // The same with the free frames zeroed between samples, outside the
+    // timing (`Vm::zero_free_pages`, FreeBSD's old idle-time zeroing):
+    // the faults then skip zeroing, which is most of the kernel's cost.
+    zero_fill_ours_as(&mut g, "ours_always_prezeroed", &always, pages, 512, true);
     for (name, huge) in [("kernel_thp", true), ("kernel_4k", false)] {
         let len = (pages * PAGE) as usize;
         let before = anon_huge_kib().unwrap_or(0);

@@ -27,6 +27,8 @@ const SHARDS: usize = 16;
 /// Frames in an aligned run: a 2 MiB superpage's worth (FreeBSD
 /// `VM_LEVEL_0_NPAGES`).
 pub(crate) const RUN_PAGES: u64 = 512;
+/// Runs [`Pages::claim_run`] looks at, at most, per claim.
+const CLAIM_SCAN: u32 = 64;
 /// No run: a reservation that found no wholly free run.
 pub(crate) const NO_RUN: u32 = u32::MAX;
 /// A run's word: its free pages, and whether a reservation claimed it.
@@ -209,27 +211,38 @@ impl Pages {
     /// Claims a wholly free run not claimed yet, for a reservation: its
     /// frames stay on the free lists (any allocation may still take them,
     /// so a shortage never waits on a reservation), but no other
-    /// reservation is given the run until it is whole again. Looks from
-    /// the top of memory down. `None` if no run is whole.
+    /// reservation is given the run until it is whole again. Looks at no
+    /// more than [`CLAIM_SCAN`] runs, going down from where the last look
+    /// stopped (from the top of memory at first, away from the low frames
+    /// the lists hand out first), so a fault pays a bounded cost when
+    /// memory is fragmented. `None` if none of those is whole.
     pub(crate) fn claim_run(&self) -> Option<u32> {
         let n = self.runs.len() as u32;
-        let start = self.run_cursor.load(Ordering::Relaxed) % n.max(1);
-        for k in 0..n {
+        if n == 0 {
+            return None;
+        }
+        let start = self.run_cursor.load(Ordering::Relaxed) % n;
+        let whole = RUN_PAGES as u32;
+        for k in 0..n.min(CLAIM_SCAN) {
             let r = (n - 1 - (start + k) % n) as usize;
-            let whole = RUN_PAGES as u32;
-            if self.runs[r]
-                .compare_exchange(
-                    whole,
-                    whole | RUN_CLAIMED,
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
+            // Read first: a failing compare-and-swap would still take the
+            // line exclusive, and faults on other CPUs scan the same runs.
+            if self.runs[r].load(Ordering::Relaxed) == whole
+                && self.runs[r]
+                    .compare_exchange(
+                        whole,
+                        whole | RUN_CLAIMED,
+                        Ordering::AcqRel,
+                        Ordering::Relaxed,
+                    )
+                    .is_ok()
             {
                 self.run_cursor.store(start + k + 1, Ordering::Relaxed);
                 return Some(r as u32);
             }
         }
+        self.run_cursor
+            .store(start + n.min(CLAIM_SCAN), Ordering::Relaxed);
         None
     }
 

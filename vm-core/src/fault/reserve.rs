@@ -163,6 +163,8 @@ impl<P: Pmap> FaultState<'_, P> {
             return self.free_frames(populated);
         }
         let (vm, pages) = (&self.target.vm, &self.machine.pages);
+        // One growth of the page index for the lot, not several rehashes.
+        st.pages.reserve(populated.len());
         let mut inserted = 0;
         for (va, pindex, id) in populated {
             let page = pages.get(id);
