@@ -27,6 +27,8 @@ const SHARDS: usize = 16;
 /// Frames in an aligned run: a 2 MiB superpage's worth (FreeBSD
 /// `VM_LEVEL_0_NPAGES`).
 pub(crate) const RUN_PAGES: u64 = 512;
+/// Pages an allocation of any frame looks at for one of a broken run.
+const SKIP_CLAIMED: u32 = 8;
 /// Runs [`Pages::claim_run`] looks at, at most, per claim.
 const CLAIM_SCAN: u32 = 64;
 /// No run: a reservation that found no wholly free run.
@@ -410,7 +412,7 @@ impl Pages {
                 if *head == NIL {
                     continue;
                 }
-                let id = PageId(*head);
+                let id = self.unclaimed_near(PageId(*head));
                 self.unlink(&mut shard, id);
                 drop(shard);
                 self.taken(id, want_zero);
@@ -418,6 +420,33 @@ impl Pages {
             }
         }
         None
+    }
+
+    /// Which of the first few pages of the list `head` starts an
+    /// allocation of any frame takes: one from a run already broken
+    /// (neither wholly free nor claimed) if there is one, so wholly free
+    /// runs stay whole for reservations (a buddy allocator's preference
+    /// for small blocks, FreeBSD `vm_phys`); else one of a run no
+    /// reservation has claimed; else `head`. After idle zeroing the zeroed
+    /// lists start with frames of every run. The caller holds the list's
+    /// shard lock.
+    fn unclaimed_near(&self, head: PageId) -> PageId {
+        let whole = RUN_PAGES as u32;
+        let (mut id, mut unclaimed) = (head, None);
+        for _ in 0..SKIP_CLAIMED {
+            let run = self.runs[self.run_of(id)].load(Ordering::Relaxed);
+            if run & RUN_CLAIMED == 0 {
+                if run != whole {
+                    return id;
+                }
+                unclaimed.get_or_insert(id);
+            }
+            match self.get(id).free_links().0 {
+                NIL => break,
+                next => id = PageId(next),
+            }
+        }
+        unclaimed.unwrap_or(head)
     }
 
     /// Allocates free page `id` itself, if it is free (on its list) and the

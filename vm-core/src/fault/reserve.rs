@@ -18,7 +18,10 @@
 //! the other 511 are zeroed outside every lock, and `finish` inserts them
 //! into the object and maps them, writable and dirty like the faulting
 //! page, under one hold of the object's lock (so no pageout can take one
-//! between its insertion and its mapping); the last `enter` promotes.
+//! between its insertion and its mapping); the last `enter` promotes. A
+//! page made meanwhile by another fault wins over the zeroed frame; if
+//! the object gained a pager meanwhile (pageout gave it swap, and may have
+//! written a page of these 2 MiB there), none is inserted.
 //!
 //! Unlike FreeBSD's, a reservation keeps nothing off the free lists: a
 //! frame of the run is free for any allocation until its page comes, so
@@ -158,7 +161,11 @@ impl<P: Pmap> FaultState<'_, P> {
         }
         let first = self.first.object();
         let mut st = first.lock();
-        if st.flags.contains(ObjectFlags::DEAD) {
+        // The walk saw no pager; one now (pageout gave the object swap
+        // while the frames were zeroed) may hold pages of these 2 MiB that
+        // are no longer resident: a zero page there would hide them. The
+        // neighbours then fault one by one, asking the pager.
+        if st.flags.contains(ObjectFlags::DEAD) || st.pager.is_some() {
             drop(st);
             return self.free_frames(populated);
         }
