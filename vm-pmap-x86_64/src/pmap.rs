@@ -79,6 +79,9 @@ struct SpaceInner {
     resident: ShardedCount,
     /// Wired mappings (`pm_stats.wired_count`).
     wired: ShardedCount,
+    /// A full table whose promotion found the table-tree lock in use, by
+    /// address | 1 (0: none): a later `enter` in the space tries again.
+    promote_later: AtomicU64,
 }
 
 /// What the table-tree lock guards besides the tree itself.
@@ -867,12 +870,23 @@ impl<T: TlbHook> X86Pmap<T> {
 
     /// Replaces the full leaf table holding `va` with one 2 MiB entry if
     /// its entries make a superpage (FreeBSD `pmap_promote_pde`); the
-    /// table is kept for the demotion. Takes the table-tree lock
-    /// exclusive; the caller holds none of the pmap's locks.
+    /// table is kept for the demotion. Takes the table-tree lock exclusive
+    /// if it can without waiting, else leaves `va` for a later `enter` of
+    /// the space to try (`promote_later`; one such table at a time): a
+    /// writer waiting for faults preempted inside the lock would hold up
+    /// every fault of the space behind it. The caller holds none of the
+    /// pmap's locks.
     fn promote(&self, sp: &SpaceInner, va: u64) {
-        let Some(mut tree) = self.exclusive(sp) else {
+        let Some(mut tree) = sp.tables.try_write() else {
+            sp.promote_later.store(va | 1, Ordering::Relaxed);
             return;
         };
+        // Whichever table waited, this attempt settles it (or another
+        // table's wait is dropped: promotion is best effort).
+        sp.promote_later.store(0, Ordering::Relaxed);
+        if tree.destroyed {
+            return;
+        }
         let (Some(phys), Some(pd)) = (self.phys(), self.pd_slot(sp.root, va)) else {
             return;
         };
@@ -1019,6 +1033,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             tables: ShardedRwLock::new(Tree::default()),
             resident: ShardedCount::default(),
             wired: ShardedCount::default(),
+            promote_later: AtomicU64::new(0),
         });
         self.spaces.lock().insert(id, Arc::downgrade(&inner));
         Ok(X86Space(inner))
@@ -1126,6 +1141,11 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         drop((locked, g));
         if promote {
             self.promote(sp, va);
+        } else if self.superpages {
+            let later = sp.promote_later.load(Ordering::Relaxed);
+            if later != 0 {
+                self.promote(sp, later & !1);
+            }
         }
         Ok(out)
     }

@@ -22,9 +22,10 @@
 //! needs memory. Any operation that needs a 4 KiB entry inside a
 //! superpage — a partial or whole `remove` or `protect`, `enter` of a page
 //! in it, a wiring change, the per-page pv operations — demotes it first.
-//! Both changes take the table-tree lock exclusive (promotion once per
-//! `enter` that fills a table in line, which is rare enough to wait for
-//! it). Read-only questions (`extract`, `is_modified`, the software MMU)
+//! Both changes take the table-tree lock exclusive; promotion only if it
+//! can without waiting (a waiting writer behind a fault preempted inside
+//! the lock would stall every fault of the space), else a later `enter`
+//! of the space tries again. Read-only questions (`extract`, `is_modified`, the software MMU)
 //! read a superpage's entry as it is, and an `enter` of what a superpage
 //! already maps changes nothing.
 

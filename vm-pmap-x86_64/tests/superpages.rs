@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use vm_core::pmap::{PageInfo, Pmap, RefMod};
 use vm_core::{Mapping, MemAttr, Pfn, Prot, VirtAddr, Vm};
 use vm_pmap_x86_64::mmu::Access;
-use vm_pmap_x86_64::{PteFlags, X86Pmap, X86Space};
+use vm_pmap_x86_64::{PteFlags, TlbHook, X86Pmap, X86Space};
 use vm_testkit::test_config;
 
 const PAGE: u64 = 4096;
@@ -44,14 +44,14 @@ fn fill(p: &X86Pmap, space: &X86Space, prot: Prot, access: Prot, attr: MemAttr) 
     }
 }
 
-fn is_super(p: &X86Pmap, space: &X86Space, va: u64) -> bool {
+fn is_super<T: TlbHook + 'static>(p: &X86Pmap<T>, space: &X86Space, va: u64) -> bool {
     p.pte(space, va)
         .is_some_and(|e| e & PteFlags::HUGE.bits() != 0 && e & 1 != 0)
 }
 
 /// Every page of the run still maps its own frame, for the pmap and for
 /// the software MMU.
-fn assert_maps_run(p: &X86Pmap, space: &X86Space, what: &str) {
+fn assert_maps_run<T: TlbHook + 'static>(p: &X86Pmap<T>, space: &X86Space, what: &str) {
     for i in 0..PAGES {
         let va = VA + i * PAGE;
         assert_eq!(
@@ -466,4 +466,69 @@ fn queries_and_repeated_enters_do_not_split_a_superpage() {
     assert!(is_super(p, &clean, VA));
     assert_eq!(p.superpage_stats().get().1, 1, "only the wiring demoted");
     p.destroy_space(&clean);
+}
+
+/// A TLB hook that, once armed, holds the first invalidation (made inside
+/// the table-tree lock, shared) until released.
+#[derive(Default)]
+struct Gate {
+    armed: AtomicBool,
+    inside: AtomicBool,
+    release: AtomicBool,
+}
+
+/// [`Gate`] as the pmap's hook.
+struct GateHook(std::sync::Arc<Gate>);
+
+impl TlbHook for GateHook {
+    fn invalidate_page(&self, _root: u64, _va: u64) {
+        if self.0.armed.swap(false, Ordering::AcqRel) {
+            self.0.inside.store(true, Ordering::Release);
+            while !self.0.release.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
+        }
+    }
+    fn invalidate_all(&self, _root: u64) {}
+}
+
+/// A promotion never waits for the table-tree lock (a writer queued
+/// behind a fault preempted inside it would stall every fault of the
+/// space): with the lock held shared elsewhere, the table that filled
+/// stays 4 KiB, and the next `enter` in the space promotes it.
+#[test]
+fn a_promotion_that_finds_the_lock_in_use_is_done_by_a_later_enter() {
+    let gate = std::sync::Arc::new(Gate::default());
+    let pmap = X86Pmap::with_hook(
+        vm_pmap_x86_64::mmu::CpuMode::default(),
+        GateHook(gate.clone()),
+    );
+    let vm = Vm::new(pmap, test_config(4096)).unwrap();
+    let p = vm.pmap();
+    let space = p.create_space().unwrap();
+    let other = VA + 8 * SUPER;
+    let m = |pfn| Mapping::new(page(pfn, MemAttr::WriteBack), Prot::RW).access(Prot::WRITE);
+    p.enter(&space, VirtAddr(other), m(100)).unwrap();
+    std::thread::scope(|s| {
+        // Replacing a frame invalidates it inside the shared lock: held.
+        gate.armed.store(true, Ordering::Release);
+        let held = s.spawn(|| p.enter(&space, VirtAddr(other), m(101)).unwrap());
+        while !gate.inside.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        for i in 0..PAGES {
+            p.enter(&space, VirtAddr(VA + i * PAGE), m(BASE_PFN + i))
+                .unwrap();
+        }
+        assert!(!is_super(p, &space, VA), "promoted through a held lock");
+        gate.release.store(true, Ordering::Release);
+        held.join().unwrap();
+    });
+    p.enter(&space, VirtAddr(other + PAGE), m(102)).unwrap();
+    assert!(
+        is_super(p, &space, VA),
+        "the later enter promoted the full table"
+    );
+    assert_maps_run(p, &space, "promoted later");
+    p.destroy_space(&space);
 }
