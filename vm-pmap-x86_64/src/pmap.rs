@@ -58,6 +58,9 @@ use vm_core::sync::{Mutex, ShardedCount, ShardedReadGuard, ShardedRwLock, Sharde
 use vm_core::{Pfn, PhysMem, Prot};
 use vm_core::{PhysAddr, VirtAddr};
 
+/// Attempts a deferred promotion gets (see `SpaceInner::promote_later`).
+const PROMOTE_TRIES: u64 = 8;
+
 /// Flags of a table (non-leaf) entry for user space, as FreeBSD's
 /// `_pmap_allocpte` makes them.
 const TABLE_FLAGS: PteFlags = PteFlags::PRESENT
@@ -79,8 +82,9 @@ struct SpaceInner {
     resident: ShardedCount,
     /// Wired mappings (`pm_stats.wired_count`).
     wired: ShardedCount,
-    /// A full table whose promotion found the table-tree lock in use, by
-    /// address | 1 (0: none): a later `enter` in the space tries again.
+    /// A full table whose promotion found the table-tree lock in use: its
+    /// 2 MiB-aligned address | the attempts made so far (0: none). Later
+    /// `enter`s in the space try again, a few times at most.
     promote_later: AtomicU64,
 }
 
@@ -877,13 +881,24 @@ impl<T: TlbHook> X86Pmap<T> {
     /// every fault of the space behind it. The caller holds none of the
     /// pmap's locks.
     fn promote(&self, sp: &SpaceInner, va: u64) {
+        // `va` may come from `promote_later`, its low bits the attempts.
+        let (va, tries) = (va & !(SUPERPAGE - 1), va & (SUPERPAGE - 1));
         let Some(mut tree) = sp.tables.try_write() else {
-            sp.promote_later.store(va | 1, Ordering::Relaxed);
+            // Each retry costs the contended lock a round of writes: give
+            // up after a few (promotion is best effort).
+            let next = if tries < PROMOTE_TRIES {
+                va | (tries + 1)
+            } else {
+                0
+            };
+            sp.promote_later.store(next, Ordering::Relaxed);
             return;
         };
         // Whichever table waited, this attempt settles it (or another
         // table's wait is dropped: promotion is best effort).
-        sp.promote_later.store(0, Ordering::Relaxed);
+        if sp.promote_later.load(Ordering::Relaxed) != 0 {
+            sp.promote_later.store(0, Ordering::Relaxed);
+        }
         if tree.destroyed {
             return;
         }
@@ -1144,7 +1159,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         } else if self.superpages {
             let later = sp.promote_later.load(Ordering::Relaxed);
             if later != 0 {
-                self.promote(sp, later & !1);
+                self.promote(sp, later);
             }
         }
         Ok(out)
