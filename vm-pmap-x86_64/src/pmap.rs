@@ -881,7 +881,8 @@ impl<T: TlbHook> X86Pmap<T> {
     /// every fault of the space behind it. The caller holds none of the
     /// pmap's locks.
     fn promote(&self, sp: &SpaceInner, va: u64) {
-        // `va` may come from `promote_later`, its low bits the attempts.
+        // `va` is 2 MiB-aligned; from `promote_later` its low bits count
+        // the attempts made.
         let (va, tries) = (va & !(SUPERPAGE - 1), va & (SUPERPAGE - 1));
         let Some(mut tree) = sp.tables.try_write() else {
             // Each retry costs the contended lock a round of writes: give
@@ -1155,7 +1156,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let promote = self.superpages && full && self.promotable(table, va, slot);
         drop((locked, g));
         if promote {
-            self.promote(sp, va);
+            self.promote(sp, va & !(SUPERPAGE - 1));
         } else if self.superpages {
             let later = sp.promote_later.load(Ordering::Relaxed);
             if later != 0 {
