@@ -5,9 +5,11 @@
 //! Free pages sit on intrusive doubly linked lists (the links live in the
 //! free page's `pindex`), split over shards with a lock each, so allocation
 //! needs no heap and no machine-wide lock, and a given free frame can be
-//! taken off its list by its id (`Pages::alloc_at`). Each aligned 2 MiB
-//! run of frames counts its free pages, so a wholly free run can be found
-//! and claimed for a superpage reservation (`Pages::claim_run`). Each
+//! taken off its list by its id (`Pages::alloc_at`). Each shard counts
+//! its free pages of each aligned 2 MiB run of frames, and a run's word
+//! says which shards hold their whole share of it, so a wholly free run
+//! can be found and claimed for a superpage reservation
+//! (`Pages::claim_run`) without a per-page write to a shared word. Each
 //! shard keeps known-zero pages apart so a zero-fill fault can skip the
 //! zeroing (`v_ozfod`). Active and inactive are queue bits on the page
 //! plus counters: the pageout scan walks the array
@@ -33,8 +35,13 @@ const SKIP_CLAIMED: u32 = 8;
 const CLAIM_SCAN: u32 = 64;
 /// No run: a reservation that found no wholly free run.
 pub(crate) const NO_RUN: u32 = u32::MAX;
-/// A run's word: its free pages, and whether a reservation claimed it.
+/// A run's word: bit `s` set while shard `s` holds all of its share of
+/// the run free; and whether a reservation claimed it.
 const RUN_CLAIMED: u32 = 1 << 31;
+/// Every shard's share free: the run is wholly free.
+const RUN_WHOLE: u32 = (1 << SHARDS) - 1;
+/// Pages of a run on one shard's lists.
+const SHARE: u8 = (RUN_PAGES / SHARDS as u64) as u8;
 /// Wait-table key of "free memory appeared".
 const MEMORY_KEY: u64 = u64::MAX;
 
@@ -79,6 +86,17 @@ impl Thresholds {
 struct FreeShard {
     zeroed: u32,
     plain: u32,
+    /// This shard's free pages of each run (its share of a run is
+    /// `RUN_PAGES / SHARDS` pages: ids of one residue modulo `SHARDS`), 64
+    /// runs to a line of its own: the shards' counts written beside each
+    /// other would bounce between the threads allocating from them.
+    run_free: Box<[crossbeam_utils::CachePadded<[u8; 64]>]>,
+}
+
+impl FreeShard {
+    fn run_free(&mut self, run: usize) -> &mut u8 {
+        &mut self.run_free[run / 64][run % 64]
+    }
 }
 
 /// Free-page counts and the count of threads waiting for free memory.
@@ -110,9 +128,11 @@ pub(crate) struct Pages {
     /// Frame number | memory attribute << 56 of each fictitious page.
     fict_frame: Box<[AtomicU64]>,
     fict_free: Mutex<Vec<u32>>,
-    /// Per aligned run of [`RUN_PAGES`] frames: free pages on the lists |
-    /// [`RUN_CLAIMED`]. Runs that memory covers only in part never reach
-    /// a full count.
+    /// Per aligned run of [`RUN_PAGES`] frames: which shards hold their
+    /// whole share of it free, | [`RUN_CLAIMED`]. Changed only when a
+    /// shard's share becomes whole or stops being so (not per page: two
+    /// threads allocating from one run would bounce a per-page count).
+    /// Runs that memory covers only in part are never whole.
     runs: Box<[AtomicU32]>,
     /// Where [`claim_run`](Self::claim_run) looks next (it goes down from
     /// the top of memory, away from the low frames the lists hand out
@@ -134,11 +154,15 @@ impl Pages {
             .map(|_| VmPage::default())
             .collect::<Vec<_>>()
             .into();
+        let n_runs = Self::runs_for(base_pfn, frames) as usize;
         let shards = (0..SHARDS)
             .map(|_| {
                 crossbeam_utils::CachePadded::new(Mutex::new(FreeShard {
                     zeroed: NIL,
                     plain: NIL,
+                    run_free: (0..n_runs.div_ceil(64))
+                        .map(|_| crossbeam_utils::CachePadded::new([0; 64]))
+                        .collect(),
                 }))
             })
             .collect::<Vec<_>>()
@@ -162,7 +186,7 @@ impl Pages {
                 .collect::<Vec<_>>()
                 .into(),
             fict_free: Mutex::new((0..fictitious).rev().collect()),
-            runs: (0..Self::runs_for(base_pfn, frames))
+            runs: (0..n_runs)
                 .map(|_| AtomicU32::new(0))
                 .collect::<Vec<_>>()
                 .into(),
@@ -200,13 +224,26 @@ impl Pages {
         (id + RUN_PAGES <= self.pages.len() as u64).then_some(PageId(id as u32))
     }
 
-    /// Counts page `id` onto (`+1`) or off (`-1`) its run's free pages. A
-    /// run whole again is free to be claimed again.
-    fn run_count(&self, id: PageId, delta: i32) {
-        let run = &self.runs[self.run_of(id)];
-        let old = run.fetch_add(delta as u32, Ordering::AcqRel);
-        if delta > 0 && u64::from((old & !RUN_CLAIMED) + 1) == RUN_PAGES {
-            run.fetch_and(!RUN_CLAIMED, Ordering::AcqRel);
+    /// Counts page `id` onto (`true`) or off its run's free pages in
+    /// `shard` (its lock held). A run whole again is free to be claimed
+    /// again.
+    fn run_count(&self, shard: &mut FreeShard, id: PageId, freed: bool) {
+        let r = self.run_of(id);
+        let bit = 1 << (id.0 as usize % SHARDS);
+        let c = shard.run_free(r);
+        if freed {
+            *c += 1;
+            if *c == SHARE {
+                let old = self.runs[r].fetch_or(bit, Ordering::AcqRel);
+                if (old | bit) & RUN_WHOLE == RUN_WHOLE {
+                    self.runs[r].fetch_and(!RUN_CLAIMED, Ordering::AcqRel);
+                }
+            }
+        } else {
+            if *c == SHARE {
+                self.runs[r].fetch_and(!bit, Ordering::AcqRel);
+            }
+            *c -= 1;
         }
     }
 
@@ -224,7 +261,7 @@ impl Pages {
             return None;
         }
         let start = self.run_cursor.load(Ordering::Relaxed) % n;
-        let whole = RUN_PAGES as u32;
+        let whole = RUN_WHOLE;
         for k in 0..n.min(CLAIM_SCAN) {
             let r = (n - 1 - (start + k) % n) as usize;
             // Read first: a failing compare-and-swap would still take the
@@ -345,7 +382,7 @@ impl Pages {
         page.set_flags(PageFlags::LISTED);
         // Counted while the page is on the list and the list locked, so
         // no one takes it (and counts it out) before it is counted in.
-        self.run_count(id, 1);
+        self.run_count(&mut shard, id, true);
         if zeroed {
             self.counts.free_zeroed.fetch_add(1, Ordering::AcqRel);
         }
@@ -431,7 +468,7 @@ impl Pages {
     /// lists start with frames of every run. The caller holds the list's
     /// shard lock.
     fn unclaimed_near(&self, head: PageId) -> PageId {
-        let whole = RUN_PAGES as u32;
+        let whole = RUN_WHOLE;
         let (mut id, mut unclaimed) = (head, None);
         for _ in 0..SKIP_CLAIMED {
             let run = self.runs[self.run_of(id)].load(Ordering::Relaxed);
@@ -496,6 +533,7 @@ impl Pages {
             self.set_prev(PageId(next), prev);
         }
         page.clear_flags(PageFlags::LISTED);
+        self.run_count(shard, id, false);
     }
 
     /// Sets listed page `id`'s previous link; under its shard's lock.
@@ -511,7 +549,6 @@ impl Pages {
         if zeroed {
             self.counts.free_zeroed.fetch_sub(1, Ordering::AcqRel);
         }
-        self.run_count(id, -1);
         let page = self.get(id);
         page.set_queue(PageQueue::None);
         page.set_identity(crate::page::NO_OBJECT, 0);
