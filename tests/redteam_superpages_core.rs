@@ -1268,11 +1268,12 @@ fn t15_alloc_at_races_allocation_zeroing_and_pageout() {
 /// find their reserved frame gone) take frames of runs that reservations
 /// just claimed, and most 2 MiBs of a plain fill no longer promote.
 ///
-/// Measured, not guaranteed: allocations of any frame now prefer frames
-/// of runs already broken among the first few of a list, which took the
-/// yield from 4-6 of 11 to 8 of 11 here; keeping every whole run whole
-/// needs an allocator that orders frames by run (a buddy allocator), which
-/// this one is not. Run it with `--ignored` to see the figure.
+/// Measured, not guaranteed: allocations of any frame step over frames of
+/// claimed runs, and a claim takes the run that last became whole first,
+/// which took the yield from 4-6 of 11 to 9 of 11 here; keeping every
+/// whole run whole needs an allocator that orders frames by run (a buddy
+/// allocator), which this one is not. Run it with `--ignored` to see the
+/// figure.
 #[test]
 #[ignore = "a quality measurement: see the doc comment"]
 fn t19_superpage_yield_after_idle_zeroing() {

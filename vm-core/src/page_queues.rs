@@ -29,7 +29,7 @@ const SHARDS: usize = 16;
 /// Frames in an aligned run: a 2 MiB superpage's worth (FreeBSD
 /// `VM_LEVEL_0_NPAGES`).
 pub(crate) const RUN_PAGES: u64 = 512;
-/// Pages an allocation of any frame looks at for one of a broken run.
+/// Pages of claimed runs an allocation of any frame steps over, at most.
 const SKIP_CLAIMED: u32 = 8;
 /// Runs [`Pages::claim_run`] looks at, at most, per claim.
 const CLAIM_SCAN: u32 = 64;
@@ -138,6 +138,11 @@ pub(crate) struct Pages {
     /// the top of memory, away from the low frames the lists hand out
     /// first).
     run_cursor: AtomicU32,
+    /// The run that last became wholly free: claimed first, so a
+    /// reservation reuses frames just freed (warm in the caches, and
+    /// backed by the host where physical memory is a host mapping)
+    /// rather than sweeping all of memory.
+    last_whole: AtomicU32,
 }
 
 const ATTR_SHIFT: u32 = 56;
@@ -191,6 +196,7 @@ impl Pages {
                 .collect::<Vec<_>>()
                 .into(),
             run_cursor: AtomicU32::new(0),
+            last_whole: AtomicU32::new(NO_RUN),
         };
         // Push in reverse so low frames are handed out first.
         for i in (0..frames).rev() {
@@ -237,6 +243,7 @@ impl Pages {
                 let old = self.runs[r].fetch_or(bit, Ordering::AcqRel);
                 if (old | bit) & RUN_WHOLE == RUN_WHOLE {
                     self.runs[r].fetch_and(!RUN_CLAIMED, Ordering::AcqRel);
+                    self.last_whole.store(r as u32, Ordering::Relaxed);
                 }
             }
         } else {
@@ -260,13 +267,11 @@ impl Pages {
         if n == 0 {
             return None;
         }
-        let start = self.run_cursor.load(Ordering::Relaxed) % n;
         let whole = RUN_WHOLE;
-        for k in 0..n.min(CLAIM_SCAN) {
-            let r = (n - 1 - (start + k) % n) as usize;
-            // Read first: a failing compare-and-swap would still take the
-            // line exclusive, and faults on other CPUs scan the same runs.
-            if self.runs[r].load(Ordering::Relaxed) == whole
+        // Read first: a failing compare-and-swap would still take the line
+        // exclusive, and faults on other CPUs scan the same runs.
+        let claim = |r: usize| {
+            self.runs[r].load(Ordering::Relaxed) == whole
                 && self.runs[r]
                     .compare_exchange(
                         whole,
@@ -275,7 +280,15 @@ impl Pages {
                         Ordering::Relaxed,
                     )
                     .is_ok()
-            {
+        };
+        let warm = self.last_whole.load(Ordering::Relaxed);
+        if warm < n && claim(warm as usize) {
+            return Some(warm);
+        }
+        let start = self.run_cursor.load(Ordering::Relaxed) % n;
+        for k in 0..n.min(CLAIM_SCAN) {
+            let r = (n - 1 - (start + k) % n) as usize;
+            if claim(r) {
                 self.run_cursor.store(start + k + 1, Ordering::Relaxed);
                 return Some(r as u32);
             }
@@ -459,31 +472,27 @@ impl Pages {
         None
     }
 
-    /// Which of the first few pages of the list `head` starts an
-    /// allocation of any frame takes: one from a run already broken
-    /// (neither wholly free nor claimed) if there is one, so wholly free
-    /// runs stay whole for reservations (a buddy allocator's preference
-    /// for small blocks, FreeBSD `vm_phys`); else one of a run no
-    /// reservation has claimed; else `head`. After idle zeroing the zeroed
-    /// lists start with frames of every run. The caller holds the list's
-    /// shard lock.
+    /// Which page of the list `head` starts an allocation of any frame
+    /// takes: `head`, unless its run is claimed by a reservation; then
+    /// the first of the next few whose run is not, so reservations keep
+    /// their frames when that is cheap (after idle zeroing the zeroed
+    /// lists start with frames of every run). Looking further (for frames
+    /// of runs already broken, as a buddy allocator prefers small blocks)
+    /// kept more runs whole but cost every allocation a walk of list links
+    /// on a machine whose runs are mostly whole. The caller holds the
+    /// list's shard lock.
     fn unclaimed_near(&self, head: PageId) -> PageId {
-        let whole = RUN_WHOLE;
-        let (mut id, mut unclaimed) = (head, None);
+        let mut id = head;
         for _ in 0..SKIP_CLAIMED {
-            let run = self.runs[self.run_of(id)].load(Ordering::Relaxed);
-            if run & RUN_CLAIMED == 0 {
-                if run != whole {
-                    return id;
-                }
-                unclaimed.get_or_insert(id);
+            if self.runs[self.run_of(id)].load(Ordering::Relaxed) & RUN_CLAIMED == 0 {
+                return id;
             }
             match self.get(id).free_links().0 {
                 NIL => break,
                 next => id = PageId(next),
             }
         }
-        unclaimed.unwrap_or(head)
+        head
     }
 
     /// Allocates free page `id` itself, if it is free (on its list) and the

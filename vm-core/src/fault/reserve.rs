@@ -64,8 +64,11 @@ impl<P: Pmap> FaultState<'_, P> {
         st: &mut ObjectState,
     ) -> Option<(PageId, Option<Populate>)> {
         let policy = self.target.vm.config.superpages;
+        if policy == SuperpagePolicy::Never {
+            return None;
+        }
         let entry = self.map.as_ref()?.entries.get(&self.entry_start)?;
-        if policy == SuperpagePolicy::Never || entry.eflags.contains(EntryFlags::NOHUGEPAGE) {
+        if entry.eflags.contains(EntryFlags::NOHUGEPAGE) {
             return None;
         }
         let offset = (self.va >> PAGE_SHIFT) & (RUN_PAGES - 1);
