@@ -33,6 +33,8 @@ pub(crate) const RUN_PAGES: u64 = 512;
 const SKIP_CLAIMED: u32 = 8;
 /// Runs [`Pages::claim_run`] looks at, at most, per claim.
 const CLAIM_SCAN: u32 = 64;
+/// Recently whole runs [`Pages::claim_run`] tries before it scans.
+const RECENT_RUNS: usize = 16;
 /// No run: a reservation that found no wholly free run.
 pub(crate) const NO_RUN: u32 = u32::MAX;
 /// A run's word: bit `s` set while shard `s` holds all of its share of
@@ -138,11 +140,14 @@ pub(crate) struct Pages {
     /// the top of memory, away from the low frames the lists hand out
     /// first).
     run_cursor: AtomicU32,
-    /// The run that last became wholly free: claimed first, so a
-    /// reservation reuses frames just freed (warm in the caches, and
-    /// backed by the host where physical memory is a host mapping)
-    /// rather than sweeping all of memory.
-    last_whole: AtomicU32,
+    /// The runs that most recently became wholly free (a ring, newest at
+    /// `recent_next - 1`): claimed first, so reservations reuse frames
+    /// just freed (warm in the caches, and backed by the host where
+    /// physical memory is a host mapping) rather than sweeping all of
+    /// memory. A region of several superpages freed and faulted again
+    /// gets all its runs back, not one warm and the rest cold.
+    recent: [AtomicU32; RECENT_RUNS],
+    recent_next: AtomicU32,
 }
 
 const ATTR_SHIFT: u32 = 56;
@@ -196,7 +201,8 @@ impl Pages {
                 .collect::<Vec<_>>()
                 .into(),
             run_cursor: AtomicU32::new(0),
-            last_whole: AtomicU32::new(NO_RUN),
+            recent: core::array::from_fn(|_| AtomicU32::new(NO_RUN)),
+            recent_next: AtomicU32::new(0),
         };
         // Push in reverse so low frames are handed out first.
         for i in (0..frames).rev() {
@@ -204,6 +210,11 @@ impl Pages {
                 this.pages[i as usize].set_flags(PageFlags::ZERO);
             }
             this.push_free(PageId(i));
+        }
+        // Nothing is warm yet: claims start from the top, away from the
+        // low frames the lists hand out first.
+        for slot in &this.recent {
+            slot.store(NO_RUN, Ordering::Relaxed);
         }
         this
     }
@@ -243,7 +254,8 @@ impl Pages {
                 let old = self.runs[r].fetch_or(bit, Ordering::AcqRel);
                 if (old | bit) & RUN_WHOLE == RUN_WHOLE {
                     self.runs[r].fetch_and(!RUN_CLAIMED, Ordering::AcqRel);
-                    self.last_whole.store(r as u32, Ordering::Relaxed);
+                    let slot = self.recent_next.fetch_add(1, Ordering::Relaxed);
+                    self.recent[slot as usize % RECENT_RUNS].store(r as u32, Ordering::Relaxed);
                 }
             }
         } else {
@@ -281,9 +293,13 @@ impl Pages {
                     )
                     .is_ok()
         };
-        let warm = self.last_whole.load(Ordering::Relaxed);
-        if warm < n && claim(warm as usize) {
-            return Some(warm);
+        // Newest first: a stale slot (the run since taken) fails the claim.
+        let next = self.recent_next.load(Ordering::Relaxed) as usize;
+        for k in 1..=RECENT_RUNS {
+            let warm = self.recent[next.wrapping_sub(k) % RECENT_RUNS].load(Ordering::Relaxed);
+            if warm < n && claim(warm as usize) {
+                return Some(warm);
+            }
         }
         let start = self.run_cursor.load(Ordering::Relaxed) % n;
         for k in 0..n.min(CLAIM_SCAN) {
@@ -860,6 +876,30 @@ mod tests {
         p.free(id);
         assert_eq!(p.claim_run(), Some(1));
         assert_eq!(drain(&p).len(), 412 + 2 * 512 + 7);
+    }
+
+    #[test]
+    fn claims_take_back_the_runs_freed_last_before_any_other() {
+        // Eight whole runs; claims start from the top when nothing is warm.
+        let p = pages(8 * 512, false, 0);
+        assert_eq!(p.claim_run(), Some(7), "nothing warm at start");
+        // A region of three superpages (runs 2, 4, 5) taken and freed:
+        // all three come back first, newest first, then the sweep goes on.
+        let region: Vec<PageId> = [2u32, 4, 5]
+            .iter()
+            .flat_map(|&r| (r * 512..(r + 1) * 512).map(PageId))
+            .collect();
+        for &id in &region {
+            assert_eq!(p.alloc_at(id, AllocClass::Normal), Some(id));
+        }
+        for &id in region.iter().rev() {
+            p.free(id);
+        }
+        assert_eq!(
+            [p.claim_run(), p.claim_run(), p.claim_run()],
+            [Some(2), Some(4), Some(5)]
+        );
+        assert_eq!(p.claim_run(), Some(6), "then the sweep from the top");
     }
 
     #[test]
