@@ -42,7 +42,7 @@
 //!   mappings, from 1 to 8 threads; `memset_floor` zeroes the same 16 MiB
 //!   of 4 KiB pages (of a 96 MiB region, the machine's size) with as many
 //!   threads: how far zeroing itself scales on the machine.
-//! * `region_size/{ours,kernel}/{1,4,16,64}` — zero-fill cost per fault
+//! * `region_size/{ours,kernel}/{1,4,16,64,256,1024}` — zero-fill cost per fault
 //!   against region size (MiB), plotted by `scripts/plot_region_size.py`.
 //! * `superpage/{ours,ours_4k,ours_always,kernel_thp,kernel_4k}` — 64 MiB
 //!   of aligned anonymous memory filled by a write to every page: ours
@@ -1135,10 +1135,13 @@ fn soft_fault(c: &mut Criterion) {
 /// Per-fault cost against region size, ours and the kernel's, for the
 /// README's plot (`scripts/plot_region_size.py`).
 fn region_size(c: &mut Criterion) {
-    let vm = machine(160 << 20);
+    let vm = machine(1088 << 20);
     let mut g = c.benchmark_group("region_size");
     g.sample_size(10);
-    for mib in [1u64, 4, 16, 64] {
+    // A sample of the largest takes the kernel most of a second: as many
+    // iterations in each sample, not criterion's 1, 2, .. 10.
+    g.sampling_mode(criterion::SamplingMode::Flat);
+    for mib in [1u64, 4, 16, 64, 256, 1024] {
         let pages = (mib << 20) / PAGE;
         g.throughput(Throughput::Elements(pages));
         zero_fill_ours(&mut g, &format!("ours/{mib}"), &vm, pages);

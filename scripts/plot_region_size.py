@@ -13,7 +13,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CRIT = ROOT / "target" / "criterion" / "region_size"
-SIZES = [1, 4, 16, 64]
+SIZES = [1, 4, 16, 64, 256, 1024]
 SERIES = [("ours", "vm-core + x86_64 pmap", "#1f77b4"), ("kernel", "Linux mmap + touch", "#d62728")]
 
 
