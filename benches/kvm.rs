@@ -58,7 +58,12 @@ fn kvm(c: &mut Criterion) {
                 space.map_anon(next, PAGES * 4096, Prot::RW).unwrap();
                 let script: Vec<Op> = (0..PAGES).map(|i| Op::Write(next + i * 4096)).collect();
                 let r = guest.run(&vm, &space, &script).unwrap();
-                assert!(r.mismatches.is_empty() && r.faults_served == PAGES);
+                assert!(
+                    r.mismatches.is_empty() && r.faults_served == PAGES,
+                    "at {next:#x}: {} faults served of {PAGES}, mismatches {:?}",
+                    r.faults_served,
+                    r.mismatches
+                );
                 total += r.elapsed / PAGES as u32;
                 space.unmap(next, PAGES * 4096).unwrap();
                 next += PAGES * 4096;

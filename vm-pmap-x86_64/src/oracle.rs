@@ -37,6 +37,7 @@ const GDT: u64 = KERNEL_VA;
 const TSS: u64 = KERNEL_VA + 0x100;
 const IDT: u64 = KERNEL_VA + 0x800;
 const HANDLER: u64 = KERNEL_VA + 0x1000;
+const FLUSH: u64 = HANDLER + 0x80;
 const STUBS: u64 = HANDLER + 0x100;
 const KSTACK_TOP: u64 = KERNEL_VA + 0x4000;
 
@@ -46,25 +47,42 @@ const PORT_DONE: u16 = 0x11;
 const PORT_UNEXPECTED: u16 = 0xff;
 
 /// #PF handler: push rax; push rdx; mov rax, cr2; mov rdx, [rsp+16];
-/// out 0x0e, al; pop rdx; pop rax; add rsp, 8; iretq.
-const PF_HANDLER: [u8; 22] = [
-    0x50, 0x52, 0x0f, 0x20, 0xd0, 0x48, 0x8b, 0x54, 0x24, 0x10, 0xe6, 0x0e, 0x5a, 0x58, 0x48, 0x83,
-    0xc4, 0x08, 0x48, 0xcf, 0x90, 0x90,
+/// out 0x0e, al; mov rax, cr3; mov cr3, rax; pop rdx; pop rax; add rsp, 8;
+/// iretq. The CR3 reload after the host served the fault flushes the
+/// guest's TLB and paging-structure caches: the host's pmap may have
+/// removed or changed other mappings meanwhile (this embedder's TLB
+/// hook, as an OS's shootdown would).
+const PF_HANDLER: [u8; 26] = [
+    0x50, 0x52, 0x0f, 0x20, 0xd0, 0x48, 0x8b, 0x54, 0x24, 0x10, 0xe6, 0x0e, 0x0f, 0x20, 0xd8, 0x0f,
+    0x22, 0xd8, 0x5a, 0x58, 0x48, 0x83, 0xc4, 0x08, 0x48, 0xcf,
 ];
 
-/// User code (CPL 3): walks the script at [`SCRIPT_VA`]; op 1 reads the
-/// address, op 2 writes the address to itself, op 0 ends. Each access is a
-/// 3-byte instruction, so the host can skip one that cannot be resolved.
+/// The flush the user code asks for with `int3` when a run starts: push
+/// rax; mov rax, cr3; mov cr3, rax; pop rax; iretq. Between runs the host
+/// unmaps and remaps freely, and a CPU may keep translations, and
+/// pointers to page-table frames since freed and reused, for as long as
+/// nobody flushes them (it even fills them speculatively): without this
+/// a run wrote through stale entries into free frames.
+const FLUSH_HANDLER: [u8; 10] = [0x50, 0x0f, 0x20, 0xd8, 0x0f, 0x22, 0xd8, 0x58, 0x48, 0xcf];
+/// The vector the user code flushes with (`#BP`, `int3`), whose gate user
+/// code may use.
+const FLUSH_VECTOR: u64 = 3;
+
+/// User code (CPL 3): flushes the TLB (`int3`, [`FLUSH_HANDLER`]), then
+/// walks the script at [`SCRIPT_VA`]; op 1 reads the address, op 2 writes
+/// the address to itself, op 0 ends. Each access is a 3-byte instruction,
+/// so the host can skip one that cannot be resolved.
 ///
 /// ```text
-///  0: mov rsi, SCRIPT_VA        10: mov rax, [rsi]     13: test rax, rax
-/// 16: jz 44                     18: mov rbx, [rsi+8]   22: cmp rax, 1
-/// 26: jne 33                    28: mov rax, [rbx]     31: jmp 36
-/// 33: mov [rbx], rbx            36: out 0x10, al       38: add rsi, 16
-/// 42: jmp 10                    44: out 0x11, al       46: jmp 46
+///  0: int3
+///  1: mov rsi, SCRIPT_VA        11: mov rax, [rsi]     14: test rax, rax
+/// 17: jz 45                     19: mov rbx, [rsi+8]   23: cmp rax, 1
+/// 27: jne 34                    29: mov rax, [rbx]     32: jmp 37
+/// 34: mov [rbx], rbx            37: out 0x10, al       39: add rsi, 16
+/// 43: jmp 11                    45: out 0x11, al       47: jmp 47
 /// ```
 fn user_code() -> Vec<u8> {
-    let mut c = alloc::vec![0x48, 0xbe];
+    let mut c = alloc::vec![0xcc, 0x48, 0xbe];
     c.extend_from_slice(&SCRIPT_VA.to_le_bytes());
     c.extend_from_slice(&[
         0x48, 0x8b, 0x06, 0x48, 0x85, 0xc0, 0x74, 0x1a, 0x48, 0x8b, 0x5e, 0x08, 0x48, 0x83, 0xf8,
@@ -127,8 +145,12 @@ pub struct Report {
 /// A KVM guest on a space of `vm`. See the [module docs](self).
 pub struct Oracle {
     _kvm: Kvm,
-    _vm_fd: VmFd,
+    vm_fd: VmFd,
     vcpu: VcpuFd,
+    /// The machine's memory as the guest's physical memory.
+    region: kvm_userspace_memory_region,
+    /// The pmap's invalidation counts when the guest last ran.
+    flushes_seen: (u64, u64),
 }
 
 /// The CPU mode KVM's guest CPU reports (MAXPHYADDR from CPUID), for
@@ -205,13 +227,19 @@ fn build_guest(space: &VmSpace<X86Pmap>) -> Result<(), String> {
     // reports its vector.
     let mut idt = Vec::new();
     for v in 0..32u64 {
-        let h = if v == 14 { HANDLER } else { STUBS + 8 * v };
-        let lo = (h & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | (((h >> 16) & 0xffff) << 48);
+        let (h, attr) = match v {
+            14 => (HANDLER, 0x8e00),
+            // Present, DPL 3 (user code may `int3`), interrupt gate.
+            FLUSH_VECTOR => (FLUSH, 0xee00),
+            _ => (STUBS + 8 * v, 0x8e00),
+        };
+        let lo = (h & 0xffff) | (0x08 << 16) | (attr << 32) | (((h >> 16) & 0xffff) << 48);
         idt.extend_from_slice(&lo.to_le_bytes());
         idt.extend_from_slice(&(h >> 32).to_le_bytes());
     }
     space.write(IDT, &idt).map_err(|x| e(&x))?;
     space.write(HANDLER, &PF_HANDLER).map_err(|x| e(&x))?;
+    space.write(FLUSH, &FLUSH_HANDLER).map_err(|x| e(&x))?;
     for v in 0..32u8 {
         // mov al, v; out 0xff, al; hlt
         space
@@ -295,9 +323,43 @@ impl Oracle {
             .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
         Ok(Oracle {
             _kvm: kvm,
-            _vm_fd: vm_fd,
+            vm_fd,
             vcpu,
+            region,
+            flushes_seen: vm.pmap().tlb_stats().get(),
         })
+    }
+
+    /// Before the guest runs again: if the pmap invalidated anything since
+    /// it last ran, makes KVM forget its copies of our tables. Where KVM
+    /// runs the guest on shadow page tables (no nested paging in the
+    /// CPU, or a shadowing hypervisor such as PVM, this project's CI
+    /// machine) it copies the guest's entries as the guest uses them and
+    /// sees changes only through the guest's own writes, which it traps;
+    /// our pmap writes the tables from the host's side, so a removal would
+    /// stay visible to the guest, however it flushes its TLB (it then
+    /// wrote through entries removed a round before, into free frames).
+    /// Taking the memory slot away and back drops every shadow copy. With
+    /// nested paging the CPU walks our tables itself, and the guest's own
+    /// flush ([`FLUSH_HANDLER`], the #PF handler's CR3 reload) suffices.
+    fn sync_shadow(&mut self, vm: &Vm<X86Pmap>) -> Result<(), String> {
+        let now = vm.pmap().tlb_stats().get();
+        if now == self.flushes_seen {
+            return Ok(());
+        }
+        self.flushes_seen = now;
+        let gone = kvm_userspace_memory_region {
+            memory_size: 0,
+            ..self.region
+        };
+        // SAFETY: deleting the slot, then registering the same memory as in
+        // `new` (it outlives the guest, as there).
+        unsafe {
+            self.vm_fd
+                .set_user_memory_region(gone)
+                .and_then(|()| self.vm_fd.set_user_memory_region(self.region))
+        }
+        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION (resync): {e}"))
     }
 
     /// Runs `script` in the guest. Faults are served by `space.fault`;
@@ -327,9 +389,12 @@ impl Oracle {
             .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
         let mut report = Report::default();
         let mut step = 0usize;
+        // What the host changed since the last run, outside the timing.
+        self.sync_shadow(vm)?;
         let start = Instant::now();
         let mut mark = Instant::now();
         loop {
+            self.sync_shadow(vm)?;
             let exit = self.vcpu.run().map_err(|e| format!("KVM_RUN: {e}"))?;
             let port = match exit {
                 VcpuExit::IoOut(port, _) => port,

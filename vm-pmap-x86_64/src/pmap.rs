@@ -237,6 +237,29 @@ impl<T: TlbHook> X86Pmap<T> {
         self.leaf(space.0.root, va.into().as_u64()).map(|(e, _)| e)
     }
 
+    /// The raw leaf entry for `va` and its level: [`Level::PT`] for a
+    /// 4 KiB entry, [`Level::PD`] for a superpage's 2 MiB entry. Unlike
+    /// [`pte`](Self::pte) this tells the two apart: bit 7 is PAT in the
+    /// one and PS in the other.
+    ///
+    /// ```
+    /// use vm_core::{Prot, Vm, VmConfig};
+    /// use vm_pmap_x86_64::{X86Pmap, paging::Level};
+    ///
+    /// let config = VmConfig { memory_bytes: 16 << 20, ..VmConfig::default() };
+    /// let vm = Vm::new(X86Pmap::new(), config).unwrap();
+    /// let space = vm.new_space().unwrap();
+    /// space.map_anon(0x40_0000, 4096, Prot::RW).unwrap();
+    /// space.write_u8(0x40_0000, 1).unwrap();
+    /// let (entry, level) = vm.pmap().leaf_entry(space.pmap_space(), 0x40_0000u64).unwrap();
+    /// assert_eq!((entry & 0b11, level), (0b11, Level::PT)); // present, writable
+    /// assert!(vm.pmap().leaf_entry(space.pmap_space(), 0x80_0000u64).is_none());
+    /// ```
+    pub fn leaf_entry(&self, space: &X86Space, va: impl Into<VirtAddr>) -> Option<(u64, Level)> {
+        let _g = self.share(&space.0)?;
+        self.leaf(space.0.root, va.into().as_u64())
+    }
+
     /// The leaf entry for `va` and its level (PT, or PD for a superpage).
     /// The caller holds the table-tree lock.
     fn leaf(&self, root: u64, va: u64) -> Option<(u64, Level)> {

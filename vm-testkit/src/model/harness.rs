@@ -1,6 +1,6 @@
 //! The machine and the model side by side: see the [module docs](super).
 
-use super::{DEVICE_PA, HOLDS, MAPPABLE, OBJECTS, Op, PAGE, SLOT_PAGES, SPACES, slot_va};
+use super::{DEVICE_PA, HOLDS, MAPPABLE, OBJECTS, Op, PAGE, SLOT_PAGES, SPACES, slot_base};
 use crate::MemPager;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -93,12 +93,13 @@ struct ModelHold<P: Pmap> {
     target: Target,
 }
 
-/// The model's device: page `i` at [`DEVICE_PA`] + `i` pages.
-struct Device;
+/// The model's device of `.0` pages: page `i` at [`DEVICE_PA`] + `i`
+/// pages.
+struct Device(u64);
 
 impl DeviceMmap for Device {
     fn mmap(&self, offset: u64, _prot: Prot) -> Option<(PhysAddr, MemAttr)> {
-        (offset < SLOT_PAGES * PAGE).then_some((PhysAddr(DEVICE_PA + offset), MemAttr::Uncacheable))
+        (offset < self.0 * PAGE).then_some((PhysAddr(DEVICE_PA + offset), MemAttr::Uncacheable))
     }
 }
 
@@ -135,6 +136,8 @@ pub struct Harness<P: Pmap> {
     /// Frames held back while the machine is starved.
     balloon: Option<Balloon>,
     probe: Probe<P>,
+    /// Pages per slot (and of each object, the file and the device).
+    slot_pages: u64,
 }
 
 macro_rules! ensure {
@@ -165,9 +168,24 @@ impl<P: Pmap> Harness<P> {
     /// If the pmap cannot make a space, the file cannot be made, or the
     /// machine cannot hold the objects' pages.
     pub fn new(vm: Arc<Vm<P>>, probe: Probe<P>) -> Harness<P> {
+        Harness::with_slot_pages(vm, probe, SLOT_PAGES)
+    }
+
+    /// As [`new`](Self::new), with slots, objects, the file and the device
+    /// of `slot_pages` pages each (at least 1). Slots of 512 pages are
+    /// 2 MiB-aligned superpages: on a machine whose policy maps them whole
+    /// ([`SuperpagePolicy::Always`](vm_core::SuperpagePolicy)) every
+    /// operation of the language then meets promoted mappings.
+    ///
+    /// # Panics
+    ///
+    /// As [`new`](Self::new); and if `slot_pages` is 0.
+    pub fn with_slot_pages(vm: Arc<Vm<P>>, probe: Probe<P>, slot_pages: u64) -> Harness<P> {
+        assert!(slot_pages > 0, "slots of no pages");
+        let pages = slot_pages;
         let path = temp_file();
         std::fs::File::create(&path)
-            .and_then(|f| f.set_len(SLOT_PAGES * PAGE))
+            .and_then(|f| f.set_len(pages * PAGE))
             .expect("model file");
         let pager = VnodePager::open(&path, true).expect("model file");
         let file = ModelFile {
@@ -175,15 +193,13 @@ impl<P: Pmap> Harness<P> {
             object: pager.object(&vm),
             pager,
         };
-        let mut objects: Vec<_> = (0..OBJECTS)
-            .map(|_| vm.new_anon_object(SLOT_PAGES))
-            .collect();
-        let partial = Arc::new(MemPager::with_pattern(PagerKind::ANONYMOUS, SLOT_PAGES));
+        let mut objects: Vec<_> = (0..OBJECTS).map(|_| vm.new_anon_object(pages)).collect();
+        let partial = Arc::new(MemPager::with_pattern(PagerKind::ANONYMOUS, pages));
         partial.set_valid_mask(Some(0x01));
-        objects.push(vm.new_object(SLOT_PAGES, partial));
+        objects.push(vm.new_object(pages, partial));
         objects.push(file.object.clone());
-        objects.push(DevicePager::object(&vm, Device, SLOT_PAGES));
-        write_whole(&vm, &objects[..OBJECTS]);
+        objects.push(DevicePager::object(&vm, Device(pages), pages));
+        write_whole(&vm, &objects[..OBJECTS], pages);
         let first = vm.new_space().expect("first space");
         let mut h = Harness {
             vm,
@@ -191,24 +207,43 @@ impl<P: Pmap> Harness<P> {
             spaces: vec![Some(first), None, None],
             objects,
             file,
-            file_pages: SLOT_PAGES,
+            file_pages: pages,
             cells: Vec::new(),
             model: vec![Some(BTreeMap::new()), None, None],
             object_cells: Vec::new(),
             next_id: 0,
             balloon: None,
             probe,
+            slot_pages: pages,
         };
         h.object_cells = (0..=FILE).map(|_| h.new_cell()).collect();
         let partial_cell = h.object_cells[PARTIAL];
-        for p in 0..SLOT_PAGES {
+        for p in 0..pages {
             h.cells[partial_cell][p as usize] = crate::pattern_byte(p, AT as usize);
         }
         h
     }
 
+    /// The address of `page` of `slot` in this harness's geometry.
+    #[must_use]
+    pub fn slot_va(&self, slot: usize, page: u64) -> u64 {
+        slot_base(slot, self.slot_pages) + page * PAGE
+    }
+
+    /// Pages per slot.
+    #[must_use]
+    pub fn slot_pages(&self) -> u64 {
+        self.slot_pages
+    }
+
+    /// Space `space` of the machine, if it is alive.
+    #[must_use]
+    pub fn space(&self, space: usize) -> Option<&VmSpace<P>> {
+        self.spaces.get(space)?.as_ref()
+    }
+
     fn new_cell(&mut self) -> usize {
-        self.cells.push(vec![0; SLOT_PAGES as usize]);
+        self.cells.push(vec![0; self.slot_pages as usize]);
         self.cells.len() - 1
     }
 
@@ -237,7 +272,7 @@ impl<P: Pmap> Harness<P> {
     fn own_copies(&self, reg: &Region, upto: u64) -> Option<Vec<Option<u8>>> {
         let layer = reg.private.as_ref()?;
         Some(
-            (0..SLOT_PAGES)
+            (0..self.slot_pages)
                 .map(|p| match self.expect(reg, p) {
                     Expect::Value(v) if p < upto => Some(v),
                     _ => layer[p as usize],
@@ -305,7 +340,7 @@ impl<P: Pmap> Harness<P> {
             } => self.map_device(space, slot, private),
             Op::Unmap { space, slot } => {
                 if let Some((s, _)) = self.live(space) {
-                    s.unmap(slot_va(slot, 0), SLOT_PAGES * PAGE)
+                    s.unmap(self.slot_va(slot, 0), self.slot_pages * PAGE)
                         .map_err(|e| format!("{op:?}: {e}"))?;
                     self.model[space].as_mut().expect("live").remove(&slot);
                 }
@@ -334,7 +369,7 @@ impl<P: Pmap> Harness<P> {
             Op::Collapse { space, slot } => {
                 if let Some((s, m)) = self.live(space) {
                     if m.contains_key(&slot) {
-                        if let Some((object, _)) = s.object_at(slot_va(slot, 0)) {
+                        if let Some((object, _)) = s.object_at(self.slot_va(slot, 0)) {
                             self.vm.collapse(&object);
                         }
                     }
@@ -389,7 +424,7 @@ impl<P: Pmap> Harness<P> {
         if m.contains_key(&slot) {
             return Ok(());
         }
-        let (va, len) = (slot_va(slot, 0), SLOT_PAGES * PAGE);
+        let (va, len) = (self.slot_va(slot, 0), self.slot_pages * PAGE);
         let mut req = match object {
             None => MapRequest::anon(va, len, Prot::RW),
             Some(o) => {
@@ -420,7 +455,7 @@ impl<P: Pmap> Harness<P> {
         let region = Region {
             kind,
             base,
-            private: private.then(|| vec![None; SLOT_PAGES as usize]),
+            private: private.then(|| vec![None; self.slot_pages as usize]),
             id: self.new_id(),
             write: true,
             user_wired: false,
@@ -440,7 +475,13 @@ impl<P: Pmap> Harness<P> {
             return Ok(());
         }
         let device = self.objects[DEVICE].clone();
-        let req = MapRequest::object(slot_va(slot, 0), SLOT_PAGES * PAGE, device, 0, Prot::RW);
+        let req = MapRequest::object(
+            self.slot_va(slot, 0),
+            self.slot_pages * PAGE,
+            device,
+            0,
+            Prot::RW,
+        );
         if private {
             let got = s.map(req.private());
             ensure!(
@@ -463,7 +504,7 @@ impl<P: Pmap> Harness<P> {
             return Ok(());
         }
         let prot = if write { Prot::RW } else { Prot::READ };
-        match s.protect(slot_va(slot, 0), SLOT_PAGES * PAGE, prot) {
+        match s.protect(self.slot_va(slot, 0), self.slot_pages * PAGE, prot) {
             Ok(()) => {}
             Err(MapError::ResourceShortage) if self.balloon.is_some() => return Ok(()),
             Err(e) => return Err(format!("protect: {e}")),
@@ -472,7 +513,7 @@ impl<P: Pmap> Harness<P> {
         // A user-wired private region that gains write gets its own copy
         // of every page (modern FreeBSD's `vm_map_protect`).
         let copies = (reg.user_wired && write && !reg.write)
-            .then(|| self.own_copies(reg, SLOT_PAGES))
+            .then(|| self.own_copies(reg, self.slot_pages))
             .flatten();
         let reg = self.region_mut(space, slot);
         reg.write = write;
@@ -505,7 +546,7 @@ impl<P: Pmap> Harness<P> {
             // A wired private region is copied for the child outright
             // (seed `vm_fault_copy_entry`): every page becomes its own.
             let private = if reg.wired() {
-                self.own_copies(&reg, SLOT_PAGES)
+                self.own_copies(&reg, self.slot_pages)
             } else {
                 reg.private.clone()
             };
@@ -530,7 +571,7 @@ impl<P: Pmap> Harness<P> {
         let Some((s, m)) = self.live(space) else {
             return Ok(());
         };
-        let va = slot_va(slot, page);
+        let va = self.slot_va(slot, page);
         let Some(reg) = m.get(&slot) else {
             let got = s.read_u8(va + AT);
             ensure!(
@@ -589,7 +630,7 @@ impl<P: Pmap> Harness<P> {
         let Some((s, m)) = self.live(space) else {
             return Ok(());
         };
-        let va = slot_va(slot, page);
+        let va = self.slot_va(slot, page);
         let Some(reg) = m.get(&slot) else {
             let got = s.write(va + AT, &[value]);
             ensure!(
@@ -649,7 +690,7 @@ impl<P: Pmap> Harness<P> {
         let Some((s, m)) = self.live(space) else {
             return Ok(());
         };
-        let va = slot_va(slot, page) + AT;
+        let va = self.slot_va(slot, page) + AT;
         let Some(reg) = m.get(&slot) else {
             let got = s.write_forced(va, &[value]);
             ensure!(
@@ -692,7 +733,7 @@ impl<P: Pmap> Harness<P> {
         let Some(reg) = m.get(&slot) else {
             return Ok(());
         };
-        let got = s.wire(slot_va(slot, 0), SLOT_PAGES * PAGE, user);
+        let got = s.wire(self.slot_va(slot, 0), self.slot_pages * PAGE, user);
         if reg.wired() {
             // Already wired: only the counts change, nothing is faulted.
             ensure!(got.is_ok(), "wire of a wired {space}/{slot}: {got:?}");
@@ -701,18 +742,18 @@ impl<P: Pmap> Harness<P> {
             // protection (seed L307), so a writable private region gets
             // its own copy of each page it reaches; a page past EOF stops
             // it.
-            let stop = (0..SLOT_PAGES).find(|&p| self.expect(reg, p) == Expect::PastEof);
+            let stop = (0..self.slot_pages).find(|&p| self.expect(reg, p) == Expect::PastEof);
             let reached = match (&got, stop) {
-                (Ok(()), None) => SLOT_PAGES,
+                (Ok(()), None) => self.slot_pages,
                 (Err(MapError::Fault(FaultError::OutOfBounds { addr, .. })), Some(p))
-                    if *addr == slot_va(slot, p) =>
+                    if *addr == self.slot_va(slot, p) =>
                 {
                     p
                 }
                 // A small (or starved) machine may lack the memory; nothing
                 // stays wired, the pages before the failure were reached.
                 (Err(MapError::Fault(e)), _) if is_shortage(e) => {
-                    (e.addr() - slot_va(slot, 0)) / PAGE
+                    (e.addr() - self.slot_va(slot, 0)) / PAGE
                 }
                 _ => return Err(format!("wire {space}/{slot} (EOF stop {stop:?}): {got:?}")),
             };
@@ -745,7 +786,7 @@ impl<P: Pmap> Harness<P> {
         } else {
             reg.kernel_wires != 0
         };
-        let got = s.unwire(slot_va(slot, 0), SLOT_PAGES * PAGE, user);
+        let got = s.unwire(self.slot_va(slot, 0), self.slot_pages * PAGE, user);
         if !allowed {
             ensure!(
                 matches!(got, Err(MapError::NotWired { .. })),
@@ -775,7 +816,7 @@ impl<P: Pmap> Harness<P> {
         let Some((s, m)) = self.live(space) else {
             return Ok(());
         };
-        let va = slot_va(slot, page);
+        let va = self.slot_va(slot, page);
         let access = if write { Prot::RW } else { Prot::READ };
         let Some(reg) = m.get(&slot) else {
             let got = s.hold(va, PAGE, access).map(|_| ());
@@ -867,7 +908,7 @@ impl<P: Pmap> Harness<P> {
         let Some(reg) = m.get(&slot) else {
             return Ok(());
         };
-        s.msync(slot_va(slot, 0), SLOT_PAGES * PAGE)
+        s.msync(self.slot_va(slot, 0), self.slot_pages * PAGE)
             .map_err(|e| format!("msync: {e}"))?;
         if reg.kind == Kind::File && reg.private.is_none() {
             self.check_file()?;
@@ -931,8 +972,8 @@ impl<P: Pmap> Harness<P> {
                 continue;
             };
             for (&slot, reg) in m {
-                for page in 0..SLOT_PAGES {
-                    let va = slot_va(slot, page);
+                for page in 0..self.slot_pages {
+                    let va = self.slot_va(slot, page);
                     let Some((pa, writable)) = (self.probe)(&self.vm, s, va) else {
                         continue;
                     };
@@ -1023,7 +1064,7 @@ impl<P: Pmap> Harness<P> {
                 .map(|m| m.keys().copied().collect())
                 .unwrap_or_default();
             for slot in slots {
-                for page in 0..SLOT_PAGES {
+                for page in 0..self.slot_pages {
                     self.read(space, slot, page)?;
                 }
             }
@@ -1035,20 +1076,14 @@ impl<P: Pmap> Harness<P> {
 
 /// Writes every page of the named objects once (zeros, at the model's
 /// byte), so that they have no holes: see the [module docs](super).
-fn write_whole<P: Pmap>(vm: &Arc<Vm<P>>, objects: &[Arc<VmObject>]) {
+fn write_whole<P: Pmap>(vm: &Arc<Vm<P>>, objects: &[Arc<VmObject>], pages: u64) {
     let setup = vm.new_space().expect("set-up space");
     for (i, o) in objects.iter().enumerate() {
-        let va = slot_va(i, 0);
+        let va = slot_base(i, pages);
         setup
-            .map(MapRequest::object(
-                va,
-                SLOT_PAGES * PAGE,
-                o.clone(),
-                0,
-                Prot::RW,
-            ))
+            .map(MapRequest::object(va, pages * PAGE, o.clone(), 0, Prot::RW))
             .expect("map an object");
-        for p in 0..SLOT_PAGES {
+        for p in 0..pages {
             setup
                 .write(va + p * PAGE + AT, &[0])
                 .expect("fill an object");

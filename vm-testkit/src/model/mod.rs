@@ -1,7 +1,9 @@
 //! A reference model of address spaces and an operation language, for
 //! property tests and fuzzing of a whole machine.
 //!
-//! Each space maps *slots* (fixed 8-page regions). A slot shows a *base*
+//! Each space maps *slots* (regions of [`SLOT_PAGES`] pages, or of a size
+//! chosen by [`Harness::with_slot_pages`]: 512-page slots are 2 MiB
+//! superpages). A slot shows a *base*
 //! (a vector of page values: fresh anonymous memory, one of the named
 //! anonymous objects, an object whose pager fills only part of each page,
 //! or the file) and, when mapped private, a layer of private pages on top:
@@ -63,8 +65,23 @@ pub const HOLDS: usize = 4;
 /// Where the model device's page 0 is (outside the machine's memory).
 pub const DEVICE_PA: u64 = 0xfd00_0000;
 
-/// The address of `page` of `slot`.
+/// The address of `page` of `slot` with slots of [`SLOT_PAGES`] pages
+/// (what [`Harness::new`] uses; see [`Harness::slot_va`] for others).
 #[must_use]
 pub fn slot_va(slot: usize, page: u64) -> u64 {
-    0x1000_0000 + slot as u64 * 0x10_0000 + page * PAGE
+    slot_base(slot, SLOT_PAGES) + page * PAGE
+}
+
+/// Where `slot` starts with slots of `slot_pages` pages: 1 MiB apart
+/// (small slots share leaf tables in pairs), or whole 2 MiB apart when a
+/// slot is larger, so each slot starts on a superpage boundary.
+fn slot_base(slot: usize, slot_pages: u64) -> u64 {
+    const SUPERPAGE: u64 = 2 << 20;
+    let stride = (slot_pages * PAGE).max(1 << 20);
+    let stride = if stride > 1 << 20 {
+        stride.div_ceil(SUPERPAGE) * SUPERPAGE
+    } else {
+        stride
+    };
+    0x1000_0000 + slot as u64 * stride
 }
