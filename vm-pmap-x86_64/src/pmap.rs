@@ -301,6 +301,40 @@ impl<T: TlbHook> X86Pmap<T> {
         })
     }
 
+    /// `ts_referenced` for the mapping of `pfn` at `va` if a superpage
+    /// maps it: whether its 2 MiB entry has A, which is cleared (when
+    /// `count`ing) only if `pfn` is the one page of the 512 that a hash of
+    /// frame, superpage and space picks, and the entry is not wired
+    /// (FreeBSD `pmap_ts_referenced`: the bit is shared by 512 pages, and
+    /// clearing it at every test would make the whole superpage look
+    /// unused after one page was asked). `None` if no superpage maps `va`.
+    fn superpage_referenced(
+        &self,
+        sp: &SpaceInner,
+        va: u64,
+        pfn: Pfn,
+        count: bool,
+    ) -> Option<bool> {
+        let _g = self.share(sp)?;
+        if !matches!(self.table_of(sp.root, va), Walk::Superpage) {
+            return None;
+        }
+        // Under the shared lock only the CPU's A changes a 2 MiB entry.
+        let pd = self.pd_slot(sp.root, va)?;
+        let e = pd.load(Ordering::Acquire);
+        let a = PteFlags::ACCESSED.bits();
+        if leaf_frame(e, Level::PD, va) != pfn.phys_addr().as_u64() || e & a == 0 || !count {
+            return Some(false);
+        }
+        if superpage::clears_reference(pfn.0, va, sp.id) && e & PteFlags::WIRED.bits() == 0 {
+            let old = pd.fetch_and(!a, Ordering::AcqRel);
+            let mut flush = PendingFlush::new(sp.root);
+            flush.note(va & !(SUPERPAGE - 1), old);
+            self.complete(flush);
+        }
+        Some(true)
+    }
+
     /// Superpage promotions and demotions so far.
     pub fn superpage_stats(&self) -> &SuperpageStats {
         &self.superpage_stats
@@ -990,8 +1024,10 @@ impl<T: TlbHook> X86Pmap<T> {
             }
         };
         let ptes = table_at(phys, PhysAddr(table))?;
-        // A superpage's entry is still (see `superpage`): what is read
-        // here is what the table gets.
+        // A superpage's entry is still but for A (see `superpage`): what is
+        // read here is what the table gets, and an A a CPU sets before the
+        // swap below is in `old`, which then makes the invalidation that
+        // drops the translation it cached meanwhile.
         let pde = pd.load(Ordering::Acquire);
         for (i, pte) in ptes.iter().enumerate() {
             pte.store(superpage::pte_of(pde, i), Ordering::Relaxed);
@@ -999,7 +1035,8 @@ impl<T: TlbHook> X86Pmap<T> {
         let new = table | TABLE_FLAGS.bits();
         // Release: a walker that sees the table sees its entries.
         let old = pd.swap(new, Ordering::AcqRel);
-        debug_assert_eq!(old, pde, "a superpage's entry changed");
+        let a = PteFlags::ACCESSED.bits();
+        debug_assert_eq!(old | a, pde | a, "a superpage's entry changed");
         flush.note(base, old);
         self.superpage_stats
             .demotions
@@ -1450,19 +1487,32 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
     }
 
     fn ts_referenced(&self, pfn: Pfn) -> u32 {
-        let mut n = 0;
-        self.for_each_mapping(pfn, |slot| {
-            if n < 5 {
-                let old = slot.fetch_and(!PteFlags::ACCESSED.bits(), Ordering::AcqRel);
-                if old & PteFlags::ACCESSED.bits() != 0 {
-                    n += 1;
-                }
-                Some(old)
-            } else {
-                Some(slot.load(Ordering::Acquire))
+        // At most 5 counted (FreeBSD `PMAP_TS_REFERENCED_MAX`); a mapping
+        // by a superpage answers from its 2 MiB entry without splitting it.
+        let n = core::cell::Cell::new(0u32);
+        let mut take = |slot: &AtomicU64| {
+            if n.get() >= 5 {
+                return Some(slot.load(Ordering::Acquire));
             }
-        });
-        n
+            let old = slot.fetch_and(!PteFlags::ACCESSED.bits(), Ordering::AcqRel);
+            if old & PteFlags::ACCESSED.bits() != 0 {
+                n.set(n.get() + 1);
+            }
+            Some(old)
+        };
+        for (id, va) in self.pv.list(pfn) {
+            let Some(sp) = self.space_by_id(id) else {
+                continue;
+            };
+            if let Some(referenced) = self.superpage_referenced(&sp, va, pfn, n.get() < 5) {
+                n.set(n.get() + u32::from(referenced));
+                continue;
+            }
+            if self.on_mapping(&sp, va, pfn, &mut take).1 {
+                self.prune_path(&sp, va);
+            }
+        }
+        n.get()
     }
 
     fn mapping_count(&self, pfn: Pfn) -> usize {

@@ -2,17 +2,24 @@
 //! entry with PS set, and demoted back (FreeBSD `pmap_promote_pde`,
 //! `pmap_demote_pde`).
 //!
-//! # The invariant that makes a PS entry still
+//! # The invariant that keeps a PS entry's M still
 //!
 //! A 2 MiB entry this pmap writes always has A set, and if it has write
 //! permission it has M set too. So neither the CPU nor the software MMU
-//! ever writes to it (they set A and M only where clear, and M only
-//! through a writable entry), and demotion can copy it into 512 entries
-//! and replace it with one store, losing no bit. Promotion earns the
-//! invariant: it requires A in all 512 entries, and takes write permission
-//! from each entry that is writable but clean before it compares them
-//! (one atomic step each, so an M the CPU sets first is kept and the entry
-//! then stays writable and dirty).
+//! ever sets M in it (they set M only where clear, and only through a
+//! writable entry), and demotion can copy it into 512 entries and replace
+//! it with one store, losing no dirty bit. Promotion earns the invariant:
+//! it requires A in all 512 entries, and takes write permission from each
+//! entry that is writable but clean before it compares them (one atomic
+//! step each, so an M the CPU sets first is kept and the entry then stays
+//! writable and dirty).
+//!
+//! A alone may change: `ts_referenced` clears it in a 2 MiB entry for one
+//! of its 512 pages (as FreeBSD does; [`clears_reference`]) so page-out
+//! can age a superpage without splitting it, and the CPU or the software
+//! MMU sets it again at the next access. A demotion racing such an access
+//! may lose that one A (the store replaces the entry it copied): a page
+//! looks unused a little early, no data is lost.
 //!
 //! # Where the pmap uses them
 //!
@@ -21,7 +28,8 @@
 //! flags. The table's frame is kept aside (`Tree::spare`) so demotion never
 //! needs memory. Any operation that needs a 4 KiB entry inside a
 //! superpage — a partial or whole `remove` or `protect`, `enter` of a page
-//! in it, a wiring change, the per-page pv operations — demotes it first.
+//! in it, a wiring change, the per-page pv operations but `is_modified`
+//! and `ts_referenced` — demotes it first.
 //! Both changes take the table-tree lock exclusive; promotion only if it
 //! can without waiting (a waiting writer behind a fault preempted inside
 //! the lock would stall every fault of the space), else a later `enter`
@@ -147,6 +155,14 @@ pub(crate) fn pte_of(pde: u64, i: usize) -> u64 {
         flags |= PTE_PAT;
     }
     ((pde & PG_PS_FRAME) + i as u64 * vm_core::PAGE_SIZE) | flags
+}
+
+/// Whether `ts_referenced` of frame `pfn` through a superpage at `va` of
+/// space `space` clears the 2 MiB entry's A: for one frame of the 512 in
+/// each superpage, which the hash spreads over the superpages and spaces
+/// so the same offset is not chosen for all (FreeBSD's choice).
+pub(crate) fn clears_reference(pfn: u64, va: u64, space: u64) -> bool {
+    (pfn ^ (va >> Level::PD.shift()) ^ space) & (ENTRIES as u64 - 1) == 0
 }
 
 /// Whether `e`, an entry of a page directory, is a 2 MiB leaf.
