@@ -6,14 +6,15 @@ comes from the same run. Usage:
 
     touch /tmp/bench-start
     cargo bench -- --warm-up-time 1 --measurement-time 3 > /tmp/bench.log
-    python3 scripts/bench_table.py /tmp/bench-start /tmp/bench.log
+    python3 scripts/bench_table.py /tmp/bench-start /tmp/bench.log [--readme]
 
 The first argument is a file touched before the run: a result older than
 it (a bench since renamed, or not run) is an error, not a stale figure.
 The second is the run's output, for the lines benches print from their
-untimed passes (system calls per MiB, huge pages made). Prints Markdown;
-the README's footnotes say what each row measures. Standard library
-only."""
+untimed passes (system calls per MiB, huge pages made). Prints Markdown,
+or with `--readme` replaces each table in README.md between its markers
+(`<!-- bench_table:NAME -->` and `<!-- /bench_table:NAME -->`); the
+README's footnotes say what each row measures. Standard library only."""
 import json
 import pathlib
 import re
@@ -202,15 +203,40 @@ def region_table(r):
     return out
 
 
+def run_line(r):
+    """When the run started and how fast the machine was then."""
+    import datetime
+    when = datetime.datetime.fromtimestamp(r.since, datetime.timezone.utc)
+    return [f"One run of every group, {when:%Y-%m-%d %H:%M} UTC (`cargo bench -- --warm-up-time 1 "
+            f"--measurement-time 3`); this machine's speed drifts by a third over minutes, so the "
+            f"run's own floor says how fast it was: `memset` of a cold 4 KiB page "
+            f"{t(r.per('zero_fill/memset_cold'))}, of a warm one {t(r.per('zero_fill/memset'))}."]
+
+
+TABLES = (("run", run_line), ("main", main_table), ("parallel", parallel_table),
+          ("growth", growth_table), ("region", region_table))
+
+
 def main():
-    if len(sys.argv) != 3:
+    args = [a for a in sys.argv[1:] if a != "--readme"]
+    if len(args) != 2:
         sys.exit(__doc__)
-    run = Run(pathlib.Path(sys.argv[1]).stat().st_mtime, pathlib.Path(sys.argv[2]).read_text())
-    for title, table in (("Main table", main_table), ("Threads (`parallel`)", parallel_table),
-                         ("Cost growth (`growth`)", growth_table), ("Region size (`region_size`)", region_table)):
-        print(f"<!-- {title} -->")
-        print("\n".join(table(run)))
-        print()
+    run = Run(pathlib.Path(args[0]).stat().st_mtime, pathlib.Path(args[1]).read_text())
+    if "--readme" not in sys.argv:
+        for name, table in TABLES:
+            print(f"<!-- {name} -->")
+            print("\n".join(table(run)))
+            print()
+        return
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, table in TABLES:
+        start, end = f"<!-- bench_table:{name} -->", f"<!-- /bench_table:{name} -->"
+        a, b = text.find(start), text.find(end)
+        if a < 0 or b < a:
+            sys.exit(f"README.md has no {start} ... {end}")
+        text = text[: a + len(start)] + "\n" + "\n".join(table(run)) + "\n" + text[b:]
+    readme.write_text(text)
 
 
 if __name__ == "__main__":

@@ -1027,15 +1027,21 @@ impl<T: TlbHook> X86Pmap<T> {
         // A superpage's entry is still but for A (see `superpage`): what is
         // read here is what the table gets, and an A a CPU sets before the
         // swap below is in `old`, which then makes the invalidation that
-        // drops the translation it cached meanwhile.
+        // drops the 2 MiB translation it cached meanwhile. Every entry gets
+        // A even where `ts_referenced` took it from the 2 MiB entry: a CPU
+        // may still hold 4 KiB translations of these pages from before the
+        // promotion (which invalidated only the 2 MiB entry's address),
+        // and A is what makes the removal or protection of an entry
+        // invalidate its translation (red team: without it an unmap after
+        // ageing left a CPU writing into the freed frame).
+        let a = PteFlags::ACCESSED.bits();
         let pde = pd.load(Ordering::Acquire);
         for (i, pte) in ptes.iter().enumerate() {
-            pte.store(superpage::pte_of(pde, i), Ordering::Relaxed);
+            pte.store(superpage::pte_of(pde | a, i), Ordering::Relaxed);
         }
         let new = table | TABLE_FLAGS.bits();
         // Release: a walker that sees the table sees its entries.
         let old = pd.swap(new, Ordering::AcqRel);
-        let a = PteFlags::ACCESSED.bits();
         debug_assert_eq!(old | a, pde | a, "a superpage's entry changed");
         flush.note(base, old);
         self.superpage_stats

@@ -17,9 +17,10 @@
 //! A alone may change: `ts_referenced` clears it in a 2 MiB entry for one
 //! of its 512 pages (as FreeBSD does; [`clears_reference`]) so page-out
 //! can age a superpage without splitting it, and the CPU or the software
-//! MMU sets it again at the next access. A demotion racing such an access
-//! may lose that one A (the store replaces the entry it copied): a page
-//! looks unused a little early, no data is lost.
+//! MMU sets it again at the next access. Demotion gives every 4 KiB entry
+//! A regardless: a CPU may still cache 4 KiB translations of the pages
+//! from before the promotion, and an entry's A is what makes its later
+//! removal or protection invalidate them.
 //!
 //! # Where the pmap uses them
 //!
