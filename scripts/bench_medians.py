@@ -19,11 +19,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 CRIT = ROOT / "target" / "criterion"
 
 
-def fmt(ns):
-    for unit, scale in (("s", 1e9), ("ms", 1e6), ("µs", 1e3)):
-        if ns >= scale:
-            return f"{ns / scale:.3g} {unit}"
-    return f"{ns:.3g} ns"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_table import t as fmt  # noqa: E402  (one formatter for both)
 
 
 def rows(since):
