@@ -19,6 +19,7 @@
 //! Run with `cargo bench --bench fault`.
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use std::cell::LazyCell;
 use std::hint::black_box;
 use std::sync::Arc;
 use vm_core::{FaultFlags, Pmap, Prot, SuperpagePolicy, Vm, VmConfig, VmSpace};
@@ -52,33 +53,18 @@ fn setup<P: Pmap>(vm: &Arc<Vm<P>>) -> VmSpace<P> {
 /// A machine made when its bench first runs, not when a filter skips it:
 /// each is a host mapping of its size, and idle ones would crowd the
 /// host's memory (and its reclaim) while the others are measured.
-struct LazyVm<P: Pmap> {
-    parts: Option<(P, VmConfig)>,
-    vm: Option<Arc<Vm<P>>>,
-}
-
-impl<P: Pmap> LazyVm<P> {
-    fn new(pmap: P, config: VmConfig) -> Self {
-        LazyVm {
-            parts: Some((pmap, config)),
-            vm: None,
-        }
-    }
-
-    fn get(&mut self) -> &Arc<Vm<P>> {
-        let parts = &mut self.parts;
-        self.vm.get_or_insert_with(|| {
-            let (pmap, config) = parts.take().unwrap();
-            Vm::new(pmap, config).unwrap()
-        })
-    }
+fn lazy_vm<P: Pmap>(
+    pmap: P,
+    config: VmConfig,
+) -> LazyCell<Arc<Vm<P>>, impl FnOnce() -> Arc<Vm<P>>> {
+    LazyCell::new(move || Vm::new(pmap, config).unwrap())
 }
 
 /// Zero-fill faults on a machine configured by `config`.
 fn zero_fill_on<P: Pmap>(g: &mut Group<'_>, name: &str, pmap: P, config: VmConfig) {
-    let mut vm = LazyVm::new(pmap, config);
+    let vm = lazy_vm(pmap, config);
     g.bench_function(name, |b| {
-        let vm = vm.get();
+        let vm = &*vm;
         b.iter_batched(
             || setup(vm),
             |space| {
@@ -119,9 +105,9 @@ fn zero_fill(c: &mut Criterion) {
 
 /// Copy-on-write faults on a machine of `machine_pages` pages.
 fn cow_on<P: Pmap>(g: &mut Group<'_>, name: &str, (pmap, machine_pages): (P, u64)) {
-    let mut vm = LazyVm::new(pmap, test_config(machine_pages));
+    let vm = lazy_vm(pmap, test_config(machine_pages));
     g.bench_function(name, |b| {
-        let vm = vm.get();
+        let vm = &*vm;
         b.iter_batched(
             || {
                 let parent = setup(vm);

@@ -265,6 +265,42 @@ fn the_superpage_model_promotes_and_demotes() {
     );
 }
 
+/// Operations naming a space, slot or page the harness does not have are
+/// refused with an error (they used to index out of bounds and panic).
+#[test]
+fn operations_outside_the_harness_are_refused() {
+    let vm = Vm::new(X86Pmap::new(), vm_testkit::test_config(80)).unwrap();
+    let mut h = Harness::new(vm, probe);
+    let outside = [
+        Op::Write {
+            space: 0,
+            slot: 0,
+            page: SLOT_PAGES,
+            value: 1,
+        },
+        Op::Read {
+            space: SPACES,
+            slot: 0,
+            page: 0,
+        },
+        Op::MapAnon {
+            space: 0,
+            slot: SLOTS,
+            share: false,
+        },
+        Op::Exit { space: SPACES },
+        Op::Truncate {
+            pages: SLOT_PAGES + 1,
+        },
+    ];
+    for op in outside {
+        assert!(h.step(&op).is_err(), "{op:?} accepted");
+    }
+    h.step(&Op::Truncate { pages: SLOT_PAGES }).unwrap();
+    h.check().unwrap();
+    h.check_all_reads().unwrap();
+}
+
 #[test]
 fn decoded_byte_streams_run_too() {
     // What the fuzz target does, on a fixed stream.

@@ -301,30 +301,26 @@ impl<T: TlbHook> X86Pmap<T> {
         })
     }
 
-    /// `ts_referenced` for the mapping of `pfn` at `va` if a superpage
-    /// maps it: whether its 2 MiB entry has A, which is cleared (when
-    /// `count`ing) only if `pfn` is the one page of the 512 that a hash of
-    /// frame, superpage and space picks, and the entry is not wired
-    /// (FreeBSD `pmap_ts_referenced`: the bit is shared by 512 pages, and
-    /// clearing it at every test would make the whole superpage look
-    /// unused after one page was asked). `None` if no superpage maps `va`.
+    /// `ts_referenced` for the mapping of `pfn` at `va` by the superpage
+    /// whose 2 MiB entry is `pd` (the table-tree lock held shared, under
+    /// which only a CPU's A changes it): whether the entry has A, which is
+    /// cleared (when `count`ing) only if `pfn` is the one page of the 512
+    /// that a hash of frame, superpage and space picks, and the entry is
+    /// not wired (FreeBSD `pmap_ts_referenced`: the bit is shared by 512
+    /// pages, and clearing it at every test would make the whole superpage
+    /// look unused after one page was asked).
     fn superpage_referenced(
         &self,
         sp: &SpaceInner,
+        pd: &AtomicU64,
         va: u64,
         pfn: Pfn,
         count: bool,
-    ) -> Option<bool> {
-        let _g = self.share(sp)?;
-        if !matches!(self.table_of(sp.root, va), Walk::Superpage) {
-            return None;
-        }
-        // Under the shared lock only the CPU's A changes a 2 MiB entry.
-        let pd = self.pd_slot(sp.root, va)?;
+    ) -> bool {
         let e = pd.load(Ordering::Acquire);
         let a = PteFlags::ACCESSED.bits();
         if leaf_frame(e, Level::PD, va) != pfn.phys_addr().as_u64() || e & a == 0 || !count {
-            return Some(false);
+            return false;
         }
         if superpage::clears_reference(pfn.0, va, sp.id) && e & PteFlags::WIRED.bits() == 0 {
             let old = pd.fetch_and(!a, Ordering::AcqRel);
@@ -332,7 +328,7 @@ impl<T: TlbHook> X86Pmap<T> {
             flush.note(va & !(SUPERPAGE - 1), old);
             self.complete(flush);
         }
-        Some(true)
+        true
     }
 
     /// Superpage promotions and demotions so far.
@@ -809,7 +805,7 @@ impl<T: TlbHook> X86Pmap<T> {
             let Some(sp) = self.space_by_id(id) else {
                 continue;
             };
-            let (bits, emptied) = self.on_mapping(&sp, va, pfn, &mut f);
+            let (bits, emptied) = self.on_mapping(&sp, va, pfn, &mut f, |_| false);
             seen |= bits;
             if emptied {
                 self.prune_path(&sp, va);
@@ -820,15 +816,17 @@ impl<T: TlbHook> X86Pmap<T> {
 
     /// [`for_each_mapping`](Self::for_each_mapping) for one pv entry:
     /// the OR of the old entry's bits, and whether its leaf table is left
-    /// empty.
+    /// empty. A superpage mapping `va` is offered to `at_superpage` first
+    /// (see [`leaf_locked_or`](Self::leaf_locked_or)).
     fn on_mapping(
         &self,
         sp: &SpaceInner,
         va: u64,
         pfn: Pfn,
         f: &mut impl FnMut(&AtomicU64) -> Option<u64>,
+        at_superpage: impl FnMut(&AtomicU64) -> bool,
     ) -> (u64, bool) {
-        let Some((_g, slot, locked)) = self.leaf_locked(sp, va) else {
+        let Some((_g, slot, locked)) = self.leaf_locked_or(sp, va, at_superpage) else {
             return (0, false);
         };
         let old = slot.load(Ordering::Acquire);
@@ -870,12 +868,29 @@ impl<T: TlbHook> X86Pmap<T> {
         sp: &'a SpaceInner,
         va: u64,
     ) -> Option<(ShardedReadGuard<'a, Tree>, &'a AtomicU64, TableLock<'a>)> {
+        self.leaf_locked_or(sp, va, |_| false)
+    }
+
+    /// [`leaf_locked`](Self::leaf_locked), but a superpage mapping `va` is
+    /// first offered to `at_superpage` (its 2 MiB entry, under the shared
+    /// lock): if that answers for it (`true`) nothing is demoted and the
+    /// result is `None`.
+    #[allow(clippy::type_complexity)]
+    fn leaf_locked_or<'a>(
+        &'a self,
+        sp: &'a SpaceInner,
+        va: u64,
+        mut at_superpage: impl FnMut(&AtomicU64) -> bool,
+    ) -> Option<(ShardedReadGuard<'a, Tree>, &'a AtomicU64, TableLock<'a>)> {
         loop {
             // `None` once destroyed: its tables are being freed.
             let g = self.share(sp)?;
             match self.table_of(sp.root, va) {
                 Walk::Leaf(slot, table) => return Some((g, slot, self.table_lock(table)?)),
                 Walk::Superpage => {
+                    if self.pd_slot(sp.root, va).is_some_and(&mut at_superpage) {
+                        return None;
+                    }
                     drop(g);
                     if !self.demote_at(sp, va) {
                         return None;
@@ -1510,11 +1525,12 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             let Some(sp) = self.space_by_id(id) else {
                 continue;
             };
-            if let Some(referenced) = self.superpage_referenced(&sp, va, pfn, n.get() < 5) {
+            let at_superpage = |pd: &AtomicU64| {
+                let referenced = self.superpage_referenced(&sp, pd, va, pfn, n.get() < 5);
                 n.set(n.get() + u32::from(referenced));
-                continue;
-            }
-            if self.on_mapping(&sp, va, pfn, &mut take).1 {
+                true
+            };
+            if self.on_mapping(&sp, va, pfn, &mut take, at_superpage).1 {
                 self.prune_path(&sp, va);
             }
         }

@@ -1,6 +1,6 @@
 //! The machine and the model side by side: see the [module docs](super).
 
-use super::{DEVICE_PA, HOLDS, MAPPABLE, OBJECTS, Op, PAGE, SLOT_PAGES, SPACES, slot_base};
+use super::{DEVICE_PA, HOLDS, MAPPABLE, OBJECTS, Op, PAGE, SLOT_PAGES, SLOTS, SPACES, slot_base};
 use crate::MemPager;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -182,10 +182,9 @@ impl<P: Pmap> Harness<P> {
     /// As [`new`](Self::new); and if `slot_pages` is 0.
     pub fn with_slot_pages(vm: Arc<Vm<P>>, probe: Probe<P>, slot_pages: u64) -> Harness<P> {
         assert!(slot_pages > 0, "slots of no pages");
-        let pages = slot_pages;
         let path = temp_file();
         std::fs::File::create(&path)
-            .and_then(|f| f.set_len(pages * PAGE))
+            .and_then(|f| f.set_len(slot_pages * PAGE))
             .expect("model file");
         let pager = VnodePager::open(&path, true).expect("model file");
         let file = ModelFile {
@@ -193,13 +192,15 @@ impl<P: Pmap> Harness<P> {
             object: pager.object(&vm),
             pager,
         };
-        let mut objects: Vec<_> = (0..OBJECTS).map(|_| vm.new_anon_object(pages)).collect();
-        let partial = Arc::new(MemPager::with_pattern(PagerKind::ANONYMOUS, pages));
+        let mut objects: Vec<_> = (0..OBJECTS)
+            .map(|_| vm.new_anon_object(slot_pages))
+            .collect();
+        let partial = Arc::new(MemPager::with_pattern(PagerKind::ANONYMOUS, slot_pages));
         partial.set_valid_mask(Some(0x01));
-        objects.push(vm.new_object(pages, partial));
+        objects.push(vm.new_object(slot_pages, partial));
         objects.push(file.object.clone());
-        objects.push(DevicePager::object(&vm, Device(pages), pages));
-        write_whole(&vm, &objects[..OBJECTS], pages);
+        objects.push(DevicePager::object(&vm, Device(slot_pages), slot_pages));
+        write_whole(&vm, &objects[..OBJECTS], slot_pages);
         let first = vm.new_space().expect("first space");
         let mut h = Harness {
             vm,
@@ -207,18 +208,18 @@ impl<P: Pmap> Harness<P> {
             spaces: vec![Some(first), None, None],
             objects,
             file,
-            file_pages: pages,
+            file_pages: slot_pages,
             cells: Vec::new(),
             model: vec![Some(BTreeMap::new()), None, None],
             object_cells: Vec::new(),
             next_id: 0,
             balloon: None,
             probe,
-            slot_pages: pages,
+            slot_pages,
         };
         h.object_cells = (0..=FILE).map(|_| h.new_cell()).collect();
         let partial_cell = h.object_cells[PARTIAL];
-        for p in 0..pages {
+        for p in 0..slot_pages {
             h.cells[partial_cell][p as usize] = crate::pattern_byte(p, AT as usize);
         }
         h
@@ -318,8 +319,23 @@ impl<P: Pmap> Harness<P> {
     ///
     /// # Errors
     ///
-    /// What disagreed.
+    /// What disagreed; or that `op` names a space, slot or page outside
+    /// the harness (nothing is run then).
     pub fn step(&mut self, op: &Op) -> Result<(), String> {
+        let (space, slot, page) = op.indices();
+        // A page count (truncate) may equal the slot size; a page may not.
+        let most = if matches!(op, Op::Truncate { .. }) {
+            self.slot_pages
+        } else {
+            self.slot_pages - 1
+        };
+        ensure!(
+            space.is_none_or(|s| s < SPACES)
+                && slot.is_none_or(|s| s < SLOTS)
+                && page.is_none_or(|p| p <= most),
+            "{op:?} is outside the harness ({SPACES} spaces, {SLOTS} slots of {} pages)",
+            self.slot_pages
+        );
         match *op {
             Op::MapAnon { space, slot, share } => self.map(space, slot, None, !share),
             Op::MapObject {

@@ -123,6 +123,41 @@ pub enum Op {
 }
 
 impl Op {
+    /// The space, slot and page (or, for [`Op::Truncate`], page count) the
+    /// operation names, where it names them: for checking them against a
+    /// harness's geometry.
+    pub(super) fn indices(&self) -> (Option<usize>, Option<usize>, Option<u64>) {
+        match *self {
+            Op::MapAnon { space, slot, .. }
+            | Op::MapObject { space, slot, .. }
+            | Op::MapFile { space, slot, .. }
+            | Op::MapDevice { space, slot, .. }
+            | Op::Unmap { space, slot }
+            | Op::Protect { space, slot, .. }
+            | Op::Wire { space, slot, .. }
+            | Op::Unwire { space, slot, .. }
+            | Op::Msync { space, slot }
+            | Op::Collapse { space, slot } => (Some(space), Some(slot), None),
+            Op::Write {
+                space, slot, page, ..
+            }
+            | Op::Read { space, slot, page }
+            | Op::Hold {
+                space, slot, page, ..
+            }
+            | Op::ForceWrite {
+                space, slot, page, ..
+            } => (Some(space), Some(slot), Some(page)),
+            Op::Fork { space } | Op::Exit { space } => (Some(space), None, None),
+            Op::Truncate { pages } => (None, None, Some(pages)),
+            Op::Pageout
+            | Op::Starve { .. }
+            | Op::Feed
+            | Op::HoldWrite { .. }
+            | Op::Release { .. } => (None, None, None),
+        }
+    }
+
     /// Decodes operations from raw bytes (for fuzzers): three bytes each.
     #[must_use]
     pub fn decode(data: &[u8]) -> Vec<Op> {
