@@ -286,14 +286,14 @@ fn superpage(c: &mut Criterion) {
         ("ours_always", &always, 512),
     ];
     for (name, vm, stride) in ours_kinds {
-        let before = vm.pmap().superpage_stats().get().0;
+        let before = vm.pmap().superpage_stats().made();
         let s = vm.new_space().unwrap();
         s.map_anon(BASE, pages * PAGE, Prot::RW).unwrap();
         for i in (0..pages).step_by(stride) {
             s.fault(BASE + i * PAGE, Prot::WRITE, FaultFlags::DIRTY)
                 .unwrap();
         }
-        let made = vm.pmap().superpage_stats().get().0 - before;
+        let made = vm.pmap().superpage_stats().made() - before;
         let mapped = (0..pages)
             .filter(|&i| s.extract(BASE + i * PAGE).is_some())
             .count();

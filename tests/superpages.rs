@@ -534,6 +534,11 @@ fn one_write_fault_maps_a_whole_superpage_where_asked() {
         }
         let faults = vm.counters().snapshot().v_vm_faults;
         wrpage(&s, start + 9 * PAGE, tag(start + 9 * PAGE, 1)).unwrap();
+        // Mapped by one entry at once (`enter_superpage`), not 512 entries
+        // promoted.
+        let stats = vm.pmap().superpage_stats();
+        let entered = stats.mappings.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!((entered, stats.get().0), (u64::from(whole), 0), "{what}");
         let resident = (0..PAGES)
             .filter(|i| s.extract(start + i * PAGE).is_some())
             .count();
@@ -560,6 +565,27 @@ fn one_write_fault_maps_a_whole_superpage_where_asked() {
         drop(s);
         assert_eq!(vm.free_pages(), vm.total_pages(), "{what}: frames leaked");
     }
+    // A pmap without superpages (the reference pmap) gets the 512 pages
+    // entered one by one by the same fault.
+    let vm = Vm::new(
+        vm_testkit::RefPmap::default(),
+        VmConfig {
+            superpages: SuperpagePolicy::Always,
+            ..config(4096)
+        },
+    )
+    .unwrap();
+    let s = vm.new_space().unwrap();
+    s.map_anon(BASE, SUPER, Prot::RW).unwrap();
+    wrpage(&s, BASE + 9 * PAGE, 7).unwrap();
+    let faults = vm.counters().snapshot().v_vm_faults;
+    for i in (0..PAGES).filter(|&i| i != 9) {
+        assert!(s.extract(BASE + i * PAGE).is_some(), "page {i} not mapped");
+        assert_eq!(rdpage(&s, BASE + i * PAGE), Ok(0), "page {i}");
+    }
+    assert_eq!(rdpage(&s, BASE + 9 * PAGE), Ok(7));
+    assert_eq!(vm.counters().snapshot().v_vm_faults, faults, "a fault more");
+    consistent(&vm, "reference pmap");
     // A read fault does not fill: it maps the zero-filled page alone.
     let vm = policy_vm(SuperpagePolicy::Always);
     let s = vm.new_space().unwrap();

@@ -4,6 +4,10 @@
 pub const PAGE_SHIFT: u32 = 12;
 /// Bytes in a page (FreeBSD `PAGE_SIZE`).
 pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+
+/// Pages a superpage maps: 512, a 2 MiB page of 4 KiB ones (what
+/// [`Pmap::enter_superpage`](crate::Pmap::enter_superpage) maps at once).
+pub const SUPERPAGE_PAGES: u64 = 512;
 /// Mask of the offset within a page (FreeBSD `PAGE_MASK`).
 pub const PAGE_MASK: u64 = PAGE_SIZE - 1;
 

@@ -94,7 +94,9 @@ pub mod vm;
 #[cfg(all(loom, test))]
 mod loom_protocols;
 
-pub use addr::{PAGE_SHIFT, PAGE_SIZE, Pfn, PhysAddr, VirtAddr, page_round_up, page_trunc};
+pub use addr::{
+    PAGE_SHIFT, PAGE_SIZE, Pfn, PhysAddr, SUPERPAGE_PAGES, VirtAddr, page_round_up, page_trunc,
+};
 pub use balloon::Balloon;
 pub use check::ConsistencyError;
 pub use counters::{CounterShard, CounterSnapshot, Counters};

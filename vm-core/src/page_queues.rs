@@ -28,7 +28,7 @@ const NIL: u32 = u32::MAX;
 const SHARDS: usize = 16;
 /// Frames in an aligned run: a 2 MiB superpage's worth (FreeBSD
 /// `VM_LEVEL_0_NPAGES`).
-pub(crate) const RUN_PAGES: u64 = 512;
+pub(crate) const RUN_PAGES: u64 = crate::addr::SUPERPAGE_PAGES;
 /// Pages of claimed runs an allocation of any frame steps over, at most.
 const SKIP_CLAIMED: u32 = 8;
 /// Runs [`Pages::claim_run`] looks at, at most, per claim.
@@ -531,6 +531,56 @@ impl Pages {
         Some(id)
     }
 
+    /// Takes every page of the run from `first` but the one at offset
+    /// `skip` (taken already) off the free lists, as [`alloc_at`] would
+    /// one by one, but a shard's share under one hold of its lock and the
+    /// counts settled once per shard. All or none: `false`, with nothing
+    /// taken, if one of them is not free or the free count would go
+    /// below `class`'s floor.
+    ///
+    /// [`alloc_at`]: Self::alloc_at
+    pub(crate) fn alloc_run_rest(&self, first: PageId, skip: u64, class: AllocClass) -> bool {
+        let want = RUN_PAGES - 1;
+        if u64::from(first.0) + RUN_PAGES > self.pages.len() as u64
+            || self.free_count() < self.floor(class) + want
+        {
+            return false;
+        }
+        // The run's pages on shard `first + s`'s lists: offsets `s`,
+        // `s + SHARDS`, ...
+        let share = move |s: usize| {
+            (s as u64..RUN_PAGES)
+                .step_by(SHARDS)
+                .filter(move |&j| j != skip)
+                .map(move |j| PageId(first.0 + j as u32))
+        };
+        for s in 0..SHARDS {
+            let mut shard = self.shards[(first.0 as usize + s) % SHARDS].lock();
+            if !share(s).all(|id| self.get(id).flags().contains(PageFlags::LISTED)) {
+                drop(shard);
+                for id in (0..s).flat_map(share) {
+                    self.free(id);
+                }
+                return false;
+            }
+            let (mut taken, mut zeroed) = (0, 0);
+            for id in share(s) {
+                zeroed += u64::from(self.get(id).flags().contains(PageFlags::ZERO));
+                taken += 1;
+                self.unlink(&mut shard, id);
+            }
+            drop(shard);
+            self.counts.free.fetch_sub(taken, Ordering::AcqRel);
+            self.counts.free_zeroed.fetch_sub(zeroed, Ordering::AcqRel);
+            for id in share(s) {
+                let page = self.get(id);
+                page.set_queue(PageQueue::None);
+                page.set_identity(crate::page::NO_OBJECT, 0);
+            }
+        }
+        true
+    }
+
     /// The free count `class` may not allocate below.
     fn floor(&self, class: AllocClass) -> u64 {
         match class {
@@ -900,6 +950,64 @@ mod tests {
             [Some(2), Some(4), Some(5)]
         );
         assert_eq!(p.claim_run(), Some(6), "then the sweep from the top");
+    }
+
+    #[test]
+    fn the_rest_of_a_run_is_taken_all_or_none() {
+        // Base frame 3: the run's ids do not start on shard 0.
+        let p = Pages::new(
+            3,
+            3 * 512,
+            false,
+            Thresholds {
+                reserved: 0,
+                severe: 1,
+                target: 0,
+            },
+            4,
+        );
+        let first = p.run_first(1).unwrap();
+        assert_eq!((u64::from(first.0) + 3) % 512, 0, "run 1 is aligned");
+        let free = p.free_count();
+        // Two pages of the run zeroed, one of them the skipped one.
+        for k in [7u32, 9] {
+            let id = PageId(first.0 + k);
+            p.alloc_at(id, AllocClass::Normal).unwrap();
+            p.get(id).set_flags(PageFlags::ZERO);
+            p.free(id);
+        }
+        assert_eq!(p.free_zeroed_count(), 2);
+        // A page of the run in use (shard 13's share): nothing is taken.
+        let busy = PageId(first.0 + 300);
+        p.alloc_at(busy, AllocClass::Normal).unwrap();
+        assert!(!p.alloc_run_rest(first, 9, AllocClass::Normal));
+        assert_eq!(p.free_count(), free - 1, "a refusal keeps nothing");
+        assert_eq!(p.free_zeroed_count(), 2);
+        p.free(busy);
+        // The skipped page is the caller's already.
+        p.alloc_at(PageId(first.0 + 9), AllocClass::Normal).unwrap();
+        assert!(p.alloc_run_rest(first, 9, AllocClass::Normal));
+        assert_eq!(p.free_count(), free - 512);
+        assert_eq!(p.free_zeroed_count(), 0, "page 7's zeroing is counted out");
+        assert!(p.get(PageId(first.0 + 7)).flags().contains(PageFlags::ZERO));
+        // Every other page is still handed out once; the run's never.
+        let rest = drain(&p);
+        assert_eq!(rest.len() as u64, free - 512);
+        assert!(
+            rest.iter()
+                .all(|&id| !(first.0..first.0 + 512).contains(&id))
+        );
+        // Freed again, the run is whole and can be claimed.
+        for id in (first.0..first.0 + 512).map(PageId) {
+            p.free(id);
+        }
+        assert_eq!(p.claim_run(), Some(1));
+        // Below the floor, nothing is taken either.
+        let q = pages(512, false, 2);
+        let f = q.run_first(0).unwrap();
+        q.alloc_at(f, AllocClass::Normal).unwrap();
+        assert!(!q.alloc_run_rest(f, 0, AllocClass::Normal));
+        assert!(q.alloc_run_rest(f, 0, AllocClass::System));
     }
 
     #[test]

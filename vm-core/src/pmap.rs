@@ -300,6 +300,33 @@ pub trait Pmap: Send + Sync + 'static {
         m: Mapping,
     ) -> Result<Option<Displaced>, PmapError>;
 
+    /// Maps a whole superpage with one entry (FreeBSD `pmap_enter` with
+    /// `psind` 1, `pmap_enter_pde`): the [`SUPERPAGE_PAGES`](crate::SUPERPAGE_PAGES) frames from
+    /// `m.page.pfn`, which the caller has in physical order from a
+    /// superpage-aligned frame with one attribute, at the superpage-aligned
+    /// `va`, each as `m` says (protection, access, wiring). Only where
+    /// nothing is mapped in those addresses yet.
+    ///
+    /// Returns whether it did. `false` changes nothing: the pmap makes no
+    /// superpages (the default), or not here or now (something mapped
+    /// there, an unaligned address or frame, a lock it would wait for, no
+    /// memory for a table); the caller then enters the pages one by one,
+    /// and a pmap that promotes may still make the superpage.
+    ///
+    /// # Errors
+    ///
+    /// [`PmapError::BadAddress`] for an address the space cannot map,
+    /// [`PmapError::SpaceDestroyed`] after [`destroy_space`](Self::destroy_space).
+    fn enter_superpage(
+        &self,
+        space: &Self::Space,
+        va: VirtAddr,
+        m: Mapping,
+    ) -> Result<bool, PmapError> {
+        let _ = (space, va, m);
+        Ok(false)
+    }
+
     /// Maps `page` at `va` read-only or with `prot` less write, only if
     /// nothing is mapped there, never sleeping (`pmap_enter_quick`).
     /// Returns whether a mapping was made.

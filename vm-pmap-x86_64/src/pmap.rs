@@ -14,11 +14,12 @@
 //!    `change_wiring`, the per-page pv operations, the software MMU, `pte`
 //!    and `table_pages`. *Exclusive* for whatever unlinks, replaces or
 //!    frees table frames: `remove`, `protect`, `destroy_space`, pruning
-//!    emptied tables, and a superpage's promotion and demotion (see
-//!    `superpage`; a shared holder that meets a superpage where it needs a
-//!    4 KiB entry lets go, demotes under the exclusive lock, and starts
-//!    again). So no table a shared holder reached is freed or replaced
-//!    under it, and a freed frame is never written through a stale path.
+//!    emptied tables, a superpage's promotion and demotion, and a
+//!    superpage entered whole (see `superpage`; a shared holder that
+//!    meets a superpage where it needs a 4 KiB entry lets go, demotes
+//!    under the exclusive lock, and starts again). So no table a shared
+//!    holder reached is freed or replaced under it, and a freed frame is
+//!    never written through a stale path.
 //! 2. **The leaf table's lock** (bit 63 of the table frame's word, see
 //!    `ptlock`; Linux's split PTE locks). Guards the table's leaf entries
 //!    against other pmap writers and its count of valid entries. Upper
@@ -403,26 +404,44 @@ impl<T: TlbHook> X86Pmap<T> {
     /// A superpage on the way is reported, not entered: the caller
     /// demotes it first.
     fn leaf_slot_create(&self, sp: &SpaceInner, va: u64) -> Walk<'_> {
+        let table = match self.table_create(sp, va, Level::PD) {
+            Ok(table) => table,
+            Err(walk) => return walk,
+        };
+        match self
+            .phys()
+            .and_then(|phys| slot_of(phys, table, va, Level::PT))
+        {
+            Some(slot) => Walk::Leaf(slot, table),
+            None => Walk::Missing(Some(PmapError::BadAddress(VirtAddr(va)))),
+        }
+    }
+
+    /// The table below `last` on the way to `va` (the leaf table for
+    /// `Level::PD`, the page directory for `Level::PDPT`), making missing
+    /// tables down to it as [`leaf_slot_create`](Self::leaf_slot_create)
+    /// does; a superpage on the way is reported as `Walk::Superpage`.
+    fn table_create(&self, sp: &SpaceInner, va: u64, last: Level) -> Result<u64, Walk<'_>> {
         let Some(frames) = self.frames.as_ref() else {
-            return Walk::Missing(Some(PmapError::NoMemory));
+            return Err(Walk::Missing(Some(PmapError::NoMemory)));
         };
         let phys = frames.phys();
         let mut table = sp.root;
         let bad = Walk::Missing(Some(PmapError::BadAddress(VirtAddr(va))));
-        for level in self.mode.paging.root().down_to(Level::PD) {
+        for level in self.mode.paging.root().down_to(last) {
             let Some(slot) = slot_of(phys, table, va, level) else {
-                return bad;
+                return Err(bad);
             };
             let e = slot.load(Ordering::Acquire);
             if level == Level::PD && superpage::is_superpage(e) {
-                return Walk::Superpage;
+                return Err(Walk::Superpage);
             }
             if e & PteFlags::PRESENT.bits() != 0 {
                 table = e & PG_FRAME;
                 continue;
             }
             let Some(pfn) = frames.alloc_zeroed() else {
-                return Walk::Missing(Some(PmapError::NoMemory));
+                return Err(Walk::Missing(Some(PmapError::NoMemory)));
             };
             let child = pfn.phys_addr().as_u64();
             // Checked under loom: `ptlock`'s `loom_racing_table_installs_link_one_table`.
@@ -443,10 +462,7 @@ impl<T: TlbHook> X86Pmap<T> {
                 }
             }
         }
-        match slot_of(phys, table, va, Level::PT) {
-            Some(slot) => Walk::Leaf(slot, table),
-            None => bad,
-        }
+        Ok(table)
     }
 
     /// Unlinks the tables on the path to `va` that hold nothing, bottom
@@ -927,6 +943,67 @@ impl<T: TlbHook> X86Pmap<T> {
         }
     }
 
+    /// `enter_superpage` once its spare table frame is had: the entry
+    /// goes in if the page directory's slot for `va` is empty; `Ok(false)`
+    /// if not (or if the lock is taken or a table cannot be made: the
+    /// caller's page-by-page `enter` meets the same and reports it).
+    fn install_superpage(
+        &self,
+        sp: &SpaceInner,
+        va: u64,
+        m: Mapping,
+        spare: u64,
+    ) -> Result<bool, PmapError> {
+        let Some(mut tree) = sp.tables.try_write() else {
+            return Ok(false);
+        };
+        if tree.destroyed {
+            return Err(PmapError::SpaceDestroyed);
+        }
+        let dir = match self.table_create(sp, va, Level::PDPT) {
+            Ok(dir) => dir,
+            Err(_) => {
+                // Tables made on the way stay empty: unlink them.
+                let mut flush = PendingFlush::new(sp.root);
+                self.prune(&mut tree, sp.root, va, &mut flush);
+                self.complete(flush);
+                return Ok(false);
+            }
+        };
+        let Some(slot) = self.phys().and_then(|p| slot_of(p, dir, va, Level::PD)) else {
+            return Ok(false);
+        };
+        // Only exclusive holders write a page-directory slot that is not
+        // empty, and the CPU sets no bit in an empty one: it stays empty.
+        if slot.load(Ordering::Acquire) != 0 {
+            return Ok(false);
+        }
+        let pde = superpage::pde_of(self.new_pte(m.page, m.prot, m.access, m.wired));
+        let pages = vm_core::SUPERPAGE_PAGES;
+        if m.page.managed {
+            // Before the entry: whoever finds a frame by its pv list then
+            // finds this mapping of it.
+            for i in 0..pages {
+                let pfn = Pfn(m.page.pfn.0 + i);
+                self.pv.add(pfn, sp.id, va + i * vm_core::PAGE_SIZE);
+            }
+        }
+        self.count_add(spare, crate::paging::ENTRIES as i64);
+        tree.spare.insert(va, spare);
+        // Release: whoever walks to the entry sees the pv entries and the
+        // spare table's count.
+        slot.store(pde, Ordering::Release);
+        self.count_add(dir, 1);
+        sp.resident.add(pages as i64);
+        if m.wired {
+            sp.wired.add(pages as i64);
+        }
+        self.superpage_stats
+            .mappings
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
     /// Whether the leaf table `table`, just given entry `slot` for `va`
     /// and full, looks like a superpage (the cheap test before
     /// [`promote`](Self::promote)).
@@ -1245,6 +1322,47 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             }
         }
         Ok(out)
+    }
+
+    /// Writes the 2 MiB entry into an empty page-directory slot under the
+    /// table-tree lock exclusive (taken only if free: a fault does not wait
+    /// for it), with a table frame set aside for the demotion, as a
+    /// promotion leaves one.
+    fn enter_superpage(
+        &self,
+        space: &X86Space,
+        va: VirtAddr,
+        m: Mapping,
+    ) -> Result<bool, PmapError> {
+        let va = va.as_u64();
+        self.check_va(va)?;
+        self.check_va(va + SUPERPAGE - vm_core::PAGE_SIZE)?;
+        let first = m.page.pfn.phys_addr().as_u64();
+        // The invariant of `superpage`: a writable 2 MiB entry is dirty.
+        let clean_writable = m.prot.contains(Prot::WRITE) && !m.access.contains(Prot::WRITE);
+        if !self.superpages
+            || va & (SUPERPAGE - 1) != 0
+            || first & (SUPERPAGE - 1) != 0
+            || clean_writable
+            || (m.page.managed && !self.pv.covers(m.page.pfn, vm_core::SUPERPAGE_PAGES))
+        {
+            return Ok(false);
+        }
+        let sp = &*space.0;
+        let Some(frames) = self.frames.as_ref() else {
+            return Ok(false);
+        };
+        let Some(spare) = frames.alloc_zeroed() else {
+            return Ok(false);
+        };
+        let done = self.install_superpage(sp, va, m, spare.phys_addr().as_u64());
+        if !matches!(done, Ok(true)) {
+            // SAFETY: `spare` came from `alloc_zeroed` above and was never
+            // linked nor written.
+            let freed = unsafe { frames.free_zeroed(spare) };
+            debug_assert!(freed.is_ok(), "unused spare table: {freed:?}");
+        }
+        done
     }
 
     fn enter_quick(&self, space: &X86Space, va: VirtAddr, page: PageInfo, prot: Prot) -> bool {

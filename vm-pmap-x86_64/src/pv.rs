@@ -45,6 +45,16 @@ impl PvTable {
         self.heads.get(usize::try_from(i).ok()?)
     }
 
+    /// Whether the `n` frames from `pfn` all have lists (are frames of
+    /// the machine's memory).
+    pub(crate) fn covers(&self, pfn: Pfn, n: u64) -> bool {
+        n == 0
+            || pfn
+                .0
+                .checked_add(n - 1)
+                .is_some_and(|last| self.head(pfn).is_some() && self.head(Pfn(last)).is_some())
+    }
+
     pub(crate) fn add(&self, pfn: Pfn, space: u64, va: u64) {
         if let Some(h) = self.head(pfn) {
             h.lock().push((space, va));

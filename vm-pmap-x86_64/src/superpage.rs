@@ -27,7 +27,11 @@
 //! A leaf table is promoted when an `enter` fills it (its count reaches
 //! 512) with frames in physical order from a 2 MiB-aligned frame and equal
 //! flags. The table's frame is kept aside (`Tree::spare`) so demotion never
-//! needs memory. Any operation that needs a 4 KiB entry inside a
+//! needs memory. `enter_superpage` writes a 2 MiB entry directly into an
+//! empty page-directory slot (FreeBSD `pmap_enter_pde`, for a fault that
+//! fills the whole 2 MiB), with a fresh table frame set aside the same
+//! way; it keeps the invariant above by refusing a writable entry that is
+//! not dirty. Any operation that needs a 4 KiB entry inside a
 //! superpage — a partial or whole `remove` or `protect`, `enter` of a page
 //! in it, a wiring change, the per-page pv operations but `is_modified`
 //! and `ts_referenced` — demotes it first.
@@ -89,9 +93,19 @@ pub struct SuperpageStats {
     pub demotions: AtomicU64,
     /// Full leaf tables looked at that could not be promoted.
     pub failures: AtomicU64,
+    /// 2 MiB entries made whole by `enter_superpage`, without a leaf table
+    /// first (FreeBSD's `vm.pmap.pde.mappings`).
+    pub mappings: AtomicU64,
 }
 
 impl SuperpageStats {
+    /// 2 MiB entries made so far, by promotion or whole
+    /// (`promotions + mappings`).
+    #[must_use]
+    pub fn made(&self) -> u64 {
+        self.promotions.load(Ordering::Relaxed) + self.mappings.load(Ordering::Relaxed)
+    }
+
     /// (promotions, demotions, failures) so far.
     #[must_use]
     pub fn get(&self) -> (u64, u64, u64) {
@@ -140,7 +154,7 @@ pub(crate) fn promote(ptes: &[AtomicU64]) -> Option<u64> {
 
 /// The 2 MiB entry mapping what the table's `first` entry starts: the same
 /// flags with PS, PAT moved from bit 7 to bit 12.
-fn pde_of(first: u64) -> u64 {
+pub(crate) fn pde_of(first: u64) -> u64 {
     let mut flags = first & !PG_FRAME & !PTE_PAT;
     if first & PTE_PAT != 0 {
         flags |= PDE_PAT;

@@ -44,6 +44,19 @@ fn fill(p: &X86Pmap, space: &X86Space, prot: Prot, access: Prot, attr: MemAttr) 
     }
 }
 
+/// The same run mapped whole by one 2 MiB entry (`enter_superpage`,
+/// FreeBSD `pmap_enter_pde`), as a whole-superpage fault maps it.
+fn fill_whole(p: &X86Pmap, space: &X86Space, prot: Prot, access: Prot, attr: MemAttr) {
+    let m = Mapping::new(page(BASE_PFN, attr), prot).access(access);
+    assert_eq!(p.enter_superpage(space, VirtAddr(VA), m), Ok(true));
+}
+
+type Fill = fn(&X86Pmap, &X86Space, Prot, Prot, MemAttr);
+
+/// The two ways a superpage comes to be: a full table promoted, or one
+/// entry entered whole. Every test that runs over both must see the same.
+const WAYS_IN: [(&str, Fill); 2] = [("promoted", fill), ("entered whole", fill_whole)];
+
 fn is_super<T: TlbHook + 'static>(p: &X86Pmap<T>, space: &X86Space, va: u64) -> bool {
     p.pte(space, va)
         .is_some_and(|e| e & PteFlags::HUGE.bits() != 0 && e & 1 != 0)
@@ -225,7 +238,8 @@ fn every_per_page_operation_demotes_and_keeps_the_other_pages() {
             }
         }),
     ];
-    for (what, op) in ops {
+    for ((way, fill), (op_name, op)) in WAYS_IN.into_iter().flat_map(|w| ops.map(|o| (w, o))) {
+        let what = &*format!("{way}, {op_name}");
         let vm = machine();
         let p = vm.pmap();
         let space = p.create_space().unwrap();
@@ -236,7 +250,7 @@ fn every_per_page_operation_demotes_and_keeps_the_other_pages() {
         assert!(!is_super(p, &space, VA), "{what}: still a superpage");
         assert_eq!(p.superpage_stats().get().1, 1, "{what}: one demotion");
         // The page the operation was about lost no M on the way.
-        if what != "wire one page" {
+        if op_name != "wire one page" {
             assert!(got.modified, "{what}: page {K}'s M bit");
         }
         for i in (0..PAGES).filter(|&i| i != K) {
@@ -256,7 +270,7 @@ fn every_per_page_operation_demotes_and_keeps_the_other_pages() {
             assert_eq!(p.mapping_count(Pfn(BASE_PFN + i)), 1, "{what}: pv of {i}");
             assert!(p.is_modified(Pfn(BASE_PFN + i)), "{what}: page {i} clean");
         }
-        let resident = if what.starts_with("remove") {
+        let resident = if op_name.starts_with("remove") {
             PAGES - 1
         } else {
             PAGES
@@ -264,7 +278,7 @@ fn every_per_page_operation_demotes_and_keeps_the_other_pages() {
         assert_eq!(space.resident_count(), resident, "{what}");
         assert_eq!(
             space.wired_count(),
-            u64::from(what == "wire one page"),
+            u64::from(op_name == "wire one page"),
             "{what}"
         );
         // The kept table became the leaf table again: no frame more or less.
@@ -275,12 +289,18 @@ fn every_per_page_operation_demotes_and_keeps_the_other_pages() {
 
 #[test]
 fn removing_or_protecting_the_whole_superpage_keeps_count_and_frames() {
+    for (way, fill) in WAYS_IN {
+        removing_or_protecting_the_whole(way, fill);
+    }
+}
+
+fn removing_or_protecting_the_whole(way: &str, fill: Fill) {
     let vm = machine();
     let p = vm.pmap();
     let free = vm.free_pages();
     let space = p.create_space().unwrap();
     fill(p, &space, Prot::RW, Prot::WRITE, MemAttr::WriteBack);
-    assert!(is_super(p, &space, VA));
+    assert!(is_super(p, &space, VA), "{way}");
     let mut dirty = 0;
     p.protect(
         &space,
@@ -290,7 +310,10 @@ fn removing_or_protecting_the_whole_superpage_keeps_count_and_frames() {
             dirty += u64::from(d.modified);
         },
     );
-    assert_eq!(dirty, PAGES, "every page of a dirty superpage is dirty");
+    assert_eq!(
+        dirty, PAGES,
+        "{way}: every page of a dirty superpage is dirty"
+    );
     assert!(p.translate_access(&space, VA, Access::USER_WRITE).is_err());
     assert_maps_run(p, &space, "read-only");
     let mut gone = Vec::new();
@@ -305,31 +328,35 @@ fn removing_or_protecting_the_whole_superpage_keeps_count_and_frames() {
         assert_eq!(p.mapping_count(Pfn(BASE_PFN + i)), 0);
     }
     p.destroy_space(&space);
-    assert_eq!(vm.free_pages(), free, "a table frame leaked");
+    assert_eq!(vm.free_pages(), free, "{way}: a table frame leaked");
 }
 
 #[test]
 fn destroying_a_space_with_superpages_frees_every_table() {
-    let vm = machine();
-    let p = vm.pmap();
-    let free = vm.free_pages();
-    let space = p.create_space().unwrap();
-    fill(p, &space, Prot::RW, Prot::WRITE, MemAttr::WriteBack);
-    assert!(is_super(p, &space, VA));
-    p.destroy_space(&space);
-    assert_eq!(vm.free_pages(), free);
-    for i in [0, 511] {
-        assert_eq!(p.mapping_count(Pfn(BASE_PFN + i)), 0);
+    for (way, fill) in WAYS_IN {
+        let vm = machine();
+        let p = vm.pmap();
+        let free = vm.free_pages();
+        let space = p.create_space().unwrap();
+        fill(p, &space, Prot::RW, Prot::WRITE, MemAttr::WriteBack);
+        assert!(is_super(p, &space, VA), "{way}");
+        p.destroy_space(&space);
+        assert_eq!(vm.free_pages(), free, "{way}");
+        for i in [0, 511] {
+            assert_eq!(p.mapping_count(Pfn(BASE_PFN + i)), 0, "{way}");
+        }
     }
 }
 
 #[test]
 fn an_uncached_run_keeps_its_pat_bits_through_both_changes() {
-    for attr in [
+    let attrs = [
         MemAttr::WriteCombining,
         MemAttr::Uncacheable,
         MemAttr::WriteProtected,
-    ] {
+    ];
+    for ((way, fill), attr) in WAYS_IN.into_iter().flat_map(|w| attrs.map(|a| (w, a))) {
+        let what = format!("{attr:?} {way}");
         let vm = machine();
         let p = vm.pmap();
         let space = p.create_space().unwrap();
@@ -340,11 +367,11 @@ fn an_uncached_run_keeps_its_pat_bits_through_both_changes() {
             p.enter(&s2, VirtAddr(VA), m).unwrap();
             p.pte(&s2, VA).unwrap()
         };
-        assert!(is_super(p, &space, VA), "{attr:?}");
+        assert!(is_super(p, &space, VA), "{what}");
         let t = p.translate_access(&space, VA, Access::USER_READ).unwrap();
-        assert_eq!(t.pa.as_u64(), BASE_PFN * PAGE, "{attr:?}");
+        assert_eq!(t.pa.as_u64(), BASE_PFN * PAGE, "{what}");
         p.change_wiring(&space, VirtAddr(VA + PAGE), true);
-        assert_eq!(p.pte(&space, VA).unwrap(), small, "{attr:?}: demoted entry");
+        assert_eq!(p.pte(&space, VA).unwrap(), small, "{what}: demoted entry");
     }
 }
 
@@ -537,6 +564,12 @@ fn a_promotion_that_finds_the_lock_in_use_is_done_by_a_later_enter() {
 /// next access sets it again. Page-out can so age a superpage whole.
 #[test]
 fn ts_referenced_ages_a_superpage_without_splitting_it() {
+    for (_, fill) in WAYS_IN {
+        ts_referenced_ages(fill);
+    }
+}
+
+fn ts_referenced_ages(fill: Fill) {
     let vm = machine();
     let p = vm.pmap();
     let space = p.create_space().unwrap();
@@ -577,4 +610,98 @@ fn ts_referenced_ages_a_superpage_without_splitting_it() {
             "page {i}: {f:?}"
         );
     }
+}
+
+/// `enter_superpage` maps only where it can map all 2 MiB with one entry
+/// and nothing is there; any other case changes nothing and says so
+/// (`Ok(false)`, the caller then enters page by page), or is an error
+/// for an address the space cannot have or a destroyed space.
+#[test]
+fn entering_a_whole_superpage_refuses_what_one_entry_cannot_map() {
+    let vm = machine();
+    let p = vm.pmap();
+    let free = vm.free_pages();
+    let space = p.create_space().unwrap();
+    let rw = |pfn| Mapping::new(page(pfn, MemAttr::WriteBack), Prot::RW).access(Prot::WRITE);
+    let at = |va| VirtAddr(va);
+    let refusals = [
+        ("unaligned address", at(VA + PAGE), rw(BASE_PFN)),
+        ("unaligned frame", at(VA), rw(BASE_PFN + 1)),
+        (
+            "writable but clean",
+            at(VA),
+            Mapping::new(page(BASE_PFN, MemAttr::WriteBack), Prot::RW).access(Prot::READ),
+        ),
+        ("frames past memory", at(VA), rw(4096)),
+    ];
+    for (what, va, m) in refusals {
+        assert_eq!(p.enter_superpage(&space, va, m), Ok(false), "{what}");
+        assert_eq!(space.resident_count(), 0, "{what}");
+        assert_eq!(p.table_pages(&space), 1, "{what}: tables left");
+    }
+    // One page mapped in the 2 MiB: refused, that page untouched.
+    p.enter(&space, VirtAddr(VA + 9 * PAGE), rw(77)).unwrap();
+    assert_eq!(p.enter_superpage(&space, at(VA), rw(BASE_PFN)), Ok(false));
+    assert_eq!(p.extract(&space, VirtAddr(VA + 9 * PAGE)), Some(Pfn(77)));
+    assert_eq!(p.extract(&space, VirtAddr(VA)), None);
+    assert_eq!(p.mapping_count(Pfn(BASE_PFN)), 0, "a pv entry left");
+    // A superpage there already: refused too.
+    p.remove(&space, VirtAddr(VA)..VirtAddr(VA + SUPER), &mut |_| {});
+    fill_whole(p, &space, Prot::RW, Prot::WRITE, MemAttr::WriteBack);
+    let pfn = BASE_PFN - 512;
+    assert_eq!(p.enter_superpage(&space, at(VA), rw(pfn)), Ok(false));
+    assert_maps_run(p, &space, "after a refusal");
+    assert_eq!(p.mapping_count(Pfn(pfn)), 0);
+    // Errors: past the space's user addresses, and a destroyed space.
+    assert!(
+        p.enter_superpage(&space, at(1 << 47), rw(BASE_PFN))
+            .is_err()
+    );
+    p.destroy_space(&space);
+    assert_eq!(
+        p.enter_superpage(&space, at(VA + SUPER), rw(BASE_PFN)),
+        Err(vm_core::PmapError::SpaceDestroyed)
+    );
+    assert_eq!(vm.free_pages(), free, "a frame leaked");
+    // A pmap with superpages turned off never makes one.
+    let vm = Vm::new(X86Pmap::new().with_superpages(false), test_config(4096)).unwrap();
+    let space = vm.pmap().create_space().unwrap();
+    assert_eq!(
+        vm.pmap().enter_superpage(&space, at(VA), rw(BASE_PFN)),
+        Ok(false)
+    );
+}
+
+/// A superpage entered whole is the same to every reader as a promoted
+/// one: each page translates to its frame with A and M, each frame has
+/// its pv entry, the space counts 512 resident pages, and the statistics
+/// count a mapping, not a promotion.
+#[test]
+fn a_superpage_entered_whole_is_mapped_page_by_page_for_every_reader() {
+    let vm = machine();
+    let p = vm.pmap();
+    let space = p.create_space().unwrap();
+    fill_whole(p, &space, Prot::RW, Prot::WRITE, MemAttr::WriteBack);
+    assert!(is_super(p, &space, VA));
+    assert_maps_run(p, &space, "entered whole");
+    assert_eq!(space.resident_count(), PAGES);
+    for i in 0..PAGES {
+        assert_eq!(p.mapping_count(Pfn(BASE_PFN + i)), 1, "pv of {i}");
+        assert!(p.is_modified(Pfn(BASE_PFN + i)), "page {i} clean");
+    }
+    let stats = p.superpage_stats();
+    assert_eq!(stats.get(), (0, 0, 0));
+    assert_eq!(stats.mappings.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.made(), 1);
+    // Written through the software MMU with no fault: it is writable.
+    p.translate_access(&space, VA + 5 * PAGE, Access::USER_WRITE)
+        .unwrap();
+    // A read-only one is clean and stays so until written through a
+    // demoted entry.
+    let s2 = p.create_space().unwrap();
+    let ro = Mapping::new(page(BASE_PFN, MemAttr::WriteBack), Prot::READ).access(Prot::READ);
+    assert_eq!(p.enter_superpage(&s2, VirtAddr(VA), ro), Ok(true));
+    assert!(p.translate_access(&s2, VA, Access::USER_WRITE).is_err());
+    assert!(p.translate_access(&s2, VA, Access::USER_READ).is_ok());
+    assert_eq!(p.mapping_count(Pfn(BASE_PFN)), 2);
 }

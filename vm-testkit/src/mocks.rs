@@ -20,10 +20,11 @@ pub trait Permissive {
 }
 
 impl Permissive for MockPmap {
-    /// Accepts attaching, space creation and destruction and removals (what every
-    /// `Vm` does around a test), says no address is prefaultable and maps
-    /// no run of neighbours (so faults enter only their own page), and no
-    /// page referenced (for the pageout scan).
+    /// Accepts attaching, space creation and destruction and removals
+    /// (what every `Vm` does around a test), says no address is
+    /// prefaultable and maps no run of neighbours nor any superpage (so
+    /// faults enter only their own page), and no page referenced (for the
+    /// pageout scan).
     fn permissive() -> MockPmap {
         let mut m = MockPmap::new();
         m.expect_attach().return_const(());
@@ -33,6 +34,7 @@ impl Permissive for MockPmap {
         m.expect_mapping_count().return_const(0usize);
         m.expect_is_prefaultable().return_const(false);
         m.expect_enter_quick_run().return_const(0usize);
+        m.expect_enter_superpage().returning(|_, _, _| Ok(false));
         m.expect_ts_referenced().return_const(0u32);
         m
     }

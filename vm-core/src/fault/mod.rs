@@ -807,7 +807,16 @@ impl<'a, P: Pmap> FaultState<'a, P> {
         let mapping = Mapping::new(pg, self.prot)
             .access(self.fault_type & self.prot)
             .wired(self.wired);
-        match vm.pmap.enter(self.target.pmap, VirtAddr(self.va), mapping) {
+        // A zero-filled superpage's other pages go in first, so that one
+        // entry can map all 512 (`reserve`).
+        let populated = core::mem::take(&mut self.populated);
+        let whole = self.map_populated(populated, entry, mapping);
+        let entered = if whole {
+            Ok(None)
+        } else {
+            vm.pmap.enter(self.target.pmap, VirtAddr(self.va), mapping)
+        };
+        match entered {
             Ok(displaced) => {
                 if let Some(d) = displaced {
                     vm.note_displaced(d);
@@ -845,8 +854,6 @@ impl<'a, P: Pmap> FaultState<'a, P> {
             if self.kind == FaultKind::Resident {
                 entry.note_read_hits(1);
             }
-            let populated = core::mem::take(&mut self.populated);
-            self.map_populated(populated, entry, mapping);
             self.prefault(entry);
             // The page goes where the pageout daemon can find it.
             pages.activate(id);

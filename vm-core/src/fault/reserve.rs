@@ -15,10 +15,13 @@
 //!
 //! Where the policy asks for whole superpages, the write fault that claims
 //! the run takes all 512 frames at once ([`populate`](FaultState::populate)):
-//! the other 511 are zeroed outside every lock, and `finish` inserts them
-//! into the object and maps them, writable and dirty like the faulting
-//! page, under one hold of the object's lock (so no pageout can take one
-//! between its insertion and its mapping); the last `enter` promotes. A
+//! the other 511 off the free lists in one go (`Pages::alloc_run_rest`);
+//! they are zeroed outside every lock, and `finish` inserts them into the
+//! object and maps them, writable and dirty like the faulting page, under
+//! one hold of the object's lock (so no pageout can take one between its
+//! insertion and its mapping): all 512 with one 2 MiB entry where the pmap
+//! makes one ([`Pmap::enter_superpage`], FreeBSD's `pmap_enter` with
+//! `psind` 1), else one by one, and the last `enter` promotes. A
 //! page made meanwhile by another fault wins over the zeroed frame; if
 //! the object gained a pager meanwhile (pageout gave it swap, and may have
 //! written a page of these 2 MiB there), none is inserted.
@@ -38,7 +41,7 @@ use crate::page_queues::{AllocClass, NO_RUN, RUN_PAGES};
 use crate::pmap::{Mapping, PageInfo, Pmap};
 use crate::prot::Prot;
 use crate::vm::SuperpagePolicy;
-use crate::{PAGE_SHIFT, PAGE_SIZE, VirtAddr};
+use crate::{PAGE_SHIFT, PAGE_SIZE, Pfn, VirtAddr};
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
@@ -110,16 +113,15 @@ impl<P: Pmap> FaultState<'_, P> {
     /// is gone or memory is short (the fault then maps its page alone).
     pub(super) fn populate(&mut self, p: Populate) {
         let pages = &self.machine.pages;
-        if pages.free_count() < pages.thresholds.severe + RUN_PAGES {
+        if pages.free_count() < pages.thresholds.severe + RUN_PAGES
+            || !pages.alloc_run_rest(p.first, p.offset, AllocClass::Normal)
+        {
             return;
         }
         let va0 = self.va - p.offset * PAGE_SIZE;
         self.populated.reserve_exact(RUN_PAGES as usize - 1);
         for i in (0..RUN_PAGES).filter(|&i| i != p.offset) {
-            let Some(id) = pages.alloc_at(PageId(p.first.0 + i as u32), AllocClass::Normal) else {
-                self.release_populated();
-                return;
-            };
+            let id = PageId(p.first.0 + i as u32);
             self.populated.push((va0 + i * PAGE_SIZE, p.start + i, id));
         }
         let counters = self.machine.counters.local();
@@ -149,18 +151,22 @@ impl<P: Pmap> FaultState<'_, P> {
     }
 
     /// Inserts the pages `populate` zeroed into the first object and maps
-    /// them as the faulting page was (`mapping`'s protection and access),
-    /// under one hold of the object's lock; each goes on the active queue.
-    /// A page whose index is resident already (or past the object's end)
-    /// is freed instead.
+    /// them as the faulting page is to be mapped (`like`), under one hold
+    /// of the object's lock; each goes on the active queue. A page whose
+    /// index is resident already (or past the object's end) is freed
+    /// instead. When all went in, the pmap is asked to map the 2 MiB,
+    /// the faulting page with them, by one entry
+    /// ([`Pmap::enter_superpage`]); returns whether it did (the caller
+    /// then does not enter the faulting page itself). Else each page is
+    /// entered alone, and the last `enter` may promote.
     pub(super) fn map_populated(
         &self,
-        populated: Vec<(u64, u64, PageId)>,
+        mut populated: Vec<(u64, u64, PageId)>,
         entry: &MapEntry,
         like: Mapping,
-    ) {
+    ) -> bool {
         if populated.is_empty() {
-            return;
+            return false;
         }
         let first = self.first.object();
         let mut st = first.lock();
@@ -170,23 +176,25 @@ impl<P: Pmap> FaultState<'_, P> {
         // neighbours then fault one by one, asking the pager.
         if st.flags.contains(ObjectFlags::DEAD) || st.pager.is_some() {
             drop(st);
-            return self.free_frames(populated);
+            self.free_frames(populated);
+            return false;
         }
         let (vm, pages) = (&self.target.vm, &self.machine.pages);
         // One growth of the page index for the lot, not several rehashes.
         st.pages.reserve(populated.len());
-        let mut inserted = 0;
-        for (va, pindex, id) in populated {
-            let page = pages.get(id);
+        populated.retain(|&(va, pindex, id)| {
             // The entry is the one the run was claimed in unless the map
             // lock was dropped meanwhile; then check it still maps here.
             let here = (entry.start..entry.end).contains(&va) && entry.pindex(va) == pindex;
             if !here || pindex >= st.size || st.pages.contains_key(&pindex) {
                 pages.free(id);
-                continue;
+                return false;
             }
-            first.insert_page(&mut st, id, page, pindex);
-            inserted += 1;
+            first.insert_page(&mut st, id, pages.get(id), pindex);
+            true
+        });
+        let whole = populated.len() == RUN_PAGES as usize - 1 && self.enter_whole(&populated, like);
+        for &(va, _, id) in &populated {
             let pg = PageInfo {
                 pfn: pages.pfn(id),
                 managed: true,
@@ -194,11 +202,13 @@ impl<P: Pmap> FaultState<'_, P> {
             };
             // A failure (no memory for a table) leaves the page resident
             // and unmapped: the next access faults it in.
-            if let Ok(Some(d)) =
-                vm.pmap
-                    .enter(self.target.pmap, VirtAddr(va), Mapping { page: pg, ..like })
-            {
-                vm.note_displaced(d);
+            if !whole {
+                if let Ok(Some(d)) =
+                    vm.pmap
+                        .enter(self.target.pmap, VirtAddr(va), Mapping { page: pg, ..like })
+                {
+                    vm.note_displaced(d);
+                }
             }
             pages.activate(id);
         }
@@ -207,6 +217,38 @@ impl<P: Pmap> FaultState<'_, P> {
             .counters
             .local()
             .v_zfod
-            .fetch_add(inserted, Ordering::Relaxed);
+            .fetch_add(populated.len() as u64, Ordering::Relaxed);
+        whole
+    }
+
+    /// Maps the run `populated` (the 511 pages beside the faulting one,
+    /// all in the object) and the faulting page, whose frame `like` maps,
+    /// with one superpage entry; whether the pmap did.
+    fn enter_whole(&self, populated: &[(u64, u64, PageId)], like: Mapping) -> bool {
+        let pages = &self.machine.pages;
+        let offset = (self.va >> PAGE_SHIFT) & (RUN_PAGES - 1);
+        let Some(pfn0) = like.page.pfn.0.checked_sub(offset) else {
+            return false;
+        };
+        // The frames of one run, in order, with the faulting page's
+        // attribute: what one entry can map.
+        let in_line = populated.iter().all(|&(va, _, id)| {
+            let i = (va >> PAGE_SHIFT) & (RUN_PAGES - 1);
+            pages.pfn(id).0 == pfn0 + i && pages.attr(id) == like.page.attr
+        });
+        let page = PageInfo {
+            pfn: Pfn(pfn0),
+            ..like.page
+        };
+        let va0 = VirtAddr(self.va - offset * PAGE_SIZE);
+        in_line
+            && matches!(
+                self.target.vm.pmap.enter_superpage(
+                    self.target.pmap,
+                    va0,
+                    Mapping { page, ..like }
+                ),
+                Ok(true)
+            )
     }
 }
