@@ -50,7 +50,8 @@
 //!   only, and with `SuperpagePolicy::Always` (one fault per 2 MiB, which
 //!   maps all of it: the faults a CPU touching every page would take) —
 //!   also with the free frames zeroed before each sample, outside the
-//!   timing (`ours_always_prezeroed`, idle-time zeroing),
+//!   timing (`ours_always_prezeroed`), or by the page-zeroing thread on
+//!   the other core all along (`ours_always_idle_zeroing`),
 //!   the kernel with `MADV_HUGEPAGE` (transparent huge pages: one fault
 //!   per 2 MiB) and `MADV_NOHUGEPAGE`. Each line prints, from one untimed
 //!   pass, the 2 MiB mappings it made.
@@ -308,6 +309,20 @@ fn superpage(c: &mut Criterion) {
     // timing (`Vm::zero_free_pages`, FreeBSD's old idle-time zeroing):
     // the faults then skip zeroing, which is most of the kernel's cost.
     zero_fill_ours_as(&mut g, "ours_always_prezeroed", &always, pages, 512, true);
+    // The same with the page-zeroing thread running all along on the
+    // other core (`Vm::spawn_page_zeroer`): it zeroes what each sample
+    // freed while the next one faults, as far as it keeps up.
+    {
+        let _zeroer = always.spawn_page_zeroer(std::time::Duration::from_micros(100));
+        zero_fill_ours_as(
+            &mut g,
+            "ours_always_idle_zeroing",
+            &always,
+            pages,
+            512,
+            false,
+        );
+    }
     for (name, huge) in [("kernel_thp", true), ("kernel_4k", false)] {
         let len = (pages * PAGE) as usize;
         let before = anon_huge_kib().unwrap_or(0);

@@ -9,9 +9,13 @@
 //!
 //! Some races are made deterministic with [`GatePmap`], a pmap that wraps
 //! a real one and can stop one `enter` (at an armed address) until the
-//! test lets it go: the whole-superpage fault enters its own page first,
-//! then (`map_populated`) the 511 it zeroed, so the gate holds a fault
-//! exactly between taking its frames and inserting them.
+//! test lets it go. It leaves `enter_superpage` to the trait's default
+//! (no superpage at once), so a whole-superpage fault maps its pages one
+//! by one: first (`map_populated`) the 511 it zeroed, then its own page,
+//! where the gate holds it. (When these tests were written the fault
+//! entered its own page first, and the gate held it between taking its
+//! frames and inserting them; that window now has no pmap call in it,
+//! and `t02` and `redteam_whole_superpage.rs` race it without a gate.)
 
 mod common;
 
@@ -237,11 +241,11 @@ fn gate_vm<P: Pmap>(
 // 1. The whole-superpage fault against pageout, made deterministic.
 
 /// A writes page 0 of a fresh 2 MiB under `Always`: it claims the run,
-/// takes and zeroes the other 511 frames, and is stopped at the enter of
-/// its own page. Meanwhile B writes page J of the same 2 MiB (its frame
-/// is A's, so it gets another one) and the pageout daemon pages B's page
-/// out to swap. Then A goes on and inserts its zeroed frames where
-/// nothing is resident — including J, whose data is on swap.
+/// takes and zeroes the other 511 frames, inserts and maps them, and is
+/// stopped at the enter of its own page. Meanwhile B writes page J of the
+/// same 2 MiB (one of A's zeroed pages) and the pageout daemon pages it
+/// out to swap. Then A goes on: J must come back with B's data, not as
+/// A's zeros, and A's own write must be there.
 fn populate_vs_pageout<P: Pmap>(inner: P, what: &str) {
     const J: u64 = 300;
     let (vm, gate) = gate_vm(inner, SuperpagePolicy::Always, 4096);

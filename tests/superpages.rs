@@ -652,3 +652,34 @@ fn racing_writers_of_one_fresh_superpage_keep_their_writes() {
         );
     }
 }
+
+/// With the page-zeroing thread on, freed frames come back zeroed and a
+/// whole-superpage fault writes no byte for its 511 neighbours: every
+/// page counted as pre-zeroed (`v_ozfod`), every one still reading zeros.
+#[test]
+fn a_whole_superpage_fault_after_idle_zeroing_zeroes_nothing() {
+    let vm = policy_vm(SuperpagePolicy::Always);
+    let s = vm.new_space().unwrap();
+    s.map_anon(BASE, 4 * SUPER, Prot::RW).unwrap();
+    write_all(&s, BASE, 4 * PAGES, 1);
+    drop(s);
+    let zeroer = vm.spawn_page_zeroer(std::time::Duration::from_millis(1));
+    let until = std::time::Instant::now() + vm_testkit::support::scaled_secs(30);
+    while vm.free_zeroed_pages() < vm.free_pages() {
+        assert!(std::time::Instant::now() < until, "zeroing never finished");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    drop(zeroer);
+    let s = vm.new_space().unwrap();
+    s.map_anon(BASE, SUPER, Prot::RW).unwrap();
+    let before = vm.counters().snapshot();
+    wrpage(&s, BASE + 5 * PAGE, 9).unwrap();
+    let d = vm.counters().snapshot().since(&before);
+    assert_eq!((d.v_zfod, d.v_ozfod), (PAGES, PAGES), "a page was zeroed");
+    assert!(is_super(&vm, &s, BASE));
+    for i in (0..PAGES).filter(|&i| i != 5) {
+        assert_eq!(rdpage(&s, BASE + i * PAGE), Ok(0), "page {i}");
+    }
+    assert_eq!(rdpage(&s, BASE + 5 * PAGE), Ok(9));
+    consistent(&vm, "after idle zeroing");
+}

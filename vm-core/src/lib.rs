@@ -90,6 +90,7 @@ pub mod prot;
 pub mod space;
 pub mod sync;
 pub mod vm;
+pub mod zeroing;
 
 #[cfg(all(loom, test))]
 mod loom_protocols;

@@ -549,34 +549,6 @@ impl<P: Pmap> Vm<P> {
             return;
         }
     }
-
-    /// Puts every free page that is not known to be zero through zeroing,
-    /// as FreeBSD's idle-time page zeroing did, up to `max` pages. Returns
-    /// how many were zeroed. Zero-fill faults that get such a page skip the
-    /// zeroing (`v_ozfod`).
-    pub fn zero_free_pages(&self, max: u64) -> u64 {
-        let pages = &self.machine.pages;
-        let mut done = 0;
-        let mut taken = alloc::vec::Vec::new();
-        while done < max {
-            let Some(id) = pages.alloc(done, crate::page_queues::AllocClass::System, false) else {
-                break;
-            };
-            let page = pages.get(id);
-            if page.flags().contains(crate::page::PageFlags::ZERO) {
-                taken.push(id);
-                break;
-            }
-            self.machine.phys.zero(pages.pfn(id));
-            page.set_flags(crate::page::PageFlags::ZERO);
-            taken.push(id);
-            done += 1;
-        }
-        for id in taken {
-            pages.free(id);
-        }
-        done
-    }
 }
 
 /// A pool of two threads under `std`; none without.

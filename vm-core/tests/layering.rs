@@ -32,7 +32,7 @@ const LAYERS: &[&[&str]] = &[
     // The machine: pmap, objects, memory, configuration.
     &["vm"],
     // Machine operations on objects.
-    &["collapse", "clean", "balloon"],
+    &["collapse", "clean", "balloon", "zeroing"],
     &["pageout"],
     // The fault handler, over a machine, a map and a pmap space.
     &["fault"],

@@ -109,3 +109,85 @@ fn a_fault_waiting_for_memory_proceeds_when_memory_is_freed() {
     r.unwrap();
     consistent(&vm);
 }
+
+/// Waits (bounded) until every free page is known to be zero.
+fn wait_all_zeroed<P: vm_core::Pmap>(vm: &vm_core::Vm<P>) {
+    let until = std::time::Instant::now() + vm_testkit::support::scaled_secs(20);
+    while vm.free_zeroed_pages() < vm.free_pages() {
+        assert!(
+            std::time::Instant::now() < until,
+            "the zeroer left {} of {} free pages unzeroed",
+            vm.free_pages() - vm.free_zeroed_pages(),
+            vm.free_pages()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// The page-zeroing thread zeroes every free page that held data, and
+/// the zero-fill faults that follow skip their zeroing.
+#[test]
+fn the_page_zeroer_zeroes_freed_pages_for_later_zero_fills() {
+    let (vm, space) = machine(512);
+    space.map_anon(BASE, 300 * PAGE, Prot::RW).unwrap();
+    for i in 0..300 {
+        space.write(BASE + i * PAGE, &[0xA5; 4096]).unwrap();
+    }
+    space.unmap(BASE, 300 * PAGE).unwrap();
+    assert!(vm.free_pages() - vm.free_zeroed_pages() >= 300);
+    let zeroer = vm.spawn_page_zeroer(std::time::Duration::from_millis(1));
+    wait_all_zeroed(&vm);
+    drop(zeroer);
+    space.map_anon(BASE, 300 * PAGE, Prot::RW).unwrap();
+    let before = vm.counters().snapshot();
+    let mut buf = [1u8; 4096];
+    for i in 0..300 {
+        space.read(BASE + i * PAGE, &mut buf).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "page {i} not zero");
+    }
+    let d = vm.counters().snapshot().since(&before);
+    assert_eq!((d.v_zfod, d.v_ozfod), (300, 300), "a fault zeroed");
+    consistent(&vm);
+}
+
+/// Faults, unmaps and forks beside a zeroer that never sleeps: memory is
+/// never short because of it (it holds a batch at a time, far under the
+/// machine's slack here), no page in use is ever zeroed under its owner,
+/// and every fresh page reads zero.
+#[test]
+fn faults_beside_the_page_zeroer_keep_their_data_and_memory() {
+    vm_testkit::support::bounded(60, || {
+        let (vm, space) = machine(384);
+        let zeroer = vm.spawn_page_zeroer(std::time::Duration::ZERO);
+        const N: u64 = 160;
+        for round in 0..12u8 {
+            space.map_anon(BASE, N * PAGE, Prot::RW).unwrap();
+            for i in 0..N {
+                let va = BASE + i * PAGE;
+                assert_eq!(
+                    byte(&space, va + 17),
+                    0,
+                    "round {round}: page {i} not fresh"
+                );
+                space.write(va, &[round ^ i as u8 | 1; 64]).unwrap();
+            }
+            let child = space.fork().unwrap();
+            for i in (0..N).step_by(3) {
+                child.write_u8(BASE + i * PAGE + 1, 0xEE).unwrap();
+            }
+            for i in 0..N {
+                let mut got = [0u8; 64];
+                space.read(BASE + i * PAGE, &mut got).unwrap();
+                assert!(
+                    got.iter().all(|&b| b == round ^ i as u8 | 1),
+                    "round {round}: page {i} lost its data"
+                );
+            }
+            drop(child);
+            space.unmap(BASE, N * PAGE).unwrap();
+        }
+        drop(zeroer);
+        consistent(&vm);
+        assert_eq!(vm.zero_free_pages(0), 0);
+    });
+}
