@@ -70,6 +70,8 @@ pub mod check;
 pub mod clean;
 pub mod collapse;
 pub mod counters;
+#[cfg(feature = "std")]
+mod daemon;
 pub mod error;
 pub mod fault;
 #[cfg(all(feature = "std", unix))]

@@ -310,40 +310,29 @@ type Run<'m> = SmallVec<[(BusyPage<'m>, u64); CLUSTER]>;
 
 /// A pageout daemon thread; stopped and joined on drop.
 #[cfg(feature = "std")]
+#[derive(Debug)]
 pub struct PageoutDaemon {
-    stop: Arc<core::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _thread: crate::daemon::Daemon,
 }
 
 #[cfg(feature = "std")]
 impl<P: Pmap> Vm<P> {
     /// Starts a thread that runs the scan whenever free memory falls below
     /// the target threshold (checked every `period`).
+    ///
+    /// # Panics
+    ///
+    /// If the thread cannot be started (as `std::thread::spawn`).
     pub fn spawn_pageout_daemon(self: &Arc<Self>, period: std::time::Duration) -> PageoutDaemon {
-        let stop = Arc::new(core::sync::atomic::AtomicBool::new(false));
-        let (vm, flag) = (self.clone(), stop.clone());
-        let thread = std::thread::spawn(move || {
-            while !flag.load(Ordering::Acquire) {
+        let vm = self.clone();
+        PageoutDaemon {
+            _thread: crate::daemon::Daemon::spawn("vm-pageout", move || {
                 let target = vm.machine.pages.thresholds.target;
                 if vm.free_pages() < target {
                     vm.pageout(target);
                 }
                 std::thread::sleep(period);
-            }
-        });
-        PageoutDaemon {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-#[cfg(feature = "std")]
-impl Drop for PageoutDaemon {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            }),
         }
     }
 }

@@ -18,8 +18,6 @@ use crate::pmap::Pmap;
 use crate::vm::Vm;
 #[cfg(feature = "std")]
 use alloc::sync::Arc;
-#[cfg(feature = "std")]
-use core::sync::atomic::Ordering;
 
 /// Frames taken off the free lists at a time, at most.
 const BATCH: usize = 32;
@@ -27,8 +25,9 @@ const BATCH: usize = 32;
 impl<P: Pmap> Vm<P> {
     /// Zeroes free pages not known to be zero, up to `max`, a batch of at
     /// most 32 at a time; returns how many it zeroed. Stops early when
-    /// every free page is known to be zero. Zero-fill faults that get
-    /// such a page skip the zeroing (`v_ozfod`).
+    /// every free page is known to be zero, and leaves the reserve of
+    /// free pages alone. Zero-fill faults that get such a page skip the
+    /// zeroing (`v_ozfod`).
     pub fn zero_free_pages(&self, max: u64) -> u64 {
         let mut done = 0;
         loop {
@@ -48,7 +47,8 @@ impl<P: Pmap> Vm<P> {
         let mut taken = [PageId(0); BATCH];
         let (mut n, mut more) = (0, true);
         while n < BATCH && (n as u64) < max {
-            let Some(id) = pages.alloc(n as u64, AllocClass::System, false) else {
+            // Not below the reserve: page-table allocations rely on it.
+            let Some(id) = pages.alloc(n as u64, AllocClass::Normal, false) else {
                 more = false;
                 break;
             };
@@ -79,8 +79,7 @@ impl<P: Pmap> Vm<P> {
 #[cfg(feature = "std")]
 #[derive(Debug)]
 pub struct PageZeroer {
-    stop: Arc<core::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    _thread: crate::daemon::Daemon,
 }
 
 #[cfg(feature = "std")]
@@ -117,34 +116,16 @@ impl<P: Pmap> Vm<P> {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn spawn_page_zeroer(self: &Arc<Self>, period: std::time::Duration) -> PageZeroer {
-        let stop = Arc::new(core::sync::atomic::AtomicBool::new(false));
-        let (vm, flag) = (self.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("vm-page-zeroer".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Acquire) {
-                    let pages = &vm.machine.pages;
-                    let spare = pages.free_count() > pages.thresholds.target + BATCH as u64;
-                    let plain = pages.free_count() > pages.free_zeroed_count();
-                    if !(spare && plain && vm.zero_batch(BATCH as u64).0 > 0) {
-                        std::thread::sleep(period);
-                    }
-                }
-            })
-            .expect("spawning the page zeroer");
+        let vm = self.clone();
         PageZeroer {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-#[cfg(feature = "std")]
-impl Drop for PageZeroer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            _thread: crate::daemon::Daemon::spawn("vm-page-zeroer", move || {
+                let pages = &vm.machine.pages;
+                let spare = pages.free_count() > pages.thresholds.target + BATCH as u64;
+                let plain = pages.free_count() > pages.free_zeroed_count();
+                if !(spare && plain && vm.zero_batch(BATCH as u64).0 > 0) {
+                    std::thread::sleep(period);
+                }
+            }),
         }
     }
 }

@@ -16,7 +16,15 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     // Vocabulary: addresses, protections, memory attributes, frame access,
     // locks.
-    &["addr", "prot", "mem_attr", "frame", "sync", "io_executor"],
+    &[
+        "addr",
+        "prot",
+        "mem_attr",
+        "frame",
+        "sync",
+        "io_executor",
+        "daemon",
+    ],
     // The page record and the counters.
     &["page", "counters"],
     // Physical memory and the page array with its queues.

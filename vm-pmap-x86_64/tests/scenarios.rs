@@ -79,3 +79,41 @@ fn a_copy_on_write_fault_that_cannot_map_keeps_no_copy() {
     assert_eq!(space.read_u8(private).unwrap(), b'2');
     vm.check_consistency().unwrap();
 }
+
+/// A new space whose root table finds no free frame waits for memory as a
+/// fault does: it is made once another thread gives frames back, and
+/// reports the shortage only when none come.
+#[test]
+fn a_new_space_waits_for_memory_for_its_root_table() {
+    use vm_core::{PmapError, Vm, VmConfig};
+    let vm = Vm::new(
+        vm_pmap_x86_64::X86Pmap::new(),
+        VmConfig {
+            memory_wait_ms: 50,
+            memory_retries: 40,
+            ..vm_testkit::test_config(64)
+        },
+    )
+    .unwrap();
+    let balloon = vm.inflate_balloon(vm.free_pages());
+    assert_eq!(vm.free_pages(), 0);
+    let giver = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        drop(balloon);
+    });
+    let space = vm.new_space().expect("made once memory came back");
+    giver.join().unwrap();
+    drop(space);
+    // Nothing coming back: the shortage is reported, after the waits.
+    let vm = Vm::new(
+        vm_pmap_x86_64::X86Pmap::new(),
+        VmConfig {
+            memory_wait_ms: 1,
+            memory_retries: 2,
+            ..vm_testkit::test_config(64)
+        },
+    )
+    .unwrap();
+    let _balloon = vm.inflate_balloon(vm.free_pages());
+    assert_eq!(vm.new_space().unwrap_err(), PmapError::NoMemory);
+}

@@ -146,13 +146,21 @@ impl<P: Pmap> core::fmt::Debug for VmSpace<P> {
 }
 
 impl<P: Pmap> Vm<P> {
-    /// A new, empty address space.
+    /// A new, empty address space. When memory for its root table is
+    /// short it reclaims and waits as a fault does (FreeBSD's
+    /// `pmap_pinit` sleeps for its page).
     ///
     /// # Errors
     ///
-    /// The pmap's error if it cannot make the root table.
+    /// The pmap's error if it cannot make the root table:
+    /// [`PmapError::NoMemory`](crate::PmapError::NoMemory) only once a
+    /// fault would give up too.
     pub fn new_space(self: &Arc<Self>) -> Result<VmSpace<P>, crate::pmap::PmapError> {
-        let pmap = Arc::new(self.pmap.create_space()?);
+        let made = self.retry_for_memory(
+            || self.pmap.create_space(),
+            |e| *e == crate::pmap::PmapError::NoMemory,
+        );
+        let pmap = Arc::new(made?);
         let map = Arc::new(VmMap::new(self.config.user_min, self.config.user_max));
         self.register_space(&map, &pmap);
         Ok(VmSpace {
