@@ -214,7 +214,7 @@ fn z03_balloon_beside_the_zeroer() {
     let z = vm.spawn_page_zeroer(Duration::ZERO);
     for _ in 0..40 {
         let mut b = vm.inflate_balloon(vm.free_pages());
-        assert!(b.len() > 0);
+        assert!(!b.is_empty());
         b.deflate(b.len() / 2);
         drop(b);
     }
