@@ -55,11 +55,13 @@
 //!   the kernel with `MADV_HUGEPAGE` (transparent huge pages: one fault
 //!   per 2 MiB) and `MADV_NOHUGEPAGE`. Each line prints, from one untimed
 //!   pass, the 2 MiB mappings it made.
-//! * `superpage_pmap/{promote,no_promote,demote,no_demote}` — the x86_64
-//!   pmap alone: the `enter` that fills a leaf table with frames in order
-//!   (and so promotes it, or not with promotion off), and a wiring change
-//!   of one page inside a superpage (which demotes it) or inside a 4 KiB
-//!   table.
+//! * `superpage_pmap/{promote,no_promote,demote,no_demote,remove_superpage,
+//!   remove_4k,enter_superpage,enter_512}` — the x86_64 pmap alone: the
+//!   `enter` that fills a leaf table with frames in order (and so promotes
+//!   it, or not with promotion off), a wiring change of one page inside a
+//!   superpage (which demotes it) or inside a 4 KiB table, the removal of
+//!   the 2 MiB (one entry removed whole, or 512), and mapping the 2 MiB at
+//!   once (`enter_superpage`) or by 512 `enter`s with promotion off.
 //!
 //! `cargo bench --bench peers`
 
@@ -396,6 +398,50 @@ fn superpage_pmap(c: &mut Criterion) {
                     let s = filled(true);
                     let t = Instant::now();
                     p.change_wiring(&s, VirtAddr(VA + 7 * PAGE), true);
+                    total += t.elapsed();
+                    p.destroy_space(&s);
+                }
+                total
+            });
+        });
+        // Unmapping the 2 MiB: one 2 MiB entry removed whole, or 512.
+        let name = if promote {
+            "remove_superpage"
+        } else {
+            "remove_4k"
+        };
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let s = filled(true);
+                    let t = Instant::now();
+                    p.remove(&s, VirtAddr(VA)..VirtAddr(VA + 512 * PAGE), &mut |_| {});
+                    total += t.elapsed();
+                    p.destroy_space(&s);
+                }
+                total
+            });
+        });
+        // Mapping the 2 MiB at once (`enter_superpage`), or 512 `enter`s.
+        let name = if promote {
+            "enter_superpage"
+        } else {
+            "enter_512"
+        };
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let s = p.create_space().unwrap();
+                    let t = Instant::now();
+                    if promote {
+                        assert_eq!(p.enter_superpage(&s, VirtAddr(VA), m(0)), Ok(true));
+                    } else {
+                        for i in 0..512 {
+                            p.enter(&s, VirtAddr(VA + i * PAGE), m(i)).unwrap();
+                        }
+                    }
                     total += t.elapsed();
                     p.destroy_space(&s);
                 }

@@ -141,7 +141,10 @@ def main_table(r):
                  f"{x(thp / always)} faster" if thp >= always else f"{x(thp / always)} (kernel {x(always / thp)} faster)",
                  "≥ 1.2× faster"))
     pre = r.ns("superpage/ours_always_prezeroed")
-    rows.append(("the same, free frames zeroed before each sample (idle zeroing, `Vm::zero_free_pages`)⁷", t(pre), "same",
+    idle = r.ns("superpage/ours_always_idle_zeroing")
+    rows.append(("the same, the page-zeroing thread running on the other core (`Vm::spawn_page_zeroer`)⁷", t(idle), "same",
+                 f"{x(thp / idle)} faster" if thp >= idle else f"{x(thp / idle)} (kernel {x(idle / thp)} faster)", "—"))
+    rows.append(("the same, free frames zeroed before each sample, outside the timing (`Vm::zero_free_pages`)⁷", t(pre), "same",
                  f"{x(thp / pre)} faster", "—"))
     ours, k4, o4 = r.ns("superpage/ours"), r.ns("superpage/kernel_4k"), r.ns("superpage/ours_4k")
     rows.append(("64 MiB aligned anonymous fill, a fault per page, reservations + promotion (the default)⁷", t(ours),
@@ -153,6 +156,12 @@ def main_table(r):
     de, nde = r.ns("superpage_pmap/demote"), r.ns("superpage_pmap/no_demote")
     rows.append(("demotion: a wiring change inside a superpage⁷", t(de), f"the same in a 4 KiB table: {t(nde)}",
                  f"+{t(de - nde)} per split", "—"))
+    rs, r4 = r.ns("superpage_pmap/remove_superpage"), r.ns("superpage_pmap/remove_4k")
+    rows.append(("unmapping a superpage whole: one entry removed (`superpage_pmap`)⁷", t(rs),
+                 f"the same 2 MiB in 512 4 KiB entries: {t(r4)}", f"{x(r4 / rs)} faster", "—"))
+    es, e5 = r.ns("superpage_pmap/enter_superpage"), r.ns("superpage_pmap/enter_512")
+    rows.append(("mapping 2 MiB at once (`enter_superpage`; `superpage_pmap`)⁷", t(es),
+                 f"512 `enter`s, promotion off: {t(e5)}", f"{x(e5 / es)} faster", "—"))
     rt, bare = r.ns("kvm/fault_round_trip"), r.ns("kvm/bare_exit")
     rows.append(("KVM guest #PF → host `fault()` → resume (`kvm`)", f"{t(rt - bare)} ({t(rt)} − {t(bare)})",
                  f"bare guest exit: {t(bare)}", x((rt - bare) / bare), "≤ 2×"))

@@ -634,11 +634,14 @@ impl<T: TlbHook> X86Pmap<T> {
         tables.len() + g.spare.len()
     }
 
-    /// Visits every present 4 KiB leaf in `start..end` under `table` of
-    /// `level`, demoting superpages on the way; `f` returns whether it
-    /// cleared the entry. Tables left empty are freed (their parent
-    /// entries noted in `flush`).
-    /// The caller holds the table-tree lock exclusive (`tree`).
+    /// Visits every present leaf in `start..end` under `table` of
+    /// `level`: `f` gets each 4 KiB entry (`Level::PT`) and each superpage
+    /// wholly inside the range (`Level::PD`: changed or removed as one
+    /// entry, FreeBSD `pmap_protect_pde` and `pmap_remove_pde`), and
+    /// returns whether it cleared the entry; a superpage the range covers
+    /// in part is demoted first. Tables left empty are freed (their parent
+    /// entries noted in `flush`), and so is a removed superpage's kept
+    /// table. The caller holds the table-tree lock exclusive (`tree`).
     #[allow(clippy::too_many_arguments)]
     fn visit(
         &self,
@@ -649,7 +652,7 @@ impl<T: TlbHook> X86Pmap<T> {
         start: u64,
         end: u64,
         flush: &mut PendingFlush,
-        f: &mut dyn FnMut(u64, &AtomicU64) -> bool,
+        f: &mut dyn FnMut(u64, &AtomicU64, Level) -> bool,
     ) {
         let Some(phys) = self.phys() else { return };
         let step = level.span();
@@ -668,16 +671,29 @@ impl<T: TlbHook> X86Pmap<T> {
                 continue;
             }
             if level == Level::PD && superpage::is_superpage(e) {
-                // Whole or in part: the 4 KiB entries carry each page's
-                // removal or change (FreeBSD removes a whole superpage in
-                // one step; not done here).
+                if start <= va && va + step <= end {
+                    if f(va, slot, level) {
+                        self.superpage_stats
+                            .removals
+                            .fetch_add(1, Ordering::Relaxed);
+                        let kept = tree.spare.remove(&va);
+                        debug_assert!(kept.is_some(), "superpage {va:#x} without its table");
+                        if let Some(t) = kept {
+                            flush.retire_table(t);
+                        }
+                        self.count_add(table, -1);
+                    }
+                    continue;
+                }
+                // In part: the 4 KiB entries carry each page's removal or
+                // change.
                 match self.demote(tree, slot, va, flush) {
                     Some(table) => e = table,
                     None => continue,
                 }
             }
             let Some(below) = level.below() else {
-                if f(va, slot) {
+                if f(va, slot, level) {
                     self.count_add(table, -1);
                 }
                 continue;
@@ -724,13 +740,15 @@ impl<T: TlbHook> X86Pmap<T> {
             start,
             end,
             &mut flush,
-            &mut |va, slot| {
+            &mut |va, slot, level| {
                 let old = slot.swap(0, Ordering::AcqRel);
-                resident += 1;
-                if old & PteFlags::WIRED.bits() != 0 {
-                    wired += 1;
+                for (va, old) in superpage::leaves(va, old, level) {
+                    resident += 1;
+                    if old & PteFlags::WIRED.bits() != 0 {
+                        wired += 1;
+                    }
+                    noted.push((va, old));
                 }
-                noted.push((va, old));
                 true
             },
         );
@@ -1500,7 +1518,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
             start,
             end,
             &mut flush,
-            &mut |va, slot| {
+            &mut |va, slot, level| {
                 let mut cur = slot.load(Ordering::Acquire);
                 loop {
                     let mut new = cur;
@@ -1515,7 +1533,7 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
                     }
                     match slot.compare_exchange(cur, new, Ordering::AcqRel, Ordering::Acquire) {
                         Ok(_) => {
-                            changed.push((va, cur));
+                            changed.extend(superpage::leaves(va, cur, level));
                             break;
                         }
                         Err(now) => cur = now,

@@ -32,9 +32,11 @@
 //! fills the whole 2 MiB), with a fresh table frame set aside the same
 //! way; it keeps the invariant above by refusing a writable entry that is
 //! not dirty. Any operation that needs a 4 KiB entry inside a
-//! superpage — a partial or whole `remove` or `protect`, `enter` of a page
+//! superpage — a `remove` or `protect` of part of it, `enter` of a page
 //! in it, a wiring change, the per-page pv operations but `is_modified`
-//! and `ts_referenced` — demotes it first.
+//! and `ts_referenced` — demotes it first. A `remove` or `protect` of the
+//! whole 2 MiB changes the one entry (FreeBSD `pmap_remove_pde`,
+//! `pmap_protect_pde`), reporting and invalidating page by page.
 //! Both changes take the table-tree lock exclusive; promotion only if it
 //! can without waiting (a waiting writer behind a fault preempted inside
 //! the lock would stall every fault of the space), else a later `enter`
@@ -96,6 +98,10 @@ pub struct SuperpageStats {
     /// 2 MiB entries made whole by `enter_superpage`, without a leaf table
     /// first (FreeBSD's `vm.pmap.pde.mappings`).
     pub mappings: AtomicU64,
+    /// 2 MiB entries removed whole by a `remove` of all their 2 MiB,
+    /// without a demotion. Every entry made ends as a demotion or one of
+    /// these.
+    pub removals: AtomicU64,
 }
 
 impl SuperpageStats {
@@ -170,6 +176,23 @@ pub(crate) fn pte_of(pde: u64, i: usize) -> u64 {
         flags |= PTE_PAT;
     }
     ((pde & PG_PS_FRAME) + i as u64 * vm_core::PAGE_SIZE) | flags
+}
+
+/// The 4 KiB pages leaf entry `e` of `level` at `va` maps, each with the
+/// entry it has or would have: itself for a 4 KiB entry, the 512 entries a
+/// demotion would make for a 2 MiB one (A in each, as demotion gives it:
+/// what makes a later flush of each page's address, so no CPU keeps a
+/// 4 KiB translation cached from before a promotion). What a removal or
+/// protection of a whole superpage reports and invalidates, page by page.
+pub(crate) fn leaves(va: u64, e: u64, level: Level) -> impl Iterator<Item = (u64, u64)> {
+    let n = if level == Level::PD { ENTRIES } else { 1 };
+    (0..n).map(move |i| {
+        if level == Level::PD {
+            (va + i as u64 * vm_core::PAGE_SIZE, pte_of(e | ACCESSED, i))
+        } else {
+            (va, e)
+        }
+    })
 }
 
 /// Whether `ts_referenced` of frame `pfn` through a superpage at `va` of

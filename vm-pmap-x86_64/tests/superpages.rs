@@ -705,3 +705,82 @@ fn a_superpage_entered_whole_is_mapped_page_by_page_for_every_reader() {
     assert!(p.translate_access(&s2, VA, Access::USER_READ).is_ok());
     assert_eq!(p.mapping_count(Pfn(BASE_PFN)), 2);
 }
+
+/// A `protect` or `remove` of a whole superpage changes its one entry
+/// (FreeBSD `pmap_protect_pde`, `pmap_remove_pde`): no demotion, every
+/// page's M reported, the whole space invalidated (a CPU may hold 4 KiB
+/// translations of the pages from before a promotion), and on removal the
+/// kept table freed with the entry.
+#[test]
+fn a_whole_superpage_is_protected_and_removed_as_one_entry() {
+    for (way, fill) in WAYS_IN {
+        let vm = machine();
+        let p = vm.pmap();
+        let free = vm.free_pages();
+        let space = p.create_space().unwrap();
+        fill(p, &space, Prot::RW, Prot::WRITE, MemAttr::WriteBack);
+        let tables = p.table_pages(&space);
+        let full = p.tlb_stats().full.load(Ordering::Relaxed);
+        let mut dirty = Vec::new();
+        p.protect(
+            &space,
+            VirtAddr(VA)..VirtAddr(VA + SUPER),
+            Prot::READ,
+            &mut |d| dirty.push(d.pfn.0),
+        );
+        assert!(is_super(p, &space, VA), "{way}: protect demoted it");
+        assert_eq!(p.superpage_stats().get().1, 0, "{way}");
+        assert_eq!(
+            dirty,
+            (BASE_PFN..BASE_PFN + PAGES).collect::<Vec<_>>(),
+            "{way}"
+        );
+        let pde = PteFlags::from_bits_truncate(p.pte(&space, VA).unwrap());
+        assert!(
+            !pde.intersects(PteFlags::WRITABLE | PteFlags::DIRTY),
+            "{way}: {pde:?}"
+        );
+        assert!(
+            p.tlb_stats().full.load(Ordering::Relaxed) > full,
+            "{way}: not invalidated"
+        );
+        assert!(
+            p.translate_access(&space, VA + 9 * PAGE, Access::USER_WRITE)
+                .is_err()
+        );
+        assert_maps_run(p, &space, way);
+        assert_eq!(p.table_pages(&space), tables, "{way}");
+        // Removed whole: each page reported with its frame, clean since
+        // the protect.
+        let full = p.tlb_stats().full.load(Ordering::Relaxed);
+        let mut gone = Vec::new();
+        p.remove(&space, VirtAddr(VA)..VirtAddr(VA + SUPER), &mut |d| {
+            gone.push((d.pfn.0, d.modified))
+        });
+        assert_eq!(
+            gone,
+            (BASE_PFN..BASE_PFN + PAGES)
+                .map(|f| (f, false))
+                .collect::<Vec<_>>(),
+            "{way}: read-only and clean since the protect"
+        );
+        let stats = p.superpage_stats();
+        assert_eq!(
+            (stats.get().1, stats.removals.load(Ordering::Relaxed)),
+            (0, 1),
+            "{way}"
+        );
+        assert!(
+            p.tlb_stats().full.load(Ordering::Relaxed) > full,
+            "{way}: not invalidated"
+        );
+        assert_eq!(space.resident_count(), 0, "{way}");
+        assert_eq!(p.table_pages(&space), 1, "{way}: only the root left");
+        for i in [0, 200, 511] {
+            assert_eq!(p.mapping_count(Pfn(BASE_PFN + i)), 0, "{way}: pv of {i}");
+            assert_eq!(p.extract(&space, VirtAddr(VA + i * PAGE)), None, "{way}");
+        }
+        p.destroy_space(&space);
+        assert_eq!(vm.free_pages(), free, "{way}: a table frame leaked");
+    }
+}
