@@ -1246,7 +1246,8 @@ impl<T: TlbHook + 'static> Pmap for X86Pmap<T> {
         let mut tables = alloc::vec::Vec::new();
         self.tables_under(space.0.root, self.mode.paging.root(), &mut tables);
         debug_assert_eq!(tables.len(), 1, "only the root is left");
-        // `remove` demoted every superpage, taking its kept table.
+        // `remove` took every superpage, whole (freeing its kept table) or
+        // demoted (the table back in the tree).
         debug_assert!(destroyed.spare.is_empty(), "a superpage's table is left");
         tables.extend(destroyed.spare.drain().map(|(_, t)| t));
         for t in tables {
