@@ -348,6 +348,27 @@ fn superpage(c: &mut Criterion) {
 }
 
 /// The pmap's own promotion and demotion cost: see the module docs.
+/// Times `op` alone on each of `iters` fresh spaces `setup` makes, each
+/// destroyed by `teardown` after, outside the timing.
+fn time_each<S>(
+    b: &mut criterion::Bencher<'_>,
+    setup: impl Fn() -> S,
+    op: impl Fn(&S),
+    teardown: impl Fn(&S),
+) {
+    b.iter_custom(|iters| {
+        let mut total = Duration::ZERO;
+        for _ in 0..iters {
+            let s = setup();
+            let t = Instant::now();
+            op(&s);
+            total += t.elapsed();
+            teardown(&s);
+        }
+        total
+    });
+}
+
 fn superpage_pmap(c: &mut Criterion) {
     use vm_core::pmap::{Mapping, PageInfo, Pmap};
     use vm_core::{MemAttr, Pfn, VirtAddr};
@@ -370,39 +391,26 @@ fn superpage_pmap(c: &mut Criterion) {
             };
             Mapping::new(page, Prot::RW).access(Prot::WRITE)
         };
-        let filled = |last: bool| {
+        let filled = |pages: u64| {
             let s = p.create_space().unwrap();
-            for i in 0..if last { 512 } else { 511 } {
+            for i in 0..pages {
                 p.enter(&s, VirtAddr(VA + i * PAGE), m(i)).unwrap();
             }
             s
         };
+        let destroy = |s: &_| p.destroy_space(s);
+        // The `enter` that fills the leaf table (and so promotes it).
         g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let s = filled(false);
-                    let t = Instant::now();
-                    p.enter(&s, VirtAddr(VA + 511 * PAGE), m(511)).unwrap();
-                    total += t.elapsed();
-                    p.destroy_space(&s);
-                }
-                total
-            });
+            let last = |s: &_| {
+                p.enter(s, VirtAddr(VA + 511 * PAGE), m(511)).unwrap();
+            };
+            time_each(b, || filled(511), last, destroy);
         });
+        // A wiring change of one page: demotes a superpage.
         let name = if promote { "demote" } else { "no_demote" };
         g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let s = filled(true);
-                    let t = Instant::now();
-                    p.change_wiring(&s, VirtAddr(VA + 7 * PAGE), true);
-                    total += t.elapsed();
-                    p.destroy_space(&s);
-                }
-                total
-            });
+            let wire = |s: &_| p.change_wiring(s, VirtAddr(VA + 7 * PAGE), true);
+            time_each(b, || filled(512), wire, destroy);
         });
         // Unmapping the 2 MiB: one 2 MiB entry removed whole, or 512.
         let name = if promote {
@@ -411,17 +419,8 @@ fn superpage_pmap(c: &mut Criterion) {
             "remove_4k"
         };
         g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let s = filled(true);
-                    let t = Instant::now();
-                    p.remove(&s, VirtAddr(VA)..VirtAddr(VA + 512 * PAGE), &mut |_| {});
-                    total += t.elapsed();
-                    p.destroy_space(&s);
-                }
-                total
-            });
+            let unmap = |s: &_| p.remove(s, VirtAddr(VA)..VirtAddr(VA + 512 * PAGE), &mut |_| {});
+            time_each(b, || filled(512), unmap, destroy);
         });
         // Mapping the 2 MiB at once (`enter_superpage`), or 512 `enter`s.
         let name = if promote {
@@ -430,23 +429,16 @@ fn superpage_pmap(c: &mut Criterion) {
             "enter_512"
         };
         g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let s = p.create_space().unwrap();
-                    let t = Instant::now();
-                    if promote {
-                        assert_eq!(p.enter_superpage(&s, VirtAddr(VA), m(0)), Ok(true));
-                    } else {
-                        for i in 0..512 {
-                            p.enter(&s, VirtAddr(VA + i * PAGE), m(i)).unwrap();
-                        }
+            let map = |s: &_| {
+                if promote {
+                    assert_eq!(p.enter_superpage(s, VirtAddr(VA), m(0)), Ok(true));
+                } else {
+                    for i in 0..512 {
+                        p.enter(s, VirtAddr(VA + i * PAGE), m(i)).unwrap();
                     }
-                    total += t.elapsed();
-                    p.destroy_space(&s);
                 }
-                total
-            });
+            };
+            time_each(b, || p.create_space().unwrap(), map, destroy);
         });
     }
     g.finish();
