@@ -570,13 +570,8 @@ impl Pages {
                 self.unlink(&mut shard, id);
             }
             drop(shard);
-            self.counts.free.fetch_sub(taken, Ordering::AcqRel);
-            self.counts.free_zeroed.fetch_sub(zeroed, Ordering::AcqRel);
-            for id in share(s) {
-                let page = self.get(id);
-                page.set_queue(PageQueue::None);
-                page.set_identity(crate::page::NO_OBJECT, 0);
-            }
+            self.count_taken(taken, zeroed);
+            share(s).for_each(|id| self.hand_out(id));
         }
         true
     }
@@ -620,10 +615,22 @@ impl Pages {
     /// Settles the counts for page `id`, just taken off a list, and hands
     /// it out: off every queue, in no object.
     fn taken(&self, id: PageId, zeroed: bool) {
-        self.counts.free.fetch_sub(1, Ordering::AcqRel);
-        if zeroed {
-            self.counts.free_zeroed.fetch_sub(1, Ordering::AcqRel);
+        self.count_taken(1, u64::from(zeroed));
+        self.hand_out(id);
+    }
+
+    /// Counts `taken` pages off the free count, `zeroed` of them off the
+    /// zeroed count.
+    fn count_taken(&self, taken: u64, zeroed: u64) {
+        self.counts.free.fetch_sub(taken, Ordering::AcqRel);
+        if zeroed != 0 {
+            self.counts.free_zeroed.fetch_sub(zeroed, Ordering::AcqRel);
         }
+    }
+
+    /// Page `id`, just taken off a list, as it is handed out: off every
+    /// queue, in no object.
+    fn hand_out(&self, id: PageId) {
         let page = self.get(id);
         page.set_queue(PageQueue::None);
         page.set_identity(crate::page::NO_OBJECT, 0);
@@ -977,7 +984,8 @@ mod tests {
             p.free(id);
         }
         assert_eq!(p.free_zeroed_count(), 2);
-        // A page of the run in use (shard 13's share): nothing is taken.
+        // A page of the run in use, in the 13th shard's share: the 12
+        // shares before it are taken and given back, nothing is kept.
         let busy = PageId(first.0 + 300);
         p.alloc_at(busy, AllocClass::Normal).unwrap();
         assert!(!p.alloc_run_rest(first, 9, AllocClass::Normal));

@@ -195,18 +195,18 @@ impl<P: Pmap> FaultState<'_, P> {
         });
         let whole = populated.len() == RUN_PAGES as usize - 1 && self.enter_whole(&populated, like);
         for &(va, _, id) in &populated {
-            let pg = PageInfo {
-                pfn: pages.pfn(id),
-                managed: true,
-                attr: pages.attr(id),
-            };
-            // A failure (no memory for a table) leaves the page resident
-            // and unmapped: the next access faults it in.
             if !whole {
-                if let Ok(Some(d)) =
+                let page = PageInfo {
+                    pfn: pages.pfn(id),
+                    managed: true,
+                    attr: pages.attr(id),
+                };
+                // A failure (no memory for a table) leaves the page
+                // resident and unmapped: the next access faults it in.
+                let entered =
                     vm.pmap
-                        .enter(self.target.pmap, VirtAddr(va), Mapping { page: pg, ..like })
-                {
+                        .enter(self.target.pmap, VirtAddr(va), Mapping { page, ..like });
+                if let Ok(Some(d)) = entered {
                     vm.note_displaced(d);
                 }
             }
