@@ -3,8 +3,9 @@
 //! where KVM cannot run.
 #![cfg(all(feature = "kvm", target_os = "linux", target_arch = "x86_64"))]
 
+use core::sync::atomic::Ordering;
 use vm_core::pmap::{PageInfo, Pmap};
-use vm_core::{Mapping, MemAttr, Prot, VirtAddr, Vm, VmConfig};
+use vm_core::{Mapping, MemAttr, Prot, SuperpagePolicy, VirtAddr, Vm, VmConfig};
 use vm_pmap_x86_64::oracle::{self, Op, Oracle};
 use vm_pmap_x86_64::{NoTlb, X86Pmap};
 
@@ -206,6 +207,99 @@ fn real_mmu_walks_promoted_superpages() {
         space.extract(DIRTY_SP).is_none() && pages.is_empty(),
         "unmanaged frames are not reported"
     );
+    vm.check_consistency().unwrap();
+}
+
+/// 2 MiB superpages vm-core maps whole (`SuperpagePolicy::Always`: one
+/// write fault, one PS entry from `enter_superpage`, no leaf table) under a
+/// real MMU: the guest's first store in each 2 MiB faults once and the rest
+/// go through the entry; a protect of the whole 2 MiB keeps it one entry,
+/// read-only, and a store through it faults with the code the software MMU
+/// gives; after an unmap of the whole 2 MiB the next store is a new
+/// whole-superpage fault, and a read beside it sees a zeroed frame.
+#[test]
+fn real_mmu_walks_superpages_vm_core_maps_whole() {
+    const SUPER: u64 = 2 << 20;
+    const SP: u64 = 0x4000_0000;
+    let mode = match oracle::host_cpu_mode() {
+        Ok(m) => m,
+        Err(why) => return println!("SKIP: {why}"),
+    };
+    let config = VmConfig {
+        superpages: SuperpagePolicy::Always,
+        ..VmConfig::with_memory(32 << 20)
+    };
+    let vm = Vm::new(X86Pmap::with_hook(mode, NoTlb), config).unwrap();
+    let space = vm.new_space().unwrap();
+    let mut guest = match Oracle::new(&vm, &space) {
+        Ok(g) => g,
+        Err(why) => return println!("SKIP: {why}"),
+    };
+    let p = vm.pmap();
+    let is_ps = |va: u64| p.pte(space.pmap_space(), va).is_some_and(|e| e & 0x80 != 0);
+    space.map_anon(SP, 2 * SUPER, Prot::RW).unwrap();
+    let check = |report: &oracle::Report| {
+        println!("{report:#?}");
+        assert!(
+            report.mismatches.is_empty(),
+            "CPU and software MMU disagree: {:#?}",
+            report.mismatches
+        );
+    };
+    let script = [
+        Op::Write(SP + 8),
+        Op::Write(SP + 511 * PAGE + 16),
+        Op::Read(SP + 300 * PAGE),
+        Op::Write(SP + SUPER + 5 * PAGE + 24),
+        Op::Read(SP + SUPER + 511 * PAGE),
+    ];
+    let report = guest.run(&vm, &space, &script).expect("guest ran");
+    check(&report);
+    assert_eq!(report.faults_served, 2, "one fault per 2 MiB");
+    assert!(is_ps(SP) && is_ps(SP + SUPER), "both mapped by one entry");
+    assert_eq!(p.superpage_stats().mappings.load(Ordering::Relaxed), 2);
+    assert_eq!(p.superpage_stats().promotions.load(Ordering::Relaxed), 0);
+    for va in [SP + 8, SP + 511 * PAGE + 16, SP + SUPER + 5 * PAGE + 24] {
+        let mut b = [0u8; 8];
+        space.read(va, &mut b).unwrap();
+        assert_eq!(u64::from_le_bytes(b), va, "the store through the PS entry");
+    }
+
+    // Mapped now, so the oracle predicts and compares the entries the
+    // accesses leave (the software MMU's walk of the PS entry).
+    let script = [
+        Op::Read(SP + 100 * PAGE),
+        Op::Write(SP + SUPER + 200 * PAGE),
+    ];
+    let report = guest.run(&vm, &space, &script).expect("guest ran");
+    check(&report);
+    assert_eq!((report.faults_served, report.ad_checked), (0, 2));
+
+    // Read-only, still one entry: reads go through, a store faults.
+    space.protect(SP, SUPER, Prot::READ).unwrap();
+    assert!(is_ps(SP), "a protect of all 2 MiB keeps the superpage");
+    let script = [Op::Read(SP + 40 * PAGE), Op::Write(SP + 41 * PAGE)];
+    let report = guest.run(&vm, &space, &script).expect("guest ran");
+    check(&report);
+    assert_eq!(report.codes_checked, 1, "the store to the read-only 2 MiB");
+    assert_eq!(report.ad_checked, 1, "the read");
+    assert_eq!(report.faults_refused.len(), 1);
+    assert!(report.faults_refused[0].1.contains("SEGV_ACCERR"));
+
+    // Unmapped whole and mapped again: a new whole-superpage fault, zeros.
+    space.unmap(SP, SUPER).unwrap();
+    assert_eq!(p.superpage_stats().removals.load(Ordering::Relaxed), 1);
+    space.map_anon(SP, SUPER, Prot::RW).unwrap();
+    let script = [Op::Write(SP + 9 * PAGE), Op::Read(SP + 8)];
+    let report = guest.run(&vm, &space, &script).expect("guest ran");
+    check(&report);
+    assert_eq!(report.faults_served, 1, "the store maps all 2 MiB at once");
+    assert!(is_ps(SP));
+    assert_eq!(space.read_u8(SP + 8).unwrap(), 0, "a new frame reads zero");
+    let mut b = [0u8; 8];
+    space.read(SP + 9 * PAGE, &mut b).unwrap();
+    assert_eq!(u64::from_le_bytes(b), SP + 9 * PAGE);
+    assert_eq!(p.superpage_stats().demotions.load(Ordering::Relaxed), 0);
     vm.check_consistency().unwrap();
 }
 
