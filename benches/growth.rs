@@ -3,8 +3,9 @@
 //! address space; and the crate combinations — {reference, x86_64 pmap} ×
 //! {anonymous, swap-backed, file-backed}. Also how msync and fork of a
 //! range with a held page grow: with what is resident (linearly), not
-//! with the range's virtual size (flat). Each group's first member is its
-//! baseline, measured in the same run.
+//! with the range's virtual size (flat), and how unmapping a spread range
+//! grows (with what it maps, not with its tables' 512 slots each). Each
+//! group's first member is its baseline, measured in the same run.
 //!
 //! `cargo bench --bench growth`
 
@@ -146,6 +147,29 @@ fn sparse(c: &mut Criterion) {
             },
             move |i| BASE + i * step,
         );
+    }
+    // Taking the same spaces down: `unmap` of the whole range with its
+    // `FAULTS` pages resident (the tables it empties freed with them).
+    for (name, span) in [("unmap_1MiB", 1u64 << 20), ("unmap_64GiB", 64u64 << 30)] {
+        let step = span / FAULTS;
+        g.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    let s = vm.new_space().unwrap();
+                    s.map_anon(BASE, span, Prot::RW).unwrap();
+                    for i in 0..FAULTS {
+                        s.fault(BASE + i * step, Prot::WRITE, FaultFlags::DIRTY)
+                            .unwrap();
+                    }
+                    s
+                },
+                |s| {
+                    s.unmap(BASE, span).unwrap();
+                    s
+                },
+                BatchSize::PerIteration,
+            );
+        });
     }
     g.finish();
 }

@@ -117,3 +117,65 @@ fn a_new_space_waits_for_memory_for_its_root_table() {
     let _balloon = vm.inflate_balloon(vm.free_pages());
     assert_eq!(vm.new_space().unwrap_err(), PmapError::NoMemory);
 }
+
+/// Protecting and unmapping a range whose tables are sparse: entries at a
+/// table's first, middle and last slots, a leaf table's last slot at the
+/// end of a page directory, a superpage among leaf tables. Every entry is
+/// reached (protect and remove stop scanning a table once they have seen
+/// as many entries as it counts), and the unmap leaves only the root.
+#[test]
+fn sparse_tables_are_protected_and_taken_down_whole() {
+    use vm_core::{Prot, Vm};
+    const PAGE: u64 = 0x1000;
+    const GIB: u64 = 1 << 30;
+    // Room for a reservation per sparse page and one for the superpage.
+    let vm = Vm::new(
+        vm_pmap_x86_64::X86Pmap::new(),
+        vm_testkit::test_config(8192),
+    )
+    .unwrap();
+    let p = vm.pmap();
+    let space = vm.new_space().unwrap();
+    let base = 256 * GIB;
+    space.map_anon(base, 2 * GIB, Prot::RW).unwrap();
+    let sparse = [
+        base,
+        base + 255 * PAGE,
+        base + 511 * PAGE,
+        base + GIB - PAGE,
+        base + GIB + 511 * PAGE,
+        base + 2 * GIB - PAGE,
+    ];
+    for va in sparse {
+        space.write(va, &va.to_le_bytes()).unwrap();
+    }
+    // A whole 2 MiB written page by page: promoted among the leaf tables.
+    let sp = base + (8 << 20);
+    for i in 0..512 {
+        space.write(sp + i * PAGE, &[1]).unwrap();
+    }
+    let is_ps = |va: u64| p.pte(space.pmap_space(), va).is_some_and(|e| e & 0x80 != 0);
+    assert!(is_ps(sp), "promoted");
+    let writable = |va: u64| p.pte(space.pmap_space(), va).is_some_and(|e| e & 0x2 != 0);
+    assert!(sparse.iter().chain([&sp]).all(|&va| writable(va)));
+    space.protect(base, 2 * GIB, Prot::READ).unwrap();
+    for va in sparse.iter().chain([&sp]) {
+        assert!(!writable(*va), "{va:#x} still writable");
+        let mut b = [0u8; 8];
+        space.read(*va, &mut b).unwrap();
+    }
+    assert_eq!(
+        space.read_u8(base + GIB - PAGE).unwrap(),
+        (base + GIB - PAGE) as u8
+    );
+    space.unmap(base, 2 * GIB).unwrap();
+    for va in sparse.iter().chain([&sp]) {
+        assert_eq!(space.extract(*va), None, "{va:#x} still mapped");
+    }
+    assert_eq!(
+        p.table_pages(space.pmap_space()),
+        1,
+        "only the root is left"
+    );
+    vm.check_consistency().unwrap();
+}
