@@ -738,7 +738,7 @@ impl<T: TlbHook> X86Pmap<T> {
     /// entry counts `visit` trusts).
     fn empty_from(&self, table: u64, idx: TableIndex) -> bool {
         let Some(phys) = self.phys() else { return true };
-        TableIndex::all().skip(idx.get() as usize).all(|i| {
+        TableIndex::all().skip(idx.get()).all(|i| {
             entry_at(phys, PhysAddr(table), i)
                 .is_none_or(|slot| slot.load(Ordering::Relaxed) & PteFlags::PRESENT.bits() == 0)
         })
