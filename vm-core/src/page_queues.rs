@@ -18,7 +18,7 @@
 use crate::addr::Pfn;
 use crate::mem_attr::MemAttr;
 use crate::page::{PageFlags, PageId, PageQueue, VmPage};
-use crate::sync::ShardedCount;
+use crate::sync::{BatchedCount, ShardedCount};
 use crate::sync::{Mutex, WaitTable};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -102,10 +102,13 @@ impl FreeShard {
 }
 
 /// Free-page counts and the count of threads waiting for free memory.
+/// The counts are batched per thread: a fault compares the free count with
+/// its thresholds, and every allocation and free changes it, so one shared
+/// word would move between the CPUs at every fault.
 #[derive(Debug, Default)]
 struct FreeCounts {
-    free: AtomicU64,
-    free_zeroed: AtomicU64,
+    free: BatchedCount,
+    free_zeroed: BatchedCount,
     mem_waiters: AtomicU32,
 }
 
@@ -116,10 +119,8 @@ pub(crate) struct Pages {
     /// The free lists, each on a cache line of its own (four unpadded
     /// shards share one, and their threads would bounce it).
     shards: Box<[crossbeam_utils::CachePadded<Mutex<FreeShard>>]>,
-    /// The free counts, which every allocation and free changes, on a
-    /// cache line of their own: beside the read-only fields above, every
-    /// page lookup on every CPU would miss after each allocation.
-    counts: crossbeam_utils::CachePadded<FreeCounts>,
+    /// The free counts (each on cache lines of its own).
+    counts: FreeCounts,
     active: ShardedCount,
     inactive: ShardedCount,
     wired: ShardedCount,
@@ -181,7 +182,7 @@ impl Pages {
             pages,
             base_pfn,
             shards,
-            counts: crossbeam_utils::CachePadded::new(FreeCounts::default()),
+            counts: FreeCounts::default(),
             active: ShardedCount::default(),
             inactive: ShardedCount::default(),
             wired: ShardedCount::default(),
@@ -365,12 +366,21 @@ impl Pages {
         (i < self.pages.len() as u64).then_some(PageId(i as u32))
     }
 
+    /// Free pages (exact at rest; it reads every thread's share, so the
+    /// fault path asks [`free_at_least`](Self::free_at_least) instead).
     pub(crate) fn free_count(&self) -> u64 {
-        self.counts.free.load(Ordering::Acquire)
+        self.counts.free.exact()
     }
 
+    /// Free pages known to be zero (as [`free_count`](Self::free_count)).
     pub(crate) fn free_zeroed_count(&self) -> u64 {
-        self.counts.free_zeroed.load(Ordering::Acquire)
+        self.counts.free_zeroed.exact()
+    }
+
+    /// Whether at least `n` pages are free: cheap unless the free count
+    /// is near `n`.
+    pub(crate) fn free_at_least(&self, n: u64) -> bool {
+        self.counts.free.at_least(n)
     }
 
     pub(crate) fn queue_count(&self, q: PageQueue) -> u64 {
@@ -388,7 +398,7 @@ impl Pages {
 
     /// FreeBSD `vm_page_count_severe`.
     pub(crate) fn count_severe(&self) -> bool {
-        self.free_count() < self.thresholds.severe.max(1)
+        !self.free_at_least(self.thresholds.severe.max(1))
     }
 
     fn push_free(&self, id: PageId) {
@@ -413,9 +423,9 @@ impl Pages {
         // no one takes it (and counts it out) before it is counted in.
         self.run_count(&mut shard, id, true);
         if zeroed {
-            self.counts.free_zeroed.fetch_add(1, Ordering::AcqRel);
+            self.counts.free_zeroed.add(1);
         }
-        self.counts.free.fetch_add(1, Ordering::AcqRel);
+        self.counts.free.add(1);
     }
 
     /// Allocates a free page, preferring a known-zero one when `zero` (the
@@ -424,15 +434,15 @@ impl Pages {
     /// over the shards. The page comes back off every queue, not busy, with
     /// only `ZERO` possibly set.
     pub(crate) fn alloc(&self, hint: u64, class: AllocClass, zero: bool) -> Option<PageId> {
-        if self.free_count() <= self.floor(class) {
+        if !self.free_at_least(self.floor(class) + 1) {
             return None;
         }
         // First the kind asked for, on any shard (skipped when the counts
         // say there is none), then whatever is there.
         let preferred_exists = if zero {
-            self.free_zeroed_count() > 0
+            self.counts.free_zeroed.at_least(1)
         } else {
-            self.free_count() > self.free_zeroed_count()
+            self.plain_exists()
         };
         let passes: &[Option<bool>] = if preferred_exists {
             &[Some(zero), None]
@@ -514,7 +524,7 @@ impl Pages {
     /// Allocates free page `id` itself, if it is free (on its list) and the
     /// free count allows `class` an allocation: a frame of a reservation.
     pub(crate) fn alloc_at(&self, id: PageId, class: AllocClass) -> Option<PageId> {
-        if id.0 as usize >= self.pages.len() || self.free_count() <= self.floor(class) {
+        if id.0 as usize >= self.pages.len() || !self.free_at_least(self.floor(class) + 1) {
             return None;
         }
         let page = self.get(id);
@@ -542,7 +552,7 @@ impl Pages {
     pub(crate) fn alloc_run_rest(&self, first: PageId, skip: u64, class: AllocClass) -> bool {
         let want = RUN_PAGES - 1;
         if u64::from(first.0) + RUN_PAGES > self.pages.len() as u64
-            || self.free_count() < self.floor(class) + want
+            || !self.free_at_least(self.floor(class) + want)
         {
             return false;
         }
@@ -622,10 +632,18 @@ impl Pages {
     /// Counts `taken` pages off the free count, `zeroed` of them off the
     /// zeroed count.
     fn count_taken(&self, taken: u64, zeroed: u64) {
-        self.counts.free.fetch_sub(taken, Ordering::AcqRel);
-        if zeroed != 0 {
-            self.counts.free_zeroed.fetch_sub(zeroed, Ordering::AcqRel);
+        self.counts.free.add(-(taken as i64));
+        self.counts.free_zeroed.add(-(zeroed as i64));
+    }
+
+    /// Whether some free page is not known zero: from the shared totals
+    /// unless they are too close to tell.
+    fn plain_exists(&self) -> bool {
+        let (free, zeroed) = (&self.counts.free, &self.counts.free_zeroed);
+        if free.approx() > zeroed.approx() + 2 * BatchedCount::SLACK {
+            return true;
         }
+        free.exact() > zeroed.exact()
     }
 
     /// Page `id`, just taken off a list, as it is handed out: off every

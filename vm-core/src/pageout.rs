@@ -61,11 +61,11 @@ impl<P: Pmap> Vm<P> {
         let pages = &self.machine.pages;
         let mut r = PageoutReport::default();
         for _ in 0..SWEEPS {
-            if pages.free_count() >= free_target {
+            if pages.free_at_least(free_target) {
                 break;
             }
             self.sweep(PageQueue::Inactive, free_target, &mut r);
-            if pages.free_count() >= free_target {
+            if pages.free_at_least(free_target) {
                 break;
             }
             self.sweep(PageQueue::Active, free_target, &mut r);
@@ -123,7 +123,7 @@ impl<P: Pmap> Vm<P> {
         let pages = &self.machine.pages;
         let total = pages.len();
         for _ in 0..total {
-            if queue == PageQueue::Inactive && pages.free_count() >= free_target {
+            if queue == PageQueue::Inactive && pages.free_at_least(free_target) {
                 return;
             }
             let id = PageId(self.hand.fetch_add(1, Ordering::Relaxed) % total);

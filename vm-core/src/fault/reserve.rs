@@ -113,7 +113,7 @@ impl<P: Pmap> FaultState<'_, P> {
     /// is gone or memory is short (the fault then maps its page alone).
     pub(super) fn populate(&mut self, p: Populate) {
         let pages = &self.machine.pages;
-        if pages.free_count() < pages.thresholds.severe + RUN_PAGES
+        if !pages.free_at_least(pages.thresholds.severe + RUN_PAGES)
             || !pages.alloc_run_rest(p.first, p.offset, AllocClass::Normal)
         {
             return;

@@ -310,6 +310,74 @@ impl ShardedCount {
     }
 }
 
+/// What a shard of a [`BatchedCount`] holds, either way, before it folds
+/// it into the total.
+const FOLD: i64 = 32;
+
+/// A count that every thread changes and the hot path compares with
+/// thresholds (the free-page count: every allocation changes it, every
+/// fault checks it). Each thread adds to its own shard and folds the shard
+/// into the shared total once it holds [`FOLD`] or more either way (Linux's
+/// per-CPU `vm_stat_diff`), so a change rarely writes the shared line and
+/// [`at_least`](Self::at_least) is usually one load of a line that rarely
+/// changes. The total alone is off by at most [`SLACK`](Self::SLACK) (and
+/// what is being folded that moment); [`exact`](Self::exact) adds the
+/// shards, and is exact at rest.
+#[derive(Debug, Default)]
+pub struct BatchedCount {
+    total: CachePadded<core::sync::atomic::AtomicI64>,
+    shards: [CachePadded<core::sync::atomic::AtomicI64>; SHARDS],
+}
+
+impl BatchedCount {
+    /// How far the shared total alone may be from the count.
+    pub const SLACK: u64 = SHARDS as u64 * FOLD as u64;
+
+    /// Adds `n` (may be negative).
+    pub fn add(&self, n: i64) {
+        use core::sync::atomic::Ordering::Relaxed;
+        if n == 0 {
+            return;
+        }
+        let cell = &self.shards[thread_shard() % SHARDS];
+        if (cell.fetch_add(n, Relaxed) + n).unsigned_abs() >= FOLD as u64 {
+            let d = cell.swap(0, Relaxed);
+            self.total.fetch_add(d, Relaxed);
+        }
+    }
+
+    /// The count from the shared total alone: off by up to
+    /// [`SLACK`](Self::SLACK) (never below zero).
+    #[must_use]
+    pub fn approx(&self) -> u64 {
+        u64::try_from(self.total.load(core::sync::atomic::Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    /// The count: the total and every shard (exact at rest, approximate
+    /// while others change it; never below zero).
+    #[must_use]
+    pub fn exact(&self) -> u64 {
+        use core::sync::atomic::Ordering::Relaxed;
+        let shards: i64 = self.shards.iter().map(|c| c.load(Relaxed)).sum();
+        u64::try_from(self.total.load(Relaxed) + shards).unwrap_or(0)
+    }
+
+    /// Whether the count is at least `n`: from the total alone when it is
+    /// further than [`SLACK`](Self::SLACK) from `n`, else from
+    /// [`exact`](Self::exact).
+    #[must_use]
+    pub fn at_least(&self, n: u64) -> bool {
+        let approx = self.approx();
+        if approx >= n.saturating_add(Self::SLACK) {
+            true
+        } else if approx.saturating_add(Self::SLACK) < n {
+            false
+        } else {
+            self.exact() >= n
+        }
+    }
+}
+
 const BUCKETS: usize = 64;
 
 /// A hashed table of wait queues, like the kernel's sleep queues: a thread
@@ -384,5 +452,52 @@ impl Gate {
     /// Sleeps until no operation is in progress.
     pub(crate) fn wait_idle(&self, waits: &WaitTable, key: u64) {
         waits.wait_while(key, || self.count() != 0);
+    }
+}
+
+#[cfg(all(test, feature = "std", not(loom)))]
+mod tests {
+    use super::BatchedCount;
+
+    /// The total lags the count by what a shard holds below the fold
+    /// threshold; `at_least` near a threshold goes by the exact count, far
+    /// from it by the total.
+    #[test]
+    fn a_batched_count_folds_and_answers_exactly_near_a_threshold() {
+        let c = BatchedCount::default();
+        c.add(31);
+        assert_eq!((c.approx(), c.exact()), (0, 31), "held in the shard");
+        assert!(
+            c.at_least(31) && !c.at_least(32),
+            "exact near the threshold"
+        );
+        c.add(1);
+        assert_eq!((c.approx(), c.exact()), (32, 32), "folded at 32");
+        c.add(-40);
+        assert_eq!((c.approx(), c.exact()), (0, 0), "never below zero");
+        c.add(10_000);
+        assert!(c.at_least(9_000) && !c.at_least(10_001));
+        assert_eq!(c.exact(), 9_992);
+    }
+
+    /// Threads adding and taking away at once leave the exact count at
+    /// rest, whatever they left in their shards.
+    #[test]
+    fn a_batched_count_is_exact_at_rest_after_threads() {
+        let c = BatchedCount::default();
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let c = &c;
+                s.spawn(move || {
+                    for i in 0..1_000 {
+                        c.add(if i % 3 == 0 { -1 } else { 2 });
+                    }
+                    c.add(t);
+                });
+            }
+        });
+        // Each thread: 334 times -1, 666 times +2, then its number.
+        assert_eq!(c.exact(), 8 * (666 * 2 - 334) + 28);
+        assert!(c.approx().abs_diff(c.exact()) <= BatchedCount::SLACK);
     }
 }
