@@ -79,11 +79,14 @@ impl<P: Pmap> Vm<P> {
     }
 
     /// Frees some memory for a fault that found none (direct reclaim).
-    /// Returns whether anything was freed.
+    /// Returns whether anything was freed: pages the scan freed, or
+    /// memory freed beside them (page tables a pmap let go when the scan
+    /// unmapped the last pages they held, frees by other threads).
     pub(crate) fn reclaim(&self) -> bool {
         let pages = &self.machine.pages;
-        let target = pages.thresholds.target.max(pages.free_count() + 32);
-        self.pageout(target).freed > 0
+        let before = pages.free_count();
+        let target = pages.thresholds.target.max(before + 32);
+        self.pageout(target).freed > 0 || pages.free_count() > before
     }
 
     /// Runs `f` until it stops failing for want of memory (`short` says

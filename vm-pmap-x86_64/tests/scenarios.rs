@@ -179,3 +179,48 @@ fn sparse_tables_are_protected_and_taken_down_whole() {
     );
     vm.check_consistency().unwrap();
 }
+
+/// A fault that finds memory short reclaims. When the reclaim frees no
+/// page but page tables (it unmapped a dirty page it cannot write
+/// anywhere, and the tables that held only that page went), the memory
+/// is there all the same: the fault retries and succeeds instead of
+/// failing for want of memory.
+#[test]
+fn a_reclaim_that_frees_only_page_tables_lets_the_fault_retry() {
+    use vm_core::page_queues::Thresholds;
+    use vm_core::{Prot, Vm, VmConfig};
+    const PAGE: u64 = 0x1000;
+    const RESERVED: u64 = 8;
+    let vm = Vm::new(
+        vm_pmap_x86_64::X86Pmap::new(),
+        VmConfig {
+            thresholds: Some(Thresholds {
+                reserved: RESERVED,
+                severe: RESERVED,
+                target: RESERVED,
+            }),
+            memory_retries: 0,
+            memory_wait_ms: 1,
+            ..VmConfig::with_memory(2048 * PAGE)
+        },
+    )
+    .unwrap();
+    let s = vm.new_space().unwrap();
+    // Dirty anonymous pages with no swap: page-out may unmap them, never
+    // free them. `far` alone in its three tables.
+    let (near, far) = (0x1000_0000, 0x7f00_0000_0000);
+    s.map_anon(near, 64 * PAGE, Prot::RW).unwrap();
+    s.map_anon(far, PAGE, Prot::RW).unwrap();
+    s.write_u8(near, 1).unwrap();
+    s.write_u8(far, 2).unwrap();
+    let held = vm.inflate_balloon(vm.free_pages() - RESERVED);
+    assert_eq!(vm.free_pages(), RESERVED);
+    s.write_u8(near + PAGE, 3)
+        .expect("the tables the reclaim freed are memory for the fault");
+    drop(held);
+    assert_eq!(
+        [near, far, near + PAGE].map(|va| s.read_u8(va).unwrap()),
+        [1, 2, 3]
+    );
+    vm.check_consistency().unwrap();
+}

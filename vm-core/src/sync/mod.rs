@@ -320,13 +320,21 @@ const FOLD: i64 = 32;
 /// into the shared total once it holds [`FOLD`] or more either way (Linux's
 /// per-CPU `vm_stat_diff`), so a change rarely writes the shared line and
 /// [`at_least`](Self::at_least) is usually one load of a line that rarely
-/// changes. The total alone is off by at most [`SLACK`](Self::SLACK) (and
-/// what is being folded that moment); [`exact`](Self::exact) adds the
-/// shards, and is exact at rest.
+/// changes. The total alone is off by at most [`SLACK`](Self::SLACK);
+/// [`exact`](Self::exact) adds the shards. A fold moves a shard's value
+/// into the total under a lock that `exact` takes too, so no read misses
+/// a fold in flight or counts it twice.
 #[derive(Debug, Default)]
 pub struct BatchedCount {
-    total: CachePadded<core::sync::atomic::AtomicI64>,
+    total: CachePadded<Total>,
     shards: [CachePadded<core::sync::atomic::AtomicI64>; SHARDS],
+}
+
+/// The folded total and the lock folds and exact reads take.
+#[derive(Debug, Default)]
+struct Total {
+    value: core::sync::atomic::AtomicI64,
+    folding: Mutex<()>,
 }
 
 impl BatchedCount {
@@ -341,8 +349,9 @@ impl BatchedCount {
         }
         let cell = &self.shards[thread_shard() % SHARDS];
         if (cell.fetch_add(n, Relaxed) + n).unsigned_abs() >= FOLD as u64 {
+            let _folding = self.total.folding.lock();
             let d = cell.swap(0, Relaxed);
-            self.total.fetch_add(d, Relaxed);
+            self.total.value.fetch_add(d, Relaxed);
         }
     }
 
@@ -350,16 +359,18 @@ impl BatchedCount {
     /// [`SLACK`](Self::SLACK) (never below zero).
     #[must_use]
     pub fn approx(&self) -> u64 {
-        u64::try_from(self.total.load(core::sync::atomic::Ordering::Relaxed)).unwrap_or(0)
+        u64::try_from(self.total.value.load(core::sync::atomic::Ordering::Relaxed)).unwrap_or(0)
     }
 
-    /// The count: the total and every shard (exact at rest, approximate
-    /// while others change it; never below zero).
+    /// The count: the total and every shard, with no fold between the
+    /// reads (exact at rest; while others add, each shard as it is when
+    /// read; never below zero).
     #[must_use]
     pub fn exact(&self) -> u64 {
         use core::sync::atomic::Ordering::Relaxed;
+        let _folding = self.total.folding.lock();
         let shards: i64 = self.shards.iter().map(|c| c.load(Relaxed)).sum();
-        u64::try_from(self.total.load(Relaxed) + shards).unwrap_or(0)
+        u64::try_from(self.total.value.load(Relaxed) + shards).unwrap_or(0)
     }
 
     /// Whether the count is at least `n`: from the total alone when it is
