@@ -15,14 +15,12 @@
 
 mod common;
 
-use common::{Rng, config, consistent, rdpage, wrpage};
+use common::{Rng, audit, config, rdpage, wrpage};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vm_core::page_queues::Thresholds;
 use vm_core::sync::BatchedCount;
-use vm_core::{
-    Balloon, FaultError, PageFlags, PageId, PageQueue, Pmap, Prot, SuperpagePolicy, Vm, VmConfig,
-};
+use vm_core::{Balloon, FaultError, Pmap, Prot, SuperpagePolicy, Vm, VmConfig};
 use vm_pager_swap::Swap;
 use vm_pmap_x86_64::X86Pmap;
 use vm_testkit::RefPmap;
@@ -38,27 +36,6 @@ fn thresholds(reserved: u64, severe: u64, target: u64) -> Option<Thresholds> {
         severe,
         target,
     })
-}
-
-/// Every RAM page record against the counters: the free records and the
-/// free records flagged ZERO are what `free_pages` and `free_zeroed_pages`
-/// say; the books balance. Only on a quiet machine.
-fn audit<P: Pmap>(vm: &Vm<P>, what: &str) {
-    let (mut free, mut zeroed) = (0u64, 0u64);
-    for i in 0..vm.total_pages() {
-        let page = vm.page(PageId(i as u32));
-        if page.queue() == PageQueue::Free {
-            free += 1;
-            zeroed += u64::from(page.flags().contains(PageFlags::ZERO));
-        }
-    }
-    assert_eq!(free, vm.free_pages(), "{what}: free count drifted");
-    assert_eq!(
-        zeroed,
-        vm.free_zeroed_pages(),
-        "{what}: free-zeroed count drifted"
-    );
-    consistent(vm, what);
 }
 
 /// One-page balloons, taken by this thread: handed to other threads whose

@@ -10,12 +10,12 @@
 
 mod common;
 
-use common::{Rng, config, consistent, rdpage, wrpage};
+use common::{Rng, audit, config, rdpage, wrpage};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 use vm_core::page_queues::Thresholds;
-use vm_core::{PageFlags, PageId, PageQueue, Pmap, Prot, SuperpagePolicy, Vm, VmConfig, VmSpace};
+use vm_core::{Pmap, Prot, SuperpagePolicy, Vm, VmConfig, VmSpace};
 use vm_pager_swap::Swap;
 use vm_pmap_x86_64::X86Pmap;
 use vm_testkit::RefPmap;
@@ -55,41 +55,6 @@ fn with_swap<P: Pmap>(vm: &Vm<P>, bytes: u64) -> (Swap, TempPath) {
     let s = Swap::create(&t.0, bytes).unwrap();
     vm.set_swap(s.provider());
     (s, t)
-}
-
-/// Walks every RAM page record: free frames flagged ZERO must hold zeros;
-/// the counts of free and free-zeroed records must match the counters.
-/// Only on a quiet machine (no zeroer, no fault running).
-fn audit<P: Pmap>(vm: &Vm<P>, what: &str) {
-    let (mut free, mut zeroed) = (0u64, 0u64);
-    let mut bad = Vec::new();
-    for i in 0..vm.total_pages() {
-        let id = PageId(i as u32);
-        let page = vm.page(id);
-        if page.queue() != PageQueue::Free {
-            continue;
-        }
-        free += 1;
-        if page.flags().contains(PageFlags::ZERO) {
-            zeroed += 1;
-            if !vm.phys().is_zero(vm.page_pfn(id)) {
-                bad.push(i);
-            }
-        }
-    }
-    assert!(
-        bad.is_empty(),
-        "{what}: {} free frames flagged ZERO hold data (first ids {:?})",
-        bad.len(),
-        &bad[..bad.len().min(8)]
-    );
-    assert_eq!(free, vm.free_pages(), "{what}: free count drifted");
-    assert_eq!(
-        zeroed,
-        vm.free_zeroed_pages(),
-        "{what}: free-zeroed count drifted"
-    );
-    consistent(vm, what);
 }
 
 fn wait_all_zeroed<P: Pmap>(vm: &Vm<P>, what: &str) {

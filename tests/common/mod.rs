@@ -91,3 +91,38 @@ pub fn wrpage<P: Pmap>(s: &vm_core::VmSpace<P>, va: u64, v: u64) -> Result<(), S
     s.write(va + PAGE - 8, &v.to_le_bytes())
         .map_err(|e| format!("second half: {e}"))
 }
+
+/// Walks every RAM page record: free frames flagged ZERO must hold zeros;
+/// the counts of free and free-zeroed records must match the counters.
+/// Only on a quiet machine (no zeroer, no fault running).
+pub fn audit<P: Pmap>(vm: &Vm<P>, what: &str) {
+    let (mut free, mut zeroed) = (0u64, 0u64);
+    let mut bad = Vec::new();
+    for i in 0..vm.total_pages() {
+        let id = vm_core::PageId(i as u32);
+        let page = vm.page(id);
+        if page.queue() != vm_core::PageQueue::Free {
+            continue;
+        }
+        free += 1;
+        if page.flags().contains(vm_core::PageFlags::ZERO) {
+            zeroed += 1;
+            if !vm.phys().is_zero(vm.page_pfn(id)) {
+                bad.push(i);
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{what}: {} free frames flagged ZERO hold data (first ids {:?})",
+        bad.len(),
+        &bad[..bad.len().min(8)]
+    );
+    assert_eq!(free, vm.free_pages(), "{what}: free count drifted");
+    assert_eq!(
+        zeroed,
+        vm.free_zeroed_pages(),
+        "{what}: free-zeroed count drifted"
+    );
+    consistent(vm, what);
+}

@@ -8,6 +8,8 @@
 //! when nothing is mapped in the 2 MiB.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
+mod common;
+use common::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -46,24 +48,6 @@ fn machine() -> Arc<Vm<X86Pmap>> {
 
 fn is_super(p: &X86Pmap, space: &X86Space, va: u64) -> bool {
     matches!(p.leaf_entry(space, va), Some((e, Level::PD)) if e & 1 != 0)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// The books of the 2 MiB at `va0` in `space` (the only mappings it has

@@ -11,6 +11,8 @@
     clippy::cast_possible_truncation
 )]
 
+mod common;
+use common::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst, fence};
 use std::sync::{Arc, Barrier, Mutex};
@@ -50,27 +52,6 @@ fn page(pfn: u64) -> PageInfo {
 
 fn machine() -> Arc<Vm<X86Pmap>> {
     Vm::new(X86Pmap::new(), test_config(4096)).unwrap()
-}
-
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn pct(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
 }
 
 fn is_super(p: &X86Pmap, space: &X86Space, va: u64) -> bool {

@@ -13,6 +13,8 @@
 //! checks catch a short count.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
+mod common;
+use common::Rng;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
@@ -56,24 +58,6 @@ fn mapping(pfn: u64, prot: Prot, wired: bool) -> Mapping {
 
 fn r(a: u64, b: u64) -> std::ops::Range<VirtAddr> {
     VirtAddr(a)..VirtAddr(b)
-}
-
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 /// va -> (frame, writable, wired): what the tables must say.

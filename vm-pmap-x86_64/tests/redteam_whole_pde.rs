@@ -13,6 +13,8 @@
 //! `destroy_space` keep all of that.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
+mod common;
+use common::Rng;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
@@ -276,24 +278,6 @@ fn books<T: TlbHook + 'static>(p: &X86Pmap<T>, s: &X86Space, what: &str) {
     }
     assert_eq!(s.resident_count(), mapped, "{what}: resident");
     assert_eq!(s.wired_count(), wired, "{what}: wired");
-}
-
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 const ATTRS: [MemAttr; 4] = [
