@@ -317,7 +317,7 @@ const FOLD: i64 = 32;
 /// A count that every thread changes and the hot path compares with
 /// thresholds (the free-page count: every allocation changes it, every
 /// fault checks it). Each thread adds to its own shard and folds the shard
-/// into the shared total once it holds [`FOLD`] or more either way (Linux's
+/// into the shared total once it holds 32 or more either way (Linux's
 /// per-CPU `vm_stat_diff`), so a change rarely writes the shared line and
 /// [`at_least`](Self::at_least) is usually one load of a line that rarely
 /// changes. The total alone is off by at most [`SLACK`](Self::SLACK);
