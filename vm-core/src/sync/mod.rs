@@ -324,10 +324,21 @@ const FOLD: i64 = 32;
 /// [`exact`](Self::exact) adds the shards. A fold moves a shard's value
 /// into the total under a lock that `exact` takes too, so no read misses
 /// a fold in flight or counts it twice.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BatchedCount {
     total: CachePadded<Total>,
-    shards: [CachePadded<core::sync::atomic::AtomicI64>; SHARDS],
+    /// On the heap: 16 cache lines would make every structure holding a
+    /// count (and its constructor's stack frame) 2 KiB larger.
+    shards: alloc::boxed::Box<[CachePadded<core::sync::atomic::AtomicI64>]>,
+}
+
+impl Default for BatchedCount {
+    fn default() -> Self {
+        BatchedCount {
+            total: CachePadded::default(),
+            shards: (0..SHARDS).map(|_| CachePadded::default()).collect(),
+        }
+    }
 }
 
 /// The folded total and the lock folds and exact reads take.
