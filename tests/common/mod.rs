@@ -41,30 +41,8 @@ pub fn squeeze<P: Pmap>(vm: &Vm<P>) {
     }
 }
 
-/// A xorshift generator: scenarios reproducible from their seed.
-pub struct Rng(pub u64);
-
-impl Rng {
-    /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    /// A number below `n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// True `p` times in 100.
-    pub fn pct(&mut self, p: u64) -> bool {
-        self.below(100) < p
-    }
-}
+#[allow(unused_imports)] // not every scenario draws numbers
+pub use vm_testkit::support::Rng;
 
 const PAGE: u64 = vm_core::PAGE_SIZE;
 

@@ -8,8 +8,6 @@
 //! when nothing is mapped in the 2 MiB.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
-mod common;
-use common::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -19,6 +17,7 @@ use vm_core::{Mapping, MemAttr, Pfn, Prot, VirtAddr, Vm};
 use vm_pmap_x86_64::mmu::Access;
 use vm_pmap_x86_64::paging::Level;
 use vm_pmap_x86_64::{PteFlags, X86Pmap, X86Space};
+use vm_testkit::support::Rng;
 use vm_testkit::test_config;
 
 const PAGE: u64 = 4096;

@@ -11,8 +11,6 @@
     clippy::cast_possible_truncation
 )]
 
-mod common;
-use common::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst, fence};
 use std::sync::{Arc, Barrier, Mutex};
@@ -21,6 +19,7 @@ use vm_core::pmap::{Displaced, PageInfo, Pmap, PmapError};
 use vm_core::{Mapping, MemAttr, Pfn, Prot, VirtAddr, Vm};
 use vm_pmap_x86_64::mmu::{Access, Fault};
 use vm_pmap_x86_64::{PfErrorCode, PteFlags, X86Pmap, X86Space};
+use vm_testkit::support::Rng;
 use vm_testkit::support::bounded;
 use vm_testkit::test_config;
 

@@ -13,14 +13,13 @@
 //! checks catch a short count.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
-mod common;
-use common::Rng;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use vm_core::pmap::{PageInfo, Pmap};
 use vm_core::{Mapping, MemAttr, Pfn, Prot, SuperpagePolicy, VirtAddr, Vm, VmConfig};
 use vm_pmap_x86_64::{X86Pmap, X86Space};
+use vm_testkit::support::Rng;
 use vm_testkit::test_config;
 
 const PAGE: u64 = 4096;

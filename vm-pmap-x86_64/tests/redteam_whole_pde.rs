@@ -13,8 +13,6 @@
 //! `destroy_space` keep all of that.
 #![allow(clippy::unwrap_used, clippy::too_many_lines)]
 
-mod common;
-use common::Rng;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
@@ -24,6 +22,7 @@ use vm_core::{Mapping, MemAttr, Pfn, Prot, VirtAddr, Vm};
 use vm_pmap_x86_64::mmu::{Access, CpuMode};
 use vm_pmap_x86_64::paging::Level;
 use vm_pmap_x86_64::{PagingMode, PteFlags, TlbHook, X86Pmap, X86Space};
+use vm_testkit::support::Rng;
 use vm_testkit::test_config;
 
 const PAGE: u64 = 4096;

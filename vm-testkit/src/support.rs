@@ -123,3 +123,38 @@ impl ManualExecutor {
         n
     }
 }
+
+/// A xorshift generator for seeded tests: the same seed replays the same
+/// steps. `Rng(seed)` takes the seed as it is (it must not be 0, which
+/// xorshift never leaves); [`Rng::new`] spreads any seed first.
+#[derive(Clone, Debug)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// A generator from any `seed` (spread, never 0).
+    #[must_use]
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    /// The next 64 random bits.
+    #[allow(clippy::should_implement_trait)] // an endless source, not an iterator
+    pub fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A number below `n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    /// True `p` times in 100.
+    pub fn pct(&mut self, p: u64) -> bool {
+        self.below(100) < p
+    }
+}
