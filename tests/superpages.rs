@@ -11,7 +11,9 @@
 
 mod common;
 
-use common::{Rng, config, consistent, rdpage, ref_vm, squeeze, wrpage, x86_vm};
+use common::{
+    Rng, config, consistent, rdpage, rdpage_forked_mid_write, ref_vm, squeeze, wrpage, x86_vm,
+};
 use std::sync::Arc;
 use vm_core::{Pmap, Prot, SuperpageAdvice, SuperpagePolicy, Vm, VmConfig, VmSpace};
 use vm_pager_swap::Swap;
@@ -328,9 +330,9 @@ fn threads_fill_superpages_beside_fork_and_pageout() {
         if let Some(c) = &child {
             for i in 0..2 * PAGES {
                 let va = BASE + i * PAGE;
-                let got = rdpage(c, va).unwrap();
-                // Forked before, during or after the page's write; or the
-                // child wrote it.
+                // Forked before, during (between the two stores) or after
+                // the page's write; or the child wrote it.
+                let got = rdpage_forked_mid_write(c, va, 0, tag(va, 1)).unwrap();
                 assert!(
                     got == 0 || got == tag(va, 1) || got == tag(va, 9),
                     "child page {i}: {got:#x}"

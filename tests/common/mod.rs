@@ -63,6 +63,25 @@ pub fn rdpage<P: Pmap>(s: &vm_core::VmSpace<P>, va: u64) -> Result<u64, String> 
     Ok(a)
 }
 
+/// The tag of a page in a space forked while a thread of its parent may
+/// have been inside [`wrpage`] on it, changing it from `old` to `new`: the
+/// fork is a snapshot of one instant, which may fall between the two
+/// stores, so the head may hold `new` while the tail still holds `old`
+/// (the head's tag is returned then). Any other disagreement is torn.
+pub fn rdpage_forked_mid_write<P: Pmap>(
+    s: &vm_core::VmSpace<P>,
+    va: u64,
+    old: u64,
+    new: u64,
+) -> Result<u64, String> {
+    let a = rd64(s, va)?;
+    let b = rd64(s, va + PAGE - 8)?;
+    if a != b && (a, b) != (new, old) {
+        return Err(format!("torn page: head {a:#x} tail {b:#x}"));
+    }
+    Ok(a)
+}
+
 /// Writes tag `v` at both ends of the page at `va`.
 pub fn wrpage<P: Pmap>(s: &vm_core::VmSpace<P>, va: u64, v: u64) -> Result<(), String> {
     s.write(va, &v.to_le_bytes()).map_err(|e| e.to_string())?;
