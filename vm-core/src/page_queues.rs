@@ -9,7 +9,13 @@
 //! its free pages of each aligned 2 MiB run of frames, and a run's word
 //! says which shards hold their whole share of it, so a wholly free run
 //! can be found and claimed for a superpage reservation
-//! (`Pages::claim_run`) without a per-page write to a shared word. Each
+//! (`Pages::claim_run`) without a per-page write to a shared word. A
+//! claimed run's free frames leave the lists and are *held* by the run
+//! (FreeBSD `vm_reserv`'s population map): a bit per frame, so a fault
+//! takes its reserved frame with one atomic operation on the run's own
+//! cache line, no list and no shard lock; they count as free, and an
+//! allocation of any frame that finds the lists empty releases a held
+//! run back onto them (FreeBSD breaks reservations the same way). Each
 //! shard keeps known-zero pages apart so a zero-fill fault can skip the
 //! zeroing (`v_ozfod`). Active and inactive are queue bits on the page
 //! plus counters: the pageout scan walks the array
@@ -29,8 +35,6 @@ const SHARDS: usize = 16;
 /// Frames in an aligned run: a 2 MiB superpage's worth (FreeBSD
 /// `VM_LEVEL_0_NPAGES`).
 pub(crate) const RUN_PAGES: u64 = crate::addr::SUPERPAGE_PAGES;
-/// Pages of claimed runs an allocation of any frame steps over, at most.
-const SKIP_CLAIMED: u32 = 8;
 /// Runs [`Pages::claim_run`] looks at, at most, per claim.
 const CLAIM_SCAN: u32 = 64;
 /// Recently whole runs [`Pages::claim_run`] tries before it scans.
@@ -38,8 +42,22 @@ const RECENT_RUNS: usize = 16;
 /// No run: a reservation that found no wholly free run.
 pub(crate) const NO_RUN: u32 = u32::MAX;
 /// A run's word: bit `s` set while shard `s` holds all of its share of
-/// the run free; and whether a reservation claimed it.
-const RUN_CLAIMED: u32 = 1 << 31;
+/// the run free on its lists; and the run's state bits below.
+///
+/// The run's free frames are off the lists, held in its [`RunBits`]
+/// (set from a claim until a release).
+const RUN_HELD: u32 = 1 << 31;
+/// A reservation took the run and may still be filling it: no other claim
+/// is given it (cleared when the run is wholly free again).
+const RUN_OWNED: u32 = 1 << 30;
+/// A claim is taking the run's frames off the lists: no release yet.
+const RUN_BUSY: u32 = 1 << 29;
+/// A frame not known to be zero went back to the held run since the
+/// zeroer last looked (a hint: set on every such free, cleared only by
+/// the zeroer's look).
+const RUN_PLAIN: u32 = 1 << 28;
+/// Words of a run's [`RunBits`].
+const RUN_WORDS: usize = RUN_PAGES as usize / 64;
 /// Every shard's share free: the run is wholly free.
 const RUN_WHOLE: u32 = (1 << SHARDS) - 1;
 /// Pages of a run on one shard's lists.
@@ -101,6 +119,20 @@ impl FreeShard {
     }
 }
 
+/// Which frames of a held run are free in it: bit `i` *clear* while frame
+/// `i` of the run is free and held here; set while it is in use or (the
+/// run not held) on the lists. Whoever turns a bit from clear to set owns
+/// the frame: a fault taking its reserved frame, a release moving it to
+/// the lists. One cache line, the run's own.
+#[repr(align(64))]
+struct RunBits([AtomicU64; RUN_WORDS]);
+
+impl Default for RunBits {
+    fn default() -> Self {
+        RunBits(core::array::from_fn(|_| AtomicU64::new(u64::MAX)))
+    }
+}
+
 /// Free-page counts and the count of threads waiting for free memory.
 /// The counts are batched per thread: a fault compares the free count with
 /// its thresholds, and every allocation and free changes it, so one shared
@@ -137,6 +169,10 @@ pub(crate) struct Pages {
     /// threads allocating from one run would bounce a per-page count).
     /// Runs that memory covers only in part are never whole.
     runs: Box<[AtomicU32]>,
+    /// Each run's held frames (see [`RunBits`]).
+    held: Box<[RunBits]>,
+    /// Where the next release of a held run looks first.
+    release_cursor: AtomicU32,
     /// Where [`claim_run`](Self::claim_run) looks next (it goes down from
     /// the top of memory, away from the low frames the lists hand out
     /// first).
@@ -201,6 +237,8 @@ impl Pages {
                 .map(|_| AtomicU32::new(0))
                 .collect::<Vec<_>>()
                 .into(),
+            held: (0..n_runs).map(|_| RunBits::default()).collect(),
+            release_cursor: AtomicU32::new(0),
             run_cursor: AtomicU32::new(0),
             recent: core::array::from_fn(|_| AtomicU32::new(NO_RUN)),
             recent_next: AtomicU32::new(0),
@@ -254,9 +292,7 @@ impl Pages {
             if *c == SHARE {
                 let old = self.runs[r].fetch_or(bit, Ordering::AcqRel);
                 if (old | bit) & RUN_WHOLE == RUN_WHOLE {
-                    self.runs[r].fetch_and(!RUN_CLAIMED, Ordering::AcqRel);
-                    let slot = self.recent_next.fetch_add(1, Ordering::Relaxed);
-                    self.recent[slot as usize % RECENT_RUNS].store(r as u32, Ordering::Relaxed);
+                    self.note_whole(r);
                 }
             }
         } else {
@@ -267,33 +303,26 @@ impl Pages {
         }
     }
 
-    /// Claims a wholly free run not claimed yet, for a reservation: its
-    /// frames stay on the free lists (any allocation may still take them,
-    /// so a shortage never waits on a reservation), but no other
-    /// reservation is given the run until it is whole again. Looks at no
-    /// more than [`CLAIM_SCAN`] runs, going down from where the last look
-    /// stopped (from the top of memory at first, away from the low frames
-    /// the lists hand out first), so a fault pays a bounded cost when
-    /// memory is fragmented. `None` if none of those is whole.
+    /// Remembers run `r` as just become wholly free (see `recent`).
+    fn note_whole(&self, r: usize) {
+        let slot = self.recent_next.fetch_add(1, Ordering::Relaxed);
+        self.recent[slot as usize % RECENT_RUNS].store(r as u32, Ordering::Relaxed);
+    }
+
+    /// Claims a wholly free run no reservation owns, for a reservation:
+    /// one whose frames are all on the lists (they leave them, held by
+    /// the run; see [`RunBits`]) or one held already whose frames all came
+    /// back. Looks at no more than [`CLAIM_SCAN`] runs, going down from
+    /// where the last look stopped (from the top of memory at first, away
+    /// from the low frames the lists hand out first), so a fault pays a
+    /// bounded cost when memory is fragmented. `None` if none of those is
+    /// whole.
     pub(crate) fn claim_run(&self) -> Option<u32> {
         let n = self.runs.len() as u32;
         if n == 0 {
             return None;
         }
-        let whole = RUN_WHOLE;
-        // Read first: a failing compare-and-swap would still take the line
-        // exclusive, and faults on other CPUs scan the same runs.
-        let claim = |r: usize| {
-            self.runs[r].load(Ordering::Relaxed) == whole
-                && self.runs[r]
-                    .compare_exchange(
-                        whole,
-                        whole | RUN_CLAIMED,
-                        Ordering::AcqRel,
-                        Ordering::Relaxed,
-                    )
-                    .is_ok()
-        };
+        let claim = |r: usize| self.claim_held(r) || self.claim_listed(r);
         // Newest first: a stale slot (the run since taken) fails the claim.
         let next = self.recent_next.load(Ordering::Relaxed) as usize;
         for k in 1..=RECENT_RUNS {
@@ -313,6 +342,164 @@ impl Pages {
         self.run_cursor
             .store(start + n.min(CLAIM_SCAN), Ordering::Relaxed);
         None
+    }
+
+    /// Claims run `r` if it is held, owned by no reservation and wholly
+    /// free in its bits.
+    fn claim_held(&self, r: usize) -> bool {
+        // Read first: a failing compare-and-swap would still take the
+        // line exclusive, and faults on other CPUs scan the same runs.
+        let w = self.runs[r].load(Ordering::Relaxed);
+        w & (RUN_HELD | RUN_OWNED | RUN_BUSY) == RUN_HELD
+            && self.held_whole(r)
+            && self.runs[r]
+                .compare_exchange(w, w | RUN_OWNED, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Whether every frame of held run `r` is free in it.
+    fn held_whole(&self, r: usize) -> bool {
+        self.held[r]
+            .0
+            .iter()
+            .all(|w| w.load(Ordering::Acquire) == 0)
+    }
+
+    /// Claims run `r` if all its frames are on the lists: each comes off
+    /// its list into the run's bits (a frame an allocation took meanwhile
+    /// stays in use; freed, it comes back to the run). The free counts do
+    /// not change: held frames are free.
+    fn claim_listed(&self, r: usize) -> bool {
+        let claimed = RUN_WHOLE | RUN_HELD | RUN_OWNED | RUN_BUSY;
+        if self.runs[r].load(Ordering::Relaxed) != RUN_WHOLE
+            || self.runs[r]
+                .compare_exchange(RUN_WHOLE, claimed, Ordering::SeqCst, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        let first = self
+            .run_first(r as u32)
+            .expect("a whole run lies in memory");
+        let mut plain = false;
+        for s in 0..SHARDS {
+            let mut shard = self.shards[(first.0 as usize + s) % SHARDS].lock();
+            for j in (s..RUN_PAGES as usize).step_by(SHARDS) {
+                let id = PageId(first.0 + j as u32);
+                let flags = self.get(id).flags();
+                if flags.contains(PageFlags::LISTED) {
+                    self.unlink(&mut shard, id);
+                    plain |= !flags.contains(PageFlags::ZERO);
+                    self.held[r].0[j / 64].fetch_and(!(1 << (j % 64)), Ordering::SeqCst);
+                }
+            }
+        }
+        let done = if plain { RUN_PLAIN } else { 0 };
+        self.runs[r].fetch_or(done, Ordering::SeqCst);
+        self.runs[r].fetch_and(!RUN_BUSY, Ordering::SeqCst);
+        true
+    }
+
+    /// The run, word and bit of frame `id` in its run's [`RunBits`].
+    fn held_slot(&self, id: PageId) -> (usize, usize, u64) {
+        let j = ((self.base_pfn + u64::from(id.0)) % RUN_PAGES) as usize;
+        (self.run_of(id), j / 64, 1 << (j % 64))
+    }
+
+    /// Takes frame `id` if its run holds it free.
+    fn take_held(&self, id: PageId) -> bool {
+        let (r, w, bit) = self.held_slot(id);
+        self.runs[r].load(Ordering::Acquire) & RUN_HELD != 0
+            && self.held[r].0[w].fetch_or(bit, Ordering::SeqCst) & bit == 0
+    }
+
+    /// Gives free frame `id` (its record already free) to its run if the
+    /// run is held; `false` if it is not (the caller lists the frame).
+    fn give_held(&self, id: PageId, zeroed: bool) -> bool {
+        let (r, w, bit) = self.held_slot(id);
+        if self.runs[r].load(Ordering::SeqCst) & RUN_HELD == 0 {
+            return false;
+        }
+        #[cfg(all(test, feature = "std"))]
+        tests::race_point(self, 1, r);
+        let old = self.held[r].0[w].fetch_and(!bit, Ordering::SeqCst);
+        debug_assert!(old & bit != 0, "frame {} freed twice into its run", id.0);
+        #[cfg(all(test, feature = "std"))]
+        tests::race_point(self, 2, r);
+        if self.runs[r].load(Ordering::SeqCst) & RUN_HELD == 0 {
+            // Released meanwhile: the release moved the frame to the
+            // lists, or (its bit still clear) it is ours to list. An
+            // allocation from the run may have taken it too: then it is
+            // in use, and not ours either.
+            return self.held[r].0[w].fetch_or(bit, Ordering::SeqCst) & bit != 0;
+        }
+        // After the bit: a zeroer that clears the hint before it looks
+        // either sees the frame or sees the hint set again.
+        if !zeroed && self.runs[r].load(Ordering::SeqCst) & RUN_PLAIN == 0 {
+            self.runs[r].fetch_or(RUN_PLAIN, Ordering::SeqCst);
+        }
+        if old == bit && self.held_whole(r) {
+            // Wholly free: the run's reservation (if it lives) has nothing
+            // left in it, and another may claim it.
+            self.runs[r].fetch_and(!RUN_OWNED, Ordering::AcqRel);
+            self.note_whole(r);
+        }
+        true
+    }
+
+    /// Moves held run `r`'s free frames back to the lists (FreeBSD's
+    /// breaking of a reservation): `false` if it is not held, or a claim
+    /// is still filling it.
+    fn release_run(&self, r: usize) -> bool {
+        let released = self.runs[r].fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+            (w & (RUN_HELD | RUN_BUSY) == RUN_HELD)
+                .then_some(w & !(RUN_HELD | RUN_OWNED | RUN_PLAIN))
+        });
+        if released.is_err() {
+            return false;
+        }
+        // Every frame whose bit this turns on is the release's to list.
+        let mut was = [0u64; RUN_WORDS];
+        for (w, bits) in was.iter_mut().zip(&self.held[r].0) {
+            *w = bits.swap(u64::MAX, Ordering::SeqCst);
+        }
+        let first = self.run_first(r as u32).expect("a held run lies in memory");
+        for s in 0..SHARDS {
+            let mut shard = None;
+            for j in (s..RUN_PAGES as usize).step_by(SHARDS) {
+                if was[j / 64] & (1 << (j % 64)) == 0 {
+                    let shard = shard
+                        .get_or_insert_with(|| self.shards[(first.0 as usize + s) % SHARDS].lock());
+                    self.list_push(shard, PageId(first.0 + j as u32));
+                }
+            }
+        }
+        true
+    }
+
+    /// Releases a held run with free frames in it, looking first for one
+    /// no reservation owns (nothing is lost), then breaking one a
+    /// reservation still fills. `false` if no held run has a free frame.
+    fn release_some(&self) -> bool {
+        let n = self.runs.len();
+        let start = self.release_cursor.load(Ordering::Relaxed) as usize;
+        for pass in [RUN_OWNED, 0] {
+            for k in 0..n {
+                let r = (start + k) % n;
+                let w = self.runs[r].load(Ordering::Relaxed);
+                if w & (RUN_HELD | RUN_BUSY | pass) == RUN_HELD
+                    && self.held[r]
+                        .0
+                        .iter()
+                        .any(|b| b.load(Ordering::Relaxed) != u64::MAX)
+                    && self.release_run(r)
+                {
+                    self.release_cursor.store((r + 1) as u32, Ordering::Relaxed);
+                    return true;
+                }
+            }
+        }
+        false
     }
 
     pub(crate) fn get(&self, id: PageId) -> &VmPage {
@@ -407,8 +594,19 @@ impl Pages {
         // One atomic step to Free, counting out whatever queue a racing
         // requeue left the page on.
         self.uncount(page.reset_free(PageFlags::ZERO));
-        let mut shard = self.shards[id.0 as usize % SHARDS].lock();
-        let head = if zeroed {
+        // Counted in before anyone can take it (and count it out).
+        self.count_taken(-1, -i64::from(zeroed));
+        if !self.give_held(id, zeroed) {
+            let mut shard = self.shards[id.0 as usize % SHARDS].lock();
+            self.list_push(&mut shard, id);
+        }
+    }
+
+    /// Puts free page `id` (its record free, counted) at the head of its
+    /// list in `shard` (its lock held).
+    fn list_push(&self, shard: &mut FreeShard, id: PageId) {
+        let page = self.get(id);
+        let head = if page.flags().contains(PageFlags::ZERO) {
             &mut shard.zeroed
         } else {
             &mut shard.plain
@@ -419,13 +617,7 @@ impl Pages {
         }
         *head = id.0;
         page.set_flags(PageFlags::LISTED);
-        // Counted while the page is on the list and the list locked, so
-        // no one takes it (and counts it out) before it is counted in.
-        self.run_count(&mut shard, id, true);
-        if zeroed {
-            self.counts.free_zeroed.add(1);
-        }
-        self.counts.free.add(1);
+        self.run_count(shard, id, true);
     }
 
     /// Allocates a free page, preferring a known-zero one when `zero` (the
@@ -449,9 +641,62 @@ impl Pages {
         } else {
             &[None]
         };
-        for &kind in passes {
-            if let Some(id) = self.pop_any(hint, kind, zero) {
+        // The lists empty, the free frames are held by runs: release one
+        // and look again (each release lists a run's free frames; a run is
+        // held again only by a claim of a whole one).
+        loop {
+            for &kind in passes {
+                if let Some(id) = self.pop_any(hint, kind, zero) {
+                    return Some(id);
+                }
+            }
+            if !self.release_some() {
+                return None;
+            }
+        }
+    }
+
+    /// A free page not known to be zero, for the zeroer: from the lists,
+    /// else from a held run that was given one. Never below the reserve,
+    /// and never releases a run.
+    pub(crate) fn take_plain(&self, hint: u64) -> Option<PageId> {
+        if !self.free_at_least(self.floor(AllocClass::Normal) + 1) {
+            return None;
+        }
+        if let Some(id) = self.pop_any(hint, Some(false), false) {
+            return Some(id);
+        }
+        let n = self.runs.len();
+        for r in 0..n {
+            if self.runs[r].load(Ordering::Relaxed) & (RUN_HELD | RUN_PLAIN) != RUN_HELD | RUN_PLAIN
+            {
+                continue;
+            }
+            // Cleared before the look, so a frame given meanwhile sets it
+            // again; set again if the look stops early.
+            self.runs[r].fetch_and(!RUN_PLAIN, Ordering::SeqCst);
+            if let Some(id) = self.take_plain_held(r) {
+                self.runs[r].fetch_or(RUN_PLAIN, Ordering::SeqCst);
                 return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Takes a free frame of held run `r` not known to be zero.
+    fn take_plain_held(&self, r: usize) -> Option<PageId> {
+        let first = self.run_first(r as u32)?;
+        for (w, bits) in self.held[r].0.iter().enumerate() {
+            let mut free = !bits.load(Ordering::SeqCst);
+            while free != 0 {
+                let j = w * 64 + free.trailing_zeros() as usize;
+                free &= free - 1;
+                let id = PageId(first.0 + j as u32);
+                if !self.get(id).flags().contains(PageFlags::ZERO) && self.take_held(id) {
+                    let zeroed = self.get(id).flags().contains(PageFlags::ZERO);
+                    self.taken(id, zeroed);
+                    return Some(id);
+                }
             }
         }
         None
@@ -488,7 +733,7 @@ impl Pages {
                 if *head == NIL {
                     continue;
                 }
-                let id = self.unclaimed_near(PageId(*head));
+                let id = PageId(*head);
                 self.unlink(&mut shard, id);
                 drop(shard);
                 self.taken(id, want_zero);
@@ -498,36 +743,18 @@ impl Pages {
         None
     }
 
-    /// Which page of the list `head` starts an allocation of any frame
-    /// takes: `head`, unless its run is claimed by a reservation; then
-    /// the first of the next few whose run is not, so reservations keep
-    /// their frames when that is cheap (after idle zeroing the zeroed
-    /// lists start with frames of every run). Looking further (for frames
-    /// of runs already broken, as a buddy allocator prefers small blocks)
-    /// kept more runs whole but cost every allocation a walk of list links
-    /// on a machine whose runs are mostly whole. The caller holds the
-    /// list's shard lock.
-    fn unclaimed_near(&self, head: PageId) -> PageId {
-        let mut id = head;
-        for _ in 0..SKIP_CLAIMED {
-            if self.runs[self.run_of(id)].load(Ordering::Relaxed) & RUN_CLAIMED == 0 {
-                return id;
-            }
-            match self.get(id).free_links().0 {
-                NIL => break,
-                next => id = PageId(next),
-            }
-        }
-        head
-    }
-
-    /// Allocates free page `id` itself, if it is free (on its list) and the
-    /// free count allows `class` an allocation: a frame of a reservation.
+    /// Allocates free page `id` itself, if it is free (held by its run, or
+    /// on its list) and the free count allows `class` an allocation: a
+    /// frame of a reservation.
     pub(crate) fn alloc_at(&self, id: PageId, class: AllocClass) -> Option<PageId> {
         if id.0 as usize >= self.pages.len() || !self.free_at_least(self.floor(class) + 1) {
             return None;
         }
         let page = self.get(id);
+        if self.take_held(id) {
+            self.taken(id, page.flags().contains(PageFlags::ZERO));
+            return Some(id);
+        }
         let mut shard = self.shards[id.0 as usize % SHARDS].lock();
         // Set and cleared under this lock: a page on its way onto the
         // list (marked free, not linked yet) is not taken.
@@ -556,6 +783,10 @@ impl Pages {
         {
             return false;
         }
+        let r = self.run_of(first);
+        if self.runs[r].load(Ordering::Acquire) & RUN_HELD != 0 {
+            return self.take_held_rest(first, skip);
+        }
         // The run's pages on shard `first + s`'s lists: offsets `s`,
         // `s + SHARDS`, ...
         let share = move |s: usize| {
@@ -575,7 +806,7 @@ impl Pages {
             }
             let (mut taken, mut zeroed) = (0, 0);
             for id in share(s) {
-                zeroed += u64::from(self.get(id).flags().contains(PageFlags::ZERO));
+                zeroed += i64::from(self.get(id).flags().contains(PageFlags::ZERO));
                 taken += 1;
                 self.unlink(&mut shard, id);
             }
@@ -583,6 +814,44 @@ impl Pages {
             self.count_taken(taken, zeroed);
             share(s).for_each(|id| self.hand_out(id));
         }
+        true
+    }
+
+    /// [`alloc_run_rest`](Self::alloc_run_rest) from a held run: each
+    /// word's free frames taken at once, all or none.
+    fn take_held_rest(&self, first: PageId, skip: u64) -> bool {
+        let r = self.run_of(first);
+        let skip = (skip as usize / 64, 1u64 << (skip % 64));
+        let mine = |w: usize| if w == skip.0 { !skip.1 } else { u64::MAX };
+        for w in 0..RUN_WORDS {
+            // The skipped frame's bit is set (the caller has it); every
+            // other bit must be clear.
+            let expect = if w == skip.0 { skip.1 } else { 0 };
+            if self.held[r].0[w]
+                .compare_exchange(expect, u64::MAX, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+            {
+                // Give back what this took, as frees do (a release may
+                // have come between).
+                for j in (0..w * 64).filter(|&j| mine(j / 64) & (1 << (j % 64)) != 0) {
+                    let id = PageId(first.0 + j as u32);
+                    if !self.give_held(id, self.get(id).flags().contains(PageFlags::ZERO)) {
+                        let mut shard = self.shards[id.0 as usize % SHARDS].lock();
+                        self.list_push(&mut shard, id);
+                    }
+                }
+                return false;
+            }
+        }
+        let ids = (0..RUN_PAGES as usize)
+            .filter(|&j| mine(j / 64) & (1 << (j % 64)) != 0)
+            .map(|j| PageId(first.0 + j as u32));
+        let zeroed = ids
+            .clone()
+            .filter(|&id| self.get(id).flags().contains(PageFlags::ZERO))
+            .count();
+        self.count_taken(RUN_PAGES as i64 - 1, zeroed as i64);
+        ids.for_each(|id| self.hand_out(id));
         true
     }
 
@@ -625,15 +894,15 @@ impl Pages {
     /// Settles the counts for page `id`, just taken off a list, and hands
     /// it out: off every queue, in no object.
     fn taken(&self, id: PageId, zeroed: bool) {
-        self.count_taken(1, u64::from(zeroed));
+        self.count_taken(1, i64::from(zeroed));
         self.hand_out(id);
     }
 
     /// Counts `taken` pages off the free count, `zeroed` of them off the
-    /// zeroed count.
-    fn count_taken(&self, taken: u64, zeroed: u64) {
-        self.counts.free.add(-(taken as i64));
-        self.counts.free_zeroed.add(-(zeroed as i64));
+    /// zeroed count (negative: onto them).
+    fn count_taken(&self, taken: i64, zeroed: i64) {
+        self.counts.free.add(-taken);
+        self.counts.free_zeroed.add(-zeroed);
     }
 
     /// Whether some free page is not known zero: from the shared totals
@@ -838,6 +1107,49 @@ impl Pages {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A step another thread might take (here, on a run).
+    type Step = fn(&Pages, usize);
+
+    #[cfg(feature = "std")]
+    std::thread_local! {
+        /// A step to run inside `give_held` at a numbered point, once.
+        static RACE: core::cell::Cell<Option<(u8, Step)>> =
+            const { core::cell::Cell::new(None) };
+    }
+
+    /// Runs the step set for point `at`, if any (on this thread, as if
+    /// another thread's step fell there).
+    #[cfg(feature = "std")]
+    pub(super) fn race_point(p: &Pages, at: u8, run: usize) {
+        if let Some((point, step)) = RACE.with(core::cell::Cell::get)
+            && point == at
+        {
+            RACE.with(|c| c.set(None));
+            step(p, run);
+        }
+    }
+
+    /// A release of the run falling just before, then just after, a free
+    /// clears the frame's bit: the frame ends on a list exactly once.
+    #[cfg(feature = "std")]
+    #[test]
+    fn a_release_racing_a_free_into_the_run_loses_nothing() {
+        for at in [1u8, 2] {
+            let p = pages(512, false, 0);
+            let r = p.claim_run().unwrap();
+            let f = PageId(run_ids(&p, r).start + 70);
+            p.alloc_at(f, AllocClass::Normal).unwrap();
+            RACE.with(|c| c.set(Some((at, |p: &Pages, r| assert!(p.release_run(r))))));
+            p.free(f);
+            assert!(
+                RACE.with(core::cell::Cell::get).is_none(),
+                "point {at} reached"
+            );
+            assert!(p.get(f).flags().contains(PageFlags::LISTED), "point {at}");
+            assert_eq!(drain(&p).len(), 512, "point {at}");
+        }
+    }
 
     fn pages(n: u32, zero: bool, reserved: u64) -> Pages {
         Pages::new(
@@ -1100,5 +1412,169 @@ mod tests {
         assert_eq!((p.queue_count(PageQueue::Active), p.wired_count()), (1, 0));
         p.free(id);
         assert_eq!((p.free_count(), p.queue_count(PageQueue::Active)), (4, 0));
+    }
+
+    fn run_ids(p: &Pages, r: u32) -> core::ops::Range<u32> {
+        let first = p.run_first(r).unwrap().0;
+        first..first + 512
+    }
+
+    #[test]
+    fn a_claimed_run_holds_its_free_frames_off_the_lists() {
+        let p = pages(4 * 512, false, 0);
+        let r = p.claim_run().unwrap();
+        assert_eq!(p.free_count(), 4 * 512, "held frames are free");
+        let ids = run_ids(&p, r);
+        assert!(
+            ids.clone()
+                .all(|i| !p.get(PageId(i)).flags().contains(PageFlags::LISTED))
+        );
+        // Any allocation takes the other runs' frames first.
+        let others: Vec<PageId> = (0..3 * 512)
+            .map(|k| p.alloc(k, AllocClass::Normal, false).unwrap())
+            .collect();
+        assert!(others.iter().all(|id| !ids.contains(&id.0)));
+        // The run's own frames by id; a frame taken is not taken twice.
+        let f = PageId(ids.start + 77);
+        assert_eq!(p.alloc_at(f, AllocClass::Normal), Some(f));
+        assert_eq!(p.alloc_at(f, AllocClass::Normal), None);
+        assert_eq!(p.free_count(), 512 - 1);
+        // Freed, it goes back to the run, not to a list, and the run
+        // (whole again) can be claimed again.
+        p.get(f).set_flags(PageFlags::ZERO);
+        p.free(f);
+        assert!(!p.get(f).flags().contains(PageFlags::LISTED));
+        assert_eq!((p.free_count(), p.free_zeroed_count()), (512, 1));
+        assert_eq!(p.claim_run(), Some(r));
+        for id in others {
+            p.free(id);
+        }
+        assert_eq!(drain(&p).len(), 4 * 512);
+    }
+
+    #[test]
+    fn allocation_releases_idle_held_runs_before_breaking_a_reservation() {
+        let p = pages(3 * 512, false, 0);
+        let (a, b, c) = (
+            p.claim_run().unwrap(),
+            p.claim_run().unwrap(),
+            p.claim_run().unwrap(),
+        );
+        // Run `b` filled and emptied again: no reservation owns it now.
+        for i in run_ids(&p, b) {
+            p.alloc_at(PageId(i), AllocClass::Normal).unwrap();
+        }
+        for i in run_ids(&p, b) {
+            p.free(PageId(i));
+        }
+        // Run `c` in use but for one frame.
+        let kept = run_ids(&p, c).start + 5;
+        for i in run_ids(&p, c).filter(|&i| i != kept) {
+            p.alloc_at(PageId(i), AllocClass::Normal).unwrap();
+        }
+        // The lists are empty: the first allocations come from `b`.
+        for k in 0..512 {
+            let id = p.alloc(k, AllocClass::Normal, false).unwrap();
+            assert!(run_ids(&p, b).contains(&id.0), "{k}: {}", id.0);
+        }
+        // Then a reservation is broken: `a` (wholly free) or `c`'s last.
+        let rest = drain(&p);
+        assert_eq!(rest.len(), 513);
+        assert!(rest.contains(&kept));
+        assert!(run_ids(&p, a).all(|i| rest.contains(&i)));
+        assert_eq!(p.free_count(), 0);
+    }
+
+    #[test]
+    fn the_rest_of_a_held_run_is_taken_all_or_none() {
+        let p = pages(2 * 512, false, 0);
+        let r = p.claim_run().unwrap();
+        let first = p.run_first(r).unwrap();
+        let skip = 130;
+        p.alloc_at(PageId(first.0 + skip), AllocClass::Normal)
+            .unwrap();
+        let busy = PageId(first.0 + 400);
+        p.alloc_at(busy, AllocClass::Normal).unwrap();
+        let free = p.free_count();
+        assert!(!p.alloc_run_rest(first, u64::from(skip), AllocClass::Normal));
+        assert_eq!(p.free_count(), free, "a refusal keeps nothing");
+        for i in run_ids(&p, r).filter(|&i| i != first.0 + skip && i != busy.0) {
+            assert_eq!(p.alloc_at(PageId(i), AllocClass::Normal), Some(PageId(i)));
+            p.free(PageId(i));
+        }
+        p.free(busy);
+        assert!(p.alloc_run_rest(first, u64::from(skip), AllocClass::Normal));
+        assert_eq!(p.free_count(), free - 510);
+        let rest = drain(&p);
+        assert_eq!(rest.len(), 512);
+        assert!(run_ids(&p, r).all(|i| !rest.contains(&i)));
+    }
+
+    #[test]
+    fn the_zeroer_finds_plain_frames_in_held_runs() {
+        let p = pages(2 * 512, true, 0);
+        let r = p.claim_run().unwrap();
+        let f = PageId(run_ids(&p, r).start + 3);
+        p.alloc_at(f, AllocClass::Normal).unwrap();
+        p.get(f).clear_flags(PageFlags::ZERO);
+        p.free(f);
+        assert_eq!(p.take_plain(0), Some(f));
+        assert_eq!(p.take_plain(0), None, "every other frame is zero");
+        p.get(f).set_flags(PageFlags::ZERO);
+        p.free(f);
+        assert_eq!(p.take_plain(0), None);
+        assert_eq!((p.free_count(), p.free_zeroed_count()), (1024, 1024));
+    }
+
+    /// Frames taken by id, freed, claimed, released and taken by any
+    /// allocation at once: at the end each frame is free exactly once.
+    #[test]
+    fn held_runs_lose_no_frame_to_racing_frees_and_releases() {
+        use std::sync::atomic::AtomicBool;
+        let p = pages(4 * 512, false, 0);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            for t in 0..3u32 {
+                let (p, stop) = (&p, &stop);
+                sc.spawn(move || {
+                    let mut x = 0x9e37_79b9u32.wrapping_mul(t + 1);
+                    let mut mine = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        x ^= x << 13;
+                        x ^= x >> 17;
+                        x ^= x << 5;
+                        let id = PageId(x % (4 * 512));
+                        let got = match x % 4 {
+                            0 => p.alloc(u64::from(t), AllocClass::Normal, false),
+                            _ => p.alloc_at(id, AllocClass::Normal),
+                        };
+                        if let Some(id) = got {
+                            mine.push(id);
+                        }
+                        if mine.len() > 64 || x % 3 == 0 {
+                            if let Some(id) = mine.pop() {
+                                p.free(id);
+                            }
+                        }
+                    }
+                    for id in mine {
+                        p.free(id);
+                    }
+                });
+            }
+            let (p, stop) = (&p, &stop);
+            sc.spawn(move || {
+                for k in 0..200_000u32 {
+                    if k % 3 == 0 {
+                        p.release_some();
+                    } else {
+                        p.claim_run();
+                    }
+                }
+                stop.store(true, Ordering::Relaxed);
+            });
+        });
+        assert_eq!(p.free_count(), 4 * 512);
+        assert_eq!(drain(&p).len(), 4 * 512);
     }
 }

@@ -10,10 +10,11 @@
 //! pageout target and sleeps when nothing is left to zero. Either way
 //! frames are taken a small batch at a time and given back before the
 //! next, so a fault running beside it never finds memory short because of
-//! it.
+//! it: from the free lists first, then from superpage runs that hold free
+//! frames (their frames are off the lists; a run remembers when a frame
+//! not known to be zero came back to it).
 
 use crate::page::{PageFlags, PageId};
-use crate::page_queues::AllocClass;
 use crate::pmap::Pmap;
 use crate::vm::Vm;
 #[cfg(feature = "std")]
@@ -48,17 +49,12 @@ impl<P: Pmap> Vm<P> {
         let (mut n, mut more) = (0, true);
         while n < BATCH && (n as u64) < max {
             // Not below the reserve: page-table allocations rely on it.
-            let Some(id) = pages.alloc(n as u64, AllocClass::Normal, false) else {
+            let Some(id) = pages.take_plain(n as u64) else {
                 more = false;
                 break;
             };
             taken[n] = id;
             n += 1;
-            // Only zeroed pages were left: this one goes back as it is.
-            if pages.get(id).flags().contains(PageFlags::ZERO) {
-                more = false;
-                break;
-            }
         }
         let mut zeroed = 0;
         for &id in &taken[..n] {

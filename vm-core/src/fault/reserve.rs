@@ -15,7 +15,7 @@
 //!
 //! Where the policy asks for whole superpages, the write fault that claims
 //! the run takes all 512 frames at once ([`populate`](FaultState::populate)):
-//! the other 511 off the free lists in one go (`Pages::alloc_run_rest`);
+//! the other 511 out of the run in one go (`Pages::alloc_run_rest`);
 //! they are zeroed outside every lock, and `finish` inserts them into the
 //! object and maps them, writable and dirty like the faulting page, under
 //! one hold of the object's lock (so no pageout can take one between its
@@ -26,12 +26,17 @@
 //! the object gained a pager meanwhile (pageout gave it swap, and may have
 //! written a page of these 2 MiB there), none is inserted.
 //!
-//! Unlike FreeBSD's, a reservation keeps nothing off the free lists: a
-//! frame of the run is free for any allocation until its page comes, so
-//! there is nothing to break under a shortage, and a run taken in part
-//! just means those 2 MiB stay 4 KiB pages. The offset comes from the
-//! address, not the page index, so an object mapped at an address whose
-//! 2 MiB alignment differs from its offset's still lines up.
+//! As in FreeBSD, the claimed run's free frames leave the free lists and
+//! the run holds them (`page_queues`' `RunBits`): a fault takes its frame
+//! with one atomic operation on the run's own cache line. They still count
+//! as free; an allocation of any frame that finds the lists empty releases
+//! a held run (breaking its reservation if one is still filling it), and
+//! a run taken in part just means those 2 MiB stay 4 KiB pages. The
+//! reservation record is a hint, not an ownership: correctness rests on
+//! the frame's bit (or its list), so a stale record costs only a miss. The
+//! offset comes from the address, not the page index, so an object mapped
+//! at an address whose 2 MiB alignment differs from its offset's still
+//! lines up.
 
 use super::FaultState;
 use crate::map::{EntryFlags, MapEntry};
