@@ -333,6 +333,7 @@ impl<'a, P: Pmap> FaultTarget<'a, P> {
         // Wired faults take the entry's protection (seed L307-308); a copy
         // fault walks as a write (so a page below is copied up) but maps
         // with `prot`.
+        let (entry_end, eflags) = (entry.end, entry.eflags);
         let mut fault_type = if info.wired { info.prot } else { access };
         if ctx.copy {
             fault_type |= Prot::WRITE;
@@ -347,6 +348,8 @@ impl<'a, P: Pmap> FaultTarget<'a, P> {
             map: Some(map),
             stamp,
             entry_start: info.entry_start,
+            entry_end,
+            eflags,
             pindex: info.pindex,
             first_pindex: info.pindex,
             prot: info.prot,
@@ -421,6 +424,11 @@ pub(crate) struct FaultState<'a, P: Pmap> {
     map: Option<ShardedReadGuard<'a, MapState>>,
     stamp: u64,
     entry_start: u64,
+    /// The entry's end and flags as the lookup found it (the map read
+    /// lock held since), so the walk need not look the entry up again
+    /// under the object's lock (`reserve`).
+    entry_end: u64,
+    eflags: EntryFlags,
     pindex: u64,
     first_pindex: u64,
     prot: Prot,
@@ -734,6 +742,9 @@ impl<'a, P: Pmap> FaultState<'a, P> {
                     self.prot &= info.prot;
                     self.wired = info.wired;
                     self.entry_start = info.entry_start;
+                    if let Some(e) = g.entries.get(&info.entry_start) {
+                        (self.entry_end, self.eflags) = (e.end, e.eflags);
+                    }
                 }
             }
         }

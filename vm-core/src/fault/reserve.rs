@@ -75,8 +75,9 @@ impl<P: Pmap> FaultState<'_, P> {
         if policy == SuperpagePolicy::Never {
             return None;
         }
-        let entry = self.map.as_ref()?.entries.get(&self.entry_start)?;
-        if entry.eflags.contains(EntryFlags::NOHUGEPAGE) {
+        // The entry as the lookup found it: the map lock is held since.
+        self.map.as_ref()?;
+        if self.eflags.contains(EntryFlags::NOHUGEPAGE) {
             return None;
         }
         let offset = (self.va >> PAGE_SHIFT) & (RUN_PAGES - 1);
@@ -86,7 +87,7 @@ impl<P: Pmap> FaultState<'_, P> {
             Some(&run) => run,
             None => {
                 let va0 = self.va - offset * PAGE_SIZE;
-                if va0 < entry.start || va0 + RUN_PAGES * PAGE_SIZE > entry.end {
+                if va0 < self.entry_start || va0 + RUN_PAGES * PAGE_SIZE > self.entry_end {
                     return None;
                 }
                 let run = self.machine.pages.claim_run().unwrap_or(NO_RUN);
@@ -102,7 +103,7 @@ impl<P: Pmap> FaultState<'_, P> {
             .alloc_at(PageId(first.0 + offset as u32), AllocClass::Normal)?;
         let whole = match policy {
             SuperpagePolicy::Always => true,
-            _ => entry.eflags.contains(EntryFlags::HUGEPAGE),
+            _ => self.eflags.contains(EntryFlags::HUGEPAGE),
         };
         let populate = (fresh && whole && self.fault_type.contains(Prot::WRITE) && !self.wired)
             .then_some(Populate {
