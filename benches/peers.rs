@@ -33,12 +33,13 @@
 //!   faults on pages resident in a file object (page cache) but not mapped,
 //!   per page touched: ours with fault-around off, the seed's ±4 and a
 //!   16-page window vs the kernel's private file mapping with fault-around.
-//! * `parallel/{disjoint,mixed,beside_reader,shared,soft}/{1,2,4,8}` —
+//! * `parallel/{disjoint,mixed,beside_reader,shared,shared_halves,soft}/{1,2,4,8}` —
 //!   zero-fill faults on disjoint mappings of one space (alone; with one
 //!   more thread mapping, faulting and unmapping beside them; and, the
 //!   baseline of that, with one more thread only faulting beside them),
 //!   zero-fill faults
-//!   interleaved over one shared mapping, and soft faults on disjoint
+//!   interleaved over one shared mapping and in each thread's own part of
+//!   it (`shared_halves`), and soft faults on disjoint
 //!   mappings, from 1 to 8 threads; `memset_floor` zeroes the same 16 MiB
 //!   of 4 KiB pages (of a 96 MiB region, the machine's size) with as many
 //!   threads: how far zeroing itself scales on the machine.
@@ -997,21 +998,37 @@ fn parallel(c: &mut Criterion) {
             });
         }
     }
+    let one_mapping = || {
+        let s = vm.new_space().unwrap();
+        s.map_anon(BASE, pages * PAGE, Prot::RW).unwrap();
+        s
+    };
     for (threads, pool) in &pools {
         let threads = *threads;
         g.bench_function(format!("shared/{threads}"), |b| {
             b.iter_batched(
-                || {
-                    let s = vm.new_space().unwrap();
-                    s.map_anon(BASE, pages * PAGE, Prot::RW).unwrap();
-                    s
-                },
+                one_mapping,
                 |s| {
                     on_threads(pool, |t| {
                         (t..pages)
                             .step_by(threads as usize)
                             .for_each(|i| fault(&s, i));
                     });
+                    s
+                },
+                BatchSize::PerIteration,
+            );
+        });
+    }
+    // One mapping (one object) again, each thread faulting its own part:
+    // the object is shared, its 2 MiB extents are not.
+    for (threads, pool) in &pools {
+        let threads = *threads;
+        g.bench_function(format!("shared_halves/{threads}"), |b| {
+            b.iter_batched(
+                one_mapping,
+                |s| {
+                    disjoint_faults(&s, threads, pool);
                     s
                 },
                 BatchSize::PerIteration,

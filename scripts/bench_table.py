@@ -171,10 +171,11 @@ def main_table(r):
 
 
 def parallel_table(r):
-    kinds = ["disjoint", "shared", "soft", "mixed", "beside_reader", "memset_floor"]
-    out = ["| threads | disjoint | shared | soft | mixed (disjoint + a thread mapping, faulting, unmapping) "
+    kinds = ["disjoint", "shared", "shared_halves", "soft", "mixed", "beside_reader", "memset_floor"]
+    out = ["| threads | disjoint | shared | shared, each thread its part | soft "
+           "| mixed (disjoint + a thread mapping, faulting, unmapping) "
            "| beside a reader (disjoint + a thread faulting one page) | `memset` floor (same pages, same threads) |",
-           "|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|"]
     for n in (1, 2, 4, 8):
         out.append(f"| {n} | " + " | ".join(t(r.ns(f"parallel/{k}/{n}")) for k in kinds) + " |")
     return out
