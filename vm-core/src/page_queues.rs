@@ -25,7 +25,7 @@ use crate::addr::Pfn;
 use crate::mem_attr::MemAttr;
 use crate::page::{PageFlags, PageId, PageQueue, VmPage};
 use crate::sync::{BatchedCount, ShardedCount};
-use crate::sync::{Mutex, WaitTable};
+use crate::sync::{Mutex, MutexGuard, WaitTable};
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -50,11 +50,9 @@ const RUN_HELD: u32 = 1 << 31;
 /// A reservation took the run and may still be filling it: no other claim
 /// is given it (cleared when the run is wholly free again).
 const RUN_OWNED: u32 = 1 << 30;
-/// A claim is taking the run's frames off the lists: no release yet.
-const RUN_BUSY: u32 = 1 << 29;
 /// A frame not known to be zero went back to the held run since the
-/// zeroer last looked (a hint: set on every such free, cleared only by
-/// the zeroer's look).
+/// zeroer last looked (a hint: set on such a free, cleared by the
+/// zeroer's look and by a release; never set on a run not held).
 const RUN_PLAIN: u32 = 1 << 28;
 /// Words of a run's [`RunBits`].
 const RUN_WORDS: usize = RUN_PAGES as usize / 64;
@@ -173,6 +171,10 @@ pub(crate) struct Pages {
     held: Box<[RunBits]>,
     /// Where the next release of a held run looks first.
     release_cursor: AtomicU32,
+    /// Held while frames move between the lists and a run in bulk (a
+    /// claim from the lists, a release), so that an allocation finding
+    /// the lists empty can wait for them instead of failing.
+    transit: Mutex<()>,
     /// Where [`claim_run`](Self::claim_run) looks next (it goes down from
     /// the top of memory, away from the low frames the lists hand out
     /// first).
@@ -239,6 +241,7 @@ impl Pages {
                 .into(),
             held: (0..n_runs).map(|_| RunBits::default()).collect(),
             release_cursor: AtomicU32::new(0),
+            transit: Mutex::new(()),
             run_cursor: AtomicU32::new(0),
             recent: core::array::from_fn(|_| AtomicU32::new(NO_RUN)),
             recent_next: AtomicU32::new(0),
@@ -350,7 +353,7 @@ impl Pages {
         // Read first: a failing compare-and-swap would still take the
         // line exclusive, and faults on other CPUs scan the same runs.
         let w = self.runs[r].load(Ordering::Relaxed);
-        w & (RUN_HELD | RUN_OWNED | RUN_BUSY) == RUN_HELD
+        w & (RUN_HELD | RUN_OWNED) == RUN_HELD
             && self.held_whole(r)
             && self.runs[r]
                 .compare_exchange(w, w | RUN_OWNED, Ordering::AcqRel, Ordering::Relaxed)
@@ -368,13 +371,18 @@ impl Pages {
     /// Claims run `r` if all its frames are on the lists: each comes off
     /// its list into the run's bits (a frame an allocation took meanwhile
     /// stays in use; freed, it comes back to the run). The free counts do
-    /// not change: held frames are free.
+    /// not change: held frames are free. Under the transit lock, so an
+    /// allocation that finds the lists empty waits for the frames to land
+    /// (see [`alloc`](Self::alloc)).
     fn claim_listed(&self, r: usize) -> bool {
-        let claimed = RUN_WHOLE | RUN_HELD | RUN_OWNED | RUN_BUSY;
-        if self.runs[r].load(Ordering::Relaxed) != RUN_WHOLE
-            || self.runs[r]
-                .compare_exchange(RUN_WHOLE, claimed, Ordering::SeqCst, Ordering::Relaxed)
-                .is_err()
+        if self.runs[r].load(Ordering::Relaxed) != RUN_WHOLE {
+            return false;
+        }
+        let _transit = self.transit.lock();
+        let claimed = RUN_WHOLE | RUN_HELD | RUN_OWNED;
+        if self.runs[r]
+            .compare_exchange(RUN_WHOLE, claimed, Ordering::SeqCst, Ordering::Relaxed)
+            .is_err()
         {
             return false;
         }
@@ -394,9 +402,9 @@ impl Pages {
                 }
             }
         }
-        let done = if plain { RUN_PLAIN } else { 0 };
-        self.runs[r].fetch_or(done, Ordering::SeqCst);
-        self.runs[r].fetch_and(!RUN_BUSY, Ordering::SeqCst);
+        if plain {
+            self.hint_plain(r);
+        }
         true
     }
 
@@ -435,8 +443,8 @@ impl Pages {
         }
         // After the bit: a zeroer that clears the hint before it looks
         // either sees the frame or sees the hint set again.
-        if !zeroed && self.runs[r].load(Ordering::SeqCst) & RUN_PLAIN == 0 {
-            self.runs[r].fetch_or(RUN_PLAIN, Ordering::SeqCst);
+        if !zeroed {
+            self.hint_plain(r);
         }
         if old == bit && self.held_whole(r) {
             // Wholly free: the run's reservation (if it lives) has nothing
@@ -447,13 +455,33 @@ impl Pages {
         true
     }
 
+    /// Marks held run `r` as given a frame not known to be zero (for the
+    /// zeroer); not if the run is no longer held (a stray mark would keep
+    /// it from ever being claimed whole from the lists).
+    fn hint_plain(&self, r: usize) {
+        if self.runs[r].load(Ordering::SeqCst) & (RUN_HELD | RUN_PLAIN) == RUN_HELD {
+            let _ = self.runs[r].fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                (w & RUN_HELD != 0).then_some(w | RUN_PLAIN)
+            });
+        }
+    }
+
+    /// Gives up the claim on held run `r` made for a reservation that took
+    /// no frame of it (another claim may have it; its frames stay held).
+    pub(crate) fn disown(&self, r: u32) {
+        if let Some(w) = self.runs.get(r as usize) {
+            w.fetch_and(!RUN_OWNED, Ordering::AcqRel);
+            self.note_whole(r as usize);
+        }
+    }
+
     /// Moves held run `r`'s free frames back to the lists (FreeBSD's
-    /// breaking of a reservation): `false` if it is not held, or a claim
-    /// is still filling it.
-    fn release_run(&self, r: usize) -> bool {
+    /// breaking of a reservation): `false` if it is not held. Under the
+    /// transit lock (`_transit`): a claim from the lists, which holds it
+    /// too, is never half done here.
+    fn release_run(&self, _transit: &MutexGuard<'_, ()>, r: usize) -> bool {
         let released = self.runs[r].fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
-            (w & (RUN_HELD | RUN_BUSY) == RUN_HELD)
-                .then_some(w & !(RUN_HELD | RUN_OWNED | RUN_PLAIN))
+            (w & RUN_HELD != 0).then_some(w & !(RUN_HELD | RUN_OWNED | RUN_PLAIN))
         });
         if released.is_err() {
             return false;
@@ -480,19 +508,20 @@ impl Pages {
     /// Releases a held run with free frames in it, looking first for one
     /// no reservation owns (nothing is lost), then breaking one a
     /// reservation still fills. `false` if no held run has a free frame.
-    fn release_some(&self) -> bool {
+    /// Under the transit lock, as [`release_run`](Self::release_run).
+    fn release_some(&self, transit: &MutexGuard<'_, ()>) -> bool {
         let n = self.runs.len();
         let start = self.release_cursor.load(Ordering::Relaxed) as usize;
         for pass in [RUN_OWNED, 0] {
             for k in 0..n {
                 let r = (start + k) % n;
                 let w = self.runs[r].load(Ordering::Relaxed);
-                if w & (RUN_HELD | RUN_BUSY | pass) == RUN_HELD
+                if w & (RUN_HELD | pass) == RUN_HELD
                     && self.held[r]
                         .0
                         .iter()
                         .any(|b| b.load(Ordering::Relaxed) != u64::MAX)
-                    && self.release_run(r)
+                    && self.release_run(transit, r)
                 {
                     self.release_cursor.store((r + 1) as u32, Ordering::Relaxed);
                     return true;
@@ -641,16 +670,24 @@ impl Pages {
         } else {
             &[None]
         };
-        // The lists empty, the free frames are held by runs: release one
-        // and look again (each release lists a run's free frames; a run is
-        // held again only by a claim of a whole one).
+        let pop = || {
+            passes
+                .iter()
+                .find_map(|&kind| self.pop_any(hint, kind, zero))
+        };
+        if let Some(id) = pop() {
+            return Some(id);
+        }
+        // The lists empty, the free frames are held by runs, or on their
+        // way between a run and the lists (a claim or a release holds the
+        // transit lock meanwhile): wait for those to land, then release
+        // runs until one of their frames is ours.
+        let transit = self.transit.lock();
         loop {
-            for &kind in passes {
-                if let Some(id) = self.pop_any(hint, kind, zero) {
-                    return Some(id);
-                }
+            if let Some(id) = pop() {
+                return Some(id);
             }
-            if !self.release_some() {
+            if !self.release_some(&transit) {
                 return None;
             }
         }
@@ -676,7 +713,7 @@ impl Pages {
             // again; set again if the look stops early.
             self.runs[r].fetch_and(!RUN_PLAIN, Ordering::SeqCst);
             if let Some(id) = self.take_plain_held(r) {
-                self.runs[r].fetch_or(RUN_PLAIN, Ordering::SeqCst);
+                self.hint_plain(r);
                 return Some(id);
             }
         }
@@ -1140,7 +1177,11 @@ mod tests {
             let r = p.claim_run().unwrap();
             let f = PageId(run_ids(&p, r).start + 70);
             p.alloc_at(f, AllocClass::Normal).unwrap();
-            RACE.with(|c| c.set(Some((at, |p: &Pages, r| assert!(p.release_run(r))))));
+            RACE.with(|c| {
+                c.set(Some((at, |p: &Pages, r| {
+                    assert!(p.release_run(&p.transit.lock(), r));
+                })));
+            });
             p.free(f);
             assert!(
                 RACE.with(core::cell::Cell::get).is_none(),
@@ -1566,7 +1607,7 @@ mod tests {
             sc.spawn(move || {
                 for k in 0..200_000u32 {
                     if k % 3 == 0 {
-                        p.release_some();
+                        p.release_some(&p.transit.lock());
                     } else {
                         p.claim_run();
                     }

@@ -96,11 +96,17 @@ impl<P: Pmap> FaultState<'_, P> {
                 run
             }
         };
-        let first = self.machine.pages.run_first(run)?;
-        let id = self
-            .machine
-            .pages
-            .alloc_at(PageId(first.0 + offset as u32), AllocClass::Normal)?;
+        let pages = &self.machine.pages;
+        let first = pages.run_first(run)?;
+        let Some(id) = pages.alloc_at(PageId(first.0 + offset as u32), AllocClass::Normal) else {
+            if fresh {
+                // Claimed for nothing (memory at the reserve, or the frame
+                // taken): no other claim would get the run until some
+                // frame of it came and went.
+                pages.disown(run);
+            }
+            return None;
+        };
         let whole = match policy {
             SuperpagePolicy::Always => true,
             _ => self.eflags.contains(EntryFlags::HUGEPAGE),
@@ -119,7 +125,8 @@ impl<P: Pmap> FaultState<'_, P> {
     /// is gone or memory is short (the fault then maps its page alone).
     pub(super) fn populate(&mut self, p: Populate) {
         let pages = &self.machine.pages;
-        if !pages.free_at_least(pages.thresholds.severe + RUN_PAGES)
+        // The fault has its own frame already: 511 more.
+        if !pages.free_at_least(pages.thresholds.severe + RUN_PAGES - 1)
             || !pages.alloc_run_rest(p.first, p.offset, AllocClass::Normal)
         {
             return;
