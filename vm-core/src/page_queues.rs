@@ -171,6 +171,8 @@ pub(crate) struct Pages {
     held: Box<[RunBits]>,
     /// Where the next release of a held run looks first.
     release_cursor: AtomicU32,
+    /// Where the zeroer's next look into held runs starts.
+    zero_cursor: AtomicU32,
     /// Held while frames move between the lists and a run in bulk (a
     /// claim from the lists, a release), so that an allocation finding
     /// the lists empty can wait for them instead of failing.
@@ -241,6 +243,7 @@ impl Pages {
                 .into(),
             held: (0..n_runs).map(|_| RunBits::default()).collect(),
             release_cursor: AtomicU32::new(0),
+            zero_cursor: AtomicU32::new(0),
             transit: Mutex::new(()),
             run_cursor: AtomicU32::new(0),
             recent: core::array::from_fn(|_| AtomicU32::new(NO_RUN)),
@@ -693,18 +696,27 @@ impl Pages {
         }
     }
 
-    /// A free page not known to be zero, for the zeroer: from the lists,
-    /// else from a held run that was given one. Never below the reserve,
-    /// and never releases a run.
-    pub(crate) fn take_plain(&self, hint: u64) -> Option<PageId> {
-        if !self.free_at_least(self.floor(AllocClass::Normal) + 1) {
-            return None;
+    /// Free pages not known to be zero, for the zeroer, into `out` (as
+    /// many as fit; returns how many): from the lists, then from held runs
+    /// that were given such frames, a run at a time from where the last
+    /// look stopped. Never below the reserve, and never releases a run.
+    pub(crate) fn take_plain(&self, hint: u64, out: &mut [PageId]) -> usize {
+        let floor = self.floor(AllocClass::Normal) + 1;
+        let mut n = 0;
+        while n < out.len() && self.free_at_least(floor) {
+            let Some(id) = self.pop_any(hint + n as u64, Some(false), false) else {
+                break;
+            };
+            out[n] = id;
+            n += 1;
         }
-        if let Some(id) = self.pop_any(hint, Some(false), false) {
-            return Some(id);
-        }
-        let n = self.runs.len();
-        for r in 0..n {
+        let runs = self.runs.len();
+        let start = self.zero_cursor.load(Ordering::Relaxed) as usize;
+        for k in 0..runs {
+            if n == out.len() {
+                break;
+            }
+            let r = (start + k) % runs;
             if self.runs[r].load(Ordering::Relaxed) & (RUN_HELD | RUN_PLAIN) != RUN_HELD | RUN_PLAIN
             {
                 continue;
@@ -712,31 +724,39 @@ impl Pages {
             // Cleared before the look, so a frame given meanwhile sets it
             // again; set again if the look stops early.
             self.runs[r].fetch_and(!RUN_PLAIN, Ordering::SeqCst);
-            if let Some(id) = self.take_plain_held(r) {
+            n += self.take_plain_held(r, &mut out[n..], floor);
+            if n == out.len() {
                 self.hint_plain(r);
-                return Some(id);
+                self.zero_cursor.store(r as u32, Ordering::Relaxed);
             }
         }
-        None
+        n
     }
 
-    /// Takes a free frame of held run `r` not known to be zero.
-    fn take_plain_held(&self, r: usize) -> Option<PageId> {
-        let first = self.run_first(r as u32)?;
+    /// Takes free frames of held run `r` not known to be zero into `out`,
+    /// while the free count stays at `floor` or above; returns how many.
+    fn take_plain_held(&self, r: usize, out: &mut [PageId], floor: u64) -> usize {
+        let Some(first) = self.run_first(r as u32) else {
+            return 0;
+        };
+        let mut n = 0;
         for (w, bits) in self.held[r].0.iter().enumerate() {
             let mut free = !bits.load(Ordering::SeqCst);
-            while free != 0 {
+            while free != 0 && n < out.len() {
                 let j = w * 64 + free.trailing_zeros() as usize;
                 free &= free - 1;
                 let id = PageId(first.0 + j as u32);
-                if !self.get(id).flags().contains(PageFlags::ZERO) && self.take_held(id) {
-                    let zeroed = self.get(id).flags().contains(PageFlags::ZERO);
-                    self.taken(id, zeroed);
-                    return Some(id);
+                if !self.get(id).flags().contains(PageFlags::ZERO)
+                    && self.free_at_least(floor)
+                    && self.take_held(id)
+                {
+                    self.taken(id, self.get(id).flags().contains(PageFlags::ZERO));
+                    out[n] = id;
+                    n += 1;
                 }
             }
         }
-        None
+        n
     }
 
     /// Pops a free page of `kind` (zeroed or not; `None`: either, trying
@@ -1559,11 +1579,12 @@ mod tests {
         p.alloc_at(f, AllocClass::Normal).unwrap();
         p.get(f).clear_flags(PageFlags::ZERO);
         p.free(f);
-        assert_eq!(p.take_plain(0), Some(f));
-        assert_eq!(p.take_plain(0), None, "every other frame is zero");
+        let mut out = [PageId(0); 4];
+        assert_eq!(p.take_plain(0, &mut out), 1, "every other frame is zero");
+        assert_eq!(out[0], f);
         p.get(f).set_flags(PageFlags::ZERO);
         p.free(f);
-        assert_eq!(p.take_plain(0), None);
+        assert_eq!(p.take_plain(0, &mut out), 0);
         assert_eq!((p.free_count(), p.free_zeroed_count()), (1024, 1024));
     }
 

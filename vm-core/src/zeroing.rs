@@ -46,16 +46,10 @@ impl<P: Pmap> Vm<P> {
     fn zero_batch(&self, max: u64) -> (u64, bool) {
         let pages = &self.machine.pages;
         let mut taken = [PageId(0); BATCH];
-        let (mut n, mut more) = (0, true);
-        while n < BATCH && (n as u64) < max {
-            // Not below the reserve: page-table allocations rely on it.
-            let Some(id) = pages.take_plain(n as u64) else {
-                more = false;
-                break;
-            };
-            taken[n] = id;
-            n += 1;
-        }
+        let want = BATCH.min(usize::try_from(max).unwrap_or(BATCH));
+        // Not below the reserve: page-table allocations rely on it.
+        let n = pages.take_plain(0, &mut taken[..want]);
+        let more = n == want;
         let mut zeroed = 0;
         for &id in &taken[..n] {
             let page = pages.get(id);
