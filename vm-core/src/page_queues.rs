@@ -117,6 +117,11 @@ impl FreeShard {
     }
 }
 
+/// The [`Pages::nonempty`] bit of shard `s`'s zeroed or plain list.
+fn list_bit(s: usize, zeroed: bool) -> u32 {
+    1 << (s + if zeroed { 0 } else { SHARDS })
+}
+
 /// Which frames of a held run are free in it: bit `i` *clear* while frame
 /// `i` of the run is free and held here; set while it is in use or (the
 /// run not held) on the lists. Whoever turns a bit from clear to set owns
@@ -171,6 +176,12 @@ pub(crate) struct Pages {
     held: Box<[RunBits]>,
     /// Where the next release of a held run looks first.
     release_cursor: AtomicU32,
+    /// Which lists hold a page: bit `s` shard `s`'s zeroed list, bit
+    /// `SHARDS + s` its plain one (changed under the shard's lock when a
+    /// list becomes empty or stops being so), so that an allocation does
+    /// not lock sixteen shards to find them empty when runs hold the free
+    /// memory.
+    nonempty: crossbeam_utils::CachePadded<AtomicU32>,
     /// Where the zeroer's next look into held runs starts.
     zero_cursor: AtomicU32,
     /// Held while frames move between the lists and a run in bulk (a
@@ -244,6 +255,7 @@ impl Pages {
             held: (0..n_runs).map(|_| RunBits::default()).collect(),
             release_cursor: AtomicU32::new(0),
             zero_cursor: AtomicU32::new(0),
+            nonempty: crossbeam_utils::CachePadded::new(AtomicU32::new(0)),
             transit: Mutex::new(()),
             run_cursor: AtomicU32::new(0),
             recent: core::array::from_fn(|_| AtomicU32::new(NO_RUN)),
@@ -644,7 +656,13 @@ impl Pages {
             &mut shard.plain
         };
         page.set_free_links(*head, NIL);
-        if *head != NIL {
+        if *head == NIL {
+            let bit = list_bit(
+                id.0 as usize % SHARDS,
+                page.flags().contains(PageFlags::ZERO),
+            );
+            self.nonempty.fetch_or(bit, Ordering::Relaxed);
+        } else {
             self.set_prev(PageId(*head), id.0);
         }
         *head = id.0;
@@ -780,7 +798,14 @@ impl Pages {
         };
         let start = (hint as usize) % SHARDS;
         for k in 0..SHARDS {
-            let mut shard = self.shards[(start + k) % SHARDS].lock();
+            let s = (start + k) % SHARDS;
+            // Shards with nothing of the kind are not locked (a list that
+            // filled since the look is found by the caller's next look).
+            let want: u32 = order.iter().map(|&z| list_bit(s, z)).sum();
+            if self.nonempty.load(Ordering::Relaxed) & want == 0 {
+                continue;
+            }
+            let mut shard = self.shards[s].lock();
             for &want_zero in order {
                 let head = if want_zero {
                     &mut shard.zeroed
@@ -925,6 +950,13 @@ impl Pages {
     fn unlink(&self, shard: &mut FreeShard, id: PageId) {
         let page = self.get(id);
         let (next, prev) = page.free_links();
+        if prev == NIL && next == NIL {
+            let bit = list_bit(
+                id.0 as usize % SHARDS,
+                page.flags().contains(PageFlags::ZERO),
+            );
+            self.nonempty.fetch_and(!bit, Ordering::Relaxed);
+        }
         if prev == NIL {
             if page.flags().contains(PageFlags::ZERO) {
                 shard.zeroed = next;
