@@ -742,39 +742,48 @@ impl Pages {
             // Cleared before the look, so a frame given meanwhile sets it
             // again; set again if the look stops early.
             self.runs[r].fetch_and(!RUN_PLAIN, Ordering::SeqCst);
-            n += self.take_plain_held(r, &mut out[n..], floor);
-            if n == out.len() {
+            let (got, whole_look) = self.take_plain_held(r, &mut out[n..], floor);
+            n += got;
+            if !whole_look {
+                // Plain frames may be left (the batch filled, or the
+                // reserve stopped the look): keep the hint, start here.
                 self.hint_plain(r);
                 self.zero_cursor.store(r as u32, Ordering::Relaxed);
+                break;
             }
         }
         n
     }
 
     /// Takes free frames of held run `r` not known to be zero into `out`,
-    /// while the free count stays at `floor` or above; returns how many.
-    fn take_plain_held(&self, r: usize, out: &mut [PageId], floor: u64) -> usize {
+    /// while at least `floor` pages are free; returns how many, and
+    /// whether it looked at every frame of the run (not stopped by a full
+    /// `out` or by the floor).
+    fn take_plain_held(&self, r: usize, out: &mut [PageId], floor: u64) -> (usize, bool) {
         let Some(first) = self.run_first(r as u32) else {
-            return 0;
+            return (0, true);
         };
         let mut n = 0;
         for (w, bits) in self.held[r].0.iter().enumerate() {
             let mut free = !bits.load(Ordering::SeqCst);
-            while free != 0 && n < out.len() {
+            while free != 0 {
                 let j = w * 64 + free.trailing_zeros() as usize;
                 free &= free - 1;
                 let id = PageId(first.0 + j as u32);
-                if !self.get(id).flags().contains(PageFlags::ZERO)
-                    && self.free_at_least(floor)
-                    && self.take_held(id)
-                {
+                if self.get(id).flags().contains(PageFlags::ZERO) {
+                    continue;
+                }
+                if n == out.len() || !self.free_at_least(floor) {
+                    return (n, false);
+                }
+                if self.take_held(id) {
                     self.taken(id, self.get(id).flags().contains(PageFlags::ZERO));
                     out[n] = id;
                     n += 1;
                 }
             }
         }
-        n
+        (n, true)
     }
 
     /// Pops a free page of `kind` (zeroed or not; `None`: either, trying

@@ -102,7 +102,9 @@ impl<P: Pmap> FaultState<'_, P> {
             if fresh {
                 // Claimed for nothing (memory at the reserve, or the frame
                 // taken): no other claim would get the run until some
-                // frame of it came and went.
+                // frame of it came and went, and the next fault here is
+                // to claim afresh (and fill the 2 MiB whole if it may).
+                st.reservations.remove(&start);
                 pages.disown(run);
             }
             return None;
