@@ -9,18 +9,16 @@
 
 mod common;
 
-use common::{Rng, audit, config, consistent, rdpage, squeeze, wrpage};
-use std::collections::HashSet;
-use std::ptr::NonNull;
+use common::held::{cfg, lists_whole, no_leak, resident, vm_at, with_swap};
+
+use common::{Rng, audit, consistent, rdpage, squeeze, wrpage};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use vm_core::page_queues::Thresholds;
-use vm_core::{FaultFlags, PhysMem, Pmap, Prot, SuperpagePolicy, Vm, VmConfig, VmSpace};
-use vm_pager_swap::Swap;
+use vm_core::{FaultFlags, Pmap, Prot, SuperpagePolicy, Vm, VmConfig, VmSpace};
 use vm_pmap_x86_64::X86Pmap;
 use vm_testkit::RefPmap;
-use vm_testkit::support::TempPath;
 
 const PAGE: u64 = 4096;
 const SUPER: u64 = 2 << 20;
@@ -34,13 +32,6 @@ fn tag(va: u64, round: u64) -> u64 {
     (va << 8) | (round & 0xff) | 1
 }
 
-fn cfg(pages: u64, policy: SuperpagePolicy) -> VmConfig {
-    VmConfig {
-        superpages: policy,
-        ..config(pages)
-    }
-}
-
 fn cfg_res(pages: u64, policy: SuperpagePolicy, reserved: u64, severe: u64) -> VmConfig {
     VmConfig {
         thresholds: Some(Thresholds {
@@ -52,57 +43,6 @@ fn cfg_res(pages: u64, policy: SuperpagePolicy, reserved: u64, severe: u64) -> V
         memory_wait_ms: 1,
         ..cfg(pages, policy)
     }
-}
-
-/// A machine whose memory is `frames` frames starting at frame
-/// `base_pfn` (not necessarily on a run boundary), zero-filled host
-/// memory that lives as long as the test (leaked).
-fn vm_at<P: Pmap>(pmap: P, base_pfn: u64, frames: u64, c: VmConfig) -> Arc<Vm<P>> {
-    let layout = std::alloc::Layout::from_size_align((frames * PAGE) as usize, PAGE as usize)
-        .expect("layout");
-    // SAFETY: a fresh zeroed, page-aligned allocation that is never freed
-    // and used by nothing but this machine.
-    let phys = unsafe {
-        let p = std::alloc::alloc_zeroed(layout);
-        PhysMem::from_raw_parts(NonNull::new(p).expect("host memory"), base_pfn, frames)
-    };
-    Vm::with_phys(pmap, phys, true, c).unwrap()
-}
-
-fn with_swap<P: Pmap>(vm: &Vm<P>, mib: u64) -> (Swap, TempPath) {
-    let t = TempPath::new();
-    let s = Swap::create(&t.0, mib << 20).unwrap();
-    vm.set_swap(s.provider());
-    (s, t)
-}
-
-fn resident<P: Pmap>(s: &VmSpace<P>, base: u64) -> u64 {
-    (0..PAGES)
-        .filter(|i| s.extract(base + i * PAGE).is_some())
-        .count() as u64
-}
-
-fn no_leak<P: Pmap>(vm: &Vm<P>, what: &str) {
-    assert_eq!(vm.free_pages(), vm.total_pages(), "{what}: frames leaked");
-}
-
-/// Every free frame can be taken, once (a balloon of everything), and
-/// given back.
-fn lists_whole<P: Pmap>(vm: &Vm<P>, what: &str) {
-    let free = vm.free_pages();
-    let b = vm.inflate_balloon(u64::MAX);
-    let frames: HashSet<u64> = b.frames().map(|p| p.0).collect();
-    assert_eq!(
-        (b.len(), frames.len() as u64, vm.free_pages()),
-        (free, free, 0),
-        "{what}: the free frames are not all handed out exactly once"
-    );
-    drop(b);
-    assert_eq!(
-        vm.free_pages(),
-        free,
-        "{what}: balloon gave back another count"
-    );
 }
 
 /// Zeroes by hand until a call zeroes nothing (bounded); returns the

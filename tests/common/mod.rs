@@ -2,6 +2,8 @@
 //! machine on either pmap, the consistency check, and memory pressure.
 #![allow(dead_code)]
 
+pub mod held;
+
 use std::sync::Arc;
 use vm_core::{Pmap, Vm, VmConfig};
 use vm_pmap_x86_64::X86Pmap;
