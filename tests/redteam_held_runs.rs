@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::held::{cfg, lists_whole, no_leak, resident, vm_at, with_swap};
+use common::held::{cfg, lists_whole, no_leak, quiet_checks, resident, vm_at, with_swap};
 
 use common::{Rng, audit, consistent, rdpage, squeeze, wrpage};
 use std::collections::HashSet;
@@ -519,10 +519,7 @@ fn faults_vs_balloons<P: Pmap + 'static>(vm: Arc<Vm<P>>, secs: u64, what: &str) 
     for h in hs {
         h.join().unwrap();
     }
-    consistent(&vm, what);
-    no_leak(&vm, what);
-    lists_whole(&vm, what);
-    audit(&vm, what);
+    quiet_checks(&vm, what);
 }
 
 /// [`faults_vs_balloons`]: whole-superpage and reserved faults while
@@ -696,10 +693,7 @@ fn rollback_storm<P: Pmap + 'static>(vm: Arc<Vm<P>>, secs: u64, what: &str) {
     for h in hs {
         h.join().unwrap();
     }
-    consistent(&vm, what);
-    no_leak(&vm, what);
-    audit(&vm, what);
-    lists_whole(&vm, what);
+    quiet_checks(&vm, what);
 }
 
 /// [`rollback_storm`]: `take_held_rest` rollbacks racing the zeroer and
@@ -1034,10 +1028,7 @@ fn oversubscribed<P: Pmap + 'static>(vm: Arc<Vm<P>>, what: &str) {
     for h in hs {
         h.join().unwrap();
     }
-    consistent(&vm, what);
-    no_leak(&vm, what);
-    lists_whole(&vm, what);
-    audit(&vm, what);
+    quiet_checks(&vm, what);
 }
 
 /// [`oversubscribed`] on two- and three-run machines off a run boundary,

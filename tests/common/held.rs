@@ -74,3 +74,13 @@ pub fn lists_whole<P: Pmap>(vm: &Vm<P>, what: &str) {
         "{what}: balloon gave back another count"
     );
 }
+
+/// The checks of a quiet machine after a storm: the VM's own consistency
+/// check, no frame leaked, every free frame handed out once, and the
+/// free-page audit (zero flags and counts).
+pub fn quiet_checks<P: Pmap>(vm: &Vm<P>, what: &str) {
+    super::consistent(vm, what);
+    no_leak(vm, what);
+    lists_whole(vm, what);
+    super::audit(vm, what);
+}

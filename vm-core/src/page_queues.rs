@@ -640,6 +640,12 @@ impl Pages {
         self.uncount(page.reset_free(PageFlags::ZERO));
         // Counted in before anyone can take it (and count it out).
         self.count_taken(-1, -i64::from(zeroed));
+        self.place_free(id, zeroed);
+    }
+
+    /// Puts free page `id` (its record free, counted) where it belongs:
+    /// into its run if the run is held, else on its list.
+    fn place_free(&self, id: PageId, zeroed: bool) {
         if !self.give_held(id, zeroed) {
             let mut shard = self.shards[id.0 as usize % SHARDS].lock();
             self.list_push(&mut shard, id);
@@ -926,10 +932,7 @@ impl Pages {
                 // have come between).
                 for j in (0..w * 64).filter(|&j| mine(j / 64) & (1 << (j % 64)) != 0) {
                     let id = PageId(first.0 + j as u32);
-                    if !self.give_held(id, self.get(id).flags().contains(PageFlags::ZERO)) {
-                        let mut shard = self.shards[id.0 as usize % SHARDS].lock();
-                        self.list_push(&mut shard, id);
-                    }
+                    self.place_free(id, self.get(id).flags().contains(PageFlags::ZERO));
                 }
                 return false;
             }
