@@ -5,7 +5,8 @@
 //! range with a held page grow: with what is resident (linearly), not
 //! with the range's virtual size (flat), and how unmapping a spread range
 //! grows (with what it maps, not with its tables' 512 slots each). Each
-//! group's first member is its baseline, measured in the same run.
+//! group's first member is its baseline, measured in the same run. The
+//! spread group also times the kernel's faults in the same two shapes.
 //!
 //! `cargo bench --bench growth`
 
@@ -13,7 +14,10 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use std::borrow::Borrow;
 use std::io::Write;
 use std::sync::Arc;
-use vm_core::{FaultAround, FaultFlags, MapRequest, Pmap, Prot, Vm, VmConfig, VmSpace};
+use std::time::{Duration, Instant};
+use vm_core::{
+    FaultAround, FaultFlags, MapRequest, Pmap, Prot, SuperpageAdvice, Vm, VmConfig, VmSpace,
+};
 use vm_pager_swap::Swap;
 use vm_pager_vnode::VnodePager;
 use vm_pmap_x86_64::X86Pmap;
@@ -134,7 +138,13 @@ fn sparse(c: &mut Criterion) {
     let mut g = c.benchmark_group("address_spread");
     g.throughput(Throughput::Elements(FAULTS));
     let vm = machine(X86Pmap::new());
-    for (name, span) in [("1MiB", 1u64 << 20), ("64GiB", 64u64 << 30)] {
+    // `_nohuge`: the range advised not to use superpages, so no fault
+    // claims a reservation (what a sparse space should ask for).
+    for (name, span, huge) in [
+        ("1MiB", 1u64 << 20, true),
+        ("64GiB", 64u64 << 30, true),
+        ("64GiB_nohuge", 64u64 << 30, false),
+    ] {
         let vm = vm.clone();
         let step = span / FAULTS;
         faults(
@@ -143,10 +153,25 @@ fn sparse(c: &mut Criterion) {
             move || {
                 let s = vm.new_space().unwrap();
                 s.map_anon(BASE, span, Prot::RW).unwrap();
+                if !huge {
+                    s.advise_superpages(BASE, span, SuperpageAdvice::NoHuge)
+                        .unwrap();
+                }
                 s
             },
             move |i| BASE + i * step,
         );
+    }
+    // The kernel's zero-fill faults in the same shapes (4 KiB pages,
+    // `MADV_NOHUGEPAGE`), the mapping made and unmapped outside the timing.
+    for (name, span) in [
+        ("kernel_1MiB", 1usize << 20),
+        ("kernel_64GiB", 64usize << 30),
+    ] {
+        let step = span / FAULTS as usize;
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| (0..iters).map(|_| kernel_spread(span, step)).sum());
+        });
     }
     // Taking the same spaces down: `unmap` of the whole range with its
     // `FAULTS` pages resident (the tables it empties freed with them).
@@ -172,6 +197,34 @@ fn sparse(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// `FAULTS` writes `step` apart into a fresh private anonymous mapping
+/// of `span` bytes (reserving no swap, no transparent huge pages); the
+/// time of the writes.
+fn kernel_spread(span: usize, step: usize) -> Duration {
+    // SAFETY: a new mapping, written only within `span` and unmapped
+    // before returning.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        );
+        assert!(p != libc::MAP_FAILED, "mmap of {span} bytes failed");
+        libc::madvise(p, span, libc::MADV_NOHUGEPAGE);
+        let p = p.cast::<u8>();
+        let t = Instant::now();
+        for i in 0..FAULTS as usize {
+            p.add(i * step).write_volatile(1);
+        }
+        let spent = t.elapsed();
+        libc::munmap(p.cast(), span);
+        spent
+    }
 }
 
 fn combinations(c: &mut Criterion) {

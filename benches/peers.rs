@@ -42,7 +42,10 @@
 //!   it (`shared_halves`), and soft faults on disjoint
 //!   mappings, from 1 to 8 threads; `memset_floor` zeroes the same 16 MiB
 //!   of 4 KiB pages (of a 96 MiB region, the machine's size) with as many
-//!   threads: how far zeroing itself scales on the machine.
+//!   threads: how far zeroing itself scales on the machine;
+//!   `kernel_disjoint` and `kernel_shared` are the kernel's own zero-fill
+//!   faults in the same two shapes (a mapping per thread; one mapping,
+//!   pages interleaved), 4 KiB pages.
 //! * `region_size/{ours,kernel}/{1,4,16,64,256,1024}` — zero-fill cost per fault
 //!   against region size (MiB), plotted by `scripts/plot_region_size.py`.
 //! * `superpage/{ours,ours_4k,ours_always,kernel_thp,kernel_4k}` — 64 MiB
@@ -480,6 +483,42 @@ fn kernel_cow(pages: u64) -> Duration {
         libc::munmap(p.cast(), len);
         Duration::from_nanos(ns)
     }
+}
+
+/// The kernel's zero-fill faults on `pages` pages by `threads` threads of
+/// `pool`: each thread its own fresh mapping, or (`interleave`) one
+/// mapping whose pages the threads take in turn. Times the touches only.
+fn kernel_touch(pool: &rayon::ThreadPool, pages: u64, threads: u64, interleave: bool) -> Duration {
+    let per = pages / threads;
+    let regions = if interleave { 1 } else { threads };
+    let len = (pages / regions * PAGE) as usize;
+    // Addresses as integers, so that the threads may share them.
+    let maps: Vec<(usize, (usize, usize))> = (0..regions)
+        .map(|_| {
+            // SAFETY: touched within `len` and unmapped whole below.
+            let (p, (whole, whole_len)) = unsafe { kernel_anon_as(len, false) };
+            (p as usize, (whole as usize, whole_len))
+        })
+        .collect();
+    let t = Instant::now();
+    on_threads(pool, |t| {
+        let (base, first, step) = if interleave {
+            (maps[0].0, t, threads)
+        } else {
+            (maps[t as usize].0, 0, 1)
+        };
+        for k in 0..per {
+            let i = (first + k * step) as usize;
+            // SAFETY: page `i` lies within its mapping of `len` bytes.
+            unsafe { (base as *mut u8).add(i * PAGE as usize).write_volatile(1) };
+        }
+    });
+    let spent = t.elapsed();
+    for (_, (whole, whole_len)) in maps {
+        // SAFETY: each whole mapping made above, no longer used.
+        unsafe { libc::munmap(whole as *mut libc::c_void, whole_len) };
+    }
+    spent
 }
 
 /// Read and write system calls this process made so far, every thread's
@@ -1034,6 +1073,21 @@ fn parallel(c: &mut Criterion) {
                 BatchSize::PerIteration,
             );
         });
+    }
+    // The kernel's own faults in both shapes, the same pages and threads:
+    // `disjoint`, a mapping per thread; `shared`, one mapping with the
+    // threads' pages interleaved (4 KiB pages, `MADV_NOHUGEPAGE`).
+    for (kind, interleave) in [("kernel_disjoint", false), ("kernel_shared", true)] {
+        for (threads, pool) in &pools {
+            let threads = *threads;
+            g.bench_function(format!("{kind}/{threads}"), |b| {
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| kernel_touch(pool, pages, threads, interleave))
+                        .sum()
+                });
+            });
+        }
     }
     // The floor of a zero-fill fault: the same 16 MiB of 4 KiB pages
     // zeroed by as many threads (the same pool), walking a region the

@@ -125,11 +125,15 @@ def main_table(r):
     rows.append(("64 MiB out and back through 16 MiB RAM (`peers`)²", f"{ours:.3g} GiB/s",
                  f"raw file write from and read back into 64 MiB of distinct memory, 64 KiB requests: {raw:.3g} GiB/s",
                  f"{ours / raw:.2f}×", "≥ 0.7×"))
-    for kind, what in (("disjoint", "zero-fill, 2 threads, disjoint mappings"),
-                       ("shared", "zero-fill, 2 threads, one shared mapping"),
-                       ("soft", "soft fault, 2 threads, disjoint mappings")):
+    for kind, what, kernel in (("disjoint", "zero-fill, 2 threads, disjoint mappings", "kernel_disjoint"),
+                               ("shared", "zero-fill, 2 threads, one shared mapping", "kernel_shared"),
+                               ("soft", "soft fault, 2 threads, disjoint mappings", None)):
         one, two = r.ns(f"parallel/{kind}/1"), r.ns(f"parallel/{kind}/2")
-        rows.append((f"{what} (`peers`)³", f"{t(two)} / 16 MiB", f"1 thread: {t(one)}", f"{x(one / two)}", "≥ 1.8×"))
+        peer = f"1 thread: {t(one)}"
+        if kernel:
+            k1, k2 = r.ns(f"parallel/{kernel}/1"), r.ns(f"parallel/{kernel}/2")
+            peer += f"; the kernel's faults in the same shape, 1 / 2 threads: {t(k1)} / {t(k2)} ({x(k1 / k2)})"
+        rows.append((f"{what} (`peers`)³", f"{t(two)} / 16 MiB", peer, f"{x(one / two)}", "≥ 1.8×"))
     mixed, reader, alone = r.ns("parallel/mixed/1"), r.ns("parallel/beside_reader/1"), r.ns("parallel/disjoint/1")
     rows.append(("zero-fill, 1 thread beside a map/unmap loop (`peers`)³", t(mixed),
                  f"beside a thread that only faults: {t(reader)}; alone: {t(alone)}",
@@ -171,11 +175,13 @@ def main_table(r):
 
 
 def parallel_table(r):
-    kinds = ["disjoint", "shared", "shared_halves", "soft", "mixed", "beside_reader", "memset_floor"]
+    kinds = ["disjoint", "shared", "shared_halves", "soft", "mixed", "beside_reader", "memset_floor",
+             "kernel_disjoint", "kernel_shared"]
     out = ["| threads | disjoint | shared | shared, each thread its part | soft "
            "| mixed (disjoint + a thread mapping, faulting, unmapping) "
-           "| beside a reader (disjoint + a thread faulting one page) | `memset` floor (same pages, same threads) |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| beside a reader (disjoint + a thread faulting one page) | `memset` floor (same pages, same threads) "
+           "| kernel, disjoint | kernel, shared |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for n in (1, 2, 4, 8):
         out.append(f"| {n} | " + " | ".join(t(r.ns(f"parallel/{k}/{n}")) for k in kinds) + " |")
     return out
@@ -186,6 +192,8 @@ def growth_table(r):
     d = [r.per(f"shadow_depth/covered/{n}") for n in (1, 8, 64)]
     kept = r.per("shadow_depth/kept/64")
     s1, s64 = r.per("address_spread/1MiB"), r.per("address_spread/64GiB")
+    s64n = r.per("address_spread/64GiB_nohuge")
+    k1, k64 = r.per("address_spread/kernel_1MiB"), r.per("address_spread/kernel_64GiB")
     comb = lambda p: " / ".join(t(r.per(f"combinations/{p}/{k}")) for k in ("anon", "swap", "vnode"))
     rows = [
         ("map entries 1 / 1 000 / 100 000", " / ".join(t(v) for v in e), " / ".join(f"{v / e[0]:.2f}" for v in e) + "×"),
@@ -193,6 +201,8 @@ def growth_table(r):
          " / ".join(t(v) for v in d), " / ".join(f"{v / d[0]:.2f}" for v in d) + "×"),
         ("shadow depth 64, each object below keeping a page the parent reads through it⁵", t(kept), x(kept / d[0])),
         ("address spread 1 MiB / 64 GiB⁵", f"{t(s1)} / {t(s64)}", f"1.0 / {s64 / s1:.2f}×"),
+        ("the 64 GiB spread advised `SuperpageAdvice::NoHuge` (no reservations)⁵", t(s64n), x(s64n / s1)),
+        ("the kernel's faults, spread 1 MiB / 64 GiB (`MADV_NOHUGEPAGE`)⁵", f"{t(k1)} / {t(k64)}", f"1.0 / {k64 / k1:.2f}×"),
         ("{reference, x86_64} pmap × {anonymous, swap-in, file}", f"{comb('ref_pmap')}; {comb('x86_64')}", "—"),
     ]
     out = ["| what grows | per fault | vs baseline (goal: flat within 1.5×) |", "|---|---|---|"]
