@@ -199,7 +199,17 @@ pub(crate) struct Pages {
     /// memory. A region of several superpages freed and faulted again
     /// gets all its runs back, not one warm and the rest cold.
     recent: [AtomicU32; RECENT_RUNS],
+    /// Counts the runs that became wholly free (each bump after the run's
+    /// word says so): a claim that finds it unchanged since a fruitless
+    /// look at every run knows no run is whole.
     recent_next: AtomicU32,
+    /// `recent_next` when the current sweep began (high half) and
+    /// `run_cursor` then (low half): once the cursor has moved past every
+    /// run with `recent_next` unchanged, every run was looked at and
+    /// none was claimable, and claims fail at once until a run becomes
+    /// whole (a sparse space's faults, one per 2 MiB, with memory that
+    /// has no whole run left, scanned `CLAIM_SCAN` runs each).
+    sweep_from: AtomicU64,
 }
 
 const ATTR_SHIFT: u32 = 56;
@@ -260,6 +270,7 @@ impl Pages {
             run_cursor: AtomicU32::new(0),
             recent: core::array::from_fn(|_| AtomicU32::new(NO_RUN)),
             recent_next: AtomicU32::new(0),
+            sweep_from: AtomicU64::new(0),
         };
         // Push in reverse so low frames are handed out first.
         for i in (0..frames).rev() {
@@ -323,7 +334,8 @@ impl Pages {
 
     /// Remembers run `r` as just become wholly free (see `recent`).
     fn note_whole(&self, r: usize) {
-        let slot = self.recent_next.fetch_add(1, Ordering::Relaxed);
+        // Release: a claim that sees the count see the run whole too.
+        let slot = self.recent_next.fetch_add(1, Ordering::Release);
         self.recent[slot as usize % RECENT_RUNS].store(r as u32, Ordering::Relaxed);
     }
 
@@ -334,32 +346,57 @@ impl Pages {
     /// where the last look stopped (from the top of memory at first, away
     /// from the low frames the lists hand out first), so a fault pays a
     /// bounded cost when memory is fragmented. `None` if none of those is
-    /// whole.
+    /// whole, and at once when every run was looked at in vain since the
+    /// last one became whole (`sweep_from`).
     pub(crate) fn claim_run(&self) -> Option<u32> {
         let n = self.runs.len() as u32;
         if n == 0 {
             return None;
         }
+        // Both read before any run is looked at: a run that becomes whole
+        // after its look changes `next` (see `note_whole`).
+        let next = self.recent_next.load(Ordering::Acquire);
+        let cursor = self.run_cursor.load(Ordering::Relaxed);
+        if self.swept_in_vain(next, cursor, n) {
+            return None;
+        }
         let claim = |r: usize| self.claim_held(r) || self.claim_listed(r);
         // Newest first: a stale slot (the run since taken) fails the claim.
-        let next = self.recent_next.load(Ordering::Relaxed) as usize;
         for k in 1..=RECENT_RUNS {
-            let warm = self.recent[next.wrapping_sub(k) % RECENT_RUNS].load(Ordering::Relaxed);
+            let warm =
+                self.recent[(next as usize).wrapping_sub(k) % RECENT_RUNS].load(Ordering::Relaxed);
             if warm < n && claim(warm as usize) {
                 return Some(warm);
             }
         }
-        let start = self.run_cursor.load(Ordering::Relaxed) % n;
+        // The cursor only grows (wrapping), so that how far it moved
+        // says how many runs were looked at.
         for k in 0..n.min(CLAIM_SCAN) {
-            let r = (n - 1 - (start + k) % n) as usize;
+            let r = (n - 1 - cursor.wrapping_add(k) % n) as usize;
             if claim(r) {
-                self.run_cursor.store(start + k + 1, Ordering::Relaxed);
+                self.run_cursor
+                    .store(cursor.wrapping_add(k + 1), Ordering::Relaxed);
                 return Some(r as u32);
             }
         }
         self.run_cursor
-            .store(start + n.min(CLAIM_SCAN), Ordering::Relaxed);
+            .store(cursor.wrapping_add(n.min(CLAIM_SCAN)), Ordering::Relaxed);
         None
+    }
+
+    /// Whether the claims since `recent_next` last changed have moved
+    /// `run_cursor` past all `n` runs (each found not claimable, none
+    /// become whole since). Starts a new sweep when it changed.
+    fn swept_in_vain(&self, next: u32, cursor: u32, n: u32) -> bool {
+        let from = self.sweep_from.load(Ordering::Relaxed);
+        if (from >> 32) as u32 != next {
+            let from = u64::from(next) << 32 | u64::from(cursor);
+            self.sweep_from.store(from, Ordering::Relaxed);
+            return false;
+        }
+        // Signed: a racing claim may have stored an older cursor.
+        let moved = cursor.wrapping_sub(from as u32) as i32;
+        i64::from(moved) >= i64::from(n)
     }
 
     /// Claims run `r` if it is held, owned by no reservation and wholly
@@ -1368,6 +1405,48 @@ mod tests {
         p.free(id);
         assert_eq!(p.claim_run(), Some(1));
         assert_eq!(drain(&p).len(), 412 + 2 * 512 + 7);
+    }
+
+    #[test]
+    fn claims_fail_at_once_after_a_fruitless_sweep_until_a_run_is_whole() {
+        // More runs than one claim looks at, none of them whole.
+        let runs = 3 * CLAIM_SCAN + 7;
+        let p = pages(runs * 512, false, 0);
+        let taken: Vec<PageId> = (0..runs)
+            .map(|r| p.alloc_at(PageId(r * 512 + 3), AllocClass::Normal).unwrap())
+            .collect();
+        // Claims that fail until every run was looked at, then claims
+        // that fail without looking.
+        let sweep = |p: &Pages| {
+            for _ in 0..runs.div_ceil(CLAIM_SCAN) {
+                assert_eq!(p.claim_run(), None);
+            }
+            let cursor = p.run_cursor.load(Ordering::Relaxed);
+            assert_eq!(p.claim_run(), None);
+            assert_eq!(
+                p.run_cursor.load(Ordering::Relaxed),
+                cursor,
+                "every run was looked at: no run is looked at again"
+            );
+        };
+        sweep(&p);
+        // A run whole again on the lists: claimable at once.
+        p.free(taken[57]);
+        assert_eq!(p.claim_run(), Some(57));
+        // A held run whole again (the reservation's last frame freed).
+        let f = PageId(57 * 512 + 100);
+        assert_eq!(p.alloc_at(f, AllocClass::Normal), Some(f));
+        sweep(&p);
+        p.free(f);
+        assert_eq!(p.claim_run(), Some(57));
+        // A claim given up (`disown`) leaves the run claimable.
+        sweep(&p);
+        p.disown(57);
+        assert_eq!(p.claim_run(), Some(57));
+        for id in taken.into_iter().filter(|id| id.0 / 512 != 57) {
+            p.free(id);
+        }
+        assert_eq!(drain(&p).len(), (runs * 512) as usize);
     }
 
     #[test]
