@@ -1,8 +1,11 @@
 //! Our figures beside the Linux kernel's own and raw I/O, in the same run
 //! (Linux only; elsewhere the peers are skipped).
 //!
-//! * `anon_fault/{ours,kernel}` — zero-fill write faults over 16 MiB:
-//!   `VmSpace::fault` on the x86_64 pmap vs `mmap` + touch.
+//! * `anon_fault/{ours,ours_prezeroed,ours_idle_zeroing,kernel}` —
+//!   zero-fill write faults over 16 MiB: `VmSpace::fault` on the x86_64
+//!   pmap (also with the free frames zeroed before each sample, outside
+//!   the timing, and with the page-zeroing thread on the other core) vs
+//!   `mmap` + touch.
 //! * `fork_cow/{ours,kernel}` — write faults on 4 MiB shared copy-on-write
 //!   with a parent after `fork`.
 //! * `file_seq/{ours,ours_sync,pread_64k,pread_1m,pread_64k_hot_buffer}` —
@@ -175,7 +178,16 @@ fn anon_fault(c: &mut Criterion) {
     let pages = (16 << 20) / PAGE;
     let mut g = c.benchmark_group("anon_fault");
     g.throughput(Throughput::Elements(pages));
-    zero_fill_ours(&mut g, "ours", &machine(64 << 20), pages);
+    let vm = machine(64 << 20);
+    zero_fill_ours(&mut g, "ours", &vm, pages);
+    // What is left of a fault when zeroing leaves the fault path: the
+    // free frames zeroed before each sample (outside the timing), or by
+    // the page-zeroing thread on the other core all along.
+    zero_fill_ours_as(&mut g, "ours_prezeroed", &vm, pages, 1, true);
+    {
+        let _zeroer = vm.spawn_page_zeroer(Duration::from_micros(100));
+        zero_fill_ours(&mut g, "ours_idle_zeroing", &vm, pages);
+    }
     zero_fill_kernel(&mut g, "kernel", pages);
     g.finish();
 }

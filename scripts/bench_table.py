@@ -84,6 +84,9 @@ def main_table(r):
     ours, kern = r.per("anon_fault/ours"), r.per("anon_fault/kernel")
     rows.append(("zero-fill, 16 MiB (`peers`)", t(ours), f"Linux `mmap` + touch: {t(kern)}",
                  f"{x(kern / ours)} faster", "≥ 5× faster"))
+    pre, idle = r.per("anon_fault/ours_prezeroed"), r.per("anon_fault/ours_idle_zeroing")
+    rows.append(("the same, the page-zeroing thread on the other core / the free frames zeroed before each sample (`peers`)⁴",
+                 f"{t(idle)} / {t(pre)}", "same", f"{x(kern / idle)} / {x(kern / pre)} faster", "—"))
     kern = r.per("soft_fault/kernel")
     for id_, what in (("off", "fault-around off"), ("outward_4", "seed's prefault ±4"),
                       ("window_16", "16-page fault-around window, the default")):
