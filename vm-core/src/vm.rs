@@ -460,40 +460,105 @@ impl<P: Pmap> Vm<P> {
     /// to that length): pages wholly past the end are removed as by
     /// [`resize_object`](Self::resize_object), and the bytes past the end in
     /// the page that now holds it are zeroed (FreeBSD
-    /// `vnode_pager_setsize`), so they cannot reappear if the file grows.
+    /// `vnode_pager_setsize`). A file that grows from a length inside a
+    /// page goes through [`extend_object_bytes`](Self::extend_object_bytes)
+    /// instead, which also zeroes what was written past the old end.
     pub fn set_object_size_bytes(&self, object: &VmObject, bytes: u64) {
         let pages = bytes.div_ceil(PAGE_SIZE);
         self.resize_object(object, pages);
-        let tail = (bytes % PAGE_SIZE) as usize;
-        if tail == 0 {
-            return;
+        let tail = bytes % PAGE_SIZE;
+        if tail != 0 {
+            if let Some(id) = self.busy_resident(object, pages - 1) {
+                self.zero_from(id, tail);
+                self.machine.pages.wake(id);
+            }
         }
-        let pindex = pages - 1;
+    }
+
+    /// Grows `object` from `old` to `new` bytes (a file extended): `grow`
+    /// lengthens the file (what the object's pager reads from), and the
+    /// bytes from `old` to the end of its page read as zeros afterwards,
+    /// not as whatever a mapping wrote past the old end (POSIX
+    /// `ftruncate`; FreeBSD zeroes only when a file shrinks). The old last
+    /// page, if resident, stays busy and write-protected from before the
+    /// zeroing until the size has changed, so a write through a mapping
+    /// lands either before the zeroing (past the end then: zeroed) or
+    /// after the growth (file data: kept). Bytes a pin
+    /// ([`HeldPages`](crate::HeldPages)) writes past the old end while this
+    /// runs are not ordered with it. With `new <= old`, as
+    /// [`set_object_size_bytes`](Self::set_object_size_bytes) after `grow`.
+    ///
+    /// # Errors
+    ///
+    /// `grow`'s error; the object's size is unchanged then (the bytes past
+    /// the old end are zeroed all the same: they were past the end).
+    pub fn extend_object_bytes<E>(
+        &self,
+        object: &VmObject,
+        old: u64,
+        new: u64,
+        grow: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), E> {
+        if new <= old {
+            grow()?;
+            self.set_object_size_bytes(object, new);
+            return Ok(());
+        }
+        let tail = old % PAGE_SIZE;
+        let busy = (tail != 0)
+            .then(|| self.busy_resident(object, old / PAGE_SIZE))
+            .flatten();
+        if let Some(id) = busy {
+            // A writer faults from here on, and waits for the page.
+            let pages = &self.machine.pages;
+            if self
+                .pmap
+                .page_protect(pages.pfn(id), crate::Prot::READ | crate::Prot::EXECUTE)
+                .modified
+            {
+                pages.get(id).dirty_all();
+            }
+            self.zero_from(id, tail);
+        }
+        let grown = grow();
+        if grown.is_ok() {
+            self.resize_object(object, new.div_ceil(PAGE_SIZE));
+        }
+        if let Some(id) = busy {
+            self.machine.pages.wake(id);
+        }
+        grown
+    }
+
+    /// Busies `object`'s resident page at `pindex`, waiting while another
+    /// holds it busy; `None` if it is not resident.
+    fn busy_resident(&self, object: &VmObject, pindex: u64) -> Option<PageId> {
         loop {
             // Busied under the object's lock, which page removal holds.
-            let looked = {
+            let (id, busied) = {
                 let st = object.lock();
-                st.pages
-                    .get(&pindex)
-                    .map(|&id| (id, self.machine.pages.get(id).try_busy()))
+                let id = *st.pages.get(&pindex)?;
+                (id, self.machine.pages.get(id).try_busy())
             };
-            let Some((id, busied)) = looked else {
-                return;
-            };
-            let page = self.machine.pages.get(id);
-            if !busied {
-                self.machine.pages.wait_for_page(id, object.id().0, pindex);
-                continue;
+            if busied {
+                return Some(id);
             }
-            let fictitious = page.flags().contains(crate::page::PageFlags::FICTITIOUS);
-            if !fictitious {
-                // Mappings keep the frame; users see the zeros at once.
-                self.machine
-                    .phys
-                    .zero_range(self.machine.pages.pfn(id), tail, PAGE_SIZE as usize);
-            }
-            self.machine.pages.wake(id);
-            return;
+            self.machine.pages.wait_for_page(id, object.id().0, pindex);
+        }
+    }
+
+    /// Zeroes busy page `id` from byte `from` to its end (not device
+    /// memory). Mappings keep the frame: users see the zeros at once.
+    fn zero_from(&self, id: PageId, from: u64) {
+        let pages = &self.machine.pages;
+        if !pages
+            .get(id)
+            .flags()
+            .contains(crate::page::PageFlags::FICTITIOUS)
+        {
+            self.machine
+                .phys
+                .zero_range(pages.pfn(id), from as usize, PAGE_SIZE as usize);
         }
     }
 

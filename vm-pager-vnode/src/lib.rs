@@ -31,7 +31,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use vm_core::file_io::{read_pages, write_pages};
 use vm_core::page::DEV_BSIZE;
 use vm_core::{
@@ -75,6 +75,10 @@ pub struct VnodePager {
     /// and grow the file again (FreeBSD serialises the two on the vnode
     /// lock).
     resize: RwLock<()>,
+    /// One change of length at a time (`set_len` reads the old length
+    /// first). Not `resize`: a change of length waits for a busy page,
+    /// which write-back may hold while it waits for `resize`.
+    lengths: Mutex<()>,
     counts: Counts,
 }
 
@@ -102,6 +106,7 @@ impl VnodePager {
             file,
             size: AtomicU64::new(size),
             resize: RwLock::new(()),
+            lengths: Mutex::new(()),
             counts: Counts::default(),
         }))
     }
@@ -147,19 +152,23 @@ impl VnodePager {
 
     /// Truncates or extends the file to `len` bytes and makes `object` (this
     /// pager's) follow: pages past the new end are unmapped and freed, the
-    /// tail of the new last page is zeroed.
+    /// tail of the new last page is zeroed; a file that grows reads as
+    /// zeros from its old end, whatever a mapping wrote past it
+    /// ([`Vm::extend_object_bytes`]).
     ///
     /// # Errors
     ///
-    /// The error of changing the file's length; nothing changes then.
+    /// The error of changing the file's length; the object's size does not
+    /// change then.
     pub fn set_len<P: Pmap>(&self, vm: &Vm<P>, object: &VmObject, len: u64) -> io::Result<()> {
-        {
+        let _one_at_a_time = self.lengths.lock().unwrap_or_else(PoisonError::into_inner);
+        let old = self.size();
+        vm.extend_object_bytes(object, old, len, || {
             let _no_write_back = self.resize.write().unwrap_or_else(PoisonError::into_inner);
             self.file.set_len(len)?;
             self.size.store(len, Ordering::Release);
-        }
-        vm.set_object_size_bytes(object, len);
-        Ok(())
+            Ok(())
+        })
     }
 }
 
