@@ -226,6 +226,43 @@ def region_table(r):
     return out
 
 
+def goals_table(r):
+    """Issues #13 and #16's goals, each with this run's figure."""
+    rows = []
+
+    def goal(issue, what, ratio, text, met):
+        rows.append((issue, what, ratio, text, "met" if met else "not met"))
+
+    zf, cold = r.per("zero_fill/x86_64_256m"), r.per("zero_fill/memset_cold")
+    goal("#13", "zero-fill fault per page vs cold `memset` (`fault`)", f"{x(zf / cold)}", "≤ 1.3×", zf / cold <= 1.3)
+    worst = max(r.per(f"region_size/ours/{m}") / cold for m in (1, 4, 16, 64, 256, 1024))
+    goal("#13", "the same at every region size, 1 MiB to 1 GiB (`region_size`), worst", x(worst), "≤ 1.3×", worst <= 1.3)
+    k64, o64 = r.per("region_size/kernel/64"), r.per("region_size/ours/64")
+    goal("#13", "zero-fill of 64 MiB vs the kernel (`region_size`)", f"kernel ÷ ours {x(k64 / o64)}", "≥ 5×", k64 / o64 >= 5)
+    soft, kern = r.per("soft_fault/ours/window_16"), r.per("soft_fault/kernel")
+    goal("#13", "soft fault per page vs the kernel (default window)", f"ours ÷ kernel {soft / kern:.0f}×", "≤ 1.0×", soft <= kern)
+    always, thp = r.ns("superpage/ours_always"), r.ns("superpage/kernel_thp")
+    goal("#13", "superpage zero-fill vs the kernel's THP", f"kernel ÷ ours {x(thp / always)}", "≥ 1.2×", thp / always >= 1.2)
+    cw, mc = r.per("cow/x86_64_256m"), r.per("cow/memcpy_cold")
+    goal("#13", "COW fault vs cold `memcpy`", x(cw / mc), "≤ 1.3×", cw / mc <= 1.3)
+    ours, kfc = r.per("fork_cow/ours"), r.per("fork_cow/kernel")
+    goal("#13", "COW after fork vs the kernel's fork + write", f"kernel ÷ ours {x(kfc / ours)}", "≥ 6×", kfc / ours >= 6)
+    mp, crate = r.per("pmap/ours"), r.per("pmap/x86_64_crate")
+    goal("#13", "map + translate vs the `x86_64` crate", x(mp / crate), "≤ 1.0×", mp <= crate)
+    for kind in ("disjoint", "shared", "soft"):
+        one, two = r.ns(f"parallel/{kind}/1"), r.ns(f"parallel/{kind}/2")
+        goal("#16", f"2 threads vs 1, {kind}", x(one / two), "≥ 1.8×", one / two >= 1.8)
+        worst = max(r.ns(f"parallel/{kind}/{n}") for n in (4, 8)) / two
+        goal("#16", f"4 and 8 threads vs 2, {kind} (time, the slower)", x(worst), "≤ 1.10×", worst <= 1.10)
+    d1, d64 = r.per("shadow_depth/covered/1"), r.per("shadow_depth/covered/64")
+    goal("#16", "shadow depth 64 vs 1", x(d64 / d1), "≤ 2×", d64 / d1 <= 2)
+    s1, s64 = r.per("address_spread/1MiB"), r.per("address_spread/64GiB")
+    goal("#16", "address spread 64 GiB vs 1 MiB", x(s64 / s1), "≤ 1.5×", s64 / s1 <= 1.5)
+    out = ["| issue | goal | this run | wanted | |", "|---|---|---|---|---|"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return out
+
+
 def run_line(r):
     """When the run started and how fast the machine was then."""
     import datetime
@@ -236,7 +273,7 @@ def run_line(r):
             f"{t(r.per('zero_fill/memset_cold'))}, of a warm one {t(r.per('zero_fill/memset'))}."]
 
 
-TABLES = (("run", run_line), ("main", main_table), ("parallel", parallel_table),
+TABLES = (("run", run_line), ("goals", goals_table), ("main", main_table), ("parallel", parallel_table),
           ("growth", growth_table), ("region", region_table))
 
 
