@@ -1973,180 +1973,20 @@ fn s15_wiring_named_object_superpages_from_two_spaces() {
 // last tag in both spaces.
 // ---------------------------------------------------------------------------
 
-fn s16<P: Pmap>(vm: Arc<Vm<P>>, what: &str, secs: u64, seed: u64) {
-    let (sw_, _t) = with_swap(&vm, 32);
-    const N: u64 = 3 * PAGES;
-    let obj = vm.new_anon_object(N);
-    let bases = [BASE, BASE + 64 * SUPER + 100 * PAGE];
-    let spaces: Vec<Arc<VmSpace<P>>> = (0..2).map(|_| Arc::new(vm.new_space().unwrap())).collect();
-    for (k, s) in spaces.iter().enumerate() {
-        s.map(MapRequest::object(
-            bases[k],
-            N * PAGE,
-            obj.clone(),
-            0,
-            Prot::RW,
-        ))
-        .unwrap();
-    }
-    let last: Arc<Vec<AtomicU64>> = Arc::new((0..N).map(|_| AtomicU64::new(0)).collect());
-    let stop = Arc::new(AtomicBool::new(false));
-    let zeroer = vm.spawn_page_zeroer(Duration::from_millis(1));
-    let mut hs = Vec::new();
-    for k in 0..2u64 {
-        let s = spaces[k as usize].clone();
-        let base = bases[k as usize];
-        {
-            let (s, last, stop) = (s.clone(), last.clone(), stop.clone());
-            let what = what.to_string();
-            hs.push(std::thread::spawn(move || {
-                let mut rng = Rng(seed * 7 + k);
-                let mut r = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    r += 1;
-                    let i = rng.below(N / 2) * 2 + k;
-                    let t = tag(i, r) | (k << 62);
-                    let mut tries = 0;
-                    while wrpage(&s, base + i * PAGE, t).is_err() {
-                        tries += 1;
-                        assert!(tries < 100_000, "{what}: write {i} never lands");
-                        std::thread::yield_now();
-                    }
-                    last[i as usize].store(t, Ordering::Relaxed);
-                    let j = rng.below(N / 2) * 2 + k;
-                    let want = last[j as usize].load(Ordering::Relaxed);
-                    loop {
-                        match rdpage(&s, base + j * PAGE) {
-                            Ok(got) => {
-                                assert_eq!(got, want, "{what}: space {k} page {j} round {r}");
-                                break;
-                            }
-                            Err(e) => {
-                                assert!(!e.contains("torn"), "{what}: space {k} page {j}: {e}");
-                                std::thread::yield_now();
-                            }
-                        }
-                    }
-                }
-            }));
-        }
-        {
-            let (s, stop, obj) = (s.clone(), stop.clone(), obj.clone());
-            let what = what.to_string();
-            hs.push(std::thread::spawn(move || {
-                let mut rng = Rng(seed * 13 + k);
-                while !stop.load(Ordering::Relaxed) {
-                    let i = rng.below(N);
-                    let len = 1 + rng.below((N - i).min(700));
-                    let (va, l) = (base + i * PAGE, len * PAGE);
-                    match rng.below(5) {
-                        0 => {
-                            s.unmap(va, l).unwrap();
-                            s.map(MapRequest::object(va, l, obj.clone(), i * PAGE, Prot::RW))
-                                .unwrap_or_else(|e| panic!("{what}: remap: {e}"));
-                        }
-                        1 => {
-                            s.protect(va, l, Prot::READ).unwrap();
-                            std::thread::yield_now();
-                            s.protect(va, l, Prot::RW).unwrap();
-                        }
-                        2 => {
-                            if s.wire(va, l, true).is_ok() {
-                                std::thread::yield_now();
-                                s.unwire(va, l, true).unwrap();
-                            }
-                        }
-                        3 => {
-                            let adv = if rng.below(2) == 0 {
-                                SuperpageAdvice::NoHuge
-                            } else {
-                                SuperpageAdvice::Huge
-                            };
-                            let _ = s.advise_superpages(va, l, adv);
-                        }
-                        _ => {
-                            if let Ok(c) = s.fork() {
-                                let _ = c.read_u8(va);
-                            }
-                        }
-                    }
-                }
-            }));
-        }
-    }
-    {
-        let (vm, stop) = (vm.clone(), stop.clone());
-        hs.push(std::thread::spawn(move || {
-            let mut rng = Rng(seed);
-            while !stop.load(Ordering::Relaxed) {
-                vm.pageout(rng.below(vm.total_pages()));
-                let bl = vm.inflate_balloon(rng.below(200));
-                std::thread::yield_now();
-                drop(bl);
-            }
-        }));
-    }
-    std::thread::sleep(Duration::from_secs(secs));
-    stop.store(true, Ordering::Relaxed);
-    join_within(hs, 60, what);
-    drop(zeroer);
-    for (k, s) in spaces.iter().enumerate() {
-        for i in 0..N {
-            assert_eq!(
-                rdpage(s, bases[k] + i * PAGE),
-                Ok(last[i as usize].load(Ordering::Relaxed)),
-                "{what}: end space {k} page {i}"
-            );
-        }
-    }
-    consistent(&vm, what);
-    squeeze(&vm);
-    for (k, s) in spaces.iter().enumerate().rev() {
-        for i in 0..N {
-            assert_eq!(
-                rdpage(s, bases[k] + i * PAGE),
-                Ok(last[i as usize].load(Ordering::Relaxed)),
-                "{what}: end+swap space {k} page {i}"
-            );
-        }
-    }
-    drop(spaces);
-    drop(obj);
-    assert_eq!(sw_.stats().used, 0, "{what}: swap blocks leaked");
-    quiet_checks(&vm, what);
-}
-
-#[test]
-fn s16_map_changes_race_writers_on_named_object_x86() {
-    let (x, _) = machines(4 * PAGES + 100, SuperpagePolicy::Always);
-    s16(x, "s16 x86 always", 5, 1);
-    let (x, _) = machines(4 * PAGES + 100, SuperpagePolicy::Reserve);
-    s16(x, "s16 x86 reserve", 4, 2);
-}
-
-#[test]
-fn s16_map_changes_race_writers_on_named_object_ref() {
-    let (_, r) = machines(4 * PAGES + 100, SuperpagePolicy::Always);
-    s16(r, "s16 ref always", 5, 3);
-    let (_, r) = machines(4 * PAGES + 100, SuperpagePolicy::Reserve);
-    s16(r, "s16 ref reserve", 4, 4);
-}
-// ---------------------------------------------------------------------------
-// s17: s16 on a vnode file (msync instead of some forks; the file checked
-// at the end), a writer thread and a
-// map-changing thread (unmap + map back, protect READ + back, wire +
-// unwire, advice) race on the same ranges; the writer retries until its
-// write lands. pageout + balloons + zeroer beside. Every page ends with its
-// last tag in both spaces.
-// ---------------------------------------------------------------------------
-
-fn s17<P: Pmap>(vm: Arc<Vm<P>>, what: &str, secs: u64, seed: u64) {
+/// s16 (`file` false: a named anonymous object) and s17 (`file` true: a
+/// vnode file, msync instead of some forks, the file checked at the end).
+fn storm<P: Pmap>(vm: Arc<Vm<P>>, what: &str, secs: u64, seed: u64, file: bool) {
     let (sw_, _t) = with_swap(&vm, 32);
     const N: u64 = 3 * PAGES;
     let f = TempPath::new();
-    std::fs::write(&f.0, vec![0u8; (N * PAGE) as usize]).unwrap();
-    let pager = VnodePager::open(&f.0, true).unwrap();
-    let obj = pager.object(&vm);
+    let pager = file.then(|| {
+        std::fs::write(&f.0, vec![0u8; (N * PAGE) as usize]).unwrap();
+        VnodePager::open(&f.0, true).unwrap()
+    });
+    let obj = match &pager {
+        Some(p) => p.object(&vm),
+        None => vm.new_anon_object(N),
+    };
     let bases = [BASE, BASE + 64 * SUPER + 100 * PAGE];
     let spaces: Vec<Arc<VmSpace<P>>> = (0..2).map(|_| Arc::new(vm.new_space().unwrap())).collect();
     for (k, s) in spaces.iter().enumerate() {
@@ -2235,7 +2075,7 @@ fn s17<P: Pmap>(vm: Arc<Vm<P>>, what: &str, secs: u64, seed: u64) {
                             let _ = s.advise_superpages(va, l, adv);
                         }
                         _ => {
-                            if rng.below(2) == 0 {
+                            if file && rng.below(2) == 0 {
                                 let _ = s.msync(va, l);
                             } else if let Ok(c) = s.fork() {
                                 let _ = c.read_u8(va);
@@ -2282,13 +2122,19 @@ fn s17<P: Pmap>(vm: Arc<Vm<P>>, what: &str, secs: u64, seed: u64) {
             );
         }
     }
-    spaces[0].msync(bases[0], N * PAGE).unwrap();
-    let file = std::fs::read(&f.0).unwrap();
-    for i in 0..N {
+    if file {
+        spaces[0].msync(bases[0], N * PAGE).unwrap();
+    }
+    let contents = if file {
+        std::fs::read(&f.0).unwrap()
+    } else {
+        Vec::new()
+    };
+    for i in (0..N).filter(|_| file) {
         let off = (i * PAGE) as usize;
-        let head = u64::from_le_bytes(file[off..off + 8].try_into().unwrap());
+        let head = u64::from_le_bytes(contents[off..off + 8].try_into().unwrap());
         let tl = u64::from_le_bytes(
-            file[off + PAGE as usize - 8..off + PAGE as usize]
+            contents[off + PAGE as usize - 8..off + PAGE as usize]
                 .try_into()
                 .unwrap(),
         );
@@ -2304,15 +2150,39 @@ fn s17<P: Pmap>(vm: Arc<Vm<P>>, what: &str, secs: u64, seed: u64) {
 }
 
 #[test]
+fn s16_map_changes_race_writers_on_named_object_x86() {
+    let (x, _) = machines(4 * PAGES + 100, SuperpagePolicy::Always);
+    storm(x, "s16 x86 always", 5, 1, false);
+    let (x, _) = machines(4 * PAGES + 100, SuperpagePolicy::Reserve);
+    storm(x, "s16 x86 reserve", 4, 2, false);
+}
+
+#[test]
+fn s16_map_changes_race_writers_on_named_object_ref() {
+    let (_, r) = machines(4 * PAGES + 100, SuperpagePolicy::Always);
+    storm(r, "s16 ref always", 5, 3, false);
+    let (_, r) = machines(4 * PAGES + 100, SuperpagePolicy::Reserve);
+    storm(r, "s16 ref reserve", 4, 4, false);
+}
+// ---------------------------------------------------------------------------
+// s17: s16 on a vnode file (msync instead of some forks; the file checked
+// at the end), a writer thread and a
+// map-changing thread (unmap + map back, protect READ + back, wire +
+// unwire, advice) race on the same ranges; the writer retries until its
+// write lands. pageout + balloons + zeroer beside. Every page ends with its
+// last tag in both spaces.
+// ---------------------------------------------------------------------------
+
+#[test]
 fn s17_map_changes_race_writers_on_vnode_file_x86() {
     let (x, _) = machines(2 * PAGES + 100, SuperpagePolicy::Always);
-    s17(x, "s17 x86 always", 4, 1);
+    storm(x, "s17 x86 always", 4, 1, true);
 }
 
 #[test]
 fn s17_map_changes_race_writers_on_vnode_file_ref() {
     let (_, r) = machines(2 * PAGES + 100, SuperpagePolicy::Reserve);
-    s17(r, "s17 ref reserve", 4, 3);
+    storm(r, "s17 ref reserve", 4, 3, true);
 }
 
 // ---------------------------------------------------------------------------
