@@ -1414,6 +1414,24 @@ mod tests {
     }
 
     #[test]
+    fn a_region_of_many_runs_freed_gets_all_its_runs_back() {
+        // 48 runs of a 96-run machine taken whole and freed: the next 48
+        // claims are exactly those runs (the ring of runs freed last), not
+        // 16 of them and the rest from the sweep.
+        let p = pages(96 * 512, false, 0);
+        let region: Vec<PageId> = (20 * 512..68 * 512).map(PageId).collect();
+        for &id in &region {
+            assert_eq!(p.alloc_at(id, AllocClass::Normal), Some(id));
+        }
+        for &id in &region {
+            p.free(id);
+        }
+        let mut back: Vec<u32> = (0..48).map(|_| p.claim_run().unwrap()).collect();
+        back.sort_unstable();
+        assert_eq!(back, (20..68).collect::<Vec<u32>>());
+    }
+
+    #[test]
     fn claims_fail_at_once_after_a_fruitless_sweep_until_a_run_is_whole() {
         // More runs than one claim looks at, none of them whole.
         let runs = 3 * CLAIM_SCAN + 7;
