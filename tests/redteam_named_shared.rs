@@ -1207,7 +1207,11 @@ fn s09<P: Pmap>(vm: Arc<Vm<P>>, what: &str, secs: u64, seed: u64, swap_mib: u64)
     }
     std::thread::sleep(Duration::from_secs(secs));
     stop.store(true, Ordering::Relaxed);
-    join_within(hs, 30, what);
+    // A hang detector only: with RAM and swap both full a fault takes up
+    // to 1-2 s to give up (64 direct reclaims, each a pageout sweep the
+    // full swap refuses), and an op in flight may fault many times (CI
+    // saw one finish after more than 30 s).
+    join_within(hs, 180, what);
     let mut unreadable = 0;
     let end0 = Instant::now();
     let (mut slow, mut slowest) = (0u64, Duration::ZERO);
