@@ -2473,6 +2473,53 @@ fn s21_write_past_eof_then_msync_keeps_the_length() {
     }
 }
 
+/// A pager's `grow` that panics inside `Vm::extend_object_bytes` leaves
+/// the old last page unbusied (a reader does not wait on it forever), its
+/// bytes past the old end zeroed and those before it kept.
+#[test]
+fn s20p_a_panicking_grow_leaves_the_page_unbusied() {
+    let (vm, _) = machines(PAGES, SuperpagePolicy::Never);
+    let obj = vm.new_anon_object(2);
+    let a = vm.new_space().unwrap();
+    a.map(MapRequest::object(BASE, 2 * PAGE, obj.clone(), 0, Prot::RW))
+        .unwrap();
+    a.write(BASE + PAGE + 50, b"kept").unwrap();
+    a.write(BASE + PAGE + 200, b"GARBAGE!").unwrap();
+    let grew = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        vm.extend_object_bytes(&obj, PAGE + 100, 2 * PAGE, || -> Result<(), ()> {
+            panic!("the pager failed hard")
+        })
+    }));
+    assert!(grew.is_err());
+    // A space that has not mapped the page yet: its read faults, and
+    // would wait on a page left busy.
+    let b = vm.new_space().unwrap();
+    b.map(MapRequest::object(BASE, 2 * PAGE, obj.clone(), 0, Prot::RW))
+        .unwrap();
+    let (vm2, b2) = (vm.clone(), Arc::new(b));
+    drop(a);
+    let reader = {
+        let b2 = b2.clone();
+        std::thread::spawn(move || {
+            let (mut kept, mut past) = ([0u8; 4], [9u8; 8]);
+            b2.read(BASE + PAGE + 50, &mut kept).unwrap();
+            b2.read(BASE + PAGE + 200, &mut past).unwrap();
+            (kept, past)
+        })
+    };
+    let until = Instant::now() + Duration::from_secs(10);
+    while !reader.is_finished() {
+        assert!(Instant::now() < until, "s20p: the page stayed busy");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (kept, past) = reader.join().unwrap();
+    assert_eq!(&kept, b"kept");
+    assert_eq!(past, [0; 8], "s20p: bytes past the old end zeroed");
+    drop(b2);
+    drop(obj);
+    quiet_checks(&vm2, "s20p");
+}
+
 /// s20c: the plainest form of s20: a file of 1 page + 100 bytes, mapped
 /// (2 pages), a write at byte 200 of its last page (past the end, inside
 /// the mapped page), then the file grows (ftruncate up): the grown range

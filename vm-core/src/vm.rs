@@ -213,6 +213,19 @@ impl<P: Pmap> core::fmt::Debug for Vm<P> {
     }
 }
 
+/// A page busied by a size change, unbusied (its waiters woken) when
+/// dropped, whatever the exit.
+struct Busied<'a> {
+    pages: &'a Pages,
+    id: PageId,
+}
+
+impl Drop for Busied<'_> {
+    fn drop(&mut self) {
+        self.pages.wake(self.id);
+    }
+}
+
 impl<P: Pmap> Vm<P> {
     /// A machine with `config.memory_bytes` of fresh, zeroed host memory.
     ///
@@ -468,9 +481,8 @@ impl<P: Pmap> Vm<P> {
         self.resize_object(object, pages);
         let tail = bytes % PAGE_SIZE;
         if tail != 0 {
-            if let Some(id) = self.busy_resident(object, pages - 1) {
-                self.zero_from(id, tail);
-                self.machine.pages.wake(id);
+            if let Some(busy) = self.busy_resident(object, pages - 1) {
+                self.zero_from(busy.id, tail);
             }
         }
     }
@@ -508,7 +520,7 @@ impl<P: Pmap> Vm<P> {
         let busy = (tail != 0)
             .then(|| self.busy_resident(object, old / PAGE_SIZE))
             .flatten();
-        if let Some(id) = busy {
+        if let Some(Busied { id, .. }) = busy {
             // A writer faults from here on, and waits for the page.
             let pages = &self.machine.pages;
             if self
@@ -520,19 +532,19 @@ impl<P: Pmap> Vm<P> {
             }
             self.zero_from(id, tail);
         }
+        // The page stays busy until the size has changed (or `grow` has
+        // failed or panicked: `busy` drops either way).
         let grown = grow();
         if grown.is_ok() {
             self.resize_object(object, new.div_ceil(PAGE_SIZE));
         }
-        if let Some(id) = busy {
-            self.machine.pages.wake(id);
-        }
+        drop(busy);
         grown
     }
 
     /// Busies `object`'s resident page at `pindex`, waiting while another
-    /// holds it busy; `None` if it is not resident.
-    fn busy_resident(&self, object: &VmObject, pindex: u64) -> Option<PageId> {
+    /// holds it busy, until the guard drops; `None` if it is not resident.
+    fn busy_resident(&self, object: &VmObject, pindex: u64) -> Option<Busied<'_>> {
         loop {
             // Busied under the object's lock, which page removal holds.
             let (id, busied) = {
@@ -541,7 +553,10 @@ impl<P: Pmap> Vm<P> {
                 (id, self.machine.pages.get(id).try_busy())
             };
             if busied {
-                return Some(id);
+                return Some(Busied {
+                    pages: &self.machine.pages,
+                    id,
+                });
             }
             self.machine.pages.wait_for_page(id, object.id().0, pindex);
         }
