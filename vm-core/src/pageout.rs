@@ -11,12 +11,20 @@
 //! back to the active queue, unreferenced active pages are deactivated,
 //! inactive ones are freed or laundered. Wired, held and busy pages are
 //! never touched.
+//!
+//! A pass gives up early when memory cannot be had: a round of sweeps that
+//! moved nothing ends it, and once swap refused a page for want of room
+//! (`ENOSPC`, or there is no swap) the pass offers swap only the dirty
+//! pages that already own a block there (FreeBSD keeps `swap_pager_full`;
+//! the core is not told when swap frees blocks, so here the knowledge lasts
+//! one pass). A fault at full memory and full swap so fails after a few
+//! sweeps, not after dozens of passes that each retry every dirty page.
 
 use crate::object::VmObject;
 use crate::object::busy::{BusyPage, Disposal};
 use crate::page::{PageFlags, PageId, PageQueue};
 use crate::pager::ObjectClass;
-use crate::pager::Pager;
+use crate::pager::{Pager, PagerError};
 use crate::pmap::Pmap;
 use crate::vm::Vm;
 use alloc::sync::Arc;
@@ -59,17 +67,24 @@ impl<P: Pmap> Vm<P> {
     /// `SWEEPS` sweeps found nothing more to do.
     pub fn pageout(&self, free_target: u64) -> PageoutReport {
         let pages = &self.machine.pages;
-        let mut r = PageoutReport::default();
+        let mut pass = Pass::default();
         for _ in 0..SWEEPS {
             if pages.free_at_least(free_target) {
                 break;
             }
-            self.sweep(PageQueue::Inactive, free_target, &mut r);
+            let before = pass.moves();
+            self.sweep(PageQueue::Inactive, free_target, &mut pass);
             if pages.free_at_least(free_target) {
                 break;
             }
-            self.sweep(PageQueue::Active, free_target, &mut r);
+            self.sweep(PageQueue::Active, free_target, &mut pass);
+            if pass.moves() == before {
+                // Every page is where it was and no reference bit was
+                // consumed: another round would find the same.
+                break;
+            }
         }
+        let r = pass.r;
         let c = self.machine.counters.local();
         c.v_pdpages.fetch_add(r.scanned, Ordering::Relaxed);
         c.v_pdfreed.fetch_add(r.freed, Ordering::Relaxed);
@@ -122,7 +137,7 @@ impl<P: Pmap> Vm<P> {
 
     /// One pass of the clock hand over every page, acting on those of
     /// `queue`.
-    fn sweep(&self, queue: PageQueue, free_target: u64, r: &mut PageoutReport) {
+    fn sweep(&self, queue: PageQueue, free_target: u64, pass: &mut Pass) {
         let pages = &self.machine.pages;
         let total = pages.len();
         for _ in 0..total {
@@ -138,7 +153,7 @@ impl<P: Pmap> Vm<P> {
             {
                 continue;
             }
-            r.scanned += 1;
+            pass.r.scanned += 1;
             // Both the page's flag and the mappings' A bits are consumed,
             // so a page not used since the last sweep reads unreferenced.
             let used = self.pmap.ts_referenced(pages.pfn(id)) > 0;
@@ -147,14 +162,14 @@ impl<P: Pmap> Vm<P> {
             match (queue, referenced) {
                 (PageQueue::Active, false) => {
                     pages.deactivate(id);
-                    r.deactivated += 1;
+                    pass.r.deactivated += 1;
                 }
                 (PageQueue::Inactive, true) => {
                     pages.activate(id);
-                    r.reactivated += 1;
+                    pass.r.reactivated += 1;
                 }
-                (PageQueue::Inactive, false) => self.evict(id, r),
-                _ => {}
+                (PageQueue::Inactive, false) => self.evict(id, pass),
+                _ => pass.kept_active += 1,
             }
         }
     }
@@ -164,12 +179,18 @@ impl<P: Pmap> Vm<P> {
     /// pager call (clustered page-out). Every page taken is held busy by a
     /// guard, so a pager that fails or panics leaves nothing busy: the pages
     /// go back, dirty and intact, to the inactive queue.
-    fn evict(&self, id: PageId, r: &mut PageoutReport) {
+    fn evict(&self, id: PageId, pass: &mut Pass) {
         let page = self.machine.pages.get(id);
         let Some(object) = self.machine.objects.get(page.object_raw()) else {
             return;
         };
         let pindex = page.pindex();
+        if page.dirty() != 0 && pass.swap_full && !self.swap_takes(&object, pindex) {
+            // Leave it mapped and where it is: unmapping it would gain
+            // nothing.
+            pass.r.failed += 1;
+            return;
+        }
         let Some(first) = self.claim(&object, id, pindex) else {
             return;
         };
@@ -177,15 +198,15 @@ impl<P: Pmap> Vm<P> {
         run.push((first, pindex));
         if page.dirty() != 0 {
             self.gather(&object, &mut run);
-            if self.launder(&object, &run).is_err() {
-                run = self.launder_one_by_one(&object, run, r);
+            if self.launder(&object, &run, pass).is_err() {
+                run = self.launder_one_by_one(&object, run, pass);
             }
-            r.laundered += run.len() as u64;
+            pass.r.laundered += run.len() as u64;
         }
         for (mut busy, _) in run {
             // Out of the object and freed as the guard drops.
             busy.discard();
-            r.freed += 1;
+            pass.r.freed += 1;
         }
     }
 
@@ -197,22 +218,31 @@ impl<P: Pmap> Vm<P> {
         &self,
         object: &Arc<VmObject>,
         run: Run<'m>,
-        r: &mut PageoutReport,
+        pass: &mut Pass,
     ) -> Run<'m> {
         let mut written: Run<'m> = SmallVec::new();
-        if run.len() == 1 {
-            r.failed += 1;
-            return written;
-        }
-        for page in run {
-            let one: Run<'m> = smallvec::smallvec![page];
-            if self.launder(object, &one).is_ok() {
-                written.extend(one);
-            } else {
-                r.failed += 1;
+        let total = run.len() as u64;
+        if total > 1 {
+            for page in run {
+                let one: Run<'m> = smallvec::smallvec![page];
+                if self.launder(object, &one, pass).is_ok() {
+                    written.extend(one);
+                }
             }
         }
+        pass.r.failed += total - written.len() as u64;
         written
+    }
+
+    /// Whether swap, which refused a page for want of room this pass, can
+    /// still take a write of page `pindex` of `object`: the object is not
+    /// swap-bound, or the page owns a block there already.
+    fn swap_takes(&self, object: &VmObject, pindex: u64) -> bool {
+        let (anonymous, pager) = {
+            let st = object.lock();
+            (st.kind.is_anonymous(), st.pager.clone())
+        };
+        !anonymous || pager.is_some_and(|p| p.has_page(pindex).is_some())
     }
 
     /// Busies inactive page `id` of `object` at `pindex` and removes every
@@ -280,8 +310,14 @@ impl<P: Pmap> Vm<P> {
 
     /// Writes the busy, unmapped pages of `run` (contiguous indexes) to
     /// their object's pager, giving an anonymous object swap backing first.
-    /// The pages are marked clean only once the pager has them.
-    fn launder(&self, object: &Arc<VmObject>, run: &Run<'_>) -> Result<(), ()> {
+    /// The pages are marked clean only once the pager has them. A single
+    /// page that swap has no room for marks swap full for the pass; from
+    /// then on a run is offered to swap only if every page of it owns a
+    /// block there.
+    fn launder(&self, object: &Arc<VmObject>, run: &Run<'_>, pass: &mut Pass) -> Result<(), ()> {
+        if pass.swap_full && !run.iter().all(|&(_, p)| self.swap_takes(object, p)) {
+            return Err(());
+        }
         let (pager, class) = {
             let mut st = object.lock();
             if st.pager.is_none() && st.kind.is_anonymous() {
@@ -293,10 +329,15 @@ impl<P: Pmap> Vm<P> {
             }
             (st.pager.clone(), st.kind.class())
         };
-        let pager: Arc<dyn Pager> = pager.ok_or(())?;
+        let swap_bound = class == ObjectClass::Anonymous;
+        let refused = |no_room: bool, pass: &mut Pass| {
+            pass.swap_full |= no_room && swap_bound && run.len() == 1;
+        };
+        // An anonymous object with nowhere to go: as good as full swap.
+        let pager: Arc<dyn Pager> = pager.ok_or_else(|| refused(true, pass))?;
         let _pip = crate::object::busy::Pip::new(object.clone());
         crate::clean::write_clean(&self.machine, &*pager, run.iter().map(|(b, p)| (b, *p)))
-            .map_err(|_| ())?;
+            .map_err(|e| refused(matches!(e, PagerError::Error(io) if io.is_no_space()), pass))?;
         let c = match class {
             ObjectClass::File => &self.machine.counters.local().v_vnodepgsout,
             ObjectClass::Anonymous | ObjectClass::Device => {
@@ -310,6 +351,26 @@ impl<P: Pmap> Vm<P> {
 
 /// Busy pages of one page-out, with their indexes in the object.
 type Run<'m> = SmallVec<[(BusyPage<'m>, u64); CLUSTER]>;
+
+/// One [`Vm::pageout`] call's running state.
+#[derive(Default)]
+struct Pass {
+    r: PageoutReport,
+    /// Active pages found referenced (their bits consumed: the next sweep
+    /// may deactivate them).
+    kept_active: u64,
+    /// Swap refused a single page for want of room (or there is none).
+    swap_full: bool,
+}
+
+impl Pass {
+    /// What a sweep can change: a round that changes none of it is the
+    /// last one worth running.
+    fn moves(&self) -> (u64, u64, u64, u64) {
+        let r = &self.r;
+        (r.freed, r.deactivated, r.reactivated, self.kept_active)
+    }
+}
 
 /// A pageout daemon thread; stopped and joined on drop.
 #[cfg(feature = "std")]

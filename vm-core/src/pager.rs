@@ -191,6 +191,19 @@ impl IoError {
         code: 95,
         context: "operation not supported by this pager",
     };
+
+    /// The error number of "no space left on device" (`ENOSPC`, 28 on
+    /// Linux and FreeBSD). A pager whose [`Pager::put_pages`] fails with it
+    /// says it has no room: the pageout scan stops offering it pages
+    /// one by one, and stops offering swap-bound pages for the rest of the
+    /// pass (see [`Vm::pageout`](crate::Vm::pageout)).
+    pub const ENOSPC: i32 = 28;
+
+    /// Whether this is [`ENOSPC`](Self::ENOSPC): the backing store is full.
+    #[must_use]
+    pub fn is_no_space(&self) -> bool {
+        self.code == Self::ENOSPC
+    }
 }
 
 #[cfg(feature = "std")]

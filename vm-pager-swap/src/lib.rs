@@ -53,8 +53,6 @@ use vm_core::{
 /// either way (FreeBSD's `SWAP_META_PAGES`), so a growing read-ahead window
 /// swaps in whole runs the pageout wrote together.
 const MAX_CONTIG: u64 = 31;
-/// `ENOSPC`.
-const ENOSPC: i32 = 28;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -317,7 +315,7 @@ impl Pager for SwapPager {
                 self.free_blocks(fresh.into_iter());
                 self.dev.full.fetch_add(1, Ordering::Relaxed);
                 return Err(PagerError::Error(IoError {
-                    code: ENOSPC,
+                    code: IoError::ENOSPC,
                     context: "swap device full",
                 }));
             };
