@@ -28,6 +28,7 @@ use crate::pager::{Pager, PagerError};
 use crate::pmap::Pmap;
 use crate::vm::Vm;
 use alloc::sync::Arc;
+use core::any::TypeId;
 use core::sync::atomic::Ordering;
 use smallvec::SmallVec;
 
@@ -67,7 +68,10 @@ impl<P: Pmap> Vm<P> {
     /// `SWEEPS` sweeps found nothing more to do.
     pub fn pageout(&self, free_target: u64) -> PageoutReport {
         let pages = &self.machine.pages;
-        let mut pass = Pass::default();
+        let mut pass = Pass {
+            no_swap: self.swap.lock().is_none(),
+            ..Pass::default()
+        };
         for _ in 0..SWEEPS {
             if pages.free_at_least(free_target) {
                 break;
@@ -185,7 +189,7 @@ impl<P: Pmap> Vm<P> {
             return;
         };
         let pindex = page.pindex();
-        if page.dirty() != 0 && pass.swap_full && !self.swap_takes(&object, pindex) {
+        if page.dirty() != 0 && pass.refusals() && !self.may_take(&object, pindex, pass) {
             // Leave it mapped and where it is: unmapping it would gain
             // nothing.
             pass.r.failed += 1;
@@ -197,7 +201,7 @@ impl<P: Pmap> Vm<P> {
         let mut run: Run<'_> = SmallVec::new();
         run.push((first, pindex));
         if page.dirty() != 0 {
-            self.gather(&object, &mut run);
+            self.gather(&object, &mut run, pass);
             if self.launder(&object, &run, pass).is_err() {
                 run = self.launder_one_by_one(&object, run, pass);
             }
@@ -234,15 +238,19 @@ impl<P: Pmap> Vm<P> {
         written
     }
 
-    /// Whether swap, which refused a page for want of room this pass, can
-    /// still take a write of page `pindex` of `object`: the object is not
-    /// swap-bound, or the page owns a block there already.
-    fn swap_takes(&self, object: &VmObject, pindex: u64) -> bool {
+    /// Whether page `pindex` of `object` may still be written this pass:
+    /// its pager has not refused a page for want of room (or the page owns
+    /// a block there already), or, for an anonymous object without a pager
+    /// yet, there is swap and no swap pager refused one.
+    fn may_take(&self, object: &VmObject, pindex: u64, pass: &Pass) -> bool {
         let (anonymous, pager) = {
             let st = object.lock();
             (st.kind.is_anonymous(), st.pager.clone())
         };
-        !anonymous || pager.is_some_and(|p| p.has_page(pindex).is_some())
+        match pager {
+            None => !anonymous || !(pass.no_swap || pass.swap_full),
+            Some(p) => !pass.full.contains(&pager_type(&*p)) || p.has_page(pindex).is_some(),
+        }
     }
 
     /// Busies inactive page `id` of `object` at `pindex` and removes every
@@ -280,20 +288,21 @@ impl<P: Pmap> Vm<P> {
     /// Extends `run` with the dirty inactive pages around it in its object,
     /// those before it first (FreeBSD's `vm_pageout_cluster`): the scan
     /// meets an object's pages in frame order, not index order, so the
-    /// page it found is often not the first of a dirty run.
-    fn gather<'m>(&'m self, object: &Arc<VmObject>, run: &mut Run<'m>) {
+    /// page it found is often not the first of a dirty run. Pages the pass
+    /// knows cannot be written end the run.
+    fn gather<'m>(&'m self, object: &Arc<VmObject>, run: &mut Run<'m>, pass: &Pass) {
         while run.len() < CLUSTER {
             let Some(prev) = run[0].1.checked_sub(1) else {
                 break;
             };
-            let Some(busy) = self.claim_dirty(object, prev) else {
+            let Some(busy) = self.claim_dirty(object, prev, pass) else {
                 break;
             };
             run.insert(0, (busy, prev));
         }
         while run.len() < CLUSTER {
             let next = run[run.len() - 1].1 + 1;
-            let Some(busy) = self.claim_dirty(object, next) else {
+            let Some(busy) = self.claim_dirty(object, next, pass) else {
                 return;
             };
             run.push((busy, next));
@@ -301,8 +310,16 @@ impl<P: Pmap> Vm<P> {
     }
 
     /// [`claim`](Self::claim)s the page at `pindex` of `object` if it is
-    /// there and dirty.
-    fn claim_dirty<'m>(&'m self, object: &Arc<VmObject>, pindex: u64) -> Option<BusyPage<'m>> {
+    /// there, dirty, and may be written this pass.
+    fn claim_dirty<'m>(
+        &'m self,
+        object: &Arc<VmObject>,
+        pindex: u64,
+        pass: &Pass,
+    ) -> Option<BusyPage<'m>> {
+        if pass.refusals() && !self.may_take(object, pindex, pass) {
+            return None;
+        }
         let id = object.lock().pages.get(&pindex).copied()?;
         let busy = self.claim(object, id, pindex)?;
         (self.machine.pages.get(id).dirty() != 0).then_some(busy)
@@ -315,7 +332,7 @@ impl<P: Pmap> Vm<P> {
     /// then on a run is offered to swap only if every page of it owns a
     /// block there.
     fn launder(&self, object: &Arc<VmObject>, run: &Run<'_>, pass: &mut Pass) -> Result<(), ()> {
-        if pass.swap_full && !run.iter().all(|&(_, p)| self.swap_takes(object, p)) {
+        if pass.refusals() && !run.iter().all(|&(_, p)| self.may_take(object, p, pass)) {
             return Err(());
         }
         let (pager, class) = {
@@ -329,15 +346,21 @@ impl<P: Pmap> Vm<P> {
             }
             (st.pager.clone(), st.kind.class())
         };
-        let swap_bound = class == ObjectClass::Anonymous;
-        let refused = |no_room: bool, pass: &mut Pass| {
-            pass.swap_full |= no_room && swap_bound && run.len() == 1;
-        };
-        // An anonymous object with nowhere to go: as good as full swap.
-        let pager: Arc<dyn Pager> = pager.ok_or_else(|| refused(true, pass))?;
+        // (A provider that declined this object may take others.)
+        let pager: Arc<dyn Pager> = pager.ok_or(())?;
         let _pip = crate::object::busy::Pip::new(object.clone());
         crate::clean::write_clean(&self.machine, &*pager, run.iter().map(|(b, p)| (b, *p)))
-            .map_err(|e| refused(matches!(e, PagerError::Error(io) if io.is_no_space()), pass))?;
+            .map_err(|e| {
+                // A run may not fit where its pages one by one would.
+                let ty = pager_type(&*pager);
+                if run.len() == 1
+                    && matches!(e, PagerError::Error(io) if io.is_no_space())
+                    && !pass.full.contains(&ty)
+                {
+                    pass.full.push(ty);
+                    pass.swap_full |= class == ObjectClass::Anonymous;
+                }
+            })?;
         let c = match class {
             ObjectClass::File => &self.machine.counters.local().v_vnodepgsout,
             ObjectClass::Anonymous | ObjectClass::Device => {
@@ -359,11 +382,29 @@ struct Pass {
     /// Active pages found referenced (their bits consumed: the next sweep
     /// may deactivate them).
     kept_active: u64,
-    /// Swap refused a single page for want of room (or there is none).
+    /// No swap is installed: anonymous objects without a pager have
+    /// nowhere to go.
+    no_swap: bool,
+    /// The types of the pagers that refused a single page for want of
+    /// room: their pages are offered again only where they own a block.
+    full: SmallVec<[TypeId; 2]>,
+    /// One of them was an anonymous object's (swap): anonymous objects
+    /// without a pager, which would be given swap, are not offered either.
     swap_full: bool,
 }
 
+/// The concrete type behind a pager (its own, not `dyn Pager`'s: `Any`
+/// is a supertrait, so the call goes through the vtable).
+fn pager_type(pager: &dyn Pager) -> TypeId {
+    pager.type_id()
+}
+
 impl Pass {
+    /// Whether anything is known to be unwritable this pass.
+    fn refusals(&self) -> bool {
+        self.no_swap || !self.full.is_empty()
+    }
+
     /// What a sweep can change: a round that changes none of it is the
     /// last one worth running.
     fn moves(&self) -> (u64, u64, u64, u64) {
@@ -398,5 +439,38 @@ impl<P: Pmap> Vm<P> {
                 std::thread::sleep(period);
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pager::{Contiguity, PageSlot, PagerKind};
+
+    struct A;
+    struct B;
+    macro_rules! refusing {
+        ($t:ty) => {
+            impl Pager for $t {
+                fn kind(&self) -> PagerKind {
+                    PagerKind::ANONYMOUS
+                }
+                fn has_page(&self, _: u64) -> Option<Contiguity> {
+                    None
+                }
+                fn get_pages(&self, _: &mut [PageSlot<'_>], _: usize) -> Result<(), PagerError> {
+                    Err(PagerError::Fail)
+                }
+            }
+        };
+    }
+    refusing!(A);
+    refusing!(B);
+
+    #[test]
+    fn pager_type_is_the_concrete_type() {
+        let (a, b): (Arc<dyn Pager>, Arc<dyn Pager>) = (Arc::new(A), Arc::new(B));
+        assert_eq!(pager_type(&*a), TypeId::of::<A>());
+        assert_eq!(pager_type(&*b), TypeId::of::<B>());
     }
 }

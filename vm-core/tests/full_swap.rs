@@ -209,3 +209,66 @@ fn a_full_swap_still_takes_dirty_pages_that_own_a_block() {
     }
     consistent(&vm);
 }
+
+#[test]
+fn without_swap_a_pass_leaves_dirty_anonymous_memory_mapped() {
+    let (vm, space) = machine(64);
+    space.map_anon(BASE, 32 * PAGE, Prot::RW).unwrap();
+    for p in 0..32 {
+        space.write_u8(BASE + p * PAGE, value(p)).unwrap();
+    }
+    // Three rounds: the first two age the pages to inactive, the third
+    // finds them unwritable. Only the first is unmapped to learn that.
+    let r = vm.pageout(vm.total_pages());
+    assert_eq!(r.freed, 0, "{r:?}");
+    assert!(r.failed >= 32, "{r:?}");
+    let mapped = (0..32)
+        .filter(|&p| space.extract(BASE + p * PAGE).is_some())
+        .count();
+    assert!(mapped >= 31, "{mapped} of 32 pages still mapped: {r:?}");
+    for p in 0..32 {
+        assert_eq!(byte(&space, BASE + p * PAGE), value(p), "page {p}");
+    }
+    consistent(&vm);
+}
+
+#[test]
+fn a_full_swap_does_not_hold_back_other_pagers() {
+    let (vm, space) = machine(64);
+    let swap = TinySwap::new(0);
+    vm.set_swap(Arc::new(Provider(swap.clone())));
+    // S: anonymous memory for a swap without a single block.
+    const S: u64 = BASE;
+    const M: u64 = BASE + 0x100_0000;
+    space.map_anon(S, 40 * PAGE, Prot::RW).unwrap();
+    for p in 0..40 {
+        space.write_u8(S + p * PAGE, value(p)).unwrap();
+    }
+    // M: a named object whose own (anonymous-kind) pager has room.
+    let pager = Arc::new(vm_testkit::MemPager::new(PagerKind::ANONYMOUS));
+    let m = vm.new_object(8, pager.clone());
+    space
+        .map(vm_core::MapRequest::object(
+            M,
+            8 * PAGE,
+            m.clone(),
+            0,
+            Prot::RW,
+        ))
+        .unwrap();
+    for round in 1..=8u8 {
+        for p in 0..8 {
+            space.write_u8(M + p * PAGE, round ^ p as u8).unwrap();
+        }
+        let r = vm.pageout(vm.total_pages());
+        assert!(swap.refused.load(Ordering::Relaxed) > 0, "swap was asked");
+        assert_eq!(m.resident_count(), 0, "round {round}: M written out: {r:?}");
+        for p in 0..8 {
+            assert_eq!(byte(&space, M + p * PAGE), round ^ p as u8, "round {round}");
+        }
+    }
+    for p in 0..40 {
+        assert_eq!(byte(&space, S + p * PAGE), value(p), "S page {p}");
+    }
+    consistent(&vm);
+}
