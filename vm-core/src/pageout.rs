@@ -13,22 +13,24 @@
 //! never touched.
 //!
 //! A pass gives up early when memory cannot be had: a round of sweeps that
-//! moved nothing ends it, and once swap refused a page for want of room
-//! (`ENOSPC`, or there is no swap) the pass offers swap only the dirty
-//! pages that already own a block there (FreeBSD keeps `swap_pager_full`;
-//! the core is not told when swap frees blocks, so here the knowledge lasts
-//! one pass). A fault at full memory and full swap so fails after a few
-//! sweeps, not after dozens of passes that each retry every dirty page.
+//! moved nothing ends it, and once a pager refused a page for want of room
+//! (`ENOSPC`) the pass stops unmapping pages it cannot write: it asks a
+//! pager whether it has room ([`Pager::has_room`]), and takes one that
+//! cannot tell at its word, offering it only pages it already holds;
+//! anonymous memory without a pager waits while swap has no room, or when
+//! there is no swap (FreeBSD keeps `swap_pager_full` for the machine; here
+//! the knowledge lasts one pass, and pagers other than the one that refused
+//! keep their turn). A fault at full memory and full swap so fails after a
+//! few sweeps, not after dozens of passes that each retry every dirty page.
 
 use crate::object::VmObject;
 use crate::object::busy::{BusyPage, Disposal};
 use crate::page::{PageFlags, PageId, PageQueue};
 use crate::pager::ObjectClass;
-use crate::pager::{Pager, PagerError};
+use crate::pager::{Pager, PagerError, SwapProvider};
 use crate::pmap::Pmap;
 use crate::vm::Vm;
 use alloc::sync::Arc;
-use core::any::TypeId;
 use core::sync::atomic::Ordering;
 use smallvec::SmallVec;
 
@@ -69,7 +71,7 @@ impl<P: Pmap> Vm<P> {
     pub fn pageout(&self, free_target: u64) -> PageoutReport {
         let pages = &self.machine.pages;
         let mut pass = Pass {
-            no_swap: self.swap.lock().is_none(),
+            swap: self.swap.lock().clone(),
             ..Pass::default()
         };
         for _ in 0..SWEEPS {
@@ -238,18 +240,23 @@ impl<P: Pmap> Vm<P> {
         written
     }
 
-    /// Whether page `pindex` of `object` may still be written this pass:
-    /// its pager has not refused a page for want of room (or the page owns
-    /// a block there already), or, for an anonymous object without a pager
-    /// yet, there is swap and no swap pager refused one.
+    /// Whether page `pindex` of `object` may still be written in a pass
+    /// that met a refusal for want of room (or has no swap): its pager says
+    /// it has room for it ([`Pager::has_room`]), or cannot tell and has not
+    /// refused a page this pass, or holds the page already; for an
+    /// anonymous object without a pager yet, swap has room.
     fn may_take(&self, object: &VmObject, pindex: u64, pass: &Pass) -> bool {
         let (anonymous, pager) = {
             let st = object.lock();
             (st.kind.is_anonymous(), st.pager.clone())
         };
         match pager {
-            None => !anonymous || !(pass.no_swap || pass.swap_full),
-            Some(p) => !pass.full.contains(&pager_type(&*p)) || p.has_page(pindex).is_some(),
+            None if anonymous => pass.swap_room(),
+            None => true,
+            Some(p) => match p.has_room(pindex) {
+                Some(room) => room,
+                None => !pass.refused.contains(&address(&p)) || p.has_page(pindex).is_some(),
+            },
         }
     }
 
@@ -328,23 +335,24 @@ impl<P: Pmap> Vm<P> {
     /// Writes the busy, unmapped pages of `run` (contiguous indexes) to
     /// their object's pager, giving an anonymous object swap backing first.
     /// The pages are marked clean only once the pager has them. A single
-    /// page that swap has no room for marks swap full for the pass; from
-    /// then on a run is offered to swap only if every page of it owns a
-    /// block there.
+    /// page refused for want of room is remembered for the pass (see
+    /// [`may_take`](Self::may_take)).
     fn launder(&self, object: &Arc<VmObject>, run: &Run<'_>, pass: &mut Pass) -> Result<(), ()> {
         if pass.refusals() && !run.iter().all(|&(_, p)| self.may_take(object, p, pass)) {
             return Err(());
         }
-        let (pager, class) = {
+        let (pager, class, given) = {
             let mut st = object.lock();
+            let mut given = false;
             if st.pager.is_none() && st.kind.is_anonymous() {
                 let swap = self.swap.lock().clone();
                 if let Some(p) = swap.and_then(|s| s.pager_for(st.size)) {
                     st.kind = p.kind();
                     st.pager = Some(p);
+                    given = true;
                 }
             }
-            (st.pager.clone(), st.kind.class())
+            (st.pager.clone(), st.kind.class(), given)
         };
         // (A provider that declined this object may take others.)
         let pager: Arc<dyn Pager> = pager.ok_or(())?;
@@ -352,13 +360,12 @@ impl<P: Pmap> Vm<P> {
         crate::clean::write_clean(&self.machine, &*pager, run.iter().map(|(b, p)| (b, *p)))
             .map_err(|e| {
                 // A run may not fit where its pages one by one would.
-                let ty = pager_type(&*pager);
-                if run.len() == 1
-                    && matches!(e, PagerError::Error(io) if io.is_no_space())
-                    && !pass.full.contains(&ty)
-                {
-                    pass.full.push(ty);
-                    pass.swap_full |= class == ObjectClass::Anonymous;
+                if run.len() == 1 && matches!(e, PagerError::Error(io) if io.is_no_space()) {
+                    let a = address(&pager);
+                    if !pass.refused.contains(&a) {
+                        pass.refused.push(a);
+                    }
+                    pass.swap_refused |= given;
                 }
             })?;
         let c = match class {
@@ -382,27 +389,34 @@ struct Pass {
     /// Active pages found referenced (their bits consumed: the next sweep
     /// may deactivate them).
     kept_active: u64,
-    /// No swap is installed: anonymous objects without a pager have
-    /// nowhere to go.
-    no_swap: bool,
-    /// The types of the pagers that refused a single page for want of
-    /// room: their pages are offered again only where they own a block.
-    full: SmallVec<[TypeId; 2]>,
-    /// One of them was an anonymous object's (swap): anonymous objects
-    /// without a pager, which would be given swap, are not offered either.
-    swap_full: bool,
+    /// The swap provider as the pass began (`None`: anonymous objects
+    /// without a pager have nowhere to go).
+    swap: Option<Arc<dyn SwapProvider>>,
+    /// The pagers (by address) that refused a single page for want of
+    /// room.
+    refused: SmallVec<[usize; 4]>,
+    /// One of them was given by the swap provider in this pass.
+    swap_refused: bool,
 }
 
-/// The concrete type behind a pager (its own, not `dyn Pager`'s: `Any`
-/// is a supertrait, so the call goes through the vtable).
-fn pager_type(pager: &dyn Pager) -> TypeId {
-    pager.type_id()
+/// A pager's identity for the length of a pass (the objects keep it alive).
+fn address(pager: &Arc<dyn Pager>) -> usize {
+    Arc::as_ptr(pager).cast::<()>() as usize
 }
 
 impl Pass {
     /// Whether anything is known to be unwritable this pass.
     fn refusals(&self) -> bool {
-        self.no_swap || !self.full.is_empty()
+        self.swap.is_none() || !self.refused.is_empty()
+    }
+
+    /// Whether swap may take a page of an anonymous object that has no
+    /// pager yet: the provider says so ([`SwapProvider::has_room`]), or
+    /// cannot tell and no pager it gave this pass refused a page.
+    fn swap_room(&self) -> bool {
+        self.swap
+            .as_ref()
+            .is_some_and(|s| s.has_room().unwrap_or(!self.swap_refused))
     }
 
     /// What a sweep can change: a round that changes none of it is the
@@ -439,38 +453,5 @@ impl<P: Pmap> Vm<P> {
                 std::thread::sleep(period);
             }),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pager::{Contiguity, PageSlot, PagerKind};
-
-    struct A;
-    struct B;
-    macro_rules! refusing {
-        ($t:ty) => {
-            impl Pager for $t {
-                fn kind(&self) -> PagerKind {
-                    PagerKind::ANONYMOUS
-                }
-                fn has_page(&self, _: u64) -> Option<Contiguity> {
-                    None
-                }
-                fn get_pages(&self, _: &mut [PageSlot<'_>], _: usize) -> Result<(), PagerError> {
-                    Err(PagerError::Fail)
-                }
-            }
-        };
-    }
-    refusing!(A);
-    refusing!(B);
-
-    #[test]
-    fn pager_type_is_the_concrete_type() {
-        let (a, b): (Arc<dyn Pager>, Arc<dyn Pager>) = (Arc::new(A), Arc::new(B));
-        assert_eq!(pager_type(&*a), TypeId::of::<A>());
-        assert_eq!(pager_type(&*b), TypeId::of::<B>());
     }
 }

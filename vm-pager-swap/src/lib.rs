@@ -191,6 +191,18 @@ impl SwapProvider for Swap {
     fn pager_for(&self, _pages: u64) -> Option<Arc<dyn Pager>> {
         Some(self.pager())
     }
+
+    fn has_room(&self) -> Option<bool> {
+        Some(self.dev.has_free_block())
+    }
+}
+
+impl Device {
+    /// Whether a block is free now.
+    fn has_free_block(&self) -> bool {
+        let map = lock(&self.map);
+        map.in_use() < map.blocks()
+    }
 }
 
 /// The swap pager of one object: page index → block.
@@ -240,6 +252,13 @@ fn io_err(e: &io::Error, context: &'static str) -> PagerError {
 impl Pager for SwapPager {
     fn kind(&self) -> PagerKind {
         PagerKind::ANONYMOUS
+    }
+
+    /// A page that owns a block can always be written; others need a free
+    /// block.
+    fn has_room(&self, pindex: u64) -> Option<bool> {
+        let owns = lock(&self.meta).contains_key(&pindex);
+        Some(owns || self.dev.has_free_block())
     }
 
     fn has_page(&self, pindex: u64) -> Option<Contiguity> {
