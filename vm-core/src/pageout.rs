@@ -253,6 +253,8 @@ impl<P: Pmap> Vm<P> {
         match pager {
             None if anonymous => pass.swap_room(),
             None => true,
+            // No pager refused this pass (it has no swap): nothing to ask.
+            Some(_) if pass.refused.is_empty() => true,
             Some(p) => match p.has_room(pindex) {
                 Some(room) => room,
                 None => !pass.refused.contains(&address(&p)) || p.has_page(pindex).is_some(),

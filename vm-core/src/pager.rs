@@ -435,8 +435,7 @@ pub trait Pager: Send + Sync + core::any::Any {
     /// there; `None` (the default) when the pager cannot tell.
     ///
     /// The pageout scan asks only in a pass in which some pager refused a
-    /// page with [`IoError::ENOSPC`] (or on a machine without swap), before
-    /// it unmaps more pages to write.
+    /// page with [`IoError::ENOSPC`], before it unmaps more pages to write.
     /// A pager that cannot tell is taken at its word once it refused a page
     /// for want of room: the rest of that pass offers it only the pages
     /// [`has_page`](Self::has_page) says it holds. A pager whose room
