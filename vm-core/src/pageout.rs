@@ -22,6 +22,8 @@
 //! the knowledge lasts one pass, and pagers other than the one that refused
 //! keep their turn). A fault at full memory and full swap so fails after a
 //! few sweeps, not after dozens of passes that each retry every dirty page.
+//! A pass that freed nothing with memory short then unmaps the pages it
+//! left alone, for the page tables that held only them.
 
 use crate::object::VmObject;
 use crate::object::busy::{BusyPage, Disposal};
@@ -89,6 +91,9 @@ impl<P: Pmap> Vm<P> {
                 // consumed: another round would find the same.
                 break;
             }
+        }
+        if pass.r.freed == 0 && pass.skipped > 0 && !pages.free_at_least(pages.thresholds.severe) {
+            self.unmap_unwritable(free_target);
         }
         let r = pass.r;
         let c = self.machine.counters.local();
@@ -180,6 +185,31 @@ impl<P: Pmap> Vm<P> {
         }
     }
 
+    /// The last resort of a pass that freed nothing with memory short:
+    /// unmaps the dirty inactive pages it could not write, so that the
+    /// page tables that held only them are freed (FreeBSD's
+    /// `reclaim_pv_chunk` takes mappings away to the same end). The pages
+    /// stay, dirty, on the inactive queue.
+    fn unmap_unwritable(&self, free_target: u64) {
+        let pages = &self.machine.pages;
+        let total = pages.len();
+        for _ in 0..total {
+            if pages.free_at_least(free_target) {
+                return;
+            }
+            let id = PageId(self.hand.fetch_add(1, Ordering::Relaxed) % total);
+            let page = pages.get(id);
+            if page.queue() != PageQueue::Inactive || page.dirty() == 0 || page.is_busy() {
+                continue;
+            }
+            let Some(object) = self.machine.objects.get(page.object_raw()) else {
+                continue;
+            };
+            // Unmapped while busy, released as the guard drops.
+            drop(self.claim(&object, id, page.pindex()));
+        }
+    }
+
     /// Frees inactive page `id`, laundering it first if dirty — together
     /// with the dirty inactive pages that follow it in its object, in one
     /// pager call (clustered page-out). Every page taken is held busy by a
@@ -192,9 +222,10 @@ impl<P: Pmap> Vm<P> {
         };
         let pindex = page.pindex();
         if page.dirty() != 0 && pass.refusals() && !self.may_take(&object, pindex, pass) {
-            // Leave it mapped and where it is: unmapping it would gain
-            // nothing.
+            // Leave it mapped and where it is (unless the pass ends with
+            // nothing freed: `unmap_unwritable`).
             pass.r.failed += 1;
+            pass.skipped += 1;
             return;
         }
         let Some(first) = self.claim(&object, id, pindex) else {
@@ -399,6 +430,8 @@ struct Pass {
     refused: SmallVec<[usize; 4]>,
     /// One of them was given by the swap provider in this pass.
     swap_refused: bool,
+    /// Dirty pages left mapped because they could not be written.
+    skipped: u64,
 }
 
 /// A pager's identity for the length of a pass (the objects keep it alive).
