@@ -1207,11 +1207,10 @@ fn s09<P: Pmap>(vm: Arc<Vm<P>>, what: &str, secs: u64, seed: u64, swap_mib: u64)
     }
     std::thread::sleep(Duration::from_secs(secs));
     stop.store(true, Ordering::Relaxed);
-    // A hang detector only: with RAM and swap both full an op in flight
-    // may fault many times, each fault trying direct reclaim before it
-    // gives up (CI saw one op finish after more than 30 s while a fault
-    // there retried every dirty page against the full swap; a pass now
-    // stops offering swap pages it has no block for).
+    // A hang detector only: with RAM and swap both full a fault takes up
+    // to 1-2 s to give up (64 direct reclaims, each a pageout sweep the
+    // full swap refuses), and an op in flight may fault many times (CI
+    // saw one finish after more than 30 s).
     join_within(hs, 180, what);
     let mut unreadable = 0;
     let end0 = Instant::now();

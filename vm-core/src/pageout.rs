@@ -11,25 +11,12 @@
 //! back to the active queue, unreferenced active pages are deactivated,
 //! inactive ones are freed or laundered. Wired, held and busy pages are
 //! never touched.
-//!
-//! A pass gives up early when memory cannot be had: a round of sweeps that
-//! moved nothing ends it, and once a pager refused a page for want of room
-//! (`ENOSPC`) the pass stops unmapping pages it cannot write: it asks a
-//! pager whether it has room ([`Pager::has_room`]), and takes one that
-//! cannot tell at its word, offering it only pages it already holds;
-//! anonymous memory without a pager waits while swap has no room, or when
-//! there is no swap (FreeBSD keeps `swap_pager_full` for the machine; here
-//! the knowledge lasts one pass, and pagers other than the one that refused
-//! keep their turn). A fault at full memory and full swap so fails after a
-//! few sweeps, not after dozens of passes that each retry every dirty page.
-//! A pass that freed nothing with memory short then unmaps the pages it
-//! left alone, for the page tables that held only them.
 
 use crate::object::VmObject;
 use crate::object::busy::{BusyPage, Disposal};
 use crate::page::{PageFlags, PageId, PageQueue};
 use crate::pager::ObjectClass;
-use crate::pager::{Pager, PagerError, SwapProvider};
+use crate::pager::Pager;
 use crate::pmap::Pmap;
 use crate::vm::Vm;
 use alloc::sync::Arc;
@@ -72,30 +59,17 @@ impl<P: Pmap> Vm<P> {
     /// `SWEEPS` sweeps found nothing more to do.
     pub fn pageout(&self, free_target: u64) -> PageoutReport {
         let pages = &self.machine.pages;
-        let mut pass = Pass {
-            swap: self.swap.lock().clone(),
-            ..Pass::default()
-        };
+        let mut r = PageoutReport::default();
         for _ in 0..SWEEPS {
             if pages.free_at_least(free_target) {
                 break;
             }
-            let before = pass.moves();
-            self.sweep(PageQueue::Inactive, free_target, &mut pass);
+            self.sweep(PageQueue::Inactive, free_target, &mut r);
             if pages.free_at_least(free_target) {
                 break;
             }
-            self.sweep(PageQueue::Active, free_target, &mut pass);
-            if pass.moves() == before {
-                // Every page is where it was and no reference bit was
-                // consumed: another round would find the same.
-                break;
-            }
+            self.sweep(PageQueue::Active, free_target, &mut r);
         }
-        if pass.r.freed == 0 && pass.skipped > 0 && !pages.free_at_least(pages.thresholds.severe) {
-            self.unmap_unwritable(free_target);
-        }
-        let r = pass.r;
         let c = self.machine.counters.local();
         c.v_pdpages.fetch_add(r.scanned, Ordering::Relaxed);
         c.v_pdfreed.fetch_add(r.freed, Ordering::Relaxed);
@@ -148,7 +122,7 @@ impl<P: Pmap> Vm<P> {
 
     /// One pass of the clock hand over every page, acting on those of
     /// `queue`.
-    fn sweep(&self, queue: PageQueue, free_target: u64, pass: &mut Pass) {
+    fn sweep(&self, queue: PageQueue, free_target: u64, r: &mut PageoutReport) {
         let pages = &self.machine.pages;
         let total = pages.len();
         for _ in 0..total {
@@ -164,7 +138,7 @@ impl<P: Pmap> Vm<P> {
             {
                 continue;
             }
-            pass.r.scanned += 1;
+            r.scanned += 1;
             // Both the page's flag and the mappings' A bits are consumed,
             // so a page not used since the last sweep reads unreferenced.
             let used = self.pmap.ts_referenced(pages.pfn(id)) > 0;
@@ -173,40 +147,15 @@ impl<P: Pmap> Vm<P> {
             match (queue, referenced) {
                 (PageQueue::Active, false) => {
                     pages.deactivate(id);
-                    pass.r.deactivated += 1;
+                    r.deactivated += 1;
                 }
                 (PageQueue::Inactive, true) => {
                     pages.activate(id);
-                    pass.r.reactivated += 1;
+                    r.reactivated += 1;
                 }
-                (PageQueue::Inactive, false) => self.evict(id, pass),
-                _ => pass.kept_active += 1,
+                (PageQueue::Inactive, false) => self.evict(id, r),
+                _ => {}
             }
-        }
-    }
-
-    /// The last resort of a pass that freed nothing with memory short:
-    /// unmaps the dirty inactive pages it could not write, so that the
-    /// page tables that held only them are freed (FreeBSD's
-    /// `reclaim_pv_chunk` takes mappings away to the same end). The pages
-    /// stay, dirty, on the inactive queue.
-    fn unmap_unwritable(&self, free_target: u64) {
-        let pages = &self.machine.pages;
-        let total = pages.len();
-        for _ in 0..total {
-            if pages.free_at_least(free_target) {
-                return;
-            }
-            let id = PageId(self.hand.fetch_add(1, Ordering::Relaxed) % total);
-            let page = pages.get(id);
-            if page.queue() != PageQueue::Inactive || page.dirty() == 0 || page.is_busy() {
-                continue;
-            }
-            let Some(object) = self.machine.objects.get(page.object_raw()) else {
-                continue;
-            };
-            // Unmapped while busy, released as the guard drops.
-            drop(self.claim(&object, id, page.pindex()));
         }
     }
 
@@ -215,35 +164,28 @@ impl<P: Pmap> Vm<P> {
     /// pager call (clustered page-out). Every page taken is held busy by a
     /// guard, so a pager that fails or panics leaves nothing busy: the pages
     /// go back, dirty and intact, to the inactive queue.
-    fn evict(&self, id: PageId, pass: &mut Pass) {
+    fn evict(&self, id: PageId, r: &mut PageoutReport) {
         let page = self.machine.pages.get(id);
         let Some(object) = self.machine.objects.get(page.object_raw()) else {
             return;
         };
         let pindex = page.pindex();
-        if page.dirty() != 0 && pass.refusals() && !self.may_take(&object, pindex, pass) {
-            // Leave it mapped and where it is (unless the pass ends with
-            // nothing freed: `unmap_unwritable`).
-            pass.r.failed += 1;
-            pass.skipped += 1;
-            return;
-        }
         let Some(first) = self.claim(&object, id, pindex) else {
             return;
         };
         let mut run: Run<'_> = SmallVec::new();
         run.push((first, pindex));
         if page.dirty() != 0 {
-            self.gather(&object, &mut run, pass);
-            if self.launder(&object, &run, pass).is_err() {
-                run = self.launder_one_by_one(&object, run, pass);
+            self.gather(&object, &mut run);
+            if self.launder(&object, &run).is_err() {
+                run = self.launder_one_by_one(&object, run, r);
             }
-            pass.r.laundered += run.len() as u64;
+            r.laundered += run.len() as u64;
         }
         for (mut busy, _) in run {
             // Out of the object and freed as the guard drops.
             busy.discard();
-            pass.r.freed += 1;
+            r.freed += 1;
         }
     }
 
@@ -255,42 +197,22 @@ impl<P: Pmap> Vm<P> {
         &self,
         object: &Arc<VmObject>,
         run: Run<'m>,
-        pass: &mut Pass,
+        r: &mut PageoutReport,
     ) -> Run<'m> {
         let mut written: Run<'m> = SmallVec::new();
-        let total = run.len() as u64;
-        if total > 1 {
-            for page in run {
-                let one: Run<'m> = smallvec::smallvec![page];
-                if self.launder(object, &one, pass).is_ok() {
-                    written.extend(one);
-                }
+        if run.len() == 1 {
+            r.failed += 1;
+            return written;
+        }
+        for page in run {
+            let one: Run<'m> = smallvec::smallvec![page];
+            if self.launder(object, &one).is_ok() {
+                written.extend(one);
+            } else {
+                r.failed += 1;
             }
         }
-        pass.r.failed += total - written.len() as u64;
         written
-    }
-
-    /// Whether page `pindex` of `object` may still be written in a pass
-    /// that met a refusal for want of room (or has no swap): its pager says
-    /// it has room for it ([`Pager::has_room`]), or cannot tell and has not
-    /// refused a page this pass, or holds the page already; for an
-    /// anonymous object without a pager yet, swap has room.
-    fn may_take(&self, object: &VmObject, pindex: u64, pass: &Pass) -> bool {
-        let (anonymous, pager) = {
-            let st = object.lock();
-            (st.kind.is_anonymous(), st.pager.clone())
-        };
-        match pager {
-            None if anonymous => pass.swap_room(),
-            None => true,
-            // No pager refused this pass (it has no swap): nothing to ask.
-            Some(_) if pass.refused.is_empty() => true,
-            Some(p) => match p.has_room(pindex) {
-                Some(room) => room,
-                None => !pass.refused.contains(&address(&p)) || p.has_page(pindex).is_some(),
-            },
-        }
     }
 
     /// Busies inactive page `id` of `object` at `pindex` and removes every
@@ -328,21 +250,20 @@ impl<P: Pmap> Vm<P> {
     /// Extends `run` with the dirty inactive pages around it in its object,
     /// those before it first (FreeBSD's `vm_pageout_cluster`): the scan
     /// meets an object's pages in frame order, not index order, so the
-    /// page it found is often not the first of a dirty run. Pages the pass
-    /// knows cannot be written end the run.
-    fn gather<'m>(&'m self, object: &Arc<VmObject>, run: &mut Run<'m>, pass: &Pass) {
+    /// page it found is often not the first of a dirty run.
+    fn gather<'m>(&'m self, object: &Arc<VmObject>, run: &mut Run<'m>) {
         while run.len() < CLUSTER {
             let Some(prev) = run[0].1.checked_sub(1) else {
                 break;
             };
-            let Some(busy) = self.claim_dirty(object, prev, pass) else {
+            let Some(busy) = self.claim_dirty(object, prev) else {
                 break;
             };
             run.insert(0, (busy, prev));
         }
         while run.len() < CLUSTER {
             let next = run[run.len() - 1].1 + 1;
-            let Some(busy) = self.claim_dirty(object, next, pass) else {
+            let Some(busy) = self.claim_dirty(object, next) else {
                 return;
             };
             run.push((busy, next));
@@ -350,16 +271,8 @@ impl<P: Pmap> Vm<P> {
     }
 
     /// [`claim`](Self::claim)s the page at `pindex` of `object` if it is
-    /// there, dirty, and may be written this pass.
-    fn claim_dirty<'m>(
-        &'m self,
-        object: &Arc<VmObject>,
-        pindex: u64,
-        pass: &Pass,
-    ) -> Option<BusyPage<'m>> {
-        if pass.refusals() && !self.may_take(object, pindex, pass) {
-            return None;
-        }
+    /// there and dirty.
+    fn claim_dirty<'m>(&'m self, object: &Arc<VmObject>, pindex: u64) -> Option<BusyPage<'m>> {
         let id = object.lock().pages.get(&pindex).copied()?;
         let busy = self.claim(object, id, pindex)?;
         (self.machine.pages.get(id).dirty() != 0).then_some(busy)
@@ -367,40 +280,23 @@ impl<P: Pmap> Vm<P> {
 
     /// Writes the busy, unmapped pages of `run` (contiguous indexes) to
     /// their object's pager, giving an anonymous object swap backing first.
-    /// The pages are marked clean only once the pager has them. A single
-    /// page refused for want of room is remembered for the pass (see
-    /// [`may_take`](Self::may_take)).
-    fn launder(&self, object: &Arc<VmObject>, run: &Run<'_>, pass: &mut Pass) -> Result<(), ()> {
-        if pass.refusals() && !run.iter().all(|&(_, p)| self.may_take(object, p, pass)) {
-            return Err(());
-        }
-        let (pager, class, given) = {
+    /// The pages are marked clean only once the pager has them.
+    fn launder(&self, object: &Arc<VmObject>, run: &Run<'_>) -> Result<(), ()> {
+        let (pager, class) = {
             let mut st = object.lock();
-            let mut given = false;
             if st.pager.is_none() && st.kind.is_anonymous() {
                 let swap = self.swap.lock().clone();
                 if let Some(p) = swap.and_then(|s| s.pager_for(st.size)) {
                     st.kind = p.kind();
                     st.pager = Some(p);
-                    given = true;
                 }
             }
-            (st.pager.clone(), st.kind.class(), given)
+            (st.pager.clone(), st.kind.class())
         };
-        // (A provider that declined this object may take others.)
         let pager: Arc<dyn Pager> = pager.ok_or(())?;
         let _pip = crate::object::busy::Pip::new(object.clone());
         crate::clean::write_clean(&self.machine, &*pager, run.iter().map(|(b, p)| (b, *p)))
-            .map_err(|e| {
-                // A run may not fit where its pages one by one would.
-                if run.len() == 1 && matches!(e, PagerError::Error(io) if io.is_no_space()) {
-                    let a = address(&pager);
-                    if !pass.refused.contains(&a) {
-                        pass.refused.push(a);
-                    }
-                    pass.swap_refused |= given;
-                }
-            })?;
+            .map_err(|_| ())?;
         let c = match class {
             ObjectClass::File => &self.machine.counters.local().v_vnodepgsout,
             ObjectClass::Anonymous | ObjectClass::Device => {
@@ -414,53 +310,6 @@ impl<P: Pmap> Vm<P> {
 
 /// Busy pages of one page-out, with their indexes in the object.
 type Run<'m> = SmallVec<[(BusyPage<'m>, u64); CLUSTER]>;
-
-/// One [`Vm::pageout`] call's running state.
-#[derive(Default)]
-struct Pass {
-    r: PageoutReport,
-    /// Active pages found referenced (their bits consumed: the next sweep
-    /// may deactivate them).
-    kept_active: u64,
-    /// The swap provider as the pass began (`None`: anonymous objects
-    /// without a pager have nowhere to go).
-    swap: Option<Arc<dyn SwapProvider>>,
-    /// The pagers (by address) that refused a single page for want of
-    /// room.
-    refused: SmallVec<[usize; 4]>,
-    /// One of them was given by the swap provider in this pass.
-    swap_refused: bool,
-    /// Dirty pages left mapped because they could not be written.
-    skipped: u64,
-}
-
-/// A pager's identity for the length of a pass (the objects keep it alive).
-fn address(pager: &Arc<dyn Pager>) -> usize {
-    Arc::as_ptr(pager).cast::<()>() as usize
-}
-
-impl Pass {
-    /// Whether anything is known to be unwritable this pass.
-    fn refusals(&self) -> bool {
-        self.swap.is_none() || !self.refused.is_empty()
-    }
-
-    /// Whether swap may take a page of an anonymous object that has no
-    /// pager yet: the provider says so ([`SwapProvider::has_room`]), or
-    /// cannot tell and no pager it gave this pass refused a page.
-    fn swap_room(&self) -> bool {
-        self.swap
-            .as_ref()
-            .is_some_and(|s| s.has_room().unwrap_or(!self.swap_refused))
-    }
-
-    /// What a sweep can change: a round that changes none of it is the
-    /// last one worth running.
-    fn moves(&self) -> (u64, u64, u64, u64) {
-        let r = &self.r;
-        (r.freed, r.deactivated, r.reactivated, self.kept_active)
-    }
-}
 
 /// A pageout daemon thread; stopped and joined on drop.
 #[cfg(feature = "std")]

@@ -191,19 +191,6 @@ impl IoError {
         code: 95,
         context: "operation not supported by this pager",
     };
-
-    /// The error number of "no space left on device" (`ENOSPC`, 28 on
-    /// Linux and FreeBSD). A pager whose [`Pager::put_pages`] fails with it
-    /// for a single page says it has no room: the pageout scan then asks
-    /// [`Pager::has_room`] before it unmaps more pages for that pass.
-    pub const ENOSPC: i32 = 28;
-
-    /// Whether this is [`ENOSPC`](Self::ENOSPC): the backing store is full
-    /// (see [`Pager::has_room`]).
-    #[must_use]
-    pub fn is_no_space(&self) -> bool {
-        self.code == Self::ENOSPC
-    }
 }
 
 #[cfg(feature = "std")]
@@ -430,21 +417,6 @@ pub trait Pager: Send + Sync + core::any::Any {
         Err(PagerError::Error(IoError::UNSUPPORTED))
     }
 
-    /// Whether [`put_pages`](Self::put_pages) has room for page `pindex`
-    /// now: `Some(false)` when the store is full and the page owns no place
-    /// there; `None` (the default) when the pager cannot tell.
-    ///
-    /// The pageout scan asks only in a pass in which some pager refused a
-    /// page with [`IoError::ENOSPC`], before it unmaps more pages to write.
-    /// A pager that cannot tell is taken at its word once it refused a page
-    /// for want of room: the rest of that pass offers it only the pages
-    /// [`has_page`](Self::has_page) says it holds. A pager whose room
-    /// differs from page to page (a quota, a sparse file) should answer.
-    fn has_room(&self, pindex: u64) -> Option<bool> {
-        let _ = pindex;
-        None
-    }
-
     /// Pages `start..end` of the object are gone for good (unmapped from
     /// their only mapping, or truncated): release their backing store
     /// (`swap_pager_freespace`).
@@ -482,16 +454,6 @@ pub trait SwapProvider: Send + Sync {
     /// A pager for an anonymous object of `pages` pages, or `None` when no
     /// swap can be had.
     fn pager_for(&self, pages: u64) -> Option<alloc::sync::Arc<dyn Pager>>;
-
-    /// Whether swap has room for another page now; `None` (the default)
-    /// when the provider cannot tell. The pageout scan asks, in a pass in
-    /// which a pager refused a page for want of room, before it unmaps the
-    /// pages of anonymous objects that would be given swap; a provider that
-    /// cannot tell is taken to be full once a pager it gave in that pass
-    /// refused a page.
-    fn has_room(&self) -> Option<bool> {
-        None
-    }
 }
 
 /// One dirty page handed to [`Pager::put_pages`].

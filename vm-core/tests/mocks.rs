@@ -132,38 +132,3 @@ fn pager_is_asked_has_page_then_get_pages_with_the_map_unlocked() {
     assert_eq!(space.read_u8(BASE + 2 * PAGE).unwrap(), 0x5a);
     consistent(&vm);
 }
-
-#[test]
-fn a_pager_that_refused_for_want_of_room_is_asked_has_room_not_put_pages_again() {
-    let (vm, space) = machine(32);
-    let mut pager = MockPager::new();
-    pager.expect_kind().return_const(PagerKind::ANONYMOUS);
-    pager.expect_has_page().return_const(None);
-    pager.expect_page_unswapped().return_const(());
-    pager.expect_discard().return_const(());
-    pager.expect_dealloc().return_const(());
-    // The run of four, then its first page alone: both refused.
-    pager.expect_put_pages().times(2).returning(|pages| {
-        assert!(pages.len() == 4 || pages.len() == 1, "{}", pages.len());
-        Err(PagerError::Error(IoError {
-            code: IoError::ENOSPC,
-            context: "mock full",
-        }))
-    });
-    // From then on the pass asks before it unmaps anything.
-    pager.expect_has_room().times(3..).return_const(Some(false));
-    let obj = vm.new_object(4, Arc::new(pager));
-    space
-        .map(MapRequest::object(BASE, 4 * PAGE, obj.clone(), 0, Prot::RW))
-        .unwrap();
-    for p in 0..4 {
-        space.write_u8(BASE + p * PAGE, 0x40 + p as u8).unwrap();
-    }
-    let r = vm.pageout(vm.total_pages());
-    assert_eq!((r.freed, r.laundered), (0, 0), "{r:?}");
-    assert_eq!(obj.resident_count(), 4);
-    for p in 0..4 {
-        assert_eq!(byte(&space, BASE + p * PAGE), 0x40 + p as u8);
-    }
-    consistent(&vm);
-}

@@ -53,6 +53,8 @@ use vm_core::{
 /// either way (FreeBSD's `SWAP_META_PAGES`), so a growing read-ahead window
 /// swaps in whole runs the pageout wrote together.
 const MAX_CONTIG: u64 = 31;
+/// `ENOSPC`.
+const ENOSPC: i32 = 28;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -191,18 +193,6 @@ impl SwapProvider for Swap {
     fn pager_for(&self, _pages: u64) -> Option<Arc<dyn Pager>> {
         Some(self.pager())
     }
-
-    fn has_room(&self) -> Option<bool> {
-        Some(self.dev.has_free_block())
-    }
-}
-
-impl Device {
-    /// Whether a block is free now.
-    fn has_free_block(&self) -> bool {
-        let map = lock(&self.map);
-        map.in_use() < map.blocks()
-    }
 }
 
 /// The swap pager of one object: page index → block.
@@ -252,13 +242,6 @@ fn io_err(e: &io::Error, context: &'static str) -> PagerError {
 impl Pager for SwapPager {
     fn kind(&self) -> PagerKind {
         PagerKind::ANONYMOUS
-    }
-
-    /// A page that owns a block can always be written; others need a free
-    /// block.
-    fn has_room(&self, pindex: u64) -> Option<bool> {
-        let owns = lock(&self.meta).contains_key(&pindex);
-        Some(owns || self.dev.has_free_block())
     }
 
     fn has_page(&self, pindex: u64) -> Option<Contiguity> {
@@ -334,7 +317,7 @@ impl Pager for SwapPager {
                 self.free_blocks(fresh.into_iter());
                 self.dev.full.fetch_add(1, Ordering::Relaxed);
                 return Err(PagerError::Error(IoError {
-                    code: IoError::ENOSPC,
+                    code: ENOSPC,
                     context: "swap device full",
                 }));
             };

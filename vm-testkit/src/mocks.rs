@@ -42,12 +42,10 @@ impl Permissive for MockPmap {
 
 impl Permissive for MockPager {
     /// Accepts the notifications a pager gets besides reads (a dirtied
-    /// page, discarded ranges, the end of the object), refuses collapse's
-    /// absorb and cannot tell whether it has room, as the trait's defaults
-    /// do.
+    /// page, discarded ranges, the end of the object) and refuses
+    /// collapse's absorb, as the trait's defaults do.
     fn permissive() -> MockPager {
         let mut m = MockPager::new();
-        m.expect_has_room().return_const(None::<bool>);
         m.expect_page_unswapped().return_const(());
         m.expect_discard().return_const(());
         m.expect_dealloc().return_const(());
